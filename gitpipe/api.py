@@ -1,0 +1,158 @@
+"""What the commands do, as library functions: each CLI command calls one of these."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gitpipe import git, queue, settings as settings_mod
+from gitpipe import pipeline as pipeline_mod
+from gitpipe.errors import PipelineError, UsageError
+from gitpipe.models import ActionRecord, Pipeline, RunRecord, RunStatus
+from gitpipe.settings import Settings
+from gitpipe.store import Store
+
+
+def init_home(home: str | None) -> Path:
+    """Create the home and a commented gitpipe.toml (an existing one is kept)."""
+    root = settings_mod.resolve_home(home)
+    for sub in ("", "logs", "artifacts", "work", "wake", "spool"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    config = root / settings_mod.CONFIG_NAME
+    if not config.exists():
+        config.write_text(settings_mod.default_config_text())
+    Store(settings_mod.load(root)).close()
+    return config
+
+
+def user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None) -> tuple[int, RunRecord]:
+    """Queue a run by hand (trigger "manual"); fails at once when the pipeline is invalid."""
+    repo = git.open_bare(store.repo_path(repo_name))
+    full, sha = git.resolve(repo, ref or git.default_branch(repo))
+    text = git.read_file(repo, sha, queue.PIPELINE_FILE)
+    if text is None:
+        raise UsageError(f"{pipeline_mod_name(full)} @ {sha[:7]} of {repo_name} has no {queue.PIPELINE_FILE}",
+                         hint="commit one first (check it with `gitpipe validate`)")
+    error, name = None, repo_name
+    try:
+        name = pipeline_mod.parse(text, default_name=repo_name).name
+    except PipelineError as exc:
+        error = f"{queue.PIPELINE_FILE} is invalid:\n{exc}"
+    new = queue.NewRun(repo=repo_name, pipeline=name, ref=full, sha=sha, trigger="manual",
+                       pipeline_text=text, pusher=user(), error=error)
+    run_id = store.create_runs([new])[0]
+    queue.wake(settings, "run")
+    return run_id, store.run(run_id)
+
+
+def pipeline_mod_name(ref: str) -> str:
+    return ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
+
+
+def retry_run(settings: Settings, store: Store, run_id: int) -> int:
+    """A new run of the same commit and pipeline file."""
+    old = store.run(run_id)
+    text = store.pipeline_text(run_id)
+    error = None
+    try:
+        pipeline_mod.parse(text or "", default_name=old.repo)
+    except PipelineError as exc:
+        error = f"{queue.PIPELINE_FILE} is invalid:\n{exc}"
+    new = queue.NewRun(repo=old.repo, pipeline=old.pipeline, ref=old.ref, sha=old.sha, trigger="retry",
+                       pipeline_text=text, pusher=user(), error=error, retry_of=run_id,
+                       before_sha=old.before_sha)
+    new_id = store.create_runs([new])[0]
+    queue.wake(settings, "retry")
+    return new_id
+
+
+def cancel_run(settings: Settings, store: Store, run_id: int, reason: str | None) -> RunRecord:
+    """Cancel a queued run at once; ask the daemon to stop a running one."""
+    run = store.request_cancel(run_id, user(), reason)
+    queue.wake(settings, "cancel")
+    return run
+
+
+def run_json(run: RunRecord) -> dict[str, Any]:
+    """The stable JSON shape of a run (SPEC section 3)."""
+    data = {k: getattr(run, k) for k in ("id", "repo", "pipeline", "ref", "sha", "trigger", "created_at",
+                                          "started_at", "finished_at", "error")}
+    data["status"] = run.status.value
+    data["pusher"] = run.pusher
+    data["retry_of"] = run.retry_of
+    if run.cancel_reason or run.cancelled_by:
+        data["cancelled_by"], data["cancel_reason"] = run.cancelled_by, run.cancel_reason
+    return data
+
+
+def show_json(store: Store, run_id: int) -> dict[str, Any]:
+    """`gitpipe show --json`: the run with stages, actions, artifacts and outputs."""
+    run = store.run(run_id)
+    data = run_json(run)
+    data["commit"] = {"author": run.commit_author, "message": run.commit_message}
+    actions = store.actions(run_id)
+    data["stages"] = [
+        {"name": s.name, "status": s.status.value,
+         "actions": [_action_json(a) for a in actions if a.stage_idx == s.idx]}
+        for s in store.stages(run_id)
+    ]
+    data["artifacts"] = [{"name": a.name, "action": a.action, "size": a.size, "sha256": a.sha256}
+                         for a in store.artifacts(run_id)]
+    data["outputs"] = store.outputs(run_id)
+    return data
+
+
+def _action_json(a: ActionRecord) -> dict[str, Any]:
+    return {"name": a.name, "type": a.type, "status": a.status.value, "exit_code": a.exit_code,
+            "started_at": a.started_at, "finished_at": a.finished_at, "attempts": a.attempts,
+            "message": a.message}
+
+
+def find_action(store: Store, run_id: int, name: str | None) -> list[ActionRecord]:
+    """Actions whose logs `gitpipe logs` prints: all, or the one named ACTION or STAGE/ACTION."""
+    actions = store.actions(run_id)
+    if not name:
+        return actions
+    stage, _, action = name.rpartition("/")
+    hits = [a for a in actions if a.name == action and (not stage or a.stage == stage)]
+    if not hits:
+        known = ", ".join(f"{a.stage}/{a.name}" for a in actions) or "none started yet"
+        raise UsageError(f'run #{run_id} has no action "{name}" (actions: {known})')
+    if len(hits) > 1:
+        raise UsageError(f'run #{run_id} has several actions named "{name}"',
+                         hint="name it as STAGE/ACTION: " + ", ".join(f"{a.stage}/{a.name}" for a in hits))
+    return hits
+
+
+def validate_file(path: str) -> Pipeline:
+    """Parse a pipeline file; PipelineError lists every problem as FILE:LINE: message."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{path} does not exist", hint="pass the pipeline file, e.g. gitpipe validate .pipeline.toml")
+    return pipeline_mod.parse(p.read_text(encoding="utf-8", errors="replace"), file=str(path),
+                              default_name=Path.cwd().name)
+
+
+def repo_list(store: Store) -> list[dict[str, Any]]:
+    rows = []
+    for r in store.repos():
+        last = store.runs(r["name"], limit=1)
+        rows.append({**r, "last_run": run_json(last[0]) if last else None})
+    return rows
+
+
+def finished(run: RunRecord) -> bool:
+    return run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+__all__ = ["asdict"]

@@ -1,0 +1,320 @@
+"""The `gitpipe` command: parse arguments, call one library function, print.
+
+One place (`main`) turns a GitpipeError into a one-line message and an exit status:
+0 success, 1 the thing asked about failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gitpipe import __version__, ansi, api, follow, settings as settings_mod
+from gitpipe.errors import GitpipeError, PipelineError
+from gitpipe.models import RunRecord, RunStatus, short_ref
+
+COLORS = {"succeeded": "32", "failed": "31", "timed-out": "31", "cancelled": "35", "running": "36",
+          "waiting": "33", "queued": "90", "pending": "90", "skipped": "90", "interrupted": "33"}
+
+
+class Out:
+    """Printing with colours on a terminal, plain text elsewhere."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+
+    def status(self, status: str) -> str:
+        return f"\x1b[{COLORS.get(status, '0')}m{status}\x1b[0m" if self.tty else status
+
+    def bytes_line(self, data: bytes) -> None:
+        text = data.decode("utf-8", errors="replace")
+        print(ansi.sanitize(text) if self.tty else ansi.strip(text), flush=True)
+
+
+def _home(args: argparse.Namespace) -> settings_mod.Settings:
+    return settings_mod.load(args.home)
+
+
+def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from gitpipe.store import Store  # sqlite-utils only for the commands that need it
+
+    conf = _home(args)
+    return conf, Store(conf)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_init(args: argparse.Namespace) -> int:
+    path = api.init_home(args.home)
+    print(f"gitpipe home ready: {path.parent}\nconfiguration: {path}")
+    return 0
+
+
+def cmd_repo_add(args: argparse.Namespace) -> int:
+    from gitpipe import repos
+
+    conf, store = _store(args)
+    name, path = repos.add(conf, store, args.path, args.name, args.create)
+    print(f"registered {name} ({path}); hooks installed. Push to it to start runs.")
+    return 0
+
+
+def cmd_repo_list(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    rows = api.repo_list(store)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no repos registered (add one with `gitpipe repo add PATH`)")
+    out = Out()
+    for r in rows:
+        last = r["last_run"]
+        tail = f"#{last['id']} {out.status(last['status'])}" if last else "no runs yet"
+        print(f"{r['name']:<20} {r['path']}  {tail}")
+    return 0
+
+
+def cmd_repo_remove(args: argparse.Namespace) -> int:
+    from gitpipe import repos
+
+    _, store = _store(args)
+    repos.remove(store, args.name)
+    print(f"unregistered {args.name}; its history is kept")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gitpipe import daemon
+
+    logging.basicConfig(level=logging.INFO, format="gitpipe: %(message)s", stream=sys.stderr)
+    conf = _home(args)
+    d = daemon.Daemon(conf, burst=args.burst)
+    d.serve()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    run_id, run = api.start_run(conf, store, args.repo, args.ref)
+    if run.status is RunStatus.FAILED:
+        print(f"run #{run_id} failed: {run.error}", file=sys.stderr)
+        return 1
+    print(f"run #{run_id} queued for {short_ref(run.ref)} @ {run.sha[:7]}")
+    if args.wait:
+        return _wait(conf, store, run_id)
+    return 0
+
+
+def _wait(conf: settings_mod.Settings, store: Any, run_id: int) -> int:
+    out = Out()
+    seen: dict[str, str] = {}
+
+    def step() -> None:
+        for a in store.actions(run_id):
+            key = f"{a.stage}/{a.name}"
+            if seen.get(key) != a.status.value:
+                seen[key] = a.status.value
+                print(f"  {key:<30} {out.status(a.status.value)}", flush=True)
+
+    follow.watch([conf.logs_dir / str(run_id)], lambda: store.run(run_id).status.finished, step)
+    run = store.run(run_id)
+    print(f"run #{run_id} {out.status(run.status.value)}")
+    return 0 if run.status is RunStatus.SUCCEEDED else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    if args.repo:
+        store.repo_path(args.repo)
+    runs = store.runs(args.repo, limit=args.limit)
+    if args.json:
+        print(json.dumps([api.run_json(r) for r in runs], indent=2))
+        return 0
+    out = Out()
+    if not runs:
+        print("no runs yet")
+    for r in runs:
+        print(f"#{r.id:<5} {r.repo:<16} {short_ref(r.ref):<20} {r.sha[:7]}  "
+              f"{out.status(r.status.value):<10} {r.trigger:<8} {r.created_at[:19].replace('T', ' ')}"
+              f"{_duration(r)}")
+    return 0
+
+
+def _duration(r: RunRecord) -> str:
+    if not (r.started_at and r.finished_at):
+        return ""
+    from datetime import datetime
+
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
+    secs = (datetime.strptime(r.finished_at, fmt) - datetime.strptime(r.started_at, fmt)).total_seconds()
+    return f"  {secs:.1f}s"
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    data = api.show_json(store, args.run)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    out = Out()
+    print(f"run #{data['id']}  {data['repo']} ({data['pipeline']})  {short_ref(data['ref'])} @ {data['sha'][:7]}"
+          f"  {out.status(data['status'])}")
+    print(f"  trigger {data['trigger']} by {data['pusher'] or '?'}, created {data['created_at']}")
+    if data["commit"]["message"]:
+        print(f"  commit: {ansi.strip(data['commit']['message'].splitlines()[0])} ({data['commit']['author']})")
+    if data.get("cancel_reason") or data.get("cancelled_by"):
+        print(f"  cancelled by {data.get('cancelled_by')}: {data.get('cancel_reason') or 'no reason given'}")
+    if data["error"]:
+        print("  error: " + data["error"].replace("\n", "\n    "))
+    for stage in data["stages"]:
+        print(f"  stage {stage['name']}: {out.status(stage['status'])}")
+        for a in stage["actions"]:
+            extra = f" exit {a['exit_code']}" if a["exit_code"] not in (None, 0) else ""
+            tries = f" ({a['attempts']} attempts)" if a["attempts"] > 1 else ""
+            msg = f" - {a['message']}" if a["message"] else ""
+            print(f"    {a['name']:<24} {out.status(a['status'])}{extra}{tries}{msg}")
+    for art in data["artifacts"]:
+        print(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
+    for o in data["outputs"]:
+        print(f"  output {o['action']}.{o['key']} = {o['value']}")
+    return 0 if data["status"] != "failed" else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    run = store.run(args.run)
+    out = Out()
+    actions = api.find_action(store, args.run, args.action)
+    many = len(actions) > 1
+    for act in actions:
+        attempts = store.attempts(act.id)
+        for att in attempts:
+            if many or len(attempts) > 1:
+                print(f"==> {act.stage}/{act.name} attempt {att.number} ({att.status.value}) <==")
+            tail = follow.Tail(Path(att.log_path), args.timestamps)
+            if args.follow and att.status.value == "running":
+                follow.watch([Path(att.log_path).parent],
+                             lambda a=att: store.attempts(a.action_id)[a.number - 1].status.value != "running",
+                             lambda t=tail: [out.bytes_line(x) for x in t.read()])
+            for line in tail.read(final=True):
+                out.bytes_line(line)
+    if not any(store.attempts(a.id) for a in actions):
+        print(f"run #{run.id}: no logs yet ({run.status.value})", file=sys.stderr)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    run = api.cancel_run(conf, store, args.run, args.reason)
+    state = "cancelled" if run.status is RunStatus.CANCELLED else "cancelling (running actions get SIGTERM)"
+    print(f"run #{run.id}: {state}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    new_id = api.retry_run(conf, store, args.run)
+    print(f"run #{new_id} queued (retry of #{args.run})")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    pipe = api.validate_file(args.file)
+    actions = sum(len(s.actions) for s in pipe.stages)
+    print(f"{args.file}: ok, pipeline {pipe.name}: {len(pipe.stages)} stage(s), {actions} action(s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gitpipe", description="Continuous delivery for your own git server.")
+    parser.add_argument("--version", action="version", version=f"gitpipe {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="gitpipe home (default: $GITPIPE_HOME, /var/lib/gitpipe under "
+                                       "systemd, else ~/.local/share/gitpipe)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
+            parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        COMMANDS[name] = (help, func)
+        return p
+
+    add("init", cmd_init, "create the home and a commented default gitpipe.toml")
+    repo = sub.add_parser("repo", help="register, list and unregister bare repositories", parents=[common])
+    repo_sub = repo.add_subparsers(dest="repo_command", metavar="SUBCOMMAND", required=True)
+    p = add("add", cmd_repo_add, "register a bare repo and install its hooks", repo_sub)
+    p.add_argument("path")
+    p.add_argument("--name", help="name to register it under (default: folder name without .git)")
+    p.add_argument("--create", action="store_true", help="create the bare repo (HEAD on main)")
+    p = add("list", cmd_repo_list, "list registered repos", repo_sub)
+    p.add_argument("--json", action="store_true")
+    p = add("remove", cmd_repo_remove, "unregister a repo (its history is kept)", repo_sub)
+    p.add_argument("name")
+    COMMANDS.pop("add"), COMMANDS.pop("list"), COMMANDS.pop("remove")
+    COMMANDS["repo"] = ("register, list and unregister bare repositories", cmd_repo_list)
+    p = add("serve", cmd_serve, "run the daemon in the foreground (what systemd runs)")
+    p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    p = add("run", cmd_run, "start a run by hand")
+    p.add_argument("repo")
+    p.add_argument("--ref", help="branch or tag (default: the repo's HEAD branch)")
+    p.add_argument("--wait", action="store_true", help="show progress until the run ends; exit 1 if it fails")
+    p = add("runs", cmd_runs, "list runs, newest first")
+    p.add_argument("repo", nargs="?")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="a JSON array of runs")
+    p = add("show", cmd_show, "one run: stages, actions, status, durations, artifacts")
+    p.add_argument("run", type=_run_id)
+    p.add_argument("--json", action="store_true")
+    p = add("logs", cmd_logs, "print a run's logs")
+    p.add_argument("run", type=_run_id)
+    p.add_argument("action", nargs="?", help="ACTION or STAGE/ACTION (default: every action)")
+    p.add_argument("--follow", "-f", action="store_true", help="tail a running action until it ends")
+    p.add_argument("--timestamps", action="store_true", help="show each line's time")
+    p = add("cancel", cmd_cancel, "stop a queued or running run")
+    p.add_argument("run", type=_run_id)
+    p.add_argument("--reason")
+    p = add("retry", cmd_retry, "a new run of the same commit and pipeline")
+    p.add_argument("run", type=_run_id)
+    p = add("validate", cmd_validate, "check a .pipeline.toml; errors as FILE:LINE: message")
+    p.add_argument("file", nargs="?", default=".pipeline.toml")
+    return parser
+
+
+def _run_id(text: str) -> int:
+    try:
+        return int(text.lstrip("#"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a run id (a number like 42 or #42)') from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return exc.exit_code
+    except GitpipeError as exc:
+        print(f"gitpipe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The daemon loop: wait for a wake-up (watchdog file events, no polling), recover,
+claim queued runs, hand them to workers; stop cleanly on SIGTERM.
+
+Shape of rq's worker: a stop flag, a short loop, the first signal lets running
+actions finish within the grace period, a second one kills them at once. `burst`
+drains the queue and returns, which keeps tests simple.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from gitpipe import executor, queue
+from gitpipe.errors import GitpipeError, UsageError
+from gitpipe.models import ActionStatus, RunStatus
+from gitpipe.scheduler import Host, RunWorker
+from gitpipe.settings import Settings
+from gitpipe.store import Store
+
+log = logging.getLogger("gitpipe")
+
+
+class _Waker(FileSystemEventHandler):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("created", "moved", "modified", "closed"):
+            self.event.set()
+
+
+def daemon_lock(settings: Settings) -> int | None:
+    """Take the one-daemon-per-home lock; None when another daemon holds it."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(settings.home / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def daemon_running(settings: Settings) -> bool:
+    """Whether a daemon serves this home now."""
+    fd = daemon_lock(settings)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, burst: bool = False,
+                 masker_for: Callable | None = None) -> None:
+        self.settings = settings
+        self.burst = burst
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.signals = 0
+        self.workers: dict[int, RunWorker] = {}
+        self.masker_for = masker_for
+        self.listeners: list[Callable] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (or, in burst mode, until the queue is empty)."""
+        lock = daemon_lock(self.settings)
+        if lock is None:
+            pid = (self.settings.home / "daemon.lock").read_text().strip()
+            raise UsageError(f"another gitpipe daemon (pid {pid}) already serves {self.settings.home}",
+                             hint="stop it first (systemctl stop gitpipe)")
+        self.store = Store(self.settings)
+        self.store.listeners.extend(self.listeners)
+        self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
+                         self.stopping, self.masker_for)
+        for d in (self.settings.wake_dir, self.settings.spool_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        observer = Observer()
+        observer.schedule(_Waker(self.wake), str(self.settings.wake_dir))
+        observer.schedule(_Waker(self.wake), str(self.settings.spool_dir))
+        observer.start()
+        old = self._install_signals()
+        try:
+            self.recover()
+            notify_systemd("READY=1")
+            self.wake.set()  # the startup rescan
+            self._loop()
+        finally:
+            notify_systemd("STOPPING=1")
+            self._shutdown()
+            observer.stop()
+            observer.join()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self.store.close()
+            os.close(lock)
+
+    def _install_signals(self) -> dict[int, object]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, self._on_signal)
+        return old
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+        self.stopping.set()
+        self.wake.set()
+        if self.signals > 1:  # second signal: do not wait for the grace period
+            threading.Thread(target=self._interrupt_all, args=(0.0,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Ask the loop to stop (what SIGTERM does)."""
+        self.stopping.set()
+        self.wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            self._clear_wake_files()
+            if self.stopping.is_set():
+                return
+            self._ingest_spool()
+            self._cancel_requested()
+            if self.store.get_state("paused") is None:
+                self._claim()
+            if self.burst and not self.workers and not self._queued():
+                return
+
+    def _queued(self) -> bool:
+        return self.store.get_state("paused") is None and bool(
+            self.store.runs_with_status(RunStatus.QUEUED))
+
+    def _clear_wake_files(self) -> None:
+        for entry in os.scandir(self.settings.wake_dir):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+    # ------------------------------------------------------------------ work
+    def _claim(self) -> None:
+        active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+        for run in active:
+            if run.id not in self.workers:
+                self._start_worker(run)
+
+    def _start_worker(self, run) -> None:  # type: ignore[no-untyped-def]
+        worker = RunWorker(self.host, run)
+        worker.on_done = self._worker_done
+        self.workers[run.id] = worker
+        worker.thread.start()
+
+    def _worker_done(self, worker: RunWorker) -> None:
+        self.workers.pop(worker.run.id, None)
+        self.wake.set()
+
+    def _cancel_requested(self) -> None:
+        for run_id, worker in list(self.workers.items()):
+            if not worker.cancelled.is_set() and self.store.cancel_requested(run_id):
+                threading.Thread(target=worker.cancel, daemon=True).start()
+
+    def _ingest_spool(self) -> None:
+        import json
+
+        for path in sorted(self.settings.spool_dir.glob("*.json")):
+            runs = [queue.NewRun(**r) for r in json.loads(path.read_text())]
+            self.store.create_runs(runs)
+            path.unlink()
+            log.info("queued %d run(s) kept in %s", len(runs), path)
+
+    def recover(self) -> None:
+        """After a stop or a crash: end leftover processes, mark their attempts interrupted."""
+        for attempt in self.store.open_attempts():
+            killed = executor.kill_token(attempt.token)
+            self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)
+            act = self.store.action(attempt.action_id)
+            if act.status in (ActionStatus.RUNNING, ActionStatus.WAITING):
+                self.store.set_action(act.id, ActionStatus.INTERRUPTED,
+                                      message=f"interrupted (daemon stopped); {killed} leftover process(es) killed")
+            log.info("run #%s: attempt %s of %s interrupted", act.run_id, attempt.number, act.name)
+
+    def _shutdown(self) -> None:
+        if not self.workers:
+            return
+        log.info("stopping: %d run(s) active; grace period %ss", len(self.workers), self.settings.stop_grace)
+        deadline_event = threading.Event()
+        timer = threading.Timer(self.settings.stop_grace, deadline_event.set)
+        timer.start()
+        for worker in list(self.workers.values()):
+            worker.interrupted.set()  # no new actions start
+        for worker in list(self.workers.values()):
+            while worker.thread.is_alive() and not deadline_event.is_set():
+                worker.thread.join(0.2)
+        timer.cancel()
+        self._interrupt_all(0.0)
+
+    def _interrupt_all(self, grace: float) -> None:
+        for worker in list(self.workers.values()):
+            worker.interrupt(grace)
+        for worker in list(self.workers.values()):
+            worker.thread.join(executor.KILL_GRACE + 5)
+
+
+def notify_systemd(message: str) -> None:
+    """Send a sd_notify datagram when systemd asked for one (Type=notify)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("could not notify systemd: %s", exc)
+
+
+__all__ = ["Daemon", "daemon_running", "GitpipeError", "Path"]

@@ -1,0 +1,91 @@
+"""The one error tree of gitpipe.
+
+Every error a user can cause is a `GitpipeError`; the CLI turns it into one line
+and an exit status, never a traceback.
+
+- `ConfigError`     gitpipe.toml / secrets.toml is wrong (exit 2). Carries file and line.
+- `UsageError`      a command was asked for something that does not exist or cannot
+                    be done now: unknown run id, unknown repo, not a bare repo (exit 2).
+- `PipelineError`   a `.pipeline.toml` is invalid; holds every problem found (exit 1).
+- `ActionError`     an action cannot run as configured (an output glob matched nothing,
+                    a path reaching out of the worktree); fails that action, not the daemon.
+- `DeployError`     a deploy failed (unreachable host, host key, disk full, healthcheck).
+- `TransitionError` a state change that the state machine does not allow (a bug or a race,
+                    e.g. approving a run that is not waiting); exit 2 in the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GitpipeError(Exception):
+    """Base of every error gitpipe raises on purpose."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+
+class ConfigError(GitpipeError):
+    """Host configuration is wrong; names the file, line and key."""
+
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, hint: str | None = None
+    ) -> None:
+        where = ""
+        if file:
+            where = f"{file}:{line}: " if line else f"{file}: "
+        super().__init__(where + message, hint=hint)
+        self.file = file
+        self.line = line
+
+
+class UsageError(GitpipeError):
+    """A command asked for something that does not exist or cannot be done."""
+
+
+class TransitionError(UsageError):
+    """A state change the state machine does not allow."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation problem of a pipeline file, with its line (0 = whole file)."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+
+
+class PipelineError(GitpipeError):
+    """A pipeline file is invalid; `problems` holds every one found, in line order."""
+
+    exit_code = 1
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.line, p.message))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ActionError(GitpipeError):
+    """An action cannot complete as configured; fails the action with this message."""
+
+    exit_code = 1
+
+
+class DeployError(GitpipeError):
+    """A deploy failed; the message says what, on which target, and how to fix it."""
+
+    exit_code = 1

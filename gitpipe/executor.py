@@ -1,0 +1,217 @@
+"""Runs one script attempt: its own process group, a clean environment, a deadline,
+output streamed line by line (with a timestamp, secrets masked) to a log file.
+
+Every process of an attempt carries GITPIPE_ATTEMPT_TOKEN in its environment. Killing
+an attempt signals its process group *and* every process whose environment holds the
+token, so children that left the group (setsid, double fork) are found too, also by a
+new daemon after a crash (see `kill_token`). Weak spot: a process that scrubs its own
+environment and leaves the group escapes; a cgroup per action would close that.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from gitpipe.models import ActionStatus
+
+KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (SPEC section 6)
+LEFTOVER_GRACE = 2.0  # background children still alive when the script ended
+CHUNK = 65536
+TOKEN_VAR = "GITPIPE_ATTEMPT_TOKEN"
+
+
+class StreamFilter(Protocol):
+    def feed(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class _PassThrough:
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def stamp() -> bytes:
+    t = _dt.datetime.now(_dt.timezone.utc)
+    return (t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z ").encode()
+
+
+class LogWriter:
+    """Appends output to a log file as it comes, a timestamp at the start of every line."""
+
+    def __init__(self, path: Path, mask: StreamFilter | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        self.mask = mask or _PassThrough()
+        self.at_line_start = True
+        self.lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        self._emit(self.mask.feed(data))
+
+    def line(self, text: str) -> None:
+        """A line of gitpipe's own (not the script's), e.g. "retrying after exit 1"."""
+        with self.lock:
+            if not self.at_line_start:
+                self.file.write(b"\n")
+                self.at_line_start = True
+        self.write(text.encode() + b"\n")
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        with self.lock:
+            out = bytearray()
+            for piece in data.splitlines(keepends=True):
+                if self.at_line_start:
+                    out += stamp()
+                out += piece
+                self.at_line_start = piece.endswith((b"\n", b"\r"))
+            self.file.write(bytes(out))
+
+    def close(self) -> None:
+        self._emit(self.mask.flush())
+        if not self.at_line_start:
+            self._emit(b"\n")
+        self.file.close()
+
+
+@dataclass
+class Outcome:
+    status: ActionStatus
+    exit_code: int | None
+    message: str | None = None
+
+
+@dataclass
+class Attempt:
+    """A running script; `stop()` may be called from any thread (cancel, timeout, daemon stop)."""
+
+    proc: subprocess.Popen[bytes]
+    token: str
+    reader: threading.Thread
+    stopped_as: ActionStatus | None = None
+    reason: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stop(self, status: ActionStatus, reason: str, grace: float = KILL_GRACE) -> None:
+        """SIGTERM the attempt's processes, SIGKILL what is left after `grace` seconds."""
+        with self._lock:
+            if self.stopped_as is None:
+                self.stopped_as, self.reason = status, reason
+        terminate(self.proc.pid, self.token, grace)
+
+
+def start(script: str, cwd: Path, env: dict[str, str], log: LogWriter, token: str) -> Attempt:
+    """Start `bash -eo pipefail -c script` in a new session, stdin on /dev/null."""
+    proc = subprocess.Popen(
+        ["bash", "-eo", "pipefail", "-c", script], cwd=cwd, env={**env, TOKEN_VAR: token},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True, close_fds=True,
+    )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+
+    def pump() -> None:
+        while chunk := os.read(fd, CHUNK):
+            log.write(chunk)
+
+    reader = threading.Thread(target=pump, name=f"log-{proc.pid}", daemon=True)
+    reader.start()
+    return Attempt(proc, token, reader)
+
+
+def wait(attempt: Attempt, deadline: float | None, on_start: Callable[[], None] | None = None) -> Outcome:
+    """Wait for the script until `deadline` (epoch seconds); kill it all when it passes."""
+    if on_start:
+        on_start()
+    try:
+        timeout = None if deadline is None else max(0.0, deadline - time.time())
+        code = attempt.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        attempt.stop(ActionStatus.TIMED_OUT, "timed out")
+        code = attempt.proc.wait()
+    # Background children still holding the log pipe: the action is over, end them.
+    if processes_of(attempt.proc.pid, attempt.token):
+        terminate(attempt.proc.pid, attempt.token, LEFTOVER_GRACE)
+    attempt.reader.join()
+    assert attempt.proc.stdout is not None
+    attempt.proc.stdout.close()
+    if attempt.stopped_as is not None:
+        return Outcome(attempt.stopped_as, code, attempt.reason)
+    if code == 0:
+        return Outcome(ActionStatus.SUCCEEDED, 0)
+    return Outcome(ActionStatus.FAILED, code, f"exit status {code}" if code > 0 else f"killed by signal {-code}")
+
+
+def processes_of(pgid: int, token: str) -> set[int]:
+    """Live processes in the group `pgid` or carrying the attempt token in their environment."""
+    found = set()
+    needle = f"{TOKEN_VAR}={token}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            if os.getpgid(pid) == pgid:
+                found.add(pid)
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read():
+                    found.add(pid)
+        except (OSError, ProcessLookupError):
+            continue
+    return {p for p in found if not _zombie(p)}
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def terminate(pgid: int, token: str, grace: float) -> None:
+    """SIGTERM the group and every token holder; SIGKILL survivors after `grace` seconds."""
+    _signal_all(pgid, token, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        if not processes_of(pgid, token):
+            return
+        time.sleep(0.05)
+    _signal_all(pgid, token, signal.SIGKILL)
+
+
+def _signal_all(pgid: int, token: str, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in processes_of(pgid, token):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_token(token: str) -> int:
+    """After a crash: kill every leftover process of an attempt; returns how many there were."""
+    pids = processes_of(-1, token)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(pids)

@@ -1,0 +1,64 @@
+"""Following a run from the command line: wake on file events (watchdog), read what is new."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+SAFETY_NET = 1.0  # seconds; the database (status changes) sends no file event we watch
+
+
+class _Set(FileSystemEventHandler):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.event.set()
+
+
+def watch(dirs: list[Path], until: Callable[[], bool], step: Callable[[], None]) -> None:
+    """Call `step` on every change under `dirs` (and once a second) until `until()` is true."""
+    event = threading.Event()
+    observer = Observer()
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        observer.schedule(_Set(event), str(d), recursive=True)
+    observer.start()
+    try:
+        while True:
+            done = until()
+            step()
+            if done:
+                return
+            event.wait(SAFETY_NET)
+            event.clear()
+    finally:
+        observer.stop()
+        observer.join()
+
+
+class Tail:
+    """Reads a growing log file from where it last stopped, whole lines only."""
+
+    def __init__(self, path: Path, timestamps: bool) -> None:
+        self.path = path
+        self.offset = 0
+        self.timestamps = timestamps
+
+    def read(self, final: bool = False) -> list[bytes]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        if not final:
+            data = data[: data.rfind(b"\n") + 1]
+        self.offset += len(data)
+        lines = data.splitlines()
+        return lines if self.timestamps else [STAMP.sub(b"", line) for line in lines]

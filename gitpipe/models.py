@@ -1,0 +1,324 @@
+"""States, allowed transitions and the frozen records everything else passes around.
+
+No I/O here: this module is imported by every other one, including the git hook.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RunStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_RUN
+
+
+class ActionStatus(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed-out"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_ACTION
+
+    @property
+    def ok(self) -> bool:
+        return self in (ActionStatus.SUCCEEDED, ActionStatus.SKIPPED)
+
+
+class Trigger(str, enum.Enum):
+    PUSH = "push"
+    MANUAL = "manual"
+    SCHEDULE = "schedule"
+    RETRY = "retry"
+
+
+FINISHED_RUN = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+FINISHED_ACTION = frozenset(
+    {
+        ActionStatus.SUCCEEDED,
+        ActionStatus.FAILED,
+        ActionStatus.TIMED_OUT,
+        ActionStatus.SKIPPED,
+        ActionStatus.CANCELLED,
+    }
+)
+
+# Allowed transitions. A run goes back from waiting to running after an approval,
+# and a running run stays "running" across a daemon restart (its actions are
+# marked interrupted and started again).
+RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED}),
+    RunStatus.RUNNING: frozenset(
+        {RunStatus.WAITING, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
+    ),
+    RunStatus.WAITING: frozenset({RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED}),
+    RunStatus.SUCCEEDED: frozenset(),
+    RunStatus.FAILED: frozenset(),
+    RunStatus.CANCELLED: frozenset(),
+}
+
+ACTION_TRANSITIONS: dict[ActionStatus, frozenset[ActionStatus]] = {
+    ActionStatus.PENDING: frozenset(
+        {ActionStatus.RUNNING, ActionStatus.WAITING, ActionStatus.SKIPPED, ActionStatus.CANCELLED,
+         ActionStatus.FAILED}
+    ),
+    ActionStatus.RUNNING: frozenset(
+        {ActionStatus.SUCCEEDED, ActionStatus.FAILED, ActionStatus.TIMED_OUT, ActionStatus.CANCELLED,
+         ActionStatus.INTERRUPTED, ActionStatus.PENDING}
+    ),
+    ActionStatus.WAITING: frozenset(
+        {ActionStatus.SUCCEEDED, ActionStatus.FAILED, ActionStatus.TIMED_OUT, ActionStatus.CANCELLED,
+         ActionStatus.INTERRUPTED}
+    ),
+    # An interrupted attempt is started again when the daemon comes back.
+    ActionStatus.INTERRUPTED: frozenset(
+        {ActionStatus.RUNNING, ActionStatus.WAITING, ActionStatus.PENDING, ActionStatus.CANCELLED,
+         ActionStatus.FAILED, ActionStatus.SUCCEEDED, ActionStatus.SKIPPED, ActionStatus.TIMED_OUT}
+    ),
+    ActionStatus.SUCCEEDED: frozenset(),
+    ActionStatus.FAILED: frozenset(),
+    ActionStatus.TIMED_OUT: frozenset(),
+    ActionStatus.SKIPPED: frozenset(),
+    ActionStatus.CANCELLED: frozenset(),
+}
+
+
+def run_transition_allowed(old: RunStatus, new: RunStatus) -> bool:
+    return new in RUN_TRANSITIONS[old]
+
+
+def action_transition_allowed(old: ActionStatus, new: ActionStatus) -> bool:
+    return new in ACTION_TRANSITIONS[old]
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class When:
+    """Conditions under which an action runs (else it is skipped)."""
+
+    branches: tuple[str, ...] | None = None  # None: no condition on branches
+    tags: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """One action of a pipeline, as parsed and validated from `.pipeline.toml`."""
+
+    name: str
+    line: int
+    type: str = "run"  # "run", "approval", "deploy" or a plugin type
+    run: str | None = None
+    run_order: int = 1
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (artifact name, globs)
+    timeout: float = 30 * 60.0  # seconds
+    retries: int = 0
+    env: tuple[tuple[str, str], ...] = ()
+    secrets: tuple[str, ...] = ()
+    when: When | None = None
+    # approval
+    message: str | None = None
+    # deploy
+    environment: str | None = None
+    targets: tuple[str, ...] = ()
+    source: str | None = None
+    keep: int = 5
+    shared: tuple[str, ...] = ()
+    before_switch: str | None = None
+    after_switch: str | None = None
+    healthcheck: str | None = None
+    healthcheck_retries: int = 3
+    monitor: float = 0.0  # seconds
+    strategy: str = "rolling"
+    # keys of a plugin action type, passed to the plugin as they were written
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    line: int
+    actions: tuple[ActionSpec, ...]
+
+    def groups(self) -> list[tuple[int, list[ActionSpec]]]:
+        """Actions grouped by run_order, lowest first."""
+        orders = sorted({a.run_order for a in self.actions})
+        return [(o, [a for a in self.actions if a.run_order == o]) for o in orders]
+
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    branches: tuple[str, ...] = ("*",)
+    tags: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    schedule: tuple[str, ...] = ()
+    superseded: str = "queue"
+
+
+@dataclass(frozen=True)
+class NotifySpec:
+    on: tuple[str, ...]
+    line: int
+    webhook: str | None = None
+    command: str | None = None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    timeout: float | None  # seconds, whole run; None = no limit
+    trigger: TriggerSpec
+    env: tuple[tuple[str, str], ...]
+    stages: tuple[StageSpec, ...]
+    notify: tuple[NotifySpec, ...] = ()
+
+    def action(self, stage: str, name: str) -> ActionSpec:
+        for s in self.stages:
+            if s.name == stage:
+                for a in s.actions:
+                    if a.name == name:
+                        return a
+        raise KeyError(f"{stage}/{name}")
+
+
+# --------------------------------------------------------------------------- refs
+
+
+@dataclass(frozen=True)
+class RefUpdate:
+    """One line of a post-receive hook's standard input."""
+
+    old: str
+    new: str
+    ref: str
+
+    @property
+    def deleted(self) -> bool:
+        return set(self.new) == {"0"}
+
+    @property
+    def created(self) -> bool:
+        return set(self.old) == {"0"}
+
+    @property
+    def branch(self) -> str | None:
+        return self.ref[len("refs/heads/"):] if self.ref.startswith("refs/heads/") else None
+
+    @property
+    def tag(self) -> str | None:
+        return self.ref[len("refs/tags/"):] if self.ref.startswith("refs/tags/") else None
+
+
+def short_ref(ref: str) -> str:
+    for prefix in ("refs/heads/", "refs/tags/"):
+        if ref.startswith(prefix):
+            return ref[len(prefix):]
+    return ref
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as stored, the shape of `gitpipe runs --json`."""
+
+    id: int
+    repo: str
+    pipeline: str
+    ref: str
+    sha: str
+    status: RunStatus
+    trigger: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    pusher: str | None = None
+    before_sha: str | None = None
+    retry_of: int | None = None
+    cancelled_by: str | None = None
+    cancel_reason: str | None = None
+    commit_author: str | None = None
+    commit_message: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    run_id: int
+    idx: int
+    name: str
+    status: ActionStatus
+    started_at: str | None
+    finished_at: str | None
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    id: int
+    run_id: int
+    stage_idx: int
+    idx: int
+    stage: str
+    name: str
+    type: str
+    run_order: int
+    status: ActionStatus
+    exit_code: int | None
+    started_at: str | None
+    finished_at: str | None
+    attempts: int
+    message: str | None
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    id: int
+    action_id: int
+    number: int
+    status: ActionStatus
+    exit_code: int | None
+    started_at: str
+    finished_at: str | None
+    deadline: float | None
+    log_path: str
+    token: str
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    run_id: int
+    name: str
+    action: str
+    size: int
+    sha256: str
+    path: str
+    files: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """A stored change of state, handed to listeners (report, notifications) after commit."""
+
+    run_id: int
+    subject: str  # "run", "stage:<idx>", "action:<id>"
+    status: str
+    detail: str | None = None

@@ -1,0 +1,240 @@
+"""What the git hooks call: record queued runs durably, print them, wake the daemon.
+
+This runs inside every `git push`, so it is kept to the standard library (sqlite3,
+tomllib, subprocess to the `git` that is running the hook anyway): importing pygit2
+or sqlite-utils here would add 70-100 ms to each push. It is the one place besides
+store.py that writes the database, and it writes only new run rows (and their
+first event), in the schema that store.py's migrations own.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import os
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gitpipe import pipeline as pipeline_mod
+from gitpipe.errors import PipelineError
+from gitpipe.models import RefUpdate, RunStatus, TriggerSpec, short_ref
+from gitpipe.settings import Settings
+
+PIPELINE_FILE = ".pipeline.toml"
+BUSY_TIMEOUT_MS = 30_000
+
+
+def now_iso() -> str:
+    """The current time as ISO 8601 UTC with milliseconds, the format of every stored time."""
+    t = _dt.datetime.now(_dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def connect(db_path: Path) -> sqlite3.Connection:
+    """A connection set up for durable intake: WAL, synchronous=FULL, a busy timeout."""
+    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run to record: everything the hook or a command knows about it."""
+
+    repo: str
+    pipeline: str
+    ref: str
+    sha: str
+    trigger: str
+    pipeline_text: str | None
+    before_sha: str | None = None
+    pusher: str | None = None
+    error: str | None = None
+    retry_of: int | None = None
+
+
+def insert_run(conn: sqlite3.Connection, run: NewRun) -> int:
+    """Insert one run (queued, or failed at once when it has an error); caller holds the transaction."""
+    now = now_iso()
+    status = RunStatus.FAILED if run.error else RunStatus.QUEUED
+    cur = conn.execute(
+        "INSERT INTO runs (repo, pipeline, ref, sha, before_sha, status, trigger, pusher, created_at,"
+        " finished_at, error, pipeline_text, retry_of) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (run.repo, run.pipeline, run.ref, run.sha, run.before_sha, status.value, run.trigger,
+         run.pusher, now, now if run.error else None, run.error, run.pipeline_text, run.retry_of),
+    )
+    run_id = int(cur.lastrowid or 0)
+    conn.execute(
+        "INSERT INTO events (run_id, at, subject, status, detail) VALUES (?,?,?,?,?)",
+        (run_id, now, "run", status.value, run.error),
+    )
+    return run_id
+
+
+def record(conn: sqlite3.Connection, runs: list[NewRun]) -> list[int]:
+    """Insert runs in one durable transaction (BEGIN IMMEDIATE ... COMMIT)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        ids = [insert_run(conn, r) for r in runs]
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return ids
+
+
+def wake(settings: Settings, name: str = "") -> None:
+    """Tell a running daemon to look at the queue: a new file in the watched wake/ directory."""
+    settings.wake_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.wake_dir / f"{name or 'wake'}-{os.getpid()}-{time.monotonic_ns()}"
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def pusher() -> str:
+    """Who pushed: what a git front end says (REMOTE_USER, GL_USERNAME), else the Unix user."""
+    for key in ("GITPIPE_PUSHER", "REMOTE_USER", "GL_USERNAME", "GITEA_PUSHER_NAME"):
+        if os.environ.get(key):
+            return os.environ[key]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def git_show(git_dir: str, sha: str, path: str) -> str | None:
+    """A file's text at a commit through `git cat-file`, or None when the commit has no such file."""
+    proc = subprocess.run(
+        ["git", f"--git-dir={git_dir}", "cat-file", "blob", f"{sha}:{path}"],
+        capture_output=True, check=False,
+    )
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.decode("utf-8", errors="replace")
+
+
+def changed_paths(git_dir: str, old: str, new: str) -> list[str]:
+    """Paths a push changed between two commits (NUL-separated, so any file name is safe)."""
+    proc = subprocess.run(
+        ["git", f"--git-dir={git_dir}", "diff", "--name-only", "-z", "--no-renames", old, new],
+        capture_output=True, check=False,
+    )
+    return [p for p in proc.stdout.decode("utf-8", errors="replace").split("\0") if p]
+
+
+def plan_runs(git_dir: str, repo: str, updates: list[RefUpdate], who: str) -> list[NewRun]:
+    """The runs a push starts: one per pushed ref whose pipeline triggers on it."""
+    runs = []
+    for up in updates:
+        if up.deleted or not (up.branch is not None or up.tag is not None):
+            continue
+        text = git_show(git_dir, up.new, PIPELINE_FILE)
+        if text is None:
+            continue
+        error = None
+        try:
+            pipe = pipeline_mod.parse(text, file=PIPELINE_FILE, default_name=repo)
+            trigger, name = pipe.trigger, pipe.name
+        except PipelineError as exc:
+            trigger = pipeline_mod.read_trigger(text) or TriggerSpec()
+            name, error = repo, f"{PIPELINE_FILE} is invalid:\n{exc}"
+        if not pipeline_mod.ref_triggers(trigger, up.ref):
+            continue
+        if trigger.paths and not up.created:
+            if not pipeline_mod.paths_match(trigger.paths, changed_paths(git_dir, up.old, up.new)):
+                continue
+        runs.append(NewRun(repo=repo, pipeline=name, ref=up.ref, sha=up.new, trigger="push",
+                           pipeline_text=text, before_sha=None if up.created else up.old,
+                           pusher=who, error=error))
+    return runs
+
+
+def parse_updates(text: str) -> list[RefUpdate]:
+    """The `old new ref` lines git gives a post-receive / pre-receive hook."""
+    updates = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            updates.append(RefUpdate(old=parts[0], new=parts[1], ref=parts[2]))
+    return updates
+
+
+def describe(run_id: int, run: NewRun, site_url: str) -> list[str]:
+    """What the pusher reads for one run (git prefixes each line with `remote:`)."""
+    where = f"{short_ref(run.ref)} @ {run.sha[:7]}"
+    url = f" {site_url}/{run.repo}/runs/{run_id}.html" if site_url else ""
+    if run.error:
+        return [f"gitpipe: run #{run_id} for {where} failed: {run.error.splitlines()[0]}{url}"] + [
+            f"gitpipe:   {line}" for line in run.error.splitlines()[1:]
+        ]
+    return [f"gitpipe: run #{run_id} queued for {where}{url}"]
+
+
+def spool(settings: Settings, runs: list[NewRun]) -> Path:
+    """Keep runs the database would not take in a file the daemon ingests at its next wake."""
+    import json  # only on this rare path
+
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.spool_dir / f"{time.time_ns()}-{os.getpid()}.json"
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump([r.__dict__ for r in runs], f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def post_receive(settings: Settings, repo: str, git_dir: str, stdin_text: str) -> list[str]:
+    """The post-receive hook: record the runs this push starts, return the lines for the pusher."""
+    runs = plan_runs(git_dir, repo, parse_updates(stdin_text), pusher())
+    if not runs:
+        return []
+    try:
+        conn = connect(settings.db_path)
+        try:
+            ids = record(conn, runs)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        try:
+            path = spool(settings, runs)
+        except OSError as exc2:
+            refs = " ".join(short_ref(r.ref) for r in runs)
+            return [f"gitpipe: ERROR: could not queue runs for {refs}: {exc}; {exc2}",
+                    f"gitpipe: start them by hand once fixed: gitpipe run {repo} --ref REF"]
+        wake(settings, "spool")
+        return [f"gitpipe: database busy or unwritable ({exc}); push kept in {path}, "
+                "the daemon will queue it"]
+    wake(settings, "push")
+    lines: list[str] = []
+    for run_id, run in zip(ids, runs):
+        lines += describe(run_id, run, settings.site_url)
+    return lines
+
+
+def pre_receive(settings: Settings, repo: str, git_dir: str, stdin_text: str) -> tuple[bool, list[str]]:
+    """The pre-receive hook: with `reject_invalid`, refuse a push whose new pipeline is invalid."""
+    if not settings.repo(repo).reject_invalid:
+        return True, []
+    lines: list[str] = []
+    for up in parse_updates(stdin_text):
+        if up.deleted:
+            continue
+        text = git_show(git_dir, up.new, PIPELINE_FILE)
+        if text is None:
+            continue
+        try:
+            pipeline_mod.parse(text, file=PIPELINE_FILE, default_name=repo)
+        except PipelineError as exc:
+            lines.append(f"gitpipe: rejecting {short_ref(up.ref)}: {PIPELINE_FILE} is invalid")
+            lines += [f"gitpipe:   {p}" for p in exc.problems]
+    if lines:
+        lines.append(f"gitpipe: fix the file (check it with `gitpipe validate`) and push again")
+    return not lines, lines

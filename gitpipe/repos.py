@@ -1,0 +1,87 @@
+"""Registering bare repositories and installing the hooks into them."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from gitpipe import git, resources
+from gitpipe.errors import UsageError
+from gitpipe.settings import Settings
+from gitpipe.store import Store
+
+HOOKS = ("post-receive", "pre-receive")
+MARKER = "gitpipe"  # our hooks mention it on their first comment line
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def repo_name(path: Path, name: str | None) -> str:
+    """The name a repo is registered under: --name, else the folder name without `.git`."""
+    chosen = name or path.name.removesuffix(".git")
+    if not NAME.match(chosen):
+        raise UsageError(f'"{chosen}" is not a usable repo name (letters, digits, "_", "-", ".")',
+                         hint="pass --name NAME")
+    return chosen
+
+
+def add(settings: Settings, store: Store, path: str, name: str | None, create: bool) -> tuple[str, Path]:
+    """Register a bare repo (creating it with `create`) and install the hooks."""
+    p = Path(path).expanduser().absolute()
+    repo = git.create_bare(p) if create else git.open_bare(p)
+    chosen = repo_name(p, name)
+    existing = [r for r in store.repos() if r["name"] == chosen and r["path"] != str(p)]
+    if existing:
+        raise UsageError(f'a repo named "{chosen}" is already registered ({existing[0]["path"]})',
+                         hint="pass --name to choose another name")
+    install_hooks(settings, Path(repo.path), chosen)
+    store.add_repo(chosen, str(p))
+    return chosen, p
+
+
+def install_hooks(settings: Settings, git_dir: Path, name: str) -> None:
+    """Write our hooks; a hook that was there before is kept as HOOK.chained and still runs."""
+    hooks_dir = git_dir / "hooks"
+    hooks_dir.mkdir(exist_ok=True)
+    libdir = str(Path(__file__).resolve().parent.parent)
+    for hook in HOOKS:
+        target = hooks_dir / hook
+        if target.exists() and not _ours(target):
+            chained = hooks_dir / f"{hook}.chained"
+            if chained.exists():
+                raise UsageError(f"{target} exists and so does {chained}",
+                                 hint="merge them into one hook by hand, then run `gitpipe repo add` again")
+            target.rename(chained)
+        text = (resources.folder("hooks") / hook).read_text()
+        python = sys.executable
+        if len(python) > 120:  # the kernel cuts #! lines at 127 bytes
+            raise UsageError(f"the Python path {python} is too long for a hook's #! line",
+                             hint="install gitpipe in a venv with a shorter path")
+        text = (text.replace("@PYTHON@", python).replace("@LIBDIR@", repr(libdir))
+                .replace("@HOME@", repr(str(settings.home))).replace("@REPO@", repr(name)))
+        tmp = hooks_dir / f".{hook}.gitpipe-tmp"
+        tmp.write_text(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+
+
+def _ours(path: Path) -> bool:
+    try:
+        head = path.read_text(errors="replace").splitlines()[:3]
+    except OSError:
+        return False
+    return any(f"{MARKER} " in line and "hook" in line for line in head[1:])
+
+
+def remove(store: Store, name: str) -> None:
+    """Unregister a repo (its history is kept); its hooks are taken out, chained ones restored."""
+    path = Path(store.repo_path(name))
+    store.remove_repo(name)
+    for hook in HOOKS:
+        target = path / "hooks" / hook
+        if target.exists() and _ours(target):
+            target.unlink()
+            chained = path / "hooks" / f"{hook}.chained"
+            if chained.exists():
+                chained.rename(target)

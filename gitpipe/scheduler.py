@@ -1,0 +1,357 @@
+"""Walks one run: its stages in order, run_order groups in parallel (bounded by the
+host's max_parallel), `when`, retries, timeouts, artifacts and outputs.
+
+A `RunWorker` is one thread per active run; each action of a group gets a thread of
+its own. Every state change goes through the store first, then acts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gitpipe import artifacts, executor, git
+from gitpipe import pipeline as pipeline_mod
+from gitpipe.errors import GitpipeError, PipelineError
+from gitpipe.models import ActionRecord, ActionSpec, ActionStatus, Pipeline, RunRecord, RunStatus, short_ref
+from gitpipe.settings import Settings
+from gitpipe.store import Store
+
+log = logging.getLogger("gitpipe")
+DAEMON_ENV_KEEP = ("PATH", "HOME", "LANG", "TZ")
+OUTPUT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Host:
+    """What every worker shares: settings, store, the parallelism bound, the stop flag."""
+
+    settings: Settings
+    store: Store
+    slots: threading.BoundedSemaphore
+    stopping: threading.Event
+    masker_for: Callable[[str, tuple[str, ...]], tuple[dict[str, str], object]] | None = None
+
+
+def env_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", text).upper()
+
+
+class RunWorker:
+    """Runs one run to the end (or until cancelled or interrupted)."""
+
+    def __init__(self, host: Host, run: RunRecord) -> None:
+        self.host = host
+        self.store = host.store
+        self.run = run
+        self.attempts: dict[int, executor.Attempt] = {}
+        self.lock = threading.Lock()
+        self.cancelled = threading.Event()
+        self.interrupted = threading.Event()
+        self.thread = threading.Thread(target=self._main, name=f"run-{run.id}", daemon=True)
+        self.on_done: Callable[[RunWorker], None] | None = None
+
+    # ------------------------------------------------------------------ control from other threads
+    def cancel(self) -> None:
+        """Stop the run: running attempts get SIGTERM, then SIGKILL; nothing new starts."""
+        self.cancelled.set()
+        self._stop_attempts(ActionStatus.CANCELLED, "cancelled", executor.KILL_GRACE)
+
+    def interrupt(self, grace: float = 0.0) -> None:
+        """The daemon is stopping: kill what still runs; those attempts start again next time."""
+        self.interrupted.set()
+        self._stop_attempts(ActionStatus.INTERRUPTED, "daemon stopped", grace)
+
+    def _stop_attempts(self, status: ActionStatus, reason: str, grace: float) -> None:
+        with self.lock:
+            running = list(self.attempts.values())
+        threads = [threading.Thread(target=a.stop, args=(status, reason, grace)) for a in running]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    @property
+    def halted(self) -> bool:
+        return self.cancelled.is_set() or self.interrupted.is_set()
+
+    # ------------------------------------------------------------------ the run
+    def _main(self) -> None:
+        try:
+            self._walk()
+        except Exception as exc:  # a bug must not take the daemon down; it fails the run
+            log.exception("run #%s crashed", self.run.id)
+            try:
+                if not self.store.run(self.run.id).status.finished:
+                    self.store.finish_run(self.run.id, RunStatus.FAILED, f"internal error: {exc}")
+            except GitpipeError:
+                pass
+        finally:
+            if self.on_done:
+                self.on_done(self)
+
+    def _walk(self) -> None:
+        run = self.store.run(self.run.id)
+        pipe = self._pipeline(run)
+        if pipe is None:
+            return
+        if run.status is RunStatus.QUEUED:
+            repo = git.open_bare(self.store.repo_path(run.repo))
+            if not git.has_commit(repo, run.sha):
+                self.store.fail_queued_run(run.id, f"commit {run.sha[:7]} is not in the repository any more")
+                return
+            author, message = git.commit_info(repo, run.sha)
+            deadline = time.time() + pipe.timeout if pipe.timeout else None
+            self.store.start_run(run.id, pipe, deadline, author, message)
+            run = self.store.run(run.id)
+        self.run = run
+        self.pipe = pipe
+        self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo))
+        self._stages()
+
+    def _pipeline(self, run: RunRecord) -> Pipeline | None:
+        text = self.store.pipeline_text(run.id) or ""
+        try:
+            return pipeline_mod.parse(text, default_name=run.repo)
+        except PipelineError as exc:
+            if run.status is RunStatus.QUEUED:
+                self.store.fail_queued_run(run.id, f".pipeline.toml is invalid:\n{exc}")
+            else:
+                self.store.finish_run(run.id, RunStatus.FAILED, f".pipeline.toml is invalid:\n{exc}")
+            return None
+
+    def _stages(self) -> None:
+        records = {(a.stage_idx, a.idx): a for a in self.store.actions(self.run.id)}
+        failed = False
+        for s_idx, stage in enumerate(self.pipe.stages):
+            acts = [records[(s_idx, i)] for i in range(len(stage.actions))]
+            if all(a.status.finished for a in acts) and not failed:
+                continue
+            if failed or self.halted:
+                self._close_stage(s_idx, acts)
+                continue
+            self.store.set_stage(self.run.id, s_idx, ActionStatus.RUNNING)
+            ok = self._stage(s_idx, acts)
+            if self.interrupted.is_set():
+                return  # the next daemon goes on from here
+            status = ActionStatus.SUCCEEDED if ok else (
+                ActionStatus.CANCELLED if self.cancelled.is_set() else ActionStatus.FAILED)
+            self.store.set_stage(self.run.id, s_idx, status)
+            failed = failed or not ok
+        self._finish(failed)
+
+    def _stage(self, s_idx: int, acts: list[ActionRecord]) -> bool:
+        """Run a stage's run_order groups; False as soon as a group fails."""
+        for order in sorted({a.run_order for a in acts}):
+            group = [a for a in acts if a.run_order == order and not a.status.finished]
+            threads = [threading.Thread(target=self._action, args=(s_idx, a), name=f"action-{a.id}")
+                       for a in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if self.halted:
+                self._close_stage(s_idx, self.store.actions_of_stage(self.run.id, s_idx))
+                return False
+            if not all(self.store.action(a.id).status.ok for a in acts if a.run_order == order):
+                self._close_stage(s_idx, self.store.actions_of_stage(self.run.id, s_idx))
+                return False
+        return True
+
+    def _close_stage(self, s_idx: int, acts: list[ActionRecord]) -> None:
+        """Actions that will not run: skipped after a failure, cancelled after a cancel."""
+        if self.interrupted.is_set():
+            return
+        status = ActionStatus.CANCELLED if self.cancelled.is_set() else ActionStatus.SKIPPED
+        for a in acts:
+            if a.status in (ActionStatus.PENDING, ActionStatus.INTERRUPTED):
+                self.store.set_action(a.id, status)
+        stage = self.store.stages(self.run.id)[s_idx]
+        if not stage.status.finished:
+            self.store.set_stage(self.run.id, s_idx, status)
+
+    def _finish(self, failed: bool) -> None:
+        if self.interrupted.is_set():
+            return
+        acts = self.store.actions(self.run.id)
+        if self.cancelled.is_set():
+            status = RunStatus.CANCELLED
+        elif not failed and all(a.status.ok for a in acts):
+            status = RunStatus.SUCCEEDED
+        else:
+            status = RunStatus.FAILED
+        self.store.finish_run(self.run.id, status)
+
+    # ------------------------------------------------------------------ one action
+    def _action(self, s_idx: int, rec: ActionRecord) -> None:
+        spec = self.pipe.stages[s_idx].actions[rec.idx]
+        if not pipeline_mod.when_matches(spec.when, _branch(self.run.ref), _tag(self.run.ref)):
+            self.store.set_action(rec.id, ActionStatus.SKIPPED, message="skipped: `when` does not match")
+            return
+        with self.host.slots:  # bounded by max_parallel across the host
+            if self.halted:
+                return
+            try:
+                if spec.type == "run":
+                    self._run_action(rec, spec)
+                else:
+                    self._other_action(rec, spec)
+            except GitpipeError as exc:
+                self._fail(rec.id, str(exc))
+            except Exception as exc:  # a bug fails the action, never silently passes it
+                log.exception("run #%s action %s crashed", self.run.id, rec.name)
+                self._fail(rec.id, f"internal error: {exc!r}")
+
+    def _fail(self, action_id: int, message: str) -> None:
+        act = self.store.action(action_id)
+        if not act.status.finished:
+            if act.status is ActionStatus.PENDING:
+                self.store.set_action(action_id, ActionStatus.RUNNING)
+            self.store.set_action(action_id, ActionStatus.FAILED, message=message)
+
+    def _other_action(self, rec: ActionRecord, spec: ActionSpec) -> None:
+        self._fail(rec.id, f'action type "{spec.type}" is not available on this host yet')
+
+    def _run_action(self, rec: ActionRecord, spec: ActionSpec) -> None:
+        failures = sum(1 for a in self.store.attempts(rec.id)
+                       if a.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT))
+        while True:
+            outcome = self._attempt(rec, spec)
+            if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT):
+                failures += 1
+                if failures <= spec.retries and not self.halted:
+                    continue
+            fields = {"exit_code": outcome.exit_code, "message": outcome.message}
+            self.store.set_action(rec.id, outcome.status, **fields)
+            return
+
+    def _attempt(self, rec: ActionRecord, spec: ActionSpec) -> executor.Outcome:
+        previous = self.store.attempts(rec.id)
+        deadline = self._deadline(spec, previous)
+        number = len(previous) + 1
+        logs = self.host.settings.logs_dir / str(self.run.id)
+        log_path = logs / f"{rec.id}-{_safe(rec.name)}.{number}.log"
+        token = uuid.uuid4().hex
+        self.store.start_attempt(rec.id, deadline, str(log_path), token)
+        env, masker = self._env(spec, number)
+        writer = executor.LogWriter(log_path, masker.stream() if masker else None)
+        outcome = executor.Outcome(ActionStatus.FAILED, None)
+        try:
+            with self.pool.checkout(self.run.sha) as slot:
+                for art in self.store.artifacts(self.run.id):
+                    if art.name in spec.inputs:
+                        artifacts.restore(art, slot.tree)
+                out_file = logs / f"{rec.id}.{number}.output"
+                env["GITPIPE_OUTPUT"] = str(out_file)
+                if deadline is not None and time.time() >= deadline:
+                    outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
+                else:
+                    outcome = self._execute(rec, spec, slot.tree, env, writer, token, deadline)
+                if outcome.status is ActionStatus.SUCCEEDED:
+                    outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
+        except GitpipeError as exc:
+            writer.line(f"gitpipe: {exc}")
+            outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
+        finally:
+            if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and outcome.message:
+                writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
+            writer.close()
+            self.store.finish_attempt(rec.id, number, outcome.status, outcome.exit_code)
+        return outcome
+
+    def _execute(self, rec: ActionRecord, spec: ActionSpec, tree: Path, env: dict[str, str],
+                 writer: executor.LogWriter, token: str, deadline: float | None) -> executor.Outcome:
+        attempt = executor.start(spec.run or "", tree, env, writer, token)
+        with self.lock:
+            self.attempts[rec.id] = attempt
+        if self.cancelled.is_set():
+            attempt.stop(ActionStatus.CANCELLED, "cancelled")
+        try:
+            return executor.wait(attempt, deadline)
+        finally:
+            with self.lock:
+                self.attempts.pop(rec.id, None)
+
+    def _deadline(self, spec: ActionSpec, previous: list) -> float | None:
+        """Absolute: an interrupted attempt's deadline carries over to its restart."""
+        if previous and previous[-1].status is ActionStatus.INTERRUPTED and previous[-1].deadline:
+            deadline = float(previous[-1].deadline)
+        else:
+            deadline = time.time() + spec.timeout
+        run_deadline = self.run.extra.get("deadline")
+        return min(deadline, run_deadline) if run_deadline else deadline
+
+    def _collect(self, rec: ActionRecord, spec: ActionSpec, tree: Path, out_file: Path,
+                 masker: object, writer: executor.LogWriter) -> executor.Outcome:
+        dest = self.host.settings.artifacts_dir / str(self.run.id)
+        for name, patterns in spec.outputs:
+            art = artifacts.store(tree, dest, self.run.id, rec.name, name, patterns)
+            self.store.add_artifact(art)
+            writer.line(f"gitpipe: artifact {name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256}")
+        values = _read_outputs(out_file)
+        if values:
+            mask = getattr(masker, "mask", None)
+            self.store.set_outputs(self.run.id, rec.name,
+                                   {k: mask(v) if mask else v for k, v in values.items()})
+        return executor.Outcome(ActionStatus.SUCCEEDED, 0)
+
+    def _env(self, spec: ActionSpec, attempt: int) -> tuple[dict[str, str], object]:
+        run = self.run
+        env = {k: os.environ[k] for k in DAEMON_ENV_KEEP if k in os.environ}
+        env.update({
+            "CI": "true", "GITPIPE_RUN": str(run.id), "GITPIPE_REPO": run.repo,
+            "GITPIPE_PIPELINE": self.pipe.name, "GITPIPE_REF": run.ref,
+            "GITPIPE_BRANCH": _branch(run.ref) or "", "GITPIPE_TAG": _tag(run.ref) or "",
+            "GITPIPE_SHA": run.sha, "GITPIPE_STAGE": spec_stage(self.pipe, spec),
+            "GITPIPE_ACTION": spec.name, "GITPIPE_ATTEMPT": str(attempt),
+        })
+        for row in self.store.outputs(run.id):
+            env[f"GITPIPE_OUT_{env_name(row['action'])}_{env_name(row['key'])}"] = row["value"]
+        env.update(dict(self.pipe.env))
+        env.update(dict(spec.env))
+        masker: object = None
+        if self.host.masker_for is not None:
+            values, masker = self.host.masker_for(run.repo, spec.secrets)
+            env.update(values)
+        return env, masker
+
+
+def spec_stage(pipe: Pipeline, spec: ActionSpec) -> str:
+    for stage in pipe.stages:
+        if any(a is spec for a in stage.actions):
+            return stage.name
+    return ""
+
+
+def _branch(ref: str) -> str | None:
+    return ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
+
+
+def _tag(ref: str) -> str | None:
+    return ref[len("refs/tags/"):] if ref.startswith("refs/tags/") else None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
+
+
+def _read_outputs(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines an action appended to $GITPIPE_OUTPUT (other lines are ignored)."""
+    if not path.exists():
+        return {}
+    values = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and OUTPUT_KEY.match(key.strip()):
+            values[key.strip()] = value
+    return values
+
+
+__all__ = ["Host", "RunWorker", "short_ref"]

@@ -1,0 +1,285 @@
+"""Host configuration: where the home is, what gitpipe.toml says, every default in one place.
+
+Standard library only: the git hooks load settings too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gitpipe.errors import ConfigError, UsageError
+
+CONFIG_NAME = "gitpipe.toml"
+
+# Every setting's default, in one place. `None` means "derived at load time" (see _derive).
+DEFAULTS: dict[str, Any] = {
+    "max_parallel": None,  # CPU count
+    "site_dir": "site",  # relative to the home
+    "site_url": "",
+    "keep_runs": 500,
+    "stop_grace": "30s",
+}
+SSH_DEFAULTS: dict[str, Any] = {"known_hosts": "known_hosts", "identity": ""}
+NOTIFY_DEFAULTS: dict[str, Any] = {"on": [], "webhook": "", "command": ""}
+REPO_DEFAULTS: dict[str, Any] = {"protected": None, "reject_invalid": False}
+
+COMMENTS: dict[str, str] = {
+    "max_parallel": "actions running at once on this host (default: the number of CPUs)",
+    "site_dir": "where the static report site is written (relative to the home, or absolute)",
+    "site_url": "the URL the site is served at; printed to pushers with each run (empty: not printed)",
+    "keep_runs": "runs whose logs, artifacts and worktrees are kept; older runs keep only their summary",
+    "stop_grace": "how long running actions may go on after the daemon is asked to stop",
+}
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    """Per-repo host settings from `[repos.NAME]` (trust is decided here, never by a pushed file)."""
+
+    protected: tuple[str, ...] | None = None  # None: default branch + every tag
+    reject_invalid: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    max_parallel: int
+    site_dir: Path
+    site_url: str
+    keep_runs: int
+    stop_grace: float
+    known_hosts: Path
+    identity: Path | None
+    notify_on: tuple[str, ...] = ()
+    notify_webhook: str = ""
+    notify_command: str = ""
+    repos: dict[str, RepoSettings] = field(default_factory=dict)
+
+    # Paths of the home, computed from the home (never at import time).
+    @property
+    def db_path(self) -> Path:
+        return self.home / "gitpipe.db"
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / CONFIG_NAME
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.home / "secrets.toml"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @property
+    def wake_dir(self) -> Path:
+        return self.home / "wake"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    def repo(self, name: str) -> RepoSettings:
+        return self.repos.get(name, RepoSettings())
+
+
+def default_home(environ: dict[str, str] | None = None) -> Path:
+    """The home when no --home is given: $GITPIPE_HOME, the systemd state dir, or ~/.local/share."""
+    env = os.environ if environ is None else environ
+    if env.get("GITPIPE_HOME"):
+        return Path(env["GITPIPE_HOME"])
+    if os.geteuid() == 0 and env.get("INVOCATION_ID"):
+        return Path("/var/lib/gitpipe")
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gitpipe"
+
+
+def resolve_home(home: str | Path | None) -> Path:
+    return Path(home).expanduser().absolute() if home else default_home().absolute()
+
+
+def parse_seconds(value: str) -> float:
+    """'90s', '10m', '2h', '1d' or combinations ('1h30m') -> seconds."""
+    text = str(value).strip()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", text).strip():
+        raise ValueError(f'bad duration "{value}" (use e.g. "90s", "10m", "2h", "1h30m")')
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+def load(home: str | Path | None, *, must_exist: bool = True) -> Settings:
+    """Read `<home>/gitpipe.toml` (missing file = all defaults) into a Settings."""
+    root = resolve_home(home)
+    if must_exist and not root.is_dir():
+        raise UsageError(
+            f"gitpipe home {root} does not exist", hint="run `gitpipe init` first, or pass --home DIR"
+        )
+    path = root / CONFIG_NAME
+    data: dict[str, Any] = {}
+    text = ""
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", file=str(path), line=_err_line(str(exc))) from None
+    return _build(root, data, _Lines(str(path), text))
+
+
+class _Lines:
+    """Finds the line of a key in the config text, for error messages."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.lines = text.splitlines()
+
+    def of(self, key: str, table: str | None = None) -> int | None:
+        in_table = table is None
+        for n, line in enumerate(self.lines, 1):
+            s = line.strip()
+            if s.startswith("["):
+                name = s.strip("[] ")
+                in_table = table is not None and name == table
+                if table is not None and name == table and key == "":
+                    return n
+                continue
+            if in_table and re.match(rf'^"?{re.escape(key)}"?\s*=', s):
+                return n
+        return None
+
+    def error(self, message: str, key: str, table: str | None = None, hint: str | None = None) -> ConfigError:
+        return ConfigError(message, file=self.file, line=self.of(key, table), hint=hint)
+
+
+def _err_line(message: str) -> int | None:
+    m = re.search(r"line (\d+)", message)
+    return int(m.group(1)) if m else None
+
+
+def _unknown(lines: _Lines, data: dict[str, Any], known: dict[str, Any], table: str | None) -> None:
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f'did you mean "{close[0]}"?' if close else f"known keys: {', '.join(sorted(known))}"
+            where = f"[{table}] " if table else ""
+            raise lines.error(f'{where}unknown key "{key}"', key, table, hint=hint)
+
+
+def _typed(lines: _Lines, data: dict[str, Any], key: str, kind: type | tuple[type, ...], table: str | None) -> Any:
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise lines.error(f'"{key}" must be a {names}, not {value!r}', key, table)
+    return value
+
+
+def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
+    top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}}
+    _unknown(lines, data, top, None)
+    merged = {**DEFAULTS, **{k: v for k, v in data.items() if k in DEFAULTS}}
+    for key in ("max_parallel", "keep_runs"):
+        if data.get(key) is not None:
+            _typed(lines, data, key, int, None)
+            if data[key] < 1:
+                raise lines.error(f'"{key}" must be at least 1', key)
+    for key in ("site_dir", "site_url", "stop_grace"):
+        if key in data:
+            _typed(lines, data, key, str, None)
+    try:
+        grace = parse_seconds(merged["stop_grace"])
+    except ValueError as exc:
+        raise lines.error(str(exc), "stop_grace") from None
+    ssh = {**SSH_DEFAULTS, **_table(lines, data, "ssh", SSH_DEFAULTS)}
+    notify = {**NOTIFY_DEFAULTS, **_table(lines, data, "notify", NOTIFY_DEFAULTS)}
+    repos = {name: _repo(lines, name, value) for name, value in _table(lines, data, "repos", None).items()}
+    identity = str(ssh["identity"])
+    return Settings(
+        home=home,
+        max_parallel=merged["max_parallel"] or os.cpu_count() or 2,
+        site_dir=home / str(merged["site_dir"]),
+        site_url=str(merged["site_url"]).rstrip("/"),
+        keep_runs=merged["keep_runs"],
+        stop_grace=grace,
+        known_hosts=home / str(ssh["known_hosts"]),
+        identity=(home / identity) if identity else None,
+        notify_on=tuple(notify["on"]),
+        notify_webhook=str(notify["webhook"]),
+        notify_command=str(notify["command"]),
+        repos=repos,
+    )
+
+
+def _table(lines: _Lines, data: dict[str, Any], name: str, known: dict[str, Any] | None) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise lines.error(f'"{name}" must be a table ([{name}])', name)
+    if known is not None:
+        _unknown(lines, value, known, name)
+    return value
+
+
+def _repo(lines: _Lines, name: str, value: Any) -> RepoSettings:
+    table = f"repos.{name}"
+    if not isinstance(value, dict):
+        raise lines.error(f'"repos.{name}" must be a table', name, "repos")
+    _unknown(lines, value, REPO_DEFAULTS, table)
+    protected = value.get("protected")
+    if protected is not None and (
+        not isinstance(protected, list) or not all(isinstance(p, str) for p in protected)
+    ):
+        raise lines.error('"protected" must be a list of ref globs, e.g. ["main", "v*"]', "protected", table)
+    reject = value.get("reject_invalid", False)
+    if not isinstance(reject, bool):
+        raise lines.error('"reject_invalid" must be true or false', "reject_invalid", table)
+    return RepoSettings(protected=tuple(protected) if protected is not None else None, reject_invalid=reject)
+
+
+def default_config_text() -> str:
+    """The commented gitpipe.toml that `gitpipe init` writes (values through tomli-w)."""
+    import tomli_w  # only `gitpipe init` needs it
+
+    out = ["# gitpipe host configuration. Unknown keys are an error.", ""]
+    for key, comment in COMMENTS.items():
+        value = DEFAULTS[key]
+        out.append(f"# {comment}")
+        if value is None:
+            out.append(f"# {key} = {os.cpu_count() or 2}")
+        else:
+            out.append(tomli_w.dumps({key: value}).strip())
+        out.append("")
+    out += [
+        "[ssh]",
+        "# host keys of deploy targets; an unknown or changed key fails the deploy",
+        tomli_w.dumps({"known_hosts": SSH_DEFAULTS["known_hosts"]}).strip(),
+        "# private key for deploys (empty: the daemon user's own keys and agent)",
+        tomli_w.dumps({"identity": SSH_DEFAULTS["identity"]}).strip(),
+        "",
+        "[notify]",
+        "# defaults for every pipeline: events (succeeded, failed, cancelled, approval, deployed,",
+        "# rolled-back), and a webhook URL and/or a command that gets the event JSON on stdin",
+        tomli_w.dumps({"on": ["failed"], "webhook": "", "command": ""}).strip(),
+        "",
+        "# Per-repo settings:",
+        "# [repos.shop]",
+        '# protected = ["main", "v*"]   # refs whose runs may get secrets and deploy',
+        "#                               # (default: the default branch and every tag)",
+        "# reject_invalid = false       # true: refuse pushes with an invalid .pipeline.toml",
+        "",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,389 @@
+"""The database: migrations, every state transition, and the queries the commands need.
+
+The only user of sqlite-utils. Every change of a run, stage or action goes through
+one named function here, inside one transaction, checked against the allowed
+transitions in models.py, and written together with an `events` row; listeners
+(the report, notifications) hear of it after the commit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlite_utils import Database
+
+from gitpipe import queue
+from gitpipe.errors import TransitionError, UsageError
+from gitpipe.models import (
+    ActionRecord,
+    ActionStatus,
+    ArtifactRecord,
+    AttemptRecord,
+    Event,
+    Pipeline,
+    RunRecord,
+    RunStatus,
+    StageRecord,
+    action_transition_allowed,
+    run_transition_allowed,
+)
+from gitpipe.queue import NewRun, now_iso
+from gitpipe.settings import Settings
+
+# Named migrations, applied in order, each once. A shipped migration is never edited:
+# add a new one instead.
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_core",
+        """
+        CREATE TABLE repos (name TEXT PRIMARY KEY, path TEXT NOT NULL, added_at TEXT NOT NULL,
+                            removed_at TEXT);
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, repo TEXT NOT NULL, pipeline TEXT NOT NULL,
+            ref TEXT NOT NULL, sha TEXT NOT NULL, before_sha TEXT, status TEXT NOT NULL,
+            trigger TEXT NOT NULL, pusher TEXT, created_at TEXT NOT NULL, started_at TEXT,
+            finished_at TEXT, error TEXT, pipeline_text TEXT, retry_of INTEGER,
+            deadline REAL, cancel_requested_at TEXT, cancelled_by TEXT, cancel_reason TEXT,
+            commit_author TEXT, commit_message TEXT);
+        CREATE INDEX runs_status ON runs(status);
+        CREATE INDEX runs_repo ON runs(repo, id);
+        CREATE TABLE stages (run_id INTEGER NOT NULL REFERENCES runs(id), idx INTEGER NOT NULL,
+            name TEXT NOT NULL, status TEXT NOT NULL, started_at TEXT, finished_at TEXT,
+            PRIMARY KEY (run_id, idx));
+        CREATE TABLE actions (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id),
+            stage_idx INTEGER NOT NULL, idx INTEGER NOT NULL, stage TEXT NOT NULL, name TEXT NOT NULL,
+            type TEXT NOT NULL, run_order INTEGER NOT NULL, status TEXT NOT NULL, exit_code INTEGER,
+            started_at TEXT, finished_at TEXT, attempts INTEGER NOT NULL DEFAULT 0, message TEXT,
+            UNIQUE (run_id, stage_idx, idx));
+        CREATE TABLE attempts (id INTEGER PRIMARY KEY, action_id INTEGER NOT NULL REFERENCES actions(id),
+            number INTEGER NOT NULL, status TEXT NOT NULL, exit_code INTEGER, started_at TEXT NOT NULL,
+            finished_at TEXT, deadline REAL, log_path TEXT NOT NULL, token TEXT NOT NULL,
+            UNIQUE (action_id, number));
+        CREATE TABLE artifacts (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id),
+            name TEXT NOT NULL, action TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+            path TEXT NOT NULL, files INTEGER NOT NULL, UNIQUE (run_id, name));
+        CREATE TABLE outputs (run_id INTEGER NOT NULL REFERENCES runs(id), action TEXT NOT NULL,
+            key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run_id, action, key));
+        CREATE TABLE events (id INTEGER PRIMARY KEY, run_id INTEGER, at TEXT NOT NULL,
+            subject TEXT NOT NULL, status TEXT NOT NULL, detail TEXT);
+        CREATE INDEX events_run ON events(run_id);
+        CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT);
+        """,
+    ),
+]
+
+Listener = Callable[[Event], None]
+
+
+class Store:
+    """One connection to gitpipe.db, shared by the daemon's threads under a lock."""
+
+    def __init__(self, settings: Settings) -> None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.conn = queue.connect(settings.db_path)
+        self.db = Database(self.conn)
+        self.lock = threading.RLock()
+        self.listeners: list[Listener] = []
+        self._pending: list[Event] = []
+        self._depth = 0
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ plumbing
+    def migrate(self) -> list[str]:
+        """Apply the migrations not applied yet; returns their names."""
+        with self.lock:
+            self.conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at TEXT)")
+            done = {r[0] for r in self.conn.execute("SELECT name FROM migrations")}
+            applied = []
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in sql.split(";"):
+                        if statement.strip():
+                            self.conn.execute(statement)
+                    self.conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, now_iso()))
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+                self.conn.execute("COMMIT")
+                applied.append(name)
+            return applied
+
+    @contextmanager
+    def tx(self) -> Iterator[Database]:
+        """One write transaction (BEGIN IMMEDIATE); events are sent to listeners after commit."""
+        with self.lock:
+            if self._depth:  # nested: part of the caller's transaction
+                yield self.db
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self.db
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                self._pending.clear()
+                raise
+            finally:
+                self._depth = 0
+            self.conn.execute("COMMIT")
+            events, self._pending = self._pending, []
+        for event in events:
+            for listener in list(self.listeners):
+                listener(event)
+
+    def _event(self, run_id: int, subject: str, status: str, detail: str | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO events (run_id, at, subject, status, detail) VALUES (?,?,?,?,?)",
+            (run_id, now_iso(), subject, status, detail),
+        )
+        self._pending.append(Event(run_id, subject, status, detail))
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.db.query(sql, params))
+
+    def get_state(self, key: str) -> str | None:
+        rows = self.query("SELECT value FROM state WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def set_state(self, key: str, value: str | None) -> None:
+        with self.tx() as db:
+            if value is None:
+                db.execute("DELETE FROM state WHERE key = ?", [key])
+            else:
+                db["state"].upsert({"key": key, "value": value}, pk="key")
+
+    # ------------------------------------------------------------------ repos
+    def add_repo(self, name: str, path: str) -> None:
+        with self.tx() as db:
+            db["repos"].upsert({"name": name, "path": path, "added_at": now_iso(), "removed_at": None},
+                               pk="name")
+
+    def remove_repo(self, name: str) -> None:
+        self.repo_path(name)
+        with self.tx() as db:
+            db["repos"].update(name, {"removed_at": now_iso()})
+
+    def repos(self) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM repos WHERE removed_at IS NULL ORDER BY name")
+
+    def repo_path(self, name: str) -> str:
+        rows = self.query("SELECT path FROM repos WHERE name = ? AND removed_at IS NULL", (name,))
+        if not rows:
+            known = ", ".join(r["name"] for r in self.repos()) or "none yet"
+            raise UsageError(f'unknown repo "{name}" (registered: {known})',
+                             hint="add it with `gitpipe repo add PATH`")
+        return str(rows[0]["path"])
+
+    # ------------------------------------------------------------------ runs
+    def create_runs(self, runs: list[NewRun]) -> list[int]:
+        with self.tx():
+            ids = [queue.insert_run(self.conn, r) for r in runs]
+            for run_id, r in zip(ids, runs):
+                self._pending.append(Event(run_id, "run", "failed" if r.error else "queued", r.error))
+        return ids
+
+    def run(self, run_id: int) -> RunRecord:
+        rows = self.query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise UsageError(f"unknown run #{run_id}", hint="`gitpipe runs` lists the runs")
+        return _run_record(rows[0])
+
+    def runs(self, repo: str | None = None, limit: int = 20, offset: int = 0) -> list[RunRecord]:
+        where, params = ("WHERE repo = ?", (repo,)) if repo else ("", ())
+        rows = self.query(f"SELECT * FROM runs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                          (*params, limit, offset))
+        return [_run_record(r) for r in rows]
+
+    def runs_with_status(self, *statuses: RunStatus) -> list[RunRecord]:
+        marks = ",".join("?" for _ in statuses)
+        rows = self.query(f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY id",
+                          tuple(s.value for s in statuses))
+        return [_run_record(r) for r in rows]
+
+    def pipeline_text(self, run_id: int) -> str | None:
+        rows = self.query("SELECT pipeline_text FROM runs WHERE id = ?", (run_id,))
+        return rows[0]["pipeline_text"] if rows else None
+
+    def _set_run(self, run_id: int, new: RunStatus, **fields: Any) -> RunRecord:
+        run = self.run(run_id)
+        if not run_transition_allowed(run.status, new):
+            raise TransitionError(f"run #{run_id} is {run.status.value}, it cannot become {new.value}")
+        self.db["runs"].update(run_id, {"status": new.value, **fields})
+        self._event(run_id, "run", new.value, fields.get("error") or fields.get("cancel_reason"))
+        return run
+
+    def start_run(self, run_id: int, pipe: Pipeline, deadline: float | None,
+                  commit_author: str | None, commit_message: str | None) -> None:
+        """queued -> running: create the stage and action rows of the pipeline."""
+        with self.tx() as db:
+            self._set_run(run_id, RunStatus.RUNNING, started_at=now_iso(), deadline=deadline,
+                          commit_author=commit_author, commit_message=commit_message)
+            for s_idx, stage in enumerate(pipe.stages):
+                db["stages"].insert({"run_id": run_id, "idx": s_idx, "name": stage.name,
+                                     "status": ActionStatus.PENDING.value})
+                for a_idx, action in enumerate(stage.actions):
+                    db["actions"].insert({
+                        "run_id": run_id, "stage_idx": s_idx, "idx": a_idx, "stage": stage.name,
+                        "name": action.name, "type": action.type, "run_order": action.run_order,
+                        "status": ActionStatus.PENDING.value, "attempts": 0})
+
+    def fail_queued_run(self, run_id: int, error: str) -> None:
+        """queued -> failed before any action ran (invalid pipeline, missing commit)."""
+        with self.tx():
+            self._set_run(run_id, RunStatus.FAILED, finished_at=now_iso(), error=error)
+
+    def set_run_waiting(self, run_id: int, waiting: bool) -> None:
+        with self.tx():
+            self._set_run(run_id, RunStatus.WAITING if waiting else RunStatus.RUNNING)
+
+    def finish_run(self, run_id: int, status: RunStatus, error: str | None = None) -> None:
+        with self.tx():
+            fields: dict[str, Any] = {"finished_at": now_iso()}
+            if error:
+                fields["error"] = error
+            self._set_run(run_id, status, **fields)
+
+    def request_cancel(self, run_id: int, by: str, reason: str | None) -> RunRecord:
+        """Record who cancels and why; a queued run is cancelled at once, a running one by the daemon."""
+        with self.tx() as db:
+            run = self.run(run_id)
+            if run.status.finished:
+                raise TransitionError(f"run #{run_id} is already {run.status.value}; nothing to cancel")
+            db["runs"].update(run_id, {"cancel_requested_at": now_iso(), "cancelled_by": by,
+                                       "cancel_reason": reason})
+            if run.status is RunStatus.QUEUED:
+                self._set_run(run_id, RunStatus.CANCELLED, finished_at=now_iso())
+            else:
+                self._event(run_id, "run", "cancel-requested", reason)
+        return self.run(run_id)
+
+    def cancel_requested(self, run_id: int) -> bool:
+        rows = self.query("SELECT cancel_requested_at FROM runs WHERE id = ?", (run_id,))
+        return bool(rows and rows[0]["cancel_requested_at"])
+
+    # ------------------------------------------------------------------ stages and actions
+    def stages(self, run_id: int) -> list[StageRecord]:
+        rows = self.query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx", (run_id,))
+        return [StageRecord(r["run_id"], r["idx"], r["name"], ActionStatus(r["status"]),
+                            r["started_at"], r["finished_at"]) for r in rows]
+
+    def set_stage(self, run_id: int, idx: int, status: ActionStatus) -> None:
+        with self.tx() as db:
+            fields: dict[str, Any] = {"status": status.value}
+            if status is ActionStatus.RUNNING:
+                fields["started_at"] = now_iso()
+                fields["finished_at"] = None
+            elif status.finished:
+                fields["finished_at"] = now_iso()
+            db["stages"].update((run_id, idx), fields)
+            self._event(run_id, f"stage:{idx}", status.value)
+
+    def actions(self, run_id: int) -> list[ActionRecord]:
+        rows = self.query("SELECT * FROM actions WHERE run_id = ? ORDER BY stage_idx, idx", (run_id,))
+        return [_action_record(r) for r in rows]
+
+    def actions_of_stage(self, run_id: int, stage_idx: int) -> list[ActionRecord]:
+        return [a for a in self.actions(run_id) if a.stage_idx == stage_idx]
+
+    def action(self, action_id: int) -> ActionRecord:
+        return _action_record(self.query("SELECT * FROM actions WHERE id = ?", (action_id,))[0])
+
+    def set_action(self, action_id: int, new: ActionStatus, **fields: Any) -> None:
+        """Change an action's status, checked against the allowed transitions."""
+        with self.tx() as db:
+            act = self.action(action_id)
+            if act.status is not new and not action_transition_allowed(act.status, new):
+                raise TransitionError(f'action "{act.name}" of run #{act.run_id} is {act.status.value}, '
+                                      f"it cannot become {new.value}")
+            if new is ActionStatus.RUNNING and act.started_at is None:
+                fields.setdefault("started_at", now_iso())
+            if new.finished:
+                fields.setdefault("finished_at", now_iso())
+            db["actions"].update(action_id, {"status": new.value, **fields})
+            self._event(act.run_id, f"action:{action_id}", new.value, fields.get("message"))
+
+    def start_attempt(self, action_id: int, deadline: float | None, log_path: str, token: str) -> int:
+        """Start the next attempt of an action (action -> running); returns its number."""
+        with self.tx() as db:
+            act = self.action(action_id)
+            number = act.attempts + 1
+            db["attempts"].insert({"action_id": action_id, "number": number, "status": "running",
+                                   "started_at": now_iso(), "deadline": deadline,
+                                   "log_path": log_path, "token": token})
+            fields: dict[str, Any] = {"attempts": number, "exit_code": None, "message": None}
+            self.set_action(action_id, ActionStatus.RUNNING, **fields)
+            return number
+
+    def finish_attempt(self, action_id: int, number: int, status: ActionStatus,
+                       exit_code: int | None) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE attempts SET status = ?, exit_code = ?, finished_at = ? "
+                       "WHERE action_id = ? AND number = ?",
+                       [status.value, exit_code, now_iso(), action_id, number])
+
+    def attempts(self, action_id: int) -> list[AttemptRecord]:
+        rows = self.query("SELECT * FROM attempts WHERE action_id = ? ORDER BY number", (action_id,))
+        return [AttemptRecord(r["id"], r["action_id"], r["number"], ActionStatus(r["status"]),
+                              r["exit_code"], r["started_at"], r["finished_at"], r["deadline"],
+                              r["log_path"], r["token"]) for r in rows]
+
+    def open_attempts(self) -> list[AttemptRecord]:
+        """Attempts still marked running: after a crash, their processes may be orphans."""
+        rows = self.query("SELECT id, action_id, number FROM attempts WHERE status = 'running'")
+        return [a for r in rows for a in self.attempts(r["action_id"]) if a.number == r["number"]]
+
+    # ------------------------------------------------------------------ artifacts and outputs
+    def add_artifact(self, art: ArtifactRecord) -> None:
+        with self.tx() as db:
+            db["artifacts"].upsert(dict(art.__dict__), pk=("run_id", "name"))
+
+    def artifacts(self, run_id: int) -> list[ArtifactRecord]:
+        rows = self.query("SELECT run_id, name, action, size, sha256, path, files FROM artifacts "
+                          "WHERE run_id = ? ORDER BY id", (run_id,))
+        return [ArtifactRecord(**r) for r in rows]
+
+    def set_outputs(self, run_id: int, action: str, values: dict[str, str]) -> None:
+        with self.tx() as db:
+            for key, value in values.items():
+                db["outputs"].upsert({"run_id": run_id, "action": action, "key": key, "value": value},
+                                     pk=("run_id", "action", "key"))
+
+    def outputs(self, run_id: int) -> list[dict[str, Any]]:
+        return self.query("SELECT action, key, value FROM outputs WHERE run_id = ? ORDER BY rowid",
+                          (run_id,))
+
+    def events(self, run_id: int) -> list[dict[str, Any]]:
+        return self.query("SELECT at, subject, status, detail FROM events WHERE run_id = ? ORDER BY id",
+                          (run_id,))
+
+
+def _run_record(r: dict[str, Any]) -> RunRecord:
+    return RunRecord(
+        id=r["id"], repo=r["repo"], pipeline=r["pipeline"], ref=r["ref"], sha=r["sha"],
+        status=RunStatus(r["status"]), trigger=r["trigger"], created_at=r["created_at"],
+        started_at=r["started_at"], finished_at=r["finished_at"], error=r["error"], pusher=r["pusher"],
+        before_sha=r["before_sha"], retry_of=r["retry_of"], cancelled_by=r["cancelled_by"],
+        cancel_reason=r["cancel_reason"], commit_author=r["commit_author"],
+        commit_message=r["commit_message"],
+        extra={"deadline": r["deadline"], "cancel_requested_at": r["cancel_requested_at"]},
+    )
+
+
+def _action_record(r: dict[str, Any]) -> ActionRecord:
+    return ActionRecord(
+        id=r["id"], run_id=r["run_id"], stage_idx=r["stage_idx"], idx=r["idx"], stage=r["stage"],
+        name=r["name"], type=r["type"], run_order=r["run_order"], status=ActionStatus(r["status"]),
+        exit_code=r["exit_code"], started_at=r["started_at"], finished_at=r["finished_at"],
+        attempts=r["attempts"], message=r["message"],
+    )
