@@ -8,8 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gitpipe import git, queue, settings as settings_mod
+from gitpipe import git, queue
 from gitpipe import pipeline as pipeline_mod
+from gitpipe import settings as settings_mod
 from gitpipe.errors import PipelineError, UsageError
 from gitpipe.models import ActionRecord, Pipeline, RunRecord, RunStatus
 from gitpipe.settings import Settings

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gitpipe import __version__, ansi, api, follow, settings as settings_mod
+from gitpipe import __version__, ansi, api, follow
+from gitpipe import settings as settings_mod
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import RunRecord, RunStatus, short_ref
 
@@ -237,8 +238,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitpipe", description="Continuous delivery for your own git server.")
     parser.add_argument("--version", action="version", version=f"gitpipe {__version__}")
+    parser.add_argument("--home", default=None, help="gitpipe home (also accepted after the command)")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", help="gitpipe home (default: $GITPIPE_HOME, /var/lib/gitpipe under "
+    common.add_argument("--home", default=argparse.SUPPRESS, help="gitpipe home (default: $GITPIPE_HOME, /var/lib/gitpipe under "
                                        "systemd, else ~/.local/share/gitpipe)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

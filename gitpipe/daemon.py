@@ -233,4 +233,4 @@ def notify_systemd(message: str) -> None:
         log.warning("could not notify systemd: %s", exc)
 
 
-__all__ = ["Daemon", "daemon_running", "GitpipeError", "Path"]
+__all__ = ["Daemon", "GitpipeError", "Path", "daemon_running"]

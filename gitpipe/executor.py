@@ -43,7 +43,7 @@ class _PassThrough:
 
 
 def stamp() -> bytes:
-    t = _dt.datetime.now(_dt.timezone.utc)
+    t = _dt.datetime.now(_dt.UTC)
     return (t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z ").encode()
 
 

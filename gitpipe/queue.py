@@ -9,7 +9,6 @@ first event), in the schema that store.py's migrations own.
 
 from __future__ import annotations
 
-import datetime as _dt
 import getpass
 import os
 import sqlite3
@@ -18,30 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gitpipe import intake
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import PipelineError
-from gitpipe.models import RefUpdate, RunStatus, TriggerSpec, short_ref
+from gitpipe.models import RefUpdate, TriggerSpec, short_ref
 from gitpipe.settings import Settings
 
 PIPELINE_FILE = ".pipeline.toml"
-BUSY_TIMEOUT_MS = 30_000
-
-
-def now_iso() -> str:
-    """The current time as ISO 8601 UTC with milliseconds, the format of every stored time."""
-    t = _dt.datetime.now(_dt.timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
-
-
-def connect(db_path: Path) -> sqlite3.Connection:
-    """A connection set up for durable intake: WAL, synchronous=FULL, a busy timeout."""
-    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                           check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
 
 
 @dataclass(frozen=True)
@@ -62,39 +44,12 @@ class NewRun:
 
 def insert_run(conn: sqlite3.Connection, run: NewRun) -> int:
     """Insert one run (queued, or failed at once when it has an error); caller holds the transaction."""
-    now = now_iso()
-    status = RunStatus.FAILED if run.error else RunStatus.QUEUED
-    cur = conn.execute(
-        "INSERT INTO runs (repo, pipeline, ref, sha, before_sha, status, trigger, pusher, created_at,"
-        " finished_at, error, pipeline_text, retry_of) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (run.repo, run.pipeline, run.ref, run.sha, run.before_sha, status.value, run.trigger,
-         run.pusher, now, now if run.error else None, run.error, run.pipeline_text, run.retry_of),
-    )
-    run_id = int(cur.lastrowid or 0)
-    conn.execute(
-        "INSERT INTO events (run_id, at, subject, status, detail) VALUES (?,?,?,?,?)",
-        (run_id, now, "run", status.value, run.error),
-    )
-    return run_id
+    return intake.insert_run(conn, run.__dict__)
 
 
-def record(conn: sqlite3.Connection, runs: list[NewRun]) -> list[int]:
-    """Insert runs in one durable transaction (BEGIN IMMEDIATE ... COMMIT)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        ids = [insert_run(conn, r) for r in runs]
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return ids
-
-
-def wake(settings: Settings, name: str = "") -> None:
-    """Tell a running daemon to look at the queue: a new file in the watched wake/ directory."""
-    settings.wake_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.wake_dir / f"{name or 'wake'}-{os.getpid()}-{time.monotonic_ns()}"
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+def wake(settings: Settings, name: str = "wake") -> None:
+    """Tell a running daemon to look at the queue."""
+    intake.wake(str(settings.home), name)
 
 
 def pusher() -> str:
@@ -165,17 +120,6 @@ def parse_updates(text: str) -> list[RefUpdate]:
     return updates
 
 
-def describe(run_id: int, run: NewRun, site_url: str) -> list[str]:
-    """What the pusher reads for one run (git prefixes each line with `remote:`)."""
-    where = f"{short_ref(run.ref)} @ {run.sha[:7]}"
-    url = f" {site_url}/{run.repo}/runs/{run_id}.html" if site_url else ""
-    if run.error:
-        return [f"gitpipe: run #{run_id} for {where} failed: {run.error.splitlines()[0]}{url}"] + [
-            f"gitpipe:   {line}" for line in run.error.splitlines()[1:]
-        ]
-    return [f"gitpipe: run #{run_id} queued for {where}{url}"]
-
-
 def spool(settings: Settings, runs: list[NewRun]) -> Path:
     """Keep runs the database would not take in a file the daemon ingests at its next wake."""
     import json  # only on this rare path
@@ -189,34 +133,6 @@ def spool(settings: Settings, runs: list[NewRun]) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
-
-
-def post_receive(settings: Settings, repo: str, git_dir: str, stdin_text: str) -> list[str]:
-    """The post-receive hook: record the runs this push starts, return the lines for the pusher."""
-    runs = plan_runs(git_dir, repo, parse_updates(stdin_text), pusher())
-    if not runs:
-        return []
-    try:
-        conn = connect(settings.db_path)
-        try:
-            ids = record(conn, runs)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        try:
-            path = spool(settings, runs)
-        except OSError as exc2:
-            refs = " ".join(short_ref(r.ref) for r in runs)
-            return [f"gitpipe: ERROR: could not queue runs for {refs}: {exc}; {exc2}",
-                    f"gitpipe: start them by hand once fixed: gitpipe run {repo} --ref REF"]
-        wake(settings, "spool")
-        return [f"gitpipe: database busy or unwritable ({exc}); push kept in {path}, "
-                "the daemon will queue it"]
-    wake(settings, "push")
-    lines: list[str] = []
-    for run_id, run in zip(ids, runs):
-        lines += describe(run_id, run, settings.site_url)
-    return lines
 
 
 def pre_receive(settings: Settings, repo: str, git_dir: str, stdin_text: str) -> tuple[bool, list[str]]:
@@ -236,5 +152,5 @@ def pre_receive(settings: Settings, repo: str, git_dir: str, stdin_text: str) ->
             lines.append(f"gitpipe: rejecting {short_ref(up.ref)}: {PIPELINE_FILE} is invalid")
             lines += [f"gitpipe:   {p}" for p in exc.problems]
     if lines:
-        lines.append(f"gitpipe: fix the file (check it with `gitpipe validate`) and push again")
+        lines.append("gitpipe: fix the file (check it with `gitpipe validate`) and push again")
     return not lines, lines

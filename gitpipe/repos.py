@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,8 +59,10 @@ def install_hooks(settings: Settings, git_dir: Path, name: str) -> None:
         if len(python) > 120:  # the kernel cuts #! lines at 127 bytes
             raise UsageError(f"the Python path {python} is too long for a hook's #! line",
                              hint="install gitpipe in a venv with a shorter path")
-        text = (text.replace("@PYTHON@", python).replace("@LIBDIR@", repr(libdir))
-                .replace("@HOME@", repr(str(settings.home))).replace("@REPO@", repr(name)))
+        text = text.replace("#!@PYTHON@", "#!" + python)
+        values = {"PYTHON": python, "LIBDIR": libdir, "HOME": str(settings.home), "REPO": name}
+        for key, value in values.items():
+            text = text.replace(f"@{key}_Q@", shlex.quote(value)).replace(f"@{key}@", repr(value))
         tmp = hooks_dir / f".{hook}.gitpipe-tmp"
         tmp.write_text(text)
         os.chmod(tmp, 0o755)

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from gitpipe import queue
+from gitpipe import intake, queue
 from gitpipe.errors import TransitionError, UsageError
 from gitpipe.models import (
     ActionRecord,
@@ -30,7 +30,8 @@ from gitpipe.models import (
     action_transition_allowed,
     run_transition_allowed,
 )
-from gitpipe.queue import NewRun, now_iso
+from gitpipe.intake import now_iso
+from gitpipe.queue import NewRun
 from gitpipe.settings import Settings
 
 # Named migrations, applied in order, each once. A shipped migration is never edited:
@@ -84,7 +85,7 @@ class Store:
     def __init__(self, settings: Settings) -> None:
         settings.home.mkdir(parents=True, exist_ok=True)
         self.settings = settings
-        self.conn = queue.connect(settings.db_path)
+        self.conn = intake.connect(settings.db_path)
         self.db = Database(self.conn)
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
