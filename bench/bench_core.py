@@ -107,19 +107,23 @@ def bench_latency() -> None:
     try:
         git("push", "-q", str(root / "r.git"), "main", cwd=src)
         wait_for(mark, 1)
-        lat = []
+        lat, whole = [], []
         for i in range(N):
             commit_change(src, i)
+            t_start = time.time()
             git("push", "-q", str(root / "r.git"), "main", cwd=src)
             t_pushed = time.time()
             started = float(wait_for(mark, i + 2)[-1])
             lat.append(started - t_pushed)
+            whole.append(started - t_start)
             time.sleep(0.05)
     finally:
         stop_daemon(daemon)
-    table(f"push returned -> first action started ({N} pushes, daemon running)", [
-        ("median", ms(median(lat)), "-", "goal: < 150 ms"),
-        ("p95", ms(p95(lat)), "-", ""),
+    table(f"push -> first action's script started ({N} pushes, daemon running)", [
+        ("from `git push` start, median", ms(median(whole)), "-", "goal: < 150 ms"),
+        ("from `git push` start, p95", ms(p95(whole)), "-", ""),
+        ("from `git push` returned, median", ms(median(lat)), "-", "(the hook wakes the daemon"),
+        ("from `git push` returned, p95", ms(p95(lat)), "-", " before git returns)"),
     ])
 
 

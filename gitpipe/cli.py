@@ -112,19 +112,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _wait(conf: settings_mod.Settings, store: Any, run_id: int) -> int:
-    out = Out()
-    seen: dict[str, str] = {}
+    from gitpipe import progress
 
-    def step() -> None:
-        for a in store.actions(run_id):
-            key = f"{a.stage}/{a.name}"
-            if seen.get(key) != a.status.value:
-                seen[key] = a.status.value
-                print(f"  {key:<30} {out.status(a.status.value)}", flush=True)
-
-    follow.watch([conf.logs_dir / str(run_id)], lambda: store.run(run_id).status.finished, step)
-    run = store.run(run_id)
-    print(f"run #{run_id} {out.status(run.status.value)}")
+    run = progress.watch_run(conf, store, run_id)
+    print(f"run #{run_id} {Out().status(run.status.value)}")
     return 0 if run.status is RunStatus.SUCCEEDED else 1
 
 
@@ -231,6 +222,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gitpipe import demo
+
+    return demo.run_demo()
+
+
 # ---------------------------------------------------------------------------- parser
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
 
@@ -289,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=_run_id)
     p = add("validate", cmd_validate, "check a .pipeline.toml; errors as FILE:LINE: message")
     p.add_argument("file", nargs="?", default=".pipeline.toml")
+    add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser
 
 

@@ -1,0 +1,3 @@
+from gitpipe.cli import entry
+
+entry()
