@@ -195,14 +195,14 @@ def bench_worktree() -> None:
         git("push", "-q", str(bare), "main", cwd=src)
         sha = _head(src)
 
-        def prepare() -> None:
+        def prepare(sha: str = sha) -> None:
             with pool.checkout(sha):
                 pass
 
         ours.append(timed(prepare))
         wt = root / f"wt{i}"
-        theirs.append(timed(lambda: git("--git-dir", str(bare), "worktree", "add", "-q", "--detach",
-                                        str(wt), sha)))
+        theirs.append(timed(lambda wt=wt, sha=sha: git("--git-dir", str(bare), "worktree", "add", "-q",
+                                                       "--detach", str(wt), sha)))
         git("--git-dir", str(bare), "worktree", "remove", "--force", str(wt))
     o, t = median(ours), median(theirs)
     table("20,000-file repo, worktree for a one-file change, median of 5", [

@@ -46,7 +46,7 @@ def match(tree: Path, name: str, patterns: tuple[str, ...]) -> list[str]:
 
 def _collect(root: Path, path: Path, name: str, pattern: str, files: set[str]) -> None:
     real = path.resolve()
-    if not _inside(root, real) or real == root and path != root:
+    if not _inside(root, real) or (real == root and path != root):
         raise ActionError(f'artifact "{name}": "{path.relative_to(root)}" (glob "{pattern}") '
                           "points outside the worktree")
     if path.is_dir():

@@ -222,6 +222,50 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_approve(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    row = api.decide(conf, store, args.run, True, args.comment)
+    print(f'run #{args.run}: approved "{row["action"]}" as {row["by_user"]}')
+    return 0
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    row = api.decide(conf, store, args.run, False, args.comment)
+    print(f'run #{args.run}: rejected "{row["action"]}" as {row["by_user"]}; the run fails')
+    return 0
+
+
+def cmd_environments(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    envs = api.environments(store, args.repo)
+    if args.json:
+        print(json.dumps(envs, indent=2))
+        return 0
+    if not envs:
+        print(f"{args.repo}: no deploys yet")
+    out = Out()
+    for env in envs:
+        cur = env["current"]
+        head = (f"{cur['release']} (run #{cur['run_id']}, {(cur['sha'] or '')[:7]}, {cur['at']}, by {cur['by_user']})"
+                if cur else "nothing deployed")
+        print(f"{env['environment']}: current {head}")
+        for r in env["history"][:10]:
+            run = f"#{r['run_id']}" if r["run_id"] else "by hand"
+            print(f"  {r['at'][:19].replace('T', ' ')}  {out.status(r['status']):<12} {r['release']:<22} "
+                  f"{run:<8} {r['by_user'] or ''}  {ansi.strip(r['message'] or '')[:100]}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    result = api.rollback(conf, store, args.repo, args.environment, args.to)
+    for line in result["log"]:
+        print(f"  {line}")
+    print(f"{args.repo} {args.environment}: {result['message']}")
+    return 0 if result["status"] == "rolled-back" else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gitpipe import demo
 
@@ -286,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=_run_id)
     p = add("validate", cmd_validate, "check a .pipeline.toml; errors as FILE:LINE: message")
     p.add_argument("file", nargs="?", default=".pipeline.toml")
+    p = add("approve", cmd_approve, "approve the approval a run is waiting on")
+    p.add_argument("run", type=_run_id)
+    p.add_argument("--comment")
+    p = add("reject", cmd_reject, "reject the approval a run is waiting on (the run fails)")
+    p.add_argument("run", type=_run_id)
+    p.add_argument("--comment")
+    p = add("environments", cmd_environments, "each environment's current release and deploy history")
+    p.add_argument("repo")
+    p.add_argument("--json", action="store_true")
+    p = add("rollback", cmd_rollback, "switch an environment back to its previous (or a named) release")
+    p.add_argument("repo")
+    p.add_argument("environment")
+    p.add_argument("--to", metavar="RELEASE", help="release to switch to (default: the one before current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser
 

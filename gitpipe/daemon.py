@@ -23,10 +23,12 @@ from watchdog.observers import Observer
 
 from gitpipe import executor, queue
 from gitpipe.errors import GitpipeError, UsageError
-from gitpipe.models import ActionStatus, RunStatus
+from gitpipe.models import ActionStatus, Event, RunStatus
+from gitpipe.notify import Notifier
 from gitpipe.scheduler import Host, RunWorker
 from gitpipe.settings import Settings
 from gitpipe.store import Store
+from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
 
@@ -64,16 +66,14 @@ def daemon_running(settings: Settings) -> bool:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, burst: bool = False,
-                 masker_for: Callable | None = None) -> None:
+    def __init__(self, settings: Settings, *, burst: bool = False) -> None:
         self.settings = settings
         self.burst = burst
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.signals = 0
         self.workers: dict[int, RunWorker] = {}
-        self.masker_for = masker_for
-        self.listeners: list[Callable] = []
+        self.listeners: list[Callable[[Event], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
@@ -83,10 +83,13 @@ class Daemon:
             pid = (self.settings.home / "daemon.lock").read_text().strip()
             raise UsageError(f"another gitpipe daemon (pid {pid}) already serves {self.settings.home}",
                              hint="stop it first (systemctl stop gitpipe)")
+        trust = Trust(self.settings)  # a secrets.toml with loose permissions stops us here
         self.store = Store(self.settings)
+        self.notifier = Notifier(self.settings, self.store)
+        self.store.listeners.append(self.notifier.on_event)
         self.store.listeners.extend(self.listeners)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
-                         self.stopping, self.masker_for)
+                         trust)
         for d in (self.settings.wake_dir, self.settings.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
         observer = Observer()
@@ -104,6 +107,7 @@ class Daemon:
             self._shutdown()
             observer.stop()
             observer.join()
+            self.notifier.close()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self.store.close()
@@ -138,6 +142,8 @@ class Daemon:
                 return
             self._ingest_spool()
             self._cancel_requested()
+            for worker in list(self.workers.values()):
+                worker.changed.set()  # approvals decided, cancels requested: let workers look
             if self.store.get_state("paused") is None:
                 self._claim()
             if self.burst and not self.workers and not self._queued():
@@ -164,11 +170,14 @@ class Daemon:
     def _start_worker(self, run) -> None:  # type: ignore[no-untyped-def]
         worker = RunWorker(self.host, run)
         worker.on_done = self._worker_done
+        log.info("run #%s: %s %s @ %s (%s)", run.id, run.repo, run.ref, run.sha[:7],
+                 "resumed" if run.status is not RunStatus.QUEUED else "started")
         self.workers[run.id] = worker
         worker.thread.start()
 
     def _worker_done(self, worker: RunWorker) -> None:
         self.workers.pop(worker.run.id, None)
+        log.info("run #%s: %s", worker.run.id, self.store.run(worker.run.id).status.value)
         self.wake.set()
 
     def _cancel_requested(self) -> None:

@@ -12,7 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gitpipe import api, progress, repos, settings as settings_mod
+from gitpipe import api, progress, repos
+from gitpipe import settings as settings_mod
 from gitpipe.store import Store
 
 PIPELINE = """\

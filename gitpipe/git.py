@@ -150,6 +150,11 @@ class WorktreePool:
             return Slot(self.dir / str(n), fd)
 
     def _reset(self, slot: Slot, sha: str) -> None:
+        # What an action wrote beside its tree (`../file`) must not reach the next action either.
+        if slot.root.is_dir():
+            for entry in slot.root.iterdir():
+                if entry.name not in ("tree", "index"):
+                    remove_tree(entry)
         try:
             self._prepare_git_dir(slot, sha)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)

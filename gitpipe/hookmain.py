@@ -13,11 +13,12 @@ from __future__ import annotations
 import marshal
 import os
 import sys
+
 TYPE_CHECKING = False  # not `from typing import ...`: importing typing costs each push ~14 ms
 if TYPE_CHECKING:
     from typing import Any
 
-from gitpipe import intake
+from gitpipe import intake  # noqa: E402 - after the cheap TYPE_CHECKING guard
 
 PIPELINE_FILE = ".pipeline.toml"
 CACHE_VERSION = 1
@@ -73,6 +74,9 @@ def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref:
     short = ref[len("refs/heads/"):] if branch else ref[len("refs/tags/"):]
     if not any(glob_match(p, short) for p in info["branches" if branch else "tags"]):
         return None
+    if not branch:  # an annotated tag names a tag object; the run (worktree, GITPIPE_SHA) needs its commit
+        code, out = git(git_dir, "rev-parse", "--verify", "-q", f"{new}^{{commit}}")
+        new = out.decode().strip() if code == 0 and out.strip() else new
     created = not old.strip("0")
     if info["paths"] and not created and not _paths_changed(git_dir, info["paths"], old, new):
         return None

@@ -74,6 +74,15 @@ def git_show(git_dir: str, sha: str, path: str) -> str | None:
     return proc.stdout.decode("utf-8", errors="replace")
 
 
+def peel_commit(git_dir: str, sha: str) -> str:
+    """The commit an annotated tag object points to; any other sha is returned as it is."""
+    proc = subprocess.run(
+        ["git", f"--git-dir={git_dir}", "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}"],
+        capture_output=True, check=False,
+    )
+    return proc.stdout.decode().strip() or sha
+
+
 def changed_paths(git_dir: str, old: str, new: str) -> list[str]:
     """Paths a push changed between two commits (NUL-separated, so any file name is safe)."""
     proc = subprocess.run(
@@ -89,7 +98,9 @@ def plan_runs(git_dir: str, repo: str, updates: list[RefUpdate], who: str) -> li
     for up in updates:
         if up.deleted or not (up.branch is not None or up.tag is not None):
             continue
-        text = git_show(git_dir, up.new, PIPELINE_FILE)
+        # An annotated tag names a tag object; the run (worktree, GITPIPE_SHA) needs its commit.
+        sha = peel_commit(git_dir, up.new) if up.tag is not None else up.new
+        text = git_show(git_dir, sha, PIPELINE_FILE)
         if text is None:
             continue
         error = None
@@ -102,9 +113,9 @@ def plan_runs(git_dir: str, repo: str, updates: list[RefUpdate], who: str) -> li
         if not pipeline_mod.ref_triggers(trigger, up.ref):
             continue
         if trigger.paths and not up.created:
-            if not pipeline_mod.paths_match(trigger.paths, changed_paths(git_dir, up.old, up.new)):
+            if not pipeline_mod.paths_match(trigger.paths, changed_paths(git_dir, up.old, sha)):
                 continue
-        runs.append(NewRun(repo=repo, pipeline=name, ref=up.ref, sha=up.new, trigger="push",
+        runs.append(NewRun(repo=repo, pipeline=name, ref=up.ref, sha=sha, trigger="push",
                            pipeline_text=text, before_sha=None if up.created else up.old,
                            pusher=who, error=error))
     return runs

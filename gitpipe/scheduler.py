@@ -14,15 +14,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gitpipe import artifacts, executor, git
+from gitpipe import artifacts, delivery, executor, git
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus, Pipeline, RunRecord, RunStatus, short_ref
+from gitpipe.secrets import Masker
 from gitpipe.settings import Settings
 from gitpipe.store import Store
+from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
 DAEMON_ENV_KEEP = ("PATH", "HOME", "LANG", "TZ")
@@ -31,13 +33,13 @@ OUTPUT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 @dataclass
 class Host:
-    """What every worker shares: settings, store, the parallelism bound, the stop flag."""
+    """What every worker shares: settings, store, the parallelism bound, trust, deploy locks."""
 
     settings: Settings
     store: Store
     slots: threading.BoundedSemaphore
-    stopping: threading.Event
-    masker_for: Callable[[str, tuple[str, ...]], tuple[dict[str, str], object]] | None = None
+    trust: Trust
+    env_locks: dict[tuple[str, str], delivery.FifoLock] = field(default_factory=dict)
 
 
 def env_name(text: str) -> str:
@@ -55,6 +57,7 @@ class RunWorker:
         self.lock = threading.Lock()
         self.cancelled = threading.Event()
         self.interrupted = threading.Event()
+        self.changed = threading.Event()  # set by the daemon on every wake-up (approvals wait on it)
         self.thread = threading.Thread(target=self._main, name=f"run-{run.id}", daemon=True)
         self.on_done: Callable[[RunWorker], None] | None = None
 
@@ -62,11 +65,13 @@ class RunWorker:
     def cancel(self) -> None:
         """Stop the run: running attempts get SIGTERM, then SIGKILL; nothing new starts."""
         self.cancelled.set()
+        self.changed.set()
         self._stop_attempts(ActionStatus.CANCELLED, "cancelled", executor.KILL_GRACE)
 
     def interrupt(self, grace: float = 0.0) -> None:
         """The daemon is stopping: kill what still runs; those attempts start again next time."""
         self.interrupted.set()
+        self.changed.set()
         self._stop_attempts(ActionStatus.INTERRUPTED, "daemon stopped", grace)
 
     def _stop_attempts(self, status: ActionStatus, reason: str, grace: float) -> None:
@@ -113,6 +118,8 @@ class RunWorker:
             run = self.store.run(run.id)
         self.run = run
         self.pipe = pipe
+        if self.store.cancel_requested(run.id):
+            self.cancelled.set()
         self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo))
         self._stages()
 
@@ -195,19 +202,26 @@ class RunWorker:
         if not pipeline_mod.when_matches(spec.when, _branch(self.run.ref), _tag(self.run.ref)):
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message="skipped: `when` does not match")
             return
+        if spec.type == "approval":  # waits for a person; takes no parallel slot
+            return self._guarded(rec, lambda: delivery.run_approval(self, rec, spec))
         with self.host.slots:  # bounded by max_parallel across the host
             if self.halted:
-                return
-            try:
-                if spec.type == "run":
-                    self._run_action(rec, spec)
-                else:
-                    self._other_action(rec, spec)
-            except GitpipeError as exc:
-                self._fail(rec.id, str(exc))
-            except Exception as exc:  # a bug fails the action, never silently passes it
-                log.exception("run #%s action %s crashed", self.run.id, rec.name)
-                self._fail(rec.id, f"internal error: {exc!r}")
+                return None
+            if spec.type == "run":
+                return self._guarded(rec, lambda: self._run_action(rec, spec))
+            if spec.type == "deploy":
+                return self._guarded(rec, lambda: delivery.run_deploy(self, rec, spec))
+            return self._guarded(rec, lambda: self._other_action(rec, spec))
+
+    def _guarded(self, rec: ActionRecord, body: Callable[[], None]) -> None:
+        """Run an action body; an error fails the action (a bug never passes it silently)."""
+        try:
+            body()
+        except GitpipeError as exc:
+            self._fail(rec.id, str(exc))
+        except Exception as exc:  # a bug fails the action, never silently passes it
+            log.exception("run #%s action %s crashed", self.run.id, rec.name)
+            self._fail(rec.id, f"internal error: {exc!r}")
 
     def _fail(self, action_id: int, message: str) -> None:
         act = self.store.action(action_id)
@@ -239,9 +253,9 @@ class RunWorker:
         logs = self.host.settings.logs_dir / str(self.run.id)
         log_path = logs / f"{rec.id}-{_safe(rec.name)}.{number}.log"
         token = uuid.uuid4().hex
+        env, masker = self._env(spec, number)  # before the attempt starts: may refuse secrets
         self.store.start_attempt(rec.id, deadline, str(log_path), token)
-        env, masker = self._env(spec, number)
-        writer = executor.LogWriter(log_path, masker.stream() if masker else None)
+        writer = executor.LogWriter(log_path, masker.stream())
         outcome = executor.Outcome(ActionStatus.FAILED, None)
         try:
             with self.pool.checkout(self.run.sha) as slot:
@@ -289,7 +303,7 @@ class RunWorker:
         return min(deadline, run_deadline) if run_deadline else deadline
 
     def _collect(self, rec: ActionRecord, spec: ActionSpec, tree: Path, out_file: Path,
-                 masker: object, writer: executor.LogWriter) -> executor.Outcome:
+                 masker: Masker, writer: executor.LogWriter) -> executor.Outcome:
         dest = self.host.settings.artifacts_dir / str(self.run.id)
         for name, patterns in spec.outputs:
             art = artifacts.store(tree, dest, self.run.id, rec.name, name, patterns)
@@ -297,12 +311,10 @@ class RunWorker:
             writer.line(f"gitpipe: artifact {name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256}")
         values = _read_outputs(out_file)
         if values:
-            mask = getattr(masker, "mask", None)
-            self.store.set_outputs(self.run.id, rec.name,
-                                   {k: mask(v) if mask else v for k, v in values.items()})
+            self.store.set_outputs(self.run.id, rec.name, {k: masker.mask(v) for k, v in values.items()})
         return executor.Outcome(ActionStatus.SUCCEEDED, 0)
 
-    def _env(self, spec: ActionSpec, attempt: int) -> tuple[dict[str, str], object]:
+    def _env(self, spec: ActionSpec, attempt: int) -> tuple[dict[str, str], Masker]:
         run = self.run
         env = {k: os.environ[k] for k in DAEMON_ENV_KEEP if k in os.environ}
         env.update({
@@ -316,10 +328,9 @@ class RunWorker:
             env[f"GITPIPE_OUT_{env_name(row['action'])}_{env_name(row['key'])}"] = row["value"]
         env.update(dict(self.pipe.env))
         env.update(dict(spec.env))
-        masker: object = None
-        if self.host.masker_for is not None:
-            values, masker = self.host.masker_for(run.repo, spec.secrets)
-            env.update(values)
+        values, masker = self.host.trust.for_action(run.repo, self.store.repo_path(run.repo), run.ref,
+                                                    spec.secrets)
+        env.update(values)
         return env, masker
 
 

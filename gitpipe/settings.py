@@ -154,7 +154,7 @@ class _Lines:
         for n, line in enumerate(self.lines, 1):
             s = line.strip()
             if s.startswith("["):
-                name = s.strip("[] ")
+                name = _header_name(s)
                 in_table = table is not None and name == table
                 if table is not None and name == table and key == "":
                     return n
@@ -165,6 +165,17 @@ class _Lines:
 
     def error(self, message: str, key: str, table: str | None = None, hint: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.file, line=self.of(key, table), hint=hint)
+
+
+_HEADER = re.compile(r"^\[\[?\s*(.*?)\s*\]\]?\s*(?:#.*)?$")
+_KEY_PART = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|([A-Za-z0-9_-]+)')
+
+
+def _header_name(line: str) -> str:
+    """The dotted name of a `[table]` line: no spaces, quotes or trailing comment (`[ repos."a.b" ] # x`)."""
+    m = _HEADER.match(line)
+    inner = m.group(1) if m else line.strip("[] ")
+    return ".".join("".join(part) for part in _KEY_PART.findall(inner))
 
 
 def _err_line(message: str) -> int | None:
@@ -207,6 +218,11 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         raise lines.error(str(exc), "stop_grace") from None
     ssh = {**SSH_DEFAULTS, **_table(lines, data, "ssh", SSH_DEFAULTS)}
     notify = {**NOTIFY_DEFAULTS, **_table(lines, data, "notify", NOTIFY_DEFAULTS)}
+    for table, values in (("ssh", ssh), ("notify", notify)):
+        for key in values:
+            _typed(lines, values, key, list if key == "on" else str, table)
+    if not all(isinstance(event, str) for event in notify["on"]):
+        raise lines.error('"on" must be a list of event names, e.g. ["failed"]', "on", "notify")
     repos = {name: _repo(lines, name, value) for name, value in _table(lines, data, "repos", None).items()}
     identity = str(ssh["identity"])
     return Settings(

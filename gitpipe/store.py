@@ -17,6 +17,7 @@ from sqlite_utils import Database
 
 from gitpipe import intake, queue
 from gitpipe.errors import TransitionError, UsageError
+from gitpipe.intake import now_iso
 from gitpipe.models import (
     ActionRecord,
     ActionStatus,
@@ -30,7 +31,6 @@ from gitpipe.models import (
     action_transition_allowed,
     run_transition_allowed,
 )
-from gitpipe.intake import now_iso
 from gitpipe.queue import NewRun
 from gitpipe.settings import Settings
 
@@ -72,6 +72,21 @@ MIGRATIONS: list[tuple[str, str]] = [
             subject TEXT NOT NULL, status TEXT NOT NULL, detail TEXT);
         CREATE INDEX events_run ON events(run_id);
         CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT);
+        """,
+    ),
+    (
+        "0002_delivery",
+        """
+        CREATE TABLE approvals (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id),
+            action_id INTEGER NOT NULL UNIQUE REFERENCES actions(id), action TEXT NOT NULL, message TEXT,
+            requested_at TEXT NOT NULL, deadline REAL, decision TEXT, by_user TEXT, at TEXT, comment TEXT);
+        CREATE TABLE releases (id INTEGER PRIMARY KEY, repo TEXT NOT NULL, environment TEXT NOT NULL,
+            run_id INTEGER, action_id INTEGER, sha TEXT, release TEXT NOT NULL, status TEXT NOT NULL,
+            at TEXT NOT NULL, by_user TEXT, targets TEXT NOT NULL, message TEXT);
+        CREATE INDEX releases_env ON releases(repo, environment, id);
+        CREATE TABLE deploys (action_id INTEGER PRIMARY KEY REFERENCES actions(id), run_id INTEGER NOT NULL,
+            repo TEXT NOT NULL, environment TEXT NOT NULL, release TEXT NOT NULL, targets TEXT NOT NULL,
+            started_at TEXT NOT NULL, finished_at TEXT);
         """,
     ),
 ]
@@ -363,6 +378,90 @@ class Store:
     def outputs(self, run_id: int) -> list[dict[str, Any]]:
         return self.query("SELECT action, key, value FROM outputs WHERE run_id = ? ORDER BY rowid",
                           (run_id,))
+
+    # ------------------------------------------------------------------ approvals
+    def request_approval(self, run_id: int, action_id: int, name: str, message: str,
+                         deadline: float) -> None:
+        """An approval action starts waiting: action -> waiting, run -> waiting."""
+        with self.tx() as db:
+            if not self.query("SELECT 1 FROM approvals WHERE action_id = ?", (action_id,)):
+                db["approvals"].insert({"run_id": run_id, "action_id": action_id, "action": name,
+                                        "message": message, "requested_at": now_iso(), "deadline": deadline})
+            self.set_action(action_id, ActionStatus.WAITING, message=message)
+            if self.run(run_id).status is RunStatus.RUNNING:
+                self._set_run(run_id, RunStatus.WAITING)
+
+    def approval(self, action_id: int) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM approvals WHERE action_id = ?", (action_id,))
+        return rows[0] if rows else None
+
+    def approvals(self, run_id: int) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM approvals WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def decide(self, run_id: int, decision: str, by: str, comment: str | None) -> dict[str, Any]:
+        """Record approve/reject of the approval a run waits on; TransitionError when it waits on none."""
+        with self.tx() as db:
+            run = self.run(run_id)
+            rows = self.query("SELECT * FROM approvals WHERE run_id = ? AND decision IS NULL ORDER BY id",
+                              (run_id,))
+            if run.status is not RunStatus.WAITING or not rows:
+                raise TransitionError(f"run #{run_id} is {run.status.value}, not waiting for an approval",
+                                      hint="`gitpipe runs` shows which runs are waiting")
+            row = rows[0]
+            db["approvals"].update(row["id"], {"decision": decision, "by_user": by, "at": now_iso(),
+                                               "comment": comment})
+            self._event(run_id, "approval", decision, f"{by}: {comment}" if comment else by)
+            return {**row, "decision": decision, "by_user": by, "comment": comment}
+
+    def resolve_approval(self, run_id: int, action_id: int, status: ActionStatus, message: str) -> None:
+        """The waiting approval ends: action -> succeeded/failed/timed-out, run back to running."""
+        with self.tx():
+            self.set_action(action_id, status, message=message)
+            if self.run(run_id).status is RunStatus.WAITING and not self.query(
+                    "SELECT 1 FROM actions WHERE run_id = ? AND status = 'waiting'", (run_id,)):
+                self._set_run(run_id, RunStatus.RUNNING)
+
+    # ------------------------------------------------------------------ environments and releases
+    def add_release(self, repo: str, environment: str, release: str, status: str, targets: list[str],
+                    *, run_id: int | None = None, action_id: int | None = None, sha: str | None = None,
+                    by: str | None = None, message: str | None = None) -> None:
+        """Record a deploy, rollback or failed deploy of an environment (and tell listeners)."""
+        import json
+
+        with self.tx() as db:
+            db["releases"].insert({"repo": repo, "environment": environment, "run_id": run_id,
+                                   "action_id": action_id, "sha": sha, "release": release, "status": status,
+                                   "at": now_iso(), "by_user": by, "targets": json.dumps(targets),
+                                   "message": message})
+            self._event(run_id or 0, f"release:{environment}", status, message)
+
+    def releases(self, repo: str, environment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        where, params = ("AND environment = ?", (repo, environment)) if environment else ("", (repo,))
+        return self.query(f"SELECT * FROM releases WHERE repo = ? {where} ORDER BY id DESC LIMIT ?",
+                          (*params, limit))
+
+    def environments(self, repo: str) -> list[str]:
+        return [r["environment"] for r in self.query(
+            "SELECT DISTINCT environment FROM releases WHERE repo = ? ORDER BY environment", (repo,))]
+
+    def start_deploy(self, action_id: int, run_id: int, repo: str, environment: str, release: str,
+                     targets: list[str]) -> None:
+        """Remember a deploy in flight, so a daemon restarted after a crash checks the targets."""
+        import json
+
+        with self.tx() as db:
+            db["deploys"].upsert({"action_id": action_id, "run_id": run_id, "repo": repo,
+                                  "environment": environment, "release": release,
+                                  "targets": json.dumps(targets), "started_at": now_iso(),
+                                  "finished_at": None}, pk="action_id")
+
+    def finish_deploy(self, action_id: int) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE deploys SET finished_at = ? WHERE action_id = ?", [now_iso(), action_id])
+
+    def deploy_in_flight(self, action_id: int) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM deploys WHERE action_id = ? AND finished_at IS NULL", (action_id,))
+        return rows[0] if rows else None
 
     def events(self, run_id: int) -> list[dict[str, Any]]:
         return self.query("SELECT at, subject, status, detail FROM events WHERE run_id = ? ORDER BY id",

@@ -1,0 +1,183 @@
+"""The delivery actions of a run: approvals (wait for a person) and deploys.
+
+Called by scheduler.RunWorker for actions of type "approval" and "deploy".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gitpipe import artifacts, deploy, executor
+from gitpipe.errors import ActionError
+from gitpipe.intake import now_iso
+from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
+from gitpipe.pipeline import expand
+
+if TYPE_CHECKING:
+    from gitpipe.scheduler import RunWorker
+
+APPROVAL_RECHECK = 60.0  # seconds; a wake-up normally comes at once through the daemon
+
+
+def placeholders(worker: RunWorker, environment: str = "") -> dict[str, str]:
+    run = worker.run
+    return {"run": str(run.id), "pipeline": worker.pipe.name, "repo": run.repo, "ref": run.ref,
+            "sha": run.sha, "short_sha": run.sha[:7],
+            "branch": run.ref.removeprefix("refs/heads/") if run.ref.startswith("refs/heads/") else "",
+            "environment": environment}
+
+
+# ---------------------------------------------------------------------------- approvals
+def run_approval(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
+    """Wait for `gitpipe approve/reject`, the timeout, or a cancel; survives daemon restarts."""
+    store = worker.store
+    if store.approval(rec.id) is None:
+        message = expand(spec.message or f'Approve "{spec.name}" of {worker.pipe.name} '
+                         f"{{short_sha}}?", placeholders(worker))
+        store.request_approval(worker.run.id, rec.id, spec.name, message, time.time() + spec.timeout)
+    while True:
+        appr = store.approval(rec.id) or {}
+        who = f"{appr.get('by_user')}" + (f": {appr['comment']}" if appr.get("comment") else "")
+        if appr.get("decision") == "approved":
+            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.SUCCEEDED, f"approved by {who}")
+        if appr.get("decision") == "rejected":
+            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.FAILED, f"rejected by {who}")
+        remaining = float(appr["deadline"]) - time.time()
+        if remaining <= 0:
+            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.TIMED_OUT,
+                                          "no decision before the approval's timeout: rejected")
+        if worker.cancelled.is_set():
+            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.CANCELLED, "run cancelled")
+        if worker.interrupted.is_set():
+            return None  # still waiting; the next daemon goes on waiting
+        worker.changed.wait(min(remaining, APPROVAL_RECHECK))
+        worker.changed.clear()
+
+
+# ---------------------------------------------------------------------------- deploys
+class FifoLock:
+    """Deploys to one environment never overlap; the oldest run goes first."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.waiting: list[int] = []
+        self.held = False
+
+    def __call__(self, run_id: int) -> _Held:
+        return _Held(self, run_id)
+
+
+class _Held:
+    def __init__(self, lock: FifoLock, run_id: int) -> None:
+        self.lock, self.run_id = lock, run_id
+
+    def __enter__(self) -> None:
+        with self.lock.cond:
+            self.lock.waiting.append(self.run_id)
+            self.lock.cond.wait_for(lambda: not self.lock.held and min(self.lock.waiting) == self.run_id)
+            self.lock.waiting.remove(self.run_id)
+            self.lock.held = True
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock.cond:
+            self.lock.held = False
+            self.lock.cond.notify_all()
+
+
+def run_deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
+    """Deploy the action's source to its targets; record the release; never re-run blindly."""
+    run, store, host = worker.run, worker.store, worker.host
+    repo_path = store.repo_path(run.repo)
+    host.trust.require(run.repo, repo_path, run.ref, "deploy")
+    env = spec.environment or ""
+    values = placeholders(worker, env)
+    targets = [expand(t, values) for t in spec.targets]
+    lock = host.env_locks.setdefault((run.repo, env), FifoLock())
+    with lock(run.id):
+        number = len(store.attempts(rec.id)) + 1
+        log_path = host.settings.logs_dir / str(run.id) / f"{rec.id}-deploy.{number}.log"
+        store.start_attempt(rec.id, None, str(log_path), "deploy")
+        _, masker = host.trust.for_action(run.repo, repo_path, run.ref, ())
+        writer = executor.LogWriter(log_path, masker.stream())
+        status, message = ActionStatus.FAILED, "deploy did not finish"
+        try:
+            ctx = deploy.DeployContext(
+                run_id=run.id, sha=run.sha, short_sha=run.sha[:7], environment=env,
+                known_hosts=host.settings.known_hosts, identity=host.settings.identity, log=writer.line,
+                holder=f"run #{run.id} on {socket.gethostname()} pid {os.getpid()} at {now_iso()}")
+            if store.deploy_in_flight(rec.id):
+                status, message = _after_crash(worker, rec, targets, ctx)
+            else:
+                status, message = _deploy(worker, rec, spec, targets, ctx, values)
+        except ActionError as exc:
+            message = str(exc)
+            writer.line(f"gitpipe: {message}")
+        finally:
+            writer.close()
+            store.finish_attempt(rec.id, number, status, None)
+            store.set_action(rec.id, status, message=masker.mask(message))
+
+
+def _deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: list[str],
+            ctx: deploy.DeployContext, values: dict[str, str]) -> tuple[ActionStatus, str]:
+    run, store = worker.run, worker.store
+    with worker.pool.checkout(run.sha) as slot:
+        for art in store.artifacts(run.id):
+            if art.name in spec.inputs:
+                artifacts.restore(art, slot.tree)
+        source = _source(slot.tree, expand(spec.source or ".", values))
+        store.start_deploy(rec.id, run.id, run.repo, ctx.environment, ctx.release, targets)
+        result = deploy.deploy(replace(spec, targets=tuple(targets)), source, ctx)
+        store.finish_deploy(rec.id)
+    _record(worker, rec, targets, result, ctx.environment)
+    if result.status == deploy.DEPLOYED:
+        return ActionStatus.SUCCEEDED, f"deployed {result.release} to {ctx.environment}"
+    return ActionStatus.FAILED, result.message
+
+
+def _source(tree: Path, source: str) -> Path:
+    path = (tree / source).resolve()
+    if not path.is_relative_to(tree.resolve()):
+        raise ActionError(f'deploy source "{source}" reaches outside the worktree')
+    if not path.is_dir():
+        raise ActionError(f'deploy source "{source}" is not a directory in the worktree',
+                          hint="build it in this action's inputs, or fix `source`")
+    return path
+
+
+def _record(worker: RunWorker, rec: ActionRecord, targets: list[str], result: deploy.DeployResult,
+            environment: str) -> None:
+    """One release row: what is current on the environment after this deploy."""
+    run = worker.run
+    current = result.release
+    if result.status != deploy.DEPLOYED:
+        previous = {t.previous for t in result.targets}
+        current = previous.pop() if len(previous) == 1 and None not in previous else result.release
+    worker.store.add_release(run.repo, environment, current, result.status, targets,
+                             run_id=run.id, action_id=rec.id, sha=run.sha, by=run.pusher,
+                             message=result.message)
+
+
+def _after_crash(worker: RunWorker, rec: ActionRecord, targets: list[str],
+                 ctx: deploy.DeployContext) -> tuple[ActionStatus, str]:
+    """The daemon stopped mid-deploy: read `current` on each target and record what happened."""
+    outcomes = deploy.read_current(targets, ctx)
+    store = worker.store
+    store.finish_deploy(rec.id)
+    where = ", ".join(f"{o.url}: {o.current or 'nothing'}" for o in outcomes)
+    if all(o.current == ctx.release for o in outcomes):
+        store.add_release(worker.run.repo, ctx.environment, ctx.release, deploy.DEPLOYED, targets,
+                          run_id=worker.run.id, action_id=rec.id, sha=worker.run.sha, by=worker.run.pusher,
+                          message="the deploy finished before the daemon stopped")
+        return ActionStatus.SUCCEEDED, f"the daemon stopped mid-deploy; {ctx.release} is current everywhere"
+    message = (f"the daemon stopped mid-deploy and the deploy was not run again; current is {where}; "
+               "retry the run to deploy again")
+    store.add_release(worker.run.repo, ctx.environment, ctx.release, deploy.FAILED, targets,
+                      run_id=worker.run.id, action_id=rec.id, sha=worker.run.sha, message=message)
+    return ActionStatus.FAILED, message
