@@ -201,3 +201,13 @@ def rollback(settings: Settings, store: Store, repo: str, environment: str, to: 
     store.add_release(repo, environment, result.release or (to or "?"), status, targets, by=user(),
                       message=f"rollback by {user()}: {result.message}")
     return {"status": status, "release": result.release, "message": result.message, "log": lines}
+
+
+def pause(settings: Settings, store: Store, paused: bool) -> str | None:
+    """Stop / restart taking queued runs; returns who paused it before, if anyone."""
+    from gitpipe.intake import now_iso
+
+    before = store.get_state("paused")
+    store.set_state("paused", f"{user()} at {now_iso()}" if paused else None)
+    queue.wake(settings, "pause")
+    return before

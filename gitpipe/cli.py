@@ -124,6 +124,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.repo:
         store.repo_path(args.repo)
     runs = store.runs(args.repo, limit=args.limit)
+    if not args.json and store.get_state("paused"):
+        print(f"(paused by {store.get_state('paused')}: queued runs wait until `gitpipe resume`)")
     if args.json:
         print(json.dumps([api.run_json(r) for r in runs], indent=2))
         return 0
@@ -266,6 +268,21 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "rolled-back" else 1
 
 
+def cmd_pause(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    before = api.pause(conf, store, True)
+    print(f"paused since {before}" if before else
+          "paused: queued runs wait (pushes are still queued; running runs go on). `gitpipe resume` to go on")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    conf, store = _store(args)
+    before = api.pause(conf, store, False)
+    print(f"resumed (was paused by {before})" if before else "was not paused")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gitpipe import demo
 
@@ -343,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo")
     p.add_argument("environment")
     p.add_argument("--to", metavar="RELEASE", help="release to switch to (default: the one before current)")
+    add("pause", cmd_pause, "stop taking queued runs (maintenance); pushes are still queued")
+    add("resume", cmd_resume, "take queued runs again")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser
 

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -21,11 +22,13 @@ from types import FrameType
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from gitpipe import executor, queue
-from gitpipe.errors import GitpipeError, UsageError
+from gitpipe import executor, queue, retention
+from gitpipe import pipeline as pipeline_mod
+from gitpipe.errors import GitpipeError, PipelineError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
 from gitpipe.scheduler import Host, RunWorker
+from gitpipe.schedules import Scheduler
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 from gitpipe.trust import Trust
@@ -74,6 +77,8 @@ class Daemon:
         self.signals = 0
         self.workers: dict[int, RunWorker] = {}
         self.listeners: list[Callable[[Event], None]] = []
+        self.prune_due = True
+        self._policies: dict[int, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
@@ -88,6 +93,7 @@ class Daemon:
         self.notifier = Notifier(self.settings, self.store)
         self.store.listeners.append(self.notifier.on_event)
         self.store.listeners.extend(self.listeners)
+        self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust)
         for d in (self.settings.wake_dir, self.settings.spool_dir):
@@ -134,18 +140,27 @@ class Daemon:
         self.wake.set()
 
     def _loop(self) -> None:
+        ping = watchdog_interval()
+        next_due: float | None = None
         while True:
-            self.wake.wait()
+            waits = [x for x in (ping, next_due and max(0.0, next_due - time.time())) if x is not None]
+            self.wake.wait(min(waits) if waits else None)
             self.wake.clear()
+            if ping:
+                notify_systemd("WATCHDOG=1")
             self._clear_wake_files()
             if self.stopping.is_set():
                 return
             self._ingest_spool()
+            _, next_due = self.schedules.fire_due(time.time())
+            self._supersede()
             self._cancel_requested()
             for worker in list(self.workers.values()):
                 worker.changed.set()  # approvals decided, cancels requested: let workers look
-            if self.store.get_state("paused") is None:
-                self._claim()
+            self._claim()
+            if self.prune_due:
+                self.prune_due = False
+                retention.prune(self.settings, self.store)
             if self.burst and not self.workers and not self._queued():
                 return
 
@@ -162,10 +177,42 @@ class Daemon:
 
     # ------------------------------------------------------------------ work
     def _claim(self) -> None:
-        active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
-        for run in active:
+        """Go on with running runs; start queued ones (oldest first) while there is capacity."""
+        for run in self.store.runs_with_status(RunStatus.RUNNING, RunStatus.WAITING):
             if run.id not in self.workers:
                 self._start_worker(run)
+        if self.store.get_state("paused") is not None:
+            return
+        waiting = {r.id for r in self.store.runs_with_status(RunStatus.WAITING)}
+        for run in self.store.runs_with_status(RunStatus.QUEUED):
+            busy = sum(1 for run_id in self.workers if run_id not in waiting)
+            if busy >= self.settings.max_parallel:
+                return
+            if run.id not in self.workers:
+                self._start_worker(run)
+
+    def _supersede(self) -> None:
+        """`superseded = "cancel"`: a newer run of a ref cancels older ones (a deploy in flight finishes)."""
+        active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+        newest: dict[tuple[str, str], int] = {}
+        for run in active:
+            newest[(run.repo, run.ref)] = max(run.id, newest.get((run.repo, run.ref), 0))
+        for run in active:
+            latest = newest[(run.repo, run.ref)]
+            if run.id == latest or run.extra.get("cancel_requested_at"):
+                continue
+            if self._superseded_policy(latest) == "cancel":
+                self.store.request_cancel(run.id, "gitpipe", f"superseded by #{latest}")
+                log.info("run #%s: superseded by #%s, cancelling", run.id, latest)
+
+    def _superseded_policy(self, run_id: int) -> str:
+        if run_id not in self._policies:
+            try:
+                pipe = pipeline_mod.parse(self.store.pipeline_text(run_id) or "")
+                self._policies[run_id] = pipe.trigger.superseded
+            except PipelineError:
+                self._policies[run_id] = "queue"
+        return self._policies[run_id]
 
     def _start_worker(self, run) -> None:  # type: ignore[no-untyped-def]
         worker = RunWorker(self.host, run)
@@ -177,6 +224,7 @@ class Daemon:
 
     def _worker_done(self, worker: RunWorker) -> None:
         self.workers.pop(worker.run.id, None)
+        self.prune_due = True
         log.info("run #%s: %s", worker.run.id, self.store.run(worker.run.id).status.value)
         self.wake.set()
 
@@ -225,6 +273,15 @@ class Daemon:
             worker.interrupt(grace)
         for worker in list(self.workers.values()):
             worker.thread.join(executor.KILL_GRACE + 5)
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (WATCHDOG_USEC), when systemd asked for pings."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
 
 
 def notify_systemd(message: str) -> None:

@@ -89,6 +89,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             started_at TEXT NOT NULL, finished_at TEXT);
         """,
     ),
+    ("0003_retention", "ALTER TABLE runs ADD COLUMN pruned_at TEXT"),
 ]
 
 Listener = Callable[[Event], None]
@@ -283,6 +284,12 @@ class Store:
             else:
                 self._event(run_id, "run", "cancel-requested", reason)
         return self.run(run_id)
+
+    def mark_pruned(self, run_id: int) -> None:
+        """keep_runs removed the run's files; its summary row stays."""
+        with self.tx() as db:
+            db.execute("UPDATE runs SET pruned_at = ? WHERE id = ?", [now_iso(), run_id])
+            self._event(run_id, "run", "pruned")
 
     def cancel_requested(self, run_id: int) -> bool:
         rows = self.query("SELECT cancel_requested_at FROM runs WHERE id = ?", (run_id,))
