@@ -283,6 +283,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exec(args: argparse.Namespace) -> int:
+    from gitpipe import local
+
+    return local.run_exec(Path.cwd(), args.stage, args.action, args.keep)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gitpipe import demo
 
@@ -362,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="RELEASE", help="release to switch to (default: the one before current)")
     add("pause", cmd_pause, "stop taking queued runs (maintenance); pushes are still queued")
     add("resume", cmd_resume, "take queued runs again")
+    p = add("exec", cmd_exec, "run the working copy's pipeline here, before pushing (nothing is recorded)")
+    p.add_argument("--stage", help="only this stage (and the actions its inputs come from)")
+    p.add_argument("--action", help="only this action (and its inputs' producers); also runs deploy/approval")
+    p.add_argument("--keep", action="store_true", help="keep the temporary home (logs, artifacts)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser
 

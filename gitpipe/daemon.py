@@ -78,6 +78,9 @@ class Daemon:
         self.workers: dict[int, RunWorker] = {}
         self.listeners: list[Callable[[Event], None]] = []
         self.prune_due = True
+        self.trust_factory: Callable[[Settings], Trust] = Trust
+        self.select: Callable | None = None  # gitpipe exec: which actions run
+        self.run_schedules = True
         self._policies: dict[int, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -88,14 +91,14 @@ class Daemon:
             pid = (self.settings.home / "daemon.lock").read_text().strip()
             raise UsageError(f"another gitpipe daemon (pid {pid}) already serves {self.settings.home}",
                              hint="stop it first (systemctl stop gitpipe)")
-        trust = Trust(self.settings)  # a secrets.toml with loose permissions stops us here
+        trust = self.trust_factory(self.settings)  # a secrets.toml with loose permissions stops us here
         self.store = Store(self.settings)
         self.notifier = Notifier(self.settings, self.store)
         self.store.listeners.append(self.notifier.on_event)
         self.store.listeners.extend(self.listeners)
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
-                         trust)
+                         trust, select=self.select)
         for d in (self.settings.wake_dir, self.settings.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
         observer = Observer()
@@ -152,7 +155,8 @@ class Daemon:
             if self.stopping.is_set():
                 return
             self._ingest_spool()
-            _, next_due = self.schedules.fire_due(time.time())
+            if self.run_schedules:
+                _, next_due = self.schedules.fire_due(time.time())
             self._supersede()
             self._cancel_requested()
             for worker in list(self.workers.values()):

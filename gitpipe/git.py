@@ -52,6 +52,43 @@ def open_bare(path: str | Path) -> pygit2.Repository:
     return repo
 
 
+def open_repo(path: str | Path) -> pygit2.Repository:
+    """Open a registered repository (bare, or a working copy's .git for `gitpipe exec`)."""
+    try:
+        return pygit2.Repository(str(path))
+    except pygit2.GitError:
+        raise UsageError(f"{path} is not a git repository any more",
+                         hint="unregister it with `gitpipe repo remove`") from None
+
+
+def snapshot(workdir: Path) -> tuple[Path, str, str]:
+    """The working copy as a commit (uncommitted and untracked, not ignored, files included).
+
+    Returns (git dir, ref, sha). A temporary index is used, so the user's own index and
+    branches are untouched; the commit is a dangling object that `git gc` collects.
+    """
+    found = pygit2.discover_repository(str(workdir))
+    if found is None:
+        raise UsageError(f"{workdir} is not inside a git working copy", hint="run gitpipe exec in your clone")
+    repo = pygit2.Repository(found)
+    if repo.is_bare or repo.workdir is None:
+        raise UsageError(f"{found} is a bare repository", hint="run gitpipe exec in a working copy")
+    top = Path(repo.workdir)
+    env = {**os.environ, "GIT_INDEX_FILE": str(Path(repo.path) / f"gitpipe-exec-{os.getpid()}.index")}
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=top, env=env, check=True, capture_output=True,  # noqa: E731
+                                        text=True).stdout.strip()
+        run("add", "-A")
+        tree = run("write-tree")
+        parents = [] if repo.head_is_unborn else ["-p", str(repo.head.target)]
+        sha = run("commit-tree", tree, *parents, "-m", "gitpipe exec: working copy")
+    finally:
+        Path(env["GIT_INDEX_FILE"]).unlink(missing_ok=True)
+    ref = "refs/heads/" + (repo.head.shorthand if not repo.head_is_unborn and not repo.head_is_detached
+                           else "exec")
+    return Path(repo.path), ref, sha
+
+
 def create_bare(path: str | Path) -> pygit2.Repository:
     """Create a bare repository whose HEAD names `main`."""
     p = Path(path)

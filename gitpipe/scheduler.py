@@ -40,6 +40,7 @@ class Host:
     slots: threading.BoundedSemaphore
     trust: Trust
     env_locks: dict[tuple[str, str], delivery.FifoLock] = field(default_factory=dict)
+    select: Callable[[str, ActionSpec], str | None] | None = None  # gitpipe exec: why an action is skipped
 
 
 def env_name(text: str) -> str:
@@ -108,7 +109,7 @@ class RunWorker:
         if pipe is None:
             return
         if run.status is RunStatus.QUEUED:
-            repo = git.open_bare(self.store.repo_path(run.repo))
+            repo = git.open_repo(self.store.repo_path(run.repo))
             if not git.has_commit(repo, run.sha):
                 self.store.fail_queued_run(run.id, f"commit {run.sha[:7]} is not in the repository any more")
                 return
@@ -199,6 +200,10 @@ class RunWorker:
     # ------------------------------------------------------------------ one action
     def _action(self, s_idx: int, rec: ActionRecord) -> None:
         spec = self.pipe.stages[s_idx].actions[rec.idx]
+        skip = self.host.select(self.pipe.stages[s_idx].name, spec) if self.host.select else None
+        if skip:
+            self.store.set_action(rec.id, ActionStatus.SKIPPED, message=skip)
+            return None
         if not pipeline_mod.when_matches(spec.when, _branch(self.run.ref), _tag(self.run.ref)):
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message="skipped: `when` does not match")
             return

@@ -50,7 +50,7 @@ class Scheduler:
         return found
 
     def _of_repo(self, name: str, path: str) -> list[Schedule]:
-        repo = git.open_bare(path)
+        repo = git.open_repo(path)
         branch = git.default_branch(repo)
         try:
             ref, sha = git.resolve(repo, branch)

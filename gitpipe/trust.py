@@ -21,7 +21,7 @@ class Trust:
         configured = self.settings.repo(repo).protected
         if configured is not None:
             return configured
-        return (git.default_branch(git.open_bare(repo_path)), "refs/tags/*")
+        return (git.default_branch(git.open_repo(repo_path)), "refs/tags/*")
 
     def is_protected(self, repo: str, repo_path: str, ref: str) -> bool:
         patterns = self.protected_patterns(repo, repo_path)

@@ -1,0 +1,122 @@
+"""`gitpipe exec`: the pipeline of the current working copy, run here before pushing.
+
+The working copy (uncommitted and untracked files included) is snapshot as a dangling
+commit, then run by the same daemon code in burst mode, in a throw-away home: the same
+worktree isolation, artifacts and output, and nothing recorded in the host's history.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from gitpipe import api, follow, git, progress, queue
+from gitpipe import pipeline as pipeline_mod
+from gitpipe import settings as settings_mod
+from gitpipe.daemon import Daemon
+from gitpipe.errors import ConfigError, UsageError
+from gitpipe.models import ActionSpec, Pipeline
+from gitpipe.secrets import Masker
+from gitpipe.store import Store
+from gitpipe.trust import Trust
+
+
+class ExecTrust(Trust):
+    """On the user's own machine: secrets come from the caller's environment, no ref checks."""
+
+    def require(self, repo: str, repo_path: str, ref: str, what: str) -> None:
+        return None
+
+    def for_action(self, repo: str, repo_path: str, ref: str,
+                   names: tuple[str, ...]) -> tuple[dict[str, str], Masker]:
+        missing = [n for n in names if n not in os.environ]
+        if missing:
+            raise ConfigError(f"secret(s) {', '.join(missing)} not set",
+                              hint="gitpipe exec passes secrets from your environment: export them first")
+        values = {n: os.environ[n] for n in names}
+        return values, Masker(list(values.values()))
+
+
+def selection(pipe: Pipeline, stage: str | None, action: str | None):  # type: ignore[no-untyped-def]
+    """Which actions run: the named stage/action and the producers of their inputs."""
+    names = {(s.name, a.name) for s in pipe.stages for a in s.actions}
+    if stage and stage not in {s for s, _ in names}:
+        raise UsageError(f'the pipeline has no stage "{stage}"')
+    if action and action not in {a for _, a in names}:
+        raise UsageError(f'the pipeline has no action "{action}"')
+    wanted = {(s.name, a.name) for s in pipe.stages for a in s.actions
+              if (stage is None or s.name == stage) and (action is None or a.name == action)}
+    producers = {name: (s.name, a) for s in pipe.stages for a in s.actions for name, _ in a.outputs}
+    todo = [a for s in pipe.stages for a in s.actions if (s.name, a.name) in wanted]
+    while todo:
+        for name in todo.pop().inputs:
+            if name in producers and (producers[name][0], producers[name][1].name) not in wanted:
+                wanted.add((producers[name][0], producers[name][1].name))
+                todo.append(producers[name][1])
+
+    def select(stage_name: str, spec: ActionSpec) -> str | None:
+        if (stage_name, spec.name) not in wanted:
+            return "not selected (gitpipe exec --stage/--action)"
+        if spec.type in ("deploy", "approval") and spec.name != action:
+            return f"{spec.type} actions run in exec only when named with --action"
+        return None
+
+    return select
+
+
+def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool) -> int:
+    """Run the working copy's pipeline here; 0 when it succeeded."""
+    git_dir, ref, sha = git.snapshot(workdir)
+    name = Path(git.open_repo(git_dir).workdir or workdir).name
+    text = (Path(git.open_repo(git_dir).workdir or workdir) / queue.PIPELINE_FILE)
+    if not text.exists():
+        raise UsageError(f"no {queue.PIPELINE_FILE} in {text.parent}")
+    pipe = pipeline_mod.parse(text.read_text(), file=str(text), default_name=name)
+    root = Path(tempfile.mkdtemp(prefix="gitpipe-exec-"))
+    try:
+        api.init_home(str(root))
+        conf = settings_mod.load(root)
+        store = Store(conf)
+        store.add_repo(name, str(git_dir))
+        run_id = store.create_runs([queue.NewRun(repo=name, pipeline=pipe.name, ref=ref, sha=sha,
+                                                 trigger="manual", pipeline_text=text.read_text(),
+                                                 pusher=api.user())])[0]
+        print(f"gitpipe exec: {pipe.name} on the working copy of {git_dir.parent} ({ref.split('/')[-1]} + changes)")
+        daemon = Daemon(conf, burst=True)
+        daemon.trust_factory = ExecTrust
+        daemon.select = selection(pipe, stage, action)
+        daemon.run_schedules = False
+        thread = threading.Thread(target=_stream, args=(conf, store, run_id), daemon=True)
+        thread.start()
+        daemon.serve()
+        thread.join(10)
+        run = store.run(run_id)
+        print(f"gitpipe exec: {run.status.value}" + (f" ({run.error})" if run.error else ""))
+        for art in store.artifacts(run_id):
+            where = f" in {art.path}" if keep else ""
+            print(f"  artifact {art.name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256}{where}")
+        print(f"  logs and artifacts kept in {root}" if keep else "  (--keep keeps logs and artifacts)")
+        return 0 if run.status.value == "succeeded" else 1
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _stream(conf: settings_mod.Settings, store: Store, run_id: int) -> None:
+    """Print every action's output as it comes, prefixed with its name, and status changes."""
+    tails: dict[str, follow.Tail] = {}
+    names = {}
+
+    def step() -> None:
+        for a in store.actions(run_id):
+            names[a.id] = a.name
+            for att in store.attempts(a.id):
+                tail = tails.setdefault(att.log_path, follow.Tail(Path(att.log_path), False))
+                for line in tail.read(final=att.status.finished):
+                    print(f"[{a.name}] {line.decode('utf-8', 'replace')}", flush=True)
+
+    progress.watch_run(conf, store, run_id, write=lambda line: (step(), print(line, flush=True)))
+    step()
