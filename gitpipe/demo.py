@@ -20,9 +20,6 @@ PIPELINE = """\
 [pipeline]
 name = "demo-shop"
 
-[env]
-PYTHONUNBUFFERED = "1"
-
 [[stage]]
 name = "build"
 
@@ -43,84 +40,133 @@ name = "test"
   name = "lint"
   run = "bash -n build.sh test.sh && echo 'scripts parse'; sleep 1"
 
+[[stage]]
+name = "staging"
+
   [[stage.action]]
-  name = "package"
-  run_order = 2                 # after unit and lint
+  name = "deploy"
+  type = "deploy"
+  environment = "staging"
   inputs = ["site"]
-  run = "tar -czf shop.tar.gz -C build site && ls -l shop.tar.gz"
-  outputs = { tarball = "shop.tar.gz" }
+  target = "file://@TARGETS@/staging"
+  source = "build/site"
+  healthcheck = "grep -q '^ok' health.txt"
+  healthcheck_retries = 2
+
+[[stage]]
+name = "production"
+
+  [[stage.action]]
+  name = "sign-off"
+  type = "approval"
+  message = "Ship {short_sha} to production?"
+
+  [[stage.action]]
+  name = "deploy"
+  type = "deploy"
+  run_order = 2
+  environment = "production"
+  inputs = ["site"]
+  target = "file://@TARGETS@/production"
+  source = "build/site"
+  healthcheck = "grep -q '^ok' health.txt"
 """
 
-FILES = {
-    ".pipeline.toml": PIPELINE,
-    "build.sh": """#!/bin/bash
+BUILD = """#!/bin/bash
 set -eo pipefail
 echo "building $GITPIPE_REPO @ ${GITPIPE_SHA:0:7} (run #$GITPIPE_RUN)"
 mkdir -p build/site
 printf '<h1>shop</h1><p>version %s</p>\\n' "${GITPIPE_SHA:0:7}" > build/site/index.html
-echo "health ok" > build/site/health.txt
+echo "@HEALTH@" > build/site/health.txt
 sleep 1
 echo -e "\\e[32mbuilt\\e[0m build/site"
-""",
-    "test.sh": """#!/bin/bash
+"""
+
+TEST = """#!/bin/bash
 set -eo pipefail
 for t in index health; do
   echo "test $t ... ok"; sleep 0.3
 done
 grep -q shop build/site/index.html
-""",
-}
+"""
 
 
-def run_demo(keep: bool = True) -> int:
-    """The tour; returns the exit status."""
+def run_demo() -> int:
+    """The tour of SPEC section 10; returns the exit status."""
     root = Path(tempfile.mkdtemp(prefix="gitpipe-demo-"))
     home = root / "home"
     say(f"gitpipe demo in {root}")
     api.init_home(str(home))
     conf = settings_mod.load(home)
     store = Store(conf)
-    name, bare = repos.add(conf, store, str(root / "shop.git"), "shop", create=True)
-    say(f"registered bare repo {bare} (hooks installed)")
-    daemon = subprocess.Popen([sys.executable, "-m", "gitpipe", "serve", "--home", str(home)],
-                              stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "wb"),
-                              start_new_session=True)
+    _, bare = repos.add(conf, store, str(root / "shop.git"), "shop", create=True)
+    say(f"registered the bare repo {bare}; its hooks queue a run on every push")
+    with open(root / "daemon.log", "wb") as daemon_log:
+        daemon = subprocess.Popen([sys.executable, "-m", "gitpipe", "serve", "--home", str(home)],
+                                  stdout=subprocess.DEVNULL, stderr=daemon_log, start_new_session=True)
     try:
-        say(f"daemon started (pid {daemon.pid}); pushing a sample project with `git push`:")
-        run_id = push_sample(root, bare)
-        run = progress.watch_run(conf, store, run_id)
-        say(f"run #{run_id} {run.status.value}")
-        for art in store.artifacts(run_id):
-            say(f"artifact {art.name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256[:16]}…")
-        status = 0 if run.status.value == "succeeded" else 1
+        say(f"daemon started (pid {daemon.pid})")
+        ok = first_push(root, bare, conf, store) and second_push(root, bare, conf, store)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
     say("daemon stopped")
+    for env in api.environments(store, "shop"):
+        cur = env["current"]
+        say(f"environment {env['environment']}: current release {cur['release'] if cur else 'none'}")
     index = render_report(conf, store)
     store.close()
     if index:
         say(f"report: {index}")
     say(f"everything is in {root} (delete it when done)")
-    return status
+    return 0 if ok else 1
 
 
-def push_sample(root: Path, bare: Path) -> int:
-    """Commit the sample project and push it for real; the run id the hook printed."""
+def first_push(root: Path, bare: Path, conf: settings_mod.Settings, store: Store) -> bool:
+    say("pushing the sample project with `git push` (build, parallel tests, staging, approval, production):")
+    run_id = push(root, bare, "ok", "First version of the shop")
+    run = progress.watch_run(conf, store, run_id,
+                             until=lambda r: r.status.finished or r.status.value == "waiting")
+    if run.status.value == "waiting":
+        waiting = [a for a in store.approvals(run_id) if a["decision"] is None][0]
+        say(f'run #{run_id} waits for approval: "{waiting["message"]}"')
+        say(f"the demo approves it itself, as `gitpipe approve {run_id} --comment ...` would")
+        api.decide(conf, store, run_id, True, "approved by gitpipe demo")
+        run = progress.watch_run(conf, store, run_id)
+    say(f"run #{run_id} {run.status.value}")
+    for art in store.artifacts(run_id):
+        say(f"artifact {art.name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256[:16]}…")
+    return run.status.value == "succeeded"
+
+
+def second_push(root: Path, bare: Path, conf: settings_mod.Settings, store: Store) -> bool:
+    say("pushing a second version whose healthcheck fails on staging:")
+    run_id = push(root, bare, "broken", "Second version (its health page is broken)")
+    run = progress.watch_run(conf, store, run_id)
+    say(f"run #{run_id} {run.status.value}: staging was switched back to the release it had")
+    return run.status.value == "failed" and bool(
+        [r for r in store.releases("shop", "staging") if r["status"] == "rolled-back"])
+
+
+def push(root: Path, bare: Path, health: str, message: str) -> int:
+    """Write the sample project, commit and push it for real; the run id the hook printed."""
     src = root / "src"
-    src.mkdir()
-    for rel, text in FILES.items():
+    env = {**os.environ, "GIT_AUTHOR_NAME": "gitpipe demo", "GIT_AUTHOR_EMAIL": "demo@localhost",
+           "GIT_COMMITTER_NAME": "gitpipe demo", "GIT_COMMITTER_EMAIL": "demo@localhost"}
+    if not src.exists():
+        src.mkdir()
+        subprocess.run(["git", "init", "-q", "-b", "main"], cwd=src, env=env, check=True)
+    files = {".pipeline.toml": PIPELINE.replace("@TARGETS@", str(root / "targets")),
+             "build.sh": BUILD.replace("@HEALTH@", health), "test.sh": TEST}
+    for rel, text in files.items():
         (src / rel).write_text(text)
         if rel.endswith(".sh"):
             os.chmod(src / rel, 0o755)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "gitpipe demo", "GIT_AUTHOR_EMAIL": "demo@localhost",
-           "GIT_COMMITTER_NAME": "gitpipe demo", "GIT_COMMITTER_EMAIL": "demo@localhost"}
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "First version of the shop"],
-                 ["push", str(bare), "main"]):
+    for args in (["add", "-A"], ["commit", "-qm", message], ["push", str(bare), "main"]):
         proc = subprocess.run(["git", *args], cwd=src, env=env, capture_output=True, text=True, check=True)
-    remote = [line for line in proc.stderr.splitlines() if line.startswith("remote:")]
+    remote = [line.rstrip() for line in proc.stderr.splitlines() if line.startswith("remote:")]
     for line in remote:
-        print(f"    {line.rstrip()}", flush=True)
+        print(f"    {line}", flush=True)
     found = re.search(r"run #(\d+)", "\n".join(remote))
     if not found:
         raise RuntimeError("the push queued no run:\n" + proc.stderr)

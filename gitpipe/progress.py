@@ -1,10 +1,14 @@
-"""Live progress of a run in a terminal: each action's status and duration as it changes."""
+"""Live progress of a run in a terminal: every action with its status and duration.
+
+On a terminal the block of actions is redrawn in place (cursor up, clear line) as
+statuses change and running durations grow; elsewhere each change is one new line.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 
 from gitpipe import follow
 from gitpipe.models import ActionRecord, RunRecord
@@ -13,6 +17,8 @@ from gitpipe.store import Store
 
 COLORS = {"succeeded": "32", "failed": "31", "timed-out": "31", "cancelled": "35", "running": "36",
           "waiting": "33", "queued": "90", "pending": "90", "skipped": "90", "interrupted": "33"}
+ICONS = {"succeeded": "✔", "failed": "✘", "timed-out": "✘", "cancelled": "⊘", "running": "▶",
+         "waiting": "⏸", "pending": "·", "skipped": "-", "interrupted": "↻"}
 FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
@@ -21,34 +27,53 @@ def paint(status: str, tty: bool) -> str:
 
 
 def seconds(start: str | None, end: str | None) -> float | None:
+    """Seconds between two stored times (end None: until now)."""
     if not start:
         return None
-    stop = datetime.strptime(end, FMT) if end else datetime.utcnow()
-    return (stop - datetime.strptime(start, FMT)).total_seconds()
+    begin = datetime.strptime(start, FMT).replace(tzinfo=timezone.utc)
+    stop = datetime.strptime(end, FMT).replace(tzinfo=timezone.utc) if end else datetime.now(timezone.utc)
+    return (stop - begin).total_seconds()
 
 
 def action_line(a: ActionRecord, tty: bool) -> str:
-    took = seconds(a.started_at, a.finished_at) if a.status.finished else None
-    extra = f" {took:.1f}s" if took is not None and a.status.value != "skipped" else ""
+    """One action: stage / name, status, duration, attempts, and why it failed or waits."""
+    took = seconds(a.started_at, a.finished_at) if a.status.value not in ("pending", "skipped") else None
+    extra = f" {took:.1f}s" if took is not None else ""
     tries = f" (attempt {a.attempts})" if a.attempts > 1 else ""
-    msg = f"  {a.message}" if a.message and not a.status.ok else ""
-    return f"  {a.stage + ' / ' + a.name:<34} {paint(a.status.value, tty)}{extra}{tries}{msg}"
+    msg = f"  {a.message}" if a.message and (not a.status.ok or a.type != "run") else ""
+    icon = ICONS.get(a.status.value, " ") + " " if tty else ""
+    return f"  {icon}{a.stage + ' / ' + a.name:<30} {paint(a.status.value, tty)}{extra}{tries}{msg}"
+
+
+class Board:
+    """Draws the actions of a run; in place on a terminal."""
+
+    def __init__(self, write: Callable[[str], None], tty: bool) -> None:
+        self.write, self.tty = write, tty
+        self.drawn = 0
+        self.seen: dict[int, str] = {}
+
+    def draw(self, actions: list[ActionRecord]) -> None:
+        if self.tty:
+            out = f"\x1b[{self.drawn}F" if self.drawn else ""
+            out += "".join(f"{action_line(a, True)}\x1b[K\n" for a in actions)
+            sys.stdout.write(out)
+            sys.stdout.flush()
+            self.drawn = len(actions)
+            return
+        for a in actions:
+            key = f"{a.status.value}/{a.attempts}"
+            if self.seen.get(a.id) != key:
+                self.seen[a.id] = key
+                self.write(action_line(a, False))
 
 
 def watch_run(settings: Settings, store: Store, run_id: int, write: Callable[[str], None] | None = None,
               until: Callable[[RunRecord], bool] | None = None) -> RunRecord:
-    """Print every change of an action's status until the run finishes (or `until` says so)."""
-    out = write or (lambda line: print(line, flush=True))
-    tty = sys.stdout.isatty()
-    seen: dict[int, str] = {}
+    """Show the run's actions as they change until it finishes (or `until` says so)."""
+    tty = write is None and sys.stdout.isatty()
+    board = Board(write or (lambda line: print(line, flush=True)), tty)
     done = until or (lambda run: run.status.finished)
-
-    def step() -> None:
-        for a in store.actions(run_id):
-            key = f"{a.status.value}/{a.attempts}"
-            if seen.get(a.id) != key:
-                seen[a.id] = key
-                out(action_line(a, tty))
-
-    follow.watch([settings.logs_dir / str(run_id)], lambda: done(store.run(run_id)), step)
+    follow.watch([settings.logs_dir / str(run_id)], lambda: done(store.run(run_id)),
+                 lambda: board.draw(store.actions(run_id)))
     return store.run(run_id)
