@@ -183,22 +183,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     run = store.run(args.run)
     out = Out()
-    actions = api.find_action(store, args.run, args.action)
-    many = len(actions) > 1
-    for act in actions:
-        attempts = store.attempts(act.id)
-        for att in attempts:
-            if many or len(attempts) > 1:
-                print(f"==> {act.stage}/{act.name} attempt {att.number} ({att.status.value}) <==")
-            tail = follow.Tail(Path(att.log_path), args.timestamps)
-            if args.follow and att.status.value == "running":
-                follow.watch([Path(att.log_path).parent],
-                             lambda a=att: store.attempts(a.action_id)[a.number - 1].status.value != "running",
-                             lambda t=tail: [out.bytes_line(x) for x in t.read()])
-            for line in tail.read(final=True):
-                out.bytes_line(line)
-    if not any(store.attempts(a.id) for a in actions):
-        print(f"run #{run.id}: no logs yet ({run.status.value})", file=sys.stderr)
+    only = {a.id for a in api.find_action(store, args.run, args.action)} if args.action else None
+    state = {"label": None, "lines": 0}
+
+    def emit(label: str, line: bytes) -> None:
+        if label != state["label"]:
+            print(f"==> {label} <==", flush=True)
+            state["label"] = label
+        state["lines"] += 1
+        out.bytes_line(line)
+
+    follow.stream_logs(store, conf.logs_dir, run.id, only, args.follow, args.timestamps, emit)
+    if not state["lines"]:
+        print(f"run #{run.id}: no log lines ({store.run(run.id).status.value})", file=sys.stderr)
     return 0
 
 

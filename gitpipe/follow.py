@@ -6,6 +6,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -62,3 +63,31 @@ class Tail:
         self.offset += len(data)
         lines = data.splitlines()
         return lines if self.timestamps else [STAMP.sub(b"", line) for line in lines]
+
+
+def stream_logs(store: Any, logs_dir: Path, run_id: int, only: set[int] | None, live: bool,
+                timestamps: bool, emit: Callable[[str, bytes], None]) -> None:
+    """Emit (label, line) for every log line of a run's actions (or only some), in order per file;
+    with `live`, keep following new attempts and lines until those actions (or the run) end."""
+    tails: dict[int, Tail] = {}
+
+    def actions() -> list[Any]:
+        return [a for a in store.actions(run_id) if only is None or a.id in only]
+
+    def step(final: bool = False) -> None:
+        for a in actions():
+            attempts = store.attempts(a.id)
+            for att in attempts:
+                tail = tails.setdefault(att.id, Tail(Path(att.log_path), timestamps))
+                label = f"{a.stage}/{a.name}" + (f" attempt {att.number}" if len(attempts) > 1 else "")
+                for line in tail.read(final=final or att.status.value != "running"):
+                    emit(label, line)
+
+    def finished() -> bool:
+        if only is None:
+            return bool(store.run(run_id).status.finished)
+        return all(a.status.finished for a in actions())
+
+    if live:
+        watch([logs_dir / str(run_id)], finished, step)
+    step(final=True)

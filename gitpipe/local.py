@@ -13,7 +13,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from gitpipe import api, follow, git, progress, queue
+from gitpipe import ansi, api, follow, git, progress, queue
 from gitpipe import pipeline as pipeline_mod
 from gitpipe import settings as settings_mod
 from gitpipe.daemon import Daemon
@@ -93,6 +93,7 @@ def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool) -
         thread.start()
         daemon.serve()
         thread.join(10)
+        progress.Board(print, False).draw(store.actions(run_id))
         run = store.run(run_id)
         print(f"gitpipe exec: {run.status.value}" + (f" ({run.error})" if run.error else ""))
         for art in store.artifacts(run_id):
@@ -106,17 +107,7 @@ def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool) -
 
 
 def _stream(conf: settings_mod.Settings, store: Store, run_id: int) -> None:
-    """Print every action's output as it comes, prefixed with its name, and status changes."""
-    tails: dict[str, follow.Tail] = {}
-    names = {}
-
-    def step() -> None:
-        for a in store.actions(run_id):
-            names[a.id] = a.name
-            for att in store.attempts(a.id):
-                tail = tails.setdefault(att.log_path, follow.Tail(Path(att.log_path), False))
-                for line in tail.read(final=att.status.finished):
-                    print(f"[{a.name}] {line.decode('utf-8', 'replace')}", flush=True)
-
-    progress.watch_run(conf, store, run_id, write=lambda line: (step(), print(line, flush=True)))
-    step()
+    """Print every action's output as it comes, prefixed with its name."""
+    follow.stream_logs(store, conf.logs_dir, run_id, None, True, False,
+                       lambda label, line: print(f"[{label}] {ansi.sanitize(line.decode('utf-8', 'replace'))}",
+                                                 flush=True))
