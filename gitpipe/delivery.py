@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gitpipe import artifacts, deploy, executor
-from gitpipe.errors import ActionError
+from gitpipe.errors import ActionError, GitpipeError
 from gitpipe.intake import now_iso
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
 from gitpipe.pipeline import expand
@@ -115,7 +115,7 @@ def run_deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
                 status, message = _after_crash(worker, rec, targets, ctx)
             else:
                 status, message = _deploy(worker, rec, spec, targets, ctx, values)
-        except ActionError as exc:
+        except GitpipeError as exc:  # a refused source, an unreachable target after a crash, ...
             message = str(exc)
             writer.line(f"gitpipe: {message}")
         finally:

@@ -1,0 +1,231 @@
+"""Durability (SPEC section 6): real daemons stopped with SIGTERM and killed with SIGKILL.
+
+Each claim is proven with real processes: queued runs are never lost, interrupted
+attempts start again from the first unfinished stage, leftover processes of a killed
+daemon are ended, deadlines are absolute, the database stays intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import GITPIPE, Home, base_env, marker_processes, pipeline, wait_for
+
+COUNTER = """
+  [[stage.action]]
+  name = "{name}"
+  run = "echo x >> {dir}/{name}.count; {body}"
+"""
+
+
+def start(home: Home, log_name: str = "daemon.log") -> subprocess.Popen[bytes]:
+    """`gitpipe serve` as a subprocess we may kill -9 (Home.daemon insists on a clean exit)."""
+    with open(home.root / log_name, "ab") as log:
+        return subprocess.Popen([GITPIPE, "serve", "--home", str(home.home)], env=base_env(),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
+def counts(directory: Path, name: str) -> int:
+    path = directory / f"{name}.count"
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+def action_row(home: Home, run_id: int, name: str) -> dict:
+    return home.action(home.show(run_id), name)
+
+
+def attempts(home: Home, run_id: int, name: str) -> list[tuple]:
+    conn = sqlite3.connect(home.home / "gitpipe.db")
+    try:
+        return conn.execute(
+            "SELECT t.number, t.status, t.deadline FROM attempts t JOIN actions a ON a.id = t.action_id "
+            "WHERE a.run_id = ? AND a.name = ? ORDER BY t.number", (run_id, name)).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_lets_actions_finish_in_grace_then_interrupts_and_resumes(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init('stop_grace = "1s"\n')
+    repo = home.add_repo("shop")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    text = pipeline(f"""
+        [[stage]]
+        name = "one"
+        {COUNTER.format(name="first", dir=marks, body="true")}
+        [[stage]]
+        name = "two"
+        {COUNTER.format(name="slow", dir=marks,
+                        body=f"if [ $(wc -l < {marks}/slow.count) -eq 1 ]; then sleep 60; fi")}
+        """)
+    daemon = start(home)
+    run_id = home.push_run(repo, {".pipeline.toml": text})
+    wait_for(lambda: counts(marks, "slow") == 1, 30, what="the slow action to start")
+    queued_id = home.push_run(repo, {"README": "queued while stopping"})
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=40) == 0
+    assert action_row(home, run_id, "slow")["status"] == "interrupted"
+    assert [a[1] for a in attempts(home, run_id, "slow")] == ["interrupted"]
+    assert home.status(queued_id) in ("queued", "running")
+    with home.daemon():
+        run = home.expect(home.wait_run(run_id))
+        home.expect(home.wait_run(queued_id))
+    assert counts(marks, "first") == 2  # once per run: not run again when run 1 went on
+    assert [a[1] for a in attempts(home, run_id, "slow")] == ["interrupted", "succeeded"]
+    assert home.action(run, "slow")["attempts"] == 2
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_leftovers_are_killed_and_deadlines_stay_absolute(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    marker = f"orphan-{uuid.uuid4().hex}"
+    text = pipeline(f"""
+        [[stage]]
+        name = "one"
+          [[stage.action]]
+          name = "orphans"
+          timeout = "6s"
+          run = "bash -c 'exec -a {marker} sleep 300' & setsid bash -c 'exec -a {marker} sleep 300' & sleep 300"
+        """)
+    daemon = start(home)
+    run_id = home.push_run(repo, {".pipeline.toml": text})
+    wait_for(lambda: len(marker_processes(marker)) >= 2, 30, what="the action's children")
+    daemon.kill()
+    daemon.wait()
+    assert marker_processes(marker), "kill -9 of the daemon leaves the action's processes running"
+    with home.daemon():
+        wait_for(lambda: not marker_processes(marker), 20, what="leftover processes to be killed")
+        run = home.wait_run(run_id)
+    assert home.action(run, "orphans")["status"] == "timed-out"
+    rows = attempts(home, run_id, "orphans")
+    assert [r[1] for r in rows] == ["interrupted", "timed-out"]
+    assert rows[0][2] == rows[1][2], "the restarted attempt must keep the first attempt's deadline"
+    assert not marker_processes(marker)
+
+
+def four_stages(marks: Path) -> str:
+    stages = []
+    for i in range(4):
+        stages.append(f'[[stage]]\nname = "s{i}"\n' + COUNTER.format(
+            name=f"a{i}", dir=marks, body=f"sleep 0.{random.randint(1, 4)}; echo $GITPIPE_RUN >> {marks}/done{i}"))
+    return "\n".join(stages)
+
+
+def no_orphans_and_intact(home: Home, run_ids: list[int]) -> None:
+    conn = sqlite3.connect(home.home / "gitpipe.db")
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finished = conn.execute(
+            "SELECT run_id, COUNT(*) FROM events WHERE subject = 'run' AND status IN "
+            "('succeeded', 'failed', 'cancelled') GROUP BY run_id").fetchall()
+        assert all(n == 1 for _, n in finished), f"a run finished twice: {finished}"
+        running = conn.execute("SELECT COUNT(*) FROM attempts WHERE status = 'running'").fetchone()[0]
+        assert running == 0
+    finally:
+        conn.close()
+    tokens = subprocess.run(["grep", "-l", "-a", "GITPIPE_ATTEMPT_TOKEN"] +
+                            [f"/proc/{p}/environ" for p in os.listdir("/proc") if p.isdigit()],
+                            capture_output=True, text=True, check=False).stdout.split()
+    assert not tokens, f"processes of actions still alive: {tokens}"
+    locked = []
+    for lock in (home.home / "work").rglob("*.lock"):
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            locked.append(lock)
+        finally:
+            os.close(fd)
+    assert not locked, f"worktrees still held: {locked}"
+    assert len(home.runs()) == len(run_ids)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_crash_timing_loop(tmp_path: Path) -> None:
+    """30 times: a 4-stage run and kill -9 of the daemon at a random moment; then all finish once."""
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    rng = random.Random(7)
+    run_ids = []
+    for i in range(30):
+        daemon = start(home)
+        run_ids.append(home.push_run(repo, {".pipeline.toml": four_stages(marks), "n": str(i)}))
+        time.sleep(rng.uniform(0.0, 1.5))
+        daemon.kill()
+        daemon.wait()
+    with home.daemon():
+        home.wait_runs(run_ids, timeout=300)
+    for run_id in run_ids:
+        home.expect(home.show(run_id))
+    for stage in range(4):  # every run's last attempt of every stage succeeded exactly once
+        done = (marks / f"done{stage}").read_text().split()
+        assert sorted(set(map(int, done))) == sorted(run_ids)
+    no_orphans_and_intact(home, run_ids)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_200_pushes_to_10_repos_while_the_daemon_is_killed_5_times(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repos = [home.add_repo(f"r{i}") for i in range(10)]
+    text = pipeline("""
+        [[stage]]
+        name = "build"
+          [[stage.action]]
+          name = "a"
+          run = "echo $GITPIPE_RUN"
+        """)
+    pushed: list[int] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def pusher(repo: Path) -> None:
+        for n in range(20):
+            push = home.push(repo, {".pipeline.toml": text, "n": str(n)})
+            if push.returncode != 0 or len(push.run_ids) != 1:
+                errors.append(push.stderr)
+            with lock:
+                pushed.extend(push.run_ids)
+
+    threads = [threading.Thread(target=pusher, args=(r,)) for r in repos]
+    daemon = start(home)
+    for t in threads:
+        t.start()
+    for _ in range(5):
+        time.sleep(1.5)
+        daemon.kill()
+        daemon.wait()
+        daemon = start(home)
+    for t in threads:
+        t.join()
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(timeout=60)
+    assert not errors, errors[:3]
+    assert len(pushed) == 200 and len(set(pushed)) == 200
+    with home.daemon():
+        home.wait_runs(pushed, timeout=400)
+    runs = home.runs()
+    assert len(runs) == 200
+    assert all(r["status"] == "succeeded" for r in runs), [r for r in runs if r["status"] != "succeeded"][:3]
+    no_orphans_and_intact(home, pushed)
