@@ -110,6 +110,9 @@ def show_json(store: Store, run_id: int) -> dict[str, Any]:
     data["artifacts"] = [{"name": a.name, "action": a.action, "size": a.size, "sha256": a.sha256}
                          for a in store.artifacts(run_id)]
     data["outputs"] = store.outputs(run_id)
+    data["approvals"] = [{"action": a["action"], "message": a["message"], "requested_at": a["requested_at"],
+                          "decision": a["decision"], "by": a["by_user"], "at": a["at"], "comment": a["comment"]}
+                         for a in store.approvals(run_id)]
     return data
 
 

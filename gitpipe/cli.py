@@ -176,6 +176,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
     for o in data["outputs"]:
         print(f"  output {o['action']}.{o['key']} = {o['value']}")
+    for ap in data["approvals"]:
+        decided = (f"{ap['decision']} by {ap['by']} at {ap['at']}" + (f": {ap['comment']}" if ap["comment"] else "")
+                   if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']})")
+        print(f"  approval {ap['action']}: {decided}")
     return 0 if data["status"] != "failed" else 1
 
 

@@ -267,7 +267,7 @@ class RunWorker:
                 for art in self.store.artifacts(self.run.id):
                     if art.name in spec.inputs:
                         artifacts.restore(art, slot.tree)
-                out_file = logs / f"{rec.id}.{number}.output"
+                out_file = logs / f".{rec.id}.{number}.output"  # read, then removed: it may hold secrets
                 env["GITPIPE_OUTPUT"] = str(out_file)
                 if deadline is not None and time.time() >= deadline:
                     outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
@@ -279,6 +279,7 @@ class RunWorker:
             writer.line(f"gitpipe: {exc}")
             outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
         finally:
+            (logs / f".{rec.id}.{number}.output").unlink(missing_ok=True)
             if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and outcome.message:
                 writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
             writer.close()

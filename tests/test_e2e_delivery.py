@@ -1,0 +1,282 @@
+"""End-to-end delivery: approvals, deploys over a real sshd and file://, rollbacks, secrets,
+protected refs and notifications, all through real pushes to a real daemon."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import GITPIPE, Home, base_env, pipeline, wait_for
+from tests.sshd import SshServer, sshd_server  # noqa: F401  (the `sshd` fixture)
+
+SECRET = "s3cr3t-Value-42x"
+
+
+def site(name: str = "site") -> str:
+    return f"""
+        [[stage]]
+        name = "build"
+          [[stage.action]]
+          name = "build"
+          run = "mkdir -p out && echo \\"v $GITPIPE_RUN\\" > out/index.html && echo ok > out/health"
+          outputs = {{ {name} = "out/**" }}
+    """
+
+
+def deploy_stage(env: str, targets: list[str], extra: str = "") -> str:
+    listed = ", ".join(f'"{t}"' for t in targets)
+    return f"""
+        [[stage]]
+        name = "{env}"
+          [[stage.action]]
+          name = "deploy-{env}"
+          type = "deploy"
+          environment = "{env}"
+          inputs = ["site"]
+          source = "out"
+          target = [{listed}]
+          {extra}
+    """
+
+
+def current(path: Path) -> str:
+    return os.readlink(path / "current")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    h = Home(tmp_path)
+    h.init()
+    return h
+
+
+def test_deploy_over_ssh_to_two_hosts_and_rollback_command(home: Home, sshd: SshServer, tmp_path: Path) -> None:
+    config = home.home / "gitpipe.toml"
+    config.write_text(config.read_text().replace('known_hosts = "known_hosts"', f'known_hosts = "{sshd.known_hosts}"')
+                      .replace('identity = ""', f'identity = "{sshd.identity}"'))
+    repo = home.add_repo("shop")
+    web1, web2 = tmp_path / "web1", tmp_path / "web2"
+    text = pipeline(site() + deploy_stage("production", [sshd.url(web1), sshd.url(web2)],
+                                          'healthcheck = "grep -q ok health"'))
+    with home.daemon():
+        first = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))
+        second = home.expect(home.wait_run(home.push_run(repo, {"README": "two"})))
+    rel1 = f"releases/{first['id']}-{first['sha'][:7]}"
+    rel2 = f"releases/{second['id']}-{second['sha'][:7]}"
+    assert current(web1) == current(web2) == rel2
+    envs = json.loads(home.gitpipe("environments", "shop", "--json", check=True).stdout)
+    assert envs[0]["environment"] == "production"
+    assert envs[0]["current"]["run_id"] == second["id"]
+    proc = home.gitpipe("rollback", "shop", "production", check=True)
+    assert "rolled back" in proc.stdout
+    assert current(web1) == current(web2) == rel1
+    envs = json.loads(home.gitpipe("environments", "shop", "--json", check=True).stdout)
+    latest = envs[0]["history"][0]
+    assert latest["status"] == "rolled-back" and latest["by_user"] and latest["run_id"] is None
+    assert envs[0]["current"]["release"] == rel1.split("/")[1]
+
+
+class Hooks(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Hooks.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> tuple[str, list[dict]]:
+    Hooks.received = []
+    server = HTTPServer(("127.0.0.1", 0), Hooks)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", Hooks.received
+    server.shutdown()
+
+
+def test_failed_healthcheck_rolls_back_every_target_and_notifies(home: Home, tmp_path: Path,
+                                                                  webhook: tuple[str, list[dict]]) -> None:
+    url, received = webhook
+    repo = home.add_repo("shop")
+    a, b = tmp_path / "a", tmp_path / "b"
+    marks = tmp_path / "after_switch.log"
+    notify = f'[[notify]]\non = ["deployed", "rolled-back", "failed"]\nwebhook = "{url}"\n'
+    text = pipeline(site() + deploy_stage(
+        "staging", [f"file://{a}", f"file://{b}"],
+        f'healthcheck = "test -f {tmp_path}/healthy"\n          healthcheck_retries = 1\n'
+        f'          after_switch = "echo $GITPIPE_RELEASE >> {marks}"')) + notify
+    (tmp_path / "healthy").write_text("yes")
+    with home.daemon():
+        good = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))
+        (tmp_path / "healthy").unlink()
+        bad = home.expect(home.wait_run(home.push_run(repo, {"README": "broken"})), "failed")
+        wait_for(lambda: any(e["event"] == "rolled-back" for e in received), 30, what="the webhook")
+    good_rel = f"releases/{good['id']}-{good['sha'][:7]}"
+    assert current(a) == current(b) == good_rel
+    assert "switched back" in home.action(bad, "deploy-staging")["message"]
+    ran = marks.read_text().split()
+    assert ran[-1].endswith(good_rel.split("/")[1]), ran  # after_switch ran again for the restored release
+    events = [(e["event"], e["run"]) for e in received]
+    assert ("deployed", good["id"]) in events and ("rolled-back", bad["id"]) in events
+    assert ("failed", bad["id"]) in events
+    hist = json.loads(home.gitpipe("environments", "shop", "--json", check=True).stdout)[0]["history"]
+    assert [h["status"] for h in hist[:2]] == ["rolled-back", "deployed"]
+
+
+APPROVAL = """
+    [[stage]]
+    name = "gate"
+      [[stage.action]]
+      name = "sign-off"
+      type = "approval"
+      message = "Ship {short_sha}?"
+      timeout = "TIMEOUT"
+    [[stage]]
+    name = "after"
+      [[stage.action]]
+      name = "count"
+      run = "echo once >> COUNT"
+"""
+
+
+def test_approval_survives_kill_9_and_proceeds_exactly_once(home: Home, tmp_path: Path) -> None:
+    repo = home.add_repo("shop")
+    count = tmp_path / "count"
+    text = pipeline(APPROVAL.replace("TIMEOUT", "1h").replace("COUNT", str(count)))
+    log = open(tmp_path / "d.log", "wb")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen([GITPIPE, "serve", "--home", str(home.home)], env=base_env(), stdout=log,
+                              stderr=log)
+    run_id = home.push_run(repo, {".pipeline.toml": text})
+    home.wait_status(run_id, "waiting")
+    early = home.gitpipe("approve", str(run_id + 1))
+    assert early.returncode == 2 and "unknown run" in early.stderr
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait()
+    log.close()
+    assert home.status(run_id) == "waiting"
+    proc = home.gitpipe("approve", str(run_id), "--comment", "looks good", check=True)
+    assert "approved" in proc.stdout
+    again = home.gitpipe("approve", str(run_id))
+    assert again.returncode == 2 and "not waiting" in again.stderr and "Traceback" not in again.stderr
+    with home.daemon():
+        run = home.expect(home.wait_run(run_id))
+    assert count.read_text().split() == ["once"]
+    assert run["approvals"][0]["decision"] == "approved" and run["approvals"][0]["comment"] == "looks good"
+    assert run["approvals"][0]["message"] == f"Ship {run['sha'][:7]}?"
+
+
+def test_reject_and_timeout_fail_the_run_with_the_reason(home: Home, tmp_path: Path) -> None:
+    repo = home.add_repo("shop")
+    with home.daemon():
+        text = pipeline(APPROVAL.replace("TIMEOUT", "1h").replace("COUNT", str(tmp_path / "c")))
+        run_id = home.push_run(repo, {".pipeline.toml": text})
+        home.wait_status(run_id, "waiting")
+        home.gitpipe("reject", str(run_id), "--comment", "not today", check=True)
+        run = home.expect(home.wait_run(run_id), "failed")
+        assert "rejected by" in home.action(run, "sign-off")["message"]
+        assert "not today" in home.action(run, "sign-off")["message"]
+        assert home.action(run, "count")["status"] == "skipped"
+        text = pipeline(APPROVAL.replace("TIMEOUT", "2s").replace("COUNT", str(tmp_path / "c")))
+        timed = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})), "failed")
+        assert home.action(timed, "sign-off")["status"] == "timed-out"
+    assert not (tmp_path / "c").exists()
+
+
+def write_secrets(home: Home, mode: int = 0o600) -> None:
+    path = home.home / "secrets.toml"
+    path.write_text(f'[shop]\nTOKEN = "{SECRET}"\n')
+    os.chmod(path, mode)
+
+
+def test_secrets_are_masked_everywhere(home: Home) -> None:
+    write_secrets(home)
+    repo = home.add_repo("shop")
+    text = pipeline(r"""
+        [[stage]]
+        name = "leak"
+          [[stage.action]]
+          name = "leak"
+          secrets = ["TOKEN"]
+          run = '''
+            echo "plain $TOKEN"
+            printf '%s' "${TOKEN:0:5}"; sleep 0.3; printf '%s\n' "${TOKEN:5}"
+            echo "b64 $(printf '%s' "$TOKEN" | base64)"
+            echo "url $(python3 -c 'import os,urllib.parse;print(urllib.parse.quote(os.environ["TOKEN"]))')"
+            echo "VALUE=$TOKEN" >> "$GITPIPE_OUTPUT"
+          '''
+        """)
+    with home.daemon():
+        run = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))
+    forms = [SECRET.encode(), base64.b64encode(SECRET.encode())]
+    for path in [*home.home.rglob("*")]:
+        if path.is_file() and path.name != "secrets.toml":
+            data = path.read_bytes()
+            for form in forms:
+                assert form not in data, f"the secret is in {path}"
+    logs = home.logs(run["id"])
+    assert SECRET not in logs and logs.count("***") >= 4
+    assert run["outputs"][0]["value"] == "***"
+
+
+def test_unprotected_ref_gets_no_secrets_and_cannot_deploy(home: Home, tmp_path: Path) -> None:
+    write_secrets(home)
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "uses-secret"
+          secrets = ["TOKEN"]
+          run = "echo $TOKEN"
+        """)
+    deploy_text = pipeline(site() + deploy_stage("staging", [f"file://{tmp_path}/t"]))
+    with home.daemon():
+        home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))  # main: protected
+        run = home.expect(home.wait_run(home.push_run(repo, {"x": "1"}, branch="feature/x")), "failed")
+        message = home.action(run, "uses-secret")["message"]
+        assert 'ref "feature/x" is not protected' in message and "[repos.shop] protected" in message
+        run = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": deploy_text},
+                                                      branch="feature/y")), "failed")
+        assert "not protected" in home.action(run, "deploy-staging")["message"]
+    assert not (tmp_path / "t").exists()
+
+
+def test_loose_secrets_file_stops_the_daemon_with_a_clear_message(home: Home) -> None:
+    write_secrets(home, 0o644)
+    proc = subprocess.run([GITPIPE, "serve", "--home", str(home.home)], env=base_env(), capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "chmod 600" in proc.stderr and "Traceback" not in proc.stderr
+    assert SECRET not in proc.stderr
+
+
+def test_deploys_to_one_environment_never_overlap_oldest_first(home: Home, tmp_path: Path) -> None:
+    home.configure('[repos.shop]\nprotected = ["*"]\n')
+    repo = home.add_repo("shop")
+    journal = tmp_path / "journal"
+    text = pipeline(site() + deploy_stage(
+        "staging", [f"file://{tmp_path}/target"],
+        f'before_switch = "echo start $GITPIPE_RUN >> {journal}; sleep 1; echo end $GITPIPE_RUN >> {journal}"'))
+    ids = [home.push_run(repo, {".pipeline.toml": text, "n": str(i)}, branch=f"b{i}") for i in range(3)]
+    with home.daemon():
+        home.wait_runs(ids, timeout=120)
+    for run_id in ids:
+        home.expect(home.show(run_id))
+    lines = journal.read_text().split()
+    pairs = [lines[i:i + 4] for i in range(0, 12, 4)]
+    assert all(p[0] == "start" and p[2] == "end" and p[1] == p[3] for p in pairs), lines  # never overlapping
+    order = [int(p[1]) for p in pairs]
+    assert sorted(order) == ids and order[1:] == sorted(order[1:]), order  # the waiting ones: oldest first
