@@ -113,10 +113,15 @@ class Attempt:
         terminate(self.proc.pid, self.token, grace)
 
 
-def start(script: str, cwd: Path, env: dict[str, str], log: LogWriter, token: str) -> Attempt:
-    """Start `bash -eo pipefail -c script` in a new session, stdin on /dev/null."""
+def bash(script: str) -> list[str]:
+    """The argument list that runs a user's script."""
+    return ["bash", "-eo", "pipefail", "-c", script]
+
+
+def start(argv: list[str], cwd: Path, env: dict[str, str], log: LogWriter, token: str) -> Attempt:
+    """Start argv (a script through `bash()`, or a plugin) in a new session, stdin on /dev/null."""
     proc = subprocess.Popen(
-        ["bash", "-eo", "pipefail", "-c", script], cwd=cwd, env={**env, TOKEN_VAR: token},
+        argv, cwd=cwd, env={**env, TOKEN_VAR: token},
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, close_fds=True,
     )

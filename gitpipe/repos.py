@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import site
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def install_hooks(settings: Settings, git_dir: Path, name: str) -> None:
     """Write our hooks; a hook that was there before is kept as HOOK.chained and still runs."""
     hooks_dir = git_dir / "hooks"
     hooks_dir.mkdir(exist_ok=True)
-    libdir = str(Path(__file__).resolve().parent.parent)
+    # gitpipe's own folder first, then site-packages (plugins' action types are validated in the hook)
+    libdir = ":".join(dict.fromkeys([str(Path(__file__).resolve().parent.parent), *site.getsitepackages()]))
     for hook in HOOKS:
         target = hooks_dir / hook
         if target.exists() and not _ours(target):

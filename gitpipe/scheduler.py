@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gitpipe import artifacts, delivery, executor, git
+from gitpipe import artifacts, delivery, executor, git, plugins
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus, Pipeline, RunRecord, RunStatus, short_ref
@@ -212,11 +212,9 @@ class RunWorker:
         with self.host.slots:  # bounded by max_parallel across the host
             if self.halted:
                 return None
-            if spec.type == "run":
-                return self._guarded(rec, lambda: self._run_action(rec, spec))
             if spec.type == "deploy":
                 return self._guarded(rec, lambda: delivery.run_deploy(self, rec, spec))
-            return self._guarded(rec, lambda: self._other_action(rec, spec))
+            return self._guarded(rec, lambda: self._run_action(rec, spec))
 
     def _guarded(self, rec: ActionRecord, body: Callable[[], None]) -> None:
         """Run an action body; an error fails the action (a bug never passes it silently)."""
@@ -234,9 +232,6 @@ class RunWorker:
             if act.status is ActionStatus.PENDING:
                 self.store.set_action(action_id, ActionStatus.RUNNING)
             self.store.set_action(action_id, ActionStatus.FAILED, message=message)
-
-    def _other_action(self, rec: ActionRecord, spec: ActionSpec) -> None:
-        self._fail(rec.id, f'action type "{spec.type}" is not available on this host yet')
 
     def _run_action(self, rec: ActionRecord, spec: ActionSpec) -> None:
         failures = sum(1 for a in self.store.attempts(rec.id)
@@ -288,7 +283,11 @@ class RunWorker:
 
     def _execute(self, rec: ActionRecord, spec: ActionSpec, tree: Path, env: dict[str, str],
                  writer: executor.LogWriter, token: str, deadline: float | None) -> executor.Outcome:
-        attempt = executor.start(spec.run or "", tree, env, writer, token)
+        if spec.type == "run":
+            argv = executor.bash(spec.run or "")
+        else:  # a plugin type: run in a process of its own, so timeouts and cancels work the same
+            argv, env = plugins.command(spec, env)
+        attempt = executor.start(argv, tree, env, writer, token)
         with self.lock:
             self.attempts[rec.id] = attempt
         if self.cancelled.is_set():

@@ -1,0 +1,75 @@
+"""A plugin action type (entry point group gitpipe.actions), installed for real into this
+Python's site-packages for the test, validated by the hook and run by the daemon."""
+
+from __future__ import annotations
+
+import shutil
+import site
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Home, pipeline
+
+PLUGIN = '''
+from pathlib import Path
+
+def greet(config, workdir, env, log):
+    log(f"hello {config['who']} from run {env['GITPIPE_RUN']}")
+    Path(workdir, "greeting.txt").write_text(config["who"])
+    return 3 if config["who"] == "fail" else 0
+'''
+
+
+@pytest.fixture
+def plugin() -> Iterator[str]:
+    target = Path(site.getsitepackages()[0])
+    module = target / "gitpipe_test_greet.py"
+    dist = target / "gitpipe_test_greet-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: gitpipe-test-greet\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[gitpipe.actions]\ngreet = gitpipe_test_greet:greet\n")
+    (dist / "RECORD").write_text("")
+    module.write_text(PLUGIN)
+    try:
+        yield "greet"
+    finally:
+        module.unlink()
+        shutil.rmtree(dist)
+
+
+def test_plugin_action_type_runs_with_its_own_keys(tmp_path: Path, plugin: str) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "hi"
+          type = "greet"
+          who = "world"
+          outputs = { greeting = "greeting.txt" }
+          [[stage.action]]
+          name = "bad"
+          type = "greet"
+          who = "fail"
+        """)
+    with home.daemon():
+        push = home.push(repo, {".pipeline.toml": text})
+        assert "invalid" not in push.stderr, push.stderr
+        run = home.wait_run(push.run_ids[0])
+    assert home.action(run, "hi")["status"] == "succeeded"
+    assert home.action(run, "bad")["status"] == "failed" and home.action(run, "bad")["exit_code"] == 3
+    assert f"hello world from run {run['id']}" in home.logs(run["id"], "hi")
+    assert run["artifacts"][0]["name"] == "greeting"
+
+
+def test_unknown_action_type_is_a_validation_error(tmp_path: Path) -> None:
+    (tmp_path / ".pipeline.toml").write_text('[[stage]]\nname = "s"\n[[stage.action]]\nname = "a"\n'
+                                             'type = "nosuchtype"\n')
+    home = Home(tmp_path)
+    proc = home.gitpipe("validate", str(tmp_path / ".pipeline.toml"))
+    assert proc.returncode == 1
+    assert ':5: stage "s", action "a": unknown action type "nosuchtype"' in proc.stderr
