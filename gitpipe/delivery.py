@@ -13,13 +13,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gitpipe import artifacts, deploy, executor
+from gitpipe import artifacts, executor
 from gitpipe.errors import ActionError, GitpipeError
 from gitpipe.intake import now_iso
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
 from gitpipe.pipeline import expand
 
 if TYPE_CHECKING:
+    from gitpipe import deploy
     from gitpipe.scheduler import RunWorker
 
 APPROVAL_RECHECK = 60.0  # seconds; a wake-up normally comes at once through the daemon
@@ -92,6 +93,8 @@ class _Held:
 
 def run_deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
     """Deploy the action's source to its targets; record the release; never re-run blindly."""
+    from gitpipe import deploy  # paramiko and friends: loaded when a deploy runs, not at start
+
     run, store, host = worker.run, worker.store, worker.host
     repo_path = store.repo_path(run.repo)
     host.trust.require(run.repo, repo_path, run.ref, "deploy")
@@ -126,6 +129,8 @@ def run_deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
 
 def _deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: list[str],
             ctx: deploy.DeployContext, values: dict[str, str]) -> tuple[ActionStatus, str]:
+    from gitpipe import deploy
+
     run, store = worker.run, worker.store
     with worker.pool.checkout(run.sha) as slot:
         for art in store.artifacts(run.id):
@@ -154,6 +159,8 @@ def _source(tree: Path, source: str) -> Path:
 def _record(worker: RunWorker, rec: ActionRecord, targets: list[str], result: deploy.DeployResult,
             environment: str) -> None:
     """One release row: what is current on the environment after this deploy."""
+    from gitpipe import deploy
+
     run = worker.run
     current = result.release
     if result.status != deploy.DEPLOYED:
@@ -167,6 +174,8 @@ def _record(worker: RunWorker, rec: ActionRecord, targets: list[str], result: de
 def _after_crash(worker: RunWorker, rec: ActionRecord, targets: list[str],
                  ctx: deploy.DeployContext) -> tuple[ActionStatus, str]:
     """The daemon stopped mid-deploy: read `current` on each target and record what happened."""
+    from gitpipe import deploy
+
     outcomes = deploy.read_current(targets, ctx)
     store = worker.store
     store.finish_deploy(rec.id)
