@@ -290,6 +290,19 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return local.run_exec(Path.cwd(), args.stage, args.action, args.keep)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from gitpipe.report import Reporter
+
+    conf, store = _store(args)
+    reporter = Reporter(conf, store)
+    try:
+        pages = reporter.render_all()
+    finally:
+        reporter.close()
+    print(f"{pages} page(s) written; open {conf.site_dir / 'index.html'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gitpipe import demo
 
@@ -373,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="only this stage (and the actions its inputs come from)")
     p.add_argument("--action", help="only this action (and its inputs' producers); also runs deploy/approval")
     p.add_argument("--keep", action="store_true", help="keep the temporary home (logs, artifacts)")
+    add("report", cmd_report, "render the static report site now (the daemon keeps it current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser
 
@@ -399,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     except GitpipeError as exc:
         print(f"gitpipe: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a path the user gave that cannot be used: no traceback, say which
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"gitpipe: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

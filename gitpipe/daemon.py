@@ -27,6 +27,7 @@ from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
+from gitpipe.report import Reporter
 from gitpipe.scheduler import Host, RunWorker
 from gitpipe.schedules import Scheduler
 from gitpipe.settings import Settings
@@ -95,6 +96,8 @@ class Daemon:
         self.store = Store(self.settings)
         self.notifier = Notifier(self.settings, self.store)
         self.store.listeners.append(self.notifier.on_event)
+        self.reporter = Reporter(self.settings, self.store)
+        self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
@@ -117,6 +120,7 @@ class Daemon:
             observer.stop()
             observer.join()
             self.notifier.close()
+            self.reporter.close()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self.store.close()

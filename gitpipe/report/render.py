@@ -1,0 +1,43 @@
+"""jinja2 (the only place gitpipe uses it): templates/ into HTML, escaping on everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+from gitpipe import __version__, ansi, resources
+from gitpipe.report import fmt
+
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self'; "
+       "base-uri 'none'; form-action 'none'")
+REFRESH = 5  # seconds between reloads of a page that shows unfinished runs
+
+
+def environment() -> jinja2.Environment:
+    """The template environment: autoescape for every template, undefined names are errors."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.folder("templates"))),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(duration=fmt.duration, when=fmt.when, size=fmt.size)
+    env.globals.update(csp=CSP, refresh=REFRESH, version=__version__)
+    return env
+
+
+class Renderer:
+    """Renders the named templates; one per Reporter (jinja caches the compiled templates)."""
+
+    def __init__(self) -> None:
+        self.env = environment()
+
+    def page(self, template: str, root: str, **context: Any) -> str:
+        """A page; `root` is the relative path from it to the site root ("", "../", "../../")."""
+        return self.env.get_template(template).render(root=root, generated=fmt.now_iso(), **context)
+
+    def stylesheet(self) -> str:
+        """site.css with the 256-colour palette of log colours appended."""
+        return self.env.get_template("site.css").render(palette=list(enumerate(ansi.palette_256(), 16)))
+
+    def script(self) -> str:
+        """site.js as it is (not a template)."""
+        return (resources.folder("templates") / "site.js").read_text(encoding="utf-8")

@@ -1,0 +1,238 @@
+"""Keeps the site current: after each state change, re-render the pages it changed.
+
+`on_event` is a store listener: it runs on the thread that changed the state, so it
+only marks the run dirty and, unless another thread is rendering already (that one
+will pick the mark up), renders the dirty runs' pages: the run's page, its repo's
+index (and the archived page holding it, if any), the top index, and the
+environments page when the run deploys. Logs grow without state changes, so while
+runs are active a small thread re-renders the pages whose logs grew.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from gitpipe.models import Event, RunRecord, RunStatus
+from gitpipe.report import data, files, listing, views
+from gitpipe.report.logview import LogReader
+from gitpipe.report.render import Renderer
+from gitpipe.settings import Settings
+from gitpipe.store import Store
+
+log = logging.getLogger("gitpipe")
+LIVE_INTERVAL = 2.0  # seconds between checks of growing logs
+DEPLOY_WORDS = ("deploy", "release", "environment", "rollback", "rolled-back")
+
+
+def run_url(settings: Settings, repo: str, run_id: int) -> str:
+    """The run page's path relative to the site root (prefix it with site_url)."""
+    return files.run_href(repo, run_id)
+
+
+class Reporter:
+    """Renders the static report site under `settings.site_dir` from the store."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.site = Path(settings.site_dir)
+        self.renderer = Renderer()
+        self.logs = LogReader()
+        self.count = listing.Counter(store)
+        self._lock = threading.Lock()  # guards the dirty marks and the live thread handle
+        self._busy = threading.Lock()  # held by the thread that renders
+        self._dirty: set[int] = set()
+        self._deploys: set[int] = set()
+        self._assets = False
+        self._live: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._seen: dict[int, int] = {}  # run id -> bytes of its logs when its page was rendered
+
+    # ------------------------------------------------------------------ events
+    def on_event(self, event: Event) -> None:
+        """Mark the event's run dirty and render what changed (never raises)."""
+        try:
+            with self._lock:
+                self._dirty.add(event.run_id)
+                if _deployish(event):
+                    self._deploys.add(event.run_id)
+            self._drain()
+        except Exception:  # the report must never break the run that sent the event
+            log.exception("report: could not render the pages of run #%s", event.run_id)
+
+    def _drain(self) -> None:
+        while True:
+            if not self._busy.acquire(blocking=False):
+                return  # the rendering thread sees our mark before it lets go
+            try:
+                while batch := self._take():
+                    self._update(*batch)
+            finally:
+                self._busy.release()
+            with self._lock:
+                if not self._dirty:
+                    return
+
+    def _take(self) -> tuple[set[int], set[int]] | None:
+        with self._lock:
+            if not self._dirty:
+                return None
+            batch = (self._dirty, self._deploys)
+            self._dirty, self._deploys = set(), set()
+            return batch
+
+    def _update(self, run_ids: set[int], deploys: set[int]) -> None:
+        self._ensure_assets()
+        repos = self._repos_of(run_ids | deploys)
+        touched: dict[str, list[int]] = {}
+        for run_id in sorted(i for i in run_ids if i in repos):
+            page = self._render_run(run_id)
+            touched.setdefault(page.run.repo, []).append(run_id)
+            if any(a.type == "deploy" for s in page.stages for a in s.actions):
+                deploys.add(run_id)
+        for repo, ids in touched.items():
+            self._render_repo(repo, ids)
+        for repo in self._deploy_repos(deploys, repos):
+            self._render_environments(repo)
+        self._render_index()
+        self._start_live()
+
+    def _repos_of(self, run_ids: set[int]) -> dict[int, str]:
+        """The repo of each run that exists (a rollback by hand sends run id 0)."""
+        if not run_ids:
+            return {}
+        marks = ",".join("?" for _ in run_ids)
+        rows = self.store.query(f"SELECT id, repo FROM runs WHERE id IN ({marks})", tuple(run_ids))
+        return {r["id"]: r["repo"] for r in rows}
+
+    def _deploy_repos(self, deploys: set[int], repos: dict[int, str]) -> set[str]:
+        """Repos whose environments page to render; every deploying repo for an event without a run."""
+        found = {repos[i] for i in deploys if i in repos}
+        if any(i not in repos for i in deploys) and data.has_table(self.store, "releases"):
+            found |= {r["repo"] for r in self.store.query("SELECT DISTINCT repo FROM releases")}
+        return found
+
+    # ------------------------------------------------------------------ pages
+    def render_run(self, run_id: int) -> Path:
+        """Render one run's page (and publish its logs and artifacts); its path."""
+        page = self._render_run(run_id)
+        return self.site / page.run.href
+
+    def _render_run(self, run_id: int) -> views.RunPage:
+        page = views.run_page(self.store, self.logs, self.site, run_id)
+        html = self.renderer.page("run.html", "../../", page=page, run=page.run)
+        files.write_atomic(self.site / page.run.href, html)
+        if page.run.finished:
+            self._seen.pop(run_id, None)
+        else:
+            self._seen[run_id] = self._log_bytes(run_id)
+        return page
+
+    def _render_repo(self, repo: str, run_ids: list[int]) -> int:
+        """The repo's index, archived pages holding `run_ids`, and newly archived pages."""
+        total = self.count(repo)
+        self._write("index", listing.repo_index(self.store, repo, total), files.repo_href(repo))
+        top = listing.archived(total)
+        blocks = {b for b in (listing.block_of(self.store, repo, i, total) for i in run_ids) if b <= top}
+        if top and not (self.site / files.block_href(repo, top)).exists():
+            blocks |= {b for b in (top, top - 1) if b >= 1}  # a new archived page; its older neighbour links to it
+        for b in sorted(blocks):
+            self._write("block", listing.repo_block(self.store, repo, b, total), files.block_href(repo, b))
+        return 1 + len(blocks)
+
+    def _write(self, kind: str, page: listing.RepoPage, href: str) -> None:
+        files.write_atomic(self.site / href, self.renderer.page("repo.html", "../", page=page, kind=kind))
+
+    def _render_environments(self, repo: str) -> int:
+        envs = data.environments(self.store, repo)
+        if not envs:
+            return 0
+        html = self.renderer.page("environments.html", "../", repo=repo, environments=envs)
+        files.write_atomic(self.site / files.environments_href(repo), html)
+        return 1
+
+    def _render_index(self) -> None:
+        page = listing.top_index(self.store, self.count)
+        files.write_atomic(self.site / "index.html", self.renderer.page("index.html", "", page=page))
+
+    def _ensure_assets(self) -> None:
+        if self._assets:
+            return
+        files.write_if_changed(self.site / "site.css", self.renderer.stylesheet())
+        files.write_if_changed(self.site / "site.js", self.renderer.script())
+        self._assets = True
+
+    # ------------------------------------------------------------------ everything
+    def render_all(self) -> int:
+        """Render every page of the site (what `gitpipe report` does); how many were written."""
+        with self._busy:
+            self._assets = False
+            self._ensure_assets()
+            written = 1
+            for repo in self._all_repos():
+                written += self._render_everything_of(repo)
+            self._render_index()
+        self._drain()  # events that came in meanwhile
+        return written
+
+    def _all_repos(self) -> list[str]:
+        rows = self.store.query("SELECT DISTINCT repo FROM runs")
+        return sorted({r["repo"] for r in rows} | {r["name"] for r in self.store.repos()})
+
+    def _render_everything_of(self, repo: str) -> int:
+        ids = [r["id"] for r in self.store.query("SELECT id FROM runs WHERE repo = ? ORDER BY id", (repo,))]
+        for run_id in ids:
+            self._render_run(run_id)
+        total = len(ids)
+        self._write("index", listing.repo_index(self.store, repo, total), files.repo_href(repo))
+        top = listing.archived(total)
+        for b in range(1, top + 1):
+            self._write("block", listing.repo_block(self.store, repo, b, total), files.block_href(repo, b))
+        return len(ids) + 1 + top + self._render_environments(repo)
+
+    # ------------------------------------------------------------------ growing logs
+    def _start_live(self) -> None:
+        with self._lock:
+            if self._live is not None or self._stop.is_set() or not self._seen:
+                return
+            self._live = threading.Thread(target=self._live_loop, name="report-live", daemon=True)
+            self._live.start()
+
+    def _live_loop(self) -> None:
+        while not self._stop.wait(LIVE_INTERVAL):
+            active = self.store.runs_with_status(RunStatus.RUNNING, RunStatus.WAITING, RunStatus.QUEUED)
+            with self._lock:
+                if not active:
+                    self._live = None
+                    return
+                self._dirty |= {r.id for r in active if self._grew(r)}
+            try:
+                self._drain()
+            except Exception:
+                log.exception("report: could not refresh the pages of running runs")
+
+    def _grew(self, run: RunRecord) -> bool:
+        return self._log_bytes(run.id) != self._seen.get(run.id, 0)
+
+    def _log_bytes(self, run_id: int) -> int:
+        try:
+            return sum(e.stat().st_size for e in os.scandir(self.settings.logs_dir / str(run_id)) if e.is_file())
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        """Stop the thread that follows growing logs (the daemon calls this when it stops)."""
+        self._stop.set()
+        with self._lock:
+            live = self._live
+        if live is not None:
+            live.join()
+
+
+def _deployish(event: Event) -> bool:
+    """Whether an event may change an environment (the deploy code sends these)."""
+    text = f"{event.subject} {event.status}".lower()
+    return any(word in text for word in DEPLOY_WORDS)
