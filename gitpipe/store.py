@@ -123,6 +123,11 @@ class Store:
                 if name in done:
                     continue
                 self.conn.execute("BEGIN IMMEDIATE")
+                # Look again under the write lock: another process (the daemon, a command run
+                # at the same moment) may have applied it since `done` was read.
+                if self.conn.execute("SELECT 1 FROM migrations WHERE name = ?", (name,)).fetchone():
+                    self.conn.execute("COMMIT")
+                    continue
                 try:
                     for statement in sql.split(";"):
                         if statement.strip():

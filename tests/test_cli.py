@@ -1,0 +1,233 @@
+"""Tests of the `gitpipe` command line: help and docs for every command, and errors a user
+can cause printed as one line, no traceback, with the documented exit status."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import GITPIPE, Home, base_env, git, pipeline
+
+from gitpipe import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+GOOD = pipeline("""
+    [[stage]]
+    name = "build"
+      [[stage.action]]
+      name = "a"
+      run = "echo hi"
+    """)
+BAD = pipeline("""
+    [pipeline]
+    timeout = "forever"
+
+    [[stage]]
+    name = "build"
+      [[stage.action]]
+      name = "a"
+      shell = "echo hi"
+    """)
+
+
+def commands() -> list[tuple[str, ...]]:
+    """Every command of the parser, as the words that name it (`repo add` is two)."""
+    found: list[tuple[str, ...]] = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: tuple[str, ...]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    subs = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+                    if subs:
+                        walk(sub, (*prefix, name))
+                    else:
+                        found.append((*prefix, name))
+
+    walk(cli.build_parser(), ())
+    return found
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], *words: str, code: int = 2) -> str:
+    """Assert an error a user caused: the exit status, one line on stderr, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def bare_gitpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`gitpipe` with no home set anywhere but in `args`."""
+    return subprocess.run([GITPIPE, *args], env=base_env(), cwd=cwd, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+# ---------------------------------------------------------------------------- help and docs
+
+
+def test_the_parser_has_the_core_commands() -> None:
+    names = {" ".join(c) for c in commands()}
+    core = {"init", "repo add", "repo list", "repo remove", "serve", "run", "runs", "show", "logs", "cancel",
+            "retry", "validate"}
+    assert core <= names, core - names
+
+
+@pytest.mark.parametrize("words", commands(), ids=" ".join)
+def test_every_command_has_help(words: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main([*words, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: gitpipe {' '.join(words)}")
+    description = text.split("\n\n")[1].strip()
+    assert len(description) > 10 and not description.startswith(("positional", "options")), text
+    assert "--home" in text
+
+
+def test_gitpipe_help_lists_every_command() -> None:
+    proc = bare_gitpipe("--help")
+    assert proc.returncode == 0
+    for words in commands():
+        assert re.search(rf"^\s+{re.escape(words[0])}\b", proc.stdout, re.MULTILINE), words
+
+
+def test_every_command_appears_in_the_readme() -> None:
+    if not README.exists():
+        pytest.xfail("README not written yet")
+    text = README.read_text()
+    missing = [" ".join(w) for w in commands() if f"gitpipe {' '.join(w)}" not in text]
+    assert missing == []
+
+
+def test_no_command_prints_help_and_exits_2() -> None:
+    proc = bare_gitpipe()
+    assert proc.returncode == 2 and "usage: gitpipe" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- errors a user can cause
+
+
+def test_unknown_run_ids(home: Home) -> None:
+    for args in (("show", "999"), ("show", "#999", "--json"), ("logs", "999"), ("cancel", "999"),
+                 ("retry", "999")):
+        one_line_error(home.gitpipe(*args), "unknown run #999", "gitpipe runs")
+
+
+def test_a_run_id_that_is_not_a_number(home: Home) -> None:
+    proc = home.gitpipe("show", "abc")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert '"abc" is not a run id' in proc.stderr
+
+
+def test_unknown_repos(home: Home) -> None:
+    home.add_repo("shop")
+    for args in (("runs", "nope"), ("run", "nope"), ("repo", "remove", "nope")):
+        one_line_error(home.gitpipe(*args), 'unknown repo "nope"', "shop")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_home_that_does_not_exist(where: str) -> None:
+    for command in (("runs",), ("show", "1"), ("repo", "list"), ("serve",)):
+        args = ("--home", "/nonexistent/x", *command) if where == "before" else (*command, "--home", "/nonexistent/x")
+        one_line_error(bare_gitpipe(*args), "/nonexistent/x", "does not exist", "gitpipe init")
+
+
+def test_a_home_that_cannot_be_created() -> None:
+    one_line_error(bare_gitpipe("init", "--home", "/dev/null/x"), "/dev/null/x")
+
+
+def test_repo_add_needs_a_bare_repo(home: Home, tmp_path: Path) -> None:
+    git(tmp_path, "init", "--quiet", "work")
+    one_line_error(home.gitpipe("repo", "add", str(tmp_path / "work")), "is not a bare repository")
+    (tmp_path / "plain").mkdir()
+    one_line_error(home.gitpipe("repo", "add", str(tmp_path / "plain")), "is not a git repository", "--create")
+    one_line_error(home.gitpipe("repo", "add", str(tmp_path / "missing.git")), "does not exist", "--create")
+    assert home.gitpipe("repo", "list", "--json", check=True).stdout.strip() == "[]"
+
+
+def test_repo_add_refuses_a_bad_name_before_creating_anything(home: Home, tmp_path: Path) -> None:
+    one_line_error(home.gitpipe("repo", "add", str(tmp_path / "x.git"), "--create", "--name", "bad name"),
+                   '"bad name"')
+    assert not (tmp_path / "x.git").exists()
+    home.add_repo("shop")
+    one_line_error(home.gitpipe("repo", "add", str(tmp_path / "y.git"), "--create", "--name", "shop"),
+                   'a repo named "shop" is already registered')
+    assert not (tmp_path / "y.git").exists()
+
+
+def test_a_bad_gitpipe_toml_key_names_key_and_line(home: Home) -> None:
+    config = home.home / "gitpipe.toml"
+    config.write_text(config.read_text() + "\n[repos.shop]\nreject_invalid = true\nrejectinvalid = true\n")
+    line = len(config.read_text().splitlines())
+    for args in (("runs",), ("repo", "list"), ("serve",)):
+        one_line_error(home.gitpipe(*args), f"gitpipe.toml:{line}:", '"rejectinvalid"', "did you mean")
+
+
+def test_cancel_of_a_finished_run(home: Home) -> None:
+    repo = home.add_repo("shop")
+    push = home.push(repo, {".pipeline.toml": GOOD})
+    run_id = push.run_ids[0]
+    assert home.gitpipe("cancel", str(run_id), check=True).returncode == 0
+    one_line_error(home.gitpipe("cancel", str(run_id)), f"run #{run_id}", "already cancelled")
+
+
+def test_run_by_hand_needs_a_commit_with_a_pipeline(home: Home) -> None:
+    repo = home.add_repo("shop")
+    one_line_error(home.gitpipe("run", "shop"), "main")  # no commit yet
+    home.push(repo, {"README": "no pipeline"})
+    one_line_error(home.gitpipe("run", "shop"), ".pipeline.toml")
+    home.push(repo, {".pipeline.toml": GOOD})
+    proc = home.gitpipe("run", "shop", check=True)
+    assert re.match(r"run #\d+ queued for main @ [0-9a-f]{7}", proc.stdout)
+    assert home.runs()[0]["trigger"] == "manual"
+
+
+def test_logs_of_an_unknown_action(home: Home) -> None:
+    repo = home.add_repo("shop")
+    run_id = home.push(repo, {".pipeline.toml": GOOD}).run_ids[0]
+    with home.daemon():
+        home.wait_run(run_id)
+    one_line_error(home.gitpipe("logs", str(run_id), "nope"), 'no action "nope"', "build/a")
+
+
+def test_init_keeps_an_existing_configuration(home: Home) -> None:
+    config = home.home / "gitpipe.toml"
+    config.write_text("keep_runs = 7\n")
+    home.gitpipe("init", check=True)
+    assert config.read_text() == "keep_runs = 7\n"
+
+
+# ---------------------------------------------------------------------------- validate
+
+
+def test_validate_a_good_file(tmp_path: Path) -> None:
+    (tmp_path / ".pipeline.toml").write_text(GOOD)
+    proc = bare_gitpipe("validate", cwd=tmp_path)  # default: ./.pipeline.toml
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "ok" in proc.stdout
+
+
+def test_validate_reports_every_error_as_file_line_message(tmp_path: Path) -> None:
+    path = tmp_path / "ci" / "pipe.toml"
+    path.parent.mkdir()
+    path.write_text(BAD)
+    proc = bare_gitpipe("validate", str(path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) >= 2
+    for line in lines:
+        assert re.match(rf"^{re.escape(str(path))}:\d+: \S", line), line
+    assert any(line.startswith(f"{path}:2: ") for line in lines)  # the bad timeout
+    assert any(line.startswith(f"{path}:8: ") and "shell" in line for line in lines)
+
+
+def test_validate_a_file_that_does_not_exist(tmp_path: Path) -> None:
+    one_line_error(bare_gitpipe("validate", cwd=tmp_path), ".pipeline.toml", "does not exist")

@@ -1,0 +1,234 @@
+"""Tests of gitpipe.git: reading bare repos, and the worktree pool's reset and isolation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import git
+
+from gitpipe import git as gitmod
+from gitpipe.errors import UsageError
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> Path:
+    """A bare repo (HEAD on main) with two commits on main and a tag; returned path."""
+    path = tmp_path / "shop.git"
+    gitmod.create_bare(path)
+    work = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", str(path), str(work))
+    (work / ".gitignore").write_text("ignored/\n*.log\n")
+    (work / "README.md").write_text("original\n")
+    (work / "src").mkdir()
+    (work / "src" / "app.py").write_text("print('v1')\n")
+    (work / "only-in-first.txt").write_text("first\n")
+    git(work, "add", ".")
+    git(work, "commit", "--quiet", "-m", "first")
+    git(work, "tag", "v1")
+    git(work, "rm", "--quiet", "only-in-first.txt")
+    (work / "src" / "app.py").write_text("print('v2')\n")
+    git(work, "commit", "--quiet", "-am", "second\n\nwith a body")
+    git(work, "push", "--quiet", "origin", "HEAD:refs/heads/main", "refs/tags/v1")
+    return path
+
+
+def sha_of(repo: Path, rev: str) -> str:
+    return git(repo, "rev-parse", rev).stdout.strip()
+
+
+def snapshot_of_bare(repo: Path) -> tuple[str, bytes, dict[str, bytes], list[str]]:
+    hooks = {p.name: p.read_bytes() for p in sorted((repo / "hooks").iterdir())}
+    objects = sorted(str(p.relative_to(repo)) for p in (repo / "objects").rglob("*"))
+    return git(repo, "for-each-ref").stdout, (repo / "config").read_bytes(), hooks, objects
+
+
+def tree_state(tree: Path) -> tuple[list[str], str]:
+    """Every path in a worktree (outside .git) and `git status` with ignored files."""
+    paths = sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if ".git" not in p.relative_to(tree).parts)
+    status = git(tree, "status", "--porcelain", "--ignored", "--untracked-files=all").stdout
+    return paths, status
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def test_create_bare_names_main_and_reads_commits(bare: Path) -> None:
+    repo = gitmod.open_bare(bare)
+    assert gitmod.default_branch(repo) == "main"
+    main, v1 = sha_of(bare, "main"), sha_of(bare, "v1")
+    assert gitmod.resolve(repo, "main") == ("refs/heads/main", main)
+    assert gitmod.resolve(repo, "refs/heads/main") == ("refs/heads/main", main)
+    assert gitmod.resolve(repo, "v1") == ("refs/tags/v1", v1)
+    with pytest.raises(UsageError, match='no branch or tag "nope"'):
+        gitmod.resolve(repo, "nope")
+    assert gitmod.read_file(repo, main, "src/app.py") == "print('v2')\n"
+    assert gitmod.read_file(repo, main, "only-in-first.txt") is None
+    assert gitmod.read_file(repo, v1, "only-in-first.txt") == "first\n"
+    assert gitmod.read_file(repo, "0" * 40, "README.md") is None
+    author, message = gitmod.commit_info(repo, main)
+    assert author == "Test Author <author@example.com>" and message == "second\n\nwith a body\n"
+    assert gitmod.has_commit(repo, main) and not gitmod.has_commit(repo, "0" * 40)
+
+
+def test_empty_new_bare_repo_has_main_as_default_branch(tmp_path: Path) -> None:
+    repo = gitmod.create_bare(tmp_path / "new.git")
+    assert gitmod.default_branch(repo) == "main"
+    with pytest.raises(UsageError, match="already exists and is not empty"):
+        gitmod.create_bare(tmp_path / "new.git")
+
+
+def test_open_bare_says_why_a_path_is_not_a_bare_repo(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        gitmod.open_bare(tmp_path / "missing.git")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UsageError, match="is not a git repository"):
+        gitmod.open_bare(tmp_path / "plain")
+    git(tmp_path, "init", "--quiet", "work")
+    with pytest.raises(UsageError, match="is not a bare repository"):
+        gitmod.open_bare(tmp_path / "work")
+
+
+# ---------------------------------------------------------------------------- the worktree pool
+
+
+def test_a_checkout_is_exactly_the_commit(bare: Path, tmp_path: Path) -> None:
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        paths, status = tree_state(slot.tree)
+        assert paths == [".gitignore", "README.md", "src", "src/app.py"]
+        assert status == ""
+        assert git(slot.tree, "rev-parse", "HEAD").stdout.strip() == main
+        assert (slot.tree / "src" / "app.py").read_text() == "print('v2')\n"
+
+
+def test_a_reused_slot_is_reset_to_exactly_the_commit(bare: Path, tmp_path: Path) -> None:
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main, v1 = sha_of(bare, "main"), sha_of(bare, "v1")
+    with pool.checkout(main) as slot:
+        clean = tree_state(slot.tree)
+        first_root = slot.root
+        t = slot.tree
+        (t / "README.md").write_text("changed\n")
+        (t / "src" / "app.py").unlink()
+        (t / "untracked.txt").write_text("x")
+        (t / "ignored").mkdir()
+        (t / "ignored" / "junk").write_text("x")
+        (t / "build.log").write_text("x")
+        (t / "locked").mkdir()
+        (t / "locked" / "f").write_text("x")
+        os.chmod(t / "locked", 0o000)
+        subprocess.run(["git", "init", "--quiet", "nested"], cwd=t, check=True)
+        (t / "nested" / "inner.txt").write_text("x")
+        git(t, "config", "gitpipe.leftover", "yes")
+        hooks = t / ".git" / "hooks"
+        hooks.mkdir(exist_ok=True)
+        (hooks / "post-checkout").write_text("#!/bin/sh\ntouch \"$PWD/../hook-ran\"\n")
+        (hooks / "post-checkout").chmod(0o755)
+        (t / ".git" / "info").mkdir(exist_ok=True)
+        (t / ".git" / "info" / "exclude").write_text("*\n")
+        git(t, "update-index", "--skip-worktree", ".gitignore")
+        (t / ".gitignore").write_text("changed but hidden by skip-worktree\n")
+        (t.parent / "beside").write_text("x")
+    with pool.checkout(main) as slot:
+        assert slot.root == first_root  # the same slot, reused
+        assert tree_state(slot.tree) == clean
+        assert (slot.tree / "README.md").read_text() == "original\n"
+        assert (slot.tree / ".gitignore").read_text() == "ignored/\n*.log\n"
+        assert git(slot.tree, "config", "--local", "--list").stdout.find("gitpipe.leftover") < 0
+        assert not (slot.tree / ".git" / "hooks" / "post-checkout").exists()
+        assert not (slot.root / "hook-ran").exists()
+        assert sorted(p.name for p in slot.root.iterdir()) == ["index", "tree"]
+    with pool.checkout(v1) as slot:  # another commit in the same slot
+        paths, status = tree_state(slot.tree)
+        assert "only-in-first.txt" in paths and status == ""
+        assert (slot.tree / "src" / "app.py").read_text() == "print('v1')\n"
+
+
+def test_a_replaced_git_dir_is_rebuilt(bare: Path, tmp_path: Path) -> None:
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pool.checkout(main) as slot:
+        clean = tree_state(slot.tree)
+        subprocess.run(["rm", "-rf", str(slot.tree / ".git")], check=True)
+        (slot.tree / ".git").symlink_to(elsewhere)
+    with pool.checkout(main) as slot:
+        assert tree_state(slot.tree) == clean
+        assert not (slot.tree / ".git").is_symlink()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_concurrent_checkouts_get_distinct_slots(bare: Path, tmp_path: Path) -> None:
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as a, pool.checkout(main) as b:
+        assert a.root != b.root
+        (a.tree / "mine").write_text("a")
+        assert not (b.tree / "mine").exists()
+    roots: list[Path] = []
+    barrier = threading.Barrier(4)
+    lock = threading.Lock()
+
+    def hold() -> None:
+        with pool.checkout(main) as slot:
+            with lock:
+                roots.append(slot.root)
+            barrier.wait(timeout=30)  # all four hold a slot at the same time
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(roots)) == 4
+    with pool.checkout(main) as slot:  # all free again: the first slot is taken
+        assert slot.root == pool.dir / "0"
+
+
+def test_a_worktree_cannot_change_the_bare_repo(bare: Path, tmp_path: Path) -> None:
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    before = snapshot_of_bare(bare)
+    with pool.checkout(main) as slot:
+        t = slot.tree
+        git(t, "update-ref", "refs/heads/main", "HEAD~1")
+        git(t, "update-ref", "refs/heads/evil", "HEAD")
+        git(t, "tag", "evil")
+        (t / "new.txt").write_text("new")
+        git(t, "add", "new.txt")
+        git(t, "commit", "--quiet", "-m", "evil")
+        git(t, "config", "core.bare", "true")
+        git(t, "config", "receive.denyCurrentBranch", "ignore")
+        git(t, "gc", "--quiet")
+    assert snapshot_of_bare(bare) == before
+    assert git(bare, "fsck", "--no-progress").returncode == 0
+
+
+def test_remove_tree_removes_what_an_action_made_read_only(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_text("x")
+    os.chmod(root / "a" / "b", 0o500)
+    os.chmod(root / "a", 0o000)
+    gitmod.remove_tree(root)
+    assert not root.exists()
+
+
+@pytest.mark.xfail(reason="BUG: git.py WorktreePool._reset trusts the saved index beside the tree "
+                          "(slot.root/index), which an action can overwrite via ../index; a skip-worktree "
+                          "entry there keeps a modified tracked file across the reset", strict=True)
+def test_a_tampered_saved_index_does_not_keep_a_modified_file(bare: Path, tmp_path: Path) -> None:
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        git(slot.tree, "update-index", "--skip-worktree", "README.md")
+        (slot.tree / "README.md").write_text("changed by an earlier action\n")
+        (slot.root / "index").write_bytes((slot.tree / ".git" / "index").read_bytes())
+    with pool.checkout(main) as slot:
+        assert (slot.tree / "README.md").read_text() == "original\n"

@@ -1,0 +1,249 @@
+"""Tests of the push intake: which pushed refs start runs (the hook's own planner and
+queue.plan_runs must agree), what the pusher reads, the pre-receive check, the spool."""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import Home, git, pipeline
+
+from gitpipe import hookmain, queue, settings
+from gitpipe.models import RefUpdate
+from gitpipe.store import Store
+
+ZERO = "0" * 40
+PIPE = pipeline("""
+    [trigger]
+    branches = ["main", "release/*"]
+    tags = ["v*"]
+    paths = ["src/**"]
+
+    [[stage]]
+    name = "s"
+      [[stage.action]]
+      name = "a"
+      run = "true"
+    """)
+INVALID_MAIN_ONLY = '[trigger]\nbranches = ["main"]\n\n[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  shell = "x"\n'
+BROKEN_TOML = "[trigger\nbranches = [\n"
+
+
+@dataclass
+class Shas:
+    a: str  # pipeline + src/a.py
+    b: str  # + docs only
+    c: str  # + src change
+    none: str  # no pipeline
+    invalid: str  # invalid pipeline whose [trigger] names main only
+    broken: str  # not TOML at all
+    tag: str  # annotated tag object on a
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> tuple[Path, Shas]:
+    """An unregistered bare repo holding the commits the planners are asked about."""
+    repo = tmp_path / "shop.git"
+    git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(repo))
+    work = tmp_path / "work"
+    git(tmp_path, "init", "--quiet", "-b", "main", str(work))
+
+    def commit(files: dict[str, str], message: str) -> str:
+        for rel, text in files.items():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_text(text)
+            git(work, "add", rel)
+        git(work, "commit", "--quiet", "--allow-empty", "-m", message)
+        return git(work, "rev-parse", "HEAD").stdout.strip()
+
+    a = commit({".pipeline.toml": PIPE, "src/a.py": "a"}, "a")
+    b = commit({"docs/x.md": "x"}, "b")
+    c = commit({"src/deep/c.py": "c"}, "c")
+    git(work, "tag", "-a", "-m", "annotated", "v2", a)
+    git(work, "checkout", "--quiet", "--orphan", "other")
+    git(work, "rm", "-r", "-f", "--quiet", ".")
+    none = commit({"README": "no pipeline"}, "none")
+    invalid = commit({".pipeline.toml": INVALID_MAIN_ONLY}, "invalid")
+    broken = commit({".pipeline.toml": BROKEN_TOML}, "broken")
+    git(work, "push", "--quiet", str(repo), f"{c}:refs/heads/keep", f"{broken}:refs/heads/keep2", "refs/tags/v2")
+    tag = git(repo, "rev-parse", "refs/tags/v2").stdout.strip()
+    return repo, Shas(a, b, c, none, invalid, broken, tag)
+
+
+Planned = list[tuple[str, str, bool]]  # (ref, sha, has an error)
+
+
+def plan_library(home: Path, repo: Path, updates: list[tuple[str, str, str]]) -> Planned:
+    runs = queue.plan_runs(str(repo), "shop", [RefUpdate(*u) for u in updates], "alice")
+    return [(r.ref, r.sha, r.error is not None) for r in runs]
+
+
+def plan_hook(home: Path, repo: Path, updates: list[tuple[str, str, str]]) -> Planned:
+    """What the installed post-receive hook records (it writes the runs to the database)."""
+    store = Store(settings.load(home))
+    try:
+        last = max((r.id for r in store.runs(limit=1)), default=0)
+        hookmain.post_receive(str(home), "shop", str(repo), "".join(f"{o} {n} {r}\n" for o, n, r in updates))
+        runs = [r for r in reversed(store.runs(limit=1000)) if r.id > last]
+    finally:
+        store.close()
+    return [(r.ref, r.sha, r.error is not None) for r in runs]
+
+
+PLANNERS: dict[str, Callable[[Path, Path, list[tuple[str, str, str]]], Planned]] = {
+    "queue.plan_runs": plan_library, "hook": plan_hook}
+
+
+@pytest.fixture(params=list(PLANNERS))
+def plan(request: pytest.FixtureRequest, tmp_path: Path, bare: tuple[Path, Shas]
+         ) -> Callable[[list[tuple[str, str, str]]], Planned]:
+    home = tmp_path / "home"
+    home.mkdir()
+    Store(settings.load(home)).close()
+    planner = PLANNERS[request.param]
+    return lambda updates: planner(home, bare[0], updates)
+
+
+def test_a_new_branch_runs_whatever_it_changed(plan: Callable, bare: tuple[Path, Shas]) -> None:
+    _, s = bare
+    assert plan([(ZERO, s.b, "refs/heads/main")]) == [("refs/heads/main", s.b, False)]
+
+
+def test_paths_decide_for_an_updated_branch(plan: Callable, bare: tuple[Path, Shas]) -> None:
+    _, s = bare
+    assert plan([(s.a, s.b, "refs/heads/main")]) == []  # docs only
+    assert plan([(s.b, s.c, "refs/heads/main")]) == [("refs/heads/main", s.c, False)]
+    assert plan([(s.a, s.c, "refs/heads/main")]) == [("refs/heads/main", s.c, False)]  # several commits
+
+
+def test_branch_and_tag_globs(plan: Callable, bare: tuple[Path, Shas]) -> None:
+    _, s = bare
+    assert plan([(ZERO, s.a, "refs/heads/feature")]) == []
+    assert plan([(ZERO, s.a, "refs/heads/release/1.0")]) == [("refs/heads/release/1.0", s.a, False)]
+    assert plan([(ZERO, s.a, "refs/heads/release")]) == []
+    assert plan([(ZERO, s.a, "refs/tags/v1")]) == [("refs/tags/v1", s.a, False)]
+    assert plan([(ZERO, s.a, "refs/tags/x1")]) == []
+
+
+def test_an_annotated_tag_runs_the_commit_it_points_to(plan: Callable, bare: tuple[Path, Shas]) -> None:
+    _, s = bare
+    assert plan([(ZERO, s.tag, "refs/tags/v2")]) == [("refs/tags/v2", s.a, False)]
+
+
+def test_deletions_other_refs_and_commits_without_pipeline_start_nothing(
+        plan: Callable, bare: tuple[Path, Shas]) -> None:
+    _, s = bare
+    assert plan([(s.c, ZERO, "refs/heads/main")]) == []
+    assert plan([(ZERO, s.a, "refs/notes/commits"), (ZERO, s.a, "refs/pull/1/head")]) == []
+    assert plan([(ZERO, s.none, "refs/heads/main")]) == []
+    assert plan([(s.a, s.none, "refs/heads/main")]) == []
+
+
+def test_an_invalid_pipeline_still_obeys_its_trigger(plan: Callable, bare: tuple[Path, Shas]) -> None:
+    _, s = bare
+    assert plan([(ZERO, s.invalid, "refs/heads/main")]) == [("refs/heads/main", s.invalid, True)]
+    assert plan([(ZERO, s.invalid, "refs/heads/feature")]) == []
+    # Not even TOML: no trigger can be read, so it fails on every branch (default ["*"]).
+    assert plan([(ZERO, s.broken, "refs/heads/feature")]) == [("refs/heads/feature", s.broken, True)]
+
+
+def test_one_run_per_triggering_ref_of_a_push_in_order(plan: Callable, bare: tuple[Path, Shas]) -> None:
+    _, s = bare
+    updates = [(ZERO, s.c, "refs/heads/main"), (ZERO, s.c, "refs/heads/feature"),
+               (ZERO, s.a, "refs/heads/release/2"), (ZERO, s.a, "refs/tags/v9")]
+    assert plan(updates) == [("refs/heads/main", s.c, False), ("refs/heads/release/2", s.a, False),
+                             ("refs/tags/v9", s.a, False)]
+
+
+def test_what_the_pusher_reads(tmp_path: Path, bare: tuple[Path, Shas]) -> None:
+    repo, s = bare
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "gitpipe.toml").write_text('site_url = "https://ci.example.com/"\n')
+    Store(settings.load(home)).close()
+    lines = hookmain.post_receive(str(home), "shop", str(repo),
+                                  f"{ZERO} {s.c} refs/heads/main\n{ZERO} {s.invalid} refs/heads/main\n")
+    assert lines[0] == f"gitpipe: run #1 queued for main @ {s.c[:7]} https://ci.example.com/shop/runs/1.html"
+    assert lines[1] == (f"gitpipe: run #2 for main @ {s.invalid[:7]} failed: .pipeline.toml is invalid: "
+                        "https://ci.example.com/shop/runs/2.html")
+    assert len(lines) == 4  # every problem, one line each, in line order
+    assert lines[2].startswith("gitpipe:   .pipeline.toml:6: ") and '"run"' in lines[2]
+    assert lines[3].startswith("gitpipe:   .pipeline.toml:8: ") and '"shell"' in lines[3]
+    assert list((home / "wake").iterdir())  # the daemon is woken
+    assert hookmain.post_receive(str(home), "shop", str(repo), f"{s.c} {ZERO} refs/heads/main\n") == []
+
+
+def test_pre_receive_checks_only_when_the_repo_asks(tmp_path: Path, bare: tuple[Path, Shas]) -> None:
+    repo, s = bare
+    home = tmp_path / "home"
+    home.mkdir()
+    text = f"{ZERO} {s.invalid} refs/heads/main\n{s.c} {ZERO} refs/heads/gone\n{ZERO} {s.none} refs/heads/x\n"
+    assert queue.pre_receive(settings.load(home), "shop", str(repo), text) == (True, [])
+    (home / "gitpipe.toml").write_text("[repos.shop]\nreject_invalid = true\n")
+    ok, lines = queue.pre_receive(settings.load(home), "shop", str(repo), text)
+    assert not ok
+    assert lines[0] == "gitpipe: rejecting main: .pipeline.toml is invalid"
+    assert [line.split(": ")[1] for line in lines[1:3]] == ["  .pipeline.toml:6", "  .pipeline.toml:8"]
+    assert "gitpipe validate" in lines[-1]
+    valid = f"{ZERO} {s.a} refs/heads/main\n"
+    assert queue.pre_receive(settings.load(home), "shop", str(repo), valid) == (True, [])
+
+
+def test_parse_updates() -> None:
+    text = f"{ZERO} {'a' * 40} refs/heads/main\n\ngarbage\n{'a' * 40} {ZERO} refs/tags/v1\n"
+    ups = queue.parse_updates(text)
+    assert [(u.ref, u.created, u.deleted, u.branch, u.tag) for u in ups] == [
+        ("refs/heads/main", True, False, "main", None), ("refs/tags/v1", False, True, None, "v1")]
+
+
+def test_the_hooks_glob_matches_like_fnmatch() -> None:
+    """The hook matches branch globs without importing `re`; it must agree with fnmatch."""
+    patterns = ["*", "main", "release/*", "v*", "v?.*", "[a-c]*", "[!a-c]*", "*-rc[0-9]", "a*b*c",
+                "**", "x[", "[]]x", "*/*", "feature/**/x", "[-a]b", "v[0-9].[0-9]*"]
+    names = ["main", "release/1.0", "release/", "v1.2", "v", "bcd", "dcb", "1.0-rc1", "abc", "aXbYc",
+             "x[", "]x", "feature/a/b/x", "-b", "ab", "v1.23", "", "a/b", "Main"]
+    rnd = random.Random(7)
+    alphabet = "ab*?[]!-/"
+    patterns += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 6))) for _ in range(300)]
+    names += ["".join(rnd.choice("ab/-]") for _ in range(rnd.randint(0, 6))) for _ in range(100)]
+    mismatches = [(p, n) for p in patterns for n in names
+                  if hookmain.glob_match(p, n) != fnmatch.fnmatchcase(n, p)]
+    assert mismatches == []
+
+
+def test_a_push_the_database_refuses_is_spooled_and_queued_by_the_daemon(home: Home) -> None:
+    repo = home.add_repo("spooled")
+    db = home.home / "gitpipe.db"
+    aside = home.root / "db-aside"
+    aside.mkdir()
+    for f in home.home.glob("gitpipe.db*"):
+        shutil.move(str(f), aside / f.name)
+    db.mkdir()  # sqlite cannot open a directory: the hook's insert fails
+    push = home.push(repo, {".pipeline.toml": pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "echo spooled"
+        """)})
+    assert push.returncode == 0, push.stderr
+    assert "database busy or unwritable" in push.stderr and "the daemon will queue it" in push.stderr
+    assert len(list((home.home / "spool").glob("*.json"))) == 1
+    db.rmdir()
+    for f in aside.iterdir():
+        shutil.move(str(f), home.home / f.name)
+    served = home.gitpipe("serve", "--burst", timeout=60)
+    assert served.returncode == 0, served.stderr
+    [run] = home.runs()
+    assert run["status"] == "succeeded" and run["sha"] == push.sha and run["ref"] == "refs/heads/main"
+    assert list((home.home / "spool").glob("*.json")) == []
+    assert "spooled" in home.logs(run["id"])
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+    conn.close()

@@ -1,0 +1,307 @@
+"""Tests of gitpipe.store: migrations and state transitions, on a real SQLite file in tmp_path."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import ISO_UTC
+
+from gitpipe import intake, settings
+from gitpipe.errors import TransitionError, UsageError
+from gitpipe.models import (
+    ActionSpec,
+    ActionStatus,
+    ArtifactRecord,
+    Event,
+    Pipeline,
+    RunStatus,
+    StageSpec,
+    TriggerSpec,
+)
+from gitpipe.queue import NewRun
+from gitpipe.store import MIGRATIONS, Store
+
+PIPE = Pipeline(
+    name="shop", timeout=None, trigger=TriggerSpec(), env=(),
+    stages=(
+        StageSpec("build", 1, (ActionSpec("wheel", 2), ActionSpec("lint", 3), ActionSpec("pack", 4, run_order=2))),
+        StageSpec("test", 5, (ActionSpec("unit", 6),)),
+    ),
+)
+
+
+def new_run(**fields: object) -> NewRun:
+    values: dict[str, object] = {"repo": "shop", "pipeline": "shop", "ref": "refs/heads/main", "sha": "a" * 40,
+                                 "trigger": "push", "pipeline_text": "", "pusher": "alice"}
+    values.update(fields)
+    return NewRun(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(settings.load(tmp_path))
+    yield s
+    s.close()
+
+
+def running_run(store: Store) -> int:
+    [run_id] = store.create_runs([new_run()])
+    store.start_run(run_id, PIPE, None, "A <a@example.com>", "msg")
+    return run_id
+
+
+# ---------------------------------------------------------------------------- migrations
+
+
+def test_migrations_are_applied_once(tmp_path: Path) -> None:
+    conf = settings.load(tmp_path)
+    first = Store(conf)
+    assert first.migrate() == []
+    [run_id] = first.create_runs([new_run()])
+    first.close()
+    again = Store(conf)  # reopening applies nothing and keeps the data
+    assert again.migrate() == []
+    assert again.run(run_id).status is RunStatus.QUEUED
+    names = [r["name"] for r in again.query("SELECT name FROM migrations ORDER BY rowid")]
+    assert names == [name for name, _ in MIGRATIONS]
+    again.close()
+
+
+def test_an_old_database_is_brought_up_to_date(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "gitpipe.db", isolation_level=None)
+    old.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, at TEXT)")
+    old.executescript(MIGRATIONS[0][1])
+    old.execute("INSERT INTO migrations VALUES (?, ?)", (MIGRATIONS[0][0], "2020-01-01T00:00:00.000Z"))
+    old.execute("INSERT INTO runs (repo, pipeline, ref, sha, status, trigger, created_at) "
+                "VALUES ('shop', 'shop', 'refs/heads/main', 'abc', 'succeeded', 'push', 'x')")
+    old.close()
+    s = Store(settings.load(tmp_path))
+    assert s.query("SELECT name FROM migrations ORDER BY rowid")[-1]["name"] == MIGRATIONS[-1][0]
+    assert s.run(1).status is RunStatus.SUCCEEDED
+    s.close()
+
+
+def test_two_processes_opening_an_old_database_at_once_both_succeed(tmp_path: Path) -> None:
+    """The daemon and a command started together after an upgrade both migrate; neither may fail."""
+    db = tmp_path / "gitpipe.db"
+    old = sqlite3.connect(db, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, at TEXT)")
+    old.executescript(MIGRATIONS[0][1])
+    old.execute("INSERT INTO migrations VALUES (?, ?)", (MIGRATIONS[0][0], "2020-01-01T00:00:00.000Z"))
+    old.execute("BEGIN IMMEDIATE")  # hold the write lock so both openers queue up behind it
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            Store(settings.load(tmp_path)).close()
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # lets both read the applied migrations and wait for the lock (not asserted on)
+    old.execute("COMMIT")
+    old.close()
+    for t in threads:
+        t.join()
+    assert errors == []
+    s = Store(settings.load(tmp_path))
+    assert len(s.query("SELECT name FROM migrations")) == len(MIGRATIONS)
+    s.close()
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def test_a_run_goes_through_its_states_and_refuses_the_others(store: Store) -> None:
+    [run_id] = store.create_runs([new_run()])
+    assert store.run(run_id).status is RunStatus.QUEUED
+    with pytest.raises(TransitionError, match=f"run #{run_id} is queued, it cannot become succeeded"):
+        store.finish_run(run_id, RunStatus.SUCCEEDED)
+    with pytest.raises(TransitionError, match=f"run #{run_id} is queued, it cannot become waiting"):
+        store.set_run_waiting(run_id, True)
+    assert store.run(run_id).status is RunStatus.QUEUED and store.run(run_id).finished_at is None
+    store.start_run(run_id, PIPE, None, "A <a@example.com>", "the message")
+    run = store.run(run_id)
+    assert run.status is RunStatus.RUNNING and ISO_UTC.match(run.started_at or "")
+    assert (run.commit_author, run.commit_message) == ("A <a@example.com>", "the message")
+    assert [s.name for s in store.stages(run_id)] == ["build", "test"]
+    assert [(a.name, a.run_order, a.status) for a in store.actions(run_id)] == [
+        ("wheel", 1, ActionStatus.PENDING), ("lint", 1, ActionStatus.PENDING),
+        ("pack", 2, ActionStatus.PENDING), ("unit", 1, ActionStatus.PENDING)]
+    store.set_run_waiting(run_id, True)
+    assert store.run(run_id).status is RunStatus.WAITING
+    store.set_run_waiting(run_id, False)
+    store.finish_run(run_id, RunStatus.SUCCEEDED)
+    run = store.run(run_id)
+    assert run.status is RunStatus.SUCCEEDED and ISO_UTC.match(run.finished_at or "")
+    for status in RunStatus:  # a finished run never changes again
+        with pytest.raises(TransitionError):
+            store.finish_run(run_id, status)
+    with pytest.raises(TransitionError):
+        store.fail_queued_run(run_id, "too late")
+    assert store.run(run_id).status is RunStatus.SUCCEEDED
+
+
+def test_every_change_is_stored_as_an_event_with_its_time(store: Store) -> None:
+    run_id = running_run(store)
+    [wheel, *_] = store.actions(run_id)
+    store.set_action(wheel.id, ActionStatus.RUNNING)
+    store.set_action(wheel.id, ActionStatus.SUCCEEDED, exit_code=0)
+    store.finish_run(run_id, RunStatus.FAILED, "because")
+    events = store.events(run_id)
+    assert [(e["subject"], e["status"]) for e in events] == [
+        ("run", "queued"), ("run", "running"), (f"action:{wheel.id}", "running"),
+        (f"action:{wheel.id}", "succeeded"), ("run", "failed")]
+    assert all(ISO_UTC.match(e["at"]) for e in events)
+    assert [e["at"] for e in events] == sorted(e["at"] for e in events)
+    assert events[-1]["detail"] == "because" and store.run(run_id).error == "because"
+
+
+def test_a_refused_change_writes_nothing(store: Store) -> None:
+    run_id = running_run(store)
+    before = store.events(run_id)
+    store.finish_run(run_id, RunStatus.CANCELLED)
+    with pytest.raises(TransitionError):
+        store.finish_run(run_id, RunStatus.SUCCEEDED, "nope")
+    run = store.run(run_id)
+    assert run.status is RunStatus.CANCELLED and run.error is None
+    assert len(store.events(run_id)) == len(before) + 1
+
+
+def test_listeners_hear_changes_after_commit_and_nothing_of_a_rollback(store: Store) -> None:
+    heard: list[Event] = []
+    store.listeners.append(heard.append)
+    run_id = running_run(store)
+    assert [(e.subject, e.status) for e in heard] == [("run", "queued"), ("run", "running")]
+    heard.clear()
+    with pytest.raises(RuntimeError), store.tx():
+        store.finish_run(run_id, RunStatus.SUCCEEDED)
+        raise RuntimeError("something failed after the change")
+    assert heard == []
+    assert store.run(run_id).status is RunStatus.RUNNING
+    assert [e["status"] for e in store.events(run_id)] == ["queued", "running"]
+
+
+# ---------------------------------------------------------------------------- actions
+
+
+def test_action_transitions(store: Store) -> None:
+    run_id = running_run(store)
+    wheel, lint, pack, unit = store.actions(run_id)
+    with pytest.raises(TransitionError, match='action "wheel" .* is pending, it cannot become succeeded'):
+        store.set_action(wheel.id, ActionStatus.SUCCEEDED)
+    store.set_action(wheel.id, ActionStatus.RUNNING)
+    started = store.action(wheel.id).started_at
+    assert started and ISO_UTC.match(started) and store.action(wheel.id).finished_at is None
+    store.set_action(wheel.id, ActionStatus.RUNNING)  # a retry stays running, keeps its start
+    assert store.action(wheel.id).started_at == started
+    store.set_action(wheel.id, ActionStatus.FAILED, exit_code=3, message="exit status 3")
+    act = store.action(wheel.id)
+    assert (act.status, act.exit_code, act.message) == (ActionStatus.FAILED, 3, "exit status 3")
+    assert act.finished_at and act.finished_at >= started
+    for status in ActionStatus:
+        if status is not ActionStatus.FAILED:
+            with pytest.raises(TransitionError):
+                store.set_action(wheel.id, status)
+    store.set_action(pack.id, ActionStatus.SKIPPED)
+    skipped = store.action(pack.id)
+    assert skipped.started_at is None and skipped.finished_at is not None
+    with pytest.raises(TransitionError):
+        store.set_action(pack.id, ActionStatus.RUNNING)
+    store.set_action(lint.id, ActionStatus.RUNNING)
+    store.set_action(lint.id, ActionStatus.INTERRUPTED)
+    store.set_action(lint.id, ActionStatus.RUNNING)  # an interrupted attempt starts again
+    store.set_action(unit.id, ActionStatus.CANCELLED)
+    assert store.action(unit.id).status is ActionStatus.CANCELLED
+
+
+def test_attempts_are_numbered_and_open_ones_are_found(store: Store, tmp_path: Path) -> None:
+    run_id = running_run(store)
+    wheel = store.actions(run_id)[0]
+    assert store.start_attempt(wheel.id, 123.5, str(tmp_path / "1.log"), "tok1") == 1
+    store.finish_attempt(wheel.id, 1, ActionStatus.FAILED, 1)
+    assert store.start_attempt(wheel.id, None, str(tmp_path / "2.log"), "tok2") == 2
+    assert store.action(wheel.id).attempts == 2 and store.action(wheel.id).exit_code is None
+    [first, second] = store.attempts(wheel.id)
+    assert (first.status, first.exit_code, first.deadline, first.token) == (ActionStatus.FAILED, 1, 123.5, "tok1")
+    assert first.finished_at and second.finished_at is None
+    assert [(a.action_id, a.number, a.token) for a in store.open_attempts()] == [(wheel.id, 2, "tok2")]
+
+
+def test_cancel_records_who_and_why(store: Store) -> None:
+    [queued, running, done] = store.create_runs([new_run(), new_run(), new_run()])
+    store.start_run(running, PIPE, None, None, None)
+    store.start_run(done, PIPE, None, None, None)
+    store.finish_run(done, RunStatus.SUCCEEDED)
+    now = store.request_cancel(queued, "bob", "wrong branch")
+    assert now.status is RunStatus.CANCELLED and now.finished_at
+    assert (now.cancelled_by, now.cancel_reason) == ("bob", "wrong branch")
+    later = store.request_cancel(running, "carol", None)
+    assert later.status is RunStatus.RUNNING and store.cancel_requested(running)
+    assert later.cancelled_by == "carol"
+    assert store.events(running)[-1]["status"] == "cancel-requested"
+    with pytest.raises(TransitionError, match="already succeeded"):
+        store.request_cancel(done, "dave", None)
+    assert store.run(done).cancelled_by is None
+
+
+def test_unknown_runs_and_repos_are_usage_errors(store: Store) -> None:
+    store.add_repo("shop", "/srv/git/shop.git")
+    with pytest.raises(UsageError, match="unknown run #999") as err:
+        store.run(999)
+    assert err.value.exit_code == 2
+    with pytest.raises(UsageError, match=r'unknown repo "nope" \(registered: shop\)'):
+        store.repo_path("nope")
+    store.remove_repo("shop")
+    with pytest.raises(UsageError):
+        store.repo_path("shop")
+
+
+# ---------------------------------------------------------------------------- intake, artifacts, outputs
+
+
+def test_runs_recorded_by_the_hook_are_read_by_the_store(store: Store) -> None:
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def push(n: int) -> None:
+        got = intake.record(store.settings.db_path, [
+            {"repo": "shop", "pipeline": "shop", "ref": f"refs/heads/b{n}", "sha": "b" * 40, "trigger": "push",
+             "pusher": "eve", "pipeline_text": "", "error": None}])
+        with lock:
+            ids.extend(got)
+
+    threads = [threading.Thread(target=push, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ids) == list(range(1, 21))
+    runs = store.runs(limit=100)
+    assert {r.ref for r in runs} == {f"refs/heads/b{n}" for n in range(20)}
+    assert all(r.status is RunStatus.QUEUED and r.pusher == "eve" for r in runs)
+    failed = intake.record(store.settings.db_path, [
+        {"repo": "shop", "pipeline": "shop", "ref": "refs/heads/x", "sha": "c" * 40, "trigger": "push",
+         "error": ".pipeline.toml is invalid"}])[0]
+    run = store.run(failed)
+    assert run.status is RunStatus.FAILED and run.finished_at and run.error == ".pipeline.toml is invalid"
+
+
+def test_artifacts_and_outputs_round_trip(store: Store) -> None:
+    run_id = running_run(store)
+    art = ArtifactRecord(run_id=run_id, name="wheel", action="wheel", size=10, sha256="f" * 64,
+                         path="/x/wheel", files=1)
+    store.add_artifact(art)
+    store.add_artifact(art)  # the same name again (a retried action) replaces it
+    assert store.artifacts(run_id) == [art]
+    store.set_outputs(run_id, "wheel", {"version": "1.0", "sha": "abc"})
+    store.set_outputs(run_id, "wheel", {"version": "1.1"})
+    assert {(o["key"], o["value"]) for o in store.outputs(run_id)} == {("version", "1.1"), ("sha", "abc")}
