@@ -19,10 +19,12 @@ write to the bare repo by its absolute path; run gitpipe under a dedicated user.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -157,7 +159,16 @@ class Slot:
 
 
 class WorktreePool:
-    """Reusable worktrees of one repo under `work/<repo>/<n>/`, each held by one action at a time."""
+    """Reusable worktrees of one repo under `work/<repo>/<n>/`, each held by one action at a time.
+
+    The index saved beside a tree is only a stat cache, but a tampered one (say, with a
+    skip-worktree entry) could hide a modified file from the reset; so its sha256 is
+    kept in this process's memory and a saved index that does not match it is not used
+    (after a daemon restart, the first use of each slot rebuilds its index once).
+    """
+
+    _digests: dict[str, str] = {}  # slot root -> sha256 of the index we saved there
+    _digests_lock = threading.Lock()
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path) -> None:
         self.dir = work_dir / repo_name
@@ -203,6 +214,8 @@ class WorktreePool:
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
         saved = slot.root / "index"
         shutil.copyfile(slot.tree / ".git" / "index", saved)
+        with self._digests_lock:
+            self._digests[str(slot.root)] = _sha256(saved)
 
     def _prepare_git_dir(self, slot: Slot, sha: str) -> None:
         """Rewrite the slot's .git: only our config, HEAD, alternates and the saved index survive."""
@@ -214,7 +227,10 @@ class WorktreePool:
             if entry.name != "index":
                 remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         saved = slot.root / "index"
-        if saved.exists():
+        with self._digests_lock:
+            trusted = self._digests.get(str(slot.root))
+        (git_dir / "index").unlink(missing_ok=True)
+        if saved.exists() and trusted == _sha256(saved):
             shutil.copyfile(saved, git_dir / "index")
         for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
             (git_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -234,6 +250,10 @@ class WorktreePool:
     def remove(self) -> None:
         """Delete every slot of this repo (all must be free)."""
         remove_tree(self.dir)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def remove_tree(path: Path) -> None:

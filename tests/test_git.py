@@ -220,9 +220,6 @@ def test_remove_tree_removes_what_an_action_made_read_only(tmp_path: Path) -> No
     assert not root.exists()
 
 
-@pytest.mark.xfail(reason="BUG: git.py WorktreePool._reset trusts the saved index beside the tree "
-                          "(slot.root/index), which an action can overwrite via ../index; a skip-worktree "
-                          "entry there keeps a modified tracked file across the reset", strict=True)
 def test_a_tampered_saved_index_does_not_keep_a_modified_file(bare: Path, tmp_path: Path) -> None:
     pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
     main = sha_of(bare, "main")
