@@ -19,10 +19,6 @@ from gitpipe import settings as settings_mod
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import RunRecord, RunStatus, short_ref
 
-COLORS = {"succeeded": "32", "failed": "31", "timed-out": "31", "cancelled": "35", "running": "36",
-          "waiting": "33", "queued": "90", "pending": "90", "skipped": "90", "interrupted": "33"}
-
-
 class Out:
     """Printing with colours on a terminal, plain text elsewhere."""
 
@@ -30,7 +26,9 @@ class Out:
         self.tty = sys.stdout.isatty()
 
     def status(self, status: str) -> str:
-        return f"\x1b[{COLORS.get(status, '0')}m{status}\x1b[0m" if self.tty else status
+        from gitpipe.progress import paint
+
+        return paint(status, self.tty)
 
     def bytes_line(self, data: bytes) -> None:
         text = data.decode("utf-8", errors="replace")

@@ -20,7 +20,7 @@ from pathlib import Path
 from gitpipe import intake
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import PipelineError
-from gitpipe.models import RefUpdate, TriggerSpec, short_ref
+from gitpipe.models import RefUpdate, short_ref
 from gitpipe.settings import Settings
 
 PIPELINE_FILE = ".pipeline.toml"
@@ -81,44 +81,6 @@ def peel_commit(git_dir: str, sha: str) -> str:
         capture_output=True, check=False,
     )
     return proc.stdout.decode().strip() or sha
-
-
-def changed_paths(git_dir: str, old: str, new: str) -> list[str]:
-    """Paths a push changed between two commits (NUL-separated, so any file name is safe)."""
-    proc = subprocess.run(
-        ["git", f"--git-dir={git_dir}", "diff", "--name-only", "-z", "--no-renames", old, new],
-        capture_output=True, check=False,
-    )
-    return [p for p in proc.stdout.decode("utf-8", errors="replace").split("\0") if p]
-
-
-def plan_runs(git_dir: str, repo: str, updates: list[RefUpdate], who: str) -> list[NewRun]:
-    """The runs a push starts: one per pushed ref whose pipeline triggers on it."""
-    runs = []
-    for up in updates:
-        if up.deleted or not (up.branch is not None or up.tag is not None):
-            continue
-        # An annotated tag names a tag object; the run (worktree, GITPIPE_SHA) needs its commit.
-        sha = peel_commit(git_dir, up.new) if up.tag is not None else up.new
-        text = git_show(git_dir, sha, PIPELINE_FILE)
-        if text is None:
-            continue
-        error = None
-        try:
-            pipe = pipeline_mod.parse(text, file=PIPELINE_FILE, default_name=repo)
-            trigger, name = pipe.trigger, pipe.name
-        except PipelineError as exc:
-            trigger = pipeline_mod.read_trigger(text) or TriggerSpec()
-            name, error = repo, f"{PIPELINE_FILE} is invalid:\n{exc}"
-        if not pipeline_mod.ref_triggers(trigger, up.ref):
-            continue
-        if trigger.paths and not up.created:
-            if not pipeline_mod.paths_match(trigger.paths, changed_paths(git_dir, up.old, sha)):
-                continue
-        runs.append(NewRun(repo=repo, pipeline=name, ref=up.ref, sha=sha, trigger="push",
-                           pipeline_text=text, before_sha=None if up.created else up.old,
-                           pusher=who, error=error))
-    return runs
 
 
 def parse_updates(text: str) -> list[RefUpdate]:

@@ -1,5 +1,5 @@
-"""Tests of the push intake: which pushed refs start runs (the hook's own planner and
-queue.plan_runs must agree), what the pusher reads, the pre-receive check, the spool."""
+"""Tests of the push intake: which pushed refs start runs (through the installed hook's
+planner), what the pusher reads, the pre-receive check, the spool."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pytest
 from helpers import Home, git, pipeline
 
 from gitpipe import hookmain, queue, settings
-from gitpipe.models import RefUpdate
 from gitpipe.store import Store
 
 ZERO = "0" * 40
@@ -79,11 +78,6 @@ def bare(tmp_path: Path) -> tuple[Path, Shas]:
 Planned = list[tuple[str, str, bool]]  # (ref, sha, has an error)
 
 
-def plan_library(home: Path, repo: Path, updates: list[tuple[str, str, str]]) -> Planned:
-    runs = queue.plan_runs(str(repo), "shop", [RefUpdate(*u) for u in updates], "alice")
-    return [(r.ref, r.sha, r.error is not None) for r in runs]
-
-
 def plan_hook(home: Path, repo: Path, updates: list[tuple[str, str, str]]) -> Planned:
     """What the installed post-receive hook records (it writes the runs to the database)."""
     store = Store(settings.load(home))
@@ -96,8 +90,7 @@ def plan_hook(home: Path, repo: Path, updates: list[tuple[str, str, str]]) -> Pl
     return [(r.ref, r.sha, r.error is not None) for r in runs]
 
 
-PLANNERS: dict[str, Callable[[Path, Path, list[tuple[str, str, str]]], Planned]] = {
-    "queue.plan_runs": plan_library, "hook": plan_hook}
+PLANNERS: dict[str, Callable[[Path, Path, list[tuple[str, str, str]]], Planned]] = {"hook": plan_hook}
 
 
 @pytest.fixture(params=list(PLANNERS))
