@@ -19,6 +19,7 @@ from gitpipe import settings as settings_mod
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import RunRecord, RunStatus, short_ref
 
+
 class Out:
     """Printing with colours on a terminal, plain text elsewhere."""
 
