@@ -96,7 +96,7 @@ class Daemon:
         self.store = Store(self.settings)
         self.notifier = Notifier(self.settings, self.store)
         self.store.listeners.append(self.notifier.on_event)
-        self.reporter = Reporter(self.settings, self.store)
+        self.reporter = Reporter(self.settings, self.store, background=True)
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
         self.schedules = Scheduler(self.store)

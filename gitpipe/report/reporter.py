@@ -35,7 +35,9 @@ def run_url(settings: Settings, repo: str, run_id: int) -> str:
 class Reporter:
     """Renders the static report site under `settings.site_dir` from the store."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, *, background: bool = False) -> None:
+        """`background`: render in a thread of the reporter's own, so the thread that changed a
+        run's state (an action finishing) never waits for pages (the daemon uses this)."""
         self.settings = settings
         self.store = store
         self.site = Path(settings.site_dir)
@@ -50,6 +52,11 @@ class Reporter:
         self._live: threading.Thread | None = None
         self._stop = threading.Event()
         self._seen: dict[int, int] = {}  # run id -> bytes of its logs when its page was rendered
+        self._wake = threading.Event()
+        self._renderer_thread: threading.Thread | None = None
+        if background:
+            self._renderer_thread = threading.Thread(target=self._render_loop, name="report", daemon=True)
+            self._renderer_thread.start()
 
     # ------------------------------------------------------------------ events
     def on_event(self, event: Event) -> None:
@@ -59,7 +66,10 @@ class Reporter:
                 self._dirty.add(event.run_id)
                 if _deployish(event):
                     self._deploys.add(event.run_id)
-            self._drain()
+            if self._renderer_thread is not None:
+                self._wake.set()  # a burst of events becomes one render
+            else:
+                self._drain()
         except Exception:  # the report must never break the run that sent the event
             log.exception("report: could not render the pages of run #%s", event.run_id)
 
@@ -223,9 +233,25 @@ class Reporter:
         except OSError:
             return 0
 
+    def _render_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self._drain()
+            except Exception:  # the report must never take the daemon down
+                log.exception("report: could not render pages")
+
     def close(self) -> None:
-        """Stop the thread that follows growing logs (the daemon calls this when it stops)."""
+        """Render what is still marked, then stop the reporter's threads (the daemon calls this when it stops)."""
         self._stop.set()
+        if self._renderer_thread is not None:
+            self._wake.set()
+            self._renderer_thread.join()
+            try:
+                self._drain()
+            except Exception:
+                log.exception("report: could not render pages")
         with self._lock:
             live = self._live
         if live is not None:
