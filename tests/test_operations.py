@@ -1,0 +1,172 @@
+"""Operating gitpipe: schedules, superseded runs, pause/resume, keep_runs, gitpipe exec."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from gitpipe import settings
+from gitpipe.schedules import Scheduler
+from gitpipe.store import Store
+from tests.helpers import GITPIPE, Home, base_env, git, pipeline, wait_for
+
+
+def test_a_missed_schedule_slot_runs_once_not_once_per_slot(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [trigger]
+        schedule = ["0 3 * * *"]
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "nightly"
+          run = "true"
+        """)
+    home.push(repo, {".pipeline.toml": text})
+    store = Store(settings.load(home.home))
+    try:
+        start = time.time()
+        sched = Scheduler(store)
+        before = {r.id for r in store.runs(limit=100)}
+        fired, due = sched.fire_due(start)
+        assert fired == [] and due is not None and due > start  # a new schedule starts from now
+        fired, _ = sched.fire_due(start + 3 * 86400)  # the daemon was down for three nights
+        assert len(fired) == 1
+        assert store.run(fired[0]).trigger == "schedule" and store.run(fired[0]).ref == "refs/heads/main"
+        assert sched.fire_due(start + 3 * 86400 + 60)[0] == []
+        assert {r.id for r in store.runs(limit=100)} - before == set(fired)
+    finally:
+        store.close()
+
+
+def test_superseded_cancel_cancels_the_older_run_but_lets_a_deploy_finish(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    target = tmp_path / "target"
+    text = pipeline(f"""
+        [trigger]
+        superseded = "cancel"
+        [[stage]]
+        name = "deploy"
+          [[stage.action]]
+          name = "ship"
+          type = "deploy"
+          environment = "staging"
+          target = "file://{target}"
+          before_switch = "touch {tmp_path}/deploying; sleep 2"
+        [[stage]]
+        name = "after"
+          [[stage.action]]
+          name = "later"
+          run = "sleep 30"
+        """)
+    with home.daemon():
+        first = home.push_run(repo, {".pipeline.toml": text})
+        wait_for(lambda: (tmp_path / "deploying").exists(), 30, what="the first deploy")
+        second = home.push_run(repo, {"README": "newer"})
+        old = home.wait_run(first)
+        new = home.wait_run(second, timeout=90)
+    assert old["status"] == "cancelled" and old["cancel_reason"] == f"superseded by #{second}"
+    assert home.action(old, "ship")["status"] == "succeeded"  # the deploy in flight finished first
+    assert home.action(old, "later")["status"] in ("cancelled", "skipped")
+    assert new["status"] == "succeeded"
+
+
+def test_pause_keeps_pushes_queued_and_resume_runs_them(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    text = pipeline('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n')
+    with home.daemon():
+        assert "paused" in home.gitpipe("pause", check=True).stdout
+        run_id = home.push_run(repo, {".pipeline.toml": text})
+        time.sleep(1.5)
+        assert home.status(run_id) == "queued"
+        assert "paused by" in home.gitpipe("runs", check=True).stdout
+        assert "resumed" in home.gitpipe("resume", check=True).stdout
+        home.expect(home.wait_run(run_id))
+
+
+def test_keep_runs_prunes_old_files_but_keeps_summaries(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init("keep_runs = 2\n")
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "mkdir -p out && head -c 100000 /dev/urandom > out/blob && echo hello"
+          outputs = { blob = "out/blob" }
+        """)
+    with home.daemon() as daemon:
+        ids = [home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text, "n": str(i)})))["id"]
+               for i in range(4)]
+        wait_for(lambda: not (home.home / "logs" / str(ids[1])).exists(), 30, what="pruning")
+        log = daemon.log
+    assert "freed" in log and "keep_runs=2" in log
+    for run_id in ids[:2]:
+        assert not (home.home / "logs" / str(run_id)).exists()
+        assert not (home.home / "artifacts" / str(run_id)).exists()
+        assert home.show(run_id)["status"] == "succeeded"  # the summary row stays
+    for run_id in ids[2:]:
+        assert (home.home / "artifacts" / str(run_id)).exists()
+    assert len(home.runs()) == 4
+
+
+def test_exec_runs_the_working_copy_and_records_nothing(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q")
+    (work / ".pipeline.toml").write_text(pipeline("""
+        [[stage]]
+        name = "build"
+          [[stage.action]]
+          name = "make"
+          run = "cat message.txt; mkdir -p dist && cp message.txt dist/"
+          outputs = { dist = "dist/*" }
+        [[stage]]
+        name = "test"
+          [[stage.action]]
+          name = "check"
+          inputs = ["dist"]
+          run = "grep -q uncommitted dist/message.txt && echo checked"
+          [[stage.action]]
+          name = "ship"
+          type = "deploy"
+          environment = "prod"
+          target = "file:///nonexistent/never"
+        """))
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "init")
+    (work / "message.txt").write_text("uncommitted change\n")  # untracked, not committed
+    proc = subprocess.run([GITPIPE, "exec"], cwd=work, env=base_env(GITPIPE_HOME=str(home.home)),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[build/make] uncommitted change" in proc.stdout
+    assert "[test/check] checked" in proc.stdout
+    assert "deploy actions run in exec only when named" in proc.stdout
+    assert home.runs() == []
+    assert git(work, "status", "--porcelain").stdout.strip() == "?? message.txt"  # the user's index untouched
+    only = subprocess.run([GITPIPE, "exec", "--action", "check"], cwd=work, env=base_env(), capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert only.returncode == 0 and "[build/make]" in only.stdout  # its input's producer ran too
+
+
+@pytest.mark.parametrize("args", [["--stage", "nope"], ["--action", "nope"]])
+def test_exec_names_an_unknown_stage_or_action(tmp_path: Path, args: list[str]) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    git(work, "init", "-q")
+    (work / ".pipeline.toml").write_text('[[stage]]\nname = "s"\n[[stage.action]]\nname = "a"\nrun = "true"\n')
+    proc = subprocess.run([GITPIPE, "exec", *args], cwd=work, env=base_env(), capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
