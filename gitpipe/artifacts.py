@@ -73,6 +73,8 @@ def store(tree: Path, dest: Path, run_id: int, action: str, name: str,
     `sha256sum`-style manifest (also stored, so `sha256sum -c` checks the files).
     """
     files = match(tree, name, patterns)
+    if not files:
+        raise ActionError(f'artifact "{name}": {", ".join(patterns)} matched only empty folders, no file')
     target = dest / name
     if target.exists():
         shutil.rmtree(target)
@@ -85,6 +87,7 @@ def store(tree: Path, dest: Path, run_id: int, action: str, name: str,
         size += out.stat().st_size
         lines.append(f"{_sha256(out)}  {rel}\n")
     manifest = "".join(lines)
+    dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{name}.{MANIFEST}").write_text(manifest)
     digest = lines[0].split()[0] if len(lines) == 1 else hashlib.sha256(manifest.encode()).hexdigest()
     return ArtifactRecord(run_id=run_id, name=name, action=action, size=size, sha256=digest,

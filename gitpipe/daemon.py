@@ -24,7 +24,7 @@ from watchdog.observers import Observer
 
 from gitpipe import executor, queue, retention
 from gitpipe import pipeline as pipeline_mod
-from gitpipe.errors import GitpipeError, PipelineError, UsageError
+from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
 from gitpipe.report import Reporter
@@ -193,7 +193,7 @@ class Daemon:
             return
         waiting = {r.id for r in self.store.runs_with_status(RunStatus.WAITING)}
         for run in self.store.runs_with_status(RunStatus.QUEUED):
-            busy = sum(1 for run_id in self.workers if run_id not in waiting)
+            busy = sum(1 for run_id in list(self.workers) if run_id not in waiting)
             if busy >= self.settings.max_parallel:
                 return
             if run.id not in self.workers:
@@ -203,14 +203,18 @@ class Daemon:
         """`superseded = "cancel"`: a newer run of a ref cancels older ones (a deploy in flight finishes)."""
         active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
         newest: dict[tuple[str, str], int] = {}
+        for run in active:  # only a push supersedes (a retry of an old commit must not cancel a newer one)
+            if run.trigger == "push":
+                newest[(run.repo, run.ref)] = max(run.id, newest.get((run.repo, run.ref), 0))
         for run in active:
-            newest[(run.repo, run.ref)] = max(run.id, newest.get((run.repo, run.ref), 0))
-        for run in active:
-            latest = newest[(run.repo, run.ref)]
-            if run.id == latest or run.extra.get("cancel_requested_at"):
+            latest = newest.get((run.repo, run.ref), 0)
+            if run.id >= latest or run.extra.get("cancel_requested_at"):
                 continue
             if self._superseded_policy(latest) == "cancel":
-                self.store.request_cancel(run.id, "gitpipe", f"superseded by #{latest}")
+                try:
+                    self.store.request_cancel(run.id, "gitpipe", f"superseded by #{latest}")
+                except TransitionError:
+                    continue  # it finished (or was cancelled by hand) since we looked
                 log.info("run #%s: superseded by #%s, cancelling", run.id, latest)
 
     def _superseded_policy(self, run_id: int) -> str:
@@ -256,6 +260,9 @@ class Daemon:
             killed = executor.kill_token(attempt.token)
             self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)
             act = self.store.action(attempt.action_id)
+            # the $GITPIPE_OUTPUT file it may have left holds unmasked values
+            (self.settings.logs_dir / str(act.run_id) / f".{act.id}.{attempt.number}.output").unlink(
+                missing_ok=True)
             if act.status in (ActionStatus.RUNNING, ActionStatus.WAITING):
                 self.store.set_action(act.id, ActionStatus.INTERRUPTED,
                                       message=f"interrupted (daemon stopped); {killed} leftover process(es) killed")
@@ -270,6 +277,7 @@ class Daemon:
         timer.start()
         for worker in list(self.workers.values()):
             worker.interrupted.set()  # no new actions start
+            worker.changed.set()  # approvals stop waiting at once
         for worker in list(self.workers.values()):
             while worker.thread.is_alive() and not deadline_event.is_set():
                 worker.thread.join(0.2)

@@ -103,6 +103,9 @@ def run_deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
     targets = [expand(t, values) for t in spec.targets]
     lock = host.env_locks.setdefault((run.repo, env), FifoLock())
     with lock(run.id):
+        in_flight = store.deploy_in_flight(rec.id)
+        if worker.halted and not in_flight:
+            return  # cancelled or stopping while it waited for the environment: never deploy now
         number = len(store.attempts(rec.id)) + 1
         log_path = host.settings.logs_dir / str(run.id) / f"{rec.id}-deploy.{number}.log"
         store.start_attempt(rec.id, None, str(log_path), "deploy")
@@ -114,7 +117,7 @@ def run_deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
                 run_id=run.id, sha=run.sha, short_sha=run.sha[:7], environment=env,
                 known_hosts=host.settings.known_hosts, identity=host.settings.identity, log=writer.line,
                 holder=f"run #{run.id} on {socket.gethostname()} pid {os.getpid()} at {now_iso()}")
-            if store.deploy_in_flight(rec.id):
+            if in_flight:
                 status, message = _after_crash(worker, rec, targets, ctx)
             else:
                 status, message = _deploy(worker, rec, spec, targets, ctx, values)

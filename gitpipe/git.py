@@ -198,6 +198,11 @@ class WorktreePool:
             return Slot(self.dir / str(n), fd)
 
     def _reset(self, slot: Slot, sha: str) -> None:
+        # An action may have replaced its slot or tree by a symlink (to another slot, or to
+        # files elsewhere that the reset would then clean): never follow one.
+        for path in (slot.root, slot.tree):
+            if path.is_symlink():
+                path.unlink()
         # What an action wrote beside its tree (`../file`) must not reach the next action either.
         if slot.root.is_dir():
             for entry in slot.root.iterdir():
@@ -241,6 +246,7 @@ class WorktreePool:
     def _git(self, slot: Slot, *args: str) -> None:
         env = {k: os.environ[k] for k in GIT_ENV_KEEP if k in os.environ}
         env["GIT_CONFIG_NOSYSTEM"] = "1"
+        env["GIT_CONFIG_GLOBAL"] = "/dev/null"  # a ~/.gitconfig an action wrote must not steer checkouts
         subprocess.run(
             ["git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false", *args],
             cwd=slot.tree, env=env, check=True, stdin=subprocess.DEVNULL,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import marshal
 import os
 import sys
+import time
 
 TYPE_CHECKING = False  # not `from typing import ...`: importing typing costs each push ~14 ms
 if TYPE_CHECKING:
@@ -51,16 +52,21 @@ def post_receive(home: str, repo: str, git_dir: str, text: str) -> list[str]:
                 runs.append(run)
     if not runs:
         return []
-    conf = host_settings(home)
     try:
         ids = intake.record(os.path.join(home, "gitpipe.db"), runs)
     except Exception as exc:  # database locked past the timeout, disk full, ...
         return _spool(home, runs, exc)
     intake.wake(home, "push")
+    try:  # after recording: a mistake in gitpipe.toml must not lose the push
+        site_url = host_settings(home)["site_url"]
+    except Exception as exc:
+        site_url, warning = "", [f"gitpipe: warning: {exc}"]
+    else:
+        warning = []
     lines: list[str] = []
     for run_id, run in zip(ids, runs):
-        lines += describe(run_id, run, conf["site_url"])
-    return lines
+        lines += describe(run_id, run, site_url)
+    return lines + warning
 
 
 def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref: str) -> dict | None:
@@ -112,7 +118,8 @@ def pipeline_info(home: str, repo: str, git_dir: str, blob: str) -> dict[str, An
         name, error = repo, f"{PIPELINE_FILE} is invalid:\n{exc}"
     info = {"name": name, "branches": list(trigger.branches), "tags": list(trigger.tags),
             "paths": list(trigger.paths), "error": error, "text": text}
-    _save(path, info)
+    if error is None:  # an error may go away without a new blob (a plugin installed later)
+        _save(path, info)
     return info
 
 
@@ -244,10 +251,17 @@ def pusher() -> str:
 
 
 def _spool(home: str, runs: list[dict[str, Any]], exc: Exception) -> list[str]:
-    from gitpipe import queue, settings
+    import json
 
-    try:
-        path = queue.spool(settings.load(home), [queue.NewRun(**r) for r in runs])
+    try:  # the paths from the home alone: a broken gitpipe.toml must not lose this push either
+        spool_dir = os.path.join(home, "spool")
+        os.makedirs(spool_dir, exist_ok=True)
+        path = os.path.join(spool_dir, f"{time.time_ns()}-{os.getpid()}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(runs, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
     except Exception as exc2:
         refs = " ".join(r["ref"] for r in runs)
         return [f"gitpipe: ERROR: could not queue runs for {refs}: {exc}; {exc2}",

@@ -13,9 +13,7 @@ import getpass
 import os
 import sqlite3
 import subprocess
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from gitpipe import intake
 from gitpipe import pipeline as pipeline_mod
@@ -91,21 +89,6 @@ def parse_updates(text: str) -> list[RefUpdate]:
         if len(parts) == 3:
             updates.append(RefUpdate(old=parts[0], new=parts[1], ref=parts[2]))
     return updates
-
-
-def spool(settings: Settings, runs: list[NewRun]) -> Path:
-    """Keep runs the database would not take in a file the daemon ingests at its next wake."""
-    import json  # only on this rare path
-
-    settings.spool_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.spool_dir / f"{time.time_ns()}-{os.getpid()}.json"
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([r.__dict__ for r in runs], f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def pre_receive(settings: Settings, repo: str, git_dir: str, stdin_text: str) -> tuple[bool, list[str]]:

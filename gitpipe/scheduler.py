@@ -141,6 +141,10 @@ class RunWorker:
         for s_idx, stage in enumerate(self.pipe.stages):
             acts = [records[(s_idx, i)] for i in range(len(stage.actions))]
             if all(a.status.finished for a in acts) and not failed:
+                # Finished before a restart: a failure there still stops the run here.
+                if not all(a.status.ok for a in acts):
+                    failed = True
+                    self._close_stage(s_idx, acts)
                 continue
             if failed or self.halted:
                 self._close_stage(s_idx, acts)
@@ -174,16 +178,30 @@ class RunWorker:
         return True
 
     def _close_stage(self, s_idx: int, acts: list[ActionRecord]) -> None:
-        """Actions that will not run: skipped after a failure, cancelled after a cancel."""
+        """Actions that will not run: skipped after a failure, cancelled after a cancel.
+
+        A deploy found in flight (the daemon crashed under it) is first checked on its
+        targets and recorded, and an approval still waiting is closed, so a run cancelled
+        while the daemon was down ends with its environments and approvals told the truth.
+        """
         if self.interrupted.is_set():
             return
         status = ActionStatus.CANCELLED if self.cancelled.is_set() else ActionStatus.SKIPPED
+        spec_of = self.pipe.stages[s_idx].actions
         for a in acts:
-            if a.status in (ActionStatus.PENDING, ActionStatus.INTERRUPTED):
+            if a.type == "deploy" and self.store.deploy_in_flight(a.id):
+                self._guarded(a, lambda a=a: delivery.run_deploy(self, a, spec_of[a.idx]))
+            elif a.status is ActionStatus.WAITING:
+                self.store.resolve_approval(self.run.id, a.id, ActionStatus.CANCELLED, "run cancelled")
+            elif a.status in (ActionStatus.PENDING, ActionStatus.INTERRUPTED):
                 self.store.set_action(a.id, status)
         stage = self.store.stages(self.run.id)[s_idx]
         if not stage.status.finished:
-            self.store.set_stage(self.run.id, s_idx, status)
+            final = status
+            if status is ActionStatus.SKIPPED and any(
+                    not a.status.ok for a in self.store.actions_of_stage(self.run.id, s_idx)):
+                final = ActionStatus.FAILED
+            self.store.set_stage(self.run.id, s_idx, final)
 
     def _finish(self, failed: bool) -> None:
         if self.interrupted.is_set():
@@ -240,8 +258,12 @@ class RunWorker:
             outcome = self._attempt(rec, spec)
             if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT):
                 failures += 1
-                if failures <= spec.retries and not self.halted:
-                    continue
+                if failures <= spec.retries:
+                    if not self.halted:
+                        continue
+                    if self.interrupted.is_set():  # its retry belongs to the next daemon
+                        outcome = executor.Outcome(ActionStatus.INTERRUPTED, outcome.exit_code,
+                                                   "daemon stopped before its retry")
             fields = {"exit_code": outcome.exit_code, "message": outcome.message}
             self.store.set_action(rec.id, outcome.status, **fields)
             return
@@ -270,7 +292,7 @@ class RunWorker:
                     outcome = self._execute(rec, spec, slot.tree, env, writer, token, deadline)
                 if outcome.status is ActionStatus.SUCCEEDED:
                     outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
-        except GitpipeError as exc:
+        except (GitpipeError, OSError) as exc:  # an output glob, a full disk while storing artifacts
             writer.line(f"gitpipe: {exc}")
             outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
         finally:

@@ -229,3 +229,51 @@ def test_200_pushes_to_10_repos_while_the_daemon_is_killed_5_times(tmp_path: Pat
     assert len(runs) == 200
     assert all(r["status"] == "succeeded" for r in runs), [r for r in runs if r["status"] != "succeeded"][:3]
     no_orphans_and_intact(home, pushed)
+
+
+@pytest.mark.timeout(180)
+def test_a_stage_that_failed_during_the_grace_period_stops_the_run_after_a_restart(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init('stop_grace = "20s"\n')
+    repo = home.add_repo("shop")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    text = pipeline(f"""
+        [[stage]]
+        name = "test"
+          [[stage.action]]
+          name = "flaky"
+          retries = 2
+          run = "touch {marks}/started; sleep 2; exit 1"
+        [[stage]]
+        name = "ship"
+          [[stage.action]]
+          name = "ship"
+          run = "touch {marks}/shipped"
+        """)
+    daemon = start(home)
+    run_id = home.push_run(repo, {".pipeline.toml": text})
+    wait_for(lambda: (marks / "started").exists(), 30, what="the action to start")
+    daemon.send_signal(signal.SIGTERM)  # the action fails inside the grace period
+    assert daemon.wait(timeout=60) == 0
+    with home.daemon():
+        run = home.wait_run(run_id)
+    assert run["status"] == "failed"
+    assert not (marks / "shipped").exists(), "a stage after a failed one ran after the restart"
+    assert home.stage(run, "test")["status"] == "failed"
+    assert home.action(run, "ship")["status"] == "skipped"
+    assert home.action(run, "flaky")["attempts"] == 3  # the retry the stop cut short happened after it
+
+
+@pytest.mark.timeout(120)
+def test_stopping_does_not_wait_for_a_pending_approval(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init('stop_grace = "60s"\n')
+    repo = home.add_repo("shop")
+    text = pipeline('[[stage]]\nname = "gate"\n  [[stage.action]]\n  name = "ok"\n  type = "approval"\n')
+    daemon = start(home)
+    run_id = home.push_run(repo, {".pipeline.toml": text})
+    home.wait_status(run_id, "waiting")
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0  # well inside the 60 s grace: nothing was running
+    assert home.status(run_id) == "waiting"

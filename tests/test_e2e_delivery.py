@@ -280,3 +280,59 @@ def test_deploys_to_one_environment_never_overlap_oldest_first(home: Home, tmp_p
     assert all(p[0] == "start" and p[2] == "end" and p[1] == p[3] for p in pairs), lines  # never overlapping
     order = [int(p[1]) for p in pairs]
     assert sorted(order) == ids and order[1:] == sorted(order[1:]), order  # the waiting ones: oldest first
+
+
+def test_a_run_cancelled_while_waiting_for_the_environment_never_deploys(home: Home, tmp_path: Path) -> None:
+    home.configure('[repos.shop]\nprotected = ["*"]\n')
+    repo = home.add_repo("shop")
+    target = tmp_path / "target"
+    text = pipeline(site() + deploy_stage(
+        "staging", [f"file://{target}"], f'before_switch = "touch {tmp_path}/in-$GITPIPE_RUN; sleep 3"'))
+    with home.daemon():
+        first = home.push_run(repo, {".pipeline.toml": text}, branch="a")
+        wait_for(lambda: (tmp_path / f"in-{first}").exists(), 30, what="the first deploy")
+        second = home.push_run(repo, {".pipeline.toml": text, "x": "2"}, branch="b")
+        wait_for(lambda: home.action(home.show(second), "deploy-staging")["status"] == "running"
+                 or home.action(home.show(second), "build")["status"] == "succeeded", 30, what="run 2 to wait")
+        home.gitpipe("cancel", str(second), "--reason", "not this one", check=True)
+        home.expect(home.wait_run(first))
+        run = home.wait_run(second)
+    assert run["status"] == "cancelled"
+    assert not (tmp_path / f"in-{second}").exists()
+    assert current(target).startswith(f"releases/{first}-")
+    hist = json.loads(home.gitpipe("environments", "shop", "--json", check=True).stdout)[0]["history"]
+    assert [h["run_id"] for h in hist] == [first]
+
+
+def test_cancel_while_the_daemon_is_down_checks_the_deploy_in_flight(home: Home, tmp_path: Path) -> None:
+    repo = home.add_repo("shop")
+    target = tmp_path / "target"
+    text = pipeline(site() + deploy_stage(
+        "staging", [f"file://{target}"], f'before_switch = "touch {tmp_path}/deploying; sleep 300"'))
+    with open(tmp_path / "d.log", "wb") as log:
+        daemon = subprocess.Popen([GITPIPE, "serve", "--home", str(home.home)], env=base_env(), stdout=log,
+                                  stderr=log)
+    run_id = home.push_run(repo, {".pipeline.toml": text})
+    wait_for(lambda: (tmp_path / "deploying").exists(), 30, what="the deploy")
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait()
+    home.gitpipe("cancel", str(run_id), "--reason", "changed my mind", check=True)
+    with home.daemon():
+        run = home.wait_run(run_id)
+    assert run["status"] == "cancelled" and run["cancel_reason"] == "changed my mind"
+    action = home.action(run, "deploy-staging")
+    assert action["status"] == "failed" and "not run again" in action["message"]
+    assert not (target / "current").exists()
+    hist = json.loads(home.gitpipe("environments", "shop", "--json", check=True).stdout)[0]["history"]
+    assert hist[0]["status"] == "failed" and hist[0]["run_id"] == run_id
+
+
+def test_a_broken_gitpipe_toml_does_not_lose_a_push(home: Home) -> None:
+    repo = home.add_repo("shop")
+    config = home.home / "gitpipe.toml"
+    config.write_text(config.read_text() + "\nnot_a_setting = 1\n")
+    text = pipeline('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n')
+    push = home.push(repo, {".pipeline.toml": text})
+    assert push.returncode == 0 and len(push.run_ids) == 1, push.stderr
+    assert 'unknown key "not_a_setting"' in push.stderr
+    assert home.status(push.run_ids[0]) == "queued"
