@@ -187,17 +187,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
     run = store.run(args.run)
     out = Out()
     only = {a.id for a in api.find_action(store, args.run, args.action)} if args.action else None
-    state = {"label": None, "lines": 0}
+    labels: list[str] = []  # the file being printed, as `tail -f` heads a switch of file
+    lines = [0]
 
     def emit(label: str, line: bytes) -> None:
-        if label != state["label"]:
+        if not labels or labels[-1] != label:
             print(f"==> {label} <==", flush=True)
-            state["label"] = label
-        state["lines"] += 1
+            labels.append(label)
+        lines[0] += 1
         out.bytes_line(line)
 
     follow.stream_logs(store, conf.logs_dir, run.id, only, args.follow, args.timestamps, emit)
-    if not state["lines"]:
+    if not lines[0]:
         print(f"run #{run.id}: no log lines ({store.run(run.id).status.value})", file=sys.stderr)
     return 0
 

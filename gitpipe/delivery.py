@@ -168,7 +168,8 @@ def _record(worker: RunWorker, rec: ActionRecord, targets: list[str], result: de
     current = result.release
     if result.status != deploy.DEPLOYED:
         previous = {t.previous for t in result.targets}
-        current = previous.pop() if len(previous) == 1 and None not in previous else result.release
+        back = previous.pop() if len(previous) == 1 else None
+        current = back if back is not None else result.release
     worker.store.add_release(run.repo, environment, current, result.status, targets,
                              run_id=run.id, action_id=rec.id, sha=run.sha, by=run.pusher,
                              message=result.message)

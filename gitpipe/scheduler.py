@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from gitpipe import artifacts, delivery, executor, git, plugins
@@ -190,7 +191,7 @@ class RunWorker:
         spec_of = self.pipe.stages[s_idx].actions
         for a in acts:
             if a.type == "deploy" and self.store.deploy_in_flight(a.id):
-                self._guarded(a, lambda a=a: delivery.run_deploy(self, a, spec_of[a.idx]))
+                self._guarded(a, partial(delivery.run_deploy, self, a, spec_of[a.idx]))
             elif a.status is ActionStatus.WAITING:
                 self.store.resolve_approval(self.run.id, a.id, ActionStatus.CANCELLED, "run cancelled")
             elif a.status in (ActionStatus.PENDING, ActionStatus.INTERRUPTED):

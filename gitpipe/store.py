@@ -183,18 +183,18 @@ class Store:
             if value is None:
                 db.execute("DELETE FROM state WHERE key = ?", [key])
             else:
-                db["state"].upsert({"key": key, "value": value}, pk="key")
+                db.table("state").upsert({"key": key, "value": value}, pk="key")
 
     # ------------------------------------------------------------------ repos
     def add_repo(self, name: str, path: str) -> None:
         with self.tx() as db:
-            db["repos"].upsert({"name": name, "path": path, "added_at": now_iso(), "removed_at": None},
+            db.table("repos").upsert({"name": name, "path": path, "added_at": now_iso(), "removed_at": None},
                                pk="name")
 
     def remove_repo(self, name: str) -> None:
         self.repo_path(name)
         with self.tx() as db:
-            db["repos"].update(name, {"removed_at": now_iso()})
+            db.table("repos").update(name, {"removed_at": now_iso()})
 
     def repos(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM repos WHERE removed_at IS NULL ORDER BY name")
@@ -241,7 +241,7 @@ class Store:
         run = self.run(run_id)
         if not run_transition_allowed(run.status, new):
             raise TransitionError(f"run #{run_id} is {run.status.value}, it cannot become {new.value}")
-        self.db["runs"].update(run_id, {"status": new.value, **fields})
+        self.db.table("runs").update(run_id, {"status": new.value, **fields})
         self._event(run_id, "run", new.value, fields.get("error") or fields.get("cancel_reason"))
         return run
 
@@ -252,10 +252,10 @@ class Store:
             self._set_run(run_id, RunStatus.RUNNING, started_at=now_iso(), deadline=deadline,
                           commit_author=commit_author, commit_message=commit_message)
             for s_idx, stage in enumerate(pipe.stages):
-                db["stages"].insert({"run_id": run_id, "idx": s_idx, "name": stage.name,
+                db.table("stages").insert({"run_id": run_id, "idx": s_idx, "name": stage.name,
                                      "status": ActionStatus.PENDING.value})
                 for a_idx, action in enumerate(stage.actions):
-                    db["actions"].insert({
+                    db.table("actions").insert({
                         "run_id": run_id, "stage_idx": s_idx, "idx": a_idx, "stage": stage.name,
                         "name": action.name, "type": action.type, "run_order": action.run_order,
                         "status": ActionStatus.PENDING.value, "attempts": 0})
@@ -282,7 +282,7 @@ class Store:
             run = self.run(run_id)
             if run.status.finished:
                 raise TransitionError(f"run #{run_id} is already {run.status.value}; nothing to cancel")
-            db["runs"].update(run_id, {"cancel_requested_at": now_iso(), "cancelled_by": by,
+            db.table("runs").update(run_id, {"cancel_requested_at": now_iso(), "cancelled_by": by,
                                        "cancel_reason": reason})
             if run.status is RunStatus.QUEUED:
                 self._set_run(run_id, RunStatus.CANCELLED, finished_at=now_iso())
@@ -314,7 +314,7 @@ class Store:
                 fields["finished_at"] = None
             elif status.finished:
                 fields["finished_at"] = now_iso()
-            db["stages"].update((run_id, idx), fields)
+            db.table("stages").update((run_id, idx), fields)
             self._event(run_id, f"stage:{idx}", status.value)
 
     def actions(self, run_id: int) -> list[ActionRecord]:
@@ -338,7 +338,7 @@ class Store:
                 fields.setdefault("started_at", now_iso())
             if new.finished:
                 fields.setdefault("finished_at", now_iso())
-            db["actions"].update(action_id, {"status": new.value, **fields})
+            db.table("actions").update(action_id, {"status": new.value, **fields})
             self._event(act.run_id, f"action:{action_id}", new.value, fields.get("message"))
 
     def start_attempt(self, action_id: int, deadline: float | None, log_path: str, token: str) -> int:
@@ -346,7 +346,7 @@ class Store:
         with self.tx() as db:
             act = self.action(action_id)
             number = act.attempts + 1
-            db["attempts"].insert({"action_id": action_id, "number": number, "status": "running",
+            db.table("attempts").insert({"action_id": action_id, "number": number, "status": "running",
                                    "started_at": now_iso(), "deadline": deadline,
                                    "log_path": log_path, "token": token})
             fields: dict[str, Any] = {"attempts": number, "exit_code": None, "message": None}
@@ -374,7 +374,7 @@ class Store:
     # ------------------------------------------------------------------ artifacts and outputs
     def add_artifact(self, art: ArtifactRecord) -> None:
         with self.tx() as db:
-            db["artifacts"].upsert(dict(art.__dict__), pk=("run_id", "name"))
+            db.table("artifacts").upsert(dict(art.__dict__), pk=("run_id", "name"))
 
     def artifacts(self, run_id: int) -> list[ArtifactRecord]:
         rows = self.query("SELECT run_id, name, action, size, sha256, path, files FROM artifacts "
@@ -384,7 +384,7 @@ class Store:
     def set_outputs(self, run_id: int, action: str, values: dict[str, str]) -> None:
         with self.tx() as db:
             for key, value in values.items():
-                db["outputs"].upsert({"run_id": run_id, "action": action, "key": key, "value": value},
+                db.table("outputs").upsert({"run_id": run_id, "action": action, "key": key, "value": value},
                                      pk=("run_id", "action", "key"))
 
     def outputs(self, run_id: int) -> list[dict[str, Any]]:
@@ -397,7 +397,7 @@ class Store:
         """An approval action starts waiting: action -> waiting, run -> waiting."""
         with self.tx() as db:
             if not self.query("SELECT 1 FROM approvals WHERE action_id = ?", (action_id,)):
-                db["approvals"].insert({"run_id": run_id, "action_id": action_id, "action": name,
+                db.table("approvals").insert({"run_id": run_id, "action_id": action_id, "action": name,
                                         "message": message, "requested_at": now_iso(), "deadline": deadline})
             self.set_action(action_id, ActionStatus.WAITING, message=message)
             if self.run(run_id).status is RunStatus.RUNNING:
@@ -420,7 +420,7 @@ class Store:
                 raise TransitionError(f"run #{run_id} is {run.status.value}, not waiting for an approval",
                                       hint="`gitpipe runs` shows which runs are waiting")
             row = rows[0]
-            db["approvals"].update(row["id"], {"decision": decision, "by_user": by, "at": now_iso(),
+            db.table("approvals").update(row["id"], {"decision": decision, "by_user": by, "at": now_iso(),
                                                "comment": comment})
             self._event(run_id, "approval", decision, f"{by}: {comment}" if comment else by)
             return {**row, "decision": decision, "by_user": by, "comment": comment}
@@ -441,7 +441,7 @@ class Store:
         import json
 
         with self.tx() as db:
-            db["releases"].insert({"repo": repo, "environment": environment, "run_id": run_id,
+            db.table("releases").insert({"repo": repo, "environment": environment, "run_id": run_id,
                                    "action_id": action_id, "sha": sha, "release": release, "status": status,
                                    "at": now_iso(), "by_user": by, "targets": json.dumps(targets),
                                    "message": message})
@@ -462,7 +462,7 @@ class Store:
         import json
 
         with self.tx() as db:
-            db["deploys"].upsert({"action_id": action_id, "run_id": run_id, "repo": repo,
+            db.table("deploys").upsert({"action_id": action_id, "run_id": run_id, "repo": repo,
                                   "environment": environment, "release": release,
                                   "targets": json.dumps(targets), "started_at": now_iso(),
                                   "finished_at": None}, pk="action_id")
