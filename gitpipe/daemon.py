@@ -136,9 +136,11 @@ class Daemon:
         return old
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # A signal handler runs in the main thread, possibly inside `self.wake.wait()` while
+        # that holds the event's lock: setting an Event here can deadlock (it did: a stopped
+        # demo hung). So the handler only starts a thread, which sets the events.
         self.signals += 1
-        self.stopping.set()
-        self.wake.set()
+        threading.Thread(target=self.stop, name="signal", daemon=True).start()
         if self.signals > 1:  # second signal: do not wait for the grace period
             threading.Thread(target=self._interrupt_all, args=(0.0,), daemon=True).start()
 
