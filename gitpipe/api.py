@@ -12,7 +12,7 @@ from gitpipe import git, queue
 from gitpipe import pipeline as pipeline_mod
 from gitpipe import settings as settings_mod
 from gitpipe.errors import PipelineError, UsageError
-from gitpipe.models import ActionRecord, Pipeline, RunRecord, RunStatus
+from gitpipe.models import ActionRecord, Pipeline, RunRecord, RunStatus, short_ref
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 
@@ -42,7 +42,7 @@ def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None)
     full, sha = git.resolve(repo, ref or git.default_branch(repo))
     text = git.read_file(repo, sha, queue.PIPELINE_FILE)
     if text is None:
-        raise UsageError(f"{pipeline_mod_name(full)} @ {sha[:7]} of {repo_name} has no {queue.PIPELINE_FILE}",
+        raise UsageError(f"{short_ref(full)} @ {sha[:7]} of {repo_name} has no {queue.PIPELINE_FILE}",
                          hint="commit one first (check it with `gitpipe validate`)")
     error, name = None, repo_name
     try:
@@ -54,10 +54,6 @@ def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None)
     run_id = store.create_runs([new])[0]
     queue.wake(settings, "run")
     return run_id, store.run(run_id)
-
-
-def pipeline_mod_name(ref: str) -> str:
-    return ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
 
 
 def retry_run(settings: Settings, store: Store, run_id: int) -> int:

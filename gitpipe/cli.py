@@ -139,13 +139,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _duration(r: RunRecord) -> str:
+    from gitpipe.progress import seconds
+
     if not (r.started_at and r.finished_at):
         return ""
-    from datetime import datetime
-
-    fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
-    secs = (datetime.strptime(r.finished_at, fmt) - datetime.strptime(r.started_at, fmt)).total_seconds()
-    return f"  {secs:.1f}s"
+    return f"  {seconds(r.started_at, r.finished_at):.1f}s"
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -9,8 +9,6 @@ first event), in the schema that store.py's migrations own.
 
 from __future__ import annotations
 
-import getpass
-import os
 import sqlite3
 import subprocess
 from dataclasses import dataclass
@@ -48,17 +46,6 @@ def insert_run(conn: sqlite3.Connection, run: NewRun) -> int:
 def wake(settings: Settings, name: str = "wake") -> None:
     """Tell a running daemon to look at the queue."""
     intake.wake(str(settings.home), name)
-
-
-def pusher() -> str:
-    """Who pushed: what a git front end says (REMOTE_USER, GL_USERNAME), else the Unix user."""
-    for key in ("GITPIPE_PUSHER", "REMOTE_USER", "GL_USERNAME", "GITEA_PUSHER_NAME"):
-        if os.environ.get(key):
-            return os.environ[key]
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
 
 
 def git_show(git_dir: str, sha: str, path: str) -> str | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gitpipe.errors import ConfigError, UsageError
+from gitpipe.pipeline import parse_duration
 
 CONFIG_NAME = "gitpipe.toml"
 
@@ -113,16 +114,6 @@ def resolve_home(home: str | Path | None) -> Path:
     return Path(home).expanduser().absolute() if home else default_home().absolute()
 
 
-def parse_seconds(value: str) -> float:
-    """'90s', '10m', '2h', '1d' or combinations ('1h30m') -> seconds."""
-    text = str(value).strip()
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
-    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", text).strip():
-        raise ValueError(f'bad duration "{value}" (use e.g. "90s", "10m", "2h", "1h30m")')
-    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    return sum(float(n) * unit[u] for n, u in parts)
-
-
 def load(home: str | Path | None, *, must_exist: bool = True) -> Settings:
     """Read `<home>/gitpipe.toml` (missing file = all defaults) into a Settings."""
     root = resolve_home(home)
@@ -213,7 +204,7 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         if key in data:
             _typed(lines, data, key, str, None)
     try:
-        grace = parse_seconds(merged["stop_grace"])
+        grace = parse_duration(merged["stop_grace"])
     except ValueError as exc:
         raise lines.error(str(exc), "stop_grace") from None
     ssh = {**SSH_DEFAULTS, **_table(lines, data, "ssh", SSH_DEFAULTS)}

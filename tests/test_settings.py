@@ -130,10 +130,10 @@ def test_where_the_home_is_by_default(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("10m", 600), ("2h", 7200), ("1d", 86400),
                                                ("1h30m", 5400), ("0.5s", 0.5)])
 def test_durations(text: str, seconds: float) -> None:
-    assert settings.parse_seconds(text) == seconds
+    assert settings.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "10", "ten minutes", "5x", "1h 2q"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="bad duration"):
-        settings.parse_seconds(text)
+        settings.parse_duration(text)
