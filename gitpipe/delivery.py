@@ -17,7 +17,7 @@ from gitpipe import artifacts, executor
 from gitpipe.errors import ActionError, GitpipeError
 from gitpipe.intake import now_iso
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
-from gitpipe.pipeline import expand
+from gitpipe.pipeline import expand, placeholder_values
 
 if TYPE_CHECKING:
     from gitpipe import deploy
@@ -28,10 +28,7 @@ APPROVAL_RECHECK = 60.0  # seconds; a wake-up normally comes at once through the
 
 def placeholders(worker: RunWorker, environment: str = "") -> dict[str, str]:
     run = worker.run
-    return {"run": str(run.id), "pipeline": worker.pipe.name, "repo": run.repo, "ref": run.ref,
-            "sha": run.sha, "short_sha": run.sha[:7],
-            "branch": run.ref.removeprefix("refs/heads/") if run.ref.startswith("refs/heads/") else "",
-            "environment": environment}
+    return placeholder_values(run.id, worker.pipe.name, run.repo, run.ref, run.sha, environment)
 
 
 # ---------------------------------------------------------------------------- approvals

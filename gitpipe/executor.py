@@ -10,7 +10,6 @@ environment and leaves the group escapes; a cgroup per action would close that.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from gitpipe.intake import now_iso
 from gitpipe.models import ActionStatus
 
 KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (SPEC section 6)
@@ -43,8 +43,8 @@ class _PassThrough:
 
 
 def stamp() -> bytes:
-    t = _dt.datetime.now(_dt.UTC)
-    return (t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z ").encode()
+    """The line prefix: the time in the format of every stored time, and a space."""
+    return (now_iso() + " ").encode()
 
 
 class LogWriter:

@@ -126,9 +126,8 @@ def shell_safe(value: str) -> str:
 
 def run_command(command: str, payload: dict[str, Any]) -> None:
     """Run the command with the event JSON on stdin; placeholder values are made shell-inert."""
-    values = {"run": str(payload["run"]), "pipeline": payload["pipeline"], "repo": payload["repo"],
-              "ref": payload["ref"], "sha": payload["sha"], "short_sha": payload["sha"][:7],
-              "branch": payload["ref"].removeprefix("refs/heads/"), "environment": ""}
+    values = pipeline_mod.placeholder_values(payload["run"], payload["pipeline"], payload["repo"],
+                                             payload["ref"], payload["sha"])
     script = pipeline_mod.expand(command, {k: shell_safe(v) for k, v in values.items()})
     proc = subprocess.run(["bash", "-c", script], input=json.dumps(payload).encode(), capture_output=True,
                           timeout=60, check=False)

@@ -149,6 +149,14 @@ def when_matches(when: When | None, branch: str | None, tag: str | None) -> bool
     return tag is not None and when.tags is not None and _any_glob(when.tags, tag)
 
 
+def placeholder_values(run_id: int, pipeline: str, repo: str, ref: str, sha: str,
+                       environment: str = "") -> dict[str, str]:
+    """The value of each of PLACEHOLDERS for one run (`branch` is empty for a tag)."""
+    branch = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else ""
+    return {"run": str(run_id), "pipeline": pipeline, "repo": repo, "ref": ref, "sha": sha,
+            "short_sha": sha[:7], "branch": branch, "environment": environment}
+
+
 def expand(template: str, values: dict[str, str]) -> str:
     """`template` with each known {placeholder} replaced; other braces (and absent values) left alone."""
     return _PLACEHOLDER.sub(lambda m: values.get(m[1], m[0]), template)
