@@ -22,10 +22,16 @@ def init_home(home: str | None) -> Path:
     root = settings_mod.resolve_home(home)
     for sub in ("", "logs", "artifacts", "work", "wake", "spool"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)  # secrets, history and worktrees: the daemon's user alone
     config = root / settings_mod.CONFIG_NAME
     if not config.exists():
         config.write_text(settings_mod.default_config_text())
-    Store(settings_mod.load(root)).close()
+    conf = settings_mod.load(root)
+    if os.geteuid() == 0 and conf.sandbox.mode == "bwrap":
+        from gitpipe.sandbox import ensure_build_user
+
+        ensure_build_user(conf.sandbox.user)  # actions never run as root
+    Store(conf).close()
     return config
 
 

@@ -285,7 +285,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from gitpipe import local
 
-    return local.run_exec(Path.cwd(), args.stage, args.action, args.keep)
+    return local.run_exec(Path.cwd(), args.stage, args.action, args.keep, args.home)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageEr
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
 from gitpipe.report import Reporter
+from gitpipe.sandbox import Sandbox
 from gitpipe.scheduler import Host, RunWorker
 from gitpipe.schedules import Scheduler
 from gitpipe.settings import Settings
@@ -94,15 +95,23 @@ class Daemon:
             raise UsageError(f"another gitpipe daemon (pid {pid}) already serves {self.settings.home}",
                              hint="stop it first (systemctl stop gitpipe)")
         trust = self.trust_factory(self.settings)  # a secrets.toml with loose permissions stops us here
+        try:
+            sandbox = Sandbox.for_host(self.settings)  # no bwrap, no build user: we stop here
+        except GitpipeError:
+            os.close(lock)
+            raise
+        for note in sandbox.notes:
+            log.warning("%s", note)
+        close_home(self.settings.home)
         self.store = Store(self.settings)
-        self.notifier = Notifier(self.settings, self.store)
+        self.notifier = Notifier(self.settings, self.store, sandbox)
         self.store.listeners.append(self.notifier.on_event)
         self.reporter = Reporter(self.settings, self.store, background=True)
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
-                         trust, select=self.select)
+                         trust, sandbox, select=self.select)
         for d in (self.settings.wake_dir, self.settings.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
         observer = Observer()
@@ -259,6 +268,9 @@ class Daemon:
 
     def recover(self) -> None:
         """After a stop or a crash: end leftover processes, mark their attempts interrupted."""
+        swept = self.host.sandbox.sweep()
+        if swept:
+            log.info("killed the processes of %d attempt(s) a previous daemon left running", swept)
         for attempt in self.store.open_attempts():
             killed = executor.kill_token(attempt.token)
             self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)
@@ -292,6 +304,15 @@ class Daemon:
             worker.interrupt(grace)
         for worker in list(self.workers.values()):
             worker.thread.join(executor.KILL_GRACE + 5)
+
+
+def close_home(home: Path) -> None:
+    """The home is the daemon's alone (mode 0700): secrets, history and repos' caches live there."""
+    st = home.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        log.warning("home %s was mode %o; now 0700 (only the daemon's user may enter it)",
+                    home, st.st_mode & 0o777)
+        os.chmod(home, 0o700)
 
 
 def watchdog_interval() -> float | None:

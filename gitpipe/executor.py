@@ -1,11 +1,12 @@
-"""Runs one script attempt: its own process group, a clean environment, a deadline,
-output streamed line by line (with a timestamp, secrets masked) to a log file.
+"""Runs one script attempt: confined as `sandbox.Launch` says, its own session, a
+deadline, output streamed (with a timestamp, secrets masked) to a log file.
 
-Every process of an attempt carries GITPIPE_ATTEMPT_TOKEN in its environment. Killing
-an attempt signals its process group *and* every process whose environment holds the
-token, so children that left the group (setsid, double fork) are found too, also by a
-new daemon after a crash (see `kill_token`). Weak spot: a process that scrubs its own
-environment and leaves the group escapes; a cgroup per action would close that.
+An attempt's processes are found through its *cage*: its cgroup (`cgroup.Group`), from
+which nothing escapes however it detaches, or, where no cgroup can be made, a
+`TokenCage`: the process group and every process whose environment holds the attempt's
+GITPIPE_ATTEMPT_TOKEN (also used by a new daemon after a crash, see `kill_token`). Weak
+spot of the token cage alone: a process that scrubs its environment and leaves the group
+escapes it; under bwrap the PID namespace still ends it with the attempt.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gitpipe.intake import now_iso
 from gitpipe.models import ActionStatus
+
+if TYPE_CHECKING:
+    from gitpipe.sandbox import Launch
 
 KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (SPEC section 6)
 LEFTOVER_GRACE = 2.0  # background children still alive when the script ended
@@ -32,6 +36,47 @@ TOKEN_VAR = "GITPIPE_ATTEMPT_TOKEN"
 class StreamFilter(Protocol):
     def feed(self, data: bytes) -> bytes: ...
     def flush(self) -> bytes: ...
+
+
+class Cage(Protocol):
+    """The processes of one attempt."""
+
+    def members(self) -> set[int]: ...
+    def signal(self, sig: signal.Signals, spare: int | None = None) -> None: ...
+    def kill(self) -> None: ...
+    def limit_hit(self) -> str | None: ...
+    def remove(self) -> None: ...
+
+
+class TokenCage:
+    """Where no cgroup can be made: the process group and every holder of the token."""
+
+    def __init__(self, pgid: int, token: str) -> None:
+        self.pgid, self.token = pgid, token
+
+    def members(self) -> set[int]:
+        return processes_of(self.pgid, self.token)
+
+    def signal(self, sig: signal.Signals, spare: int | None = None) -> None:
+        if spare is None:
+            try:
+                os.killpg(self.pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in self.members() - {spare}:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def limit_hit(self) -> str | None:
+        return None
+
+    def remove(self) -> None:
+        self.kill()
 
 
 class _PassThrough:
@@ -105,7 +150,8 @@ class Attempt:
     """A running script; `stop()` may be called from any thread (cancel, timeout, daemon stop)."""
 
     proc: subprocess.Popen[bytes]
-    token: str
+    cage: Cage
+    spare: int | None  # bwrap's monitor: SIGTERM would end the sandbox at once, without grace
     reader: threading.Thread
     stopped_as: ActionStatus | None = None
     reason: str | None = None
@@ -116,7 +162,7 @@ class Attempt:
         with self._lock:
             if self.stopped_as is None:
                 self.stopped_as, self.reason = status, reason
-        terminate(self.proc.pid, self.token, grace)
+        terminate(self.cage, grace, self.spare)
 
 
 def bash(script: str) -> list[str]:
@@ -124,13 +170,18 @@ def bash(script: str) -> list[str]:
     return ["bash", "-eo", "pipefail", "-c", script]
 
 
-def start(argv: list[str], cwd: Path, env: dict[str, str], log: LogWriter, token: str) -> Attempt:
-    """Start argv (a script through `bash()`, or a plugin) in a new session, stdin on /dev/null."""
-    proc = subprocess.Popen(
-        argv, cwd=cwd, env={**env, TOKEN_VAR: token},
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True, close_fds=True,
-    )
+def start(launch: Launch, log: LogWriter, token: str) -> Attempt:
+    """Start a confined command (see `sandbox.Sandbox.launch`) in a new session, stdin on /dev/null."""
+    try:
+        proc = subprocess.Popen(
+            launch.argv, cwd=launch.cwd, env={**launch.env, TOKEN_VAR: token},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+        )
+    except BaseException:
+        if launch.group is not None:
+            launch.group.remove()
+        raise
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
 
@@ -140,7 +191,8 @@ def start(argv: list[str], cwd: Path, env: dict[str, str], log: LogWriter, token
 
     reader = threading.Thread(target=pump, name=f"log-{proc.pid}", daemon=True)
     reader.start()
-    return Attempt(proc, token, reader)
+    cage: Cage = launch.group if launch.group is not None else TokenCage(proc.pid, token)
+    return Attempt(proc, cage, proc.pid if launch.spare else None, reader)
 
 
 def wait(attempt: Attempt, deadline: float | None, on_start: Callable[[], None] | None = None) -> Outcome:
@@ -154,13 +206,17 @@ def wait(attempt: Attempt, deadline: float | None, on_start: Callable[[], None] 
         attempt.stop(ActionStatus.TIMED_OUT, "timed out")
         code = attempt.proc.wait()
     # Background children still holding the log pipe: the action is over, end them.
-    if processes_of(attempt.proc.pid, attempt.token):
-        terminate(attempt.proc.pid, attempt.token, LEFTOVER_GRACE)
+    if attempt.cage.members():
+        terminate(attempt.cage, LEFTOVER_GRACE, None)
     attempt.reader.join()
     assert attempt.proc.stdout is not None
     attempt.proc.stdout.close()
+    limit = attempt.cage.limit_hit()
+    attempt.cage.remove()
     if attempt.stopped_as is not None:
         return Outcome(attempt.stopped_as, code, attempt.reason)
+    if limit is not None:
+        return Outcome(ActionStatus.FAILED, code, limit)
     if code == 0:
         return Outcome(ActionStatus.SUCCEEDED, 0)
     return Outcome(ActionStatus.FAILED, code, f"exit status {code}" if code > 0 else f"killed by signal {-code}")
@@ -194,27 +250,15 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def terminate(pgid: int, token: str, grace: float) -> None:
-    """SIGTERM the group and every token holder; SIGKILL survivors after `grace` seconds."""
-    _signal_all(pgid, token, signal.SIGTERM)
+def terminate(cage: Cage, grace: float, spare: int | None) -> None:
+    """SIGTERM the attempt's processes (but `spare`); SIGKILL them all after `grace` seconds."""
+    cage.signal(signal.SIGTERM, spare)
     end = time.monotonic() + grace
     while time.monotonic() < end:
-        if not processes_of(pgid, token):
+        if not cage.members():
             return
         time.sleep(0.05)
-    _signal_all(pgid, token, signal.SIGKILL)
-
-
-def _signal_all(pgid: int, token: str, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for pid in processes_of(pgid, token):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    cage.kill()
 
 
 def kill_token(token: str) -> int:

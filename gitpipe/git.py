@@ -12,8 +12,8 @@ points back at the bare repo's refs, config or hooks, so an action cannot change
 the bare repository through its worktree. Before each use, everything under the
 slot's `.git` except the index is rewritten, the index is restored from a copy kept
 outside the tree, and the tree is reset to exactly the commit.
-Weak spot: actions run as the daemon's Unix user, so a hostile script could still
-write to the bare repo by its absolute path; run gitpipe under a dedicated user.
+An action never sees the bare repo itself: its sandbox shows it only the objects,
+read-only (see `sandbox`).
 """
 
 from __future__ import annotations
@@ -248,7 +248,9 @@ class WorktreePool:
         env["GIT_CONFIG_NOSYSTEM"] = "1"
         env["GIT_CONFIG_GLOBAL"] = "/dev/null"  # a ~/.gitconfig an action wrote must not steer checkouts
         subprocess.run(
-            ["git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false", *args],
+            # safe.directory: when the daemon is root, the tree belongs to the sandbox's build user
+            ["git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false",
+             "-c", "safe.directory=*", *args],
             cwd=slot.tree, env=env, check=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )

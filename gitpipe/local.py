@@ -67,7 +67,18 @@ def selection(pipe: Pipeline, stage: str | None, action: str | None):  # type: i
     return select
 
 
-def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool) -> int:
+def host_sandbox(home: str | None) -> dict[str, object]:
+    """The [sandbox] table of this machine's gitpipe home, when it has one: exec confines the same."""
+    path = settings_mod.resolve_home(home) / settings_mod.CONFIG_NAME
+    if not path.exists():
+        return {}
+    conf = settings_mod.load(path.parent).sandbox
+    return {"mode": conf.mode, "user": conf.user, "network": conf.network,
+            "memory": f"{conf.memory}", "pids": conf.pids,
+            "read_only": [str(p) for p in conf.read_only], "read_write": [str(p) for p in conf.read_write]}
+
+
+def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, home: str | None = None) -> int:
     """Run the working copy's pipeline here; 0 when it succeeded."""
     git_dir, ref, sha = git.snapshot(workdir)
     name = Path(git.open_repo(git_dir).workdir or workdir).name
@@ -77,6 +88,11 @@ def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool) -
     pipe = pipeline_mod.parse(text.read_text(), file=str(text), default_name=name)
     root = Path(tempfile.mkdtemp(prefix="gitpipe-exec-"))
     try:
+        sandbox = host_sandbox(home)
+        if sandbox:
+            import tomli_w
+
+            (root / settings_mod.CONFIG_NAME).write_text(tomli_w.dumps({"sandbox": sandbox}))
         api.init_home(str(root))
         conf = settings_mod.load(root)
         store = Store(conf)

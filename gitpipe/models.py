@@ -136,6 +136,7 @@ class ActionSpec:
     env: tuple[tuple[str, str], ...] = ()
     secrets: tuple[str, ...] = ()
     when: When | None = None
+    network: bool | None = None  # False: this action runs without network
     # approval
     message: str | None = None
     # deploy
@@ -191,6 +192,7 @@ class Pipeline:
     env: tuple[tuple[str, str], ...]
     stages: tuple[StageSpec, ...]
     notify: tuple[NotifySpec, ...] = ()
+    network: bool | None = None  # False: every action runs without network
 
     def action(self, stage: str, name: str) -> ActionSpec:
         for s in self.stages:

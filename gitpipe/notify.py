@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
 import subprocess
 import threading
 import time
 import urllib.request
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import PipelineError
 from gitpipe.models import Event, NotifySpec
 from gitpipe.settings import Settings
+
+if TYPE_CHECKING:
+    from gitpipe.sandbox import Sandbox
 
 log = logging.getLogger("gitpipe")
 TIMEOUT = 10.0
@@ -33,6 +39,7 @@ class Message:
     event: str
     payload: dict[str, Any]
     targets: tuple[NotifySpec, ...]
+    network: bool = True  # the pipeline's: a command it wrote runs with network only if it allows
 
 
 def event_name(ev: Event) -> str | None:
@@ -49,9 +56,10 @@ def event_name(ev: Event) -> str | None:
 class Notifier:
     """A store listener: turns events into notifications, sent by one worker thread."""
 
-    def __init__(self, settings: Settings, store: Any) -> None:
+    def __init__(self, settings: Settings, store: Any, sandbox: Sandbox | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.sandbox = sandbox
         self.queue: queue.Queue[Message | None] = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="notify", daemon=True)
         self.thread.start()
@@ -61,27 +69,31 @@ class Notifier:
         if name is None or not ev.run_id:
             return
         run = self.store.run(ev.run_id)
-        targets = tuple(t for t in self._targets(run.repo, ev.run_id) if name in t.on)
+        found, network = self._targets(run.repo, ev.run_id)
+        targets = tuple(t for t in found if name in t.on)
         if not targets:
             return
         url = f"{self.settings.site_url}/{run.repo}/runs/{run.id}.html" if self.settings.site_url else None
         payload = {"event": name, "run": run.id, "repo": run.repo, "pipeline": run.pipeline,
                    "ref": run.ref, "sha": run.sha, "status": run.status.value, "url": url,
                    "detail": ev.detail}
-        self.queue.put(Message(name, payload, targets))
+        self.queue.put(Message(name, payload, targets, network))
 
-    def _targets(self, repo: str, run_id: int) -> list[NotifySpec]:
+    def _targets(self, repo: str, run_id: int) -> tuple[list[NotifySpec], bool]:
+        """The host's [notify] (line 0) and the pipeline's [[notify]]; and the pipeline's network."""
         found = []
         s = self.settings
         if s.notify_on and (s.notify_webhook or s.notify_command):
             found.append(NotifySpec(on=s.notify_on, line=0, webhook=s.notify_webhook or None,
                                     command=s.notify_command or None))
+        network = True
         try:
             pipe = pipeline_mod.parse(self.store.pipeline_text(run_id) or "", default_name=repo)
             found += list(pipe.notify)
+            network = pipe.network is not False
         except PipelineError:
             pass
-        return found
+        return found, network
 
     def close(self, timeout: float = 5.0) -> None:
         self.queue.put(None)
@@ -99,7 +111,7 @@ class Notifier:
                 if target.webhook:
                     post(target.webhook, msg.payload)
                 if target.command:
-                    run_command(target.command, msg.payload)
+                    self._command(target, msg)
                 return
             except Exception as exc:
                 where = target.webhook or target.command
@@ -108,6 +120,18 @@ class Notifier:
                 if attempt < ATTEMPTS:
                     time.sleep(delay)
                     delay *= 2
+
+
+    def _command(self, target: NotifySpec, msg: Message) -> None:
+        """A host command ([notify] in gitpipe.toml, line 0) runs as the daemon; a pipeline's, confined."""
+        if target.line == 0 or self.sandbox is None:
+            return run_command(target.command or "", msg.payload)
+        from gitpipe.sandbox import Confine
+
+        box = Confine(key=f"notify-{uuid.uuid4().hex[:12]}", home=self.settings.work_dir / ".notify" / uuid.uuid4().hex,
+                      network=self.sandbox.conf.network and msg.network)
+        return run_command(target.command or "", msg.payload, lambda argv, data: self.sandbox.run(  # type: ignore[union-attr]
+            argv, command_env(msg.payload), box, data, TIMEOUT_COMMAND))
 
 
 def post(url: str, payload: dict[str, Any]) -> None:
@@ -124,12 +148,32 @@ def shell_safe(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9._/@+=:,#%-]", "_", value)
 
 
-def run_command(command: str, payload: dict[str, Any]) -> None:
+TIMEOUT_COMMAND = 60.0
+
+
+def command_env(payload: dict[str, Any]) -> dict[str, str]:
+    """The documented variables of a notify command (and LANG, TZ); nothing else of the daemon's."""
+    env = {k: os.environ[k] for k in ("LANG", "TZ") if k in os.environ}
+    env.update({"GITPIPE_EVENT": str(payload["event"]), "GITPIPE_RUN": str(payload["run"]),
+                "GITPIPE_REPO": payload["repo"], "GITPIPE_PIPELINE": payload["pipeline"],
+                "GITPIPE_REF": payload["ref"], "GITPIPE_SHA": payload["sha"],
+                "GITPIPE_STATUS": payload["status"]})
+    return env
+
+
+Runner = Callable[[list[str], bytes], "subprocess.CompletedProcess[bytes]"]
+
+
+def run_command(command: str, payload: dict[str, Any], runner: Runner | None = None) -> None:
     """Run the command with the event JSON on stdin; placeholder values are made shell-inert."""
     values = pipeline_mod.placeholder_values(payload["run"], payload["pipeline"], payload["repo"],
                                              payload["ref"], payload["sha"])
     script = pipeline_mod.expand(command, {k: shell_safe(v) for k, v in values.items()})
-    proc = subprocess.run(["bash", "-c", script], input=json.dumps(payload).encode(), capture_output=True,
-                          timeout=60, check=False)
+    data = json.dumps(payload).encode()
+    if runner is not None:
+        proc = runner(["bash", "-c", script], data)
+    else:
+        proc = subprocess.run(["bash", "-c", script], input=data, capture_output=True,
+                              timeout=TIMEOUT_COMMAND, check=False)
     if proc.returncode != 0:
         raise OSError(f"exit status {proc.returncode}: {proc.stderr.decode(errors='replace')[-200:]}")

@@ -32,7 +32,7 @@ STRATEGIES = ("rolling", "blue-green")
 SUPERSEDED = ("cancel", "queue")
 
 _TOP_KEYS = ("pipeline", "trigger", "env", "stage", "notify")
-_PIPELINE_KEYS = ("name", "timeout")
+_PIPELINE_KEYS = ("name", "timeout", "network")
 _TRIGGER_KEYS = ("branches", "tags", "paths", "schedule", "superseded")
 _STAGE_KEYS = ("name", "action")
 _NOTIFY_KEYS = ("on", "webhook", "command")
@@ -41,7 +41,7 @@ _COMMON_KEYS = (
     "name", "type", "run_order", "inputs", "outputs", "timeout", "retries", "env", "secrets", "when",
 )
 _TYPE_KEYS = {
-    "run": ("run",),
+    "run": ("run", "network"),
     "approval": ("message",),
     "deploy": (
         "environment", "target", "source", "keep", "shared", "before_switch", "after_switch",
@@ -532,15 +532,17 @@ def _pipeline(report: _Report, data: dict[str, Any], default_name: str) -> Pipel
     for key in top.unknown_keys(_TOP_KEYS):
         noun = "table" if isinstance(data[key], (dict, list)) else "key"
         top.problem(f'unknown {noun} "{key}"{_suggest(key, _TOP_KEYS)}', key)
-    name, timeout = default_name, None
+    name, timeout, network = default_name, None, None
     head = top.table("pipeline", "[pipeline]")
     if head is not None:
         head.check_keys(_PIPELINE_KEYS)
         name = head.name("name", "") or default_name
         timeout = head.duration("timeout", None, positive=True)
+        network = head.get("network", (bool,), "true or false")
     pipeline = Pipeline(
         name=name,
         timeout=timeout,
+        network=network,
         trigger=_trigger(top.table("trigger", "[trigger]")),
         env=_env(top.table("env", "[env]")),
         stages=_stages(top),
@@ -678,13 +680,15 @@ def _action(report: _Report, data: dict[str, Any], path: Path, label: str, stage
     fields = _common_fields(t, kind)
     if kind == "run":
         fields["run"] = t.string("run", "the bash script this action runs")
+        fields["network"] = t.get("network", (bool,), "true or false")
     elif kind == "approval":
         fields["message"] = t.string("message")
         _check_placeholders(t, "message", fields["message"])
     elif kind == "deploy":
         fields.update(_deploy_fields(t))
-    elif kind is not None:
-        fields["extra"] = tuple((k, v) for k, v in data.items() if k not in _COMMON_KEYS)
+    elif kind is not None:  # a plugin: its own keys, but `network` is the sandbox's
+        fields["network"] = t.get("network", (bool,), "true or false")
+        fields["extra"] = tuple((k, v) for k, v in data.items() if k not in _COMMON_KEYS + ("network",))
     spec = ActionSpec(line=report.line(path), **fields)
     report.actions.append((stage_index, label, spec, path))
     return spec

@@ -28,6 +28,28 @@ def command(spec: ActionSpec, env: dict[str, str]) -> tuple[list[str], dict[str,
     return [sys.executable, "-m", "gitpipe.plugins", spec.type], full
 
 
+def interpreter_paths(home: Path) -> tuple[Path, ...]:
+    """What a plugin process needs to see read-only in its sandbox: this interpreter and its
+    import path (gitpipe, the plugins). Never a path that holds the gitpipe home."""
+    from importlib.metadata import entry_points
+
+    found: list[Path] = []
+    places = [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, str(Path(__file__).parent)]
+    for ep in entry_points(group="gitpipe.actions"):  # an editable or --target install lives elsewhere
+        if ep.dist is not None:
+            places.append(str(ep.dist.locate_file("")))
+    for entry in places:
+        if not entry or not os.path.isdir(entry):
+            continue
+        path = Path(entry).resolve()
+        if path.is_relative_to(home) or home.is_relative_to(path) or path == Path("/"):
+            continue
+        if path.is_relative_to("/usr") or any(path.is_relative_to(p) for p in found):
+            continue
+        found = [p for p in found if not p.is_relative_to(path)] + [path]
+    return tuple(found)
+
+
 def main(argv: list[str]) -> int:
     """Load the plugin and call it (the plugin process)."""
     from importlib.metadata import entry_points

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -22,13 +23,14 @@ from gitpipe import artifacts, delivery, executor, git, plugins
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus, Pipeline, RunRecord, RunStatus, short_ref
+from gitpipe.sandbox import Confine, Sandbox
 from gitpipe.secrets import Masker
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
-DAEMON_ENV_KEEP = ("PATH", "HOME", "LANG", "TZ")
+DAEMON_ENV_KEEP = ("LANG", "TZ")  # PATH and HOME are the sandbox's, never the daemon's
 OUTPUT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
@@ -40,6 +42,7 @@ class Host:
     store: Store
     slots: threading.BoundedSemaphore
     trust: Trust
+    sandbox: Sandbox
     env_locks: dict[tuple[str, str], delivery.FifoLock] = field(default_factory=dict)
     select: Callable[[str, ActionSpec], str | None] | None = None  # gitpipe exec: why an action is skipped
 
@@ -280,37 +283,52 @@ class RunWorker:
         self.store.start_attempt(rec.id, deadline, str(log_path), token)
         writer = executor.LogWriter(log_path, masker.stream())
         outcome = executor.Outcome(ActionStatus.FAILED, None)
+        out_file: Path | None = None
         try:
             with self.pool.checkout(self.run.sha) as slot:
                 for art in self.store.artifacts(self.run.id):
                     if art.name in spec.inputs:
                         artifacts.restore(art, slot.tree)
-                out_file = logs / f".{rec.id}.{number}.output"  # read, then removed: it may hold secrets
-                env["GITPIPE_OUTPUT"] = str(out_file)
+                out_file = slot.root / "output"  # read, then removed: it may hold secrets
+                box = Confine(key=f"a{rec.id}.{number}", home=slot.root / "home", tree=slot.tree,
+                              name=self.run.repo, output=out_file, readonly=self._readonly(spec),
+                              network=self._network(spec))
                 if deadline is not None and time.time() >= deadline:
                     outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
                 else:
-                    outcome = self._execute(rec, spec, slot.tree, env, writer, token, deadline)
+                    outcome = self._execute(rec, spec, box, env, writer, token, deadline)
                 if outcome.status is ActionStatus.SUCCEEDED:
                     outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
         except (GitpipeError, OSError) as exc:  # an output glob, a full disk while storing artifacts
             writer.line(f"gitpipe: {exc}")
             outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
         finally:
-            (logs / f".{rec.id}.{number}.output").unlink(missing_ok=True)
+            if out_file is not None:
+                out_file.unlink(missing_ok=True)
             if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and outcome.message:
                 writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
             writer.close()
             self.store.finish_attempt(rec.id, number, outcome.status, outcome.exit_code)
         return outcome
 
-    def _execute(self, rec: ActionRecord, spec: ActionSpec, tree: Path, env: dict[str, str],
+    def _readonly(self, spec: ActionSpec) -> tuple[Path, ...]:
+        """What an attempt sees read-only: the repo's objects; a plugin also its interpreter."""
+        paths: tuple[Path, ...] = (self.pool.objects,)
+        if spec.type != "run":
+            paths += plugins.interpreter_paths(self.host.settings.home)
+        return paths
+
+    def _network(self, spec: ActionSpec) -> bool:
+        """The host's [sandbox] network, unless the pipeline or the action turned it off."""
+        return self.host.sandbox.conf.network and self.pipe.network is not False and spec.network is not False
+
+    def _execute(self, rec: ActionRecord, spec: ActionSpec, box: Confine, env: dict[str, str],
                  writer: executor.LogWriter, token: str, deadline: float | None) -> executor.Outcome:
         if spec.type == "run":
             argv = executor.bash(spec.run or "")
         else:  # a plugin type: run in a process of its own, so timeouts and cancels work the same
             argv, env = plugins.command(spec, env)
-        attempt = executor.start(argv, tree, env, writer, token)
+        attempt = executor.start(self.host.sandbox.launch(argv, env, box), writer, token)
         with self.lock:
             self.attempts[rec.id] = attempt
         if self.cancelled.is_set():
@@ -330,7 +348,7 @@ class RunWorker:
         run_deadline = self.run.extra.get("deadline")
         return min(deadline, run_deadline) if run_deadline else deadline
 
-    def _collect(self, rec: ActionRecord, spec: ActionSpec, tree: Path, out_file: Path,
+    def _collect(self, rec: ActionRecord, spec: ActionSpec, tree: Path, out_file: Path | None,
                  masker: Masker, writer: executor.LogWriter) -> executor.Outcome:
         dest = self.host.settings.artifacts_dir / str(self.run.id)
         for name, patterns in spec.outputs:
@@ -381,12 +399,26 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
 
 
-def _read_outputs(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines an action appended to $GITPIPE_OUTPUT (other lines are ignored)."""
-    if not path.exists():
+OUTPUT_LIMIT = 1 << 20  # bytes of $GITPIPE_OUTPUT read: small values, as the name says
+
+
+def _read_outputs(path: Path | None) -> dict[str, str]:
+    """KEY=VALUE lines an action appended to $GITPIPE_OUTPUT (other lines are ignored).
+
+    The file is the action's: opened without following a link, and read up to a bound.
+    """
+    if path is None:
         return {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        text = f.read(OUTPUT_LIMIT).decode("utf-8", errors="replace")
     values = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep and OUTPUT_KEY.match(key.strip()):
             values[key.strip()] = value

@@ -29,6 +29,12 @@ DEFAULTS: dict[str, Any] = {
 SSH_DEFAULTS: dict[str, Any] = {"known_hosts": "known_hosts", "identity": ""}
 NOTIFY_DEFAULTS: dict[str, Any] = {"on": [], "webhook": "", "command": ""}
 REPO_DEFAULTS: dict[str, Any] = {"protected": None, "reject_invalid": False}
+SANDBOX_DEFAULTS: dict[str, Any] = {
+    "mode": "bwrap", "user": "gitpipe-build", "network": True, "memory": "4G", "pids": 2048,
+    "read_only": [], "read_write": [],
+}
+SANDBOX_MODES = ("bwrap", "none")
+_SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 
 COMMENTS: dict[str, str] = {
     "max_parallel": "actions running at once on this host (default: the number of CPUs)",
@@ -48,6 +54,19 @@ class RepoSettings:
 
 
 @dataclass(frozen=True)
+class SandboxSettings:
+    """`[sandbox]`: how every action attempt is confined (SPEC section 11)."""
+
+    mode: str = "bwrap"  # "bwrap", or "none" when written out
+    user: str = "gitpipe-build"  # the account actions run as when the daemon is root
+    network: bool = True  # a pipeline or an action may only turn it off
+    memory: int | None = 4 << 30  # bytes per attempt
+    pids: int | None = 2048  # processes per attempt
+    read_only: tuple[Path, ...] = ()  # host paths every action sees read-only (toolchains)
+    read_write: tuple[Path, ...] = ()  # host paths every action may write (a shared spool)
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     max_parallel: int
@@ -61,6 +80,7 @@ class Settings:
     notify_webhook: str = ""
     notify_command: str = ""
     repos: dict[str, RepoSettings] = field(default_factory=dict)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
 
     # Paths of the home, computed from the home (never at import time).
     @property
@@ -192,7 +212,7 @@ def _typed(lines: _Lines, data: dict[str, Any], key: str, kind: type | tuple[typ
 
 
 def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
-    top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}}
+    top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}, "sandbox": {}}
     _unknown(lines, data, top, None)
     merged = {**DEFAULTS, **{k: v for k, v in data.items() if k in DEFAULTS}}
     for key in ("max_parallel", "keep_runs"):
@@ -229,7 +249,45 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         notify_webhook=str(notify["webhook"]),
         notify_command=str(notify["command"]),
         repos=repos,
+        sandbox=_sandbox(lines, _table(lines, data, "sandbox", SANDBOX_DEFAULTS), home),
     )
+
+
+def parse_size(value: str) -> int:
+    """Bytes in a size such as "4G", "512M", "1T" (powers of 1024) or "1000000"."""
+    match = _SIZE.match(value.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f'bad size "{value}": write a number with a unit K, M, G or T, e.g. "4G" or "512M"')
+    return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
+
+
+def _sandbox(lines: _Lines, value: dict[str, Any], home: Path) -> SandboxSettings:
+    merged = {**SANDBOX_DEFAULTS, **value}
+    for key in ("mode", "user"):
+        _typed(lines, merged, key, str, "sandbox")
+    _typed(lines, merged, "network", bool, "sandbox")
+    if merged["mode"] not in SANDBOX_MODES:
+        raise lines.error(f'"mode" must be "bwrap" or "none", not "{merged["mode"]}"', "mode", "sandbox",
+                          hint='"bwrap" confines every action (install the Debian package bubblewrap)')
+    try:
+        memory = parse_size(_typed(lines, merged, "memory", str, "sandbox"))
+    except ValueError as exc:
+        raise lines.error(str(exc), "memory", "sandbox") from None
+    pids = _typed(lines, merged, "pids", int, "sandbox")
+    if pids < 16:
+        raise lines.error('"pids" must be at least 16 (bash, git and a build need a few)', "pids", "sandbox")
+    binds = {}
+    for key in ("read_only", "read_write"):
+        paths = _typed(lines, merged, key, list, "sandbox")
+        if not all(isinstance(p, str) and p.startswith("/") for p in paths):
+            raise lines.error(f'"{key}" must be a list of absolute paths, e.g. ["/opt/toolchains"]', key, "sandbox")
+        for p in paths:
+            if Path(p) == Path("/") or home.is_relative_to(p) or Path(p).is_relative_to(home):
+                raise lines.error(f'"{key}": {p} would show actions the gitpipe home {home}', key, "sandbox",
+                                  hint="name paths outside the home; the home is the daemon's alone")
+        binds[key] = tuple(Path(p) for p in paths)
+    return SandboxSettings(mode=merged["mode"], user=merged["user"], network=merged["network"],
+                           memory=memory, pids=pids, **binds)
 
 
 def _table(lines: _Lines, data: dict[str, Any], name: str, known: dict[str, Any] | None) -> dict[str, Any]:
@@ -281,6 +339,18 @@ def default_config_text() -> str:
         "# defaults for every pipeline: events (succeeded, failed, cancelled, approval, deployed,",
         "# rolled-back), and a webhook URL and/or a command that gets the event JSON on stdin",
         tomli_w.dumps({"on": ["failed"], "webhook": "", "command": ""}).strip(),
+        "",
+        "# How actions are confined (these are the defaults):",
+        "# [sandbox]",
+        '# mode = "bwrap"          # every attempt in bubblewrap (Debian package bubblewrap): its own',
+        "#                         # worktree, the system read-only, no gitpipe home, no repos, no other",
+        '#                         # process; "none" turns that off (never allowed for a root daemon)',
+        '# user = "gitpipe-build"  # the account actions run as when the daemon is root (made by init)',
+        "# network = true          # a pipeline or an action may turn it off with network = false",
+        '# memory = "4G"           # per attempt, enforced by a cgroup where the host allows one',
+        "# pids = 2048             # processes per attempt",
+        '# read_only = []          # host paths every action sees read-only, e.g. ["/opt/toolchains"]',
+        "# read_write = []         # host paths every action may write (shared by every branch!)",
         "",
         "# Per-repo settings:",
         "# [repos.shop]",

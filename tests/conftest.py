@@ -25,3 +25,15 @@ def home(tmp_path: Path) -> Home:
     h = Home(tmp_path)
     h.init(TEST_CONFIG)
     return h
+
+
+@pytest.fixture
+def out(home: Home, tmp_path: Path) -> Path:
+    """A directory outside every worktree where scripts leave evidence.
+
+    The sandbox shows actions nothing of the host but their worktree, so the host opens
+    this one to them by its own setting (`[sandbox] read_write`), as an admin would.
+    """
+    d = tmp_path / "out"
+    home.share(d)
+    return d

@@ -187,6 +187,19 @@ class Home:
             current = re.sub(rf"^{key}\s*=.*$", "", current, flags=re.MULTILINE)
         path.write_text(top + "\n" + current + "\n" + tables)
 
+    def share(self, *dirs: Path) -> None:
+        """Open host directories to actions (`[sandbox] read_write`), made and writable by anyone.
+
+        The sandbox shows actions nothing of the host but their worktree; tests that read
+        evidence scripts leave outside it open a directory for it, as an admin would.
+        Call once per home (it writes the one [sandbox] table).
+        """
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o777)  # a root daemon's actions run as the build user
+        listed = ", ".join(f'"{d}"' for d in dirs)
+        self.configure(f"[sandbox]\nread_write = [{listed}]\n")
+
     def show(self, run_id: int) -> dict[str, Any]:
         proc = self.gitpipe("show", str(run_id), "--json")
         assert proc.returncode in (0, 1), proc.stderr

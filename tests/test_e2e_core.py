@@ -64,14 +64,6 @@ def environ_file(path: Path) -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
-@pytest.fixture
-def out(tmp_path: Path) -> Path:
-    """A directory outside every worktree where scripts leave evidence."""
-    d = tmp_path / "out"
-    d.mkdir()
-    return d
-
-
 # ---------------------------------------------------------------------------- parallelism and order
 
 RENDEZVOUS = r"""
@@ -114,7 +106,8 @@ def test_parallel_actions_of_one_run_order_overlap_in_separate_worktrees(home: H
     # recorded times show too.
     assert at(left["started_at"]) < at(right["finished_at"])
     assert at(right["started_at"]) < at(left["finished_at"])
-    assert (out / "left.pwd").read_text() != (out / "right.pwd").read_text()
+    # Each sandbox shows its own worktree at the same place: /build/<repo>.
+    assert (out / "left.pwd").read_text() == (out / "right.pwd").read_text() == "/build/par\n"
     assert "mine-right" not in (out / "left.files").read_text().split()
     assert "mine-left" not in (out / "right.files").read_text().split()
 
@@ -192,7 +185,7 @@ name = "build"
   echo stray > stray.txt
   echo changed > README.md
   rm .gitignore
-  echo beside > ../beside-the-tree
+  echo beside > ../beside-the-tree || true  # the sandbox shows nothing beside the tree
   git config gitpipe.leftover yes
   mkdir -p .git/hooks
   printf '#!/bin/sh\ntouch "@OUT@/hook-ran"\n' > .git/hooks/post-checkout
@@ -227,7 +220,7 @@ name = "check"
 
 # What every action records of the directory it got, before it changes anything.
 DUMP = r"""d="@OUT@/$GITPIPE_RUN-$GITPIPE_ACTION"
-  pwd > "$d.pwd"
+  stat -c %d:%i . > "$d.pwd"
   find . -path ./.git -prune -o -print | LC_ALL=C sort > "$d.files"
   git config --local --list > "$d.config"
   ls -A .git/hooks > "$d.hooks" 2>/dev/null || true
@@ -260,11 +253,12 @@ def test_artifacts_flow_between_stages_and_nothing_else_survives(home: Home, out
             assert "gitpipe.leftover" not in (out / f"{d}.config").read_text()
             assert (out / f"{d}.hooks").read_text() == ""
             assert (out / f"{d}.readme").read_text() == "original\n"
-            assert set((out / f"{d}.parent").read_text().split()) <= {"tree", "index"}
+            assert set((out / f"{d}.parent").read_text().split()) == {"iso"}  # /build holds the tree only
             status = (out / f"{d}.status").read_text().splitlines()
             assert set(status) <= {"?? dist/app.txt", f"?? mine-{action}"}, (d, status)
         assert (out / f"{rid}-use.app").read_text() == f"app of run {rid}\n"
-        # The same directory was used again (so the checks above are about reuse) ...
+        # The same directory (by device and inode: inside, every tree is /build/iso) was used
+        # again (so the checks above are about reuse) ...
         pwds = {a: (out / f"{rid}-{a}.pwd").read_text() for a in ("make", "use", "other")}
         assert pwds["make"] in (pwds["use"], pwds["other"])
         # ... while the two parallel actions of "check" had different ones.
@@ -875,7 +869,9 @@ def test_actions_get_a_clean_environment_with_every_gitpipe_variable(home: Home,
                "GITPIPE_ATTEMPT_TOKEN", *SPEC_VARS}
     assert set(env) - allowed == set()
     ours = base_env()
-    assert {k: env[k] for k in ("PATH", "HOME", "LANG", "TZ")} == {k: ours[k] for k in ("PATH", "HOME", "LANG", "TZ")}
+    assert {k: env[k] for k in ("LANG", "TZ")} == {k: ours[k] for k in ("LANG", "TZ")}
+    # Never the daemon's PATH (its virtualenv) or HOME: the system's PATH, the attempt's own HOME.
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin" and env["HOME"] == "/home/build"
     assert {k: env[k] for k in SPEC_VARS} == {
         "GITPIPE_RUN": str(run["id"]), "GITPIPE_REPO": "envs", "GITPIPE_PIPELINE": "env-check",
         "GITPIPE_REF": "refs/heads/main", "GITPIPE_BRANCH": "main", "GITPIPE_TAG": "",

@@ -154,7 +154,8 @@ APPROVAL = """
 
 def test_approval_survives_kill_9_and_proceeds_exactly_once(home: Home, tmp_path: Path) -> None:
     repo = home.add_repo("shop")
-    count = tmp_path / "count"
+    home.share(tmp_path / "out")
+    count = tmp_path / "out" / "count"
     text = pipeline(APPROVAL.replace("TIMEOUT", "1h").replace("COUNT", str(count)))
     log = open(tmp_path / "d.log", "wb")  # noqa: SIM115 - closed below
     daemon = subprocess.Popen([GITPIPE, "serve", "--home", str(home.home)], env=base_env(), stdout=log,

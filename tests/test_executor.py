@@ -16,6 +16,7 @@ from helpers import STAMP, kill_marker_processes, marker_processes, wait_for
 
 from gitpipe import executor
 from gitpipe.models import ActionStatus
+from gitpipe.sandbox import Launch
 from gitpipe.secrets import Masker
 
 ENV = {"PATH": os.environ["PATH"], "HOME": "/nonexistent-home", "LANG": "C.UTF-8", "ONLY_THIS": "1"}
@@ -43,7 +44,7 @@ def run(script: str, tmp_path: Path, deadline: float | None = None,
         env: dict[str, str] | None = None) -> tuple[executor.Outcome, list[bytes]]:
     log = tmp_path / f"{uuid.uuid4().hex}.log"
     writer = executor.LogWriter(log)
-    attempt = executor.start(executor.bash(script), tmp_path, env or ENV, writer, uuid.uuid4().hex)
+    attempt = executor.start(Launch(executor.bash(script), env or ENV, tmp_path), writer, uuid.uuid4().hex)
     outcome = executor.wait(attempt, deadline)
     writer.close()
     return outcome, log_lines(log)
@@ -146,7 +147,7 @@ def test_stop_kills_a_tree_that_ignores_sigterm_and_left_the_group(tmp_path: Pat
     exec -a {marker}-main sleep 1000
     """
     writer = executor.LogWriter(tmp_path / "a.log")
-    attempt = executor.start(executor.bash(script), tmp_path, ENV, writer, uuid.uuid4().hex)
+    attempt = executor.start(Launch(executor.bash(script), ENV, tmp_path), writer, uuid.uuid4().hex)
     wait_for(lambda: len(marker_processes(marker, argv0=True)) == 3, 20, what="three processes")
     escaped = [p for p in marker_processes(marker, argv0=True) if os.getsid(p) != attempt.proc.pid]
     assert len(escaped) == 1  # it really left the session

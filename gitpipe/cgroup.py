@@ -1,0 +1,247 @@
+"""A cgroup per action attempt: every process of the attempt in it, limits on memory and
+process count, and a kill that nothing escapes however it detaches.
+
+Works on the unified hierarchy (cgroup v2, what systemd's `Delegate=` hands a service)
+and on the legacy one (cgroup v1: one mount per controller, as in many containers). The
+attempts' groups live under the daemon's own group, in `gitpipe-<tag>/` (the tag is made
+from the home, so two daemons on one host never touch each other's groups).
+
+A process joins its group before it runs anything of the user's: a `sh` prefix, still
+the daemon's user, writes `0` into the group's `cgroup.procs` and execs the rest (see
+`sandbox._join`).
+
+Standard library only; used by `sandbox` alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("gitpipe")
+ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("pids", "memory")
+KILL_ROUNDS = 200  # v1 has no cgroup.kill: SIGKILL what is listed until nothing is (bounded)
+
+
+def format_size(n: int) -> str:
+    """4294967296 -> "4G" (the way gitpipe.toml writes sizes)."""
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n} bytes"
+
+
+@dataclass
+class Group:
+    """One attempt's cgroup (one directory per v1 hierarchy, or one on v2)."""
+
+    dirs: tuple[Path, ...]  # the first one lists the members (pids on v1 when mounted)
+    memory: int | None
+    pids: int | None
+
+    def members(self) -> set[int]:
+        found: set[int] = set()
+        for d in self.dirs:
+            try:
+                found.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+            except OSError:
+                continue
+        return found
+
+    def signal(self, sig: signal.Signals, spare: int | None = None) -> None:
+        for pid in self.members():
+            if pid != spare:
+                _kill(pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL every member, until none is left (v2: cgroup.kill; v1: rounds of kill)."""
+        kill_file = self.dirs[0] / "cgroup.kill"
+        if kill_file.exists():
+            try:
+                kill_file.write_text("1")
+            except OSError:
+                pass
+        for _ in range(KILL_ROUNDS):
+            pids = self.members()
+            if not pids:
+                return
+            for pid in pids:
+                _kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+
+    def limit_hit(self) -> str | None:
+        """Why the kernel stopped the attempt, naming the limit; None when no limit was reached."""
+        if self.memory is not None and self._count(("memory.events", "memory.oom_control"), "oom_kill"):
+            return f"out of memory (limit {format_size(self.memory)})"
+        if self.pids is not None and self._count(("pids.events",), "max"):
+            return f"too many processes (limit pids = {self.pids})"
+        return None
+
+    def _count(self, names: tuple[str, ...], key: str) -> int:
+        for d in self.dirs:
+            for name in names:
+                try:
+                    text = (d / name).read_text()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    k, _, v = line.partition(" ")
+                    if k == key and v.strip().isdigit():
+                        return int(v)
+        return 0
+
+    def remove(self) -> None:
+        """Kill what is left and remove the group."""
+        self.kill()
+        for d in self.dirs:
+            for _ in range(50):  # a killed process leaves its group a moment after SIGKILL
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _kill(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class Tree:
+    """Where this daemon's attempt groups live: one base per hierarchy."""
+
+    bases: tuple[Path, ...]
+    limits: bool  # whether memory and pids limits can be set there
+
+    @classmethod
+    def find(cls, tag: str) -> tuple[Tree | None, str]:
+        """The attempts' parent group(s) under our own group; (None, why) when none can be made."""
+        own = _own_groups()
+        v1 = [(ROOT / c, own.get(c)) for c in V1_CONTROLLERS if own.get(c) is not None and (ROOT / c).is_dir()]
+        if v1:
+            return _make(tuple(mount / rel.lstrip("/") / f"gitpipe-{tag}" for mount, rel in v1 if rel), True)
+        unified = own.get("")
+        mount = _unified_mount()
+        if unified is None or mount is None:
+            return None, "this host has no cgroup hierarchy gitpipe can use"
+        return _v2_tree(mount / unified.lstrip("/"), tag)
+
+    def group(self, key: str, memory: int | None, pids: int | None) -> Group:
+        """A new, empty group for one attempt, with its limits set."""
+        dirs = []
+        for base in self.bases:
+            d = base / key
+            if d.exists():  # a leftover of a crash with the same key: empty it first
+                Group((d,), None, None).remove()
+            d.mkdir()
+            dirs.append(d)
+        group = Group(tuple(dirs), memory if self.limits else None, pids if self.limits else None)
+        if self.limits:
+            for d in dirs:
+                _write_limits(d, memory, pids)
+        return group
+
+    def sweep(self) -> int:
+        """Kill and remove the groups a previous daemon left (after a crash); how many."""
+        found = 0
+        for base in self.bases:
+            for d in base.iterdir():
+                if d.is_dir():
+                    found += 1
+                    Group((d,), None, None).remove()
+        return found
+
+
+def _write_limits(d: Path, memory: int | None, pids: int | None) -> None:
+    writes: list[tuple[str, str]] = []
+    if memory is not None:
+        writes += [("memory.max", str(memory)), ("memory.swap.max", "0"),
+                   ("memory.limit_in_bytes", str(memory)), ("memory.memsw.limit_in_bytes", str(memory))]
+    if pids is not None:
+        writes.append(("pids.max", str(pids)))
+    for name, value in writes:
+        path = d / name
+        if path.exists():
+            try:
+                path.write_text(value)
+            except OSError as exc:  # memsw without swap accounting, ...
+                log.debug("cgroup: could not set %s: %s", path, exc)
+
+
+def _make(bases: tuple[Path, ...], limits: bool) -> tuple[Tree | None, str]:
+    try:
+        for base in bases:
+            base.mkdir(exist_ok=True)
+            probe = base / "probe"
+            probe.mkdir(exist_ok=True)
+            probe.rmdir()
+    except OSError as exc:
+        return None, f"cannot create cgroups under {bases[0].parent} ({exc.strerror})"
+    return Tree(bases, limits), ""
+
+
+def _v2_tree(own: Path, tag: str) -> tuple[Tree | None, str]:
+    """cgroup v2: controllers reach a child only through a parent without processes of its own.
+
+    Under systemd (Delegate=yes) the service's group holds the daemon itself; it moves
+    into `<own>/daemon` when it is the only process there, so `<own>` can pass the memory
+    and pids controllers on to `<own>/gitpipe-<tag>/<attempt>`.
+    """
+    base = own / f"gitpipe-{tag}"
+    tree, why = _make((base,), False)
+    if tree is None:
+        return None, why
+    wanted = {"memory", "pids"}
+    try:
+        available = set((own / "cgroup.controllers").read_text().split())
+        if not wanted <= available:
+            return tree, f"the memory and pids controllers are not delegated to {own}"
+        members = (own / "cgroup.procs").read_text().split()
+        if members and members != [str(os.getpid())]:
+            return tree, f"{own} holds other processes, so its controllers cannot be passed on"
+        if members:
+            leaf = own / "daemon"
+            leaf.mkdir(exist_ok=True)
+            (leaf / "cgroup.procs").write_text("0")
+        (own / "cgroup.subtree_control").write_text("+memory +pids")
+        (base / "cgroup.subtree_control").write_text("+memory +pids")
+    except OSError as exc:
+        return tree, f"cannot enable the memory and pids controllers under {own} ({exc.strerror})"
+    tree.limits = True
+    return tree, ""
+
+
+def _own_groups() -> dict[str, str]:
+    """controller -> our group's path, from /proc/self/cgroup ("" is the unified hierarchy)."""
+    found: dict[str, str] = {}
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            found[c] = path
+    return found
+
+
+def _unified_mount() -> Path | None:
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return Path(left.split()[4])
+    return None

@@ -1,0 +1,299 @@
+"""The trust boundary: the one module that turns (worktree, environment, limits) into a
+confined process. Every run and plugin attempt, and every notify command written in a
+pushed pipeline, is started through `Sandbox.launch`; nothing else knows bwrap.
+
+What a confined process sees (SPEC section 11): the system read-only (/usr, /etc and the
+/bin, /lib links), a private /tmp, a minimal /dev, its own PID, IPC and UTS namespaces
+and /proc, its own worktree read-write at /build/<repo>, an empty HOME at /home/build,
+$GITPIPE_OUTPUT at /run/gitpipe/output, and the repository's objects read-only (so git
+works in the worktree and nothing can change the repo). Never the gitpipe home, the
+bare repositories, the daemon's HOME and keys, deploy targets, or another process.
+
+Who it runs as: the daemon's own user when that is not root (bwrap then makes a user
+namespace and forbids further ones); when the daemon is root, bwrap runs as root to
+build the mounts and `setpriv` drops to `[sandbox] user` with no capabilities and
+no_new_privs before anything of the user's runs. An action is never uid 0.
+
+Every process joins the attempt's cgroup (see `cgroup`) before it runs anything: a
+`sh` prefix writes 0 into the group's `cgroup.procs`, then execs bwrap.
+Known weak spots, also in the README: the kernel is shared (a kernel bug is a way
+out), the network is open unless a pipeline closes it, and in the root setup the
+build user may still create user namespaces inside the sandbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gitpipe import cgroup
+from gitpipe.errors import ConfigError, UsageError
+from gitpipe.settings import SandboxSettings, Settings
+
+log = logging.getLogger("gitpipe")
+PACKAGE = "bubblewrap"
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+INSIDE_BUILD = Path("/build")
+INSIDE_HOME = "/home/build"
+INSIDE_OUTPUT = "/run/gitpipe/output"
+SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+@dataclass(frozen=True)
+class Confine:
+    """What one confined process may see and use."""
+
+    key: str  # unique per attempt: names its cgroup
+    home: Path  # made empty here; the process's HOME
+    tree: Path | None = None  # read-write; the working directory (None: HOME is)
+    name: str = "work"  # the tree is /build/<name> inside
+    output: Path | None = None  # $GITPIPE_OUTPUT, made empty here
+    readonly: tuple[Path, ...] = ()  # seen read-only at their own paths
+    network: bool = True
+
+
+@dataclass
+class Launch:
+    """Everything `subprocess.Popen` needs to start a confined process."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    group: cgroup.Group | None = None
+    spare: bool = False  # the first process is bwrap's monitor: SIGTERM goes to the others
+
+
+@dataclass
+class Sandbox:
+    """Built once per daemon from `[sandbox]`; refuses to exist when it cannot confine."""
+
+    conf: SandboxSettings
+    tag: str
+    bwrap: str | None = None
+    uid: int | None = None  # the build user's, when the daemon is root
+    gid: int | None = None
+    tree: cgroup.Tree | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_host(cls, settings: Settings) -> Sandbox:
+        """Check bwrap, the build user and cgroups now, so `serve` fails at start, not mid-run."""
+        conf = settings.sandbox
+        box = cls(conf, hashlib.sha256(str(settings.home).encode()).hexdigest()[:10])
+        root = os.geteuid() == 0
+        if conf.mode == "none":
+            if root:
+                raise ConfigError(
+                    '[sandbox] mode = "none" with the daemon running as root would run actions as uid 0',
+                    file=str(settings.config_path),
+                    hint='install bubblewrap and use mode = "bwrap", or run the daemon as an unprivileged user')
+            box.notes.append('sandbox: mode = "none": actions are NOT confined; they run as the daemon\'s '
+                             "user and can read its home, secrets and repositories")
+        else:
+            box.bwrap = shutil.which("bwrap") or (("/usr/bin/bwrap") if os.path.exists("/usr/bin/bwrap") else None)
+            if box.bwrap is None:
+                raise ConfigError(
+                    "bwrap (bubblewrap) is not installed, and [sandbox] mode is \"bwrap\"",
+                    file=str(settings.config_path),
+                    hint=f"install the Debian package {PACKAGE} (apt-get install -y {PACKAGE}), or write "
+                         'mode = "none" under [sandbox] to run actions unconfined')
+            if root:
+                box.uid, box.gid = build_user(conf.user, str(settings.config_path))
+            box._probe(str(settings.config_path))
+        box.tree, why = cgroup.Tree.find(box.tag)
+        if box.tree is None:
+            box.notes.append(f"sandbox: no cgroup per attempt ({why}): timeouts and cancels find an "
+                             "attempt's processes by its token, and memory/pids limits are not enforced")
+        elif not box.tree.limits:
+            box.notes.append(f"sandbox: memory and pids limits are not enforced ({why})")
+        return box
+
+    def _probe(self, where: str) -> None:
+        """Start one empty sandbox: a host that forbids namespaces says so here, once."""
+        probe = Confine(key="", home=Path("/"), network=self.conf.network)
+        argv = self._bwrap(["true"], probe, {}, probing=True)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        if proc.returncode != 0:
+            raise ConfigError(
+                f"bwrap cannot create a sandbox on this host: {proc.stderr.strip() or proc.returncode}",
+                file=where, hint="allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1), "
+                                 "or in a container give it the right to create namespaces")
+
+    def sweep(self) -> int:
+        """Kill what a previous daemon's attempts left behind (after a crash)."""
+        return self.tree.sweep() if self.tree is not None else 0
+
+    # ------------------------------------------------------------------ one process
+    def launch(self, argv: list[str], env: dict[str, str], box: Confine) -> Launch:
+        """The confined form of `argv`: its cgroup made, its HOME and output file fresh."""
+        fresh_dir(box.home, self.uid, self.gid)
+        if box.output is not None:
+            box.output.unlink(missing_ok=True)
+            fd = os.open(box.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            _chown(box.output, self.uid, self.gid)
+        if box.tree is not None and self.uid is not None:
+            hand_over(box.tree, self.uid, self.gid)
+        group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
+        join = _join(group)
+        full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH}
+        if self.bwrap is None:  # mode "none": the host's paths
+            full.update(HOME=str(box.home))
+            if box.output is not None:
+                full["GITPIPE_OUTPUT"] = str(box.output)
+            return Launch(join + argv, full, box.tree or box.home, group)
+        full["HOME"] = INSIDE_HOME
+        if box.output is not None:
+            full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
+        inner = self._bwrap(argv, box, full)
+        return Launch(join + inner, full, Path("/"), group, spare=True)
+
+    def run(self, argv: list[str], env: dict[str, str], box: Confine, stdin: bytes,
+            timeout: float) -> subprocess.CompletedProcess[bytes]:
+        """Run a short confined command to its end (a notify command); killed whole at `timeout`."""
+        launch = self.launch(argv, env, box)
+        try:
+            proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except BaseException:
+            if launch.group is not None:
+                launch.group.remove()
+            raise
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # bwrap's monitor: its sandbox (a PID namespace) dies with it
+            out, err = proc.communicate()
+            err += f"\nkilled after {timeout:.0f}s".encode()
+        finally:
+            if launch.group is not None:
+                launch.group.remove()
+            from gitpipe.git import remove_tree
+
+            remove_tree(box.home)
+        return subprocess.CompletedProcess(launch.argv, proc.returncode, out, err)
+
+    def _bwrap(self, argv: list[str], box: Confine, env: dict[str, str], probing: bool = False) -> list[str]:
+        assert self.bwrap is not None
+        root = os.geteuid() == 0
+        out = [self.bwrap, "--die-with-parent", "--new-session"]
+        if root:  # no user namespace: setpriv below drops to the build user
+            out += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                    "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        else:
+            out += ["--unshare-all", "--unshare-user", "--disable-userns"]
+            if box.network:
+                out.append("--share-net")
+        if root and not box.network:
+            out.append("--unshare-net")
+        out += ["--hostname", "gitpipe", "--ro-bind", "/usr", "/usr"]
+        for link in SYSTEM_LINKS:
+            if os.path.islink(link):
+                out += ["--symlink", os.readlink(link), link]
+            elif os.path.isdir(link):
+                out += ["--ro-bind", link, link]
+        out += ["--ro-bind", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                "--symlink", "../tmp", "/var/tmp"]
+        made: set[str] = {"/", "/usr", "/etc", "/proc", "/dev", "/tmp", "/var"}
+        if not probing:
+            inside = INSIDE_BUILD / box.name
+            out += _dirs(Path(INSIDE_HOME).parent, made) + ["--bind", str(box.home), INSIDE_HOME]
+            out += _dirs(inside.parent, made)
+            if box.tree is not None:
+                out += ["--bind", str(box.tree), str(inside)]
+            if box.output is not None:
+                out += _dirs(Path(INSIDE_OUTPUT).parent, made) + ["--bind", str(box.output), INSIDE_OUTPUT]
+            for path in (*box.readonly, *self.conf.read_only):
+                out += _dirs(path.parent, made) + ["--ro-bind", str(path), str(path)]
+            for path in self.conf.read_write:
+                out += _dirs(path.parent, made) + ["--bind", str(path), str(path)]
+            out += ["--chdir", str(inside if box.tree is not None else INSIDE_HOME)]
+        out.append("--")
+        if root:
+            out += ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                    "--inh-caps=-all", "--no-new-privs"]
+        return out + argv
+
+
+def _dirs(path: Path, made: set[str]) -> list[str]:
+    """`--dir` for `path` and its missing parents, each mode 0755 (bwrap's default is 0700 as root)."""
+    out: list[str] = []
+    for p in [*reversed(path.parents), path]:
+        if str(p) not in made:
+            made.add(str(p))
+            out += ["--perms", "0755", "--dir", str(p)]
+    return out
+
+
+def _join(group: cgroup.Group | None) -> list[str]:
+    """A `sh` prefix that moves itself into the attempt's cgroup, then execs the rest."""
+    if group is None:
+        return []
+    writes = " && ".join(f"echo 0 > {shlex.quote(str(d / 'cgroup.procs'))}" for d in group.dirs)
+    return ["/bin/sh", "-c", f'{writes} && exec "$@"', "gitpipe-join"]
+
+
+def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
+    """An empty directory (mode 0700) owned by the build user when there is one."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        from gitpipe.git import remove_tree
+
+        remove_tree(path)
+    path.mkdir(mode=0o700, parents=True)
+    _chown(path, uid, gid)
+
+
+def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:
+    """Make a worktree the build user's (the daemon, as root, reset it and restored inputs)."""
+    if uid is None or gid is None:
+        return
+    for top, dirs, files in os.walk(tree):
+        os.lchown(top, uid, gid)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            os.lchown(os.path.join(top, name), uid, gid)
+
+
+def _chown(path: Path, uid: int | None, gid: int | None) -> None:
+    if uid is not None and gid is not None:
+        os.lchown(path, uid, gid)
+
+
+def build_user(name: str, where: str) -> tuple[int, int]:
+    """(uid, gid) of the account actions run as when the daemon is root; never root itself."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(
+            f'the sandbox user "{name}" ([sandbox] user) does not exist',
+            file=where, hint="run `gitpipe init` as root to create it, or: useradd --system --user-group "
+                             f"--no-create-home --shell /usr/sbin/nologin {name}") from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise ConfigError(f'the sandbox user "{name}" is root (uid or gid 0); actions never run as root',
+                          file=where, hint="name an unprivileged account in [sandbox] user")
+    return entry.pw_uid, entry.pw_gid
+
+
+def ensure_build_user(name: str) -> bool:
+    """Create the unprivileged account actions run as (root only); True when it was made now."""
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    proc = subprocess.run([useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                           "--shell", "/usr/sbin/nologin", name], capture_output=True, text=True, check=False)
+    if proc.returncode != 0 and proc.returncode != 9:  # 9: made meanwhile by another init
+        raise UsageError(f'could not create the sandbox user "{name}": {proc.stderr.strip()}',
+                         hint="create it by hand (useradd --system --user-group NAME) and run init again")
+    return proc.returncode == 0
