@@ -97,7 +97,7 @@ class Sandbox:
             box.notes.append('sandbox: mode = "none": actions are NOT confined; they run as the daemon\'s '
                              "user and can read its home, secrets and repositories")
         else:
-            box.bwrap = shutil.which("bwrap") or (("/usr/bin/bwrap") if os.path.exists("/usr/bin/bwrap") else None)
+            box.bwrap = shutil.which("bwrap")
             if box.bwrap is None:
                 raise ConfigError(
                     "bwrap (bubblewrap) is not installed, and [sandbox] mode is \"bwrap\"",

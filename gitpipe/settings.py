@@ -272,7 +272,7 @@ def _sandbox(lines: _Lines, value: dict[str, Any], home: Path) -> SandboxSetting
     try:
         memory = parse_size(_typed(lines, merged, "memory", str, "sandbox"))
     except ValueError as exc:
-        raise lines.error(str(exc), "memory", "sandbox") from None
+        raise lines.error(f'[sandbox] "memory": {exc}', "memory", "sandbox") from None
     pids = _typed(lines, merged, "pids", int, "sandbox")
     if pids < 16:
         raise lines.error('"pids" must be at least 16 (bash, git and a build need a few)', "pids", "sandbox")

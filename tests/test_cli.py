@@ -4,6 +4,7 @@ can cause printed as one line, no traceback, with the documented exit status."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -231,3 +232,57 @@ def test_validate_reports_every_error_as_file_line_message(tmp_path: Path) -> No
 
 def test_validate_a_file_that_does_not_exist(tmp_path: Path) -> None:
     one_line_error(bare_gitpipe("validate", cwd=tmp_path), ".pipeline.toml", "does not exist")
+
+
+# ---------------------------------------------------------------------------- the sandbox at start
+
+
+def serve_once(home: Home, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([GITPIPE, "serve", "--burst", "--home", str(home.home)], env=env or base_env(),
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_serve_refuses_to_start_without_bwrap_and_names_the_package(home: Home, tmp_path: Path) -> None:
+    empty = tmp_path / "no-bwrap-here"
+    empty.mkdir()
+    proc = serve_once(home, base_env(PATH=str(empty)))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "bubblewrap" in proc.stderr and "apt-get install -y bubblewrap" in proc.stderr
+    assert 'mode = "none"' in proc.stderr and "Traceback" not in proc.stderr and len(lines) <= 3
+
+
+def test_serve_as_root_refuses_mode_none_and_a_missing_build_user(home: Home) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("what a root daemon refuses")
+    home.configure('[sandbox]\nmode = "none"\n')
+    proc = serve_once(home)
+    assert proc.returncode == 2 and "uid 0" in proc.stderr and "Traceback" not in proc.stderr
+    (home.home / "gitpipe.toml").write_text('[sandbox]\nuser = "no-such-user-gp"\n')
+    proc = serve_once(home)
+    assert proc.returncode == 2 and '"no-such-user-gp"' in proc.stderr and "useradd" in proc.stderr
+
+
+@pytest.mark.parametrize("table, key", [
+    ('mode = "docker"', "mode"), ('memory = "lots"', "memory"), ("pids = 3", "pids"),
+    ("network = 1", "network"), ('read_write = ["relative/path"]', "read_write"), ("colour = 1", "colour"),
+])
+def test_a_wrong_sandbox_setting_names_its_key_and_line(home: Home, table: str, key: str) -> None:
+    home.configure(f"[sandbox]\n{table}\n")
+    proc = home.gitpipe("runs")
+    assert proc.returncode == 2 and "gitpipe.toml:" in proc.stderr and key in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_read_write_may_not_open_the_home_to_actions(home: Home) -> None:
+    home.configure(f'[sandbox]\nread_write = ["{home.home / "logs"}"]\n')
+    proc = home.gitpipe("runs")
+    assert proc.returncode == 2 and "gitpipe home" in proc.stderr
+
+
+def test_init_makes_the_home_private_and_the_build_user(home: Home) -> None:
+    assert (home.home.stat().st_mode & 0o777) == 0o700
+    if os.geteuid() == 0:
+        import pwd
+
+        assert pwd.getpwnam("gitpipe-build").pw_uid != 0

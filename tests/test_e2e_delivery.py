@@ -337,3 +337,43 @@ def test_a_broken_gitpipe_toml_does_not_lose_a_push(home: Home) -> None:
     assert push.returncode == 0 and len(push.run_ids) == 1, push.stderr
     assert 'unknown key "not_a_setting"' in push.stderr
     assert home.status(push.run_ids[0]) == "queued"
+
+
+def test_a_pipelines_notify_command_runs_confined_with_only_the_documented_variables(
+        home: Home, tmp_path: Path) -> None:
+    """A [[notify]] command comes from the pushed file: it gets the event, never the host."""
+    write_secrets(home)
+    out = tmp_path / "out"
+    home.share(out)
+    repo = home.add_repo("shop")
+    text = pipeline(f"""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        [[notify]]
+        on = ["succeeded"]
+        command = '''
+          cat > {out}/event.json
+          env > {out}/env
+          cat {home.home}/secrets.toml > {out}/stolen 2>&1 || true
+          ls {home.home} >> {out}/stolen 2>&1 || true
+          id -u > {out}/uid
+          touch {out}/done
+        '''
+        """)
+    with home.daemon(env={"LEAKME": "1"}):
+        run = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text}, branch="feature")))
+        wait_for(lambda: (out / "done").exists(), 30, what="the notify command")
+    event = json.loads((out / "event.json").read_text())
+    assert event["event"] == "succeeded" and event["run"] == run["id"] and event["ref"] == "refs/heads/feature"
+    env = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines() if "=" in line)
+    documented = {"GITPIPE_EVENT", "GITPIPE_RUN", "GITPIPE_REPO", "GITPIPE_PIPELINE", "GITPIPE_REF",
+                  "GITPIPE_SHA", "GITPIPE_STATUS", "LANG", "TZ", "PATH", "HOME", "PWD", "SHLVL", "_"}
+    assert set(env) <= documented, set(env) - documented
+    assert env["GITPIPE_EVENT"] == "succeeded" and env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    stolen = (out / "stolen").read_text()
+    assert SECRET not in stolen and "gitpipe.db" not in stolen
+    if os.geteuid() == 0:
+        assert (out / "uid").read_text().strip() != "0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -170,3 +172,45 @@ def test_exec_names_an_unknown_stage_or_action(tmp_path: Path, args: list[str]) 
     proc = subprocess.run([GITPIPE, "exec", *args], cwd=work, env=base_env(), capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_exec_confines_the_working_copys_pipeline_as_the_host_would(tmp_path: Path) -> None:
+    """`gitpipe exec` runs pushed-to-be code: the same sandbox, the host's [sandbox] settings."""
+    home = Home(tmp_path)
+    home.init()
+    home.configure('[sandbox]\nnetwork = false\n')
+    private = tmp_path / "private.txt"
+    private.write_text("not for scripts\n")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q")
+    (work / ".pipeline.toml").write_text(pipeline(f"""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "peek"
+          run = '''
+            cat {private} && echo LEAKED || echo "private: not there"
+            echo "home=$HOME path=$PATH pwd=$PWD"
+            (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo NET || echo "network: off"
+            id -u
+          '''
+        """))
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "init")
+    proc = subprocess.run([GITPIPE, "exec"], cwd=work, env=base_env(GITPIPE_HOME=str(home.home)),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "LEAKED" not in proc.stdout and "private: not there" in proc.stdout
+    assert "home=/home/build path=/usr/local/bin:/usr/bin:/bin pwd=/build/work" in proc.stdout
+    assert "network: off" in proc.stdout and "NET" not in proc.stdout.replace("network", "")
+    with pytest.raises(BlockingIOError):  # nobody reached the host's loopback listener
+        listener.accept()
+    listener.close()
+    if os.geteuid() == 0:
+        assert "[s/peek] 0\n" not in proc.stdout

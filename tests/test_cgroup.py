@@ -1,0 +1,132 @@
+"""Tests of gitpipe.cgroup with real cgroups on this host: membership, limits, kill, sweep.
+
+The tests run as root (as CI does); each uses a tag of its own, so two test processes
+(or a gitpipe daemon beside them) never touch each other's groups.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gitpipe import cgroup
+
+
+def need_root() -> None:
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        pytest.skip("cgroups are created by root here")
+
+
+@pytest.fixture
+def tree() -> Iterator[cgroup.Tree]:
+    need_root()
+    found, why = cgroup.Tree.find(f"test-{uuid.uuid4().hex[:8]}")
+    assert found is not None, f"this host must allow cgroups for the tests: {why}"
+    yield found
+    found.sweep()
+    for base in found.bases:
+        base.rmdir()
+
+
+def join(group: cgroup.Group, script: str) -> subprocess.Popen[bytes]:
+    """A shell that moves itself into the group (as sandbox.launch does), then runs `script`."""
+    writes = " && ".join(f"echo 0 > {d / 'cgroup.procs'}" for d in group.dirs)
+    return subprocess.Popen(["/bin/sh", "-c", f"{writes} && exec /bin/sh -c '{script}'"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_nothing_escapes_the_kill_however_it_detaches(tree: cgroup.Tree) -> None:
+    group = tree.group("a1.1", None, None)
+    proc = join(group, "setsid sleep 300 & nohup sleep 300 >/dev/null 2>&1 & (sleep 300 &) ; sleep 300")
+    members = wait_members(group, 5)
+    assert proc.pid in members and len(members) >= 5
+    group.kill()
+    proc.wait(10)
+    assert group.members() == set()
+    group.remove()
+    assert not any(d.exists() for d in group.dirs)
+
+
+def test_the_pids_limit_stops_a_fork_bomb_and_is_named(tree: cgroup.Tree) -> None:
+    group = tree.group("a2.1", None, 16)
+    proc = join(group, "for i in $(seq 60); do sleep 30 & done; wait")
+    deadline = time.monotonic() + 20
+    while group.limit_hit() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group.limit_hit() == "too many processes (limit pids = 16)"
+    assert len(group.members()) <= 16
+    group.remove()
+    proc.wait(10)
+    fresh = tree.group("a2.2", None, 16)
+    assert fresh.limit_hit() is None  # a new group starts clean
+    fresh.remove()
+
+
+def test_the_memory_limit_kills_and_is_named(tree: cgroup.Tree) -> None:
+    group = tree.group("a3.1", 32 << 20, None)
+    proc = join(group, "head -c 200000000 /dev/zero | tail > /dev/null")
+    proc.wait(30)
+    assert proc.returncode != 0
+    assert group.limit_hit() == "out of memory (limit 32M)"
+    group.remove()
+
+
+def test_sweep_kills_what_a_crashed_daemon_left(tree: cgroup.Tree) -> None:
+    group = tree.group("a4.1", None, None)
+    proc = join(group, "sleep 300")
+    wait_members(group, 1)
+    assert tree.sweep() == len(tree.bases)
+    proc.wait(10)
+    assert not any(d.exists() for d in group.dirs)
+
+
+def test_the_unified_hierarchy_without_controllers_still_tracks_and_kills() -> None:
+    """cgroup v2 as found here (no controllers delegated): kill works, limits are said to be off."""
+    need_root()
+    mount = cgroup._unified_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount on this host")
+    own = cgroup._own_groups().get("", "/")
+    tag = f"test-{uuid.uuid4().hex[:8]}"
+    found, why = cgroup._v2_tree(mount / own.lstrip("/"), tag)
+    assert found is not None
+    try:
+        if not found.limits:
+            assert why  # serve says why limits are off
+        group = found.group("a5.1", 64 << 20, 64)
+        proc = join(group, "setsid sleep 300 & sleep 300")
+        wait_members(group, 3)
+        group.remove()
+        proc.wait(10)
+        assert not group.dirs[0].exists()
+    finally:
+        found.sweep()
+        for base in found.bases:
+            base.rmdir()
+
+
+def test_sizes_are_written_as_in_gitpipe_toml() -> None:
+    assert cgroup.format_size(4 << 30) == "4G"
+    assert cgroup.format_size(512 << 20) == "512M"
+    assert cgroup.format_size(1000) == "1000 bytes"
+
+
+def wait_members(group: cgroup.Group, at_least: int) -> set[int]:
+    deadline = time.monotonic() + 10
+    while True:
+        members = group.members()
+        if len(members) >= at_least:
+            return members
+        assert time.monotonic() < deadline, f"only {members} joined"
+        time.sleep(0.02)
+
+
+def test_own_groups_reads_proc_self_cgroup() -> None:
+    own = cgroup._own_groups()
+    assert own, Path("/proc/self/cgroup").read_text()
