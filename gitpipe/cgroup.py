@@ -162,6 +162,15 @@ class Tree:
         return found
 
 
+    def close(self) -> None:
+        """The daemon stops: remove its (empty) bases, so a host keeps no stale groups."""
+        for base in self.bases:
+            try:
+                base.rmdir()
+            except OSError:  # still holds an attempt's group: the next start sweeps it
+                pass
+
+
 def _write_limits(d: Path, memory: int | None, pids: int | None) -> None:
     writes: list[tuple[str, str]] = []
     if memory is not None:

@@ -131,6 +131,7 @@ class Daemon:
             observer.join()
             self.notifier.close()
             self.reporter.close()
+            sandbox.close()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self.store.close()

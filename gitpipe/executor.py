@@ -12,6 +12,7 @@ escapes it; under bwrap the PID namespace still ends it with the attempt.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -199,12 +200,10 @@ def wait(attempt: Attempt, deadline: float | None, on_start: Callable[[], None] 
     """Wait for the script until `deadline` (epoch seconds); kill it all when it passes."""
     if on_start:
         on_start()
-    try:
-        timeout = None if deadline is None else max(0.0, deadline - time.time())
-        code = attempt.proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    timeout = None if deadline is None else max(0.0, deadline - time.time())
+    if not exited_within(attempt.proc, timeout):
         attempt.stop(ActionStatus.TIMED_OUT, "timed out")
-        code = attempt.proc.wait()
+    code = attempt.proc.wait()
     # Background children still holding the log pipe: the action is over, end them.
     if attempt.cage.members():
         terminate(attempt.cage, LEFTOVER_GRACE, None)
@@ -220,6 +219,27 @@ def wait(attempt: Attempt, deadline: float | None, on_start: Callable[[], None] 
     if code == 0:
         return Outcome(ActionStatus.SUCCEEDED, 0)
     return Outcome(ActionStatus.FAILED, code, f"exit status {code}" if code > 0 else f"killed by signal {-code}")
+
+
+def exited_within(proc: subprocess.Popen[bytes], timeout: float | None) -> bool:
+    """Whether the process exits within `timeout` seconds (None: wait for it).
+
+    Waits on a pidfd, which wakes at the exit: Popen.wait(timeout) polls with sleeps
+    that grow to 50 ms, and every action has a deadline, so each one paid up to that.
+    """
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # an old kernel: the polling wait
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)
 
 
 def processes_of(pgid: int, token: str) -> set[int]:

@@ -130,6 +130,11 @@ class Sandbox:
         """Kill what a previous daemon's attempts left behind (after a crash)."""
         return self.tree.sweep() if self.tree is not None else 0
 
+    def close(self) -> None:
+        """The daemon stops: remove its cgroup bases."""
+        if self.tree is not None:
+            self.tree.close()
+
     # ------------------------------------------------------------------ one process
     def launch(self, argv: list[str], env: dict[str, str], box: Confine) -> Launch:
         """The confined form of `argv`: its cgroup made, its HOME and output file fresh."""
@@ -200,8 +205,11 @@ class Sandbox:
                 out += ["--symlink", os.readlink(link), link]
             elif os.path.isdir(link):
                 out += ["--ro-bind", link, link]
-        out += ["--ro-bind", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-                "--symlink", "../tmp", "/var/tmp"]
+        # /tmp and /dev/shm world-writable and sticky, /var traversable: as root, bwrap makes
+        # them root's (0755, /var 0700), which the build user could not use (mktemp failed).
+        out += ["--ro-bind", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev",
+                "--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/dev/shm",
+                "--perms", "0755", "--dir", "/var", "--symlink", "../tmp", "/var/tmp"]
         made: set[str] = {"/", "/usr", "/etc", "/proc", "/dev", "/tmp", "/var"}
         if not probing:
             inside = INSIDE_BUILD / box.name
