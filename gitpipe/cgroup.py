@@ -126,7 +126,7 @@ class Tree:
     @classmethod
     def find(cls, tag: str) -> tuple[Tree | None, str]:
         """The attempts' parent group(s) under our own group; (None, why) when none can be made."""
-        own = _own_groups()
+        own = own_groups()
         v1 = [(ROOT / c, own.get(c)) for c in V1_CONTROLLERS if own.get(c) is not None and (ROOT / c).is_dir()]
         if v1:
             return _make(tuple(mount / rel.lstrip("/") / f"gitpipe-{tag}" for mount, rel in v1 if rel), True)
@@ -230,7 +230,7 @@ def _v2_tree(own: Path, tag: str) -> tuple[Tree | None, str]:
     return tree, ""
 
 
-def _own_groups() -> dict[str, str]:
+def own_groups() -> dict[str, str]:
     """controller -> our group's path, from /proc/self/cgroup ("" is the unified hierarchy)."""
     found: dict[str, str] = {}
     try:

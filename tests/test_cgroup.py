@@ -92,7 +92,7 @@ def test_the_unified_hierarchy_without_controllers_still_tracks_and_kills() -> N
     mount = cgroup._unified_mount()
     if mount is None:
         pytest.skip("no cgroup2 mount on this host")
-    own = cgroup._own_groups().get("", "/")
+    own = cgroup.own_groups().get("", "/")
     tag = f"test-{uuid.uuid4().hex[:8]}"
     found, why = cgroup._v2_tree(mount / own.lstrip("/"), tag)
     assert found is not None
@@ -127,6 +127,6 @@ def wait_members(group: cgroup.Group, at_least: int) -> set[int]:
         time.sleep(0.02)
 
 
-def test_own_groups_reads_proc_self_cgroup() -> None:
-    own = cgroup._own_groups()
+def testown_groups_reads_proc_self_cgroup() -> None:
+    own = cgroup.own_groups()
     assert own, Path("/proc/self/cgroup").read_text()
