@@ -204,14 +204,23 @@ def wait(attempt: Attempt, deadline: float | None, on_start: Callable[[], None] 
     if not exited_within(attempt.proc, timeout):
         attempt.stop(ActionStatus.TIMED_OUT, "timed out")
     code = attempt.proc.wait()
-    # Background children still holding the log pipe: the action is over, end them.
-    if attempt.cage.members():
-        terminate(attempt.cage, LEFTOVER_GRACE, None)
-    attempt.reader.join()
+    if attempt.spare is not None:
+        # A sandbox: its PID namespace ended with its init, and the kernel is killing what
+        # was left; nothing can run any more. Removing the emptied cgroup waits for the
+        # exits (a mount namespace takes a few ms to tear down): not on the action's time.
+        attempt.cage.signal(signal.SIGKILL)
+        attempt.reader.join()
+        limit = attempt.cage.limit_hit()
+        threading.Thread(target=attempt.cage.remove, name="cgroup-remove", daemon=True).start()
+    else:
+        # Background children still holding the log pipe: the action is over, end them.
+        if attempt.cage.members():
+            terminate(attempt.cage, LEFTOVER_GRACE, None)
+        attempt.reader.join()
+        limit = attempt.cage.limit_hit()
+        attempt.cage.remove()
     assert attempt.proc.stdout is not None
     attempt.proc.stdout.close()
-    limit = attempt.cage.limit_hit()
-    attempt.cage.remove()
     if attempt.stopped_as is not None:
         return Outcome(attempt.stopped_as, code, attempt.reason)
     if limit is not None:
