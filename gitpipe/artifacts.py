@@ -8,7 +8,6 @@ target worktree either.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from gitpipe.errors import ActionError
 from gitpipe.models import ArtifactRecord
+from gitpipe.pipeline import path_regex
 
 MANIFEST = "MANIFEST.sha256"
 
@@ -28,33 +28,83 @@ def _inside(root: Path, path: Path) -> bool:
         return False
 
 
+WALK_LIMIT = 200_000  # entries one glob may look at: a tree is job data, never trusted to be small
+
+
 def match(tree: Path, name: str, patterns: tuple[str, ...]) -> list[str]:
-    """Relative file paths the patterns match, checked to stay inside the tree."""
+    """Relative file paths the patterns match, checked to stay inside the tree.
+
+    The tree is walked without following a symlinked directory (`ln -s / x` or a link
+    loop with `**` made the daemon walk the host), from the pattern's literal prefix, and
+    at most WALK_LIMIT entries. A symlink that matches counts as the file it points to,
+    which must be inside the tree. A matched directory brings every file under it.
+    """
     root = tree.resolve()
     files: set[str] = set()
     for pattern in patterns:
         if os.path.isabs(pattern) or ".." in Path(pattern).parts:
             raise ActionError(f'artifact "{name}": glob "{pattern}" reaches outside the worktree')
-        hits = glob.glob(pattern, root_dir=root, recursive=True, include_hidden=True)
+        hits = _walk(root, pattern, name)
         if not hits:
             raise ActionError(f'artifact "{name}": glob "{pattern}" matched no file',
                               hint="check the path the action writes to")
-        for hit in hits:
-            _collect(root, root / hit, name, pattern, files)
+        files |= hits
     return sorted(files)
 
 
-def _collect(root: Path, path: Path, name: str, pattern: str, files: set[str]) -> None:
-    real = path.resolve()
-    if not _inside(root, real) or (real == root and path != root):
-        raise ActionError(f'artifact "{name}": "{path.relative_to(root)}" (glob "{pattern}") '
-                          "points outside the worktree")
-    if path.is_dir():
-        for sub in path.rglob("*"):
-            if sub.is_file() or sub.is_symlink():
-                _collect(root, sub, name, pattern, files)
-    elif path.is_file():
-        files.add(str(path.relative_to(root)))
+def _walk(root: Path, pattern: str, name: str) -> set[str]:
+    regex = path_regex(pattern)
+    literal = []
+    for part in Path(pattern).parts:
+        if any(c in part for c in "*?["):
+            break
+        literal.append(part)
+    start = root.joinpath(*literal)
+    found: set[str] = set()
+    seen = 0
+    if start.is_symlink() or start.is_file():
+        _take(root, start, name, pattern, found)
+        return found
+    real = start.resolve()
+    if not _inside(root, real):
+        raise ActionError(f'artifact "{name}": "{"/".join(literal)}" (glob "{pattern}") points outside the worktree')
+    if real != start:  # a symlinked directory on the way: never walked through
+        return found
+    matched_dirs: set[str] = set()
+    for top, dirs, names in os.walk(start):  # followlinks=False: a symlinked dir is not entered
+        rel_top = os.path.relpath(top, root)
+        inside_match = rel_top in matched_dirs or (rel_top != "." and regex.fullmatch(rel_top) is not None)
+        if inside_match:
+            matched_dirs.update(os.path.join(rel_top, d) if rel_top != "." else d for d in dirs)
+        for entry in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            seen += 1
+            if seen > WALK_LIMIT:
+                raise ActionError(f'artifact "{name}": glob "{pattern}" looked at more than {WALK_LIMIT:,} '
+                                  "entries of the worktree", hint="narrow the glob to the files to keep")
+            rel = os.path.join(rel_top, entry) if rel_top != "." else entry
+            if inside_match or regex.fullmatch(rel):
+                _take(root, Path(top) / entry, name, pattern, found)
+    return found
+
+
+def _take(root: Path, path: Path, name: str, pattern: str, files: set[str]) -> None:
+    """Add a matched path: a regular file, or a symlink to one inside the tree; else skip or refuse."""
+    if path.is_symlink():
+        real = path.resolve()
+        if not _inside(root, real):
+            raise ActionError(f'artifact "{name}": "{path.relative_to(root)}" (glob "{pattern}") '
+                              "points outside the worktree")
+        if not real.is_file():
+            return
+    elif not path.is_file():  # a directory reached as a literal path, a fifo, a socket, a device
+        return
+    files.add(str(path.relative_to(root)))
+
+
+def plain_mode(path: Path) -> int:
+    """0755 or 0644 by the file's execute bit: never a setuid bit from job data (a stored
+    artifact is the daemon's, and the site may publish it)."""
+    return 0o755 if os.stat(path).st_mode & 0o111 else 0o644
 
 
 def _sha256(path: Path) -> str:
@@ -83,7 +133,7 @@ def store(tree: Path, dest: Path, run_id: int, action: str, name: str,
         src, out = tree / rel, target / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, out)
-        shutil.copymode(src, out)
+        os.chmod(out, plain_mode(src))
         size += out.stat().st_size
         lines.append(f"{_sha256(out)}  {rel}\n")
     manifest = "".join(lines)
@@ -112,4 +162,4 @@ def restore(art: ArtifactRecord, tree: Path) -> None:
         if out.is_symlink() or out.exists():
             out.unlink()
         shutil.copyfile(src, out)
-        shutil.copymode(src, out)
+        os.chmod(out, plain_mode(src))

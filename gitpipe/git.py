@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import stat
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import pygit2
 
 from gitpipe.errors import UsageError
 
+log = logging.getLogger("gitpipe")
 SLOT_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
 GIT_ENV_KEEP = ("PATH", "HOME", "LANG", "TZ")
 
@@ -212,7 +215,7 @@ class WorktreePool:
             self._prepare_git_dir(slot, sha)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             self._git(slot, "clean", "-qffdx")
-        except (OSError, subprocess.CalledProcessError):
+        except (OSError, subprocess.CalledProcessError, RecursionError):
             # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh.
             remove_tree(slot.root)
             self._prepare_git_dir(slot, sha)
@@ -265,12 +268,18 @@ def _sha256(path: Path) -> str:
 
 
 def remove_tree(path: Path) -> None:
-    """rmtree that also removes what an action made read-only."""
+    """rmtree that also removes what an action made read-only or too deep; never follows a link.
+
+    Job data decides the shape: a chmod 000 directory, a symlink where a directory was
+    (the chmod below must not follow it to a host file), a tree deeper than Python's
+    stack. What even `rm -rf` cannot remove is renamed aside, so a slot is never lost.
+    """
 
     def onerror(func, p, _exc):  # type: ignore[no-untyped-def]
         try:
-            os.chmod(os.path.dirname(p), stat.S_IRWXU)
-            os.chmod(p, stat.S_IRWXU)
+            os.chmod(os.path.dirname(p), stat.S_IRWXU)  # a real directory: rmtree entered it
+            if not os.path.islink(p):
+                os.chmod(p, stat.S_IRWXU)
             if func in (os.open, os.scandir, os.lstat):  # a directory it could not enter: enter it now
                 shutil.rmtree(p, onerror=onerror)
             else:
@@ -280,5 +289,15 @@ def remove_tree(path: Path) -> None:
 
     if path.is_symlink() or path.is_file():
         path.unlink()
-    elif path.exists():
+        return
+    if not path.exists():
+        return
+    try:
         shutil.rmtree(path, onerror=onerror)
+    except RecursionError:  # Python 3.11's rmtree recurses; rm walks any depth
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if path.exists() or path.is_symlink():
+        aside = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+        path.rename(aside)
+        log.warning("could not remove %s; moved it to %s (remove it by hand)", path, aside)

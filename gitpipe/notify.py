@@ -108,7 +108,7 @@ class Notifier:
         delay = BACKOFF
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                if target.webhook:
+                if target.webhook and self._may_post(target, msg):
                     post(target.webhook, msg.payload)
                 if target.command:
                     self._command(target, msg)
@@ -121,6 +121,15 @@ class Notifier:
                     time.sleep(delay)
                     delay *= 2
 
+
+    def _may_post(self, target: NotifySpec, msg: Message) -> bool:
+        """A pipeline's webhook is sent by the daemon: it obeys the network its actions get."""
+        if target.line == 0 or self.sandbox is None or (self.sandbox.conf.network and msg.network):
+            return True
+        log.warning("notification %s for run #%s: webhook %s not sent: the network is off for this "
+                    "pipeline ([sandbox] or [pipeline] network = false)", msg.event, msg.payload["run"],
+                    target.webhook)
+        return False
 
     def _command(self, target: NotifySpec, msg: Message) -> None:
         """A host command ([notify] in gitpipe.toml, line 0) runs as the daemon; a pipeline's, confined."""

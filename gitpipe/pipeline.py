@@ -132,7 +132,7 @@ def paths_match(patterns: tuple[str, ...], changed: list[str]) -> bool:
     """Whether a changed path matches a path glob (`*` in a segment, `**` across); no patterns: True."""
     if not patterns:
         return True
-    regexes = [_path_regex(p) for p in patterns]
+    regexes = [path_regex(p) for p in patterns]
     return any(r.fullmatch(path) for path in changed for r in regexes)
 
 
@@ -167,7 +167,7 @@ def _any_glob(patterns: Iterable[str], name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _path_regex(pattern: str) -> re.Pattern[str]:
+def path_regex(pattern: str) -> re.Pattern[str]:
     """Regex of a path glob, anchored at the repository root like GitHub Actions' `paths`."""
     p = pattern.lstrip("/")
     p = p + "**" if p.endswith("/") else p

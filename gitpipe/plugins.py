@@ -24,8 +24,16 @@ def command(spec: ActionSpec, env: dict[str, str]) -> tuple[list[str], dict[str,
     """The argument list and environment that run plugin `spec.type` for this action."""
     config = {"name": spec.name, **dict(spec.extra)}
     # The plugin process needs this interpreter's import path to find gitpipe and the plugin.
-    full = {**env, CONFIG_VAR: json.dumps(config), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return [sys.executable, "-m", "gitpipe.plugins", spec.type], full
+    full = {**env, CONFIG_VAR: json.dumps(config), "PYTHONPATH": os.pathsep.join(import_path())}
+    # -P: the worktree (the runner's cwd) never comes first on the path, so a pushed
+    # gitpipe/plugins.py cannot stand in for ours.
+    return [sys.executable, "-P", "-m", "gitpipe.plugins", spec.type], full
+
+
+def import_path() -> list[str]:
+    """This interpreter's import path, without the daemon's working directory ('' or cwd)."""
+    cwd = os.getcwd()
+    return [p for p in sys.path if p and os.path.abspath(p) != cwd]
 
 
 def interpreter_paths(home: Path) -> tuple[Path, ...]:
@@ -34,7 +42,7 @@ def interpreter_paths(home: Path) -> tuple[Path, ...]:
     from importlib.metadata import entry_points
 
     found: list[Path] = []
-    places = [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, str(Path(__file__).parent)]
+    places = [sys.prefix, sys.base_prefix, sys.exec_prefix, *import_path(), str(Path(__file__).parent)]
     for ep in entry_points(group="gitpipe.actions"):  # an editable or --target install lives elsewhere
         if ep.dist is not None:
             places.append(str(ep.dist.locate_file("")))

@@ -29,6 +29,7 @@ import os
 import pwd
 import shlex
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,7 @@ class Sandbox:
             if root:
                 box.uid, box.gid = build_user(conf.user, str(settings.config_path))
             box._probe(str(settings.config_path))
+        join_new_session_keyring()
         box.tree, why = cgroup.Tree.find(box.tag)
         if box.tree is None:
             box.notes.append(f"sandbox: no cgroup per attempt ({why}): timeouts and cancels find an "
@@ -144,7 +146,7 @@ class Sandbox:
             fd = os.open(box.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             os.close(fd)
             _chown(box.output, self.uid, self.gid)
-        if box.tree is not None and self.uid is not None:
+        if box.tree is not None:
             hand_over(box.tree, self.uid, self.gid)
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
         join = _join(group)
@@ -262,18 +264,58 @@ def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
 
 
 def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:
-    """Make a worktree the build user's (the daemon, as root, reset it and restored inputs)."""
-    if uid is None or gid is None:
-        return
-    for top, dirs, files in os.walk(tree):
-        os.lchown(top, uid, gid)
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
-            os.lchown(os.path.join(top, name), uid, gid)
+    """Give a freshly reset worktree plain modes (and, for a root daemon, to the build user).
+
+    git restores content and the execute bit only: a `chmod 000 lib` or `chmod 555 .`
+    by one attempt would reach the next one in the slot (a protected run too). So every
+    directory is made 0755 and, when the daemon is root (it reads anything, so it never
+    fails the reset), every file 0644 or 0755 and the build user's. Only what differs is
+    changed: a chown or chmod changes a file's ctime, and git would then re-read it.
+    """
+    root = uid is not None and gid is not None
+    stack = [tree]
+    while stack:
+        top = stack.pop()
+        _settle(top, top.lstat(), 0o755, uid, gid)
+        with os.scandir(top) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif root and entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    _settle(Path(entry.path), st, 0o755 if st.st_mode & 0o100 else 0o644, uid, gid)
+                elif root and entry.is_symlink():
+                    if entry.stat(follow_symlinks=False).st_uid != uid:
+                        os.lchown(entry.path, uid, gid)  # type: ignore[arg-type]
+
+
+def _settle(path: Path, st: os.stat_result, mode: int, uid: int | None, gid: int | None) -> None:
+    if uid is not None and gid is not None and (st.st_uid, st.st_gid) != (uid, gid):
+        os.lchown(path, uid, gid)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
 
 
 def _chown(path: Path, uid: int | None, gid: int | None) -> None:
     if uid is not None and gid is not None:
         os.lchown(path, uid, gid)
+
+
+KEYCTL = {"x86_64": 250, "aarch64": 219}  # the keyctl syscall's number
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> None:
+    """Leave the session keyring the daemon was started with (systemd gives services one):
+    attempts inherit the daemon's, and must not find keys of the daemon's there."""
+    number = KEYCTL.get(os.uname().machine)
+    if number is None:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        log.debug("could not join a new session keyring (errno %s)", ctypes.get_errno())
 
 
 def build_user(name: str, where: str) -> tuple[int, int]:

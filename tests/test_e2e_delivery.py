@@ -377,3 +377,26 @@ def test_a_pipelines_notify_command_runs_confined_with_only_the_documented_varia
     assert SECRET not in stolen and "gitpipe.db" not in stolen
     if os.geteuid() == 0:
         assert (out / "uid").read_text().strip() != "0"
+
+
+def test_a_pipelines_webhook_obeys_its_network_off(home: Home, webhook: tuple[str, list[dict]]) -> None:
+    """The daemon posts a pipeline's webhooks: with `network = false` it must not reach out for it."""
+    url, received = webhook
+    received.clear()
+    repo = home.add_repo("shop")
+    text = pipeline(f"""
+        [pipeline]
+        network = false
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        [[notify]]
+        on = ["succeeded"]
+        webhook = "{url}"
+        """)
+    with home.daemon() as daemon:
+        home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text}, branch="feature")))
+        wait_for(lambda: "not sent" in daemon.log, 20, what="the daemon to say the webhook was not sent")
+    assert received == []

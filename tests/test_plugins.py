@@ -73,3 +73,26 @@ def test_unknown_action_type_is_a_validation_error(tmp_path: Path) -> None:
     proc = home.gitpipe("validate", str(tmp_path / ".pipeline.toml"))
     assert proc.returncode == 1
     assert ':5: stage "s", action "a": unknown action type "nosuchtype"' in proc.stderr
+
+
+def test_a_pushed_module_never_stands_in_for_the_plugin_runner(tmp_path: Path, plugin: str) -> None:
+    """The plugin process runs in the worktree: a pushed gitpipe/ or plugin module must not shadow ours."""
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "hi"
+          type = "greet"
+          who = "world"
+        """)
+    evil = "print('PWNED by the pushed tree')\nraise SystemExit(0)\n"
+    files = {".pipeline.toml": text, "gitpipe/__init__.py": evil, "gitpipe/plugins.py": evil,
+             "gitpipe_test_greet.py": "def greet(**kw):\n    print('PWNED by the pushed tree')\n"}
+    with home.daemon():
+        run = home.wait_run(home.push(repo, files, branch="feature").run_ids[0])
+    logs = home.logs(run["id"], "hi")
+    assert home.action(run, "hi")["status"] == "succeeded", logs
+    assert "hello world from run" in logs and "PWNED" not in logs

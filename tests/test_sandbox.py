@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import ctypes
 import functools
 import hashlib
 import http.server
@@ -266,10 +267,12 @@ class World:
                   **{k: str(v) for k, v in extra.items()}}
         return "[env]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
-    def push(self, body: str, branch: str, head: str = "", **env: str | int) -> int:
+    def push(self, body: str, branch: str, head: str = "", files: dict[str, str | None] | None = None,
+             **env: str | int) -> int:
         """Push a pipeline (its [env] says where the host's things are) on `branch`; the run id."""
         text = (pipeline(head) + "\n" if head else "") + self.env_table(**env) + "\n" + pipeline(body)
-        return self.home.push_run(self.repo, {".pipeline.toml": text, "nonce": uuid.uuid4().hex}, branch=branch)
+        return self.home.push_run(self.repo, {".pipeline.toml": text, "nonce": uuid.uuid4().hex, **(files or {})},
+                                  branch=branch)
 
 
 @pytest.fixture
@@ -320,7 +323,7 @@ def make_world(kind: str, tmp_path: Path, sandbox_extra: str = "") -> Iterator[W
         yield world
     finally:
         if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)
+            subprocess.run(["rm", "-rf", "--", str(cleanup)], check=False)  # any depth a test left
 
 
 users = pytest.mark.parametrize("world", DAEMON_USERS, indirect=True)
@@ -805,6 +808,119 @@ def test_directories_made_unreadable_do_not_break_later_runs(world: World) -> No
     assert (world.out / "main-home").read_text() == "" and (world.out / "main-status").read_text() == ""
 
 
+# What an outside attacker found after the first table (each fixed, each kept here).
+SLOT_BREAKERS = {
+    # A tree deeper than Python's stack: rmtree raised RecursionError and the slot was lost for good.
+    "deep": "p=deep; for i in $(seq 2500); do p=$p/d; done; mkdir -p \"$p\" \"$HOME/$p\" && touch \"$p/f\"",
+    # Modes git does not restore: the next run found lib/ unreadable and the tree read-only.
+    "modes": "chmod 000 lib && chmod 555 . && chmod 4777 lib/a.txt 2>/dev/null; chmod 000 lib; true",
+}
+
+
+@pytest.mark.parametrize("world", DAEMON_USERS, indirect=True)
+@pytest.mark.parametrize("breaker", sorted(SLOT_BREAKERS))
+def test_what_a_branch_does_to_its_slot_never_reaches_the_next_run(world: World, breaker: str) -> None:
+    home = world.home
+    files = {"lib/a.txt": "library\n"}
+    body = f"""
+        [[stage]]
+        name = "break"
+          [[stage.action]]
+          name = "break"
+          run = '{SLOT_BREAKERS[breaker]}'
+        """
+    check = LATER_MAIN.replace("cat nonce", 'cat lib/a.txt >> "$OUT/main-lib"; touch made-here; cat nonce')
+    with home.daemon():
+        home.wait_run(world.push(body, "feature", files=files))
+        for _ in range(2):  # the slot serves run after run
+            home.expect(home.wait_run(world.push(check, "main", files=files)), "succeeded")
+    assert (world.out / "main-lib").read_text() == "library\nlibrary\n"
+    assert (world.out / "main-home").read_text() == "" and (world.out / "main-status").read_text() == ""
+
+
+SETUID_ARTIFACT = """
+[[stage]]
+name = "s"
+  [[stage.action]]
+  name = "suid"
+  outputs = { o = "o/sh" }
+  run = 'mkdir o && cp /bin/sh o/sh && chmod 6755 o/sh'
+"""
+
+
+def test_an_artifact_never_keeps_a_setuid_bit(world: World) -> None:
+    """A stored artifact is the daemon's file (and the site may publish it): never setuid or setgid."""
+    home = world.home
+    with home.daemon():
+        home.expect(home.wait_run(world.push(SETUID_ARTIFACT, "feature")))
+    stored = [p for p in (home.home / "artifacts").rglob("sh") if p.is_file()]
+    site = home.home / "site"
+    published = [p for p in site.rglob("*") if p.is_file() and p.name == "sh"] if site.exists() else []
+    assert stored
+    for path in stored + published:
+        mode = path.stat().st_mode
+        assert not mode & (stat.S_ISUID | stat.S_ISGID), (path, oct(mode))
+        assert stat.S_IMODE(mode) == 0o755
+
+
+GLOB_TRAPS = """
+[[stage]]
+name = "s"
+  [[stage.action]]
+  name = "loops"
+  outputs = { o = "o/**" }
+  timeout = "60s"
+  run = 'mkdir o && ln -s . o/a && ln -s . o/b && ln -s .. o/up && echo kept > o/f'
+  [[stage.action]]
+  name = "root"
+  outputs = { r = "**" }
+  timeout = "60s"
+  run = 'ln -s / rootlink && echo x > x'
+"""
+
+
+def test_output_globs_never_follow_links_out_of_the_tree_or_into_loops(world: World) -> None:
+    """`ln -s . a; ln -s . b` with `o/**` had the daemon walk 2^40 paths; `ln -s /` with `**`, the host."""
+    home = world.home
+    with home.daemon():
+        run = home.wait_run(world.push(GLOB_TRAPS, "feature"), timeout=60)
+    loops, root = home.action(run, "loops"), home.action(run, "root")
+    assert loops["status"] == "succeeded", loops
+    assert [a["name"] for a in run["artifacts"]] == ["o"] and run["artifacts"][0]["size"] == len("kept\n")
+    assert root["status"] == "failed" and "points outside the worktree" in root["message"], root
+
+
+def add_session_key(description: str) -> None:
+    """A key in this process's session keyring (as systemd gives each service a session keyring)."""
+    numbers = {"x86_64": (248, 250), "aarch64": (217, 219)}  # add_key, keyctl
+    if os.uname().machine not in numbers:
+        pytest.skip("add_key's syscall number is not known here")
+    add_key, keyctl = numbers[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(keyctl, 1, None) >= 0  # KEYCTL_JOIN_SESSION_KEYRING: a session of our own
+    payload = b"daemon-only"
+    key = libc.syscall(add_key, b"user", description.encode(), payload, len(payload), -3)  # -3: session
+    assert key >= 0, ctypes.get_errno()
+
+
+KEY_PEEK = """
+[[stage]]
+name = "s"
+  [[stage.action]]
+  name = "peek"
+  run = 'cat /proc/keys > "$OUT/keys" 2>&1 || true'
+"""
+
+
+def test_the_daemons_session_keyring_is_not_the_actions(world: World) -> None:
+    description = f"gp-daemon-key-{uuid.uuid4().hex[:8]}"
+    add_session_key(description)  # the daemon inherits this test process's session keyring
+    home = world.home
+    with home.daemon():
+        home.expect(home.wait_run(world.push(KEY_PEEK, "feature")))
+    assert description not in (world.out / "keys").read_text()
+
+
 TMP_PLANT = """
 [[stage]]
 name = "plant"
@@ -1218,3 +1334,25 @@ def test_wheel_built_in_the_sandbox_passes_on_as_an_artifact(world: World) -> No
     with zipfile.ZipFile(stored[0]) as zf:
         assert zf.read("gpsbx_built/__init__.py") == f"VALUE = '{value}'\n".encode()
 
+
+
+@pytest.mark.parametrize("world", DAEMON_USERS, indirect=True)
+def test_cleaning_a_slot_never_follows_a_link_to_a_host_file(world: World) -> None:
+    """Read-only directories holding links to host files: removing them must not chmod the targets."""
+    home = world.home
+    victim = home.root / "victim.txt"
+    victim.write_text("host file\n")
+    victim.chmod(0o644)
+    if isinstance(home, UserHome):
+        os.chown(victim, home.uid, home.gid)
+    body = f"""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "links"
+          run = 'for d in "$HOME/a" ./b; do mkdir -p "$d" && ln -s {victim} "$d/l" && chmod 555 "$d"; done'
+        """
+    with home.daemon():
+        home.wait_run(world.push(body, "feature"))
+        home.expect(home.wait_run(world.push(LATER_MAIN, "main")))
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
