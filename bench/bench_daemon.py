@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -24,21 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BIN, clone_with, env_with_home, git, gitpipe, ms, table, workdir  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+from common import BIN, clone_with, cpu_seconds, env_with_home, git, gitpipe, ms, rss_kib, table, workdir  # noqa: E402
 
 
 def serve(home: Path) -> tuple[subprocess.Popen[bytes], float]:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import median, ms, timed, workdir  # noqa: E402
+from common import cpu_seconds, median, ms, rss_kib, timed, workdir  # noqa: E402
 
 from gitpipe.cgroup import own_groups  # noqa: E402
 
@@ -478,19 +478,6 @@ def bench_actions(sides: list[Side]) -> None:
 
 
 # ---------------------------------------------------------------------- part 2: fork bomb
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class Sampler:

@@ -78,3 +78,20 @@ def ms(x: float) -> str:
 
 def env_with_home(home: Path) -> dict[str, str]:
     return {**os.environ, "GITPIPE_HOME": str(home)}
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """A process's resident memory, KiB (0 when gone)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK

@@ -160,11 +160,20 @@ class Home:
         self.clones.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ the CLI
+    def argv(self, *args: str) -> list[str]:
+        """`gitpipe ARGS --home HOME` (the home goes after the subcommand); a subclass may run it
+        as another user."""
+        return [GITPIPE, *args, "--home", str(self.home)]
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of the CLI and the daemon."""
+        return base_env(**(extra or {}))
+
     def gitpipe(self, *args: str, check: bool = False, cwd: Path | None = None,
                 env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """`gitpipe ARGS --home HOME` as a subprocess (the home goes after the subcommand)."""
-        argv = [GITPIPE, *args, "--home", str(self.home)]
-        proc = subprocess.run(argv, cwd=cwd or self.root, env=env or base_env(), capture_output=True,
+        """`gitpipe ARGS --home HOME` as a subprocess."""
+        argv = self.argv(*args)
+        proc = subprocess.run(argv, cwd=cwd or self.root, env=env or self.env(), capture_output=True,
                               text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
             raise AssertionError(f"{argv} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -360,9 +369,9 @@ class Home:
         sock.bind("\0" + address)
         sock.settimeout(ready_timeout)
         log_path = self.root / f"daemon-{uuid.uuid4().hex[:6]}.log"
-        full_env = base_env(**(env or {}), NOTIFY_SOCKET="@" + address)
+        full_env = self.env({**(env or {}), "NOTIFY_SOCKET": "@" + address})
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([GITPIPE, "serve", "--home", str(self.home)], env=full_env,
+            proc = subprocess.Popen(self.argv("serve"), env=full_env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=self.root)
         daemon = Daemon(proc, log_path)

@@ -31,7 +31,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import site
 import socket
 import sqlite3
@@ -52,7 +51,6 @@ from typing import Any
 import pytest
 from helpers import (
     GITPIPE,
-    Daemon,
     Home,
     Push,
     base_env,
@@ -167,14 +165,8 @@ class UserHome(Home):
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return base_env(**(extra or {}), HOME=str(self.user_home))
 
-    def gitpipe(self, *args: str, check: bool = False, cwd: Path | None = None,
-                env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        argv = [*self.prefix, self.command, *args, "--home", str(self.home)]
-        proc = subprocess.run(argv, cwd=cwd or self.root, env=env or self.env(), capture_output=True,
-                              text=True, timeout=timeout, check=False)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{argv} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-        return proc
+    def argv(self, *args: str) -> list[str]:
+        return [*self.prefix, self.command, *args, "--home", str(self.home)]
 
     def add_repo(self, name: str, *extra: str) -> Path:
         path = self.root / "repos" / f"{name}.git"
@@ -200,38 +192,6 @@ class UserHome(Home):
         sha = refspecs[0].split(":", 1)[0] if refspecs and ":" in refspecs[0] else ""
         return Push(proc.returncode, proc.stdout, proc.stderr, sha)
 
-    @contextmanager
-    def daemon(self, env: dict[str, str] | None = None, ready_timeout: float = 30.0) -> Iterator[Daemon]:
-        """`gitpipe serve` as the daemon user (setpriv execs it: the pid is the daemon's)."""
-        address = f"gitpipe-test-{uuid.uuid4().hex}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind("\0" + address)
-        sock.settimeout(ready_timeout)
-        log_path = self.root / f"daemon-{uuid.uuid4().hex[:6]}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([*self.prefix, self.command, "serve", "--home", str(self.home)],
-                                    env=self.env({**(env or {}), "NOTIFY_SOCKET": "@" + address}),
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
-        daemon = Daemon(proc, log_path)
-        try:
-            try:
-                while b"READY=1" not in sock.recv(4096).split(b"\n"):
-                    pass
-            except TimeoutError:
-                raise AssertionError(f"gitpipe serve did not get ready:\n{daemon.log}") from None
-            finally:
-                sock.close()
-            yield daemon
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise AssertionError(f"gitpipe serve did not stop on SIGTERM:\n{daemon.log}") from None
-        assert code == 0, f"gitpipe serve exited {code}:\n{daemon.log}"
 
 
 @dataclass
@@ -322,8 +282,8 @@ def make_world(kind: str, tmp_path: Path, sandbox_extra: str = "") -> Iterator[W
             os.lchown(world.target / "current", home.uid, home.gid)
         yield world
     finally:
-        if cleanup is not None:
-            subprocess.run(["rm", "-rf", "--", str(cleanup)], check=False)  # any depth a test left
+        # Any depth a test left (pytest's own cleanup of old temporary directories recurses).
+        subprocess.run(["rm", "-rf", "--", str(cleanup or home.home / "work")], check=False)
 
 
 users = pytest.mark.parametrize("world", DAEMON_USERS, indirect=True)
