@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from gitpipe.errors import ActionError
@@ -101,6 +102,15 @@ def _take(root: Path, path: Path, name: str, pattern: str, files: set[str]) -> N
     files.add(str(path.relative_to(root)))
 
 
+def manifest_line(digest: str, rel: str) -> str:
+    """One line of a `sha256sum` manifest; a name with a newline or backslash is escaped the
+    way GNU sha256sum writes it (a leading backslash), so `sha256sum -c` still reads it."""
+    if "\\" in rel or "\n" in rel or "\r" in rel:
+        escaped = rel.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        return f"\\{digest}  {escaped}\n"
+    return f"{digest}  {rel}\n"
+
+
 def plain_mode(path: Path) -> int:
     """0755 or 0644 by the file's execute bit: never a setuid bit from job data (a stored
     artifact is the daemon's, and the site may publish it)."""
@@ -115,31 +125,56 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class Budget:
+    """What one action's outputs may add up to (max_artifact_size), counted before copying."""
+
+    limit: int
+    used: int = 0
+
+    def take(self, name: str, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            from gitpipe.cgroup import format_size
+
+            raise ActionError(f'artifact "{name}": the outputs add up to more than {format_size(self.limit)} '
+                              "(max_artifact_size in gitpipe.toml)",
+                              hint="keep fewer or smaller files, or raise max_artifact_size")
+
+
 def store(tree: Path, dest: Path, run_id: int, action: str, name: str,
-          patterns: tuple[str, ...]) -> ArtifactRecord:
+          patterns: tuple[str, ...], budget: Budget | None = None) -> ArtifactRecord:
     """Copy the matched files to `dest` (the run's artifact dir / name); size and sha256.
 
     The sha256 of a one-file artifact is the file's; of several files, the sha256 of a
-    `sha256sum`-style manifest (also stored, so `sha256sum -c` checks the files).
+    `sha256sum`-style manifest (also stored, so `sha256sum -c` checks the files). Sizes
+    are counted before anything is copied (a sparse file counts at its full size), and a
+    copy that fails (a full disk) leaves no partial artifact behind.
     """
     files = match(tree, name, patterns)
     if not files:
         raise ActionError(f'artifact "{name}": {", ".join(patterns)} matched only empty folders, no file')
+    if budget is not None:
+        budget.take(name, sum((tree / rel).stat().st_size for rel in files))
     target = dest / name
     if target.exists():
         shutil.rmtree(target)
     size, lines = 0, []
-    for rel in files:
-        src, out = tree / rel, target / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, out)
-        os.chmod(out, plain_mode(src))
-        size += out.stat().st_size
-        lines.append(f"{_sha256(out)}  {rel}\n")
+    try:
+        for rel in files:
+            src, out = tree / rel, target / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out)
+            os.chmod(out, plain_mode(src))
+            size += out.stat().st_size
+            lines.append(manifest_line(_sha256(out), rel))
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     manifest = "".join(lines)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{name}.{MANIFEST}").write_text(manifest)
-    digest = lines[0].split()[0] if len(lines) == 1 else hashlib.sha256(manifest.encode()).hexdigest()
+    digest = lines[0].lstrip("\\").split()[0] if len(lines) == 1 else hashlib.sha256(manifest.encode()).hexdigest()
     return ArtifactRecord(run_id=run_id, name=name, action=action, size=size, sha256=digest,
                           path=str(target), files=len(files))
 

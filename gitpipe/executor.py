@@ -96,23 +96,42 @@ def stamp() -> bytes:
 class LogWriter:
     """Appends output to a log file as it comes, a timestamp at the start of every line."""
 
-    def __init__(self, path: Path, mask: StreamFilter | None = None) -> None:
+    def __init__(self, path: Path, mask: StreamFilter | None = None, limit: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         self.mask = mask or _PassThrough()
         self.at_line_start = True
         self.lock = threading.Lock()
+        self.limit = limit  # bytes of the script's output kept (max_log_size); None: all
+        self.kept = 0
 
     def write(self, data: bytes) -> None:
-        self._emit(self.mask.feed(data))
+        """The script's output. Past the limit it is dropped (and still read, so the script
+        never blocks on a full pipe), after one line that says so."""
+        self._keep(self.mask.feed(data))
+
+    def _keep(self, out: bytes) -> None:
+        if self.limit is not None:
+            if self.kept >= self.limit:
+                return
+            room = self.limit - self.kept
+            self.kept += len(out)
+            if len(out) > room:
+                self._emit(out[:room])
+                from gitpipe.cgroup import format_size
+
+                self.line(f"gitpipe: log cut at {format_size(self.limit)} (max_log_size in gitpipe.toml); "
+                          "the rest of this attempt's output was dropped")
+                return
+        self._emit(out)
 
     def line(self, text: str) -> None:
-        """A line of gitpipe's own (not the script's), e.g. "retrying after exit 1"."""
+        """A line of gitpipe's own (not the script's), e.g. "retrying after exit 1"; never cut."""
         with self.lock:
             if not self.at_line_start:
                 self.file.write(b"\n")
                 self.at_line_start = True
-        self.write(text.encode() + b"\n")
+        self._emit(self.mask.feed(text.encode() + b"\n"))
 
     def _emit(self, data: bytes) -> None:
         """Write a chunk; every line starting in it gets the chunk's arrival time.
@@ -133,7 +152,7 @@ class LogWriter:
             self.file.write(body)
 
     def close(self) -> None:
-        self._emit(self.mask.flush())
+        self._keep(self.mask.flush())
         if not self.at_line_start:
             self._emit(b"\n")
         self.file.close()

@@ -281,7 +281,7 @@ class RunWorker:
         token = uuid.uuid4().hex
         env, masker = self._env(spec, number)  # before the attempt starts: may refuse secrets
         self.store.start_attempt(rec.id, deadline, str(log_path), token)
-        writer = executor.LogWriter(log_path, masker.stream())
+        writer = executor.LogWriter(log_path, masker.stream(), self.host.settings.max_log_size)
         outcome = executor.Outcome(ActionStatus.FAILED, None)
         out_file: Path | None = None
         try:
@@ -351,8 +351,9 @@ class RunWorker:
     def _collect(self, rec: ActionRecord, spec: ActionSpec, tree: Path, out_file: Path | None,
                  masker: Masker, writer: executor.LogWriter) -> executor.Outcome:
         dest = self.host.settings.artifacts_dir / str(self.run.id)
+        budget = artifacts.Budget(self.host.settings.max_artifact_size)
         for name, patterns in spec.outputs:
-            art = artifacts.store(tree, dest, self.run.id, rec.name, name, patterns)
+            art = artifacts.store(tree, dest, self.run.id, rec.name, name, patterns, budget)
             self.store.add_artifact(art)
             writer.line(f"gitpipe: artifact {name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256}")
         values = _read_outputs(out_file)

@@ -25,7 +25,11 @@ DEFAULTS: dict[str, Any] = {
     "site_url": "",
     "keep_runs": 500,
     "stop_grace": "30s",
+    "max_log_size": "64M",
+    "max_artifact_size": "2G",
+    "publish_artifacts": "protected",
 }
+PUBLISH_CHOICES = ("protected", "all", "none")
 SSH_DEFAULTS: dict[str, Any] = {"known_hosts": "known_hosts", "identity": ""}
 NOTIFY_DEFAULTS: dict[str, Any] = {"on": [], "webhook": "", "command": ""}
 REPO_DEFAULTS: dict[str, Any] = {"protected": None, "reject_invalid": False}
@@ -42,6 +46,9 @@ COMMENTS: dict[str, str] = {
     "site_url": "the URL the site is served at; printed to pushers with each run (empty: not printed)",
     "keep_runs": "runs whose logs, artifacts and worktrees are kept; older runs keep only their summary",
     "stop_grace": "how long running actions may go on after the daemon is asked to stop",
+    "max_log_size": "an attempt's output is cut past this size (timestamps not counted), with a line saying so",
+    "max_artifact_size": "an action whose outputs add up to more than this fails, naming this limit",
+    "publish_artifacts": 'artifacts linked from the report site: "protected" (runs of protected refs), "all", "none"',
 }
 
 
@@ -80,6 +87,9 @@ class Settings:
     notify_webhook: str = ""
     notify_command: str = ""
     repos: dict[str, RepoSettings] = field(default_factory=dict)
+    max_log_size: int = 64 << 20  # bytes per attempt
+    max_artifact_size: int = 2 << 30  # bytes per action's outputs
+    publish_artifacts: str = "protected"
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
 
     # Paths of the home, computed from the home (never at import time).
@@ -220,9 +230,18 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
             _typed(lines, data, key, int, None)
             if data[key] < 1:
                 raise lines.error(f'"{key}" must be at least 1', key)
-    for key in ("site_dir", "site_url", "stop_grace"):
+    for key in ("site_dir", "site_url", "stop_grace", "max_log_size", "max_artifact_size", "publish_artifacts"):
         if key in data:
             _typed(lines, data, key, str, None)
+    sizes = {}
+    for key in ("max_log_size", "max_artifact_size"):
+        try:
+            sizes[key] = parse_size(merged[key])
+        except ValueError as exc:
+            raise lines.error(f'"{key}": {exc}', key) from None
+    if merged["publish_artifacts"] not in PUBLISH_CHOICES:
+        raise lines.error(f'"publish_artifacts" must be "protected", "all" or "none", not "{merged["publish_artifacts"]}"',
+                          "publish_artifacts")
     try:
         grace = parse_duration(merged["stop_grace"])
     except ValueError as exc:
@@ -249,6 +268,9 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         notify_webhook=str(notify["webhook"]),
         notify_command=str(notify["command"]),
         repos=repos,
+        max_log_size=sizes["max_log_size"],
+        max_artifact_size=sizes["max_artifact_size"],
+        publish_artifacts=merged["publish_artifacts"],
         sandbox=_sandbox(lines, _table(lines, data, "sandbox", SANDBOX_DEFAULTS), home),
     )
 

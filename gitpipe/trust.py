@@ -9,6 +9,22 @@ from gitpipe.secrets import Masker, load_secrets, ref_protected, secrets_for
 from gitpipe.settings import Settings
 
 
+def protected_patterns(settings: Settings, repo: str, repo_path: str) -> tuple[str, ...]:
+    """[repos.NAME] protected, else the repo's default branch and every tag."""
+    configured = settings.repo(repo).protected
+    if configured is not None:
+        return configured
+    return (git.default_branch(git.open_repo(repo_path)), "refs/tags/*")
+
+
+def is_protected(settings: Settings, repo: str, repo_path: str, ref: str) -> bool:
+    """Whether runs of `ref` may get secrets and deploy (and have their artifacts published)."""
+    patterns = protected_patterns(settings, repo, repo_path)
+    if ref.startswith("refs/tags/") and "refs/tags/*" in patterns:
+        return True
+    return ref_protected(tuple(p for p in patterns if p != "refs/tags/*"), ref)
+
+
 class Trust:
     """Loaded at daemon start (a secrets.toml with loose permissions stops it right there)."""
 
@@ -17,17 +33,10 @@ class Trust:
         load_secrets(settings.secrets_path)
 
     def protected_patterns(self, repo: str, repo_path: str) -> tuple[str, ...]:
-        """[repos.NAME] protected, else the repo's default branch and every tag."""
-        configured = self.settings.repo(repo).protected
-        if configured is not None:
-            return configured
-        return (git.default_branch(git.open_repo(repo_path)), "refs/tags/*")
+        return protected_patterns(self.settings, repo, repo_path)
 
     def is_protected(self, repo: str, repo_path: str, ref: str) -> bool:
-        patterns = self.protected_patterns(repo, repo_path)
-        if ref.startswith("refs/tags/") and "refs/tags/*" in patterns:
-            return True
-        return ref_protected(tuple(p for p in patterns if p != "refs/tags/*"), ref)
+        return is_protected(self.settings, repo, repo_path, ref)
 
     def require(self, repo: str, repo_path: str, ref: str, what: str) -> None:
         """ActionError naming the ref and the setting when `ref` may not get `what`."""

@@ -1114,3 +1114,67 @@ def test_a_second_daemon_on_the_same_home_is_refused(home: Home) -> None:
     assert proc.returncode == 2
     assert "another gitpipe daemon" in proc.stderr and "Traceback" not in proc.stderr
 
+
+
+# ---------------------------------------------------------------------------- bounds on job data
+
+
+@pytest.mark.timeout(120)
+def test_a_log_past_max_log_size_is_cut_with_a_line_that_says_so(home: Home) -> None:
+    home.configure('max_log_size = "1M"\n')
+    repo = home.add_repo("flood")
+    text = fill("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "flood"
+          run = 'head -c 5000000 /dev/zero | tr "\\\\0" x | fold -w 100; echo after-the-flood > done.txt'
+          outputs = { done = "done.txt" }
+        """)
+    with home.daemon():
+        run = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))
+    (log,) = home.log_files(run["id"])
+    data = log.read_bytes()
+    assert 1 << 20 < len(data) < (1 << 20) * 1.3, len(data)  # the kept megabyte of output, plus timestamps
+    assert b"gitpipe: log cut at 1M (max_log_size in gitpipe.toml)" in data
+    assert home.action(run, "flood")["status"] == "succeeded"  # cut, not failed: the script went on
+
+
+@pytest.mark.timeout(120)
+def test_outputs_past_max_artifact_size_fail_naming_it_and_leave_nothing(home: Home) -> None:
+    repo = home.add_repo("bomb")
+    text = fill("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "sparse"
+          run = 'mkdir o && truncate -s 3G o/big && echo small > o/small'
+          outputs = { o = "o/**" }
+        """)
+    with home.daemon():
+        run = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})), "failed")
+    message = home.action(run, "sparse")["message"]
+    assert "more than 2G (max_artifact_size in gitpipe.toml)" in message, message
+    assert run["artifacts"] == []
+    stored = home.home / "artifacts" / str(run["id"])
+    assert not stored.exists() or not any(p.is_file() for p in stored.rglob("*"))
+
+
+def test_a_file_name_with_a_newline_keeps_the_manifest_checkable(home: Home) -> None:
+    repo = home.add_repo("names")
+    text = fill("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "odd"
+          run = 'mkdir o && printf one > "o/a$(printf "\\\\n")b" && printf two > "o/back\\\\slash" && printf 3 > o/plain'
+          outputs = { o = "o/**" }
+        """)
+    with home.daemon():
+        run = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))
+    folder = home.home / "artifacts" / str(run["id"])
+    manifest = folder / "o.MANIFEST.sha256"
+    check = subprocess.run(["sha256sum", "-c", str(manifest)], cwd=folder / "o", capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 0, (manifest.read_text(), check.stdout, check.stderr)
+    assert len(manifest.read_text().splitlines()) == 3

@@ -4,6 +4,7 @@ colours, self-refresh while a run is unfinished, screenshots in tests/screenshot
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import time
@@ -63,6 +64,8 @@ class History:
 
     def __init__(self, root: Path) -> None:
         api.init_home(str(root / "home"))
+        with open(root / "home" / "gitpipe.toml", "a") as f:  # the repos here are rows, not git repos
+            f.write('\n[repos.shop]\nprotected = ["main"]\n')
         self.settings: Settings = settings_mod.load(root / "home")
         self.store = Store(self.settings)
         self.store.conn.execute("PRAGMA synchronous=OFF")  # test data: speed over durability
@@ -517,6 +520,20 @@ def test_artifacts_are_published_into_the_site(history: History) -> None:
     assert (folder / "site.zip").exists()
     html = page.read_text()
     assert f'href="{run_id}/artifacts/wheel/dist/shop-1.0.whl"' in html and f'href="{run_id}/artifacts/site.zip"' in html
+
+
+def test_artifacts_of_unprotected_refs_are_kept_but_not_published(history: History) -> None:
+    """A feature branch's artifact may hold anything (a secret, a setuid file): off the site by default."""
+    run_id = history.run("shop", full_pipeline(), ref="refs/heads/feature")
+    history.artifact(run_id, "wheel", "wheel", {"dist/shop-1.0.whl": b"wheel bytes"})
+    page = reporter_for(history).render_run(run_id)
+    assert not (page.parent / str(run_id) / "artifacts").exists()
+    html = page.read_text()
+    assert "shop-1.0.whl" not in html and "kept, not published: feature is not a protected ref" in html
+    for policy, published in (("all", True), ("none", False)):
+        rep = Reporter(dataclasses.replace(history.settings, publish_artifacts=policy), history.store)
+        page = rep.render_run(run_id)
+        assert (page.parent / str(run_id) / "artifacts").exists() == published, policy
 
 
 def test_pruned_run_drops_its_published_files(history: History) -> None:

@@ -15,7 +15,9 @@ import os
 import threading
 from pathlib import Path
 
-from gitpipe.models import Event, RunRecord, RunStatus
+from gitpipe import trust
+from gitpipe.errors import GitpipeError
+from gitpipe.models import Event, RunRecord, RunStatus, short_ref
 from gitpipe.report import data, files, listing, views
 from gitpipe.report.logview import LogReader
 from gitpipe.report.render import Renderer
@@ -132,7 +134,7 @@ class Reporter:
         return self.site / page.run.href
 
     def _render_run(self, run_id: int) -> views.RunPage:
-        page = views.run_page(self.store, self.logs, self.site, run_id)
+        page = views.run_page(self.store, self.logs, self.site, run_id, self._unpublished(run_id))
         html = self.renderer.page("run.html", "../../", page=page, run=page.run)
         files.write_atomic(self.site / page.run.href, html)
         if page.run.finished:
@@ -140,6 +142,21 @@ class Reporter:
         else:
             self._seen[run_id] = self._log_bytes(run_id)
         return page
+
+    def _unpublished(self, run_id: int) -> str | None:
+        """Why this run's artifacts stay off the site ([publish_artifacts]), or None to publish."""
+        policy = self.settings.publish_artifacts
+        if policy == "all":
+            return None
+        if policy == "none":
+            return 'kept, not published (publish_artifacts = "none")'
+        rec = self.store.run(run_id)
+        try:
+            if trust.is_protected(self.settings, rec.repo, self.store.repo_path(rec.repo), rec.ref):
+                return None
+        except GitpipeError:  # a repo removed since: do not publish
+            pass
+        return f'kept, not published: {short_ref(rec.ref)} is not a protected ref (publish_artifacts = "protected")'
 
     def _render_repo(self, repo: str, run_ids: list[int]) -> int:
         """The repo's index, archived pages holding `run_ids`, and newly archived pages."""

@@ -138,6 +138,7 @@ class ArtifactView:
     sha256: str
     files: int
     href: str | None  # relative to the run page
+    note: str | None = None  # why there is no link
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,9 @@ class RunPage:
     pruned: bool  # keep_runs removed its logs and artifacts
 
 
-def run_page(store: Store, logs: LogReader, site: Path, run_id: int) -> RunPage:
-    """Everything the page of one run shows; publishes its logs and artifacts into the site."""
+def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished: str | None = None) -> RunPage:
+    """Everything the page of one run shows; publishes its logs and artifacts into the site
+    (the artifacts only when `unpublished`, the reason not to, is None)."""
     rec = store.run(run_id)
     run = run_view(rec)
     folder = site / files.run_files(rec.repo, run_id)
@@ -168,8 +170,11 @@ def run_page(store: Store, logs: LogReader, site: Path, run_id: int) -> RunPage:
     stages = tuple(StageView(s.name, s.status.value, fmt.seconds_between(s.started_at, s.finished_at),
                              tuple(a for a, r in zip(actions, records) if r.stage_idx == s.idx))
                    for s in store.stages(run_id))
+    if unpublished is not None:
+        shutil.rmtree(folder / "artifacts", ignore_errors=True)  # published before the host said no
     arts = tuple(ArtifactView(a.name, a.action, a.size, a.sha256, a.files,
-                              None if pruned else _published(a, folder, run_id))
+                              None if pruned or unpublished else _published(a, folder, run_id),
+                              "pruned" if pruned else unpublished)
                  for a in store.artifacts(run_id))
     outputs = tuple((o["action"], o["key"], o["value"]) for o in store.outputs(run_id))
     waiting = tuple(a for a in actions if a.status == ActionStatus.WAITING.value)
