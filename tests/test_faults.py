@@ -7,22 +7,13 @@ spent (read from its own /proc entry), which a shared machine's load does not in
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from helpers import Home, pipeline, vm_kib
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+from helpers import Home, cpu_seconds, pipeline, vm_kib
 
 
 @dataclass
