@@ -155,7 +155,13 @@ def load(home: str | Path | None, *, must_exist: bool = True) -> Settings:
     data: dict[str, Any] = {}
     text = ""
     if path.exists():
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:  # the daemon, the CLI and the hooks all come through here
+            raise ConfigError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); TOML files must be UTF-8",
+                              file=str(path), line=raw.count(b"\n", 0, exc.start) + 1,
+                              hint="save the file as UTF-8") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

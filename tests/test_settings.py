@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import Home
 
 from gitpipe import settings
 from gitpipe.errors import ConfigError, UsageError
@@ -140,3 +141,30 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="bad duration"):
         settings.parse_duration(text)
+
+
+def test_a_gitpipe_toml_that_is_not_utf8_is_one_error_naming_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "gitpipe.toml").write_bytes(b'site_url = "https://ci.example"\n# caf\xe9 (latin-1)\n')
+    with pytest.raises(ConfigError) as err:
+        settings.load(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'gitpipe.toml'}:2: "), message
+    assert "UTF-8" in message and "\n" not in message
+
+
+def test_a_gitpipe_toml_that_is_not_utf8_stops_the_cli_and_daemon_with_one_line(home: Home) -> None:
+    repo = home.add_repo("shop")
+    path = home.home / "gitpipe.toml"
+    path.write_bytes(path.read_bytes() + b"[repos.shop]\nreject_invalid = true\n# caf\xe9\n")
+    for args in (("runs",), ("serve",)):
+        proc = home.gitpipe(*args)
+        assert proc.returncode == 2, proc
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert str(path) in proc.stderr and "UTF-8" in proc.stderr
+    # The hooks read it too (pre-receive for reject_invalid, post-receive for site_url): the push
+    # is kept and queued, and the pusher reads the same one line, no traceback.
+    push = home.push(repo, {".pipeline.toml": '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n'
+                                              '  run = "true"\n'})
+    assert push.returncode == 0 and len(push.run_ids) == 1, push.stderr
+    assert "Traceback" not in push.stderr
+    assert any(str(path) in line and "UTF-8" in line for line in push.gitpipe_lines), push.stderr
