@@ -16,15 +16,23 @@ from dataclasses import dataclass, replace
 
 from markupsafe import Markup, escape
 
-# String controls (OSC, DCS, SOS, PM, APC) up to their terminator, or to the end when unterminated;
-# CSI sequences; every other escape; C0/C1 controls except tab and newline; bidi overrides.
-_STRING = re.compile(r"\x1b[\]P^_X].*?(?:\x07|\x1b\\|$)", re.DOTALL)
-_CSI = re.compile(r"\x1b\[([0-?]*)([ -/]*)([@-~])")
-_ESC = re.compile(r"\x1b(?:[ -/]*[0-~])?")
-_CONTROL = re.compile(r"[\x01-\x08\x0b-\x1a\x1c-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# What a terminal or a page never shows as text, as one pass of one pattern: string controls
+# (OSC, DCS, SOS, PM, APC) up to their terminator, or to the end of the line when unterminated;
+# CSI sequences; every other escape; C0 controls but tab and newline (NUL and CR too); DEL, C1
+# controls and bidi overrides. One pass, so dropping one never joins its neighbours into another.
+_STR_TOKENS = (r"\x1b[\]P^_X][^\n]*?(?:\x07|\x1b\\|(?m:$))"
+               r"|\x1b\[([0-?]*)([ -/]*)([@-~])"
+               r"|\x1b(?:[ -/]*[0-~])?"
+               r"|[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_TOKEN = re.compile(_STR_TOKENS)
+# The same in UTF-8 bytes, for the masker (gitpipe.masking): a secret may hide behind exactly what
+# this drops, so it matches a secret's characters with these between them.
+TOKEN_BYTES = (rb"\x1b[\]P^_X][^\n]*?(?:\x07|\x1b\\|(?m:$))"
+               rb"|\x1b\[[0-?]*[ -/]*[@-~]"
+               rb"|\x1b(?:[ -/]*[0-~])?"
+               rb"|[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xaa-\xae]|\xe2\x81[\xa6-\xa9]")
 _SGR = re.compile(r"\x1b\[([0-9;]*)m")
 _NEEDS_WORK = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # ESC and every control
-_MARK = "\x00"  # stands for a kept SGR while the rest of the text is filtered
 
 BASIC = {0, 1, 2, 3, 4, 22, 23, 24, 39, 49, *range(30, 38), *range(40, 48), *range(90, 98),
          *range(100, 108)}
@@ -63,28 +71,25 @@ def sanitize(text: str) -> str:
     """Keep SGR colour/bold sequences, drop every other escape sequence and control character."""
     if not _NEEDS_WORK.search(text):
         return text  # the common case: plain text
-    kept: list[str] = []
 
-    def csi(m: re.Match[str]) -> str:
+    def keep(m: re.Match[str]) -> str:
         params, inter, final = m.groups()
         if final != "m" or inter or not re.fullmatch(r"[0-9;]*", params):
-            return ""
+            return ""  # not a CSI (params is None), or a CSI other than SGR
         allowed = _allowed_sgr(params)
-        if allowed is None:
-            return ""
-        kept.append(f"\x1b[{allowed}m")
-        return _MARK
+        return "" if allowed is None else f"\x1b[{allowed}m"
 
-    text = text.replace(_MARK, "").replace("\r\n", "\n")
-    text = _CSI.sub(csi, _STRING.sub("", text))
-    text = _CONTROL.sub("", _ESC.sub("", text.replace("\r", "")))
-    pieces = iter(kept)
-    return re.sub(_MARK, lambda m: next(pieces), text) if kept else text
+    return _TOKEN.sub(keep, text)
 
 
 def strip(text: str) -> str:
-    """Plain text: every escape sequence removed (for output that is not a terminal)."""
-    return _SGR.sub("", sanitize(text))
+    """Plain text: every escape sequence and control character removed (the text a reader sees)."""
+    return _TOKEN.sub("", text) if _NEEDS_WORK.search(text) else text
+
+
+def visible(text: str) -> str:
+    """Text with its control characters shown as escapes (`\\x1b`), for messages that quote input."""
+    return _NEEDS_WORK.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
 
 
 # --------------------------------------------------------------------------- HTML

@@ -21,19 +21,47 @@ from gitpipe.models import RunRecord, RunStatus, short_ref
 
 
 class Out:
-    """Printing with colours on a terminal, plain text elsewhere."""
+    """Printing with colours on a terminal, plain text elsewhere, through the filter `logs` uses.
 
-    def __init__(self) -> None:
-        self.tty = sys.stdout.isatty()
+    Whatever a command prints goes through `say`: a run's fields come from pushes (commit text,
+    $GITPIPE_OUTPUT values, errors quoting a pipeline, a deploy's output), and on a terminal an
+    escape sequence in them would act (a title, a clipboard write, a cleared screen). Only SGR
+    colours survive, and only on a terminal.
+    """
+
+    def __init__(self, err: bool = False) -> None:
+        self.stream = sys.stderr if err else sys.stdout
+        self.tty = self.stream.isatty()
 
     def status(self, status: str) -> str:
         from gitpipe.progress import paint
 
         return paint(status, self.tty)
 
+    def say(self, text: str = "") -> None:
+        """Print a line, filtered."""
+        if not self.tty:
+            text = ansi.strip(text)
+        else:
+            text = ansi.sanitize(text)
+            if "\x1b[" in text and not text.endswith("\x1b[0m"):
+                text += "\x1b[0m"  # a colour from pushed text ends with its line
+        print(text, file=self.stream, flush=True)
+
     def bytes_line(self, data: bytes) -> None:
-        text = data.decode("utf-8", errors="replace")
-        print(ansi.sanitize(text) if self.tty else ansi.strip(text), flush=True)
+        self.say(data.decode("utf-8", errors="replace"))
+
+
+def say(text: str = "", *, err: bool = False) -> None:
+    """Print a line to stdout (or stderr) through Out's filter."""
+    Out(err).say(text)
+
+
+def print_json(data: Any) -> None:
+    """JSON as it is stored: ensure_ascii writes every control character (ESC too) and every
+    non-ASCII character as a \\u escape, so no raw escape reaches a terminal, and a JSON reader
+    gets the exact text back (a consumer printing it raw, `jq -r`, must filter it itself)."""
+    print(json.dumps(data, indent=2, ensure_ascii=True))
 
 
 def _home(args: argparse.Namespace) -> settings_mod.Settings:
@@ -50,7 +78,7 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------------- commands
 def cmd_init(args: argparse.Namespace) -> int:
     path = api.init_home(args.home)
-    print(f"gitpipe home ready: {path.parent}\nconfiguration: {path}")
+    say(f"gitpipe home ready: {path.parent}\nconfiguration: {path}")
     return 0
 
 
@@ -59,7 +87,7 @@ def cmd_repo_add(args: argparse.Namespace) -> int:
 
     conf, store = _store(args)
     name, path = repos.add(conf, store, args.path, args.name, args.create)
-    print(f"registered {name} ({path}); hooks installed. Push to it to start runs.")
+    say(f"registered {name} ({path}); hooks installed. Push to it to start runs.")
     return 0
 
 
@@ -67,15 +95,15 @@ def cmd_repo_list(args: argparse.Namespace) -> int:
     _, store = _store(args)
     rows = api.repo_list(store)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print_json(rows)
         return 0
     if not rows:
-        print("no repos registered (add one with `gitpipe repo add PATH`)")
+        say("no repos registered (add one with `gitpipe repo add PATH`)")
     out = Out()
     for r in rows:
         last = r["last_run"]
         tail = f"#{last['id']} {out.status(last['status'])}" if last else "no runs yet"
-        print(f"{r['name']:<20} {r['path']}  {tail}")
+        say(f"{r['name']:<20} {r['path']}  {tail}")
     return 0
 
 
@@ -84,7 +112,7 @@ def cmd_repo_remove(args: argparse.Namespace) -> int:
 
     _, store = _store(args)
     repos.remove(store, args.name)
-    print(f"unregistered {args.name}; its history is kept")
+    say(f"unregistered {args.name}; its history is kept")
     return 0
 
 
@@ -102,9 +130,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     run_id, run = api.start_run(conf, store, args.repo, args.ref)
     if run.status is RunStatus.FAILED:
-        print(f"run #{run_id} failed: {run.error}", file=sys.stderr)
+        say(f"run #{run_id} failed: {run.error}", err=True)
         return 1
-    print(f"run #{run_id} queued for {short_ref(run.ref)} @ {run.sha[:7]}")
+    say(f"run #{run_id} queued for {short_ref(run.ref)} @ {run.sha[:7]}")
     if args.wait:
         return _wait(conf, store, run_id)
     return 0
@@ -114,7 +142,7 @@ def _wait(conf: settings_mod.Settings, store: Any, run_id: int) -> int:
     from gitpipe import progress
 
     run = progress.watch_run(conf, store, run_id)
-    print(f"run #{run_id} {Out().status(run.status.value)}")
+    say(f"run #{run_id} {Out().status(run.status.value)}")
     return 0 if run.status is RunStatus.SUCCEEDED else 1
 
 
@@ -124,15 +152,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
         store.repo_path(args.repo)
     runs = store.runs(args.repo, limit=args.limit)
     if not args.json and store.get_state("paused"):
-        print(f"(paused by {store.get_state('paused')}: queued runs wait until `gitpipe resume`)")
+        say(f"(paused by {store.get_state('paused')}: queued runs wait until `gitpipe resume`)")
     if args.json:
-        print(json.dumps([api.run_json(r) for r in runs], indent=2))
+        print_json([api.run_json(r) for r in runs])
         return 0
     out = Out()
     if not runs:
-        print("no runs yet")
+        say("no runs yet")
     for r in runs:
-        print(f"#{r.id:<5} {r.repo:<16} {short_ref(r.ref):<20} {r.sha[:7]}  "
+        say(f"#{r.id:<5} {r.repo:<16} {short_ref(r.ref):<20} {r.sha[:7]}  "
               f"{out.status(r.status.value):<10} {r.trigger:<8} {r.created_at[:19].replace('T', ' ')}"
               f"{_duration(r)}")
     return 0
@@ -150,33 +178,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     _, store = _store(args)
     data = api.show_json(store, args.run)
     if args.json:
-        print(json.dumps(data, indent=2))
+        print_json(data)
         return 0
     out = Out()
-    print(f"run #{data['id']}  {data['repo']} ({data['pipeline']})  {short_ref(data['ref'])} @ {data['sha'][:7]}"
+    say(f"run #{data['id']}  {data['repo']} ({data['pipeline']})  {short_ref(data['ref'])} @ {data['sha'][:7]}"
           f"  {out.status(data['status'])}")
-    print(f"  trigger {data['trigger']} by {data['pusher'] or '?'}, created {data['created_at']}")
+    say(f"  trigger {data['trigger']} by {data['pusher'] or '?'}, created {data['created_at']}")
     if data["commit"]["message"]:
-        print(f"  commit: {ansi.strip(data['commit']['message'].splitlines()[0])} ({data['commit']['author']})")
+        say(f"  commit: {ansi.strip(data['commit']['message'].splitlines()[0])} ({data['commit']['author']})")
     if data.get("cancel_reason") or data.get("cancelled_by"):
-        print(f"  cancelled by {data.get('cancelled_by')}: {data.get('cancel_reason') or 'no reason given'}")
+        say(f"  cancelled by {data.get('cancelled_by')}: {data.get('cancel_reason') or 'no reason given'}")
     if data["error"]:
-        print("  error: " + data["error"].replace("\n", "\n    "))
+        say("  error: " + data["error"].replace("\n", "\n    "))
     for stage in data["stages"]:
-        print(f"  stage {stage['name']}: {out.status(stage['status'])}")
+        say(f"  stage {stage['name']}: {out.status(stage['status'])}")
         for a in stage["actions"]:
             extra = f" exit {a['exit_code']}" if a["exit_code"] not in (None, 0) else ""
             tries = f" ({a['attempts']} attempts)" if a["attempts"] > 1 else ""
             msg = f" - {a['message']}" if a["message"] else ""
-            print(f"    {a['name']:<24} {out.status(a['status'])}{extra}{tries}{msg}")
+            say(f"    {a['name']:<24} {out.status(a['status'])}{extra}{tries}{msg}")
     for art in data["artifacts"]:
-        print(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
+        say(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
     for o in data["outputs"]:
-        print(f"  output {o['action']}.{o['key']} = {o['value']}")
+        say(f"  output {o['action']}.{o['key']} = {o['value']}")
     for ap in data["approvals"]:
         decided = (f"{ap['decision']} by {ap['by']} at {ap['at']}" + (f": {ap['comment']}" if ap["comment"] else "")
                    if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']})")
-        print(f"  approval {ap['action']}: {decided}")
+        say(f"  approval {ap['action']}: {decided}")
     return 0 if data["status"] != "failed" else 1
 
 
@@ -190,14 +218,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     def emit(label: str, line: bytes) -> None:
         if not labels or labels[-1] != label:
-            print(f"==> {label} <==", flush=True)
+            say(f"==> {label} <==")
             labels.append(label)
         lines[0] += 1
         out.bytes_line(line)
 
     follow.stream_logs(store, conf.logs_dir, run.id, only, args.follow, args.timestamps, emit)
     if not lines[0]:
-        print(f"run #{run.id}: no log lines ({store.run(run.id).status.value})", file=sys.stderr)
+        say(f"run #{run.id}: no log lines ({store.run(run.id).status.value})", err=True)
     return 0
 
 
@@ -205,35 +233,35 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     run = api.cancel_run(conf, store, args.run, args.reason)
     state = "cancelled" if run.status is RunStatus.CANCELLED else "cancelling (running actions get SIGTERM)"
-    print(f"run #{run.id}: {state}")
+    say(f"run #{run.id}: {state}")
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     new_id = api.retry_run(conf, store, args.run)
-    print(f"run #{new_id} queued (retry of #{args.run})")
+    say(f"run #{new_id} queued (retry of #{args.run})")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     pipe = api.validate_file(args.file)
     actions = sum(len(s.actions) for s in pipe.stages)
-    print(f"{args.file}: ok, pipeline {pipe.name}: {len(pipe.stages)} stage(s), {actions} action(s)")
+    say(f"{args.file}: ok, pipeline {pipe.name}: {len(pipe.stages)} stage(s), {actions} action(s)")
     return 0
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     row = api.decide(conf, store, args.run, True, args.comment)
-    print(f'run #{args.run}: approved "{row["action"]}" as {row["by_user"]}')
+    say(f'run #{args.run}: approved "{row["action"]}" as {row["by_user"]}')
     return 0
 
 
 def cmd_reject(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     row = api.decide(conf, store, args.run, False, args.comment)
-    print(f'run #{args.run}: rejected "{row["action"]}" as {row["by_user"]}; the run fails')
+    say(f'run #{args.run}: rejected "{row["action"]}" as {row["by_user"]}; the run fails')
     return 0
 
 
@@ -241,19 +269,19 @@ def cmd_environments(args: argparse.Namespace) -> int:
     _, store = _store(args)
     envs = api.environments(store, args.repo)
     if args.json:
-        print(json.dumps(envs, indent=2))
+        print_json(envs)
         return 0
     if not envs:
-        print(f"{args.repo}: no deploys yet")
+        say(f"{args.repo}: no deploys yet")
     out = Out()
     for env in envs:
         cur = env["current"]
         head = (f"{cur['release']} (run #{cur['run_id']}, {(cur['sha'] or '')[:7]}, {cur['at']}, by {cur['by_user']})"
                 if cur else "nothing deployed")
-        print(f"{env['environment']}: current {head}")
+        say(f"{env['environment']}: current {head}")
         for r in env["history"][:10]:
             run = f"#{r['run_id']}" if r["run_id"] else "by hand"
-            print(f"  {r['at'][:19].replace('T', ' ')}  {out.status(r['status']):<12} {r['release']:<22} "
+            say(f"  {r['at'][:19].replace('T', ' ')}  {out.status(r['status']):<12} {r['release']:<22} "
                   f"{run:<8} {r['by_user'] or ''}  {ansi.strip(r['message'] or '')[:100]}")
     return 0
 
@@ -262,15 +290,15 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     result = api.rollback(conf, store, args.repo, args.environment, args.to)
     for line in result["log"]:
-        print(f"  {line}")
-    print(f"{args.repo} {args.environment}: {result['message']}")
+        say(f"  {line}")
+    say(f"{args.repo} {args.environment}: {result['message']}")
     return 0 if result["status"] == "rolled-back" else 1
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     before = api.pause(conf, store, True)
-    print(f"paused since {before}" if before else
+    say(f"paused since {before}" if before else
           "paused: queued runs wait (pushes are still queued; running runs go on). `gitpipe resume` to go on")
     return 0
 
@@ -278,7 +306,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     before = api.pause(conf, store, False)
-    print(f"resumed (was paused by {before})" if before else "was not paused")
+    say(f"resumed (was paused by {before})" if before else "was not paused")
     return 0
 
 
@@ -297,7 +325,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         pages = reporter.render_all()
     finally:
         reporter.close()
-    print(f"{pages} page(s) written; open {conf.site_dir / 'index.html'}")
+    say(f"{pages} page(s) written; open {conf.site_dir / 'index.html'}")
     return 0
 
 
@@ -406,14 +434,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PipelineError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            say(str(problem), err=True)
         return exc.exit_code
     except GitpipeError as exc:
-        print(f"gitpipe: error: {exc}", file=sys.stderr)
+        say(f"gitpipe: error: {exc}", err=True)
         return exc.exit_code
     except OSError as exc:  # a path the user gave that cannot be used: no traceback, say which
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"gitpipe: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        say(f"gitpipe: error: {exc.strerror or exc}{where}", err=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -18,9 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gitpipe.ansi import visible
+
 
 class GitpipeError(Exception):
-    """Base of every error gitpipe raises on purpose."""
+    """Base of every error gitpipe raises on purpose.
+
+    Its text shows control characters as escapes (`\\x1b`): a message may quote a pushed
+    pipeline or a remote's output, and some sinks (the hook's lines a pusher reads) print it as is.
+    """
 
     exit_code = 2
 
@@ -31,8 +37,8 @@ class GitpipeError(Exception):
 
     def __str__(self) -> str:
         if self.hint:
-            return f"{self.message} ({self.hint})"
-        return self.message
+            return visible(f"{self.message} ({self.hint})")
+        return visible(self.message)
 
 
 class ConfigError(GitpipeError):
@@ -66,7 +72,9 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+        """FILE:LINE: message, with control characters shown as escapes (it quotes pushed text)."""
+        text = f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+        return visible(text)
 
 
 class PipelineError(GitpipeError):

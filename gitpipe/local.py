@@ -111,7 +111,7 @@ def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, h
         thread.join(10)
         progress.Board(print, False).draw(store.actions(run_id))
         run = store.run(run_id)
-        print(f"gitpipe exec: {run.status.value}" + (f" ({run.error})" if run.error else ""))
+        print(f"gitpipe exec: {run.status.value}" + (f" ({ansi.strip(run.error)})" if run.error else ""))
         for art in store.artifacts(run_id):
             where = f" in {art.path}" if keep else ""
             print(f"  artifact {art.name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256}{where}")

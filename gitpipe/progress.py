@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from gitpipe import follow
+from gitpipe import ansi, follow
 from gitpipe.models import ActionRecord, RunRecord
 from gitpipe.settings import Settings
 from gitpipe.store import Store
@@ -40,9 +40,11 @@ def action_line(a: ActionRecord, tty: bool) -> str:
     took = seconds(a.started_at, a.finished_at) if a.status.value not in ("pending", "skipped") else None
     extra = f" {took:.1f}s" if took is not None else ""
     tries = f" (attempt {a.attempts})" if a.attempts > 1 else ""
-    msg = f"  {a.message}" if a.message and (not a.status.ok or a.type != "run") else ""
+    # The message may quote a deploy's output or the pipeline: its escapes never reach a terminal.
+    msg = f"  {ansi.strip(a.message)}" if a.message and (not a.status.ok or a.type != "run") else ""
     icon = ICONS.get(a.status.value, " ") + " " if tty else ""
-    return f"  {icon}{a.stage + ' / ' + a.name:<30} {paint(a.status.value, tty)}{extra}{tries}{msg}"
+    name = ansi.strip(f"{a.stage} / {a.name}")
+    return f"  {icon}{name:<30} {paint(a.status.value, tty)}{extra}{tries}{msg}"
 
 
 class Board:

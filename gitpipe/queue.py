@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from gitpipe import intake
 from gitpipe import pipeline as pipeline_mod
+from gitpipe.ansi import visible
 from gitpipe.errors import PipelineError
 from gitpipe.models import RefUpdate, short_ref
 from gitpipe.settings import Settings
@@ -92,7 +93,8 @@ def pre_receive(settings: Settings, repo: str, git_dir: str, stdin_text: str) ->
         try:
             pipeline_mod.parse(text, file=PIPELINE_FILE, default_name=repo)
         except PipelineError as exc:
-            lines.append(f"gitpipe: rejecting {short_ref(up.ref)}: {PIPELINE_FILE} is invalid")
+            # The pusher's terminal prints these lines: the ref's controls (C1, bidi) shown, not done.
+            lines.append(f"gitpipe: rejecting {visible(short_ref(up.ref))}: {PIPELINE_FILE} is invalid")
             lines += [f"gitpipe:   {p}" for p in exc.problems]
     if lines:
         lines.append("gitpipe: fix the file (check it with `gitpipe validate`) and push again")

@@ -98,3 +98,37 @@ def test_palette() -> None:
     assert palette[231 - 16] == "#ffffff"
     assert ansi.nearest_256(255, 0, 0) == 196
     assert ansi.nearest_256(128, 128, 128) == 244
+
+
+def test_an_unterminated_string_ends_with_its_line() -> None:
+    # The plain copy of a log strips many lines at once: an OSC left open must not eat the next ones.
+    assert ansi.strip(f"one{ESC}]0;open\ntwo\x07three\n") == "one\ntwothree\n"
+
+
+def test_dropping_a_control_never_makes_a_new_sequence() -> None:
+    # One pass: NUL or CR between ESC and "[2J" does not join them into a clear-screen.
+    for glue in ("\x00", "\r", "\x01"):
+        assert ansi.sanitize(f"a{ESC}{glue}[2Jb") == "a[2Jb"
+
+
+PIECES = ["a", "Z", "9", " ", "[", "m", ";", "\n", "\t", ESC, f"{ESC}[", f"{ESC}[31m", f"{ESC}[0m", f"{ESC}[2J",
+          f"{ESC}]0;t", "\x07", f"{ESC}\\", f"{ESC}(0", "\x00", "\r", "\x01", "\x7f", "\x9b", "\u202e", "é", "\x85"]
+
+
+def test_strip_is_sanitize_without_colours_and_bytes_agree() -> None:
+    """strip, sanitize and the masker's byte pattern (TOKEN_BYTES) drop the same characters."""
+    import random
+    import re
+
+    rng = random.Random(5)
+    tokens = re.compile(ansi.TOKEN_BYTES)
+    for _ in range(3000):
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 12)))
+        stripped = ansi.strip(text)
+        assert stripped == re.sub(r"\x1b\[[0-9;]*m", "", ansi.sanitize(text)), repr(text)
+        assert tokens.sub(b"", text.encode()).decode() == stripped, repr(text)
+        assert not any(c in stripped for c in (ESC, "\x07", "\x9b", "\r", "\x00"))
+
+
+def test_visible_shows_controls_as_escapes() -> None:
+    assert ansi.visible(f"x{ESC}]0;t\x07\x9b\u202ey\n\tz") == "x\\x1b]0;t\\x07\\x9b\\u202ey\n\tz"

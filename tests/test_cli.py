@@ -286,3 +286,126 @@ def test_init_makes_the_home_private_and_the_build_user(home: Home) -> None:
         import pwd
 
         assert pwd.getpwnam("gitpipe-build").pw_uid != 0
+
+
+# ---------------------------------------------------------------------------- terminal escapes in pushed data
+
+# OSC 52 (a clipboard write), a title change, clear screen and home, an 8-bit CSI: what issue 14
+# saw reach a terminal through `gitpipe show`.
+HOSTILE = "\x1b]52;c;cHduZWQ=\x07\x1b]0;PWNED\x07\x1b[2J\x1b[H\x9b2J"
+HOSTILE_SH = r"\033]52;c;cHduZWQ=\007\033]0;PWNED\007\033[2J\033[H\302\2332J"  # the same for printf
+CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+HOSTILE_PIPELINE = pipeline(r"""
+    [[stage]]
+    name = "build"
+      [[stage.action]]
+      name = "out"
+      run = '''
+        printf 'NOTE=before HOSTILE after\n' >> "$GITPIPE_OUTPUT"
+        printf 'a log line HOSTILE end\n'
+      '''
+    """).replace("HOSTILE", HOSTILE_SH)
+# A stage name the validator refuses, and echoes in its message.
+INVALID_PIPELINE = pipeline("""
+    [[stage]]
+    name = "x\\u001b]0;PWNED\\u0007\\u001b[2Jy"
+      [[stage.action]]
+      name = "a"
+      run = "true"
+    """)
+
+
+def controls_in(text: str) -> list[str]:
+    """Control characters (ESC, BEL, C1, bidi overrides, ...) in `text`; tab and newline are fine."""
+    return CONTROLS.findall(text)
+
+
+def on_a_terminal(home: Home, *args: str) -> str:
+    """What `gitpipe ARGS` writes to a terminal (a pty), stdout and stderr together."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(home.argv(*args), env=home.env(), stdin=subprocess.DEVNULL, stdout=slave,
+                                stderr=slave, cwd=home.root)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.wait(timeout=60)
+    finally:
+        os.close(master)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def test_no_escape_from_pushed_data_reaches_a_terminal(home: Home) -> None:
+    repo = home.add_repo("shop")
+    home.commit(repo, {".pipeline.toml": HOSTILE_PIPELINE})
+    clone = home.clone_of(repo)
+    git(clone, "commit", "--quiet", "--amend", "-m", f"fix {HOSTILE} it\n\nbody {HOSTILE}",
+        f"--author=Mal{HOSTILE}lory <m@example.org>")
+    good = home.git_push(repo, "HEAD:refs/heads/main")
+    assert good.returncode == 0, good.stderr
+    bad = home.push(repo, {".pipeline.toml": INVALID_PIPELINE})
+    assert controls_in(bad.stderr) == [], bad.stderr  # the hook's lines echo the validator's message
+    assert "is invalid" in bad.stderr
+    with home.daemon():
+        run = home.wait_run(good.run_ids[0])
+        failed = home.wait_run(bad.run_ids[0])
+    assert run["status"] == "succeeded" and failed["status"] == "failed"
+    # JSON keeps the data, escaped as JSON escapes: no raw control byte.
+    shown = home.gitpipe("show", str(run["id"]), "--json", check=True).stdout
+    assert controls_in(shown) == [] and "\\u001b]52;" in shown
+    assert run["outputs"][0]["value"] == f"before {HOSTILE} after"
+    assert run["commit"]["author"].startswith(f"Mal{HOSTILE}lory")
+    for args in (("show", str(run["id"])), ("show", str(failed["id"])), ("runs",), ("runs", "--json"),
+                 ("logs", str(run["id"])), ("show", str(failed["id"]), "--json")):
+        proc = home.gitpipe(*args)
+        assert controls_in(proc.stdout + proc.stderr) == [], (args, proc.stdout, proc.stderr)
+    text = home.gitpipe("show", str(run["id"])).stdout
+    assert "before 2J after" in text and "Mal2Jlory" in text and "fix 2J it" in text
+    assert "x\\x1b]0;PWNED" in home.gitpipe("show", str(failed["id"])).stdout  # the escape shown, not done
+    # On a terminal: colours (SGR) are the only escapes left.
+    for args in (("show", str(run["id"])), ("show", str(failed["id"])), ("runs",), ("logs", str(run["id"]))):
+        out = re.sub(r"\x1b\[[0-9;]*m", "", on_a_terminal(home, *args))
+        assert controls_in(out.replace("\r\n", "\n")) == [], (args, out)
+
+
+def test_no_escape_from_a_deploy_reaches_environments(home: Home) -> None:
+    from gitpipe import settings as settings_mod
+    from gitpipe.store import Store
+
+    home.add_repo("shop")
+    store = Store(settings_mod.load(home.home))
+    store.add_release("shop", "prod", f"1-abc{HOSTILE}", "deployed", [f"file:///srv/{HOSTILE}"],
+                      by=f"bob{HOSTILE}", message=f"remote said {HOSTILE}")
+    store.close()
+    proc = home.gitpipe("environments", "shop", check=True)
+    assert controls_in(proc.stdout) == [] and "remote said" in proc.stdout
+    proc = home.gitpipe("environments", "shop", "--json", check=True)
+    assert controls_in(proc.stdout) == [] and "remote said" in proc.stdout
+    out = re.sub(r"\x1b\[[0-9;]*m", "", on_a_terminal(home, "environments", "shop"))
+    assert controls_in(out.replace("\r\n", "\n")) == [], out
+
+
+def test_validate_shows_an_escape_in_the_file_without_doing_it(tmp_path: Path) -> None:
+    (tmp_path / ".pipeline.toml").write_text(INVALID_PIPELINE)
+    proc = bare_gitpipe("validate", cwd=tmp_path)
+    assert proc.returncode == 1 and controls_in(proc.stderr) == [], proc.stderr
+    assert "x\\x1b]0;PWNED\\x07\\x1b[2Jy" in proc.stderr
+
+
+def test_a_refused_push_prints_no_escape(home: Home) -> None:
+    repo = home.add_repo("shop")
+    home.configure("[repos.shop]\nreject_invalid = true\n")
+    push = home.push(repo, {".pipeline.toml": INVALID_PIPELINE}, branch="fix\u202e\u009bx")
+    assert push.returncode != 0
+    ours = "\n".join(line for line in push.stderr.splitlines() if "gitpipe:" in line)
+    assert "rejecting fix\\u202e\\x9bx" in ours and "x\\x1b]0;PWNED" in ours
+    assert controls_in(ours) == [], ours

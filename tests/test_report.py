@@ -487,6 +487,29 @@ def test_pages_escape_hostile_text(history: History) -> None:
     rep.close()
 
 
+def test_pages_carry_no_raw_escape_from_pushed_data(history: History) -> None:
+    """Commit text, outputs, errors, approval messages, deploy messages: escapes never reach a page."""
+    bad = "\x1b]52;c;cHduZWQ=\x07\x1b]0;PWNED\x07\x1b[2J\x9b2J\u202e\x01"
+    run_id = history.run("shop", [("build", [Act("wheel"), Act("gate", "waiting", type="approval")])], "waiting",
+                         message=f"fix {bad} it\n\nbody {bad}", author=f"Mal{bad}lory <m@example.org>")
+    history.store.set_outputs(run_id, "wheel", {"NOTE": f"before {bad} after"})
+    history.store.conn.execute("UPDATE approvals SET message = ?", (f"ship {bad}?",))
+    history.release("shop", "prod", run_id, message=f"remote said {bad}", release=f"1-abc{bad}")
+    failed = history.run("shop", [], "failed", error=f".pipeline.toml is invalid:\nname {bad}")
+    rep = reporter_for(history)
+    rep.render_all()
+    rep.render_run(failed)
+    pages = sorted(history.settings.site_dir.rglob("*.html"))
+    assert len(pages) >= 4
+    for page in pages:
+        text = page.read_text()
+        raw = re.findall(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", text)
+        assert raw == [], (page, raw)
+    html = (history.settings.site_dir / "shop" / "runs" / f"{run_id}.html").read_text()
+    assert "before 2J after" in html and "Mal2Jlory" in html and "ship 2J?" in html
+    rep.close()
+
+
 def hostile_run(history: History) -> int:
     log = f"{HOSTILE}\n\x1b]0;PWNED\x07title change\n\x1b[31mred text\x1b[0m\n\x1b[2J\x1b[Hcursor"
     return history.run("shop", [("build", [Act(HOSTILE_ACTION, "failed", [log])])], "failed",

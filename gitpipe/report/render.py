@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 from gitpipe import __version__, ansi, resources
 from gitpipe.report import fmt
@@ -15,13 +16,24 @@ REFRESH = 5  # seconds between reloads of a page that shows unfinished runs
 
 
 def environment() -> jinja2.Environment:
-    """The template environment: autoescape for every template, undefined names are errors."""
+    """The template environment: autoescape for every template, undefined names are errors, and
+    every value printed without its escape sequences and control characters (`_plain`)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resources.folder("templates"))),
-        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        finalize=_plain)
     env.filters.update(duration=fmt.duration, when=fmt.when, size=fmt.size)
     env.globals.update(csp=CSP, refresh=REFRESH, version=__version__)
     return env
+
+
+def _plain(value: Any) -> Any:
+    """What `{{ value }}` prints: pushed text (commit messages, outputs, errors, deploy output) with
+    the escapes `gitpipe logs` drops dropped here too, so no page carries a raw ESC or control byte.
+    Markup is HTML built by gitpipe (ansi.to_html, macros): already filtered."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return ansi.strip(value)
+    return value
 
 
 class Renderer:
