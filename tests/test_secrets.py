@@ -11,8 +11,11 @@ from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 import pytest
+from helpers import Home, pipeline
 
+from gitpipe import ansi
 from gitpipe.errors import ConfigError
+from gitpipe.report import logview
 from gitpipe.secrets import Masker, load_secrets, masked_forms, ref_protected, secrets_for
 
 SECRET = "s3cr3t-Value/with+odd?chars"
@@ -359,3 +362,254 @@ def test_large_input_without_secret_passes_through() -> None:
     # (log text or hex alike). Printed with -s, not asserted: machines differ.
     print(f"masked 50 MB in {elapsed:.2f} s")
     assert b"".join(out) == data
+
+
+# --- what a reader sees: masking after the display's normalisation (issue 14) ------------------------
+
+# What a secret was printed with, after its fifth character, to get past the masker while
+# `gitpipe logs` and the run page, which drop them, showed the secret whole.
+HIDERS = ["\x1b[m", "\x01", "\x1b[31m\x1b[0m", "\x1b]0;title\x07", "\x00", "\x7f", "\x9b", "\u202e",
+          "\x1b[1;32m", "\x08", "\x1b(0", "\x1b]8;;http://x/\x1b\\"]
+
+
+def shown(data: bytes) -> list[str]:
+    """Every text a reader sees of a log: `gitpipe logs` lines (split at CR and LF, then
+    stripped) and the run page's lines (the part after the last CR, stripped)."""
+    lines = [ansi.strip(line.decode("utf-8", "replace")) for line in data.splitlines()]
+    page = [ansi.strip(logview.visible_text(line)) for line in data.split(b"\n")]
+    return lines + page
+
+
+def assert_unseen(value: str, data: bytes) -> None:
+    for text in shown(data):
+        assert value not in text, (value, data)
+
+
+@pytest.mark.parametrize("hider", HIDERS)
+def test_a_control_character_inside_a_secret_is_masked_as_it_is_shown(hider: str) -> None:
+    masker = Masker([SECRET, TOKEN])
+    for value in (SECRET, TOKEN):
+        for k in (1, 5, len(value) - 1):
+            text = f"token: {value[:k]}{hider}{value[k:]} end"
+            assert value not in ansi.strip(masker.mask(text)), text
+            data = f"before\n{text}\nafter\n".encode()
+            out = stream_all(masker, [data])
+            assert_unseen(value, out)
+            assert out.startswith(b"before\n") and out.endswith(b"\nafter\n")
+            for cut in range(len(data) + 1):
+                assert stream_all(masker, [data[:cut], data[cut:]]) == out, (hider, cut)
+
+
+def test_coloured_lines_without_a_secret_are_kept_as_they_are() -> None:
+    masker = Masker([SECRET])
+    data = b"".join(b"\x1b[32mPASSED\x1b[0m tests/test_%d.py \x1b]0;t\x07\r\x1b[K%d%%\n" % (i, i)
+                    for i in range(50))
+    assert stream_all(masker, [data]) == data
+    assert stream_all(masker, [data[i:i + 7] for i in range(0, len(data), 7)]) == data
+
+
+def test_a_hidden_secret_is_masked_in_its_piece_only() -> None:
+    # The line's other pieces (before a CR) and other lines keep their colours.
+    masker = Masker([TOKEN])
+    data = f"\x1b[31mred\x1b[0m\r{TOKEN[:6]}\x1b[m{TOKEN[6:]} \x1b[1mx\x1b[0m\nnext \x1b[32mok\x1b[0m\n".encode()
+    assert stream_all(masker, [data]) == b"\x1b[31mred\x1b[0m\r*** x\nnext \x1b[32mok\x1b[0m\n"
+
+
+def test_a_flood_of_invisible_bytes_inside_a_secret_stays_bounded() -> None:
+    masker = Masker([SECRET])
+    stream = masker.stream()
+    out = [stream.feed(b"key " + SECRET[:9].encode())]
+    for _ in range(64):  # 4 MB of controls, none of it shown
+        out.append(stream.feed(b"\x01" * 65536))
+        assert stream.held < 200_000
+    out += [stream.feed(SECRET[9:].encode() + b" end\n"), stream.flush()]
+    assert_unseen(SECRET, b"".join(out))
+
+
+def test_an_unterminated_title_hides_nothing_that_shows() -> None:
+    masker = Masker([TOKEN])
+    data = f"{TOKEN[:5]}\x1b]0;title without end\n{TOKEN[5:]}\n".encode()  # two lines: nothing joins
+    assert stream_all(masker, [data]) == data
+
+
+# --- the forms issue 14 found unmasked -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [SECRET, TOKEN, "pässwörd-ünïcode"])
+def test_spaced_hex_and_percent_encoding_of_every_byte_are_masked(value: str) -> None:
+    raw = value.encode()
+    masker = Masker([value])
+    for form in (" ".join(f"{b:02x}" for b in raw), ":".join(f"{b:02X}" for b in raw),
+                 "".join(f"%{b:02x}" for b in raw),
+                 "".join(f"%{b:02X}" for b in raw)):
+        assert masker.mask(f"dump: {form} end") == "dump: *** end", form
+        assert stream_all(masker, [f"dump: {form} end\n".encode()]) == b"dump: *** end\n"
+
+
+@pytest.mark.parametrize("value", [SECRET, TOKEN])
+@pytest.mark.parametrize("before", range(6))
+def test_base32_is_masked_also_inside_a_longer_stream(value: str, before: int) -> None:
+    raw = b"user:"[:before] + value.encode() + b" and more"
+    masker = Masker([value])
+    for encoded in (base64.b32encode(raw).decode(), base64.b32encode(raw).decode().lower()):
+        head, tail = masker.mask(encoded).split("***")
+        # What stays: the neighbours' characters, plus one edge character mixing their bits.
+        assert len(head) <= (8 * before + 4) // 5 + 1
+        assert len(tail.rstrip("=")) <= (8 * len(b" and more") + 4) // 5 + 1
+
+
+@pytest.mark.parametrize("width", [76, 64])
+@pytest.mark.parametrize("before", [0, 1, 2, 30, 50, 75, 100])
+def test_wrapped_base64_is_masked(width: int, before: int) -> None:
+    """base64 of a file holding the secret, wrapped as `base64` (76) and PEM (64) wrap it."""
+    raw = b"x" * before + b"token=" + SECRET.encode() + b"\n" + b"y" * 40
+    encoded = base64.b64encode(raw).decode()
+    wrapped = "\n".join(encoded[i:i + width] for i in range(0, len(encoded), width)) + "\n"
+    masker = Masker([SECRET])
+    masked = masker.mask(wrapped)
+    assert "***" in masked and masked.count("\n") == wrapped.count("\n")
+    joined = masked.replace("\n", "")
+    assert not any(f in joined for f in masked_forms(SECRET))
+    data = ("begin\n" + wrapped + "end\n").encode()
+    expected = ("begin\n" + masked + "end\n").encode()
+    assert stream_all(masker, [data]) == expected
+    rng = random.Random(before * width)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(len(data) + 1), 4))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        assert stream_all(masker, chunks) == expected
+
+
+def test_crlf_wrapped_base64_cut_between_cr_and_lf() -> None:
+    encoded = base64.b64encode(b"a" * 40 + SECRET.encode() + b"b" * 40).decode()
+    wrapped = "\r\n".join(encoded[i:i + 64] for i in range(0, len(encoded), 64)) + "\r\n"
+    masker = Masker([SECRET])
+    data = wrapped.encode()
+    expected = stream_all(masker, [data])
+    assert expected.count(b"***") == 1 and expected.count(b"\r\n") == data.count(b"\r\n")
+    for cut in range(len(data) + 1):
+        assert stream_all(masker, [data[:cut], data[cut:]]) == expected
+
+
+def test_short_lines_do_not_join() -> None:
+    # Only a long run of base64 characters before a line break is read as a wrapped encoding.
+    masker = Masker([TOKEN])
+    data = f"{TOKEN[:6]}\n{TOKEN[6:]}\n".encode()
+    assert stream_all(masker, [data]) == data
+    stream = masker.stream()
+    assert stream.feed(b"a short line ending in t\n") == b"a short line ending in t\n"  # not held
+
+
+# --- end to end: a real daemon, a real push --------------------------------------------------------
+
+def secret_home(home: Home) -> Path:
+    """A home whose repo "shop" has the secret TOKEN; the repo's path."""
+    path = home.home / "secrets.toml"
+    path.write_text(f'[shop]\nTOKEN = "{TOKEN}"\n')
+    path.chmod(0o600)
+    return home.add_repo("shop")
+
+
+def leak_pipeline(script: str) -> str:
+    return pipeline(f"""
+        [[stage]]
+        name = "leak"
+          [[stage.action]]
+          name = "leak"
+          secrets = ["TOKEN"]
+          run = '''
+        {script}
+          '''
+        """)
+
+
+def assert_nowhere(home: Home, run_id: int, *hiders: bytes) -> None:
+    """TOKEN is in no file of the home (with `hiders` dropped), no page, no command's output."""
+    home.gitpipe("report", check=True)
+    assert TOKEN not in home.logs(run_id)
+    assert TOKEN not in ansi.strip(json_text(home.gitpipe("show", str(run_id), "--json", check=True).stdout))
+    assert TOKEN not in home.gitpipe("show", str(run_id), check=True).stdout
+    pages = list(home.home.glob("site/**/*.html"))
+    assert pages
+    for page in pages:
+        assert TOKEN not in re.sub(r"<[^>]*>", "", page.read_text()), page
+    for f in home.home.rglob("*"):
+        if f.is_file() and f.name != "secrets.toml":
+            data = f.read_bytes()
+            for hider in (b"", *hiders):
+                assert TOKEN.encode() not in data.replace(hider, b""), (f, hider)
+
+
+def test_a_secret_hidden_by_escapes_is_masked_end_to_end(home: Home) -> None:
+    repo = secret_home(home)
+    text = leak_pipeline(r"""
+        printf '%s\033[m%s\n' "${TOKEN:0:5}" "${TOKEN:5}"
+        printf 'ctl %s\001%s end\n' "${TOKEN:0:5}" "${TOKEN:5}"
+        echo "KEY=${TOKEN:0:5}$(printf '\033[m')${TOKEN:5}" >> "$GITPIPE_OUTPUT"
+        """)
+    with home.daemon():
+        run = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))
+    assert "ctl *** end" in home.logs(run["id"])
+    assert run["outputs"] == [{"action": "leak", "key": "KEY", "value": "***"}]
+    assert_nowhere(home, run["id"], b"\x1b[m", b"\x01")
+
+
+def json_text(text: str) -> str:
+    """Every string of a JSON document (keys too), one per line."""
+    import json
+
+    def walk(x: object) -> list[str]:
+        if isinstance(x, str):
+            return [x]
+        if isinstance(x, dict):
+            return [s for k, v in x.items() for s in (k, *walk(v))]
+        if isinstance(x, list):
+            return [s for v in x for s in walk(v)]
+        return []
+
+    return "\n".join(walk(json.loads(text)))
+
+
+def test_wrapped_encodings_random_splits_equal_masking_at_once() -> None:
+    rng = random.Random(11)
+    secrets = [SECRET, TOKEN, "abcdefgh1234"]
+    masker = Masker(secrets)
+    for _ in range(200):
+        raw = os.urandom(rng.randint(0, 40)) + rng.choice(secrets).encode() + os.urandom(rng.randint(0, 40))
+        encoded = rng.choice([base64.b64encode, base64.b32encode, bytes.hex])(raw)
+        encoded = encoded.decode() if isinstance(encoded, bytes) else encoded
+        width, eol = rng.randint(20, 80), rng.choice(["\n", "\r\n"])
+        text = rng.choice(["", "noise line\n", "x = 1" + eol]) + eol.join(
+            encoded[i:i + width] for i in range(0, len(encoded), width)) + rng.choice(["", eol, "\r"])
+        data = text.encode()
+        expected = masker.mask(text).encode()
+        if width >= 32:
+            assert "***" in masker.mask(text), text
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 8))))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        stream = masker.stream()
+        out = b""
+        for chunk in chunks:
+            out += stream.feed(chunk)
+            assert stream.held < 2 * masker.longest
+        assert out + stream.flush() == expected, text
+
+
+def test_hidden_secrets_random_splits() -> None:
+    """Whatever the cuts, the same output; and no secret is shown by a log view."""
+    rng = random.Random(12)
+    masker = Masker([SECRET, TOKEN])
+    noise = ["a", " ", "\n", "\r", "\x1b[31m", "\x1b[0m", "\x01", "\x1b]0;t\x07", "\x1b[", "ok", "\u202e", "é"]
+    for _ in range(300):
+        value = rng.choice([SECRET, TOKEN])
+        k = sorted(rng.sample(range(1, len(value)), rng.randint(1, 3)))
+        split = [value[a:b] for a, b in zip([0, *k], [*k, len(value)], strict=True)]
+        hidden = "".join(part + rng.choice(HIDERS) for part in split[:-1]) + split[-1]
+        text = "".join(rng.choice(noise) for _ in range(rng.randint(0, 6))) + hidden + \
+            "".join(rng.choice(noise) for _ in range(rng.randint(0, 6)))
+        data = text.encode()
+        whole = stream_all(masker, [data])
+        assert_unseen(value, whole)
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(1, 8))))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        assert stream_all(masker, chunks) == whole, text
