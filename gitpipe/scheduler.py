@@ -358,7 +358,8 @@ class RunWorker:
             writer.line(f"gitpipe: artifact {name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256}")
         values = _read_outputs(out_file)
         if values:
-            self.store.set_outputs(self.run.id, rec.name, {k: masker.mask(v) for k, v in values.items()})
+            # A secret may be the key too (`echo "$TOKEN=x" >> $GITPIPE_OUTPUT`).
+            self.store.set_outputs(self.run.id, rec.name, {masker.mask(k): masker.mask(v) for k, v in values.items()})
         return executor.Outcome(ActionStatus.SUCCEEDED, 0)
 
     def _env(self, spec: ActionSpec, attempt: int) -> tuple[dict[str, str], Masker]:

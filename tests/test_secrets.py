@@ -554,6 +554,15 @@ def test_a_secret_hidden_by_escapes_is_masked_end_to_end(home: Home) -> None:
     assert_nowhere(home, run["id"], b"\x1b[m", b"\x01")
 
 
+def test_a_secret_used_as_an_output_key_is_masked(home: Home) -> None:
+    repo = secret_home(home)
+    text = leak_pipeline(r"""echo "$TOKEN=x" >> "$GITPIPE_OUTPUT" """)
+    with home.daemon():
+        run = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))
+    assert run["outputs"] == [{"action": "leak", "key": "***", "value": "x"}]
+    assert_nowhere(home, run["id"])
+
+
 def json_text(text: str) -> str:
     """Every string of a JSON document (keys too), one per line."""
     import json
