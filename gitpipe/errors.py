@@ -12,6 +12,8 @@ and an exit status, never a traceback.
 - `DeployError`     a deploy failed (unreachable host, host key, disk full, healthcheck).
 - `TransitionError` a state change that the state machine does not allow (a bug or a race,
                     e.g. approving a run that is not waiting); exit 2 in the CLI.
+- `DiskFullError`   the disk holding the home is full: a change could not be recorded, and
+                    nothing of it was (the transaction was rolled back); exit 1.
 """
 
 from __future__ import annotations
@@ -95,5 +97,11 @@ class ActionError(GitpipeError):
 
 class DeployError(GitpipeError):
     """A deploy failed; the message says what, on which target, and how to fix it."""
+
+    exit_code = 1
+
+
+class DiskFullError(GitpipeError):
+    """The disk holding the gitpipe home is full: a change could not be recorded (nothing of it was)."""
 
     exit_code = 1

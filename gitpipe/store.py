@@ -8,6 +8,7 @@ transitions in models.py, and written together with an `events` row; listeners
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,8 +16,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from gitpipe import intake, queue
-from gitpipe.errors import TransitionError, UsageError
+from gitpipe import intake, queue, space
+from gitpipe.errors import DiskFullError, TransitionError, UsageError
 from gitpipe.intake import now_iso
 from gitpipe.models import (
     ActionRecord,
@@ -142,22 +143,36 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[Database]:
-        """One write transaction (BEGIN IMMEDIATE); events are sent to listeners after commit."""
+        """One write transaction (BEGIN IMMEDIATE); events are sent to listeners after commit.
+
+        On a full disk the whole transaction is rolled back and a DiskFullError raised: a
+        change is recorded entirely or not at all.
+        """
         with self.lock:
             if self._depth:  # nested: part of the caller's transaction
                 yield self.db
                 return
-            self.conn.execute("BEGIN IMMEDIATE")
-            self._depth = 1
             try:
-                yield self.db
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                self._pending.clear()
+                self.conn.execute("BEGIN IMMEDIATE")
+                self._depth = 1
+                try:
+                    yield self.db
+                    # Inside the try: a COMMIT that fails (SQLITE_FULL) must not leave the
+                    # transaction open, or every later BEGIN of this connection fails too.
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:  # SQLite may have rolled it back already
+                        self.conn.execute("ROLLBACK")
+                    self._pending.clear()
+                    raise
+                finally:
+                    self._depth = 0
+            except sqlite3.Error as exc:
+                if space.sqlite_full(exc, self.settings.home):
+                    raise DiskFullError(f"the disk holding {self.settings.home} is full: "
+                                        f"{self.settings.db_path.name} could not be written, nothing was changed",
+                                        hint="free space there, then try again") from exc
                 raise
-            finally:
-                self._depth = 0
-            self.conn.execute("COMMIT")
             events, self._pending = self._pending, []
         for event in events:
             for listener in list(self.listeners):
@@ -270,11 +285,36 @@ class Store:
             self._set_run(run_id, RunStatus.WAITING if waiting else RunStatus.RUNNING)
 
     def finish_run(self, run_id: int, status: RunStatus, error: str | None = None) -> None:
-        with self.tx():
+        """A run ends, and what it left open ends with it, in the same transaction.
+
+        The worker closes its actions itself; what is still open here was missed (its thread
+        died on a full disk once, and the run was cancelled with its action "running"). One
+        transaction: a disk too full to record all of it records none of it.
+        """
+        with self.tx() as db:
+            self._close_open(db, run_id, status, error)
             fields: dict[str, Any] = {"finished_at": now_iso()}
             if error:
                 fields["error"] = error
             self._set_run(run_id, status, **fields)
+
+    def _close_open(self, db: Database, run_id: int, status: RunStatus, error: str | None) -> None:
+        cancelled = status is RunStatus.CANCELLED
+        why = "the run was cancelled" if cancelled else error or f"the run {status.value}"
+        for act in self.actions(run_id):
+            if act.status is ActionStatus.PENDING:
+                self.set_action(act.id, ActionStatus.CANCELLED if cancelled else ActionStatus.SKIPPED)
+            elif not act.status.finished:  # running, waiting or interrupted: it started
+                self.set_action(act.id, ActionStatus.CANCELLED if cancelled else ActionStatus.FAILED,
+                                message=f"not finished: {why}")
+        db.execute("UPDATE attempts SET status = ?, finished_at = ? WHERE status = 'running' AND action_id IN "
+                   "(SELECT id FROM actions WHERE run_id = ?)",
+                   ["cancelled" if cancelled else "failed", now_iso(), run_id])
+        for stage in self.stages(run_id):
+            if stage.status is ActionStatus.PENDING:
+                self.set_stage(run_id, stage.idx, ActionStatus.CANCELLED if cancelled else ActionStatus.SKIPPED)
+            elif not stage.status.finished:
+                self.set_stage(run_id, stage.idx, ActionStatus.CANCELLED if cancelled else ActionStatus.FAILED)
 
     def request_cancel(self, run_id: int, by: str, reason: str | None) -> RunRecord:
         """Record who cancels and why; a queued run is cancelled at once, a running one by the daemon."""

@@ -157,23 +157,53 @@ def test_every_change_is_stored_as_an_event_with_its_time(store: Store) -> None:
     store.set_action(wheel.id, ActionStatus.SUCCEEDED, exit_code=0)
     store.finish_run(run_id, RunStatus.FAILED, "because")
     events = store.events(run_id)
+    lint, pack, unit = (a.id for a in store.actions(run_id)[1:])
     assert [(e["subject"], e["status"]) for e in events] == [
         ("run", "queued"), ("run", "running"), (f"action:{wheel.id}", "running"),
-        (f"action:{wheel.id}", "succeeded"), ("run", "failed")]
+        (f"action:{wheel.id}", "succeeded"),
+        # what the run left open ends with it (see test_a_run_that_ends_closes_what_it_left_open)
+        (f"action:{lint}", "skipped"), (f"action:{pack}", "skipped"), (f"action:{unit}", "skipped"),
+        ("stage:0", "skipped"), ("stage:1", "skipped"), ("run", "failed")]
     assert all(ISO_UTC.match(e["at"]) for e in events)
     assert [e["at"] for e in events] == sorted(e["at"] for e in events)
     assert events[-1]["detail"] == "because" and store.run(run_id).error == "because"
 
 
+@pytest.mark.parametrize("status", [RunStatus.CANCELLED, RunStatus.FAILED])
+def test_a_run_that_ends_closes_what_it_left_open(store: Store, status: RunStatus) -> None:
+    # A full disk once killed an action's thread before it recorded its end, and the run was
+    # then cancelled with that action "running" and its attempt open.
+    run_id = running_run(store)
+    wheel, lint, pack, unit = store.actions(run_id)
+    store.set_stage(run_id, 0, ActionStatus.RUNNING)
+    store.set_action(lint.id, ActionStatus.RUNNING)
+    store.set_action(lint.id, ActionStatus.SUCCEEDED, exit_code=0)
+    store.start_attempt(wheel.id, None, "/dev/null", "token")
+    store.finish_run(run_id, status, None if status is RunStatus.CANCELLED else "the disk is full")
+    cancelled = status is RunStatus.CANCELLED
+    by_name = {a.name: a for a in store.actions(run_id)}
+    assert by_name["wheel"].status is (ActionStatus.CANCELLED if cancelled else ActionStatus.FAILED)
+    assert by_name["wheel"].message == ("not finished: the run was cancelled" if cancelled else
+                                        "not finished: the disk is full")
+    assert by_name["lint"].status is ActionStatus.SUCCEEDED
+    assert {by_name[n].status for n in ("pack", "unit")} == {
+        ActionStatus.CANCELLED if cancelled else ActionStatus.SKIPPED}
+    assert [a.status for a in store.attempts(wheel.id)] == [by_name["wheel"].status]
+    assert [s.status for s in store.stages(run_id)] == (
+        [ActionStatus.CANCELLED] * 2 if cancelled else [ActionStatus.FAILED, ActionStatus.SKIPPED])
+    assert store.open_attempts() == []
+
+
 def test_a_refused_change_writes_nothing(store: Store) -> None:
     run_id = running_run(store)
-    before = store.events(run_id)
     store.finish_run(run_id, RunStatus.CANCELLED)
+    before = store.events(run_id)
+    actions = store.actions(run_id)
     with pytest.raises(TransitionError):
         store.finish_run(run_id, RunStatus.SUCCEEDED, "nope")
     run = store.run(run_id)
     assert run.status is RunStatus.CANCELLED and run.error is None
-    assert len(store.events(run_id)) == len(before) + 1
+    assert store.events(run_id) == before and store.actions(run_id) == actions
 
 
 def test_listeners_hear_changes_after_commit_and_nothing_of_a_rollback(store: Store) -> None:

@@ -1,0 +1,152 @@
+"""A full disk (issue 14): a real 20 MB tmpfs home, a log flood that fills it, a real daemon,
+real `git push`es.
+
+What must hold: a push that cannot be recorded is refused by pre-receive (and git keeps
+nothing of it), an accepted push is never lost, the daemon neither spins nor floods its own
+log, a failure caused by the full disk is not retried, a finished run has no action left
+"running", and the database stays intact. The daemon's log is written outside the tmpfs.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from helpers import Home, cpu_seconds, git, pipeline, wait_for
+
+from gitpipe import settings
+from gitpipe.errors import DiskFullError
+from gitpipe.models import RunStatus
+from gitpipe.queue import NewRun
+from gitpipe.store import Store
+
+SIZE = "20m"
+FLOOD = pipeline("""
+    [[stage]]
+    name = "build"
+      [[stage.action]]
+      name = "flood"
+      retries = 2
+      timeout = "5s"
+      run = "yes 'gitpipe full-disk test: a log flood that fills the home'"
+    [[stage]]
+    name = "after"
+      [[stage.action]]
+      name = "next"
+      run = "true"
+    """)
+QUICK = pipeline("""
+    [[stage]]
+    name = "s"
+      [[stage.action]]
+      name = "quick"
+      run = "echo fine"
+    """)
+
+
+@contextmanager
+def tmpfs(path: Path, size: str = SIZE) -> Iterator[Path]:
+    """A tmpfs of `size` mounted on `path` (tests run as root); unmounted at the end."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        why = f"cannot mount a tmpfs on {path}: {proc.stderr.strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def full(tmp_path: Path) -> Iterator[Home]:
+    """A gitpipe home on a 20 MB tmpfs (repos, clones and the daemon's log stay outside it),
+    with 2 MB of ballast an admin can delete to free space."""
+    home = Home(tmp_path)
+    with tmpfs(home.home):
+        home.init('max_parallel = 8\nstop_grace = "3s"\n')
+        (home.home / "ballast").write_bytes(bytes(2 << 20))
+        yield home
+
+
+def free(home: Home) -> int:
+    return free_of(home.home)
+
+
+def fill(directory: Path, leave: int = 0) -> Path:
+    """A file that takes all the room of `directory`'s disk but `leave` bytes."""
+    path = directory / "filler"
+    with open(path, "wb") as f:
+        try:
+            while (room := free_of(directory) - leave) > 0:
+                f.write(bytes(min(room, 1 << 20)))
+                f.flush()
+        except OSError:
+            pass
+    return path
+
+
+def free_of(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def wait_full(home: Home) -> None:
+    wait_for(lambda: free(home) < 64 << 10, 60, 0.05, "the flood to fill the home")
+
+
+def head(repo: Path, ref: str = "refs/heads/main") -> str:
+    return git(repo, "rev-parse", "--verify", "--quiet", ref, check=False).stdout.strip()
+
+
+def query(home: Home, sql: str, params: tuple = ()) -> list[tuple]:
+    conn = sqlite3.connect(home.home / "gitpipe.db", timeout=30)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def intact(home: Home) -> None:
+    """The database is intact, and no finished run has anything left open."""
+    assert query(home, "PRAGMA integrity_check") == [("ok",)]
+    finished = "SELECT id FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled')"
+    assert query(home, f"SELECT run_id, name, status FROM actions WHERE run_id IN ({finished}) AND status IN "
+                       "('pending', 'running', 'waiting', 'interrupted')") == []
+    assert query(home, f"SELECT run_id, name, status FROM stages WHERE run_id IN ({finished}) AND status IN "
+                       "('pending', 'running')") == []
+    assert query(home, "SELECT action_id, number FROM attempts WHERE status = 'running'") == []
+
+
+def cpu_over(pid: int, seconds: float) -> float:
+    """CPU seconds the process spent in the next `seconds`."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - before
+
+
+def test_a_store_write_on_a_full_disk_changes_nothing_and_the_next_one_works(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "home", "2m") as root:
+        store = Store(settings.load(root, must_exist=False))
+        try:
+            [run_id] = store.create_runs([NewRun("shop", "shop", "refs/heads/main", "a" * 40, "push", "")])
+            filler = fill(root)
+            with pytest.raises(DiskFullError, match=f"the disk holding {root} is full"):
+                store.request_cancel(run_id, "alice", "the disk is full")
+            assert store.run(run_id).status is RunStatus.QUEUED and store.events(run_id)[-1]["status"] == "queued"
+            filler.unlink()
+            # A COMMIT that failed once left its transaction open, and every later write failed.
+            assert store.request_cancel(run_id, "alice", "space again").status is RunStatus.CANCELLED
+            assert store.query("PRAGMA integrity_check") == [{"integrity_check": "ok"}]
+        finally:
+            store.close()
