@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from gitpipe import executor, queue, retention
+from gitpipe import executor, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
+from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
@@ -85,6 +87,11 @@ class Daemon:
         self.select: Callable | None = None  # gitpipe exec: which actions run
         self.run_schedules = True
         self._policies: dict[int, str] = {}
+        # A full disk: what failed is tried again later, and a repeated error is logged once.
+        self.backoff = Backoff()
+        self.repeats = RepeatFilter()
+        self.unfinished: dict[int, str] = {}  # run id -> why its worker ended without recording its end
+        self.next_due: float | None = None  # the next schedule slot
 
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
@@ -119,6 +126,8 @@ class Daemon:
         observer.schedule(_Waker(self.wake), str(self.settings.spool_dir))
         observer.start()
         old = self._install_signals()
+        log.addFilter(self.repeats)
+        hook, threading.excepthook = threading.excepthook, self._thread_died
         try:
             self.recover()
             notify_systemd("READY=1")
@@ -134,8 +143,17 @@ class Daemon:
             sandbox.close()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+            threading.excepthook = hook
+            self.repeats.flush(force=True)
+            log.removeFilter(self.repeats)
             self.store.close()
             os.close(lock)
+
+    def _thread_died(self, args: threading.ExceptHookArgs) -> None:
+        """An error that ended a thread goes to the log (and its repeats are counted), not to stderr."""
+        name = args.thread.name if args.thread else "?"
+        log.error("thread %s stopped on an error", name,
+                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))  # type: ignore[arg-type]
 
     def _install_signals(self) -> dict[signal.Signals, Any]:
         if threading.current_thread() is not threading.main_thread():
@@ -161,29 +179,42 @@ class Daemon:
 
     def _loop(self) -> None:
         ping = watchdog_interval()
-        next_due: float | None = None
         while True:
-            waits = [x for x in (ping, next_due and max(0.0, next_due - time.time())) if x is not None]
+            due = self.next_due and max(0.0, self.next_due - time.time())
+            waits = [x for x in (ping, due, self.backoff.next_in(), self.repeats.next_flush()) if x is not None]
             self.wake.wait(min(waits) if waits else None)
             self.wake.clear()
             if ping:
                 notify_systemd("WATCHDOG=1")
-            self._clear_wake_files()
+            self.repeats.flush()
             if self.stopping.is_set():
                 return
-            self._ingest_spool()
-            if self.run_schedules:
-                _, next_due = self.schedules.fire_due(time.time())
-            self._supersede()
-            self._cancel_requested()
-            for worker in list(self.workers.values()):
-                worker.changed.set()  # approvals decided, cancels requested: let workers look
-            self._claim()
-            if self.prune_due:
-                self.prune_due = False
-                retention.prune(self.settings, self.store)
+            if self.backoff.waiting("loop"):
+                continue
+            try:
+                self._step()
+            except (GitpipeError, sqlite3.Error, OSError) as exc:  # a full disk: wait, then try again
+                self.backoff.failed("loop")
+                log.error("daemon: %s; trying again later", exc, exc_info=not isinstance(exc, GitpipeError))
+                continue
+            self.backoff.succeeded("loop")
             if self.burst and not self.workers and not self._queued():
                 return
+
+    def _step(self) -> None:
+        """One look at everything: wake files, the spool, schedules, cancels, the queue, retention."""
+        self._clear_wake_files()
+        self._ingest_spool()
+        if self.run_schedules:
+            _, self.next_due = self.schedules.fire_due(time.time())
+        self._supersede()
+        self._cancel_requested()
+        for worker in list(self.workers.values()):
+            worker.changed.set()  # approvals decided, cancels requested: let workers look
+        self._claim()
+        if self.prune_due:
+            self.prune_due = False
+            retention.prune(self.settings, self.store)
 
     def _queued(self) -> bool:
         return self.store.get_state("paused") is None and bool(
@@ -200,7 +231,11 @@ class Daemon:
     def _claim(self) -> None:
         """Go on with running runs; start queued ones (oldest first) while there is capacity."""
         for run in self.store.runs_with_status(RunStatus.RUNNING, RunStatus.WAITING):
-            if run.id not in self.workers:
+            if run.id in self.workers or self.backoff.waiting(run.id):
+                continue
+            if run.id in self.unfinished:
+                self._end_unfinished(run.id)
+            else:
                 self._start_worker(run)
         if self.store.get_state("paused") is not None:
             return
@@ -209,7 +244,7 @@ class Daemon:
             busy = sum(1 for run_id in list(self.workers) if run_id not in waiting)
             if busy >= self.settings.max_parallel:
                 return
-            if run.id not in self.workers:
+            if run.id not in self.workers and not self.backoff.waiting(run.id):
                 self._start_worker(run)
 
     def _supersede(self) -> None:
@@ -248,10 +283,47 @@ class Daemon:
         worker.thread.start()
 
     def _worker_done(self, worker: RunWorker) -> None:
-        self.workers.pop(worker.run.id, None)
+        run_id = worker.run.id
+        try:
+            status = self.store.run(run_id).status
+        except (GitpipeError, sqlite3.Error):
+            status = RunStatus.RUNNING
+        if status.finished or worker.interrupted.is_set():
+            self.backoff.succeeded(run_id)
+            log.info("run #%s: %s", run_id, status.value)
+        else:
+            # It stopped without recording the run's end (a full disk): not started again at
+            # once (that looped hot); a queued one is started later, a running one ended later
+            # (not resumed: that ran again the action that had filled the disk).
+            why = space.full(self.settings.home) or "its worker stopped on an error (see the daemon's log)"
+            if status is RunStatus.QUEUED:
+                log.warning("run #%s: could not start: %s; trying again later", run_id, why)
+            else:
+                self.unfinished[run_id] = why
+                log.warning("run #%s: its end could not be recorded: %s; trying again later", run_id, why)
+            self.backoff.failed(run_id)
+        self.workers.pop(run_id, None)
         self.prune_due = True
-        log.info("run #%s: %s", worker.run.id, self.store.run(worker.run.id).status.value)
         self.wake.set()
+
+    def _end_unfinished(self, run_id: int) -> None:
+        """End a run whose worker could not: cancelled if asked, else failed with why."""
+        why = self.unfinished[run_id]
+        cancel = self.store.cancel_requested(run_id)
+        for attempt in self.store.open_attempts():  # its processes, if any were left behind
+            if self.store.action(attempt.action_id).run_id == run_id:
+                executor.kill_token(attempt.token)
+        try:
+            self.store.finish_run(run_id, RunStatus.CANCELLED if cancel else RunStatus.FAILED, None if cancel else
+                                  f"{why}: the run's progress could not be recorded, so it was ended (not retried)")
+        except (GitpipeError, sqlite3.Error) as exc:
+            self.backoff.failed(run_id)
+            log.warning("run #%s: its end could not be recorded: %s", run_id, exc)
+            return
+        del self.unfinished[run_id]
+        self.backoff.succeeded(run_id)
+        self.prune_due = True
+        log.info("run #%s: %s", run_id, "cancelled" if cancel else "failed")
 
     def _cancel_requested(self) -> None:
         for run_id, worker in list(self.workers.items()):
@@ -259,13 +331,22 @@ class Daemon:
                 threading.Thread(target=worker.cancel, daemon=True).start()
 
     def _ingest_spool(self) -> None:
+        """Queue the runs the hook kept in spool/ (the database was busy or full then)."""
         import json
 
+        if self.backoff.waiting("spool"):
+            return
         for path in sorted(self.settings.spool_dir.glob("*.json")):
             runs = [queue.NewRun(**r) for r in json.loads(path.read_text())]
-            self.store.create_runs(runs)
+            try:
+                self.store.create_runs(runs)
+            except GitpipeError as exc:  # a full disk: the file stays, and is read again later
+                self.backoff.failed("spool")
+                log.warning("the runs kept in %s wait: %s", path, exc)
+                return
             path.unlink()
             log.info("queued %d run(s) kept in %s", len(runs), path)
+        self.backoff.succeeded("spool")
 
     def recover(self) -> None:
         """After a stop or a crash: end leftover processes, mark their attempts interrupted."""

@@ -11,6 +11,7 @@ escapes it; under bwrap the PID namespace still ends it with the attempt.
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import signal
@@ -97,8 +98,16 @@ class LogWriter:
     """Appends output to a log file as it comes, a timestamp at the start of every line."""
 
     def __init__(self, path: Path, mask: StreamFilter | None = None, limit: int | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        # A write that fails (a full disk) never raises: it is kept in `error`, the rest of the
+        # log is dropped, and the attempt is stopped (see `start`). Raising here once skipped the
+        # recording of an attempt's end and left its action "running".
+        self.error: OSError | None = None
+        self.file: io.FileIO | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            self.error = exc
         self.mask = mask or _PassThrough()
         self.at_line_start = True
         self.lock = threading.Lock()
@@ -129,7 +138,7 @@ class LogWriter:
         """A line of gitpipe's own (not the script's), e.g. "retrying after exit 1"; never cut."""
         with self.lock:
             if not self.at_line_start:
-                self.file.write(b"\n")
+                self._write(b"\n")
                 self.at_line_start = True
         self._emit(self.mask.feed(text.encode() + b"\n"))
 
@@ -149,13 +158,28 @@ class LogWriter:
             self.at_line_start = data.endswith(b"\n")
             if self.at_line_start:
                 body = body[: -len(ts)]
-            self.file.write(body)
+            self._write(body)
+
+    def _write(self, data: bytes) -> None:
+        """Append all of `data`, unless a write failed before; the caller holds the lock."""
+        if self.file is None or self.error is not None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as exc:
+            self.error = exc
 
     def close(self) -> None:
         self._keep(self.mask.flush())
         if not self.at_line_start:
             self._emit(b"\n")
-        self.file.close()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as exc:
+                self.error = self.error or exc
 
 
 @dataclass
@@ -192,6 +216,10 @@ def bash(script: str) -> list[str]:
 
 def start(launch: Launch, log: LogWriter, token: str) -> Attempt:
     """Start a confined command (see `sandbox.Sandbox.launch`) in a new session, stdin on /dev/null."""
+    if log.error is not None:  # its log could not even be opened (a full disk): do not start
+        if launch.group is not None:
+            launch.group.remove()
+        raise OSError(log.error.errno, f"its log could not be opened: {log.error.strerror or log.error}")
     try:
         proc = subprocess.Popen(
             launch.argv, cwd=launch.cwd, env={**launch.env, TOKEN_VAR: token},
@@ -206,13 +234,19 @@ def start(launch: Launch, log: LogWriter, token: str) -> Attempt:
     fd = proc.stdout.fileno()
 
     def pump() -> None:
+        stopping = False
         while chunk := os.read(fd, CHUNK):
             log.write(chunk)
+            if log.error is not None and not stopping:  # a full disk: nothing it prints can be kept
+                stopping = True
+                reason = f"its log could not be written: {log.error.strerror or log.error}"
+                threading.Thread(target=attempt.stop, args=(ActionStatus.FAILED, reason), daemon=True).start()
 
     reader = threading.Thread(target=pump, name=f"log-{proc.pid}", daemon=True)
-    reader.start()
     cage: Cage = launch.group if launch.group is not None else TokenCage(proc.pid, token)
-    return Attempt(proc, cage, proc.pid if launch.spare else None, reader)
+    attempt = Attempt(proc, cage, proc.pid if launch.spare else None, reader)
+    reader.start()
+    return attempt
 
 
 def wait(attempt: Attempt, deadline: float | None, on_start: Callable[[], None] | None = None) -> Outcome:

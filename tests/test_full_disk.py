@@ -10,6 +10,7 @@ log, a failure caused by the full disk is not retried, a finished run has no act
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import Home, cpu_seconds, git, pipeline, wait_for
+from helpers import Home, cpu_seconds, git, pipeline, vm_kib, wait_for
 
 from gitpipe import settings
 from gitpipe.errors import DiskFullError
@@ -133,6 +134,36 @@ def cpu_over(pid: int, seconds: float) -> float:
     before = cpu_seconds(pid)
     time.sleep(seconds)
     return cpu_seconds(pid) - before
+
+
+@pytest.mark.timeout(240)
+def test_the_daemon_backs_off_on_a_full_disk_and_a_cancelled_run_ends_whole(full: Home) -> None:
+    repo = full.add_repo("shop")
+    with full.daemon() as daemon:
+        run_id = full.push_run(repo, {".pipeline.toml": FLOOD})
+        wait_full(full)
+        time.sleep(6)  # past the flood's own 5 s timeout
+        cpu = cpu_over(daemon.pid, 10)
+        rss = vm_kib(daemon.pid, "VmRSS")
+        assert cpu < 1.0, f"the daemon spent {cpu:.2f} s of CPU in 10 s on a full disk"
+        cancel = full.gitpipe("cancel", str(run_id), "--reason", "disk full")
+        if cancel.returncode != 0:  # refused on the full disk: one line that says so, no traceback
+            assert "Traceback" not in cancel.stderr and "full" in cancel.stderr, cancel.stderr
+        (full.home / "ballast").unlink()
+        if cancel.returncode != 0 and full.status(run_id) not in ("failed", "cancelled"):
+            cancel = full.gitpipe("cancel", str(run_id), "--reason", "disk full")
+        run = full.wait_run(run_id, 90)
+        tracebacks = daemon.log.count("Traceback")
+    log = daemon.log
+    print(f"\nfull disk: daemon CPU {cpu:.2f} s over 10 s, RSS {rss // 1024} MiB, "
+          f"{tracebacks} traceback(s), log {len(log)} bytes")  # for the notes (-s)
+    assert tracebacks <= 10, f"{tracebacks} tracebacks in the daemon's log:\n{log[-3000:]}"
+    assert re.search(r"repeated \d+ more time", log), log[-3000:]
+    assert run["status"] in ("cancelled", "failed"), run
+    for stage in run["stages"]:
+        for action in stage["actions"]:
+            assert action["status"] in ("cancelled", "failed", "skipped"), run
+    intact(full)
 
 
 def test_a_store_write_on_a_full_disk_changes_nothing_and_the_next_one_works(tmp_path: Path) -> None:
