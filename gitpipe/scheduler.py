@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from gitpipe import artifacts, delivery, executor, git, plugins
+from gitpipe import artifacts, delivery, executor, git, plugins, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus, Pipeline, RunRecord, RunStatus, short_ref
@@ -263,9 +263,12 @@ class RunWorker:
             if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT):
                 failures += 1
                 if failures <= spec.retries:
-                    if not self.halted:
+                    full = space.full(self.host.settings.home)
+                    if full:  # a retry would fail the same way, or fill the disk again (a log flood)
+                        outcome = _not_retried(outcome, full, self.run.id)
+                    elif not self.halted:
                         continue
-                    if self.interrupted.is_set():  # its retry belongs to the next daemon
+                    elif self.interrupted.is_set():  # its retry belongs to the next daemon
                         outcome = executor.Outcome(ActionStatus.INTERRUPTED, outcome.exit_code,
                                                    "daemon stopped before its retry")
             fields = {"exit_code": outcome.exit_code, "message": outcome.message}
@@ -380,6 +383,12 @@ class RunWorker:
                                                     spec.secrets)
         env.update(values)
         return env, masker
+
+
+def _not_retried(outcome: executor.Outcome, why: str, run_id: int) -> executor.Outcome:
+    return executor.Outcome(outcome.status, outcome.exit_code,
+                            f"{outcome.message or outcome.status.value}; not retried: {why} "
+                            f"(free space there, then `gitpipe retry {run_id}`)")
 
 
 def spec_stage(pipe: Pipeline, spec: ActionSpec) -> str:

@@ -166,6 +166,30 @@ def test_the_daemon_backs_off_on_a_full_disk_and_a_cancelled_run_ends_whole(full
     intact(full)
 
 
+@pytest.mark.timeout(240)
+def test_an_action_that_failed_on_a_full_disk_is_not_retried_while_it_is_full(full: Home) -> None:
+    repo = full.add_repo("shop")
+    text = pipeline("""
+        [[stage]]
+        name = "build"
+          [[stage.action]]
+          name = "filler"
+          retries = 2
+          run = "yes 'gitpipe full-disk test' > flood || { truncate -s -600K flood; exit 1; }"
+        """)
+    with full.daemon():
+        run_id = full.push_run(repo, {".pipeline.toml": text})
+        wait_for(lambda: query(full, "SELECT 1 FROM actions WHERE run_id = ? AND status = 'failed'", (run_id,)),
+                 60, 0.1, "the filler to fail")
+        (attempts, message), = query(full, "SELECT attempts, message FROM actions WHERE run_id = ?", (run_id,))
+        (full.home / "ballast").unlink()
+        run = full.wait_run(run_id, 90)
+    assert attempts == 1, f"retried on a full disk: {attempts} attempts ({message})"
+    assert "not retried" in message and "full" in message, message
+    assert full.action(run, "filler")["attempts"] == 1
+    intact(full)
+
+
 def test_a_store_write_on_a_full_disk_changes_nothing_and_the_next_one_works(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "home", "2m") as root:
         store = Store(settings.load(root, must_exist=False))
