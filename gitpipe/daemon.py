@@ -8,6 +8,7 @@ drains the queue and returns, which keeps tests simple.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -39,6 +40,7 @@ from gitpipe.store import Store
 from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
+STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
 
 
 class _Waker(FileSystemEventHandler):
@@ -337,7 +339,7 @@ class Daemon:
         if self.backoff.waiting("spool"):
             return
         for path in sorted(self.settings.spool_dir.glob("*.json")):
-            runs = [queue.NewRun(**r) for r in json.loads(path.read_text())]
+            runs = [self._spooled(queue.NewRun(**r)) for r in json.loads(path.read_text())]
             try:
                 self.store.create_runs(runs)
             except GitpipeError as exc:  # a full disk: the file stays, and is read again later
@@ -347,6 +349,30 @@ class Daemon:
             path.unlink()
             log.info("queued %d run(s) kept in %s", len(runs), path)
         self.backoff.succeeded("spool")
+        self._sweep_reservations()
+
+    def _spooled(self, run: queue.NewRun) -> queue.NewRun:
+        """A spooled run, with its pipeline text read again at its commit (the hook leaves it out)."""
+        if run.pipeline_text is not None:  # an entry from an older hook
+            return run
+        try:
+            git_dir = self.store.repo_path(run.repo)
+        except UsageError:  # removed since the push: its worker fails the run, saying so
+            return run
+        return dataclasses.replace(run, pipeline_text=queue.git_show(git_dir, run.sha, queue.PIPELINE_FILE))
+
+    def _sweep_reservations(self) -> None:
+        """Remove the room pre-receive reserved for pushes git refused after it (no post-receive came)."""
+        pending = self.settings.spool_dir / "pending"  # named in hooks/pre-receive and hookmain too
+        if not pending.is_dir():
+            return
+        now = time.time()
+        for entry in os.scandir(pending):
+            try:
+                if now - entry.stat().st_mtime > STALE_RESERVATION:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
 
     def recover(self) -> None:
         """After a stop or a crash: end leftover processes, mark their attempts interrupted."""

@@ -6,6 +6,10 @@ is looked up by its blob id in a cache (`<home>/cache/`) of what the full valida
 said about it (name, trigger globs, errors), and host settings are cached by the
 mtime and size of gitpipe.toml. Only when the pipeline file changed (a new blob) or
 a `paths` filter must be checked does the hook import the validator (~40 ms more).
+
+A push git accepted is never dropped: hooks/pre-receive reserved room for its runs in
+`<home>/spool/pending/` (or refused the push: a full disk). When the database cannot take the
+runs, post-receive writes them over that room, into `<home>/spool/`, for the daemon to queue.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def main(name: str, *, home: str, repo: str) -> int:
     except Exception as exc:  # the push is in; never hide why its runs were not queued
         _print([f"gitpipe: ERROR: runs not queued: {exc}",
                 f"gitpipe: start them by hand once fixed: gitpipe run {repo} --ref REF"])
+    finally:
+        _release(home)
     _chained("post-receive", data)
     return 0
 
@@ -56,13 +62,12 @@ def post_receive(home: str, repo: str, git_dir: str, text: str) -> list[str]:
         ids = intake.record(os.path.join(home, "gitpipe.db"), runs)
     except Exception as exc:  # database locked past the timeout, disk full, ...
         return _spool(home, runs, exc)
-    intake.wake(home, "push")
+    warning = _wake(home, "push")
     try:  # after recording: a mistake in gitpipe.toml must not lose the push
         site_url = host_settings(home)["site_url"]
     except Exception as exc:
-        site_url, warning = "", [f"gitpipe: warning: {exc}"]
-    else:
-        warning = []
+        site_url = ""
+        warning.append(f"gitpipe: warning: {exc}")
     lines: list[str] = []
     for run_id, run in zip(ids, runs):
         lines += describe(run_id, run, site_url)
@@ -152,14 +157,17 @@ def _load(path: str) -> Any:
 
 
 def _save(path: str, value: Any) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             marshal.dump((CACHE_VERSION, value), f)
         os.replace(tmp, path)
-    except OSError:
-        pass  # a cache only: the next push computes it again
+    except OSError:  # a cache only: the next push computes it again
+        try:
+            os.unlink(tmp)  # a part written on a full disk would keep its room taken
+        except OSError:
+            pass
 
 
 def describe(run_id: int, run: dict[str, Any], site_url: str) -> list[str]:
@@ -253,21 +261,77 @@ def pusher() -> str:
 def _spool(home: str, runs: list[dict[str, Any]], exc: Exception) -> list[str]:
     import json
 
-    try:  # the paths from the home alone: a broken gitpipe.toml must not lose this push either
-        spool_dir = os.path.join(home, "spool")
-        os.makedirs(spool_dir, exist_ok=True)
-        path = os.path.join(spool_dir, f"{time.time_ns()}-{os.getpid()}.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(runs, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+    # The paths from the home alone: a broken gitpipe.toml must not lose this push either.
+    spool_dir = os.path.join(home, "spool")
+    path = os.path.join(spool_dir, f"{time.time_ns()}-{os.getpid()}.json")
+    # Without the pipeline text (the daemon reads it again at the commit): an entry of a few
+    # hundred bytes per run, which fits the room pre-receive reserved whatever the file's size.
+    entry = json.dumps([{**run, "pipeline_text": None} for run in runs]).encode()
+    try:
+        _write_durably(entry, path, _reservation(home))
     except Exception as exc2:
         refs = " ".join(r["ref"] for r in runs)
         return [f"gitpipe: ERROR: could not queue runs for {refs}: {exc}; {exc2}",
                 f"gitpipe: start them by hand once fixed: gitpipe run {runs[0]['repo']} --ref REF"]
-    intake.wake(home, "spool")
-    return [f"gitpipe: database busy or unwritable ({exc}); push kept in {path}, the daemon will queue it"]
+    return [f"gitpipe: database busy or unwritable ({exc}); push kept in {path}, the daemon will queue it",
+            *_wake(home, "spool")]
+
+
+def _reservation(home: str) -> str:
+    """The room pre-receive reserved for this push: named by the receive-pack both hooks run under."""
+    return os.path.join(home, "spool", "pending", str(os.getppid()))
+
+
+def _write_durably(data: bytes, path: str, reserved: str) -> None:
+    """Write `data` as the file `path`, synced, whole or not at all.
+
+    Written over the room pre-receive reserved, whose blocks are already the file's: on a
+    full disk this needs no new ones (on ext4, xfs and tmpfs; a copy-on-write filesystem
+    such as btrfs or ZFS may still refuse it). Without a reservation (hooks installed by an
+    older gitpipe): a new file.
+    """
+    src = reserved
+    try:
+        fd = os.open(src, os.O_WRONLY)  # no O_TRUNC: the reserved blocks are written over
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        src = path + ".tmp"
+        fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    except BaseException:
+        if src != reserved:  # never a 0-byte .tmp left behind (main() releases a reservation)
+            os.unlink(src)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(src, path)
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def _release(home: str) -> None:
+    """Give back the room pre-receive reserved (when the runs went to the database, or none started)."""
+    try:
+        os.unlink(_reservation(home))
+    except OSError:
+        pass
+
+
+def _wake(home: str, name: str) -> list[str]:
+    """Wake the daemon; a warning line when that fails (the runs are recorded all the same)."""
+    try:
+        intake.wake(home, name)
+    except OSError as exc:
+        return [f"gitpipe: warning: the daemon was not woken ({exc}); the run starts when it next wakes: a push, a command, a restart"]
+    return []
 
 
 def _pre_receive(home: str, repo: str, git_dir: str, data: bytes) -> int:

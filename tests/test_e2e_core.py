@@ -1003,6 +1003,7 @@ def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) 
     assert push.returncode != 0
     assert "remote: no pushes today" in push.stderr
     assert push.run_ids == [] and home.runs() == []
+    assert list((home.home / "spool" / "pending").iterdir()) == []  # gitpipe's hook gave its room back
 
 
 # ---------------------------------------------------------------------------- JSON shapes

@@ -137,6 +137,39 @@ def cpu_over(pid: int, seconds: float) -> float:
 
 
 @pytest.mark.timeout(240)
+def test_a_push_that_cannot_be_recorded_is_refused_and_git_keeps_nothing(full: Home) -> None:
+    repo = full.add_repo("shop")  # outside the tmpfs: git has room for the objects, the home has none
+    inside = full.home / "inside.git"  # a repo on the full disk itself: git needs room too
+    full.gitpipe("repo", "add", str(inside), "--create", check=True)
+    assert full.push(inside, {"README": "first"}).returncode == 0
+    with full.daemon() as daemon:
+        flood = full.push_run(repo, {".pipeline.toml": FLOOD})
+        wait_full(full)
+        kept, kept_inside = head(repo), head(inside)
+        for n in range(3):
+            refused = full.push(repo, {".pipeline.toml": QUICK, "n": str(n)})
+            assert refused.returncode != 0, refused.stderr
+            assert any(re.search(r"^remote: gitpipe: .*disk full", line) for line in refused.gitpipe_lines), \
+                refused.stderr
+            assert head(repo) == kept, "git kept a push that was refused"
+            assert full.push(inside, {"n": str(n)}).returncode != 0  # refused by git or by the hook
+            assert head(inside) == kept_inside
+        assert not list((full.home / "spool").glob("*.json*")), "a refused push left a spool entry"
+        cpu = cpu_over(daemon.pid, 5)
+        (full.home / "ballast").unlink()  # an admin frees space: pushes are taken again
+        accepted = full.push(repo, {".pipeline.toml": QUICK, "n": "after"})
+        assert accepted.returncode == 0 and len(accepted.run_ids) == 1, accepted.stderr
+        assert head(repo) == accepted.sha
+        full.expect(full.wait_run(accepted.run_ids[0], 90))
+        full.wait_run(flood, 90)
+    assert list((full.home / "spool" / "pending").iterdir()) == []  # every reservation given back
+    print(f"\nrefused pushes: daemon CPU {cpu:.2f} s over 5 s of full disk")  # for the notes (-s)
+    assert cpu < 1.0, f"the daemon spent {cpu:.2f} s of CPU in 5 s on a full disk"
+    assert sorted(r["id"] for r in full.runs()) == [flood, accepted.run_ids[0]]  # none lost, none extra
+    intact(full)
+
+
+@pytest.mark.timeout(240)
 def test_the_daemon_backs_off_on_a_full_disk_and_a_cancelled_run_ends_whole(full: Home) -> None:
     repo = full.add_repo("shop")
     with full.daemon() as daemon:
@@ -205,3 +238,27 @@ def test_a_store_write_on_a_full_disk_changes_nothing_and_the_next_one_works(tmp
             assert store.query("PRAGMA integrity_check") == [{"integrity_check": "ok"}]
         finally:
             store.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_push_the_full_database_cannot_take_is_kept_in_the_room_pre_receive_reserved(full: Home) -> None:
+    # A 300 KiB pipeline file does not fit in the 150 KiB left: the database refuses the run,
+    # and post-receive keeps it in the 64 KiB pre-receive reserved (without the text).
+    repo = full.add_repo("shop")
+    text = QUICK + "".join(f"# {n:06d} {'x' * 90}\n" for n in range(3000))
+    filler = fill(full.home, leave=150 << 10)
+    push = full.push(repo, {".pipeline.toml": text})
+    assert push.returncode == 0, push.stderr
+    assert "the daemon will queue it" in push.stderr, push.stderr
+    assert head(repo) == push.sha
+    assert len(list((full.home / "spool").glob("*.json"))) == 1
+    assert list((full.home / "spool" / "pending").iterdir()) == []
+    assert query(full, "SELECT COUNT(*) FROM runs") == [(0,)]
+    filler.unlink()
+    served = full.gitpipe("serve", "--burst", timeout=60)
+    assert served.returncode == 0, served.stderr
+    [run] = full.runs()
+    assert run["sha"] == push.sha and run["status"] == "succeeded", run
+    assert query(full, "SELECT pipeline_text FROM runs") == [(text,)]
+    assert "fine" in full.logs(run["id"])
+    intact(full)

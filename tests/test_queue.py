@@ -228,6 +228,7 @@ def test_a_push_the_database_refuses_is_spooled_and_queued_by_the_daemon(home: H
     assert push.returncode == 0, push.stderr
     assert "database busy or unwritable" in push.stderr and "the daemon will queue it" in push.stderr
     assert len(list((home.home / "spool").glob("*.json"))) == 1
+    assert list((home.home / "spool" / "pending").iterdir()) == []  # the room pre-receive reserved was used
     db.rmdir()
     for f in aside.iterdir():
         shutil.move(str(f), home.home / f.name)
