@@ -155,7 +155,9 @@ def test_a_push_that_cannot_be_recorded_is_refused_and_git_keeps_nothing(full: H
             assert full.push(inside, {"n": str(n)}).returncode != 0  # refused by git or by the hook
             assert head(inside) == kept_inside
         assert not list((full.home / "spool").glob("*.json*")), "a refused push left a spool entry"
-        cpu = cpu_over(daemon.pid, 5)
+        # Over 10 s of full disk the daemon records the flood's end (it cannot: backoff) and
+        # renders its 18 MB log once (~0.5 s); it loops on nothing.
+        cpu = cpu_over(daemon.pid, 10)
         (full.home / "ballast").unlink()  # an admin frees space: pushes are taken again
         accepted = full.push(repo, {".pipeline.toml": QUICK, "n": "after"})
         assert accepted.returncode == 0 and len(accepted.run_ids) == 1, accepted.stderr
@@ -163,8 +165,8 @@ def test_a_push_that_cannot_be_recorded_is_refused_and_git_keeps_nothing(full: H
         full.expect(full.wait_run(accepted.run_ids[0], 90))
         full.wait_run(flood, 90)
     assert list((full.home / "spool" / "pending").iterdir()) == []  # every reservation given back
-    print(f"\nrefused pushes: daemon CPU {cpu:.2f} s over 5 s of full disk")  # for the notes (-s)
-    assert cpu < 1.0, f"the daemon spent {cpu:.2f} s of CPU in 5 s on a full disk"
+    print(f"\nrefused pushes: daemon CPU {cpu:.2f} s over 10 s of full disk")  # for the notes (-s)
+    assert cpu < 2.0, f"the daemon spent {cpu:.2f} s of CPU in 10 s on a full disk"
     assert sorted(r["id"] for r in full.runs()) == [flood, accepted.run_ids[0]]  # none lost, none extra
     intact(full)
 
@@ -202,13 +204,15 @@ def test_the_daemon_backs_off_on_a_full_disk_and_a_cancelled_run_ends_whole(full
 @pytest.mark.timeout(240)
 def test_an_action_that_failed_on_a_full_disk_is_not_retried_while_it_is_full(full: Home) -> None:
     repo = full.add_repo("shop")
+    # It fails on the full disk, then frees 600 KiB (quietly: a log line on the full disk
+    # would stop it first): the database has room to record it, the disk still counts as full.
     text = pipeline("""
         [[stage]]
         name = "build"
           [[stage.action]]
           name = "filler"
           retries = 2
-          run = "yes 'gitpipe full-disk test' > flood || { truncate -s -600K flood; exit 1; }"
+          run = "yes 'gitpipe full-disk test' > flood 2> /dev/null || { truncate -s -600K flood; exit 1; }"
         """)
     with full.daemon():
         run_id = full.push_run(repo, {".pipeline.toml": text})
