@@ -38,7 +38,8 @@ _WRAP_OPEN = re.compile(rb"(?<=[A-Za-z0-9+/=_-]{%d})(?:\r?\n|\r\Z)" % WRAP_RUN)
 _HIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2(?:[\x80-\x9f]|\Z)"
                      rb"|\xe2(?:\x80(?:[\xaa-\xae]|\Z)|\x81(?:[\xa6-\xa9]|\Z)|\Z)")
 # The bytes _HIDDEN can start with; deleting every other byte is a fast test that none is there.
-_NOT_SUSPECT = bytes(b for b in range(256) if not (b in b"\x00\x7f\xc2\xe2" or (b < 0x20 and b not in b"\t\n\r")))
+_NOT_SUSPECT = bytes(b for b in range(256)
+                     if not (b in b"\x00\x7f\xc2\xe2" or (b < 0x20 and b not in b"\t\n\r")))
 _TOKENS = re.compile(ansi.TOKEN_BYTES)
 _FOLD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 _PIECES = re.compile(rb"(\r\n|\r|\n)")
