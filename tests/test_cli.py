@@ -409,3 +409,26 @@ def test_a_refused_push_prints_no_escape(home: Home) -> None:
     ours = "\n".join(line for line in push.stderr.splitlines() if "gitpipe:" in line)
     assert "rejecting fix\\u202e\\x9bx" in ours and "x\\x1b]0;PWNED" in ours
     assert controls_in(ours) == [], ours
+
+
+def test_exec_prints_no_escape(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q")
+    (work / ".pipeline.toml").write_text(HOSTILE_PIPELINE + pipeline(r"""
+        [[stage]]
+        name = "fail"
+          [[stage.action]]
+          name = "bad"
+          run = '''printf 'FAILING HOSTILE\n''''
+          outputs = { x = "none\u001b]0;PWNED\u0007*" }
+        """).replace("HOSTILE", HOSTILE_SH))
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "init")
+    proc = subprocess.run([GITPIPE, "exec"], cwd=work, env=base_env(GITPIPE_HOME=str(home.home)),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and "FAILING" in proc.stdout and "a log line" in proc.stdout, proc.stdout
+    assert "PWNED" in proc.stdout  # the glob, quoted by the action's message
+    assert controls_in(proc.stdout + proc.stderr) == [], proc.stdout + proc.stderr
