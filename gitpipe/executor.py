@@ -120,19 +120,21 @@ class LogWriter:
         self._keep(self.mask.feed(data))
 
     def _keep(self, out: bytes) -> None:
-        if self.limit is not None:
-            if self.kept >= self.limit:
-                return
-            room = self.limit - self.kept
+        if self.limit is None:
+            return self._emit(out)
+        if self.kept > self.limit:  # cut already, and said so
+            return None
+        room = self.limit - self.kept
+        if len(out) <= room:
             self.kept += len(out)
-            if len(out) > room:
-                self._emit(out[:room])
-                from gitpipe.cgroup import format_size
+            return self._emit(out)
+        self._emit(out[:room])
+        self.kept = self.limit + 1  # the first byte dropped: say so once
+        from gitpipe.cgroup import format_size
 
-                self.line(f"gitpipe: log cut at {format_size(self.limit)} (max_log_size in gitpipe.toml); "
-                          "the rest of this attempt's output was dropped")
-                return
-        self._emit(out)
+        self.line(f"gitpipe: log cut at {format_size(self.limit)} (max_log_size in gitpipe.toml); "
+                  "the rest of this attempt's output was dropped")
+        return None
 
     def line(self, text: str) -> None:
         """A line of gitpipe's own (not the script's), e.g. "retrying after exit 1"; never cut."""

@@ -208,3 +208,18 @@ def test_lots_of_output_reaches_the_log_whole(tmp_path: Path) -> None:
     outcome, lines = run("seq 1 200000", tmp_path)
     assert outcome.status is ActionStatus.SUCCEEDED
     assert lines == [b"%d\n" % n for n in range(1, 200001)]
+
+
+def test_a_log_cut_at_a_chunk_boundary_still_says_so(tmp_path: Path) -> None:
+    """max_log_size: the line saying the log was cut comes with the first byte dropped, also when
+    the kept bytes end exactly where a chunk did."""
+    log = tmp_path / "cut.log"
+    w = executor.LogWriter(log, limit=8)
+    w.write(b"1234\n")
+    w.write(b"567\n")  # exactly 8 bytes kept
+    w.write(b"dropped\n")
+    w.write(b"dropped too\n")
+    w.close()
+    lines = log_lines(log)
+    assert lines[:2] == [b"1234\n", b"567\n"]
+    assert lines[2].startswith(b"gitpipe: log cut at 8 bytes") and len(lines) == 3
