@@ -174,7 +174,9 @@ def describe(run_id: int, run: dict[str, Any], site_url: str) -> list[str]:
     """What the pusher reads for one run (git prefixes each line with `remote:`)."""
     ref = run["ref"]
     short = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else ref[len("refs/tags/"):]
-    where = f"{short} @ {run['sha'][:7]}"
+    # git refuses ASCII controls in ref names, but not C1 controls or bidi marks: shown escaped
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in short)
+    where = f"{shown} @ {run['sha'][:7]}"
     url = f" {site_url}/{run['repo']}/runs/{run_id}.html" if site_url else ""
     if run.get("error"):
         first, *rest = run["error"].splitlines()

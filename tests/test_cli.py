@@ -432,3 +432,15 @@ def test_exec_prints_no_escape(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "FAILING" in proc.stdout and "a log line" in proc.stdout, proc.stdout
     assert "PWNED" in proc.stdout  # the glob, quoted by the action's message
     assert controls_in(proc.stdout + proc.stderr) == [], proc.stdout + proc.stderr
+
+
+def test_the_push_line_shows_a_branch_names_control_characters_escaped(home: Home) -> None:
+    """git allows C1 controls and bidi marks in a branch name (not ASCII controls): the push
+    output names the run's branch with them escaped, never as the characters."""
+    repo = home.add_repo("names")
+    branch = "feat\u009b2J\u202eevil"
+    push = home.push(repo, {".pipeline.toml": GOOD}, branch=branch)
+    assert push.returncode == 0, push.stderr
+    line = next(x for x in push.gitpipe_lines if "queued for" in x)
+    assert "\u009b" not in line and "\u202e" not in line
+    assert "feat\\x9b2J\\u202eevil" in line
