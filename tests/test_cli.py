@@ -444,3 +444,23 @@ def test_the_push_line_shows_a_branch_names_control_characters_escaped(home: Hom
     line = next(x for x in push.gitpipe_lines if "queued for" in x)
     assert "\u009b" not in line and "\u202e" not in line
     assert "feat\\x9b2J\\u202eevil" in line
+
+
+def test_every_toml_example_in_the_readme_is_valid(home: Home, tmp_path: Path) -> None:
+    """The README's pipeline examples pass `gitpipe validate` (a later one continues the ones
+    before it), and its gitpipe.toml examples load (issue 15: an example failed validation)."""
+    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
+    pipelines = [b for b in blocks if "[[stage]]" in b or "[[notify]]" in b]
+    hosts = [b for b in blocks if b not in pipelines]
+    assert pipelines and hosts
+    text = ""
+    for n, block in enumerate(pipelines, 1):
+        text += block + "\n"
+        path = tmp_path / f"example-{n}.toml"
+        path.write_text(text)
+        proc = home.gitpipe("validate", str(path))
+        assert proc.returncode == 0, f"README pipeline example {n}:\n{proc.stdout}{proc.stderr}"
+    for block in hosts:
+        (home.home / "gitpipe.toml").write_text(block)
+        proc = home.gitpipe("runs")
+        assert proc.returncode == 0, f"README gitpipe.toml example:\n{block}\n{proc.stderr}"
