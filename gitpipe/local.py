@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+import tomllib
 from pathlib import Path
 
 from gitpipe import ansi, api, follow, git, progress, queue
@@ -72,10 +73,9 @@ def host_sandbox(home: str | None) -> dict[str, object]:
     path = settings_mod.resolve_home(home) / settings_mod.CONFIG_NAME
     if not path.exists():
         return {}
-    conf = settings_mod.load(path.parent).sandbox
-    return {"mode": conf.mode, "user": conf.user, "network": conf.network,
-            "memory": f"{conf.memory}", "pids": conf.pids,
-            "read_only": [str(p) for p in conf.read_only], "read_write": [str(p) for p in conf.read_write]}
+    settings_mod.load(path.parent)  # an invalid one is said here, with its line
+    table: dict[str, object] = tomllib.loads(path.read_text(encoding="utf-8")).get("sandbox", {})
+    return table
 
 
 def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, home: str | None = None) -> int:

@@ -39,7 +39,7 @@ class Message:
     event: str
     payload: dict[str, Any]
     targets: tuple[NotifySpec, ...]
-    network: bool = True  # the pipeline's: a command it wrote runs with network only if it allows
+    network: bool | None = None  # the pipeline's [pipeline] network (False: its commands and webhooks get none)
 
 
 def event_name(ev: Event) -> str | None:
@@ -79,18 +79,18 @@ class Notifier:
                    "detail": ev.detail}
         self.queue.put(Message(name, payload, targets, network))
 
-    def _targets(self, repo: str, run_id: int) -> tuple[list[NotifySpec], bool]:
+    def _targets(self, repo: str, run_id: int) -> tuple[list[NotifySpec], bool | None]:
         """The host's [notify] (line 0) and the pipeline's [[notify]]; and the pipeline's network."""
         found = []
         s = self.settings
         if s.notify_on and (s.notify_webhook or s.notify_command):
             found.append(NotifySpec(on=s.notify_on, line=0, webhook=s.notify_webhook or None,
                                     command=s.notify_command or None))
-        network = True
+        network = None
         try:
             pipe = pipeline_mod.parse(self.store.pipeline_text(run_id) or "", default_name=repo)
             found += list(pipe.notify)
-            network = pipe.network is not False
+            network = pipe.network
         except PipelineError:
             pass
         return found, network
@@ -124,7 +124,7 @@ class Notifier:
 
     def _may_post(self, target: NotifySpec, msg: Message) -> bool:
         """A pipeline's webhook is sent by the daemon: it obeys the network its actions get."""
-        if target.line == 0 or self.sandbox is None or (self.sandbox.conf.network and msg.network):
+        if target.line == 0 or self.sandbox is None or self.sandbox.network(msg.network):
             return True
         log.warning("notification %s for run #%s: webhook %s not sent: the network is off for this "
                     "pipeline ([sandbox] or [pipeline] network = false)", msg.event, msg.payload["run"],
@@ -137,8 +137,8 @@ class Notifier:
             return run_command(target.command or "", msg.payload)
         from gitpipe.sandbox import Confine
 
-        box = Confine(key=f"notify-{uuid.uuid4().hex[:12]}", home=self.settings.work_dir / ".notify" / uuid.uuid4().hex,
-                      network=self.sandbox.conf.network and msg.network)
+        key = f"notify-{uuid.uuid4().hex[:12]}"
+        box = Confine(key=key, home=self.settings.work_dir / ".notify" / key, network=self.sandbox.network(msg.network))
         return run_command(target.command or "", msg.payload, lambda argv, data: self.sandbox.run(  # type: ignore[union-attr]
             argv, command_env(msg.payload), box, data, TIMEOUT_COMMAND))
 

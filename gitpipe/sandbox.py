@@ -128,6 +128,11 @@ class Sandbox:
                 file=where, hint="allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1), "
                                  "or in a container give it the right to create namespaces")
 
+    def network(self, *switches: bool | None) -> bool:
+        """Whether a process gets the network: the host's [sandbox] network, unless a pipeline
+        or an action (`switches`, None where unset) turned it off; none may turn it on."""
+        return self.conf.network and all(s is not False for s in switches)
+
     def sweep(self) -> int:
         """Kill what a previous daemon's attempts left behind (after a crash)."""
         return self.tree.sweep() if self.tree is not None else 0
@@ -190,7 +195,7 @@ class Sandbox:
 
     def _bwrap(self, argv: list[str], box: Confine, env: dict[str, str], probing: bool = False) -> list[str]:
         assert self.bwrap is not None
-        root = os.geteuid() == 0
+        root = self.uid is not None  # the daemon is root: for_host found the build user
         out = [self.bwrap, "--die-with-parent", "--new-session"]
         if root:  # no user namespace: setpriv below drops to the build user
             out += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",

@@ -295,7 +295,7 @@ class RunWorker:
                 out_file = slot.root / "output"  # read, then removed: it may hold secrets
                 box = Confine(key=f"a{rec.id}.{number}", home=slot.root / "home", tree=slot.tree,
                               name=self.run.repo, output=out_file, readonly=self._readonly(spec),
-                              network=self._network(spec))
+                              network=self.host.sandbox.network(self.pipe.network, spec.network))
                 if deadline is not None and time.time() >= deadline:
                     outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
                 else:
@@ -320,10 +320,6 @@ class RunWorker:
         if spec.type != "run":
             paths += plugins.interpreter_paths(self.host.settings.home)
         return paths
-
-    def _network(self, spec: ActionSpec) -> bool:
-        """The host's [sandbox] network, unless the pipeline or the action turned it off."""
-        return self.host.sandbox.conf.network and self.pipe.network is not False and spec.network is not False
 
     def _execute(self, rec: ActionRecord, spec: ActionSpec, box: Confine, env: dict[str, str],
                  writer: executor.LogWriter, token: str, deadline: float | None) -> executor.Outcome:
