@@ -17,6 +17,7 @@ from pathlib import Path
 from gitpipe.errors import ActionError
 from gitpipe.models import ArtifactRecord
 from gitpipe.pipeline import path_regex
+from gitpipe.settings import format_size
 
 MANIFEST = "MANIFEST.sha256"
 
@@ -135,8 +136,6 @@ class Budget:
     def take(self, name: str, size: int) -> None:
         self.used += size
         if self.used > self.limit:
-            from gitpipe.cgroup import format_size
-
             raise ActionError(f'artifact "{name}": the outputs add up to more than {format_size(self.limit)} '
                               "(max_artifact_size in gitpipe.toml)",
                               hint="keep fewer or smaller files, or raise max_artifact_size")

@@ -10,7 +10,7 @@ A process joins its group before it runs anything of the user's: a `sh` prefix, 
 the daemon's user, writes `0` into the group's `cgroup.procs` and execs the rest (see
 `sandbox._join`).
 
-Standard library only; used by `sandbox` alone.
+Used by `sandbox` alone.
 """
 
 from __future__ import annotations
@@ -22,18 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gitpipe.settings import format_size
+
 log = logging.getLogger("gitpipe")
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("pids", "memory")
 KILL_ROUNDS = 200  # v1 has no cgroup.kill: SIGKILL what is listed until nothing is (bounded)
-
-
-def format_size(n: int) -> str:
-    """4294967296 -> "4G" (the way gitpipe.toml writes sizes)."""
-    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return f"{n} bytes"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from gitpipe.intake import now_iso
 from gitpipe.models import ActionStatus
+from gitpipe.settings import format_size
 
 if TYPE_CHECKING:
     from gitpipe.sandbox import Launch
@@ -130,8 +131,6 @@ class LogWriter:
             return self._emit(out)
         self._emit(out[:room])
         self.kept = self.limit + 1  # the first byte dropped: say so once
-        from gitpipe.cgroup import format_size
-
         self.line(f"gitpipe: log cut at {format_size(self.limit)} (max_log_size in gitpipe.toml); "
                   "the rest of this attempt's output was dropped")
         return None

@@ -289,6 +289,14 @@ def parse_size(value: str) -> int:
     return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
 
 
+def format_size(n: int) -> str:
+    """4294967296 -> "4G": a size as gitpipe.toml writes it (the inverse of `parse_size`)."""
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n} bytes"
+
+
 def _sandbox(lines: _Lines, value: dict[str, Any], home: Path) -> SandboxSettings:
     merged = {**SANDBOX_DEFAULTS, **value}
     for key in ("mode", "user"):

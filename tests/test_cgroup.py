@@ -111,12 +111,6 @@ def test_the_unified_hierarchy_without_controllers_still_tracks_and_kills() -> N
             base.rmdir()
 
 
-def test_sizes_are_written_as_in_gitpipe_toml() -> None:
-    assert cgroup.format_size(4 << 30) == "4G"
-    assert cgroup.format_size(512 << 20) == "512M"
-    assert cgroup.format_size(1000) == "1000 bytes"
-
-
 def wait_members(group: cgroup.Group, at_least: int) -> set[int]:
     deadline = time.monotonic() + 10
     while True:

@@ -168,3 +168,10 @@ def test_a_gitpipe_toml_that_is_not_utf8_stops_the_cli_and_daemon_with_one_line(
     assert push.returncode == 0 and len(push.run_ids) == 1, push.stderr
     assert "Traceback" not in push.stderr
     assert any(str(path) in line and "UTF-8" in line for line in push.gitpipe_lines), push.stderr
+
+
+def test_sizes_are_written_as_in_gitpipe_toml() -> None:
+    assert settings.format_size(4 << 30) == "4G"
+    assert settings.format_size(512 << 20) == "512M"
+    assert settings.format_size(1000) == "1000 bytes"
+    assert settings.parse_size(settings.format_size(3 << 40)) == 3 << 40
