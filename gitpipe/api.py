@@ -62,8 +62,11 @@ def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None)
     return run_id, store.run(run_id)
 
 
-def retry_run(settings: Settings, store: Store, run_id: int) -> int:
-    """A new run of the same commit and pipeline file."""
+def retry_run(settings: Settings, store: Store, run_id: int, failed: bool = False) -> int:
+    """A new run of the same commit and pipeline file (not the branch's head); with `failed`,
+    one that takes over what passed before the first failure and runs the rest (reuse.py)."""
+    from gitpipe import reuse
+
     old = store.run(run_id)
     text = store.pipeline_text(run_id)
     error = None
@@ -74,7 +77,10 @@ def retry_run(settings: Settings, store: Store, run_id: int) -> int:
     new = queue.NewRun(repo=old.repo, pipeline=old.pipeline, ref=old.ref, sha=old.sha, trigger="retry",
                        pipeline_text=text, pusher=user(), error=error, retry_of=run_id,
                        before_sha=old.before_sha)
-    new_id = store.create_runs([new])[0]
+    if failed and error is None:
+        new_id = store.create_retry(new, reuse.plan(store, old))
+    else:
+        new_id = store.create_runs([new])[0]
     queue.wake(settings, "retry")
     return new_id
 
@@ -93,6 +99,8 @@ def run_json(run: RunRecord) -> dict[str, Any]:
     data["status"] = run.status.value
     data["pusher"] = run.pusher
     data["retry_of"] = run.retry_of
+    data["warnings"] = run.warnings
+    data["reused"] = run.reused
     if run.cancel_reason or run.cancelled_by:
         data["cancelled_by"], data["cancel_reason"] = run.cancelled_by, run.cancel_reason
     return data
@@ -121,7 +129,9 @@ def show_json(store: Store, run_id: int) -> dict[str, Any]:
 def _action_json(a: ActionRecord) -> dict[str, Any]:
     return {"name": a.name, "type": a.type, "status": a.status.value, "exit_code": a.exit_code,
             "started_at": a.started_at, "finished_at": a.finished_at, "attempts": a.attempts,
-            "message": a.message}
+            "message": a.message, "allow_failure": a.allow_failure, "warning": a.warning,
+            "matrix": {"group": a.group, "values": dict(a.matrix)} if a.group else None,
+            "reused_from": a.reused_from}
 
 
 def find_action(store: Store, run_id: int, name: str | None) -> list[ActionRecord]:

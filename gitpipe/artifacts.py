@@ -8,6 +8,7 @@ target worktree either.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import os
 import shutil
@@ -197,3 +198,29 @@ def restore(art: ArtifactRecord, tree: Path) -> None:
             out.unlink()
         shutil.copyfile(src, out)
         os.chmod(out, plain_mode(src))
+
+
+def restore_inputs(stored: list[ArtifactRecord], inputs: tuple[str, ...], tree: Path) -> None:
+    """Restore an action's inputs (in their order); two that hold one path with different
+    contents fail it.
+
+    The copies of a matrix action often write the same path (a report, a coverage file):
+    restored one over the other, the consumer would silently see one copy's. Identical
+    files (a shared config) are fine.
+    """
+    by_name = {a.name: a for a in stored}
+    arts = [by_name[name] for name in inputs if name in by_name]
+    seen: dict[str, ArtifactRecord] = {}
+    for art in arts:
+        root = Path(art.path)
+        for src in sorted(root.rglob("*")) if root.is_dir() else ():
+            rel = str(src.relative_to(root))
+            other = seen.get(rel)
+            if other is None:
+                seen[rel] = art
+            elif src.is_file() and not filecmp.cmp(src, Path(other.path) / rel, shallow=False):
+                raise ActionError(
+                    f'inputs "{other.name}" and "{art.name}" both hold "{rel}", with different contents',
+                    hint="let each copy write under a path of its own, e.g. reports/$MATRIX_PYTHON/")
+    for art in arts:
+        restore(art, tree)

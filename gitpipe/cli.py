@@ -162,8 +162,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for r in runs:
         say(f"#{r.id:<5} {r.repo:<16} {short_ref(r.ref):<20} {r.sha[:7]}  "
               f"{out.status(r.status.value):<10} {r.trigger:<8} {r.created_at[:19].replace('T', ' ')}"
-              f"{_duration(r)}")
+              f"{_duration(r)}{_notes(r)}")
     return 0
+
+
+def _warnings(n: int) -> str:
+    return f"{n} warning{'' if n == 1 else 's'}"
+
+
+def _notes(r: RunRecord) -> str:
+    """What `runs` adds after a run: its allowed failures, what a retry reused."""
+    notes = [_warnings(r.warnings)] if r.warnings else []
+    if r.retry_of:
+        notes.append(f"retry of #{r.retry_of}" + (f", {r.reused} reused" if r.reused else ""))
+    return f"  ({'; '.join(notes)})" if notes else ""
 
 
 def _duration(r: RunRecord) -> str:
@@ -183,7 +195,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     out = Out()
     say(f"run #{data['id']}  {data['repo']} ({data['pipeline']})  {short_ref(data['ref'])} @ {data['sha'][:7]}"
           f"  {out.status(data['status'])}")
-    say(f"  trigger {data['trigger']} by {data['pusher'] or '?'}, created {data['created_at']}")
+    retry = f" of #{data['retry_of']}" if data["retry_of"] else ""
+    say(f"  trigger {data['trigger']}{retry} by {data['pusher'] or '?'}, created {data['created_at']}")
+    if data["warnings"]:
+        say(f"  {_warnings(data['warnings'])}: allowed failures, the run went on")
     if data["commit"]["message"]:
         say(f"  commit: {ansi.strip(data['commit']['message'].splitlines()[0])} ({data['commit']['author']})")
     if data.get("cancel_reason") or data.get("cancelled_by"):
@@ -195,8 +210,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         for a in stage["actions"]:
             extra = f" exit {a['exit_code']}" if a["exit_code"] not in (None, 0) else ""
             tries = f" ({a['attempts']} attempts)" if a["attempts"] > 1 else ""
+            allowed = " (allowed to fail: a warning)" if a["warning"] else ""
             msg = f" - {a['message']}" if a["message"] else ""
-            say(f"    {a['name']:<24} {out.status(a['status'])}{extra}{tries}{msg}")
+            say(f"    {a['name']:<24} {out.status(a['status'])}{allowed}{extra}{tries}{msg}")
     for art in data["artifacts"]:
         say(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
     for o in data["outputs"]:
@@ -239,8 +255,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     conf, store = _store(args)
-    new_id = api.retry_run(conf, store, args.run)
-    say(f"run #{new_id} queued (retry of #{args.run})")
+    new_id = api.retry_run(conf, store, args.run, args.failed)
+    reused = len(store.reuse_plan(new_id))
+    what = f", failed actions only: {reused} result(s) reused" if args.failed else ""
+    say(f"run #{new_id} queued (retry of #{args.run}{what})")
     return 0
 
 
@@ -391,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason")
     p = add("retry", cmd_retry, "a new run of the same commit and pipeline")
     p.add_argument("run", type=_run_id)
+    p.add_argument("--failed", action="store_true",
+                   help="re-run only the failed actions and those after them; reuse what passed")
     p = add("validate", cmd_validate, "check a .pipeline.toml; errors as FILE:LINE: message")
     p.add_argument("file", nargs="?", default=".pipeline.toml")
     p = add("approve", cmd_approve, "approve the approval a run is waiting on")

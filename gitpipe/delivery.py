@@ -133,9 +133,7 @@ def _deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: lis
 
     run, store = worker.run, worker.store
     with worker.pool.checkout(run.sha) as slot:
-        for art in store.artifacts(run.id):
-            if art.name in spec.inputs:
-                artifacts.restore(art, slot.tree)
+        artifacts.restore_inputs(store.artifacts(run.id), spec.inputs, slot.tree)
         source = _source(slot.tree, expand(spec.source or ".", values))
         store.start_deploy(rec.id, run.id, run.repo, ctx.environment, ctx.release, targets)
         result = deploy.deploy(replace(spec, targets=tuple(targets)), source, ctx)

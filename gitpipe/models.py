@@ -42,6 +42,11 @@ class ActionStatus(str, enum.Enum):
     def ok(self) -> bool:
         return self in (ActionStatus.SUCCEEDED, ActionStatus.SKIPPED)
 
+    @property
+    def failure(self) -> bool:
+        """A failure `allow_failure` can let pass: the script failed or ran out of time (a cancel is none)."""
+        return self in (ActionStatus.FAILED, ActionStatus.TIMED_OUT)
+
 
 class Trigger(str, enum.Enum):
     PUSH = "push"
@@ -137,6 +142,10 @@ class ActionSpec:
     secrets: tuple[str, ...] = ()
     when: When | None = None
     network: bool | None = None  # False: this action runs without network
+    allow_failure: bool = False  # a failure (or timeout) is a warning; the stage and run go on
+    # a copy of a `matrix` action: the name as written (the group) and this copy's values
+    group: str | None = None
+    matrix: tuple[tuple[str, str], ...] = ()
     # approval
     message: str | None = None
     # deploy
@@ -260,6 +269,8 @@ class RunRecord:
     cancel_reason: str | None = None
     commit_author: str | None = None
     commit_message: str | None = None
+    warnings: int = 0  # actions that failed with allow_failure
+    reused: int = 0  # actions taken over from the retried run (`retry --failed`)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -289,6 +300,20 @@ class ActionRecord:
     finished_at: str | None
     attempts: int
     message: str | None
+    allow_failure: bool = False
+    group: str | None = None  # the matrix action this is a copy of (its name as written)
+    matrix: tuple[tuple[str, str], ...] = ()  # the copy's matrix values
+    reused_from: int | None = None  # `retry --failed`: the run whose result this action took over
+
+    @property
+    def passed(self) -> bool:
+        """Whether the run goes on past this action: it succeeded, was skipped, or failed allowed."""
+        return self.status.ok or self.warning
+
+    @property
+    def warning(self) -> bool:
+        """A failure let pass by `allow_failure`: shown as a warning, the run goes on."""
+        return self.allow_failure and self.status.failure
 
 
 @dataclass(frozen=True)

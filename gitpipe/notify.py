@@ -53,6 +53,12 @@ def event_name(ev: Event) -> str | None:
     return None
 
 
+def warnings(store: Any, run_id: int) -> list[str]:
+    """The run's allowed failures, as "stage/action: status (message)": what a succeeded run warns of."""
+    return [f"{a.stage}/{a.name}: {a.status.value}" + (f" ({a.message})" if a.message else "")
+            for a in store.actions(run_id) if a.warning]
+
+
 class Notifier:
     """A store listener: turns events into notifications, sent by one worker thread."""
 
@@ -76,7 +82,7 @@ class Notifier:
         url = f"{self.settings.site_url}/{run.repo}/runs/{run.id}.html" if self.settings.site_url else None
         payload = {"event": name, "run": run.id, "repo": run.repo, "pipeline": run.pipeline,
                    "ref": run.ref, "sha": run.sha, "status": run.status.value, "url": url,
-                   "detail": ev.detail}
+                   "detail": ev.detail, "warnings": warnings(self.store, run.id)}
         self.queue.put(Message(name, payload, targets, network))
 
     def _targets(self, repo: str, run_id: int) -> tuple[list[NotifySpec], bool | None]:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 import re
 import tomllib
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from gitpipe.errors import PipelineError, Problem
@@ -39,7 +41,9 @@ _NOTIFY_KEYS = ("on", "webhook", "command")
 _WHEN_KEYS = ("branches", "tags")
 _COMMON_KEYS = (
     "name", "type", "run_order", "inputs", "outputs", "timeout", "retries", "env", "secrets", "when",
+    "allow_failure", "matrix",
 )
+MATRIX_LIMIT = 64  # copies one matrix action may make: more is a mistake, or a job for several actions
 _TYPE_KEYS = {
     "run": ("run", "network"),
     "approval": ("message",),
@@ -74,6 +78,8 @@ _NAME = re.compile(r"[^/\\\x00-\x1f\x7f]+")
 _ARTIFACT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TARGET = re.compile(r"ssh://(?:[^@/\s]+@)?[^@/:\s]+(?::\d+)?/\S.*|file:///\S.*")
 _BRACED = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_MATRIX_REF = re.compile(r"\{matrix\.([^{}]*)\}")
+_MATRIX_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(sorted(PLACEHOLDERS)) + r")\}")
 _SYNTAX_AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)")
 
@@ -346,6 +352,8 @@ class _Report:
         self.problems: list[Problem] = []
         # (stage index, label, action, path) of every action parsed, for the artifact checks
         self.actions: list[tuple[int, str, ActionSpec, Path]] = []
+        # artifact name of a matrix action as written -> the names of its copies' artifacts
+        self.matrix_outputs: dict[str, tuple[str, ...]] = {}
         self._plugins: frozenset[str] | None = None
 
     def line(self, path: Path) -> int:
@@ -549,7 +557,7 @@ def _pipeline(report: _Report, data: dict[str, Any], default_name: str) -> Pipel
         notify=tuple(_notify(report, item, i) for i, item in top.tables("notify", "[[notify]]")),
     )
     _check_artifacts(report)
-    return pipeline
+    return _expand_inputs(report, pipeline)
 
 
 def _trigger(t: _Table | None) -> TriggerSpec:
@@ -661,19 +669,21 @@ def _stage(report: _Report, data: dict[str, Any], index: int) -> StageSpec:
     seen: dict[str, int] = {}
     for j, item in t.tables("action", "[[stage.action]]"):
         action_label = f"{label}, {_label('action', item.get('name'), j)}"
-        action = _action(report, item, path + ("action", j), action_label, index)
-        if action.name in seen:
-            report.add(
-                path + ("action", j, "name"),
-                f'{label}: duplicate action name "{action.name}" (first at line {seen[action.name]})',
-            )
-        elif action.name:
-            seen[action.name] = action.line
-        actions.append(action)
+        for action in _action(report, item, path + ("action", j), action_label, index):
+            if action.name in seen:
+                report.add(
+                    path + ("action", j, "name"),
+                    f'{label}: duplicate action name "{action.name}" (first at line {seen[action.name]})',
+                )
+            elif action.name:
+                seen[action.name] = action.line
+            actions.append(action)
     return StageSpec(name=name, line=report.line(path), actions=tuple(actions))
 
 
-def _action(report: _Report, data: dict[str, Any], path: Path, label: str, stage_index: int) -> ActionSpec:
+def _action(report: _Report, data: dict[str, Any], path: Path, label: str,
+            stage_index: int) -> list[ActionSpec]:
+    """The action of a [[stage.action]] table; one copy per combination of its `matrix`."""
     t = _Table(report, data, path, label)
     kind = _action_type(t)
     _check_action_keys(t, kind)
@@ -690,8 +700,10 @@ def _action(report: _Report, data: dict[str, Any], path: Path, label: str, stage
         fields["network"] = t.get("network", (bool,), "true or false")
         fields["extra"] = tuple((k, v) for k, v in data.items() if k not in _COMMON_KEYS + ("network",))
     spec = ActionSpec(line=report.line(path), **fields)
-    report.actions.append((stage_index, label, spec, path))
-    return spec
+    copies = _matrix_copies(t, spec, () if kind in ("approval", "deploy") else _matrix(t))
+    for copy in copies:
+        report.actions.append((stage_index, label, copy, path))
+    return copies
 
 
 def _action_type(t: _Table) -> str | None:
@@ -715,13 +727,21 @@ def _check_action_keys(t: _Table, kind: str | None) -> None:
         return
     allowed = _COMMON_KEYS + _TYPE_KEYS[kind]
     if kind == "approval":
-        allowed = tuple(k for k in allowed if k != "outputs")
+        allowed = tuple(k for k in allowed if k not in ("outputs", "allow_failure", "matrix"))
+    elif kind == "deploy":
+        allowed = tuple(k for k in allowed if k != "matrix")
     for key in t.unknown_keys(allowed):
         owner = next((k for k, keys in _TYPE_KEYS.items() if key in keys), None)
         if key == "run":
             message = _RUN_NOT_ALLOWED[kind]
-        elif key == "outputs":
+        elif key == "outputs" and kind == "approval":
             message = 'an approval cannot have "outputs": it produces no files'
+        elif key == "allow_failure" and kind == "approval":
+            message = ('an approval cannot have "allow_failure": a rejection would let the run go on '
+                       "(an approval is a gate; leave it out, or drop the approval)")
+        elif key == "matrix":
+            message = (f'"matrix" is for run actions, not "{kind}" (an approval or a deploy runs once; '
+                       "give each environment a deploy action of its own)")
         elif owner:
             message = f'"{key}" is only for actions of type "{owner}", not "{kind}"'
         else:
@@ -744,6 +764,7 @@ def _common_fields(t: _Table, kind: str | None) -> dict[str, Any]:
         "env": _env(t.table("env", t.where + ", env")),
         "secrets": _secrets(t),
         "when": None if when is None else _when(when),
+        "allow_failure": bool(t.get("allow_failure", (bool,), "true or false")),
     }
 
 
@@ -780,6 +801,105 @@ def _when(t: _Table) -> When | None:
     t.check_keys(_WHEN_KEYS)
     branches, tags = t.strings("branches"), t.strings("tags")
     return None if branches is None and tags is None else When(branches=branches, tags=tags)
+
+
+Combo = tuple[tuple[str, str], ...]
+
+
+def _matrix(t: _Table) -> tuple[Combo, ...]:
+    """Every combination of the action's `matrix` values, in the order written; () if none or wrong."""
+    table = t.table("matrix", t.where)
+    if table is None:
+        return ()
+    example = 'e.g. matrix = { python = ["3.11", "3.12"] }'
+    before = len(t.report.problems)
+    if not table.data:
+        t.problem(f'"matrix" is empty: give it at least one key with an array of values, {example}', "matrix")
+        return ()
+    axes: list[tuple[str, list[str]]] = []
+    for key, values in table.data.items():
+        where = ("matrix", key)
+        if not _MATRIX_KEY.fullmatch(key):
+            t.problem(f'matrix key "{key}" may hold only letters, digits and "_" (it becomes the '
+                      "environment variable MATRIX_<KEY>)", *where)
+        if not isinstance(values, list) or not values:
+            what = "an empty array" if values == [] else _describe(values)
+            t.problem(f'matrix "{key}" must be a non-empty array of strings, not {what} ({example})', *where)
+            continue
+        strings: list[str] = []
+        for index, value in enumerate(values):
+            if not isinstance(value, str):
+                t.problem(f'matrix "{key}" must hold strings only, not {_describe(value)} (write the values '
+                          'in quotes: unquoted, TOML reads 3.10 as the number 3.1)', *where, index)
+            elif not value.strip() or not _NAME.fullmatch(value):
+                t.problem(f'matrix "{key}": value "{value}" must not be empty or hold "/", "\\" or '
+                          "control characters (it goes into the action's name)", *where, index)
+            elif value in strings:
+                t.problem(f'matrix "{key}": value "{value}" is listed twice', *where, index)
+            else:
+                strings.append(value)
+        axes.append((key, strings))
+    total = 1
+    for _, strings in axes:
+        total *= len(strings)
+    if total > MATRIX_LIMIT:
+        sizes = " x ".join(str(len(v)) for _, v in axes)
+        t.problem(f'"matrix" makes {total} copies of this action ({sizes}); at most {MATRIX_LIMIT} are '
+                  "allowed (split it into several actions)", "matrix")
+        return ()
+    if len(t.report.problems) > before:
+        return ()
+    keys = [k for k, _ in axes]
+    return tuple(tuple(zip(keys, combo)) for combo in itertools.product(*(v for _, v in axes)))
+
+
+def _matrix_copies(t: _Table, spec: ActionSpec, combos: tuple[Combo, ...]) -> list[ActionSpec]:
+    """The action itself, or one copy per matrix combination, each with its own name and artifacts."""
+    refs = _MATRIX_REF.findall(spec.name)
+    if not combos:
+        if refs and "matrix" not in t.data:
+            t.problem(f'"name" uses {{matrix.{refs[0]}}} but the action has no "matrix"', "name")
+        return [spec]
+    keys = [k for k, _ in combos[0]]
+    for ref in dict.fromkeys(refs):
+        if ref not in keys:
+            t.problem(f'"name": unknown placeholder "{{matrix.{ref}}}"{_suggest(ref, keys)}; the matrix '
+                      f'keys are {", ".join(keys)}', "name")
+            return [spec]
+    copies: dict[str, ActionSpec] = {}
+    for combo in combos:
+        values = dict(combo)
+        name = (_MATRIX_REF.sub(functools.partial(_matrix_value, values), spec.name) if refs
+                else f"{spec.name} ({', '.join(values.values())})")
+        if name in copies:
+            missing = ", ".join(f"{{matrix.{k}}}" for k in keys if k not in refs)
+            t.problem(f'two copies of this matrix action would both be named "{name}": put every matrix '
+                      f"key in the name (missing: {missing})", "name")
+            return list(copies.values())
+        suffix = "-".join(re.sub(r"[^A-Za-z0-9._-]", "_", v) for v in values.values())
+        outputs = tuple((f"{art}-{suffix}", globs) for art, globs in spec.outputs)
+        copies[name] = replace(spec, name=name, group=spec.name, matrix=combo, outputs=outputs)
+    for (art, _), i in zip(spec.outputs, itertools.count()):
+        t.report.matrix_outputs[art] = tuple(c.outputs[i][0] for c in copies.values())
+    return list(copies.values())
+
+
+def _matrix_value(values: dict[str, str], match: re.Match[str]) -> str:
+    return values[match[1]]
+
+
+def _expand_inputs(report: _Report, pipe: Pipeline) -> Pipeline:
+    """A consumer of a matrix action's artifact gets the artifacts of every copy."""
+    if not report.matrix_outputs:
+        return pipe
+
+    def inputs(spec: ActionSpec) -> tuple[str, ...]:
+        names = (report.matrix_outputs.get(n, (n,)) for n in spec.inputs)
+        return tuple(dict.fromkeys(x for group in names for x in group))
+
+    stages = tuple(replace(s, actions=tuple(replace(a, inputs=inputs(a)) for a in s.actions))
+                   for s in pipe.stages)
+    return replace(pipe, stages=stages)
 
 
 def _deploy_fields(t: _Table) -> dict[str, Any]:
@@ -836,6 +956,15 @@ def _check_artifacts(report: _Report) -> None:
                 report.add(path + ("outputs", name), f'{label}: artifact "{name}" is already an output of {first}')
             else:
                 producers[name] = (stage, spec.run_order, label, path)
+    for group, copies in report.matrix_outputs.items():
+        copy = producers.get(copies[0]) if copies else None
+        if copy is None:
+            continue
+        if group in producers:
+            report.add(copy[3] + ("outputs", group), f'{copy[2]}: artifact "{group}" (of every matrix copy) '
+                       f"is already an output of {producers[group][2]}")
+        else:
+            producers[group] = copy  # `inputs = ["group"]` takes the artifacts of every copy
     for stage, label, spec, path in report.actions:
         for index, name in enumerate(spec.inputs):
             message = _input_problem(producers, name, stage, spec.run_order, path)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from gitpipe import artifacts, delivery, executor, git, plugins, space
+from gitpipe import artifacts, delivery, executor, git, plugins, reuse, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus, Pipeline, RunRecord, RunStatus, short_ref
@@ -123,6 +123,12 @@ class RunWorker:
             run = self.store.run(run.id)
         self.run = run
         self.pipe = pipe
+        try:
+            reuse.apply(self.host.settings, self.store, run.id)  # `retry --failed`: what passed before
+        except (GitpipeError, OSError) as exc:
+            self.store.finish_run(run.id, RunStatus.FAILED, f"the results of run #{run.retry_of} could not "
+                                  f"be reused: {exc}")
+            return
         if self.store.cancel_requested(run.id):
             self.cancelled.set()
         self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo))
@@ -145,10 +151,12 @@ class RunWorker:
         for s_idx, stage in enumerate(self.pipe.stages):
             acts = [records[(s_idx, i)] for i in range(len(stage.actions))]
             if all(a.status.finished for a in acts) and not failed:
-                # Finished before a restart: a failure there still stops the run here.
-                if not all(a.status.ok for a in acts):
+                # Finished before a restart (or reused): a failure there still stops the run here.
+                if not all(a.passed for a in acts):
                     failed = True
                     self._close_stage(s_idx, acts)
+                elif not self.store.stages(self.run.id)[s_idx].status.finished:  # taken over whole
+                    self.store.set_stage(self.run.id, s_idx, ActionStatus.SUCCEEDED)
                 continue
             if failed or self.halted:
                 self._close_stage(s_idx, acts)
@@ -176,7 +184,7 @@ class RunWorker:
             if self.halted:
                 self._close_stage(s_idx, self.store.actions_of_stage(self.run.id, s_idx))
                 return False
-            if not all(self.store.action(a.id).status.ok for a in acts if a.run_order == order):
+            if not all(self.store.action(a.id).passed for a in acts if a.run_order == order):
                 self._close_stage(s_idx, self.store.actions_of_stage(self.run.id, s_idx))
                 return False
         return True
@@ -203,7 +211,7 @@ class RunWorker:
         if not stage.status.finished:
             final = status
             if status is ActionStatus.SKIPPED and any(
-                    not a.status.ok for a in self.store.actions_of_stage(self.run.id, s_idx)):
+                    not a.passed for a in self.store.actions_of_stage(self.run.id, s_idx)):
                 final = ActionStatus.FAILED
             self.store.set_stage(self.run.id, s_idx, final)
 
@@ -213,7 +221,7 @@ class RunWorker:
         acts = self.store.actions(self.run.id)
         if self.cancelled.is_set():
             status = RunStatus.CANCELLED
-        elif not failed and all(a.status.ok for a in acts):
+        elif not failed and all(a.passed for a in acts):
             status = RunStatus.SUCCEEDED
         else:
             status = RunStatus.FAILED
@@ -229,6 +237,10 @@ class RunWorker:
         if not pipeline_mod.when_matches(spec.when, _branch(self.run.ref), _tag(self.run.ref)):
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message="skipped: `when` does not match")
             return
+        missing = self._missing_input(spec)
+        if missing:
+            self.store.set_action(rec.id, ActionStatus.SKIPPED, message=missing)
+            return
         if spec.type == "approval":  # waits for a person; takes no parallel slot
             return self._guarded(rec, lambda: delivery.run_approval(self, rec, spec))
         with self.host.slots:  # bounded by max_parallel across the host
@@ -237,6 +249,22 @@ class RunWorker:
             if spec.type == "deploy":
                 return self._guarded(rec, lambda: delivery.run_deploy(self, rec, spec))
             return self._guarded(rec, lambda: self._run_action(rec, spec))
+
+    def _missing_input(self, spec: ActionSpec) -> str | None:
+        """Why the action is skipped: an input whose producer did not succeed (it failed with
+        allow_failure, or was itself skipped), so the artifact does not exist; else None."""
+        have = {a.name for a in self.store.artifacts(self.run.id)}
+        records = {(a.stage, a.name): a for a in self.store.actions(self.run.id)}
+        for name in spec.inputs:
+            if name in have:
+                continue
+            for stage in self.pipe.stages:
+                producer = next((a for a in stage.actions if name in dict(a.outputs)), None)
+                rec = records.get((stage.name, producer.name)) if producer else None
+                if rec is not None and rec.status is not ActionStatus.SUCCEEDED:
+                    why = "failed, allowed" if rec.warning else rec.status.value
+                    return f'skipped: input "{name}" was not produced ("{rec.name}" {why})'
+        return None
 
     def _guarded(self, rec: ActionRecord, body: Callable[[], None]) -> None:
         """Run an action body; an error fails the action (a bug never passes it silently)."""
@@ -289,9 +317,7 @@ class RunWorker:
         out_file: Path | None = None
         try:
             with self.pool.checkout(self.run.sha) as slot:
-                for art in self.store.artifacts(self.run.id):
-                    if art.name in spec.inputs:
-                        artifacts.restore(art, slot.tree)
+                artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
                 out_file = slot.root / "output"  # read, then removed: it may hold secrets
                 box = Confine(key=f"a{rec.id}.{number}", home=slot.root / "home", tree=slot.tree,
                               name=self.run.repo, output=out_file, readonly=self._readonly(spec),
@@ -373,6 +399,8 @@ class RunWorker:
         })
         for row in self.store.outputs(run.id):
             env[f"GITPIPE_OUT_{env_name(row['action'])}_{env_name(row['key'])}"] = row["value"]
+        # a matrix copy's values, named after its keys: python = [...] -> MATRIX_PYTHON
+        env.update({f"MATRIX_{env_name(key)}": value for key, value in spec.matrix})
         env.update(dict(self.pipe.env))
         env.update(dict(spec.env))
         values, masker = self.host.trust.for_action(run.repo, self.store.repo_path(run.repo), run.ref,

@@ -8,6 +8,7 @@ transitions in models.py, and written together with an `events` row; listeners
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -91,7 +92,24 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     ("0003_retention", "ALTER TABLE runs ADD COLUMN pruned_at TEXT"),
+    (
+        "0004_allow_failure_matrix_reuse",
+        """
+        ALTER TABLE actions ADD COLUMN allow_failure INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE actions ADD COLUMN matrix_group TEXT;
+        ALTER TABLE actions ADD COLUMN matrix_values TEXT;
+        ALTER TABLE actions ADD COLUMN reused_from INTEGER;
+        CREATE TABLE reuse (run_id INTEGER NOT NULL REFERENCES runs(id), stage_idx INTEGER NOT NULL,
+            idx INTEGER NOT NULL, from_action INTEGER NOT NULL REFERENCES actions(id),
+            PRIMARY KEY (run_id, stage_idx, idx));
+        """,
+    ),
 ]
+# What `runs` rows are read with: the counts the lists show beside a run's status.
+RUN_COLUMNS = """runs.*,
+    (SELECT COUNT(*) FROM actions a WHERE a.run_id = runs.id AND a.allow_failure = 1
+        AND a.status IN ('failed', 'timed-out')) AS warnings,
+    (SELECT COUNT(*) FROM actions a WHERE a.run_id = runs.id AND a.reused_from IS NOT NULL) AS reused"""
 
 Listener = Callable[[Event], None]
 
@@ -230,21 +248,58 @@ class Store:
                 self._pending.append(Event(run_id, "run", "failed" if r.error else "queued", r.error))
         return ids
 
+    def create_retry(self, run: NewRun, reuse: list[tuple[int, int, int]]) -> int:
+        """Queue a `retry --failed` run with its plan: (stage_idx, idx, action id of the retried run)
+        of each action whose result it takes over instead of running it; one transaction."""
+        with self.tx() as db:
+            run_id = queue.insert_run(self.conn, run)
+            if reuse:
+                db.table("reuse").insert_all([{"run_id": run_id, "stage_idx": s, "idx": i, "from_action": a}
+                                              for s, i, a in reuse])
+            self._pending.append(Event(run_id, "run", "failed" if run.error else "queued", run.error))
+        return run_id
+
+    def reuse_plan(self, run_id: int) -> dict[tuple[int, int], ActionRecord]:
+        """(stage_idx, idx) -> the action of the retried run whose result this run takes over."""
+        rows = self.query("SELECT r.stage_idx AS s, r.idx AS i, a.* FROM reuse r JOIN actions a "
+                          "ON a.id = r.from_action WHERE r.run_id = ?", (run_id,))
+        return {(r["s"], r["i"]): _action_record(r) for r in rows}
+
+    def reuse_action(self, action_id: int, origin: ActionRecord, artifacts: list[ArtifactRecord],
+                     outputs: dict[str, str]) -> None:
+        """pending -> succeeded without running: the result, artifacts and outputs of `origin`."""
+        with self.tx() as db:
+            act = self.action(action_id)
+            if act.status is not ActionStatus.PENDING:
+                raise TransitionError(f'action "{act.name}" of run #{act.run_id} is {act.status.value}; '
+                                      f"it cannot take over the result of run #{origin.run_id}")
+            for art in artifacts:
+                db.table("artifacts").upsert(dict(art.__dict__), pk=("run_id", "name"))
+            if outputs:
+                self.set_outputs(act.run_id, act.name, outputs)
+            from_run = origin.reused_from or origin.run_id  # a result reused twice names where it ran
+            message = f"reused from #{from_run}" + (f": {origin.message}" if origin.message else "")
+            db.table("actions").update(action_id, {
+                "status": ActionStatus.SUCCEEDED.value, "exit_code": origin.exit_code,
+                "started_at": origin.started_at, "finished_at": origin.finished_at, "message": message,
+                "reused_from": from_run})
+            self._event(act.run_id, f"action:{action_id}", ActionStatus.SUCCEEDED.value, message)
+
     def run(self, run_id: int) -> RunRecord:
-        rows = self.query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        rows = self.query(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
         if not rows:
             raise UsageError(f"unknown run #{run_id}", hint="`gitpipe runs` lists the runs")
         return _run_record(rows[0])
 
     def runs(self, repo: str | None = None, limit: int = 20, offset: int = 0) -> list[RunRecord]:
         where, params = ("WHERE repo = ?", (repo,)) if repo else ("", ())
-        rows = self.query(f"SELECT * FROM runs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+        rows = self.query(f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
                           (*params, limit, offset))
         return [_run_record(r) for r in rows]
 
     def runs_with_status(self, *statuses: RunStatus) -> list[RunRecord]:
         marks = ",".join("?" for _ in statuses)
-        rows = self.query(f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY id",
+        rows = self.query(f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ({marks}) ORDER BY id",
                           tuple(s.value for s in statuses))
         return [_run_record(r) for r in rows]
 
@@ -273,7 +328,9 @@ class Store:
                     db.table("actions").insert({
                         "run_id": run_id, "stage_idx": s_idx, "idx": a_idx, "stage": stage.name,
                         "name": action.name, "type": action.type, "run_order": action.run_order,
-                        "status": ActionStatus.PENDING.value, "attempts": 0})
+                        "status": ActionStatus.PENDING.value, "attempts": 0,
+                        "allow_failure": int(action.allow_failure), "matrix_group": action.group,
+                        "matrix_values": json.dumps(action.matrix) if action.group else None})
 
     def fail_queued_run(self, run_id: int, error: str) -> None:
         """queued -> failed before any action ran (invalid pipeline, missing commit)."""
@@ -527,7 +584,7 @@ def _run_record(r: dict[str, Any]) -> RunRecord:
         started_at=r["started_at"], finished_at=r["finished_at"], error=r["error"], pusher=r["pusher"],
         before_sha=r["before_sha"], retry_of=r["retry_of"], cancelled_by=r["cancelled_by"],
         cancel_reason=r["cancel_reason"], commit_author=r["commit_author"],
-        commit_message=r["commit_message"],
+        commit_message=r["commit_message"], warnings=r.get("warnings") or 0, reused=r.get("reused") or 0,
         extra={"deadline": r["deadline"], "cancel_requested_at": r["cancel_requested_at"]},
     )
 
@@ -537,5 +594,8 @@ def _action_record(r: dict[str, Any]) -> ActionRecord:
         id=r["id"], run_id=r["run_id"], stage_idx=r["stage_idx"], idx=r["idx"], stage=r["stage"],
         name=r["name"], type=r["type"], run_order=r["run_order"], status=ActionStatus(r["status"]),
         exit_code=r["exit_code"], started_at=r["started_at"], finished_at=r["finished_at"],
-        attempts=r["attempts"], message=r["message"],
+        attempts=r["attempts"], message=r["message"], allow_failure=bool(r.get("allow_failure")),
+        group=r.get("matrix_group"),
+        matrix=tuple((k, v) for k, v in json.loads(r.get("matrix_values") or "[]")),
+        reused_from=r.get("reused_from"),
     )
