@@ -129,6 +129,8 @@ BOX_W, BOX_H = 180.0, 48.0
 GAP_Y, GROUP_GAP, STAGE_GAP = 14.0, 36.0, 52.0
 HEAD, PAD = 40.0, 12.0
 CHAR_W = 7.6  # average width of a character of the box title font
+FRAME_HEAD, FRAME_PAD = 24.0, 6.0  # a matrix group's frame: room for its name above the copies, margin
+FRAME_CHAR_W = 6.6  # the frame label's smaller font
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class GraphAction:
     status: str
     detail: str  # "1m 03s · 2 attempts"
     href: str
+    group: str | None = None  # the matrix action it is a copy of: boxed with its siblings
+    state: str = ""  # the status in words, when the box's status is a display one ("failed, allowed")
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,19 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Frame:
+    """A box around the copies of one matrix action, with its name as written above them."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    label: str
+    title: str
+    count: int
+
+
+@dataclass(frozen=True)
 class Column:
     """A placed stage heading."""
 
@@ -181,6 +198,7 @@ class Graph:
     columns: tuple[Column, ...]
     nodes: tuple[Node, ...]
     edges: tuple[str, ...]  # SVG path data
+    frames: tuple[Frame, ...] = ()
     box_w: float = BOX_W
     box_h: float = BOX_H
 
@@ -195,30 +213,68 @@ def pipeline_graph(stages: list[GraphStage]) -> Graph:
     """Stages as columns, run_order groups as sub-columns, actions as boxes, curves between."""
     columns: list[Column] = []
     lanes: list[list[Node]] = []
+    ports: list[list[tuple[float, float, float]]] = []  # per lane: (left x, right x, y) edges meet
+    frames: list[Frame] = []
+    bottom = HEAD
     x = PAD
     for stage in stages:
         start = x
         for group in stage.groups or ((),):
-            lanes.append([Node(a, x, HEAD + i * (BOX_H + GAP_Y), fit(a.name, BOX_W - 46))
-                          for i, a in enumerate(group)])
+            lane, lane_frames, end = _lane(group, x)
+            lanes.append(lane)
+            frames += lane_frames
+            ports.append(_ports(lane, lane_frames))
+            bottom = max(bottom, end)
             x += BOX_W + GROUP_GAP
         x -= GROUP_GAP
         columns.append(Column(start, x - start, stage.name, stage.status, fit(stage.name, x - start - 24)))
         x += STAGE_GAP
-    tallest = max((len(lane) for lane in lanes), default=0)
-    height = HEAD + max(tallest, 1) * (BOX_H + GAP_Y) - GAP_Y + PAD
+    height = max(bottom, HEAD + BOX_H) + PAD
     width = max(x - STAGE_GAP + PAD, 2 * PAD)
-    edges = tuple(e for a, b in zip(lanes, lanes[1:]) for e in _curves(a, b))
-    return Graph(width, height, tuple(columns), tuple(n for lane in lanes for n in lane), edges)
+    edges = tuple(e for a, b in zip(ports, ports[1:]) for e in _curves(a, b))
+    return Graph(width, height, tuple(columns), tuple(n for lane in lanes for n in lane), edges, tuple(frames))
 
 
-def _curves(left: list[Node], right: list[Node]) -> list[str]:
-    """A curve from every box of one lane to every box of the next."""
+def _ports(lane: list[Node], frames: list[Frame]) -> list[tuple[float, float, float]]:
+    """Where edges meet a lane: each box, but a matrix group once, at its frame."""
+    out = [(n.x, n.x + BOX_W, n.y + BOX_H / 2) for n in lane if not n.action.group]
+    out += [(f.x, f.x + f.width, f.y + f.height / 2) for f in frames]
+    return sorted(out, key=lambda p: p[2])
+
+
+def _lane(group: tuple[GraphAction, ...], x: float) -> tuple[list[Node], list[Frame], float]:
+    """One run_order group's boxes top to bottom; the copies of a matrix action framed together
+    under its name. Returns the nodes, the frames and the lane's bottom edge."""
+    nodes: list[Node] = []
+    frames: list[Frame] = []
+    y = HEAD
+    i = 0
+    while i < len(group):
+        a = group[i]
+        copies = [a]
+        while a.group and i + len(copies) < len(group) and group[i + len(copies)].group == a.group:
+            copies.append(group[i + len(copies)])
+        if a.group:
+            top = y
+            y += FRAME_HEAD
+        for c in copies:
+            nodes.append(Node(c, x, y, fit(c.name, BOX_W - 46)))
+            y += BOX_H + GAP_Y
+        if a.group:
+            y += FRAME_PAD - GAP_Y
+            label = fit(a.group.replace("{matrix.", "{"), BOX_W - 40, FRAME_CHAR_W)
+            frames.append(Frame(x - FRAME_PAD, top, BOX_W + 2 * FRAME_PAD, y - top, label,
+                                f"matrix {a.group}: {len(copies)} copies", len(copies)))
+            y += GAP_Y
+        i += len(copies)
+    return nodes, frames, y - GAP_Y
+
+
+def _curves(left: list[tuple[float, float, float]], right: list[tuple[float, float, float]]) -> list[str]:
+    """A curve from every box (or matrix frame) of one lane to every one of the next."""
     out = []
-    for a in left:
-        x1, y1 = a.x + BOX_W, a.y + BOX_H / 2
-        for b in right:
-            x2, y2 = b.x, b.y + BOX_H / 2
+    for _, x1, y1 in left:
+        for x2, _, y2 in right:
             mid = (x1 + x2) / 2
             out.append(f"M{x1:g} {y1:g}C{mid:g} {y1:g} {mid:g} {y2:g} {x2:g} {y2:g}")
     return out

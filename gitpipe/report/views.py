@@ -43,6 +43,8 @@ class RunView:
     cancel_reason: str | None
     retry_of: int | None
     href: str  # relative to the site root
+    warnings: int = 0  # allowed failures
+    reused: int = 0  # actions a `retry --failed` took over
 
     @property
     def short_sha(self) -> str:
@@ -63,7 +65,8 @@ def run_view(r: RunRecord) -> RunView:
         trigger=r.trigger, pusher=r.pusher or "", created_at=r.created_at, started_at=r.started_at,
         finished_at=r.finished_at, seconds=fmt.seconds_between(r.started_at, r.finished_at), title=title,
         message=message, author=r.commit_author or "", error=r.error, cancelled_by=r.cancelled_by,
-        cancel_reason=r.cancel_reason, retry_of=r.retry_of, href=files.run_href(r.repo, r.id))
+        cancel_reason=r.cancel_reason, retry_of=r.retry_of, href=files.run_href(r.repo, r.id),
+        warnings=r.warnings, reused=r.reused)
 
 
 def ref_parts(ref: str) -> tuple[str, str]:
@@ -112,10 +115,18 @@ class ActionView:
     attempts: tuple[AttemptView, ...]
     message: str | None
     open: bool
+    warning: bool = False  # failed, but allow_failure let the run go on
+    group: str | None = None  # the matrix action it is a copy of
+    reused_from: int | None = None  # the run whose result `retry --failed` took over
 
     @property
     def anchor(self) -> str:
         return f"action-{self.id}"
+
+    @property
+    def shown_status(self) -> str:
+        """The status its box and icon show: an allowed failure is a warning."""
+        return "warning" if self.warning else self.status
 
 
 @dataclass(frozen=True)
@@ -196,7 +207,8 @@ def action_view(store: Store, logs: LogReader, a: ActionRecord, folder: Path | N
     failed = a.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT)
     return ActionView(a.id, a.stage, a.name, a.type, a.run_order, a.status.value, a.exit_code,
                       fmt.seconds_between(a.started_at, a.finished_at), views, a.message,
-                      open=failed or a.status in (ActionStatus.RUNNING, ActionStatus.WAITING))
+                      open=failed or a.status in (ActionStatus.RUNNING, ActionStatus.WAITING),
+                      warning=a.warning, group=a.group, reused_from=a.reused_from)
 
 
 def attempt_view(logs: LogReader, att: AttemptRecord, folder: Path | None, latest: bool,
@@ -228,7 +240,8 @@ def graph(stages: tuple[StageView, ...]) -> charts.Graph | None:
     out = []
     for s in stages:
         orders = sorted({a.run_order for a in s.actions})
-        groups = tuple(tuple(charts.GraphAction(a.id, a.name, a.status, _detail(a), f"#{a.anchor}")
+        groups = tuple(tuple(charts.GraphAction(a.id, a.name, a.shown_status, _detail(a), f"#{a.anchor}",
+                                                a.group, f"{a.status}, allowed" if a.warning else a.status)
                              for a in s.actions if a.run_order == order) for order in orders)
         out.append(charts.GraphStage(s.name, s.status, groups))
     return charts.pipeline_graph(out)
@@ -236,6 +249,10 @@ def graph(stages: tuple[StageView, ...]) -> charts.Graph | None:
 
 def _detail(a: ActionView) -> str:
     parts = [fmt.duration(a.seconds) if a.seconds is not None else a.status]
+    if a.warning:
+        parts.insert(0, "allowed to fail")
+    if a.reused_from:
+        parts = [f"reused from #{a.reused_from}"]
     if len(a.attempts) > 1:
         parts.append(f"{len(a.attempts)} attempts")
     return " · ".join(parts)
