@@ -898,3 +898,191 @@ def test_parsing_a_plain_pipeline_imports_nothing_heavy() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- allow_failure and matrix
+
+
+def test_allow_failure_is_a_boolean_and_not_for_approvals() -> None:
+    text = toml("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "lint"
+          run = "ruff check ."
+          allow_failure = true
+          [[stage.action]]
+          name = "ok"
+          type = "approval"
+          allow_failure = true
+          [[stage.action]]
+          name = "bad"
+          run = "x"
+          allow_failure = "yes"
+        """)
+    assert problems(text) == [
+        ('.pipeline.toml:10: stage "s", action "ok": an approval cannot have "allow_failure": a rejection '
+         "would let the run go on (an approval is a gate; leave it out, or drop the approval)"),
+        '.pipeline.toml:14: stage "s", action "bad": "allow_failure" must be true or false, not the string "yes"',
+    ]
+    lint, plain = parse(text.split('  [[stage.action]]\n  name = "ok"')[0] + '  [[stage.action]]\n  name = "u"\n'
+                        '  run = "x"\n').stages[0].actions
+    assert lint.allow_failure is True and plain.allow_failure is False
+
+
+MATRIX = toml("""
+    [[stage]]
+    name = "test"
+      [[stage.action]]
+      name = "test-{matrix.python}-{matrix.db}"
+      matrix = { python = ["3.11", "3.12"], db = ["sqlite", "pg"] }
+      run = "pytest"
+      outputs = { report = "reports/**" }
+      retries = 1
+    [[stage]]
+    name = "report"
+      [[stage.action]]
+      name = "sum"
+      inputs = ["report", "report-3.12-pg"]
+      run = "cat reports/*"
+    """)
+
+
+def test_matrix_expands_one_action_per_combination() -> None:
+    pipe = parse(MATRIX)
+    copies = pipe.stages[0].actions
+    assert [a.name for a in copies] == ["test-3.11-sqlite", "test-3.11-pg", "test-3.12-sqlite", "test-3.12-pg"]
+    assert copies[1].matrix == (("python", "3.11"), ("db", "pg"))
+    assert {a.group for a in copies} == {"test-{matrix.python}-{matrix.db}"}
+    assert {a.retries for a in copies} == {1} and {a.run_order for a in copies} == {1}
+    assert [a.outputs[0][0] for a in copies] == ["report-3.11-sqlite", "report-3.11-pg", "report-3.12-sqlite",
+                                                 "report-3.12-pg"]
+    # the group's artifact name stands for every copy's; a copy's own name for that one
+    assert pipe.stages[1].actions[0].inputs == ("report-3.11-sqlite", "report-3.11-pg", "report-3.12-sqlite",
+                                                "report-3.12-pg")
+
+
+def test_a_matrix_name_without_placeholders_gets_the_values_appended() -> None:
+    pipe = parse(toml("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "unit"
+          matrix = { os = ["debian", "alpine"] }
+          run = "make"
+        """))
+    assert [a.name for a in pipe.stages[0].actions] == ["unit (debian)", "unit (alpine)"]
+
+
+def _matrix_action(line: str, name: str = "t") -> str:
+    return toml(f"""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "{name}"
+          run = "make"
+          {line}
+        """)
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("matrix = {}", '"matrix" is empty: give it at least one key with an array of values, '
+                    'e.g. matrix = { python = ["3.11", "3.12"] }'),
+    ("matrix = { python = [] }", 'matrix "python" must be a non-empty array of strings, not an empty array'),
+    ('matrix = { python = "3.11" }', 'matrix "python" must be a non-empty array of strings, not the string "3.11"'),
+    ("matrix = { python = [3.10, 3.11] }", 'matrix "python" must hold strings only, not the number 3.1 (write '
+                                           "the values in quotes: unquoted, TOML reads 3.10 as the number 3.1)"),
+    ('matrix = { python = ["3.11", "3.11"] }', 'matrix "python": value "3.11" is listed twice'),
+    ('matrix = { python = ["a/b"] }', 'matrix "python": value "a/b" must not be empty or hold "/"'),
+    ('matrix = { "py-version" = ["3"] }', 'matrix key "py-version" may hold only letters, digits and "_"'),
+    ('matrix = "x"', '"matrix" must be a table, not the string "x"'),
+])
+def test_matrix_value_errors(line: str, expected: str) -> None:
+    found = problems(_matrix_action(line))[0]  # [3.10, 3.11]: one problem per value
+    assert found.startswith('.pipeline.toml:6: stage "s", action "t": ' + expected), found
+
+
+def test_matrix_copies_are_capped() -> None:
+    axes = ", ".join(f'k{i} = ["a", "b"]' for i in range(7))
+    assert only_problem(_matrix_action(f"matrix = {{ {axes} }}")) == (
+        '.pipeline.toml:6: stage "s", action "t": "matrix" makes 128 copies of this action (2 x 2 x 2 x 2 x 2 '
+        "x 2 x 2); at most 64 are allowed (split it into several actions)")
+
+
+def test_matrix_names_must_differ_after_expansion() -> None:
+    text = _matrix_action('matrix = { python = ["3.11", "3.12"], db = ["sqlite", "pg"] }', "test-{matrix.python}")
+    assert only_problem(text) == (
+        '.pipeline.toml:4: stage "s", action "test-{matrix.python}": two copies of this matrix action would both '
+        'be named "test-3.11": put every matrix key in the name (missing: {matrix.db})')
+    clash = toml("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "t-{matrix.v}"
+          matrix = { v = ["1", "2"] }
+          run = "make"
+          [[stage.action]]
+          name = "t-2"
+          run = "make"
+        """)
+    assert only_problem(clash) == '.pipeline.toml:8: stage "s": duplicate action name "t-2" (first at line 3)'
+
+
+def test_matrix_placeholders_in_the_name() -> None:
+    assert only_problem(_matrix_action('matrix = { python = ["3"] }', "t-{matrix.pyton}")) == (
+        '.pipeline.toml:4: stage "s", action "t-{matrix.pyton}": "name": unknown placeholder "{matrix.pyton}" '
+        '(did you mean "python"?); the matrix keys are python')
+    assert only_problem(_matrix_action("", "t-{matrix.python}")) == (
+        '.pipeline.toml:4: stage "s", action "t-{matrix.python}": "name" uses {matrix.python} but the action '
+        'has no "matrix"')
+
+
+def test_matrix_is_for_run_actions_only() -> None:
+    text = toml("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "ok"
+          type = "approval"
+          matrix = { v = ["1"] }
+          [[stage.action]]
+          name = "ship"
+          type = "deploy"
+          environment = "staging"
+          target = "file:///srv/x"
+          matrix = { v = ["1"] }
+        """)
+    message = ('"matrix" is for run actions, not "{}" (an approval or a deploy runs once; give each '
+               "environment a deploy action of its own)")
+    assert problems(text) == [
+        f'.pipeline.toml:6: stage "s", action "ok": {message.format("approval")}',
+        f'.pipeline.toml:12: stage "s", action "ship": {message.format("deploy")}',
+    ]
+
+
+def test_matrix_artifacts_and_inputs() -> None:
+    text = toml("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "build"
+          matrix = { arch = ["amd64", "arm64"] }
+          run = "make"
+          outputs = { bin = "out/*" }
+          [[stage.action]]
+          name = "other"
+          run = "make"
+          outputs = { bin = "x", bin-amd64 = "y" }
+          [[stage.action]]
+          name = "early"
+          inputs = ["bin"]
+          run = "make"
+        """)
+    assert problems(text) == [
+        '.pipeline.toml:7: stage "s", action "build": artifact "bin" (of every matrix copy) is already an '
+        'output of stage "s", action "other"',
+        '.pipeline.toml:11: stage "s", action "other": artifact "bin-amd64" is already an output of stage "s", '
+        'action "build"',
+        '.pipeline.toml:14: stage "s", action "early": input "bin" comes from stage "s", action "other", which '
+        "runs in parallel with this one (give this action a higher run_order)",
+    ]
