@@ -44,7 +44,8 @@ def action_line(a: ActionRecord, tty: bool) -> str:
     msg = f"  {ansi.strip(a.message)}" if a.message and (not a.status.ok or a.type != "run") else ""
     icon = ICONS.get(a.status.value, " ") + " " if tty else ""
     name = ansi.strip(f"{a.stage} / {a.name}")
-    return f"  {icon}{name:<30} {paint(a.status.value, tty)}{extra}{tries}{msg}"
+    allowed = " (allowed to fail)" if a.warning else ""
+    return f"  {icon}{name:<30} {paint(a.status.value, tty)}{allowed}{extra}{tries}{msg}"
 
 
 class Board:

@@ -278,7 +278,8 @@ class Store:
             if outputs:
                 self.set_outputs(act.run_id, act.name, outputs)
             from_run = origin.reused_from or origin.run_id  # a result reused twice names where it ran
-            message = f"reused from #{from_run}" + (f": {origin.message}" if origin.message else "")
+            message = (origin.message if origin.reused_from else
+                       f"reused from #{from_run}" + (f": {origin.message}" if origin.message else ""))
             db.table("actions").update(action_id, {
                 "status": ActionStatus.SUCCEEDED.value, "exit_code": origin.exit_code,
                 "started_at": origin.started_at, "finished_at": origin.finished_at, "message": message,

@@ -162,6 +162,31 @@ def test_a_failure_without_allow_failure_still_fails_the_run(home: Home, out: Pa
     assert home.action(run, "never")["status"] == "skipped" and not (out / "never").exists()
 
 
+def test_a_cancel_is_never_an_allowed_failure(home: Home, out: Path) -> None:
+    repo = home.add_repo("cancelled")
+    text = fill("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "long"
+          allow_failure = true
+          run = 'touch "@OUT@/started"; sleep 60'
+        [[stage]]
+        name = "later"
+          [[stage.action]]
+          name = "never"
+          run = 'touch "@OUT@/never"'
+        """, OUT=out)
+    with home.daemon():
+        run_id = home.push_run(repo, {".pipeline.toml": text})
+        wait_for(lambda: (out / "started").exists(), 30, what="the action to start")
+        home.gitpipe("cancel", str(run_id), check=True)
+        run = home.expect(home.wait_run(run_id), "cancelled")
+    long = home.action(run, "long")
+    assert long["status"] == "cancelled" and long["warning"] is False and run["warnings"] == 0
+    assert home.action(run, "never")["status"] == "cancelled" and not (out / "never").exists()
+
+
 # ---------------------------------------------------------------------------- matrix
 
 MATRIX = r"""

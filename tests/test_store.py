@@ -335,3 +335,33 @@ def test_artifacts_and_outputs_round_trip(store: Store) -> None:
     store.set_outputs(run_id, "wheel", {"version": "1.0", "sha": "abc"})
     store.set_outputs(run_id, "wheel", {"version": "1.1"})
     assert {(o["key"], o["value"]) for o in store.outputs(run_id)} == {("version", "1.1"), ("sha", "abc")}
+
+
+# ---------------------------------------------------------------------------- retry --failed
+
+
+def test_a_retry_takes_over_a_result_once_and_only_into_a_pending_action(store: Store) -> None:
+    first = running_run(store)
+    wheel = store.actions(first)[0]
+    store.set_action(wheel.id, ActionStatus.RUNNING)
+    store.set_action(wheel.id, ActionStatus.SUCCEEDED, exit_code=0)
+    store.set_outputs(first, "wheel", {"VERSION": "1.0"})
+    origin = store.action(wheel.id)
+    retry = store.create_retry(new_run(trigger="retry", retry_of=first), [(0, 0, wheel.id)])
+    assert store.reuse_plan(retry) == {(0, 0): origin}
+    store.start_run(retry, PIPE, None, None, None)
+    target = store.actions(retry)[0]
+    store.reuse_action(target.id, origin, [], {"VERSION": "1.0"})
+    taken = store.action(target.id)
+    assert taken.status is ActionStatus.SUCCEEDED and taken.reused_from == first
+    assert taken.message == f"reused from #{first}" and taken.finished_at == origin.finished_at
+    assert store.outputs(retry) == [{"action": "wheel", "key": "VERSION", "value": "1.0"}]
+    assert store.run(retry).reused == 1 and store.run(retry).retry_of == first
+    with pytest.raises(TransitionError, match="cannot take over the result"):
+        store.reuse_action(target.id, origin, [], {})
+    # A result reused twice names the run where it ran.
+    again = store.create_retry(new_run(trigger="retry", retry_of=retry), [(0, 0, target.id)])
+    store.start_run(again, PIPE, None, None, None)
+    store.reuse_action(store.actions(again)[0].id, store.action(target.id), [], {})
+    assert store.actions(again)[0].reused_from == first
+    assert store.actions(again)[0].message == f"reused from #{first}"
