@@ -349,6 +349,10 @@ def test_retry_failed_reruns_only_the_failed_and_later_actions_reusing_what_pass
     assert f"trigger retry of #{first['id']}" in shown and f"reused from #{first['id']}" in shown
     listed = home.gitpipe("runs", check=True).stdout
     assert f"(retry of #{first['id']}, 2 reused)" in listed
+    home.gitpipe("report", check=True)
+    page = (home.home / "site" / "retry" / "runs" / f"{new_id}.html").read_text()
+    assert page.count(f'<span class="pill">reused from <a href="{first["id"]}.html">#{first["id"]}</a></span>') == 2
+    assert "failed actions only: 2 reused" in page
 
     # A run with nothing failed is refused, saying what to do instead.
     refused = home.gitpipe("retry", str(new_id), "--failed")
@@ -475,6 +479,8 @@ def test_the_run_page_groups_matrix_copies_and_shows_an_allowed_failure_as_a_war
         assert "1 warning" in page.locator(".runhead").inner_text()
         assert page.locator("#action-" + str(_action_id(home, run, "lint")) + " .allowed").count() == 1
         shot = screenshot(page, "run-matrix-allowed-failure")
+        page.emulate_media(color_scheme="dark")
+        screenshot(page, "run-matrix-allowed-failure-dark", full=False)
         assert console.problems() == []
     assert shot.stat().st_size > 0
 
