@@ -4,48 +4,15 @@ real pushes into real bare repos, a real `gitpipe serve`, real headless Chromium
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from browser import browser, open_page, screenshot
 from helpers import Home, pipeline, wait_for
-
-
-def fill(text: str, **values: object) -> str:
-    text = pipeline(text)
-    for key, value in values.items():
-        text = text.replace(f"@{key}@", str(value))
-    return text
-
-
-class Hooks(BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Hooks.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    Hooks.received = []
-    server = HTTPServer(("127.0.0.1", 0), Hooks)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", Hooks.received
-    server.shutdown()
-
+from test_e2e_core import fill
+from test_e2e_delivery import webhook  # noqa: F401 - a fixture
 
 # ---------------------------------------------------------------------------- allow_failure
 
@@ -100,7 +67,8 @@ webhook = "@URL@"
 
 @pytest.mark.timeout(120)
 def test_allow_failure_is_a_warning_and_the_run_goes_on(home: Home, out: Path,
-                                                         webhook: tuple[str, list[dict[str, Any]]]) -> None:
+                                                         webhook: tuple[str, list[dict[str, Any]]],  # noqa: F811
+                                                         ) -> None:
     url, received = webhook
     repo = home.add_repo("allowed")
     with home.daemon():
