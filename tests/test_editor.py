@@ -1,0 +1,391 @@
+"""`gitpipe edit`: the real command serving a real file, driven in headless Chromium.
+
+The scenarios of issue 9: edits in the graph and the form keep every comment and change only
+what was edited; an error typed into the text shows on its node and line and goes when fixed;
+a file changed on disk is not overwritten; requests without the token or from another origin
+are refused. Plus the tomlkit edits on their own, and screenshots in both themes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import DESKTOP, PHONE, Tab, browser, screenshot
+from helpers import GITPIPE, base_env
+
+from gitpipe import pipeline
+from gitpipe.editor import model
+
+DATA = Path(__file__).resolve().parent / "data"
+ORIGINAL = (DATA / "commented.pipeline.toml").read_text()
+LAPTOP = {"width": 1280, "height": 800}
+
+
+@dataclass
+class Editor:
+    """A running `gitpipe edit` on `file`."""
+
+    proc: subprocess.Popen[str]
+    file: Path
+    url: str
+
+    @property
+    def port(self) -> int:
+        return int(re.search(r":(\d+)/", self.url)[1])  # type: ignore[index]
+
+    @property
+    def token(self) -> str:
+        return self.url.split("token=", 1)[1]
+
+
+def start(file: Path, *args: str) -> Editor:
+    proc = subprocess.Popen([GITPIPE, "edit", "--no-browser", *args, str(file)], cwd=file.parent,
+                            env=base_env(HOME=str(file.parent)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    match = re.search(r"http://127\.0\.0\.1:\d+/\?token=\S+", line)
+    if match is None:
+        proc.kill()
+        raise AssertionError(f"gitpipe edit printed no URL: {line!r}")
+    return Editor(proc, file, match[0])
+
+
+@pytest.fixture
+def editor(tmp_path: Path) -> Iterator[Editor]:
+    file = tmp_path / ".pipeline.toml"
+    file.write_text(ORIGINAL)
+    ed = start(file)
+    yield ed
+    if ed.proc.poll() is None:
+        ed.proc.send_signal(signal.SIGINT)
+        ed.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    with browser() as b:
+        yield b
+
+
+def open_editor(chromium: Any, ed: Editor, viewport: dict[str, int] | None = None, dark: bool = False) -> Tab:
+    tab = Tab(chromium, viewport or LAPTOP, dark)
+    tab.visit(ed.url).wait_for_selector("body[data-ready]")
+    return tab
+
+
+def node(page: Any, name: str) -> Any:
+    return page.locator(f'.node[data-name="{name}"]')
+
+
+def text_of(page: Any) -> str:
+    return page.evaluate("window.gitpipeEditor.text")
+
+
+def settle(page: Any) -> None:
+    """Wait until the page has shown the answer to its latest request."""
+    page.wait_for_function("() => !window.gitpipeEditor.pending && window.gitpipeEditor.shown === window.gitpipeEditor.seq")
+
+
+def set_field(page: Any, key: str, value: str) -> None:
+    control = page.locator(f'.form .field[data-key="{key}"] input, .form .field[data-key="{key}"] textarea').first
+    control.fill(value)
+    control.dispatch_event("change")
+    settle(page)
+
+
+# --------------------------------------------------------------------------- in the browser
+
+
+def test_graph_and_form_edits_keep_every_comment(chromium: Any, editor: Editor) -> None:
+    """Add a stage, move an action across stages, rename a producer, edit a deploy's targets,
+    save: the file validates, every comment is kept, and only the edited lines changed."""
+    tab = open_editor(chromium, editor)
+    page = tab.page
+    assert page.locator(".node").count() == 4
+    assert page.locator(".graph .edge").count() == 2  # wheel -> unit, wheel -> deploy
+
+    page.click("#add-stage")
+    settle(page)
+    assert page.locator(".stage-head").count() == 4
+
+    node(page, "lint").drag_to(page.locator('.lane[data-stage="1"]'))
+    settle(page)
+    assert node(page, "lint").get_attribute("data-stage") == "1"
+
+    node(page, "wheel").click()
+    set_field(page, "name", "dist")
+    assert node(page, "dist").count() == 1
+    assert page.locator(".graph .edge").count() == 2  # the consumers follow the new name
+
+    node(page, "deploy").click()
+    set_field(page, "target", "ssh://deploy@web1.example.com/srv/shop\nssh://deploy@web2.example.com/srv/shop")
+    assert page.locator("#count").inner_text() == "0"
+
+    page.click("#save")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'saved'")
+    saved = editor.file.read_text()
+    assert saved == text_of(page)
+    check = subprocess.run([GITPIPE, "validate", str(editor.file)], capture_output=True, text=True, env=base_env())
+    assert check.returncode == 0, check.stderr
+
+    comments = [line.strip() for line in ORIGINAL.splitlines() if "#" in line]
+    for comment in comments:
+        assert any(c.strip().endswith(comment.split("#", 1)[1].strip()) for c in saved.splitlines() if "#" in c), comment
+    diff = list(difflib.unified_diff(ORIGINAL.splitlines(), saved.splitlines(), lineterm="", n=0))
+    removed = {line[1:].strip() for line in diff if line.startswith("-") and not line.startswith("---")}
+    added = {line[1:].strip() for line in diff if line.startswith("+") and not line.startswith("+++")}
+    assert removed <= {
+        'name = "wheel"', 'outputs = { wheel = "dist/*.whl" }', 'inputs = ["wheel"]', "", "[[stage.action]]",
+        'name = "lint"                      # fast, so it sits here', 'run = "ruff check ."',
+        'echo "version: $GITPIPE_OUT_WHEEL_VERSION"',
+        'target = "ssh://deploy@staging.example.com/srv/shop"   # the one staging box',
+    }, diff
+    assert 'target = ["ssh://deploy@web1.example.com/srv/shop", "ssh://deploy@web2.example.com/srv/shop"]' \
+        '   # the one staging box' in added
+    assert 'echo "version: $GITPIPE_OUT_DIST_VERSION"' in added
+    assert 'outputs = { dist = "dist/*.whl" }' in added
+    assert '[[stage]]' in added and 'name = "stage-4"' in added
+    parsed = pipeline.parse(saved)
+    assert [s.name for s in parsed.stages] == ["build", "test", "staging", "stage-4"]
+    assert [a.name for a in parsed.stages[1].actions] == ["unit", "lint"]
+    assert parsed.stages[2].actions[0].inputs == ("dist",)
+    assert tab.console.problems() == []
+
+
+def test_undo_redo_and_keyboard_moves(chromium: Any, editor: Editor) -> None:
+    page = open_editor(chromium, editor).page
+    node(page, "lint").focus()
+    page.keyboard.press("Alt+ArrowRight")
+    settle(page)
+    assert node(page, "lint").get_attribute("data-stage") == "1"
+    assert page.evaluate("document.activeElement.dataset.name") == "lint"  # focus stays on it
+    moved = text_of(page)
+    page.keyboard.press("Control+z")
+    settle(page)
+    assert text_of(page) == ORIGINAL and node(page, "lint").get_attribute("data-stage") == "0"
+    page.keyboard.press("Control+Shift+z")
+    settle(page)
+    assert text_of(page) == moved
+    page.locator('.stage-head[data-stage="2"]').focus()
+    page.keyboard.press("Alt+ArrowLeft")
+    settle(page)
+    assert page.locator('.stage-head[data-stage="1"]').inner_text() == "staging"
+
+
+def test_an_error_typed_in_the_text_shows_on_its_node_and_line(chromium: Any, editor: Editor) -> None:
+    tab = open_editor(chromium, editor)
+    page = tab.page
+    line = ORIGINAL.splitlines().index('  timeout = "10m"') + 1  # the wheel action's
+    end = len("\n".join(ORIGINAL.splitlines()[:line]))
+    page.locator("#text").focus()
+    page.evaluate(f"document.getElementById('text').setSelectionRange({end}, {end})")
+    page.keyboard.type("\n  retries = -1")
+    settle(page)
+    assert node(page, "wheel").get_attribute("class").split().count("bad") == 1
+    assert node(page, "unit").get_attribute("class").split().count("bad") == 0
+    assert page.locator(f'#gutter [data-line="{line + 1}"]').get_attribute("class") == "bad"
+    assert "retries" in page.locator("#problems").inner_text()
+    assert page.locator("#count").inner_text() == "1"
+
+    page.keyboard.type("x = [")  # not TOML any more: the last good graph stays, the error is pinned
+    settle(page)
+    assert not page.locator("#stale").is_hidden()
+    assert page.locator(".node").count() == 4
+    assert "invalid TOML" in page.locator("#problems").inner_text()
+    assert node(page, "wheel").get_attribute("class").split().count("bad") == 1
+
+    for _ in range(len("\n  retries = -1x = [")):
+        page.keyboard.press("Backspace")
+    settle(page)
+    assert text_of(page) == ORIGINAL
+    assert page.locator(".node.bad").count() == 0 and page.locator("#gutter .bad").count() == 0
+    assert page.locator("#count").inner_text() == "0" and page.locator("#stale").is_hidden()
+    assert tab.console.problems() == []
+
+
+def test_a_file_changed_on_disk_is_not_overwritten(chromium: Any, editor: Editor) -> None:
+    page = open_editor(chromium, editor).page
+    node(page, "lint").click()
+    set_field(page, "name", "ruff")
+    theirs = ORIGINAL.replace("# Keep the stages short", "# Someone else's edit")
+    editor.file.write_text(theirs)
+    page.click("#save")
+    page.wait_for_selector("#banner:not([hidden])")
+    assert "changed on disk" in page.locator("#banner").inner_text()
+    assert editor.file.read_text() == theirs
+    page.get_by_role("button", name="Show the difference").click()
+    diff = page.locator("#dialog pre").inner_text()
+    assert "-# Someone else's edit" in diff and '+  name = "ruff"' in diff
+    page.get_by_role("button", name="Close").click()
+    page.get_by_role("button", name="Reload from disk").click()
+    settle(page)
+    assert text_of(page) == theirs and page.locator("#banner").is_hidden()
+    assert editor.file.read_text() == theirs
+
+
+def test_a_new_file_starts_from_a_template(chromium: Any, tmp_path: Path) -> None:
+    ed = start(tmp_path / ".pipeline.toml")
+    try:
+        page = open_editor(chromium, ed).page
+        assert page.locator(".choices button").count() == 3
+        page.click('.choices button[data-template="site"]')
+        settle(page)
+        assert node(page, "sign-off").count() == 1
+        page.keyboard.press("Control+s")
+        page.wait_for_function("() => document.getElementById('status').textContent === 'saved'")
+        pipeline.parse(ed.file.read_text())
+    finally:
+        ed.proc.send_signal(signal.SIGINT)
+        assert ed.proc.wait(timeout=20) == 0
+        assert "stopped" in (ed.proc.stdout.read() if ed.proc.stdout else "")
+
+
+@pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
+def test_screenshots(chromium: Any, editor: Editor, dark: bool) -> None:
+    """The editor at 1280x800 and at phone width, each theme; nothing wider than a phone."""
+    theme = "dark" if dark else "light"
+    tab = open_editor(chromium, editor, LAPTOP, dark)
+    node(tab.page, "deploy").click()
+    screenshot(tab.page, f"editor-{theme}", full=False)
+    tab.page.locator("#text").focus()
+    page = tab.visit(editor.url, viewport=PHONE)
+    page.wait_for_selector("body[data-ready]")
+    node(page, "unit").click()
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    screenshot(page, f"editor-phone-{theme}")
+    tab.visit(editor.url, viewport=DESKTOP)
+    assert tab.console.problems() == []
+
+
+# --------------------------------------------------------------------------- the server's guard
+
+
+def request(ed: Editor, path: str, *, token: str | None = None, origin: str | None = None,
+            host: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["X-Gitpipe-Token"] = token
+    if origin is not None:
+        headers["Origin"] = origin
+    if host is not None:
+        headers["Host"] = host
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{ed.port}{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_requests_without_the_token_or_from_elsewhere_are_refused(editor: Editor) -> None:
+    good = f"http://127.0.0.1:{editor.port}"
+    body = {"text": ORIGINAL}
+    assert request(editor, "/")[0] == 403
+    assert request(editor, "/?token=wrong")[0] == 403
+    assert request(editor, "/api/check", body=body)[0] == 403
+    assert request(editor, "/api/check", token="wrong", body=body)[0] == 403
+    status, text = request(editor, "/api/check", token=editor.token, origin="http://evil.example", body=body)
+    assert status == 403 and "not accepted" in text
+    assert request(editor, "/api/check", token=editor.token, host=f"evil.example:{editor.port}", body=body)[0] == 403
+    before = editor.file.read_text()
+    assert request(editor, "/api/save", token=editor.token, origin="http://evil.example",
+                   body={"text": "x", "base": ""})[0] == 403
+    assert editor.file.read_text() == before
+    status, text = request(editor, "/api/check", token=editor.token, origin=good, body=body)
+    assert status == 200 and json.loads(text)["problems"] == []
+    assert request(editor, f"/?token={editor.token}")[0] == 200
+
+
+def test_save_refuses_a_stale_base_and_reports_bad_requests(editor: Editor) -> None:
+    status, text = request(editor, "/api/save", token=editor.token, body={"text": "x", "base": "stale"})
+    assert status == 200 and json.loads(text)["changed"] is True
+    assert editor.file.read_text() == ORIGINAL
+    status, text = request(editor, "/api/edit", token=editor.token, body={"text": "[[", "op": {"kind": "add_stage",
+                                                                                                "args": {}}})
+    assert status == 409 and "fix the TOML first" in json.loads(text)["error"]
+
+
+def test_an_existing_file_with_a_template_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / ".pipeline.toml"
+    file.write_text(ORIGINAL)
+    proc = subprocess.run([GITPIPE, "edit", "--no-browser", "--template", "python", str(file)],
+                          capture_output=True, text=True, env=base_env(), timeout=60)
+    assert proc.returncode == 2 and "only for a new file" in proc.stderr
+    assert file.read_text() == ORIGINAL
+
+
+# --------------------------------------------------------------------------- the edits themselves
+
+
+def edit(text: str, kind: str, **args: Any) -> str:
+    return model.apply(text, model.Op(kind, args))
+
+
+def test_renaming_a_producer_renames_its_consumers_references() -> None:
+    out = edit(ORIGINAL, "rename_action", stage=0, action=0, name="py-wheel")
+    assert 'outputs = { py-wheel = "dist/*.whl" }' in out
+    assert out.count('inputs = ["py-wheel"]') == 2
+    assert "$GITPIPE_OUT_PY_WHEEL_VERSION" in out and "WHEEL_VERSION\"" not in out.replace("PY_WHEEL", "")
+    pipeline.parse(out)
+
+
+def test_deleting_a_producer_drops_or_deletes_its_consumers() -> None:
+    kept = edit(ORIGINAL, "delete_action", stage=0, action=0, consumers="keep")
+    assert kept.count('inputs = ["wheel"]') == 2
+    dropped = edit(ORIGINAL, "delete_action", stage=0, action=0, consumers="drop")
+    assert "inputs" not in dropped
+    pipeline.parse(dropped)
+    deleted = edit(ORIGINAL, "delete_action", stage=0, action=0, consumers="delete")
+    assert 'name = "unit"' not in deleted and 'name = "deploy"' not in deleted
+
+
+def test_duplicates_get_free_names_and_the_result_validates() -> None:
+    out = edit(ORIGINAL, "duplicate_action", stage=0, action=0)
+    assert 'name = "wheel-copy"' in out and 'outputs = { wheel-copy = "dist/*.whl" }' in out
+    out = edit(out, "duplicate_stage", stage=0)
+    assert 'name = "build-copy"' in out and "wheel-copy-copy" in out
+    pipeline.parse(out)
+    assert "# needs the build package" in out
+
+
+def test_form_values_are_written_as_by_hand() -> None:
+    out = edit(ORIGINAL, "set_key", stage=0, action=1, key="env", value={"MODE": "fast"})
+    out = edit(out, "set_key", stage=0, action=1, key="run", value="ruff check .\nruff format --check .")
+    out = edit(out, "set_key", stage=0, action=1, key="when", value={"branches": ["main"]})
+    assert 'env = { MODE = "fast" }' in out and 'when = { branches = ["main"] }' in out
+    assert 'run = """\nruff check .\nruff format --check .\n"""' in out
+    assert 'name = "lint"                      # fast, so it sits here' in out
+    out = edit(out, "set_key", stage=0, action=1, key="when", value=None)
+    assert "when" not in out
+    pipeline.parse(out)
+
+
+def test_an_edit_that_does_not_fit_the_text_is_one_clear_error() -> None:
+    with pytest.raises(model.EditError, match="reload the text"):
+        edit(ORIGINAL, "rename_action", stage=7, action=0, name="x")
+    with pytest.raises(model.EditError, match="unknown edit"):
+        edit(ORIGINAL, "explode")
+
+
+def test_the_page_ships_in_the_package() -> None:
+    """The static files are package data of gitpipe.editor (a wheel has them, not only a checkout)."""
+    import tomllib
+
+    project = tomllib.loads((DATA.parent.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "gitpipe.editor" in project["packages"]
+    globs = project["package-data"]["gitpipe.editor"]
+    static = DATA.parent.parent / "gitpipe" / "editor"
+    shipped = {p.name for g in globs for p in static.glob(g)}
+    assert shipped >= {"editor.html", "editor.css", "editor.js"}
