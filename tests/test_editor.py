@@ -26,6 +26,7 @@ from helpers import GITPIPE, base_env
 
 from gitpipe import pipeline
 from gitpipe.editor import model
+from gitpipe.errors import EditError
 
 DATA = Path(__file__).resolve().parent / "data"
 ORIGINAL = (DATA / "commented.pipeline.toml").read_text()
@@ -373,9 +374,9 @@ def test_form_values_are_written_as_by_hand() -> None:
 
 
 def test_an_edit_that_does_not_fit_the_text_is_one_clear_error() -> None:
-    with pytest.raises(model.EditError, match="reload the text"):
+    with pytest.raises(EditError, match="reload the text"):
         edit(ORIGINAL, "rename_action", stage=7, action=0, name="x")
-    with pytest.raises(model.EditError, match="unknown edit"):
+    with pytest.raises(EditError, match="unknown edit"):
         edit(ORIGINAL, "explode")
 
 

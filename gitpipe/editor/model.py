@@ -16,14 +16,10 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import AoT, InlineTable, StringType, Table, Whitespace
 
-from gitpipe.errors import GitpipeError
+from gitpipe.errors import EditError
 
 # Keys whose text may read $GITPIPE_OUT_<ACTION>_<KEY>: renaming the action renames them.
 _SCRIPT_KEYS = ("run", "before_switch", "after_switch", "healthcheck", "message")
-
-
-class EditError(GitpipeError):
-    """An edit the page asked for cannot be made on this text (it changed, or is not TOML)."""
 
 
 @dataclass(frozen=True)

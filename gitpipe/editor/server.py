@@ -34,8 +34,8 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from gitpipe import keys
-from gitpipe.editor import check, model, templates
-from gitpipe.errors import GitpipeError, UsageError
+from gitpipe.editor import check, templates
+from gitpipe.errors import EditError, GitpipeError, UsageError
 
 MAX_BODY = 4 * 1024 * 1024
 
@@ -100,7 +100,7 @@ class Editor:
             return _json({"error": "the request body must be a JSON object"}, 400)
         try:
             return _json(route(body))
-        except model.EditError as exc:
+        except EditError as exc:
             return _json({"error": str(exc)}, 409)
         except OSError as exc:
             return _json({"error": f"{exc.strerror or exc}: {self.path}"}, 500)
@@ -141,7 +141,9 @@ class Editor:
     def api_edit(self, body: dict[str, Any]) -> dict[str, Any]:
         op = body.get("op")
         if not isinstance(op, dict) or not isinstance(op.get("kind"), str) or not isinstance(op.get("args"), dict):
-            raise model.EditError('"op" must be {"kind": ..., "args": {...}}')
+            raise EditError('"op" must be {"kind": ..., "args": {...}}')
+        from gitpipe.editor import model  # tomlkit: only once the page asks for an edit
+
         text = model.apply(_text(body), model.Op(op["kind"], op["args"]))
         return {"text": text, "check": check.check(text, self.path.name)}
 
@@ -163,7 +165,7 @@ class Editor:
 def _text(body: dict[str, Any]) -> str:
     text = body.get("text")
     if not isinstance(text, str):
-        raise model.EditError('"text" must be a string')
+        raise EditError('"text" must be a string')
     return text
 
 

@@ -98,6 +98,9 @@
   function gutterLines() {
     var n = S.text.split("\n").length, bad = {};
     S.problems.forEach(function (p) { if (p.line) bad[p.line] = (bad[p.line] ? bad[p.line] + "\n" : "") + p.message; });
+    var key = n + JSON.stringify(bad);
+    if (key === S.gutter) { gutter.scrollTop = textarea.scrollTop; return; }
+    S.gutter = key;
     gutter.textContent = "";
     for (var i = 1; i <= n; i++) {
       var line = document.createElement("div");
@@ -127,9 +130,13 @@
     $("stale").hidden = !S.stale;
     if (S.stale && S.model) pinByLine();
     if (S.selected && S.model && !exists(S.selected)) S.selected = null;
-    drawGraph();
-    drawProblems();
-    drawForm();
+    var key = JSON.stringify([S.model, S.problems, S.selected, S.stale, !S.text.trim()]);
+    if (key !== S.drawn) { // typing inside a comment or a value changes nothing drawn: keep the DOM
+      S.drawn = key;
+      drawGraph();
+      drawProblems();
+      drawForm();
+    }
     gutterLines();
   }
 
@@ -273,6 +280,7 @@
 
   function select(sel) {
     S.selected = sel;
+    S.drawn = null;
     drawGraph();
     drawForm();
   }
