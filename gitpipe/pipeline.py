@@ -711,7 +711,7 @@ def _action_type(t: _Table) -> str | None:
 
 def _check_action_keys(t: _Table, kind: str | None) -> None:
     """Unknown keys of a built-in type (a plugin's own keys go to `extra`, unchecked)."""
-    if kind not in _TYPE_KEYS:
+    if kind is None or kind not in _TYPE_KEYS:
         return
     allowed = _COMMON_KEYS + _TYPE_KEYS[kind]
     for key in t.unknown_keys(allowed):

@@ -108,7 +108,7 @@ _KINDS: dict[str, Any] = {
 
 def _action(plugin_types: tuple[str, ...]) -> dict[str, Any]:
     """An action: every key described; which keys are allowed and required depends on `type`."""
-    action = {"type": "object", "properties": {k.name: _value(k, plugin_types) for k in keys.ACTION},
+    action: dict[str, Any] = {"type": "object", "properties": {k.name: _value(k, plugin_types) for k in keys.ACTION},
               "required": [k.name for k in keys.action_keys(None) if k.required]}
     rules = []
     for kind in keys.ACTION_TYPES:

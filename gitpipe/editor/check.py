@@ -140,7 +140,7 @@ def _graph(stages: list[dict[str, Any]], problems: list[dict[str, Any]]) -> dict
 
 def _node_stages(g: charts.Graph, stages: list[dict[str, Any]]) -> list[tuple[int, int]]:
     """(stage index, run_order) of each placed node, in the layout's order."""
-    out = []
+    out: list[tuple[int, int]] = []
     for i, s in enumerate(stages):
         for order in sorted({a["run_order"] for a in s["actions"]}):
             out.extend((i, order) for a in s["actions"] if a["run_order"] == order)
@@ -152,7 +152,7 @@ def _edges(stages: list[dict[str, Any]], nodes: list[dict[str, Any]], w: float, 
     """A curve from each producer to each consumer; one that would cross the boxes of a lane
     between them goes round under every box instead."""
     at = {(n["stage"], n["action"]): n for n in nodes}
-    producer = {}
+    producer: dict[str, tuple[int, int]] = {}
     for i, s in enumerate(stages):
         for j, a in enumerate(s["actions"]):
             for name in a["outputs"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,7 +329,7 @@ def set_key(doc: Any, stage: int, action: int, key: str, value: Any) -> None:
     table[key] = _item(value)
 
 
-_OPS = {
+_OPS: dict[str, Callable[..., None]] = {
     "add_stage": add_stage, "rename_stage": rename_stage, "delete_stage": delete_stage,
     "duplicate_stage": duplicate_stage, "move_stage": move_stage, "add_action": add_action,
     "rename_action": rename_action, "rename_output": rename_output, "duplicate_action": duplicate_action,
