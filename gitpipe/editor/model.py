@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import tomlkit
+from tomlkit.container import Container
 from tomlkit.exceptions import TOMLKitError
-from tomlkit.items import AoT, InlineTable, StringType, Table, Whitespace
+from tomlkit.items import AoT, Comment, InlineTable, SingleKey, StringType, Table, Whitespace
 
 from gitpipe.errors import EditError
 
@@ -106,26 +107,132 @@ def _item(value: Any) -> Any:
     return tomlkit.item(value)
 
 
+def _last(table: Table) -> Table:
+    """The table whose lines end `table`: a [[stage]] ends where its last [[stage.action]] ends."""
+    while table.value.body and isinstance(table.value.body[-1][1], AoT) and len(table.value.body[-1][1]):
+        table = table.value.body[-1][1][-1]
+    return table
+
+
+# Comment lines right above a table's header belong to that table, but tomlkit keeps them at
+# the end of whatever comes before it (the previous table, or the parent's keys). A `Where`
+# is that place: a container and the index in its body where those comment lines end. Moving,
+# inserting and deleting tables take them along or leave them above the header they describe.
+# Container.body and ._map are tomlkit internals (pinned to a version range in pyproject).
+Where = tuple[Container, int]
+
+
+@dataclass(frozen=True)
+class Tables:
+    """An array of tables with what holds it: the document or a [[stage]], and its key."""
+
+    parent: Any
+    key: str
+
+    @property
+    def aot(self) -> AoT:
+        if self.key not in self.parent:
+            self.parent.append(self.key, tomlkit.aot())
+        return self.parent[self.key]
+
+
+def _end(item: Any) -> Where | None:
+    if isinstance(item, AoT):
+        if not len(item):
+            return None
+        item = item[-1]
+    if not isinstance(item, Table):
+        return None
+    table = _last(item)
+    return table.value, len(table.value.body)
+
+
+def _slot(tables: Tables, index: int) -> Where:
+    """Where the comment lines above the header of table `index` end (index = len: above
+    whatever follows the array in the file)."""
+    if index > 0:
+        return _end(tables.aot[index - 1])  # type: ignore[return-value]
+    body = tables.parent if isinstance(tables.parent, Container) else tables.parent.value
+    at = body._map[SingleKey(tables.key)]
+    at = min(at) if isinstance(at, tuple) else at
+    before = _end(body.body[at - 1][1]) if at > 0 else None
+    return before or (body, at)
+
+
+def _shift(container: Container, start: int, delta: int) -> None:
+    for key, at in container._map.items():
+        if isinstance(at, tuple):
+            container._map[key] = tuple(a + delta if a >= start else a for a in at)
+        elif at >= start:
+            container._map[key] = at + delta
+
+
+def _take_comments(where: Where) -> list[Any]:
+    container, end = where
+    body, start = container.body, end
+    while start > 0 and body[start - 1][0] is None and isinstance(body[start - 1][1], Comment):
+        start -= 1
+    taken = [item for _, item in body[start:end]]
+    del body[start:end]
+    _shift(container, end, start - end)
+    return taken
+
+
+def _put_comments(where: Where, comments: list[Any]) -> None:
+    container, at = where
+    container.body[at:at] = [(None, c) for c in comments]
+    _shift(container, at, len(comments))
+
+
 def _blank_line_after(aot: AoT, index: int) -> None:
     """A blank line at the end of table `index`, so a table added after it stands apart."""
     if not 0 <= index < len(aot):
         return
-    table = aot[index]
-    while table.value.body and isinstance(table.value.body[-1][1], AoT) and len(table.value.body[-1][1]):
-        table = table.value.body[-1][1][-1]  # a [[stage]] ends where its last [[stage.action]] ends
-    body = table.value.body
+    body = _last(aot[index]).value.body
     if not body or not (isinstance(body[-1][1], Whitespace) and "\n" in body[-1][1].s):
-        table.add(tomlkit.nl())
+        _last(aot[index]).add(tomlkit.nl())
 
 
-def _insert(aot: AoT, index: int, table: Table) -> None:
+def _insert(tables: Tables, index: int, table: Table, comments: list[Any] | None = None) -> None:
+    """Insert a table, a blank line before and after it and `comments` right above it; the
+    comment lines above the table it pushes down stay above that one."""
+    aot = tables.aot
     index = min(index, len(aot))
+    displaced = _take_comments(_slot(tables, index))
     _blank_line_after(aot, index - 1)
+    if comments:
+        _put_comments(_slot(tables, index), comments)
     if index >= len(aot):
         aot.append(table)
     else:
         aot.insert(index, table)
     _blank_line_after(aot, index)
+    _put_comments(_slot(tables, index + 1), displaced)
+
+
+def _remove(tables: Tables, index: int) -> tuple[Table, list[Any]]:
+    """Take table `index` out with the comment lines above it; the ones above the next
+    header stay above it."""
+    aot = tables.aot
+    own = _take_comments(_slot(tables, index))
+    following = _take_comments(_slot(tables, index + 1))
+    table = aot[index]
+    del aot[index]
+    _put_comments(_slot(tables, index), following)
+    return table, own
+
+
+def _move(source: Tables, index: int, target: Tables, to: int) -> None:
+    table, comments = _remove(source, index)
+    _insert(target, to, table, comments)
+
+
+def _stage_list(doc: Any) -> Tables:
+    return Tables(doc, "stage")
+
+
+def _action_list(doc: Any, stage: int) -> Tables:
+    return Tables(_stages(doc)[stage], "action")
 
 
 def _copy(table: Table) -> Table:
@@ -155,7 +262,7 @@ def add_stage(doc: Any, index: int, name: str) -> None:
     stage.add(tomlkit.nl())
     stage.append("action", tomlkit.aot())
     stage["action"].append(_new_table({"name": "step", "run": 'echo "hello from gitpipe"'}, inner))
-    _insert(stages, index, stage)
+    _insert(_stage_list(doc), index, stage)
 
 
 def rename_stage(doc: Any, stage: int, name: str) -> None:
@@ -163,7 +270,7 @@ def rename_stage(doc: Any, stage: int, name: str) -> None:
 
 
 def delete_stage(doc: Any, stage: int) -> None:
-    del _stages(doc)[stage]
+    _remove(_stage_list(doc), stage)
 
 
 def duplicate_stage(doc: Any, stage: int) -> None:
@@ -173,14 +280,11 @@ def duplicate_stage(doc: Any, stage: int) -> None:
     taken = _artifacts(doc)
     for action in copy.get("action", []):
         _rename_copied_outputs(action, taken)
-    _insert(stages, stage + 1, copy)
+    _insert(_stage_list(doc), stage + 1, copy)
 
 
 def move_stage(doc: Any, stage: int, to: int) -> None:
-    stages = _stages(doc)
-    table = stages[stage]
-    del stages[stage]
-    _insert(stages, to, table)
+    _move(_stage_list(doc), stage, _stage_list(doc), to)
 
 
 # --------------------------------------------------------------------------- actions
@@ -200,7 +304,7 @@ def add_action(doc: Any, stage: int, type: str = "run", run_order: int = 1, name
         values["message"] = "Go on with {short_sha}?"
     elif type == "deploy":
         values.update(environment="staging", target="file:///srv/app")
-    _insert(actions, len(actions), _new_table(values, _indent_of(actions, "  ")))
+    _insert(_action_list(doc, stage), len(actions), _new_table(values, _indent_of(actions, "  ")))
 
 
 def rename_action(doc: Any, stage: int, action: int, name: str) -> None:
@@ -257,7 +361,7 @@ def duplicate_action(doc: Any, stage: int, action: int) -> None:
     copy = _copy(actions[action])
     copy["name"] = _free_name({str(a.get("name", "")) for a in actions}, f"{copy.get('name', 'action')}-copy")
     _rename_copied_outputs(copy, _artifacts(doc))
-    _insert(actions, action + 1, copy)
+    _insert(_action_list(doc, stage), action + 1, copy)
 
 
 def _rename_copied_outputs(action: Table, taken: set[str]) -> None:
@@ -271,19 +375,18 @@ def _rename_copied_outputs(action: Table, taken: set[str]) -> None:
 def delete_action(doc: Any, stage: int, action: int, consumers: str = "keep") -> None:
     """Delete an action. Its consumers: "keep" them as they are (the validator will say what
     is missing), "drop" the inputs that came from it, or "delete" them too."""
-    actions = _actions(doc, stage)
-    outputs = set(actions[action].get("outputs", {}))
-    del actions[action]
+    outputs = set(_actions(doc, stage)[action].get("outputs", {}))
+    _remove(_action_list(doc, stage), action)
     if consumers == "keep" or not outputs:
         return
-    for stage_table in doc.get("stage", []):
+    for s, stage_table in enumerate(doc.get("stage", [])):
         aot = stage_table.get("action", [])
         for index in reversed(range(len(aot))):
             inputs = aot[index].get("inputs")
             if inputs is None or not outputs & {str(i) for i in inputs}:
                 continue
             if consumers == "delete":
-                del aot[index]
+                _remove(_action_list(doc, s), index)
             else:
                 for i in reversed(range(len(inputs))):
                     if inputs[i] in outputs:
@@ -301,9 +404,7 @@ def move_action(doc: Any, stage: int, action: int, to_stage: int, run_order: int
         table["run_order"] = run_order
     if to_stage == stage:
         return
-    del _actions(doc, stage)[action]
-    target = _actions(doc, to_stage)
-    _insert(target, len(target), table)
+    _move(_action_list(doc, stage), action, _action_list(doc, to_stage), len(_actions(doc, to_stage)))
 
 
 def set_key(doc: Any, stage: int, action: int, key: str, value: Any) -> None:
