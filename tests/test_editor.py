@@ -316,6 +316,16 @@ def test_save_refuses_a_stale_base_and_reports_bad_requests(editor: Editor) -> N
     assert status == 409 and "fix the TOML first" in json.loads(text)["error"]
 
 
+def test_a_file_that_is_not_utf8_is_refused_before_serving(tmp_path: Path) -> None:
+    file = tmp_path / ".pipeline.toml"
+    file.write_bytes(b'[pipeline]\nname = "caf\xe9"\n')
+    proc = subprocess.run([GITPIPE, "edit", "--no-browser", str(file)], capture_output=True, text=True,
+                          env=base_env(), timeout=60)
+    assert proc.returncode == 2
+    assert f"{file}:2: not UTF-8 text" in proc.stderr and "save the file as UTF-8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_an_existing_file_with_a_template_is_refused(tmp_path: Path) -> None:
     file = tmp_path / ".pipeline.toml"
     file.write_text(ORIGINAL)

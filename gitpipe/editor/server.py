@@ -23,6 +23,7 @@ import re
 import secrets
 import sys
 import tempfile
+import threading
 import webbrowser
 from collections.abc import Callable
 from importlib import resources
@@ -90,7 +91,10 @@ class Editor:
 
     def dispatch(self, request: Request) -> Response:
         if request.path == "/" and request.method == "GET":
-            return self.page()
+            try:
+                return self.page()
+            except EditError as exc:
+                return Response(f"gitpipe edit: {exc}\n", status=409, mimetype="text/plain")
         route = {"/api/check": self.api_check, "/api/edit": self.api_edit, "/api/save": self.api_save,
                  "/api/reload": self.api_reload, "/api/diff": self.api_diff}.get(request.path)
         if route is None or request.method != "POST":
@@ -106,10 +110,8 @@ class Editor:
             return _json({"error": f"{exc.strerror or exc}: {self.path}"}, 500)
 
     def disk(self) -> str | None:
-        try:
-            return self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
+        """The file's text now; None if there is no file."""
+        return read(self.path, EditError)
 
     def state(self) -> dict[str, Any]:
         text = self.disk()
@@ -160,6 +162,18 @@ class Editor:
 
     def api_diff(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"diff": _diff(self.disk() or "", _text(body), str(self.path))}
+
+
+def read(path: Path, error: type[GitpipeError]) -> str | None:
+    """The text of `path`, None if it does not exist; `error` if it is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {exc.start})",
+                    hint="save the file as UTF-8, then run gitpipe edit again") from None
 
 
 def _text(body: dict[str, Any]) -> str:
@@ -223,6 +237,7 @@ def run(path: Path, template: str | None, open_browser: bool, say: Callable[[str
         raise UsageError(f"{path.parent} is not a directory", hint="give a file in an existing directory")
     if path.exists() and template:
         raise UsageError(f"{path} exists; --template is only for a new file")
+    read(path, UsageError)  # a file that is not UTF-8: say so now, not in the page
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     app = Editor(path, template)
     try:
@@ -233,6 +248,8 @@ def run(path: Path, template: str | None, open_browser: bool, say: Callable[[str
     url = f"http://127.0.0.1:{app.port}/?token={app.token}"
     say(f"gitpipe edit: {path} at {url}")
     say("(the token in the URL is what lets you in; Ctrl-C stops the editor)")
+    # While the browser starts: load what the first page needs (the plugin list, the validator).
+    threading.Thread(target=app.page, name="warm-up", daemon=True).start()
     if open_browser and _has_browser():
         webbrowser.open(url)
     try:
