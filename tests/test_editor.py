@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from browser import DESKTOP, PHONE, Tab, browser, screenshot
-from helpers import GITPIPE, base_env
+from helpers import GITPIPE, base_env, wait_for
 
 from gitpipe import pipeline
 from gitpipe.editor import model
@@ -298,6 +298,13 @@ def test_requests_without_the_token_or_from_elsewhere_are_refused(editor: Editor
     status, text = request(editor, "/api/check", token=editor.token, origin="http://evil.example", body=body)
     assert status == 403 and "not accepted" in text
     assert request(editor, "/api/check", token=editor.token, host=f"evil.example:{editor.port}", body=body)[0] == 403
+    assert request(editor, f"/?token={editor.token}", host=f"127.0.0.1.evil.example:{editor.port}")[0] == 403
+    # through `ssh -L 8000:127.0.0.1:PORT` the browser says localhost:8000, and that is fine
+    status, _ = request(editor, "/api/check", token=editor.token, host="localhost:8000",
+                        origin="http://localhost:8000", body=body)
+    assert status == 200
+    assert request(editor, "/api/check", token=editor.token, host="localhost:8000",
+                   origin="http://localhost:9000", body=body)[0] == 403
     before = editor.file.read_text()
     assert request(editor, "/api/save", token=editor.token, origin="http://evil.example",
                    body={"text": "x", "base": ""})[0] == 403
@@ -314,6 +321,30 @@ def test_save_refuses_a_stale_base_and_reports_bad_requests(editor: Editor) -> N
     status, text = request(editor, "/api/edit", token=editor.token, body={"text": "[[", "op": {"kind": "add_stage",
                                                                                                 "args": {}}})
     assert status == 409 and "fix the TOML first" in json.loads(text)["error"]
+
+
+def test_the_browser_is_opened_without_the_token_on_its_command_line(tmp_path: Path) -> None:
+    """With a display, the browser gets a private file that redirects to the URL: `ps` shows
+    the browser's arguments to every local user, the token must not be among them."""
+    seen = tmp_path / "argv.txt"
+    fake = tmp_path / "fake-browser"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {seen}\ncat "${{1#file://}}" >> {seen}\n')
+    fake.chmod(0o755)
+    file = tmp_path / ".pipeline.toml"
+    file.write_text(ORIGINAL)
+    proc = subprocess.Popen([GITPIPE, "edit", str(file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=base_env(DISPLAY=":99", BROWSER=str(fake), HOME=str(tmp_path)))
+    try:
+        url = re.search(r"http://\S+", proc.stdout.readline() if proc.stdout else "")[0]  # type: ignore[index]
+        token = url.split("token=")[1]
+        argv, _, page = wait_for(lambda: seen.exists() and "refresh" in seen.read_text() and seen.read_text(),
+                                 what="the browser to be started").partition("<!doctype")
+        assert token not in argv and argv.startswith("file:///") and argv.strip().endswith("open.html")
+        assert url in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    assert not Path(argv.strip()[len("file://"):]).exists()  # removed when the editor stopped
 
 
 def test_a_file_that_is_not_utf8_is_refused_before_serving(tmp_path: Path) -> None:

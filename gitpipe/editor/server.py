@@ -13,6 +13,7 @@ are inlined; the Content-Security-Policy forbids any other source).
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -39,6 +41,7 @@ from gitpipe.editor import check, templates
 from gitpipe.errors import EditError, GitpipeError, UsageError
 
 MAX_BODY = 4 * 1024 * 1024
+LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")  # a Host naming anything else is DNS rebinding
 
 
 def digest(text: str | None) -> str:
@@ -59,11 +62,11 @@ class Editor:
 
     def allowed(self, request: Request) -> str | None:
         """Why a request is refused, or None."""
-        hosts = {f"127.0.0.1:{self.port}", f"localhost:{self.port}"}
-        if request.host not in hosts:
+        name, _, port = request.host.rpartition(":")
+        if name not in LOCAL_NAMES or not port.isdigit():  # any port: an `ssh -L` tunnel has its own
             return f"wrong Host header {request.host!r}: open the address gitpipe edit printed"
         origin = request.headers.get("Origin")
-        if origin is not None and origin not in {f"http://{h}" for h in hosts}:
+        if origin is not None and origin != f"http://{request.host}":
             return f"requests from {origin!r} are not accepted"
         given = request.args.get("token", "") if request.path == "/" else request.headers.get("X-Gitpipe-Token", "")
         if not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -229,6 +232,19 @@ def _has_browser() -> bool:
     return True
 
 
+def _open(url: str) -> None:
+    """Open the browser on a private file that redirects to `url`: the token never shows in
+    the browser's command line, which any local user can read in `ps` (as Jupyter does)."""
+    folder = Path(tempfile.mkdtemp(prefix="gitpipe-edit-"))  # mode 0700
+    page = folder / "open.html"
+    page.write_text(f'<!doctype html><meta http-equiv="refresh" content="0;url={url}">'
+                    f'<a href="{url}">open gitpipe edit</a>\n', encoding="utf-8")
+    page.chmod(0o600)
+    webbrowser.open(page.as_uri())
+    # the browser reads it at once; removed when the editor stops
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 def run(path: Path, template: str | None, open_browser: bool, say: Callable[[str], None]) -> None:
     """Serve the editor for `path` until Ctrl-C."""
     if path.is_dir():
@@ -251,7 +267,7 @@ def run(path: Path, template: str | None, open_browser: bool, say: Callable[[str
     # While the browser starts: load what the first page needs (the plugin list, the validator).
     threading.Thread(target=app.page, name="warm-up", daemon=True).start()
     if open_browser and _has_browser():
-        webbrowser.open(url)
+        _open(url)
     try:
         server.serve_forever()  # werkzeug's returns on Ctrl-C
     except KeyboardInterrupt:
