@@ -182,6 +182,25 @@ def test_undo_redo_and_keyboard_moves(chromium: Any, editor: Editor) -> None:
     assert page.locator('.stage-head[data-stage="1"]').inner_text() == "staging"
 
 
+def test_deleting_a_producer_asks_about_its_consumers(chromium: Any, editor: Editor) -> None:
+    page = open_editor(chromium, editor).page
+    node(page, "lint").click()
+    assert "no earlier action has outputs" in page.locator('.field[data-key="inputs"]').inner_text()
+    node(page, "unit").click()
+    offered = page.locator('.field[data-key="inputs"] input[type="checkbox"]')
+    assert offered.count() == 1 and offered.get_attribute("value") == "wheel" and offered.is_checked()
+    node(page, "wheel").click()
+    page.locator(".form").get_by_role("button", name="Delete").click()
+    question = page.locator("#dialog").inner_text()
+    assert "test / unit" in question and "staging / deploy" in question
+    page.get_by_role("button", name="Remove those inputs").click()
+    settle(page)
+    assert node(page, "wheel").count() == 0 and page.locator(".graph .edge").count() == 0
+    assert "inputs" not in text_of(page) and page.locator("#count").inner_text() == "0"
+    assert "# needs the build package" not in text_of(page)  # the deleted action's own comment went with it
+    assert "# lint needs no wheel" in text_of(page)
+
+
 def test_an_error_typed_in_the_text_shows_on_its_node_and_line(chromium: Any, editor: Editor) -> None:
     tab = open_editor(chromium, editor)
     page = tab.page
