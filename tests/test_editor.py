@@ -180,6 +180,12 @@ def test_undo_redo_and_keyboard_moves(chromium: Any, editor: Editor) -> None:
     page.keyboard.press("Alt+ArrowLeft")
     settle(page)
     assert page.locator('.stage-head[data-stage="1"]').inner_text() == "staging"
+    page.locator('.stage-head[data-stage="2"]').drag_to(page.locator('.stage-head[data-stage="0"]'))
+    settle(page)
+    assert [h.inner_text() for h in page.locator(".stage-head").all()] == ["test", "build", "staging"]
+    assert "runs later" in page.locator("#problems").inner_text()  # unit now runs before its wheel
+    assert "bad" in (node(page, "unit").get_attribute("class") or "")
+    assert page.locator(".graph .edge.backwards").count() == 1
 
 
 def test_deleting_a_producer_asks_about_its_consumers(chromium: Any, editor: Editor) -> None:
