@@ -221,6 +221,7 @@ def test_an_error_typed_in_the_text_shows_on_its_node_and_line(chromium: Any, ed
     assert page.locator(f'#gutter [data-line="{line + 1}"]').get_attribute("class") == "bad"
     assert "retries" in page.locator("#problems").inner_text()
     assert page.locator("#count").inner_text() == "1"
+    screenshot(page, "editor-error", full=False)
 
     page.keyboard.type("x = [")  # not TOML any more: the last good graph stays, the error is pinned
     settle(page)
@@ -279,7 +280,10 @@ def test_a_new_file_starts_from_a_template(chromium: Any, tmp_path: Path) -> Non
 def test_screenshots(chromium: Any, editor: Editor, dark: bool) -> None:
     """The editor at 1280x800 and at phone width, each theme; nothing wider than a phone."""
     theme = "dark" if dark else "light"
-    tab = open_editor(chromium, editor, LAPTOP, dark)
+    tab = Tab(chromium, LAPTOP, dark)
+    requested: list[str] = []
+    tab.page.on("request", lambda r: requested.append(r.url))
+    tab.visit(editor.url).wait_for_selector("body[data-ready]")
     node(tab.page, "deploy").click()
     screenshot(tab.page, f"editor-{theme}", full=False)
     tab.page.locator("#text").focus()
@@ -290,6 +294,10 @@ def test_screenshots(chromium: Any, editor: Editor, dark: bool) -> None:
     screenshot(page, f"editor-phone-{theme}")
     tab.visit(editor.url, viewport=DESKTOP)
     assert tab.console.problems() == []
+    # works offline: every request the page made went to the editor itself
+    assert requested and all(u.startswith(f"http://127.0.0.1:{editor.port}/") for u in requested), requested
+    tab.page.click("#theme")  # the switch overrides the browser's scheme
+    assert tab.page.evaluate("document.documentElement.dataset.theme") == ("light" if dark else "dark")
 
 
 # --------------------------------------------------------------------------- the server's guard
