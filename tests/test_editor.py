@@ -219,6 +219,7 @@ def test_an_error_typed_in_the_text_shows_on_its_node_and_line(chromium: Any, ed
     assert node(page, "wheel").get_attribute("class").split().count("bad") == 1
     assert node(page, "unit").get_attribute("class").split().count("bad") == 0
     assert page.locator(f'#gutter [data-line="{line + 1}"]').get_attribute("class") == "bad"
+    assert page.locator(f'#marks [data-line="{line + 1}"]').count() == 1  # the line is marked in the text
     assert "retries" in page.locator("#problems").inner_text()
     assert page.locator("#count").inner_text() == "1"
     screenshot(page, "editor-error", full=False)
@@ -235,6 +236,7 @@ def test_an_error_typed_in_the_text_shows_on_its_node_and_line(chromium: Any, ed
     settle(page)
     assert text_of(page) == ORIGINAL
     assert page.locator(".node.bad").count() == 0 and page.locator("#gutter .bad").count() == 0
+    assert page.locator("#marks div").count() == 0
     assert page.locator("#count").inner_text() == "0" and page.locator("#stale").is_hidden()
     assert tab.console.problems() == []
 

@@ -7,7 +7,7 @@
   var token = new URLSearchParams(location.search).get("token") || "";
   var KEYS = initial.keys.action;
   var $ = function (id) { return document.getElementById(id); };
-  var textarea = $("text"), gutter = $("gutter"), graphEl = $("graph"), formEl = $("form");
+  var textarea = $("text"), gutter = $("gutter"), marks = $("marks"), graphEl = $("graph"), formEl = $("form");
 
   var S = {
     text: initial.text, base: initial.base, saved: initial.exists ? initial.text : null,
@@ -99,9 +99,18 @@
     var n = S.text.split("\n").length, bad = {};
     S.problems.forEach(function (p) { if (p.line) bad[p.line] = (bad[p.line] ? bad[p.line] + "\n" : "") + p.message; });
     var key = n + JSON.stringify(bad);
-    if (key === S.gutter) { gutter.scrollTop = textarea.scrollTop; return; }
+    if (key === S.gutter) { scrolled(); return; }
     S.gutter = key;
     gutter.textContent = "";
+    marks.textContent = "";
+    var inner = el("span"); // moved with the text's scrolling
+    Object.keys(bad).forEach(function (line) { // the problem's line, marked in the text too
+      var m = el("div");
+      m.dataset.line = line;
+      m.style.top = (8 + (Number(line) - 1) * 18) + "px";
+      inner.appendChild(m);
+    });
+    marks.appendChild(inner);
     for (var i = 1; i <= n; i++) {
       var line = document.createElement("div");
       line.textContent = String(i);
@@ -109,7 +118,12 @@
       if (bad[i]) { line.className = "bad"; line.title = bad[i]; }
       gutter.appendChild(line);
     }
+    scrolled();
+  }
+
+  function scrolled() {
     gutter.scrollTop = textarea.scrollTop;
+    if (marks.firstChild) marks.firstChild.style.transform = "translateY(" + -textarea.scrollTop + "px)";
   }
 
   function gotoLine(line) {
@@ -118,7 +132,7 @@
     textarea.focus();
     textarea.setSelectionRange(start, start + (lines[line - 1] || "").length);
     textarea.scrollTop = Math.max(0, (line - 5) * 18);
-    gutter.scrollTop = textarea.scrollTop;
+    scrolled();
   }
 
   /* ------------------------------------------------------------------ what the server said */
@@ -778,7 +792,7 @@
     setText(textarea.value, true);
     check();
   });
-  textarea.addEventListener("scroll", function () { gutter.scrollTop = textarea.scrollTop; });
+  textarea.addEventListener("scroll", scrolled);
   textarea.addEventListener("keydown", function (ev) {
     if (ev.key === "Tab" && !ev.shiftKey && !ev.ctrlKey && !ev.altKey && textarea.dataset.tabs === "on") {
       ev.preventDefault();
