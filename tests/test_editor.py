@@ -25,7 +25,7 @@ from browser import DESKTOP, PHONE, Tab, browser, screenshot
 from helpers import GITPIPE, base_env, wait_for
 
 from gitpipe import pipeline
-from gitpipe.editor import model
+from gitpipe.editor import model, server
 from gitpipe.errors import EditError
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -510,4 +510,4 @@ def test_the_page_ships_in_the_package() -> None:
     globs = project["package-data"]["gitpipe.editor"]
     static = DATA.parent.parent / "gitpipe" / "editor"
     shipped = {p.name for g in globs for p in static.glob(g)}
-    assert shipped >= {"editor.html", "editor.css", "editor.js"}
+    assert shipped >= {"editor.html", "editor.css", *server.SCRIPT_PARTS}

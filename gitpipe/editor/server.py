@@ -41,6 +41,7 @@ from gitpipe.editor import check, templates
 from gitpipe.errors import EditError, GitpipeError, UsageError
 
 MAX_BODY = 4 * 1024 * 1024
+SCRIPT_PARTS = ("core.js", "graph.js", "form.js", "main.js")
 LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")  # a Host naming anything else is DNS rebinding
 
 
@@ -131,7 +132,7 @@ class Editor:
         html = (static / "editor.html").read_text(encoding="utf-8")
         parts = {"nonce": nonce, "css": (static / "editor.css").read_text(encoding="utf-8"),
                  "state": json.dumps(self.state()).replace("</", "<\\/"),
-                 "js": (static / "editor.js").read_text(encoding="utf-8")}
+                 "js": _script(static)}
         html = re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m[1]], html)  # one pass: no text is read twice
         response = Response(html, mimetype="text/html")
         response.headers["Content-Security-Policy"] = (
@@ -177,6 +178,12 @@ def read(path: Path, error: type[GitpipeError]) -> str | None:
         line = path.read_bytes()[:exc.start].count(b"\n") + 1
         raise error(f"{path}:{line}: not UTF-8 text (byte {exc.start})",
                     hint="save the file as UTF-8, then run gitpipe edit again") from None
+
+
+def _script(static: Any) -> str:
+    """The page's script: its parts in one function (they share its variables), strict."""
+    parts = [(static / name).read_text(encoding="utf-8") for name in SCRIPT_PARTS]
+    return '(function () {\n"use strict";\n' + "\n".join(parts) + "})();\n"
 
 
 def _text(body: dict[str, Any]) -> str:
