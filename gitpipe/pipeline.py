@@ -630,8 +630,8 @@ def _label(noun: str, name: Any, index: int) -> str:
 
 
 def _stages(top: _Table) -> tuple[StageSpec, ...]:
-    if "stage" not in top.data:
-        top.problem("no stages: add at least one [[stage]] with a [[stage.action]] under it")
+    if "stage" not in top.data or top.data["stage"] == []:  # `stage = []` has no stages either
+        top.problem("no stages: add at least one [[stage]] with a [[stage.action]] under it", "stage")
         return ()
     stages: list[StageSpec] = []
     seen: dict[str, int] = {}

@@ -463,6 +463,18 @@ def test_comments_above_a_header_move_with_it_and_others_stay() -> None:
             assert _above(out, name) == f"# about {'stage ' if len(name) == 1 else ''}{name}", (kind, args, out)
 
 
+def test_copies_and_deletes_leave_the_next_headers_comment_once_and_no_empty_arrays() -> None:
+    text = COMMENTED + '\n# tell the team\n[[notify]]\non = ["failed"]\ncommand = "true"\n'
+    for kind, args in [("duplicate_stage", {"stage": 1}), ("duplicate_action", {"stage": 1, "action": 0}),
+                       ("delete_stage", {"stage": 1}), ("delete_action", {"stage": 1, "action": 0})]:
+        out = edit(text, kind, **args)
+        assert out.count("# tell the team") == 1 and "\n\n# tell the team\n[[notify]]" in out, (kind, out)
+        assert "= []" not in out, (kind, out)
+    out = edit(edit(edit(text, "delete_stage", stage=0), "delete_stage", stage=0), "add_stage", index=0, name="new")
+    assert out.count("[[stage]]") == 1 and "\n\n[[stage]]" in out
+    pipeline.parse(out)
+
+
 def test_deleting_a_producer_drops_or_deletes_its_consumers() -> None:
     kept = edit(ORIGINAL, "delete_action", stage=0, action=0, consumers="keep")
     assert kept.count('inputs = ["wheel"]') == 2

@@ -116,6 +116,7 @@ BAD = {
     "stage without a name": GOOD.replace('name = "build"\n', ""),
     "stage without actions": '[[stage]]\nname = "build"\n',
     "no stages": '[pipeline]\nname = "x"\n',
+    "an empty array of stages": "stage = []\n",
     "env with a bad name": GOOD + '  env = { "A-B" = "1" }\n',
     "secret with a bad name": GOOD + '  secrets = ["my secret"]\n',
     "artifact with a bad name": GOOD + '  outputs = { "a b" = "x" }\n',

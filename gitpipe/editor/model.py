@@ -60,16 +60,11 @@ def env_key(action: str) -> str:
 
 
 def _stages(doc: Any) -> AoT:
-    if "stage" not in doc:
-        doc.append("stage", tomlkit.aot())
-    return doc["stage"]
+    return Tables(doc, "stage").aot
 
 
 def _actions(doc: Any, stage: int) -> AoT:
-    table = _stages(doc)[stage]
-    if "action" not in table:
-        table.append("action", tomlkit.aot())
-    return table["action"]
+    return Tables(_stages(doc)[stage], "action").aot
 
 
 def _every_action(doc: Any) -> list[Table]:
@@ -132,6 +127,14 @@ class Tables:
     @property
     def aot(self) -> AoT:
         if self.key not in self.parent:
+            body = self.parent.body if isinstance(self.parent, Container) else self.parent.value.body
+            last = body[-1][1] if body else None
+            if isinstance(last, (Table, AoT)) and _end(last):
+                table = last[-1] if isinstance(last, AoT) else last
+                if not isinstance(_last(table).value.body[-1][1], Whitespace):
+                    _last(table).add(tomlkit.nl())
+            elif last is not None and not isinstance(last, Whitespace):
+                self.parent.add(tomlkit.nl())
             self.parent.append(self.key, tomlkit.aot())
         return self.parent[self.key]
 
@@ -219,6 +222,8 @@ def _remove(tables: Tables, index: int) -> tuple[Table, list[Any]]:
     table = aot[index]
     del aot[index]
     _put_comments(_slot(tables, index), following)
+    if not len(aot):  # no `action = []` left behind
+        del tables.parent[tables.key]
     return table, own
 
 
@@ -276,6 +281,7 @@ def delete_stage(doc: Any, stage: int) -> None:
 def duplicate_stage(doc: Any, stage: int) -> None:
     stages = _stages(doc)
     copy = _copy(stages[stage])
+    _take_comments(_end(copy) or (copy.value, 0))  # the ones at its end are above the next header
     copy["name"] = _free_name({str(s.get("name", "")) for s in stages}, f"{copy.get('name', 'stage')}-copy")
     taken = _artifacts(doc)
     for action in copy.get("action", []):
@@ -359,6 +365,7 @@ def rename_output(doc: Any, stage: int, action: int, old: str, new: str) -> None
 def duplicate_action(doc: Any, stage: int, action: int) -> None:
     actions = _actions(doc, stage)
     copy = _copy(actions[action])
+    _take_comments(_end(copy) or (copy.value, 0))  # the ones at its end are above the next header
     copy["name"] = _free_name({str(a.get("name", "")) for a in actions}, f"{copy.get('name', 'action')}-copy")
     _rename_copied_outputs(copy, _artifacts(doc))
     _insert(_action_list(doc, stage), action + 1, copy)
