@@ -475,6 +475,44 @@ def test_copies_and_deletes_leave_the_next_headers_comment_once_and_no_empty_arr
     pipeline.parse(out)
 
 
+def test_many_random_edits_keep_the_text_toml_and_every_comment() -> None:
+    """200 edits drawn at random (fixed seed) that delete nothing: after each, the text is
+    TOML, every comment line of the original is still there, and the stages and actions
+    are the ones the edits made."""
+    import random
+    import tomllib
+
+    rng = random.Random(9)
+    text = ORIGINAL + '\n# tell the team\n[[notify]]\non = ["failed"]\ncommand = "true"\n'
+    comments = {line.strip() for line in text.splitlines() if line.strip().startswith("#")}
+    for step in range(200):
+        stages = tomllib.loads(text)["stage"]
+        s = rng.randrange(len(stages))
+        count = len(stages[s].get("action", []))  # a stage can be left without actions: the validator says so
+        a = rng.randrange(count) if count else 0
+        ops = [("move_stage", {"stage": s, "to": rng.randrange(len(stages))}),
+               ("add_stage", {"index": rng.randrange(len(stages) + 1), "name": "s"}),
+               ("add_action", {"stage": s, "type": rng.choice(["run", "approval", "deploy"])})]
+        if count:
+            ops += [("move_action", {"stage": s, "action": a, "to_stage": rng.randrange(len(stages)),
+                                     "run_order": rng.randint(1, 2)}),
+                    ("rename_action", {"stage": s, "action": a, "name": f"n{step}"}),
+                    ("set_key", {"stage": s, "action": a, "key": "retries", "value": rng.randint(0, 3)})]
+            if len(text) < 6000:
+                ops += [("duplicate_stage", {"stage": s}), ("duplicate_action", {"stage": s, "action": a})]
+        kind, args = rng.choice(ops)
+        before = sum(len(st.get("action", [])) for st in stages), len(stages)
+        text = edit(text, kind, **args)
+        after = tomllib.loads(text)
+        grown = {"add_stage": (1, 1), "duplicate_stage": (count, 1), "add_action": (1, 0),
+                 "duplicate_action": (1, 0)}.get(kind, (0, 0))
+        assert (sum(len(st.get("action", [])) for st in after["stage"]), len(after["stage"])) == (
+            before[0] + grown[0], before[1] + grown[1]), (step, kind, args)
+        missing = [c for c in comments if c not in text]
+        assert missing == [], (step, kind, args, missing)
+        assert text.count("# tell the team\n[[notify]]") == 1, (step, kind, args)
+
+
 def test_deleting_a_producer_drops_or_deletes_its_consumers() -> None:
     kept = edit(ORIGINAL, "delete_action", stage=0, action=0, consumers="keep")
     assert kept.count('inputs = ["wheel"]') == 2
