@@ -9,8 +9,7 @@ function drawProblems() {
   count.textContent = String(S.problems.length);
   count.className = "count" + (S.problems.length ? " bad" : "");
   if (!S.problems.length) {
-    var li = el("li", "none", S.text.trim() ? "none: gitpipe validate passes" : "");
-    ul.appendChild(li);
+    if (S.text.trim()) ul.appendChild(el("li", "none", "none: gitpipe validate passes"));
     return;
   }
   S.problems.forEach(function (p) {
