@@ -261,6 +261,27 @@ def test_a_file_changed_on_disk_is_not_overwritten(chromium: Any, editor: Editor
     assert editor.file.read_text() == theirs
 
 
+def test_markup_in_the_file_stays_text(chromium: Any, tmp_path: Path) -> None:
+    """A pipeline is pushed data: markup in its names, comments or scripts is shown, never run."""
+    file = tmp_path / ".pipeline.toml"
+    hostile = ORIGINAL.replace("# the one staging box", "# </script><script>window.pwned=1</script> <!--") \
+        .replace('name = "lint"', 'name = "<img src=x onerror=window.pwned=2>"')
+    file.write_text(hostile)
+    ed = start(file)
+    try:
+        tab = open_editor(chromium, ed)
+        page = tab.page
+        assert text_of(page) == hostile and page.locator("#text").input_value() == hostile
+        assert page.evaluate("window.pwned === undefined")
+        assert page.locator(".node").nth(1).get_attribute("data-name") == "<img src=x onerror=window.pwned=2>"
+        assert page.locator(".node .name").nth(1).inner_text().startswith("<img src=x")  # as text
+        assert page.locator(".graph img").count() == 0
+        assert tab.console.problems() == []
+    finally:
+        ed.proc.send_signal(signal.SIGINT)
+        ed.proc.wait(timeout=20)
+
+
 def test_a_new_file_starts_from_a_template(chromium: Any, tmp_path: Path) -> None:
     ed = start(tmp_path / ".pipeline.toml")
     try:

@@ -5,8 +5,8 @@ dependency), with a threaded server that binds port 0 and parses requests and JS
 one page for one user on 127.0.0.1 needs nothing bigger (no async framework, no ASGI server).
 
 Who may talk to it: only requests that carry the token made at start (in the page's URL,
-then in a header of every API call), whose Host is the address it listens on and whose
-Origin (when sent) is that same address. That keeps out other local users' pages, other
+then in a header of every API call), whose Host is a local name (any port: an `ssh -L`
+tunnel has its own) and whose Origin (when sent) is that same address. That keeps out other local users' pages, other
 sites in the browser, and DNS rebinding. The page loads nothing from outside (its CSS and JS
 are inlined; the Content-Security-Policy forbids any other source).
 """
@@ -118,11 +118,11 @@ class Editor:
         return read(self.path, EditError)
 
     def state(self) -> dict[str, Any]:
-        text = self.disk()
-        exists = text is not None
+        on_disk = self.disk()  # read once: the text shown and the base of a later save must agree
+        text = on_disk
         if text is None:
             text = templates.TEMPLATES[self.template][1] if self.template else ""
-        return {"file": str(self.path), "exists": exists, "text": text, "base": digest(self.disk()),
+        return {"file": str(self.path), "exists": on_disk is not None, "text": text, "base": digest(on_disk),
                 "templates": {k: {"title": t, "text": v} for k, (t, v) in templates.TEMPLATES.items()},
                 "keys": _key_help(), "check": check.check(text, self.path.name) if text else None}
 
@@ -131,7 +131,7 @@ class Editor:
         static = resources.files("gitpipe.editor") / "static"
         html = (static / "editor.html").read_text(encoding="utf-8")
         parts = {"nonce": nonce, "css": (static / "editor.css").read_text(encoding="utf-8"),
-                 "state": json.dumps(self.state()).replace("</", "<\\/"),
+                 "state": json.dumps(self.state()).replace("<", "\\u003c"),  # no "</script>" or "<!--"
                  "js": _script(static)}
         html = re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m[1]], html)  # one pass: no text is read twice
         response = Response(html, mimetype="text/html")
@@ -161,8 +161,9 @@ class Editor:
         return {"saved": True, "base": digest(text)}
 
     def api_reload(self, body: dict[str, Any]) -> dict[str, Any]:
-        text = self.disk() or ""
-        return {"text": text, "base": digest(self.disk()), "check": check.check(text, self.path.name)}
+        on_disk = self.disk()
+        text = on_disk or ""
+        return {"text": text, "base": digest(on_disk), "check": check.check(text, self.path.name)}
 
     def api_diff(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"diff": _diff(self.disk() or "", _text(body), str(self.path))}
