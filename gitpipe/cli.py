@@ -269,6 +269,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from gitpipe import schema
+
+    print(json.dumps(schema.installed_schema(), indent=2))
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from gitpipe.editor import server  # werkzeug and tomlkit only for this command
+
+    server.run(Path(args.file), template=args.template, open_browser=not args.no_browser, say=say)
+    return 0
+
+
 def cmd_approve(args: argparse.Namespace) -> int:
     conf, store = _store(args)
     row = api.decide(conf, store, args.run, True, args.comment)
@@ -413,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run only the failed actions and those after them; reuse what passed")
     p = add("validate", cmd_validate, "check a .pipeline.toml; errors as FILE:LINE: message")
     p.add_argument("file", nargs="?", default=".pipeline.toml")
+    add("schema", cmd_schema, "print a JSON Schema of .pipeline.toml (for editor completion and checks)")
+    p = add("edit", cmd_edit, "edit a .pipeline.toml in the browser: graph, forms, text, live validation")
+    p.add_argument("file", nargs="?", default=".pipeline.toml")
+    p.add_argument("--template", choices=("python", "site", "empty"),
+                   help="for a new file: start from this template (default: choose in the page)")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL")
     p = add("approve", cmd_approve, "approve the approval a run is waiting on")
     p.add_argument("run", type=_run_id)
     p.add_argument("--comment")

@@ -7,6 +7,8 @@ and an exit status, never a traceback.
 - `UsageError`      a command was asked for something that does not exist or cannot
                     be done now: unknown run id, unknown repo, not a bare repo (exit 2).
 - `PipelineError`   a `.pipeline.toml` is invalid; holds every problem found (exit 1).
+- `EditError`       `gitpipe edit` was asked for an edit that does not fit the text (it is
+                    not TOML, or names a stage or action that is not there); the page says so.
 - `ActionError`     an action cannot run as configured (an output glob matched nothing,
                     a path reaching out of the worktree); fails that action, not the daemon.
 - `DeployError`     a deploy failed (unreachable host, host key, disk full, healthcheck).
@@ -87,6 +89,10 @@ class PipelineError(GitpipeError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = sorted(problems, key=lambda p: (p.line, p.message))
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class EditError(GitpipeError):
+    """An edit the editor's page asked for cannot be made on this text."""
 
 
 class ActionError(GitpipeError):

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from gitpipe import keys
 from gitpipe.errors import PipelineError, Problem
 from gitpipe.models import ActionSpec, NotifySpec, Pipeline, StageSpec, TriggerSpec, When
 
@@ -28,30 +29,21 @@ Path = tuple[str | int, ...]
 _D = TypeVar("_D", float, None)
 
 PLACEHOLDERS = frozenset({"run", "pipeline", "repo", "ref", "sha", "short_sha", "branch", "environment"})
-BUILTIN_TYPES = ("run", "approval", "deploy")
-EVENTS = ("succeeded", "failed", "cancelled", "approval", "deployed", "rolled-back")
-STRATEGIES = ("rolling", "blue-green")
-SUPERSEDED = ("cancel", "queue")
+BUILTIN_TYPES = keys.ACTION_TYPES
+EVENTS = keys.find("notify", "on").choices  # type: ignore[union-attr]
+STRATEGIES = keys.find("action", "strategy").choices  # type: ignore[union-attr]
+SUPERSEDED = keys.find("trigger", "superseded").choices  # type: ignore[union-attr]
 
-_TOP_KEYS = ("pipeline", "trigger", "env", "stage", "notify")
-_PIPELINE_KEYS = ("name", "timeout", "network")
-_TRIGGER_KEYS = ("branches", "tags", "paths", "schedule", "superseded")
-_STAGE_KEYS = ("name", "action")
-_NOTIFY_KEYS = ("on", "webhook", "command")
-_WHEN_KEYS = ("branches", "tags")
-_COMMON_KEYS = (
-    "name", "type", "run_order", "inputs", "outputs", "timeout", "retries", "env", "secrets", "when",
-    "allow_failure", "matrix",
-)
+# The key lists come from gitpipe/keys.py, which also feeds `gitpipe schema` and the editor.
+_TOP_KEYS = keys.names("top")
+_PIPELINE_KEYS = keys.names("pipeline")
+_TRIGGER_KEYS = keys.names("trigger")
+_STAGE_KEYS = keys.names("stage")
+_NOTIFY_KEYS = keys.names("notify")
+_WHEN_KEYS = keys.names("when")
+_COMMON_KEYS = tuple(k.name for k in keys.action_keys(None))
+_TYPE_KEYS = {kind: keys.type_keys(kind) for kind in BUILTIN_TYPES}
 MATRIX_LIMIT = 64  # copies one matrix action may make: more is a mistake, or a job for several actions
-_TYPE_KEYS = {
-    "run": ("run", "network"),
-    "approval": ("message",),
-    "deploy": (
-        "environment", "target", "source", "keep", "shared", "before_switch", "after_switch",
-        "healthcheck", "healthcheck_retries", "monitor", "strategy",
-    ),
-}
 _RUN_NOT_ALLOWED = {
     "approval": 'an approval cannot have "run": it waits for a person and runs nothing '
     "(put the script in an action of its own)",
@@ -99,6 +91,12 @@ def parse(text: str, *, file: str = ".pipeline.toml", default_name: str = "pipel
     if report.problems:
         raise PipelineError(report.problems)
     return pipeline
+
+
+def key_lines(text: str) -> dict[Path, int]:
+    """The line of every table header, key and array item of a valid TOML text, by its path
+    (("stage", 0, "action", 1, "name") ...); what the editor pins problems to nodes with."""
+    return _Scanner(text.removeprefix("\ufeff")).scan()
 
 
 def parse_duration(value: str) -> float:
@@ -368,11 +366,11 @@ class _Report:
 
     def plugin_types(self) -> frozenset[str]:
         if self._plugins is None:
-            self._plugins = _plugin_types()
+            self._plugins = plugin_types()
         return self._plugins
 
 
-def _plugin_types() -> frozenset[str]:
+def plugin_types() -> frozenset[str]:
     """Action types of installed plugins (entry point group `gitpipe.actions`)."""
     # slow to import: only done for an action type that is not built in
     from importlib.metadata import entry_points
@@ -639,8 +637,8 @@ def _label(noun: str, name: Any, index: int) -> str:
 
 
 def _stages(top: _Table) -> tuple[StageSpec, ...]:
-    if "stage" not in top.data:
-        top.problem("no stages: add at least one [[stage]] with a [[stage.action]] under it")
+    if "stage" not in top.data or top.data["stage"] == []:  # `stage = []` has no stages either
+        top.problem("no stages: add at least one [[stage]] with a [[stage.action]] under it", "stage")
         return ()
     stages: list[StageSpec] = []
     seen: dict[str, int] = {}
@@ -698,7 +696,8 @@ def _action(report: _Report, data: dict[str, Any], path: Path, label: str,
         fields.update(_deploy_fields(t))
     elif kind is not None:  # a plugin: its own keys, but `network` is the sandbox's
         fields["network"] = t.get("network", (bool,), "true or false")
-        fields["extra"] = tuple((k, v) for k, v in data.items() if k not in _COMMON_KEYS + ("network",))
+        own = {k.name for k in keys.action_keys(kind)}
+        fields["extra"] = tuple((k, v) for k, v in data.items() if k not in own)
     spec = ActionSpec(line=report.line(path), **fields)
     copies = _matrix_copies(t, spec, () if kind in ("approval", "deploy") else _matrix(t))
     for copy in copies:
@@ -723,15 +722,11 @@ def _action_type(t: _Table) -> str | None:
 
 def _check_action_keys(t: _Table, kind: str | None) -> None:
     """Unknown keys of a built-in type (a plugin's own keys go to `extra`, unchecked)."""
-    if kind not in _TYPE_KEYS:
+    if kind is None or kind not in _TYPE_KEYS:
         return
     allowed = _COMMON_KEYS + _TYPE_KEYS[kind]
-    if kind == "approval":
-        allowed = tuple(k for k in allowed if k not in ("outputs", "allow_failure", "matrix"))
-    elif kind == "deploy":
-        allowed = tuple(k for k in allowed if k != "matrix")
     for key in t.unknown_keys(allowed):
-        owner = next((k for k, keys in _TYPE_KEYS.items() if key in keys), None)
+        owner = next((k for k, names in _TYPE_KEYS.items() if key in names), None)
         if key == "run":
             message = _RUN_NOT_ALLOWED[kind]
         elif key == "outputs" and kind == "approval":

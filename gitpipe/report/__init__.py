@@ -22,6 +22,19 @@ atomic writes), render (jinja2), fmt (times, sizes).
 
 from __future__ import annotations
 
-from gitpipe.report.reporter import Reporter, run_url
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gitpipe.report.reporter import Reporter, run_url
 
 __all__ = ["Reporter", "run_url"]
+
+
+def __getattr__(name: str) -> Any:
+    """Reporter and run_url, imported when asked for: `gitpipe edit` uses charts alone and
+    starts faster without jinja2 and the store."""
+    if name in __all__:
+        from gitpipe.report import reporter
+
+        return getattr(reporter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
