@@ -22,10 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
-from gitpipe import executor, queue, retention, space
+from gitpipe import executor, follow, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
@@ -41,15 +38,6 @@ from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
 STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
-
-
-class _Waker(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("created", "moved", "modified", "closed"):
-            self.event.set()
 
 
 def daemon_lock(settings: Settings) -> int | None:
@@ -121,12 +109,7 @@ class Daemon:
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select)
-        for d in (self.settings.wake_dir, self.settings.spool_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        observer = Observer()
-        observer.schedule(_Waker(self.wake), str(self.settings.wake_dir))
-        observer.schedule(_Waker(self.wake), str(self.settings.spool_dir))
-        observer.start()
+        observer = follow.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake, recursive=False)
         old = self._install_signals()
         log.addFilter(self.repeats)
         hook, threading.excepthook = threading.excepthook, self._thread_died
