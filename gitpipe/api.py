@@ -20,6 +20,8 @@ from gitpipe.store import Store
 def init_home(home: str | None) -> Path:
     """Create the home and a commented gitpipe.toml (an existing one is kept)."""
     root = settings_mod.resolve_home(home)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is a file, not a directory", hint="pass --home a directory (a new one is made)")
     for sub in ("", "logs", "artifacts", "work", "wake", "spool"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)  # secrets, history and worktrees: the daemon's user alone
@@ -105,7 +107,7 @@ def show_json(store: Store, run_id: int) -> dict[str, Any]:
     data["commit"] = {"author": run.commit_author, "message": run.commit_message}
     actions = store.actions(run_id)
     data["stages"] = [
-        {"name": s.name, "status": s.status.value,
+        {"name": s.name, "status": s.status.value, "started_at": s.started_at, "finished_at": s.finished_at,
          "actions": [_action_json(a) for a in actions if a.stage_idx == s.idx]}
         for s in store.stages(run_id)
     ]
