@@ -115,6 +115,9 @@ class Daemon:
         hook, threading.excepthook = threading.excepthook, self._thread_died
         try:
             self.recover()
+            repos = len(self.store.repos())
+            log.info("serving %s (%d repo%s), site %s: ready", self.settings.home, repos, "" if repos == 1 else "s",
+                     self.settings.site_dir / "index.html")
             notify_systemd("READY=1")
             self.wake.set()  # the startup rescan
             self._loop()
@@ -133,6 +136,7 @@ class Daemon:
             log.removeFilter(self.repeats)
             self.store.close()
             os.close(lock)
+            log.info("stopped")
 
     def _thread_died(self, args: threading.ExceptHookArgs) -> None:
         """An error that ended a thread goes to the log (and its repeats are counted), not to stderr."""
