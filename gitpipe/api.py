@@ -57,8 +57,10 @@ def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None)
         name = pipeline_mod.parse(text, default_name=repo_name).name
     except PipelineError as exc:
         error = f"{queue.PIPELINE_FILE} is invalid:\n{exc}"
+    author, message = git.commit_info(repo, sha)
     new = queue.NewRun(repo=repo_name, pipeline=name, ref=full, sha=sha, trigger="manual",
-                       pipeline_text=text, pusher=user(), error=error)
+                       pipeline_text=text, pusher=user(), error=error, commit_author=author,
+                       commit_message=message)
     run_id = store.create_runs([new])[0]
     queue.wake(settings, "run")
     return run_id, store.run(run_id)
@@ -75,7 +77,8 @@ def retry_run(settings: Settings, store: Store, run_id: int) -> int:
         error = f"{queue.PIPELINE_FILE} is invalid:\n{exc}"
     new = queue.NewRun(repo=old.repo, pipeline=old.pipeline, ref=old.ref, sha=old.sha, trigger="retry",
                        pipeline_text=text, pusher=user(), error=error, retry_of=run_id,
-                       before_sha=old.before_sha)
+                       before_sha=old.before_sha, commit_author=old.commit_author,
+                       commit_message=old.commit_message)
     new_id = store.create_runs([new])[0]
     queue.wake(settings, "retry")
     return new_id

@@ -38,6 +38,8 @@ from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
 STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
+EVENTS_SEEN = "events_seen"  # state key: the newest event id the daemon passed on (see Daemon._hear_others)
+SAVE_EVERY = 500  # events
 
 
 def daemon_lock(settings: Settings) -> int | None:
@@ -82,6 +84,8 @@ class Daemon:
         self.repeats = RepeatFilter()
         self.unfinished: dict[int, str] = {}  # run id -> why its worker ended without recording its end
         self.next_due: float | None = None  # the next schedule slot
+        self.events_seen = 0  # the newest event id heard of (see _hear_others); saved as state events_seen
+        self.events_saved = 0
 
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
@@ -106,6 +110,7 @@ class Daemon:
         self.reporter = Reporter(self.settings, self.store, background=True)
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
+        self.events_seen = self.events_saved = self._events_seen_before()
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select)
@@ -126,6 +131,7 @@ class Daemon:
             self._shutdown()
             observer.stop()
             observer.join()
+            self._save_events_seen()
             self.notifier.close()
             self.reporter.close()
             sandbox.close()
@@ -193,6 +199,7 @@ class Daemon:
     def _step(self) -> None:
         """One look at everything: wake files, the spool, schedules, cancels, the queue, retention."""
         self._clear_wake_files()
+        self._hear_others()
         self._ingest_spool()
         if self.run_schedules:
             _, self.next_due = self.schedules.fire_due(time.time())
@@ -204,6 +211,38 @@ class Daemon:
         if self.prune_due:
             self.prune_due = False
             retention.prune(self.settings, self.store)
+
+    def _hear_others(self) -> None:
+        """Pass on to the report what hooks and commands changed: a run that failed at its push
+        (an invalid pipeline), a queued run cancelled, a run queued or retried. Each gets its page
+        as it happens, not at the next `gitpipe report`."""
+        events, self.events_seen = self.store.foreign_events(self.events_seen)
+        for event in events:
+            self.reporter.on_event(event)
+        # Saved when others wrote, and now and then: a daemon killed with -9 hears again at most
+        # SAVE_EVERY events of its own, which only renders their pages once more.
+        if events or self.events_seen - self.events_saved >= SAVE_EVERY:
+            self._save_events_seen()
+
+    def _events_seen_before(self) -> int:
+        """Where the last daemon stopped hearing of other processes' changes. A home whose site was
+        never rendered hears of everything (runs pushed before the first start get their pages);
+        one with a site from before this was kept starts at its newest event (its past pages are
+        there already, and `gitpipe report` renders them all again)."""
+        saved = self.store.get_state(EVENTS_SEEN)
+        if saved is not None:
+            return int(saved)
+        return self.store.newest_event() if (self.settings.site_dir / "index.html").exists() else 0
+
+    def _save_events_seen(self) -> None:
+        if self.events_seen == self.events_saved:
+            return
+        try:
+            self.store.set_state(EVENTS_SEEN, str(self.events_seen))
+        except (GitpipeError, sqlite3.Error) as exc:  # a full disk: kept in memory, saved later
+            log.warning("could not save where the report's catching up stopped: %s", exc)
+            return
+        self.events_saved = self.events_seen
 
     def _queued(self) -> bool:
         return self.store.get_state("paused") is None and bool(

@@ -95,9 +95,22 @@ def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref:
     created = not old.strip("0")
     if info["paths"] and not created and not _paths_changed(git_dir, info["paths"], old, new):
         return None
-    return {"repo": repo, "pipeline": info["name"], "ref": ref, "sha": new, "trigger": "push",
-            "before_sha": None if created else old, "pusher": who, "error": info["error"],
-            "pipeline_text": info["text"]}
+    run = {"repo": repo, "pipeline": info["name"], "ref": ref, "sha": new, "trigger": "push",
+           "before_sha": None if created else old, "pusher": who, "error": info["error"],
+           "pipeline_text": info["text"]}
+    if info["error"]:  # it ends here, never reaching the daemon, which records the commit of the others
+        run["commit_author"], run["commit_message"] = commit_info(git_dir, new)
+    return run
+
+
+def commit_info(git_dir: str, sha: str) -> tuple[str | None, str | None]:
+    """(author "Name <email>", message) of a commit, as git.commit_info gives them, through `git`."""
+    code, raw = git(git_dir, "cat-file", "commit", sha)
+    if code != 0:
+        return None, None
+    head, _, message = raw.decode("utf-8", "replace").partition("\n\n")
+    author = next((line[len("author "):] for line in head.splitlines() if line.startswith("author ")), None)
+    return (author.rsplit(" ", 2)[0] if author else None), message
 
 
 def _paths_changed(git_dir: str, patterns: list[str], old: str, new: str) -> bool:
