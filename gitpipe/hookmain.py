@@ -49,7 +49,7 @@ def main(name: str, *, home: str, repo: str) -> int:
 def post_receive(home: str, repo: str, git_dir: str, text: str) -> list[str]:
     """Record the runs this push starts; the lines to show the pusher."""
     runs = []
-    notes: list[str] = []  # refs that start no run, and why, when the pusher could not guess
+    notes: list[str] = []  # why a pushed ref starts no run, where the pusher could not guess it
     who = pusher()
     for line in text.splitlines():
         parts = line.split()
