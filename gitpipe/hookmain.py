@@ -75,7 +75,7 @@ def post_receive(home: str, repo: str, git_dir: str, text: str) -> list[str]:
     return lines + notes + warning
 
 
-def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref: str,
+def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref: str, *,
           notes: list[str]) -> dict | None:
     if not new.strip("0") or not ref.startswith(("refs/heads/", "refs/tags/")):
         return None  # a deletion, or a ref that is neither a branch nor a tag

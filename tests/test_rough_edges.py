@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import GITPIPE, Home, base_env, cpu_seconds, git, pipeline, wait_for
+from helpers import GITPIPE, Home, base_env, cpu_seconds, one_line_error, pipeline, wait_for, working_copy
 
 GOOD = pipeline("""
     [[stage]]
@@ -38,17 +38,6 @@ INVALID = pipeline("""
       name = "a"
       shell = "echo hi"
     """)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], *words: str, code: int = 2) -> str:
-    """An error a user caused: the exit status, one line on stderr, no traceback."""
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------- 1. invalid pipelines and the site
@@ -222,12 +211,9 @@ def test_runs_into_head_ends_quietly(home: Home) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_exec_prints_nothing_on_stderr_over_many_runs(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    git(work, "init", "-q")
     # Lines coming in while the run's end nears: the follower reads them as the run stops (it was
     # its own reads, queued as events when its observer stopped, that made watchdog complain).
-    (work / ".pipeline.toml").write_text(pipeline("""
+    work = working_copy(tmp_path / "work", pipeline("""
         [[stage]]
         name = "build"
           [[stage.action]]
@@ -242,8 +228,6 @@ def test_exec_prints_nothing_on_stderr_over_many_runs(tmp_path: Path) -> None:
           name = "c"
           run = "echo c"
         """))
-    git(work, "add", "-A")
-    git(work, "commit", "-qm", "init")
     for i in range(30):  # it came about once in 10 to 15 runs
         proc = subprocess.run([GITPIPE, "exec"], cwd=work, env=base_env(GITPIPE_HOME=str(tmp_path / "none")),
                               capture_output=True, text=True, timeout=120, check=False)
@@ -315,18 +299,6 @@ def test_init_on_a_file_says_it_is_a_file(tmp_path: Path) -> None:
     runs = subprocess.run([GITPIPE, "--home", str(path), "runs"], env=base_env(), capture_output=True,
                           text=True, timeout=60, check=False)
     one_line_error(runs, str(path), "is a file, not a directory")
-
-
-def test_exec_of_an_unknown_stage_lists_the_stages(tmp_path: Path) -> None:
-    work = tmp_path / "w"
-    work.mkdir()
-    git(work, "init", "-q")
-    (work / ".pipeline.toml").write_text(GOOD)
-    for args, known in ((("--stage", "nosuch"), "stages: build, test"),
-                        (("--action", "nosuch"), "actions: build/compile, build/lint, test/unit")):
-        proc = subprocess.run([GITPIPE, "exec", *args], cwd=work, env=base_env(), capture_output=True, text=True,
-                              timeout=60, check=False)
-        one_line_error(proc, "nosuch", known)
 
 
 def test_json_of_runs_is_unchanged_by_a_positive_limit(home: Home) -> None:
