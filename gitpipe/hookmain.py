@@ -27,6 +27,7 @@ from gitpipe import intake  # noqa: E402 - after the cheap TYPE_CHECKING guard
 
 PIPELINE_FILE = ".pipeline.toml"
 CACHE_VERSION = 1
+MAX_NOTES = 5  # lines about refs that start no run
 
 
 def main(name: str, *, home: str, repo: str) -> int:
@@ -57,6 +58,8 @@ def post_receive(home: str, repo: str, git_dir: str, text: str) -> list[str]:
             run = _plan(home, repo, git_dir, who, *parts, notes=notes)
             if run:
                 runs.append(run)
+    if len(notes) > MAX_NOTES:  # a mirror push of many branches: not a screenful of the same line
+        notes[MAX_NOTES - 1:] = [f"gitpipe: and {len(notes) - MAX_NOTES + 1} more refs without {PIPELINE_FILE}"]
     if not runs:
         return notes
     try:

@@ -248,6 +248,9 @@ def test_a_push_without_a_pipeline_file_says_how_to_add_one(home: Home) -> None:
     assert "gitpipe validate" in lines[0]
     deleted = home.delete_ref(repo, "refs/heads/main")  # a deletion runs nothing and says nothing
     assert deleted.gitpipe_lines == []
+    many = home.git_push(repo, *(f"{push.sha}:refs/heads/b{i}" for i in range(9)))  # a mirror push
+    assert len(many.gitpipe_lines) == 5, many.stderr
+    assert many.gitpipe_lines[-1].endswith("gitpipe: and 5 more refs without .pipeline.toml")
 
 
 def test_serve_says_when_it_is_ready_and_when_it_stops(home: Home) -> None:
