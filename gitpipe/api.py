@@ -20,6 +20,8 @@ from gitpipe.store import Store
 def init_home(home: str | None) -> Path:
     """Create the home and a commented gitpipe.toml (an existing one is kept)."""
     root = settings_mod.resolve_home(home)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is a file, not a directory", hint="pass --home a directory (a new one is made)")
     for sub in ("", "logs", "artifacts", "work", "wake", "spool"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)  # secrets, history and worktrees: the daemon's user alone
@@ -55,8 +57,10 @@ def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None)
         name = pipeline_mod.parse(text, default_name=repo_name).name
     except PipelineError as exc:
         error = f"{queue.PIPELINE_FILE} is invalid:\n{exc}"
+    author, message = git.commit_info(repo, sha)
     new = queue.NewRun(repo=repo_name, pipeline=name, ref=full, sha=sha, trigger="manual",
-                       pipeline_text=text, pusher=user(), error=error)
+                       pipeline_text=text, pusher=user(), error=error, commit_author=author,
+                       commit_message=message)
     run_id = store.create_runs([new])[0]
     queue.wake(settings, "run")
     return run_id, store.run(run_id)
@@ -76,7 +80,8 @@ def retry_run(settings: Settings, store: Store, run_id: int, failed: bool = Fals
         error = f"{queue.PIPELINE_FILE} is invalid:\n{exc}"
     new = queue.NewRun(repo=old.repo, pipeline=old.pipeline, ref=old.ref, sha=old.sha, trigger="retry",
                        pipeline_text=text, pusher=user(), error=error, retry_of=run_id,
-                       before_sha=old.before_sha)
+                       before_sha=old.before_sha, commit_author=old.commit_author,
+                       commit_message=old.commit_message)
     if failed and error is None:
         new_id = store.create_retry(new, reuse.plan(store, old))
     else:
@@ -113,7 +118,7 @@ def show_json(store: Store, run_id: int) -> dict[str, Any]:
     data["commit"] = {"author": run.commit_author, "message": run.commit_message}
     actions = store.actions(run_id)
     data["stages"] = [
-        {"name": s.name, "status": s.status.value,
+        {"name": s.name, "status": s.status.value, "started_at": s.started_at, "finished_at": s.finished_at,
          "actions": [_action_json(a) for a in actions if a.stage_idx == s.idx]}
         for s in store.stages(run_id)
     ]

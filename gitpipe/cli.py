@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 from gitpipe import __version__, ansi, api, follow
 from gitpipe import settings as settings_mod
-from gitpipe.errors import GitpipeError, PipelineError
+from gitpipe.errors import GitpipeError, PipelineError, UsageError
 from gitpipe.models import RunRecord, RunStatus, short_ref
 
 
@@ -65,7 +67,13 @@ def print_json(data: Any) -> None:
 
 
 def _home(args: argparse.Namespace) -> settings_mod.Settings:
-    return settings_mod.load(args.home)
+    """The settings of an initialised home: only `init` (and `demo`, `exec` in homes of their
+    own) make one, never a command pointed at the wrong directory."""
+    conf = settings_mod.load(args.home)
+    if not conf.db_path.exists():
+        raise UsageError(f"{conf.home} is not a gitpipe home (it has no {conf.db_path.name})",
+                         hint="run `gitpipe init` to make it one, or pass --home DIR of an existing home")
+    return conf
 
 
 def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -186,6 +194,15 @@ def _duration(r: RunRecord) -> str:
     return f"  {seconds(r.started_at, r.finished_at):.1f}s"
 
 
+def _took(row: dict[str, Any]) -> str:
+    """How long a stage or action of `show --json` took (so far, while it runs), as `runs` and
+    `run --wait` write it; '' before it started."""
+    from gitpipe.progress import seconds
+
+    took = seconds(row["started_at"], row["finished_at"])
+    return f"  {took:.1f}s" if took is not None else ""
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     _, store = _store(args)
     data = api.show_json(store, args.run)
@@ -206,13 +223,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if data["error"]:
         say("  error: " + data["error"].replace("\n", "\n    "))
     for stage in data["stages"]:
-        say(f"  stage {stage['name']}: {out.status(stage['status'])}")
+        say(f"  stage {stage['name']}: {out.status(stage['status'])}{_took(stage)}")
         for a in stage["actions"]:
             extra = f" exit {a['exit_code']}" if a["exit_code"] not in (None, 0) else ""
             tries = f" ({a['attempts']} attempts)" if a["attempts"] > 1 else ""
             allowed = " (allowed to fail: a warning)" if a["warning"] else ""
             msg = f" - {a['message']}" if a["message"] else ""
-            say(f"    {a['name']:<24} {out.status(a['status'])}{allowed}{extra}{tries}{msg}")
+            say(f"    {a['name']:<24} {out.status(a['status'])}{allowed}{_took(a)}{extra}{tries}{msg}")
     for art in data["artifacts"]:
         say(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
     for o in data["outputs"]:
@@ -408,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="show progress until the run ends; exit 1 if it fails")
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("repo", nargs="?")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_positive, default=20, help="the most runs to list (default 20)")
     p.add_argument("--json", action="store_true", help="a JSON array of runs")
     p = add("show", cmd_show, "one run: stages, actions, status, durations, artifacts")
     p.add_argument("run", type=_run_id)
@@ -457,6 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a positive number (how many runs to list, e.g. 20)')
+    return number
+
+
 def _run_id(text: str) -> int:
     try:
         return int(text.lstrip("#"))
@@ -465,6 +492,26 @@ def _run_id(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """The reader of our output left (`gitpipe runs | head -1`): end quietly, as git does.
+
+    git dies of SIGPIPE, which a shell reports as 141; Python ignores SIGPIPE and raises
+    instead, so the same status is returned, and stdout is pointed at /dev/null so that the
+    interpreter's last flush at exit does not complain either.
+    """
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -472,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise  # an OSError too, but not one to report: see _closed_pipe
     except PipelineError as exc:
         for problem in exc.problems:
             say(str(problem), err=True)

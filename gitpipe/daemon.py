@@ -22,10 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
-from gitpipe import executor, queue, retention, space
+from gitpipe import executor, follow, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
@@ -41,15 +38,8 @@ from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
 STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
-
-
-class _Waker(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("created", "moved", "modified", "closed"):
-            self.event.set()
+EVENTS_SEEN = "events_seen"  # state key: the newest event id the daemon passed on (see Daemon._hear_others)
+SAVE_EVERY = 500  # events
 
 
 def daemon_lock(settings: Settings) -> int | None:
@@ -94,6 +84,8 @@ class Daemon:
         self.repeats = RepeatFilter()
         self.unfinished: dict[int, str] = {}  # run id -> why its worker ended without recording its end
         self.next_due: float | None = None  # the next schedule slot
+        self.events_seen = 0  # the newest event id heard of (see _hear_others); saved as state events_seen
+        self.events_saved = 0
 
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
@@ -118,20 +110,19 @@ class Daemon:
         self.reporter = Reporter(self.settings, self.store, background=True)
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
+        self.events_seen = self.events_saved = self._events_seen_before()
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select)
-        for d in (self.settings.wake_dir, self.settings.spool_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        observer = Observer()
-        observer.schedule(_Waker(self.wake), str(self.settings.wake_dir))
-        observer.schedule(_Waker(self.wake), str(self.settings.spool_dir))
-        observer.start()
+        observer = follow.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake, recursive=False)
         old = self._install_signals()
         log.addFilter(self.repeats)
         hook, threading.excepthook = threading.excepthook, self._thread_died
         try:
             self.recover()
+            repos = len(self.store.repos())
+            log.info("serving %s (%d repo%s), site %s: ready", self.settings.home, repos, "" if repos == 1 else "s",
+                     self.settings.site_dir / "index.html")
             notify_systemd("READY=1")
             self.wake.set()  # the startup rescan
             self._loop()
@@ -140,6 +131,7 @@ class Daemon:
             self._shutdown()
             observer.stop()
             observer.join()
+            self._save_events_seen()
             self.notifier.close()
             self.reporter.close()
             sandbox.close()
@@ -150,6 +142,7 @@ class Daemon:
             log.removeFilter(self.repeats)
             self.store.close()
             os.close(lock)
+            log.info("stopped")
 
     def _thread_died(self, args: threading.ExceptHookArgs) -> None:
         """An error that ended a thread goes to the log (and its repeats are counted), not to stderr."""
@@ -206,6 +199,7 @@ class Daemon:
     def _step(self) -> None:
         """One look at everything: wake files, the spool, schedules, cancels, the queue, retention."""
         self._clear_wake_files()
+        self._hear_others()
         self._ingest_spool()
         if self.run_schedules:
             _, self.next_due = self.schedules.fire_due(time.time())
@@ -217,6 +211,38 @@ class Daemon:
         if self.prune_due:
             self.prune_due = False
             retention.prune(self.settings, self.store)
+
+    def _hear_others(self) -> None:
+        """Pass on to the report what hooks and commands changed: a run that failed at its push
+        (an invalid pipeline), a queued run cancelled, a run queued or retried. Each gets its page
+        as it happens, not at the next `gitpipe report`."""
+        events, self.events_seen = self.store.foreign_events(self.events_seen)
+        for event in events:
+            self.reporter.on_event(event)
+        # Saved when others wrote, and now and then: a daemon killed with -9 hears again at most
+        # SAVE_EVERY events of its own, which only renders their pages once more.
+        if events or self.events_seen - self.events_saved >= SAVE_EVERY:
+            self._save_events_seen()
+
+    def _events_seen_before(self) -> int:
+        """Where the last daemon stopped hearing of other processes' changes. A home whose site was
+        never rendered hears of everything (runs pushed before the first start get their pages);
+        one with a site from before this was kept starts at its newest event (its past pages are
+        there already, and `gitpipe report` renders them all again)."""
+        saved = self.store.get_state(EVENTS_SEEN)
+        if saved is not None:
+            return int(saved)
+        return self.store.newest_event() if (self.settings.site_dir / "index.html").exists() else 0
+
+    def _save_events_seen(self) -> None:
+        if self.events_seen == self.events_saved:
+            return
+        try:
+            self.store.set_state(EVENTS_SEEN, str(self.events_seen))
+        except (GitpipeError, sqlite3.Error) as exc:  # a full disk: kept in memory, saved later
+            log.warning("could not save where the report's catching up stopped: %s", exc)
+            return
+        self.events_saved = self.events_seen
 
     def _queued(self) -> bool:
         return self.store.get_state("paused") is None and bool(

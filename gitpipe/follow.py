@@ -1,4 +1,8 @@
-"""Following a run from the command line: wake on file events (watchdog), read what is new."""
+"""Following a run from the command line: wake on file events (watchdog), read what is new.
+
+The one user of watchdog: the daemon waits on its wake and spool directories through
+`observe` too.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 SAFETY_NET = 1.0  # seconds; the database (status changes) sends no file event we watch
+# What wakes a watcher: a file created, written, closed after writing, or moved (inotify is asked
+# for these alone). Never a deletion (the daemon deletes the wake files it read), and never an
+# open, a read or a close without writing, which watchdog reports too unless told: a follower
+# reading a log woke itself with its own reads, in a loop that took a whole core, and an
+# observer stopped with such an event still queued made watchdog print
+# "InotifyEmitter.queue_events() called when the thread is inactive".
+CHANGES: list[type[FileSystemEvent]] = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
+                                        DirCreatedEvent, DirMovedEvent]
 
 
 class _Set(FileSystemEventHandler):
@@ -23,14 +45,20 @@ class _Set(FileSystemEventHandler):
         self.event.set()
 
 
-def watch(dirs: list[Path], until: Callable[[], bool], step: Callable[[], None]) -> None:
-    """Call `step` on every change under `dirs` (and once a second) until `until()` is true."""
-    event = threading.Event()
+def observe(dirs: list[Path], event: threading.Event, recursive: bool = True) -> BaseObserver:
+    """A started observer that sets `event` whenever a file under `dirs` changes (see CHANGES)."""
     observer = Observer()
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-        observer.schedule(_Set(event), str(d), recursive=True)
+        observer.schedule(_Set(event), str(d), recursive=recursive, event_filter=CHANGES)
     observer.start()
+    return observer
+
+
+def watch(dirs: list[Path], until: Callable[[], bool], step: Callable[[], None]) -> None:
+    """Call `step` on every change under `dirs` (and once a second) until `until()` is true."""
+    event = threading.Event()
+    observer = observe(dirs, event)
     try:
         while True:
             done = until()

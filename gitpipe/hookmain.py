@@ -27,6 +27,7 @@ from gitpipe import intake  # noqa: E402 - after the cheap TYPE_CHECKING guard
 
 PIPELINE_FILE = ".pipeline.toml"
 CACHE_VERSION = 1
+MAX_NOTES = 5  # lines about refs that start no run
 
 
 def main(name: str, *, home: str, repo: str) -> int:
@@ -49,15 +50,18 @@ def main(name: str, *, home: str, repo: str) -> int:
 def post_receive(home: str, repo: str, git_dir: str, text: str) -> list[str]:
     """Record the runs this push starts; the lines to show the pusher."""
     runs = []
+    notes: list[str] = []  # why a pushed ref starts no run, where the pusher could not guess it
     who = pusher()
     for line in text.splitlines():
         parts = line.split()
         if len(parts) == 3:
-            run = _plan(home, repo, git_dir, who, *parts)
+            run = _plan(home, repo, git_dir, who, *parts, notes=notes)
             if run:
                 runs.append(run)
+    if len(notes) > MAX_NOTES:  # a mirror push of many branches: not a screenful of the same line
+        notes[MAX_NOTES - 1:] = [f"gitpipe: and {len(notes) - MAX_NOTES + 1} more refs without {PIPELINE_FILE}"]
     if not runs:
-        return []
+        return notes
     try:
         ids = intake.record(os.path.join(home, "gitpipe.db"), runs)
     except Exception as exc:  # database locked past the timeout, disk full, ...
@@ -71,18 +75,21 @@ def post_receive(home: str, repo: str, git_dir: str, text: str) -> list[str]:
     lines: list[str] = []
     for run_id, run in zip(ids, runs):
         lines += describe(run_id, run, site_url)
-    return lines + warning
+    return lines + notes + warning
 
 
-def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref: str) -> dict | None:
+def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref: str, *,
+          notes: list[str]) -> dict | None:
     if not new.strip("0") or not ref.startswith(("refs/heads/", "refs/tags/")):
         return None  # a deletion, or a ref that is neither a branch nor a tag
     code, out = git(git_dir, "rev-parse", "--verify", "-q", f"{new}:{PIPELINE_FILE}")
     if code != 0:
-        return None  # no pipeline in this commit
+        notes.append(f"gitpipe: no {PIPELINE_FILE} in {_where(ref, new)}: nothing to run. Add one at the top of "
+                     f"the repository (check it with `gitpipe validate`) and push again")
+        return None
     info = pipeline_info(home, repo, git_dir, out.decode().strip())
     branch = ref.startswith("refs/heads/")
-    short = ref[len("refs/heads/"):] if branch else ref[len("refs/tags/"):]
+    short = _short(ref)
     if not any(glob_match(p, short) for p in info["branches" if branch else "tags"]):
         return None
     if not branch:  # an annotated tag names a tag object; the run (worktree, GITPIPE_SHA) needs its commit
@@ -91,9 +98,22 @@ def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref:
     created = not old.strip("0")
     if info["paths"] and not created and not _paths_changed(git_dir, info["paths"], old, new):
         return None
-    return {"repo": repo, "pipeline": info["name"], "ref": ref, "sha": new, "trigger": "push",
-            "before_sha": None if created else old, "pusher": who, "error": info["error"],
-            "pipeline_text": info["text"]}
+    run = {"repo": repo, "pipeline": info["name"], "ref": ref, "sha": new, "trigger": "push",
+           "before_sha": None if created else old, "pusher": who, "error": info["error"],
+           "pipeline_text": info["text"]}
+    if info["error"]:  # it ends here, never reaching the daemon, which records the commit of the others
+        run["commit_author"], run["commit_message"] = commit_info(git_dir, new)
+    return run
+
+
+def commit_info(git_dir: str, sha: str) -> tuple[str | None, str | None]:
+    """(author "Name <email>", message) of a commit, as git.commit_info gives them, through `git`."""
+    code, raw = git(git_dir, "cat-file", "commit", sha)
+    if code != 0:
+        return None, None
+    head, _, message = raw.decode("utf-8", "replace").partition("\n\n")
+    author = next((line[len("author "):] for line in head.splitlines() if line.startswith("author ")), None)
+    return (author.rsplit(" ", 2)[0] if author else None), message
 
 
 def _paths_changed(git_dir: str, patterns: list[str], old: str, new: str) -> bool:
@@ -172,16 +192,27 @@ def _save(path: str, value: Any) -> None:
 
 def describe(run_id: int, run: dict[str, Any], site_url: str) -> list[str]:
     """What the pusher reads for one run (git prefixes each line with `remote:`)."""
-    ref = run["ref"]
-    short = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else ref[len("refs/tags/"):]
-    # git refuses ASCII controls in ref names, but not C1 controls or bidi marks: shown escaped
-    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in short)
-    where = f"{shown} @ {run['sha'][:7]}"
+    where = _where(run["ref"], run["sha"])
     url = f" {site_url}/{run['repo']}/runs/{run_id}.html" if site_url else ""
     if run.get("error"):
         first, *rest = run["error"].splitlines()
         return [f"gitpipe: run #{run_id} for {where} failed: {first}{url}"] + [f"gitpipe:   {x}" for x in rest]
     return [f"gitpipe: run #{run_id} queued for {where}{url}"]
+
+
+def _short(ref: str) -> str:
+    """A branch or tag's name without refs/heads/ or refs/tags/ (importing models would cost every push its enum and dataclasses)."""
+    for prefix in ("refs/heads/", "refs/tags/"):
+        if ref.startswith(prefix):
+            return ref[len(prefix):]
+    return ref
+
+
+def _where(ref: str, sha: str) -> str:
+    """`main @ 1a2b3c4`, as the pusher reads it."""
+    # git refuses ASCII controls in ref names, but not C1 controls or bidi marks: shown escaped
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in _short(ref))
+    return f"{shown} @ {sha[:7]}"
 
 
 def glob_match(pattern: str, name: str) -> bool:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 BUSY_TIMEOUT_MS = 30_000
 RUN_FIELDS = ("repo", "pipeline", "ref", "sha", "before_sha", "trigger", "pusher", "error",
-              "pipeline_text", "retry_of")
+              "pipeline_text", "retry_of", "commit_author", "commit_message")
 
 
 def now_iso(t: float | None = None) -> str:

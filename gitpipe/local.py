@@ -45,9 +45,10 @@ def selection(pipe: Pipeline, stage: str | None, action: str | None):  # type: i
     """Which actions run: the named stage/action and the producers of their inputs."""
     names = {(s.name, a.name) for s in pipe.stages for a in s.actions}
     if stage and stage not in {s for s, _ in names}:
-        raise UsageError(f'the pipeline has no stage "{stage}"')
+        raise UsageError(f'the pipeline has no stage "{stage}" (stages: {", ".join(s.name for s in pipe.stages)})')
     if action and action not in {a for _, a in names}:
-        raise UsageError(f'the pipeline has no action "{action}"')
+        known = ", ".join(f"{s.name}/{a.name}" for s in pipe.stages for a in s.actions)
+        raise UsageError(f'the pipeline has no action "{action}" (actions: {known})')
     wanted = {(s.name, a.name) for s in pipe.stages for a in s.actions
               if (stage is None or s.name == stage) and (action is None or a.name == action)}
     producers = {name: (s.name, a) for s in pipe.stages for a in s.actions for name, _ in a.outputs}
@@ -124,6 +125,9 @@ def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, h
 
 def _stream(conf: settings_mod.Settings, store: Store, run_id: int) -> None:
     """Print every action's output as it comes, prefixed with its name."""
-    follow.stream_logs(store, conf.logs_dir, run_id, None, True, False,
-                       lambda label, line: print(f"[{label}] {ansi.sanitize(line.decode('utf-8', 'replace'))}",
-                                                 flush=True))
+    try:
+        follow.stream_logs(store, conf.logs_dir, run_id, None, True, False,
+                           lambda label, line: print(f"[{label}] {ansi.sanitize(line.decode('utf-8', 'replace'))}",
+                                                     flush=True))
+    except BrokenPipeError:  # the reader left (`gitpipe exec | head`): the main thread ends quietly
+        pass

@@ -37,6 +37,8 @@ class NewRun:
     pusher: str | None = None
     error: str | None = None
     retry_of: int | None = None
+    commit_author: str | None = None  # known before the daemon starts it: for a run that fails at once
+    commit_message: str | None = None
 
 
 def insert_run(conn: sqlite3.Connection, run: NewRun) -> int:

@@ -147,6 +147,8 @@ def resolve_home(home: str | Path | None) -> Path:
 def load(home: str | Path | None, *, must_exist: bool = True) -> Settings:
     """Read `<home>/gitpipe.toml` (missing file = all defaults) into a Settings."""
     root = resolve_home(home)
+    if must_exist and root.exists() and not root.is_dir():
+        raise UsageError(f"gitpipe home {root} is a file, not a directory", hint="pass --home DIR")
     if must_exist and not root.is_dir():
         raise UsageError(
             f"gitpipe home {root} does not exist", hint="run `gitpipe init` first, or pass --home DIR"

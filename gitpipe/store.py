@@ -125,6 +125,8 @@ class Store:
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
         self._pending: list[Event] = []
+        self._pending_ids: list[int] = []  # the events table ids of _pending
+        self._own: set[int] = set()  # ids of events this connection wrote, not yet past foreign_events' mark
         self._depth = 0
         self.migrate()
 
@@ -182,6 +184,7 @@ class Store:
                     if self.conn.in_transaction:  # SQLite may have rolled it back already
                         self.conn.execute("ROLLBACK")
                     self._pending.clear()
+                    self._pending_ids.clear()  # rolled back: another process may be given these ids
                     raise
                 finally:
                     self._depth = 0
@@ -192,16 +195,40 @@ class Store:
                                         hint="free space there, then try again") from exc
                 raise
             events, self._pending = self._pending, []
+            self._own.update(self._pending_ids)
+            self._pending_ids.clear()
         for event in events:
             for listener in list(self.listeners):
                 listener(event)
 
     def _event(self, run_id: int, subject: str, status: str, detail: str | None = None) -> None:
-        self.conn.execute(
+        cur = self.conn.execute(
             "INSERT INTO events (run_id, at, subject, status, detail) VALUES (?,?,?,?,?)",
             (run_id, now_iso(), subject, status, detail),
         )
         self._pending.append(Event(run_id, subject, status, detail))
+        self._pending_ids.append(int(cur.lastrowid or 0))
+
+    def newest_event(self) -> int:
+        """The id of the newest event recorded (0 when none)."""
+        return int(self.query("SELECT COALESCE(MAX(id), 0) AS top FROM events")[0]["top"])
+
+    def foreign_events(self, after: int) -> tuple[list[Event], int]:
+        """The events other processes (the hooks, commands) recorded after the event id `after`,
+        and the newest event id: how the daemon hears of changes it did not make itself (a run
+        failed at the push, a queued run cancelled by a command).
+
+        Writers take turns (BEGIN IMMEDIATE), so ids grow in commit order and `after` can move
+        on to the newest id read.
+        """
+        with self.lock:
+            rows = self.query("SELECT id, run_id, subject, status, detail FROM events WHERE id > ? ORDER BY id",
+                              (after,))
+            mark = int(rows[-1]["id"]) if rows else after
+            found = [Event(r["run_id"], r["subject"], r["status"], r["detail"]) for r in rows
+                     if r["id"] not in self._own]
+            self._own = {i for i in self._own if i > mark}
+        return found, mark
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         with self.lock:
@@ -243,7 +270,11 @@ class Store:
     # ------------------------------------------------------------------ runs
     def create_runs(self, runs: list[NewRun]) -> list[int]:
         with self.tx():
-            ids = [queue.insert_run(self.conn, r) for r in runs]
+            ids = []
+            for r in runs:
+                ids.append(queue.insert_run(self.conn, r))
+                # the run's first event is the last row insert_run wrote
+                self._pending_ids.append(int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]))
             for run_id, r in zip(ids, runs):
                 self._pending.append(Event(run_id, "run", "failed" if r.error else "queued", r.error))
         return ids
@@ -253,6 +284,7 @@ class Store:
         of each action whose result it takes over instead of running it; one transaction."""
         with self.tx() as db:
             run_id = queue.insert_run(self.conn, run)
+            self._pending_ids.append(int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]))
             if reuse:
                 db.table("reuse").insert_all([{"run_id": run_id, "stage_idx": s, "idx": i, "from_action": a}
                                               for s, i, a in reuse])

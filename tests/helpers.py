@@ -60,6 +60,27 @@ def pipeline(text: str) -> str:
     return textwrap.dedent(text).lstrip("\n")
 
 
+def one_line_error(proc: subprocess.CompletedProcess[str], *words: str, code: int = 2) -> str:
+    """Assert an error a user caused: the exit status, one line on stderr, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def working_copy(path: Path, pipeline_text: str) -> Path:
+    """A git working copy at `path` whose one commit holds `pipeline_text` as .pipeline.toml."""
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q")
+    (path / ".pipeline.toml").write_text(pipeline_text)
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", "init")
+    return path
+
+
 def marker_processes(marker: str, argv0: bool = False) -> list[int]:
     """Live processes (zombies have no cmdline) whose command line contains `marker`.
 

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import GITPIPE, Home, base_env, git, pipeline
+from helpers import GITPIPE, Home, base_env, git, one_line_error, pipeline
 
 from gitpipe import cli
 
@@ -52,17 +52,6 @@ def commands() -> list[tuple[str, ...]]:
 
     walk(cli.build_parser(), ())
     return found
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], *words: str, code: int = 2) -> str:
-    """Assert an error a user caused: the exit status, one line on stderr, no traceback."""
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def bare_gitpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

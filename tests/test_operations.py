@@ -13,7 +13,7 @@ import pytest
 from gitpipe import settings
 from gitpipe.schedules import Scheduler
 from gitpipe.store import Store
-from tests.helpers import GITPIPE, Home, base_env, git, pipeline, wait_for
+from tests.helpers import GITPIPE, Home, base_env, git, one_line_error, pipeline, wait_for, working_copy
 
 
 def test_a_missed_schedule_slot_runs_once_not_once_per_slot(tmp_path: Path) -> None:
@@ -163,15 +163,16 @@ def test_exec_runs_the_working_copy_and_records_nothing(tmp_path: Path) -> None:
     assert only.returncode == 0 and "[build/make]" in only.stdout  # its input's producer ran too
 
 
-@pytest.mark.parametrize("args", [["--stage", "nope"], ["--action", "nope"]])
-def test_exec_names_an_unknown_stage_or_action(tmp_path: Path, args: list[str]) -> None:
-    work = tmp_path / "w"
-    work.mkdir()
-    git(work, "init", "-q")
-    (work / ".pipeline.toml").write_text('[[stage]]\nname = "s"\n[[stage.action]]\nname = "a"\nrun = "true"\n')
+@pytest.mark.parametrize(("args", "known"), [(["--stage", "nope"], "(stages: s, t)"),
+                                             (["--action", "nope"], "(actions: s/a, s/b, t/c)")])
+def test_exec_names_an_unknown_stage_or_action_and_those_that_exist(tmp_path: Path, args: list[str],
+                                                                    known: str) -> None:
+    work = working_copy(tmp_path / "w", '[[stage]]\nname = "s"\n[[stage.action]]\nname = "a"\nrun = "true"\n'
+                                        '[[stage.action]]\nname = "b"\nrun = "true"\n'
+                                        '[[stage]]\nname = "t"\n[[stage.action]]\nname = "c"\nrun = "true"\n')
     proc = subprocess.run([GITPIPE, "exec", *args], cwd=work, env=base_env(), capture_output=True, text=True,
                           timeout=60, check=False)
-    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+    one_line_error(proc, '"nope"', known)
 
 
 def test_exec_confines_the_working_copys_pipeline_as_the_host_would(tmp_path: Path) -> None:

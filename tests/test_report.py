@@ -756,3 +756,31 @@ def test_running_page_refreshes_until_the_run_ends(chrome: Any, history: History
     assert console.problems() == []
     page.close()
     rep.close()
+
+
+def test_the_duration_axis_labels_never_cover_a_bar(chrome: Any, tmp_path: Path) -> None:
+    """Issue 13, rough edge 9: the "2s" label sat on the first bar. Every label of the chart, the
+    durations on its axis and the run numbers under it, stays clear of every bar, on a desktop
+    and on a phone; screenshots of the chart in tests/screenshots/chart-axis-*.png."""
+    h = History(tmp_path)
+    h.add_repo("shop")
+    for seconds in (7.5, 3.0, 6.0, 8.0, 2.5, 5.0, 7.0):  # axis 0s-8s by 2s; the first bar crosses "2s"
+        h.run("shop", [("build", [Act("a", seconds=1.0)])], seconds=seconds)
+    rep = reporter_for(h)
+    rep.render_all()
+    rep.close()
+    url = (h.settings.site_dir / "shop" / "index.html").as_uri()
+    for view, viewport in (("desktop", chromium.DESKTOP), ("phone", chromium.PHONE)):
+        page, console = chromium.open_page(chrome, url, viewport)
+        found = page.evaluate("""() => {
+            const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+            return {labels: [...document.querySelectorAll('.chart text.axis')].map(e => [e.textContent, box(e)]),
+                    bars: [...document.querySelectorAll('.chart rect.bar')].map(box)}; }""")
+        page.locator(".chart").screenshot(path=str(chromium.SCREENSHOTS / f"chart-axis-{view}.png"))
+        assert console.problems() == []
+        texts = [text for text, _ in found["labels"]]
+        assert "2s" in texts and "8s" in texts and len(found["bars"]) == 7, texts
+        covered = [(text, bar) for text, label in found["labels"] for bar in found["bars"]
+                   if label[0] < bar[2] and bar[0] < label[2] and label[1] < bar[3] and bar[1] < label[3]]
+        assert covered == [], f"{view}: labels on bars: {covered}"
+        page.close()

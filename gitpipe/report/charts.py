@@ -13,6 +13,7 @@ from gitpipe.report import fmt
 NICE_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 MIN_SLOTS = 20  # a chart of few runs keeps thin bars, left-aligned
 STUB = 2.0  # height of a bar without a duration (queued, running, cancelled early)
+AXIS_W = 40.0  # pixels: room for a duration label ("1.5m", "12h") at 11 px, right-aligned
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class Chart:
     bars: tuple[Bar, ...]
     grid: tuple[Label, ...] = ()  # horizontal lines with their value, at label.y
     captions: tuple[Label, ...] = ()
-    left: float = 0.0
-    right: float = 0.0
+    axis: float = 0.0  # pixels left of the plot for the grid's labels (never on the bars)
 
 
 def nice_step(top: float, ticks: int = 4) -> float:
@@ -74,7 +74,9 @@ def bar_chart(points: list[Point], width: float = 1000, height: float = 150) -> 
     """Bars of run durations, oldest left, under round-duration grid lines.
 
     The plot is stretched to the page's width (its viewBox is not kept in proportion),
-    so captions are placed in percent of the width and labels in pixels of the height.
+    so captions are placed in percent of the width and labels in pixels of the height. The
+    grid's labels stand in a gutter of their own left of the plot (AXIS_W pixels), beside
+    their line: written over the plot they covered the first bar.
     """
     top, bottom = 16.0, height
     longest = max((p.seconds or 0.0 for p in points), default=0.0)
@@ -88,9 +90,9 @@ def bar_chart(points: list[Point], width: float = 1000, height: float = 150) -> 
         x = slot * i + (slot - bar_w) / 2
         bars.append(Bar(round(x, 1), round(bottom - h, 1), round(bar_w, 1), round(h, 1), p.status,
                         p.title, p.href))
-    grid = tuple(Label(4, round(bottom - (bottom - top) * v / scale_top, 1), fmt.short_duration(v), "start")
+    grid = tuple(Label(AXIS_W - 6, round(bottom - (bottom - top) * v / scale_top, 1), fmt.short_duration(v), "end")
                  for v in _ticks(step, scale_top))
-    return Chart(width, height, tuple(bars), grid, _captions(points, slot / width * 100), 0.0, width)
+    return Chart(width, height, tuple(bars), grid, _captions(points, slot / width * 100), AXIS_W)
 
 
 def _ticks(step: float, top: float) -> list[float]:

@@ -171,7 +171,15 @@ class Reporter:
         return 1 + len(blocks)
 
     def _write(self, kind: str, page: listing.RepoPage, href: str) -> None:
+        self._ensure_pages(page.runs)
         files.write_atomic(self.site / href, self.renderer.page("repo.html", "../", page=page, kind=kind))
+
+    def _ensure_pages(self, runs: tuple[views.RunView, ...]) -> None:
+        """Render the pages of listed runs that have none yet, so a listing never links to a missing
+        page (a run another process made, before the daemon heard of it)."""
+        for run in runs:
+            if not (self.site / run.href).exists():
+                self._render_run(run.id)
 
     def _render_environments(self, repo: str) -> int:
         envs = data.environments(self.store, repo)
@@ -183,6 +191,7 @@ class Reporter:
 
     def _render_index(self) -> None:
         page = listing.top_index(self.store, self.count)
+        self._ensure_pages(page.recent + tuple(c.last for c in page.cards if c.last))
         files.write_atomic(self.site / "index.html", self.renderer.page("index.html", "", page=page))
 
     def _ensure_assets(self) -> None:
