@@ -28,6 +28,7 @@ from watchdog.observers import Observer
 from gitpipe import executor, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
+from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
@@ -118,6 +119,10 @@ class Daemon:
         self.reporter = Reporter(self.settings, self.store, background=True)
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
+        self.control = ControlServer(self.settings, self.store, self.wake.set)
+        why_not = self.control.start()
+        if why_not:
+            log.info("%s", why_not)
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select)
@@ -137,6 +142,7 @@ class Daemon:
             self._loop()
         finally:
             notify_systemd("STOPPING=1")
+            self.control.close()
             self._shutdown()
             observer.stop()
             observer.join()

@@ -139,6 +139,7 @@ class ActionSpec:
     network: bool | None = None  # False: this action runs without network
     # approval
     message: str | None = None
+    approvers: tuple[str, ...] | None = None  # None: whoever can open the gitpipe home
     # deploy
     environment: str | None = None
     targets: tuple[str, ...] = ()
@@ -185,6 +186,17 @@ class NotifySpec:
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """One input of a manual run (`[inputs.NAME]`); required when it has no default."""
+
+    name: str
+    line: int
+    description: str = ""
+    default: str | None = None
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Pipeline:
     name: str
     timeout: float | None  # seconds, whole run; None = no limit
@@ -193,6 +205,7 @@ class Pipeline:
     stages: tuple[StageSpec, ...]
     notify: tuple[NotifySpec, ...] = ()
     network: bool | None = None  # False: every action runs without network
+    inputs: tuple[InputSpec, ...] = ()
 
     def action(self, stage: str, name: str) -> ActionSpec:
         for s in self.stages:
@@ -260,6 +273,7 @@ class RunRecord:
     cancel_reason: str | None = None
     commit_author: str | None = None
     commit_message: str | None = None
+    inputs: tuple[tuple[str, str], ...] = ()  # (name, value) of a run's inputs
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 

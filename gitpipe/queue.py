@@ -37,6 +37,7 @@ class NewRun:
     pusher: str | None = None
     error: str | None = None
     retry_of: int | None = None
+    inputs: tuple[tuple[str, str], ...] = ()  # given with `gitpipe run --var` (or kept by a retry)
 
 
 def insert_run(conn: sqlite3.Connection, run: NewRun) -> int:

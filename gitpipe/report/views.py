@@ -153,6 +153,7 @@ class RunPage:
     approvals: tuple[data.Approval, ...]
     waiting: tuple[ActionView, ...]
     pruned: bool  # keep_runs removed its logs and artifacts
+    inputs: tuple[tuple[str, str], ...] = ()  # (name, value); reach scripts only as env vars
 
 
 def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished: str | None = None) -> RunPage:
@@ -179,7 +180,7 @@ def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished
     outputs = tuple((o["action"], o["key"], o["value"]) for o in store.outputs(run_id))
     waiting = tuple(a for a in actions if a.status == ActionStatus.WAITING.value)
     return RunPage(run, stages, graph(stages), arts, outputs, tuple(data.approvals(store, run_id)),
-                   waiting, pruned)
+                   waiting, pruned, rec.inputs)
 
 
 def _published(art: ArtifactRecord, folder: Path, run_id: int) -> str | None:
