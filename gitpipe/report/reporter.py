@@ -176,7 +176,12 @@ class Reporter:
         return 1 + len(blocks)
 
     def _write(self, kind: str, page: listing.RepoPage, href: str) -> None:
-        files.write_atomic(self.site / href, self.renderer.page("repo.html", "../", page=page, kind=kind,
+        shown = None
+        if kind == "index":
+            default = self._default_branch(page.repo)
+            last = self.store.last_finished(page.repo, f"refs/heads/{default}") if default else None
+            shown = badge.badge(page.pipeline, last.status.value if last else None)
+        files.write_atomic(self.site / href, self.renderer.page("repo.html", "../", page=page, kind=kind, b=shown,
                                                                 badge=self._badge_markdown(page)))
 
     def _badge_markdown(self, page: listing.RepoPage) -> str:
@@ -256,7 +261,8 @@ class Reporter:
         top = listing.archived(total)
         for b in range(1, top + 1):
             self._write("block", listing.repo_block(self.store, repo, b, total), files.block_href(repo, b))
-        return len(ids) + 1 + top + self._render_environments(repo) + self._render_badges(repo)
+        self._render_badges(repo)  # not pages: not counted
+        return len(ids) + 1 + top + self._render_environments(repo)
 
     # ------------------------------------------------------------------ growing logs
     def _start_live(self) -> None:
