@@ -106,6 +106,7 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 Listener = Callable[[Event], None]
+REFUSALS_KEPT = 100  # refused attempts recorded per approval
 
 
 class Store:
@@ -510,8 +511,13 @@ class Store:
             db.execute("UPDATE approvals SET note = ? WHERE action_id = ?", [note, action_id])
 
     def refuse_approval(self, row: dict[str, Any], decision: str, by: str, reason: str) -> None:
-        """Audit an attempt to decide an approval by someone who may not."""
+        """Audit an attempt to decide an approval by someone who may not (the first
+        REFUSALS_KEPT per approval: any local account may try, and must not fill the disk)."""
         with self.tx() as db:
+            kept = self.query("SELECT COUNT(*) AS n FROM approval_refusals WHERE action_id = ?",
+                              (row["action_id"],))[0]["n"]
+            if kept >= REFUSALS_KEPT:
+                return
             db.table("approval_refusals").insert({
                 "run_id": row["run_id"], "action_id": row["action_id"], "action": row["action"],
                 "decision": decision, "by_user": by, "at": now_iso(), "reason": reason})

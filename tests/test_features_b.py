@@ -194,6 +194,42 @@ def test_without_approvers_only_the_home_decides_and_unknown_approvers_fail_at_o
         assert "ghost-a-" in sign_off["message"]
 
 
+SNEAK = """
+for i in 1 2 3 4 5 6 7 8; do
+  [ -e "{sock}" ] && echo "socket visible" >> "{out}/sneak"
+  python3 - >> "{out}/sneak" 2>&1 <<'PY' || true
+import socket, os
+s = socket.socket(socket.AF_UNIX)
+s.connect("{sock}")
+s.sendall(('{{"op": "approve", "run": %s, "comment": "self"}}\\n' % os.environ["GITPIPE_RUN"]).encode())
+print("answer", s.recv(4096))
+PY
+  sleep 0.3
+done
+"""
+
+
+def test_a_pushed_script_cannot_reach_the_control_socket(home: Home, out: Path, socket_dir: Path) -> None:
+    _need_root()
+    sock = socket_dir / "gitpipe.sock"
+    home.configure(f'control_socket = "{sock}"\n')
+    repo = home.add_repo("shop")
+    text = approval_pipeline('approvers = ["gitpipe-build", "root"]').replace(
+        'run_order = 2\n  run = "echo shipped"',
+        "run_order = 1\n  run = '''" + SNEAK.format(sock=sock, out=out) + "'''")
+    with home.daemon():
+        run_id = home.push_run(repo, {".pipeline.toml": text})
+        wait_for(lambda: any(a["name"] == "after" and a["status"] == "succeeded"
+                             for st in home.show(run_id)["stages"] for a in st["actions"]), 60,
+                 what="the script that tries the socket")
+        tries = (out / "sneak").read_text()
+        assert "No such file or directory" in tries and "socket visible" not in tries and "answer" not in tries
+        assert home.status(run_id) == "waiting"
+        assert home.gitpipe("approve", str(run_id)).returncode == 0  # root is listed, and opens the home
+        run = home.expect(home.wait_run(run_id))
+    assert run["approvals"][0]["by"] == "root" and run["approvals"][0]["refused"] == []
+
+
 def test_approve_without_a_daemon_says_how_to_reach_one(home: Home, accounts: Accounts,
                                                         socket_dir: Path) -> None:
     proc = approve_as(home, accounts.alice, "approve", 1, socket_dir / "none.sock")

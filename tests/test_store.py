@@ -335,3 +335,24 @@ def test_artifacts_and_outputs_round_trip(store: Store) -> None:
     store.set_outputs(run_id, "wheel", {"version": "1.0", "sha": "abc"})
     store.set_outputs(run_id, "wheel", {"version": "1.1"})
     assert {(o["key"], o["value"]) for o in store.outputs(run_id)} == {("version", "1.1"), ("sha", "abc")}
+
+
+def test_refused_approvals_are_kept_up_to_a_bound(store: Store) -> None:
+    """Any local account may try to decide an approval: its refusals are recorded, but never without end."""
+    from gitpipe.store import REFUSALS_KEPT
+
+    approval = Pipeline(name="shop", timeout=None, trigger=TriggerSpec(), env=(),
+                        stages=(StageSpec("ship", 1, (ActionSpec("gate", 2, type="approval"),)),))
+    [run_id] = store.create_runs([new_run()])
+    store.start_run(run_id, approval, None, None, None, inputs=(("version", "1.0"),))
+    [gate] = store.actions(run_id)
+    store.request_approval(run_id, gate.id, "gate", "Ship?", time.time() + 60)
+    row = store.pending_approval(run_id)
+    for n in range(REFUSALS_KEPT + 5):
+        store.refuse_approval(row, "approve", f"user{n}", "not an approver")
+    kept = store.approval_refusals(run_id)
+    assert len(kept) == REFUSALS_KEPT and kept[0]["by_user"] == "user0"
+    assert store.run(run_id).inputs == (("version", "1.0"),)
+    assert store.decide(run_id, "approved", "alice", None, action_id=gate.id)["by_user"] == "alice"
+    with pytest.raises(TransitionError):
+        store.pending_approval(run_id)
