@@ -280,10 +280,11 @@ def decide_as_caller(home: str | None, socket_path: str | None, run_id: int, app
 
     root = settings_mod.resolve_home(home)
     try:
-        visible = root.is_dir()
+        state = "missing" if not root.is_dir() else "open" if os.access(root, os.R_OK | os.W_OK | os.X_OK) \
+            else "closed"
     except PermissionError:  # a folder on the way is closed to this account
-        visible = False
-    if socket_path is None and visible and os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        state = "closed"
+    if socket_path is None and state == "open":
         conf = settings_mod.load(root)
         store = Store(conf)
         try:
@@ -292,8 +293,10 @@ def decide_as_caller(home: str | None, socket_path: str | None, run_id: int, app
             store.close()
         return {"action": row["action"], "by": row["by_user"]}
     path = socket_path or os.environ.get("GITPIPE_SOCKET") or settings_mod.DEFAULTS["control_socket"]
+    if socket_path is None and state == "missing" and not os.path.exists(path):
+        settings_mod.load(root)  # neither a home nor a daemon here: say the home is missing, and how to fix it
     answer = control.request(Path(path), "approve" if approved else "reject", run_id, comment,
-                             root if visible else None)
+                             root if state != "missing" else None)
     return {"action": answer["action"], "by": answer["by"]}
 
 

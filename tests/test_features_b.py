@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from browser import browser, open_page, screenshot
-from helpers import Home, base_env, pipeline, wait_for
+from helpers import GITPIPE, Home, base_env, pipeline, wait_for
 from test_cli import one_line_error
 from test_sandbox import as_user, user_gitpipe
 
@@ -435,3 +435,9 @@ def test_badges_follow_each_branch_and_draw_in_chromium(home: Home) -> None:
         assert shown > 40
         screenshot(repo_page, "badge-repo-page")
         assert not console.problems() and not console2.problems()
+
+
+def test_approve_with_neither_a_home_nor_a_daemon_names_the_home(tmp_path: Path) -> None:
+    proc = subprocess.run([GITPIPE, "approve", "3", "--home", str(tmp_path / "nowhere")], env=base_env(),
+                          capture_output=True, text=True, timeout=60, check=False)
+    one_line_error(proc, str(tmp_path / "nowhere"), "does not exist", "gitpipe init", code=2)
