@@ -181,11 +181,20 @@ def show_json(store: Store, run_id: int) -> dict[str, Any]:
     refused = store.approval_refusals(run_id)
     data["approvals"] = [{"action": a["action"], "message": a["message"], "requested_at": a["requested_at"],
                           "decision": a["decision"], "by": a["by_user"], "at": a["at"], "comment": a["comment"],
-                          "note": a["note"],
+                          "note": a["note"], "approvers": _approvers(store, run_id, a["action_id"]),
                           "refused": [{"decision": r["decision"], "by": r["by_user"], "at": r["at"],
                                        "reason": r["reason"]} for r in refused if r["action"] == a["action"]]}
                          for a in store.approvals(run_id)]
     return data
+
+
+def _approvers(store: Store, run_id: int, action_id: int) -> list[str] | None:
+    """Who may decide an approval (`approvers`); None: whoever can open the home."""
+    from gitpipe import approvals
+
+    act = store.action(action_id)
+    who = approvals.approvers_of(store, run_id, act.stage, act.name)
+    return list(who) if who is not None else None
 
 
 def _action_json(a: ActionRecord) -> dict[str, Any]:

@@ -203,7 +203,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         say(f"  input {name} = {value}")
     for ap in data["approvals"]:
         decided = (f"{ap['decision']} by {ap['by']} at {ap['at']}" + (f": {ap['comment']}" if ap["comment"] else "")
-                   if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']})")
+                   if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']}"
+                   + (f"; approvers: {', '.join(ap['approvers'])})" if ap["approvers"] else ")"))
         say(f"  approval {ap['action']}: {decided}")
         if ap["note"]:
             say(f"    warning: {ap['note']}")

@@ -119,6 +119,10 @@ def test_only_listed_users_and_groups_approve_and_every_refusal_is_recorded(
         run_id = home.push_run(repo, {".pipeline.toml": approval_pipeline(listed)})
         home.wait_status(run_id, "waiting")
         assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o666
+        who = f"{accounts.alice.name}, group:{accounts.group}, gitpipe-build, nosuch"
+        assert f"(gitpipe approve {run_id}; approvers: {who}" in home.gitpipe("show", str(run_id)).stdout
+        page = home.home / "site" / "shop" / "runs" / f"{run_id}.html"
+        wait_for(lambda: page.exists() and f"as one of: {who}" in page.read_text(), what="the waiting page")
 
         # bob is listed nowhere; $USER and $LOGNAME saying "alice" change nothing: the kernel says bob
         lying = base_env(HOME="/", USER=accounts.alice.name, LOGNAME=accounts.alice.name)
@@ -145,6 +149,7 @@ def test_only_listed_users_and_groups_approve_and_every_refusal_is_recorded(
 
         ap = run["approvals"][0]
         assert (ap["decision"], ap["by"]) == ("approved", accounts.alice.name)
+        assert ap["approvers"][:2] == [accounts.alice.name, f"group:{accounts.group}"]
         assert ap["note"] and "nosuch" in ap["note"] and accounts.alice.name not in ap["note"]
         refused = [(r["by"], r["decision"]) for r in ap["refused"]]
         assert refused == [(accounts.bob.name, "approve"), ("gitpipe-build", "approve"), ("root", "reject"),
@@ -153,7 +158,6 @@ def test_only_listed_users_and_groups_approve_and_every_refusal_is_recorded(
         text = home.gitpipe("show", str(run_id)).stdout
         assert f"refused: {accounts.bob.name} tried to approve at " in text
         assert "warning: approvers unknown on this host: nosuch" in text
-        page = home.home / "site" / "shop" / "runs" / f"{run_id}.html"
         html = wait_for(lambda: page.exists() and "refused approve" in page.read_text() and page.read_text(),
                         what="the run page with the refusals")
         assert html.count("refused approve") == 3 and html.count("refused reject") == 1
@@ -183,7 +187,7 @@ def test_without_approvers_only_the_home_decides_and_unknown_approvers_fail_at_o
         one_line_error(approve_as(home, accounts.alice, "approve", run_id + 7, sock), "unknown run", code=2)
         assert home.gitpipe("approve", str(run_id)).returncode == 0  # root opens the home
         run = home.expect(home.wait_run(run_id))
-        assert run["approvals"][0]["by"] == "root"
+        assert run["approvals"][0]["by"] == "root" and run["approvals"][0]["approvers"] is None
         assert [r["by"] for r in run["approvals"][0]["refused"]] == [accounts.alice.name]
 
         nobody = 'approvers = ["ghost-a-{0}", "group:ghost-g-{0}"]'.format(uuid.uuid4().hex[:6])
