@@ -166,7 +166,8 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _read_request(conn: socket.socket) -> dict[str, Any]:
+def _read_line(conn: socket.socket) -> bytes:
+    """One line (without its newline) of at most MAX_REQUEST bytes; ValueError when longer."""
     data = b""
     while b"\n" not in data:
         chunk = conn.recv(4096)
@@ -175,7 +176,11 @@ def _read_request(conn: socket.socket) -> dict[str, Any]:
         data += chunk
         if len(data) > MAX_REQUEST:
             raise ValueError(f"longer than {MAX_REQUEST} bytes")
-    request = json.loads(data.split(b"\n", 1)[0] or b"null")
+    return data.split(b"\n", 1)[0]
+
+
+def _read_request(conn: socket.socket) -> dict[str, Any]:
+    request = json.loads(_read_line(conn) or b"null")
     if not isinstance(request, dict) or request.get("op") not in ("approve", "reject"):
         raise ValueError('expected {"op": "approve" | "reject", "run": N, "comment": TEXT}')
     run, comment = request.get("run"), request.get("comment")
@@ -206,18 +211,14 @@ def request(path: Path, op: str, run_id: int, comment: str | None, home: Path | 
                                   "approvals through it (control_socket in gitpipe.toml; --socket PATH)") from None
         _check_peer(sock, path, home)
         sock.sendall(json.dumps({"op": op, "run": run_id, "comment": comment}).encode() + b"\n")
-        data = b""
-        while b"\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            answer = json.loads(_read_line(sock))
+        except ValueError:
+            answer = None
     finally:
         sock.close()
-    try:
-        answer = json.loads(data.split(b"\n", 1)[0])
-    except ValueError:
-        raise UsageError(f"the daemon at {path} gave no answer", hint="see the daemon's log") from None
+    if not isinstance(answer, dict):
+        raise UsageError(f"the daemon at {path} gave no answer", hint="see the daemon's log")
     if not answer.get("ok"):
         err = GitpipeError(str(answer.get("error") or "refused"))
         err.exit_code = int(answer.get("exit") or 1)
