@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import uuid
@@ -183,6 +184,12 @@ def test_without_approvers_only_the_home_decides_and_unknown_approvers_fail_at_o
         home.wait_status(run_id, "waiting")
         proc = approve_as(home, accounts.alice, "approve", run_id, sock)
         one_line_error(proc, "names no approvers", "approvers = [", code=1)
+        for raw in (b"nonsense\n", b'{"op": "approve", "run": "1"}\n', b"x" * 20000):  # a line, not JSON
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.connect(str(sock))
+                conn.sendall(raw)
+                answer = json.loads(conn.makefile("rb").readline())
+            assert answer["exit"] == 2 and answer["error"].startswith("bad request"), answer
         # not waiting: the refusal is not what answers
         one_line_error(approve_as(home, accounts.alice, "approve", run_id + 7, sock), "unknown run", code=2)
         assert home.gitpipe("approve", str(run_id)).returncode == 0  # root opens the home
@@ -445,3 +452,17 @@ def test_approve_with_neither_a_home_nor_a_daemon_names_the_home(tmp_path: Path)
     proc = subprocess.run([GITPIPE, "approve", "3", "--home", str(tmp_path / "nowhere")], env=base_env(),
                           capture_output=True, text=True, timeout=60, check=False)
     one_line_error(proc, str(tmp_path / "nowhere"), "does not exist", "gitpipe init", code=2)
+
+
+def test_badge_paths_stay_under_badge_and_never_collide() -> None:
+    from gitpipe.report import badge
+
+    names = ["main", "release/1.x", "x", "x.svg/y", "../../etc/passwd", ".hidden/a", "a b", "%41", "A", "fé/ü"]
+    paths = {n: badge.href("shop", n) for n in names}
+    assert paths["main"] == "shop/badge/main.svg" and paths["release/1.x"] == "shop/badge/release/1.x.svg"
+    assert badge.href("shop", None) == "shop/badge.svg"
+    assert len(set(paths.values())) == len(names)  # no two branches share a file
+    for path in paths.values():
+        parts = path.split("/")
+        assert parts[:2] == ["shop", "badge"] and not any(p in ("", ".", "..") or p.startswith(".") for p in parts)
+    assert paths["x.svg/y"] != paths["x"] and not paths["x.svg/y"].startswith(paths["x"].removesuffix(".svg") + ".svg/")
