@@ -41,6 +41,7 @@ from gitpipe.store import Store
 from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
+APPROVAL_WAKE = "approval-"  # the wake file `gitpipe approve/reject` leaves (queue.wake(..., "approval"))
 STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
 
 
@@ -95,6 +96,7 @@ class Daemon:
         self.repeats = RepeatFilter()
         self.unfinished: dict[int, str] = {}  # run id -> why its worker ended without recording its end
         self.next_due: float | None = None  # the next schedule slot
+        self.woken_by_approval = False  # `gitpipe approve` woke us: waiting runs' pages may be stale
 
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
@@ -219,6 +221,9 @@ class Daemon:
         self._cancel_requested()
         for worker in list(self.workers.values()):
             worker.changed.set()  # approvals decided, cancels requested: let workers look
+        if self.woken_by_approval:  # a refusal another process recorded changes only the page
+            self.woken_by_approval = False
+            self.reporter.refresh([r.id for r in self.store.runs_with_status(RunStatus.WAITING)])
         self._claim()
         if self.prune_due:
             self.prune_due = False
@@ -230,6 +235,8 @@ class Daemon:
 
     def _clear_wake_files(self) -> None:
         for entry in os.scandir(self.settings.wake_dir):
+            if entry.name.startswith(APPROVAL_WAKE):
+                self.woken_by_approval = True
             try:
                 os.unlink(entry.path)
             except FileNotFoundError:

@@ -139,6 +139,8 @@ def test_only_listed_users_and_groups_approve_and_every_refusal_is_recorded(
         one_line_error(proc, "build user", code=1)
         # root is no exception to a list (it opens the home, so it decides directly)
         one_line_error(home.gitpipe("reject", str(run_id)), "root may not reject", code=1)
+        # recorded by this CLI process, not the daemon: the daemon still re-renders the page
+        wait_for(lambda: "refused reject" in page.read_text(), what="the page to show the refusal")
         # ...and through the socket it is the daemon's own user, which never decides there
         one_line_error(home.gitpipe("approve", str(run_id), "--socket", str(sock)), "daemon's own user", code=1)
         assert home.status(run_id) == "waiting"
