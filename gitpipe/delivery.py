@@ -41,10 +41,10 @@ def run_approval(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None
         store.request_approval(worker.run.id, rec.id, spec.name, message, time.time() + spec.timeout)
         missing = approvals.unknown(spec.approvers or ())
         if missing and spec.approvers and len(missing) == len(spec.approvers):
-            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.FAILED,
-                                          f"nobody can decide it: no approver exists on this host "
-                                          f"({', '.join(missing)}); fix approvers in .pipeline.toml "
-                                          "(or create the account), then retry the run")
+            why = (f"nobody can decide it: no approver exists on this host ({', '.join(missing)}); "
+                   "fix approvers in .pipeline.toml (or create the account), then retry the run")
+            store.decide(worker.run.id, "rejected", "gitpipe", why, action_id=rec.id)  # said, not left "waiting"
+            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.FAILED, why)
         if missing:
             store.note_approval(rec.id, f"approvers unknown on this host: {', '.join(missing)}")
     while True:

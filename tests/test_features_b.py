@@ -205,6 +205,7 @@ def test_without_approvers_only_the_home_decides_and_unknown_approvers_fail_at_o
         sign_off = home.action(run, "sign-off")
         assert sign_off["status"] == "failed" and "no approver exists on this host" in sign_off["message"]
         assert "ghost-a-" in sign_off["message"]
+        assert (run["approvals"][0]["decision"], run["approvals"][0]["by"]) == ("rejected", "gitpipe")
 
 
 SNEAK = """
