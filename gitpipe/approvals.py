@@ -44,6 +44,7 @@ class Person:
     uid: int
     name: str
     groups: tuple[str, ...]
+    known: bool = True  # False: a uid with no account in the user database (name = the number)
 
 
 def person(uid: int) -> Person:
@@ -51,7 +52,7 @@ def person(uid: int) -> Person:
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:
-        return Person(uid, str(uid), ())
+        return Person(uid, str(uid), (), known=False)
     names = []
     for gid in os.getgrouplist(entry.pw_name, entry.pw_gid):
         try:
@@ -83,6 +84,8 @@ def unknown(approvers: tuple[str, ...]) -> list[str]:
 def refusal(settings: Settings, approvers: tuple[str, ...] | None, who: Person, action: str,
             via_socket: bool) -> str | None:
     """Why `who` may not decide the approval `action`, or None when they may."""
+    if not who.known:  # never matched by name: "1001" in approvers names an account, not a uid
+        return f"uid {who.uid} has no account in this host's user database"
     if who.name == settings.sandbox.user:
         return f"{who.name} is the build user that runs pushed scripts; it never decides an approval"
     if via_socket and who.uid == os.geteuid():

@@ -89,7 +89,9 @@ def socket_dir() -> Iterator[Path]:
 def approve_as(home: Home, who: Account, verb: str, run_id: int, sock: Path,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`gitpipe approve/reject RUN --socket SOCK` as another Unix user (setpriv)."""
-    argv = [*as_user(who.uid, who.gid), user_gitpipe(who.uid, who.gid), verb, str(run_id),
+    prefix = as_user(who.uid, who.gid) if who.name else ["setpriv", f"--reuid={who.uid}", f"--regid={who.gid}",
+                                                        "--clear-groups"]
+    argv = [*prefix, user_gitpipe(who.uid, who.gid), verb, str(run_id),
             "--home", str(home.home), "--socket", str(sock)]
     return subprocess.run(argv, env=env or base_env(HOME="/"), cwd="/", capture_output=True, text=True,
                           timeout=60, check=False)
@@ -186,6 +188,8 @@ def test_without_approvers_only_the_home_decides_and_unknown_approvers_fail_at_o
         home.wait_status(run_id, "waiting")
         proc = approve_as(home, accounts.alice, "approve", run_id, sock)
         one_line_error(proc, "names no approvers", "approvers = [", code=1)
+        nameless = Account("", 54321, 54321)  # a uid without an account: never matched by its number
+        one_line_error(approve_as(home, nameless, "approve", run_id, sock), "uid 54321 has no account", code=1)
         for raw in (b"nonsense\n", b'{"op": "approve", "run": "1"}\n', b"x" * 20000):  # a line, not JSON
             with socket.socket(socket.AF_UNIX) as conn:
                 conn.connect(str(sock))
@@ -197,7 +201,7 @@ def test_without_approvers_only_the_home_decides_and_unknown_approvers_fail_at_o
         assert home.gitpipe("approve", str(run_id)).returncode == 0  # root opens the home
         run = home.expect(home.wait_run(run_id))
         assert run["approvals"][0]["by"] == "root" and run["approvals"][0]["approvers"] is None
-        assert [r["by"] for r in run["approvals"][0]["refused"]] == [accounts.alice.name]
+        assert [r["by"] for r in run["approvals"][0]["refused"]] == [accounts.alice.name, "54321"]
 
         nobody = 'approvers = ["ghost-a-{0}", "group:ghost-g-{0}"]'.format(uuid.uuid4().hex[:6])
         run2 = home.push_run(repo, {".pipeline.toml": approval_pipeline(nobody)})
