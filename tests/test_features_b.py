@@ -362,6 +362,9 @@ def test_artifacts_lists_downloads_and_refuses_a_corrupted_one(home: Home, tmp_p
     proc = home.gitpipe("artifacts", str(run_id), "wheel", "--out", str(dest), check=True)  # the other one is fine
     assert (dest / "dist" / "app.whl").exists()
 
+    shutil.rmtree(home.home / "artifacts" / str(run_id))  # as keep_runs prunes it
+    proc = home.gitpipe("artifacts", str(run_id), "wheel", "--out", str(tmp_path / "gone"))
+    one_line_error(proc, 'artifact "wheel"', "is gone", "keep_runs", code=1)
     one_line_error(home.gitpipe("artifacts", str(run_id), "wheels"), 'no artifact "wheels"',
                    "artifacts: wheel, site", code=2)
     one_line_error(home.gitpipe("artifacts", "999"), "unknown run #999", f"runs #1 to #{run_id} exist", code=2)
@@ -439,6 +442,9 @@ def test_badges_follow_each_branch_and_draw_in_chromium(home: Home) -> None:
             in index)
     assert 'aria-label="shop: failed"' in index  # the badge itself, inline
     assert all(p.resolve().is_relative_to(site.resolve()) for p in site.rglob("*.svg"))
+    (site / "badge.svg").unlink()
+    home.gitpipe("report", check=True)  # rebuilds the badges too
+    assert "failed" in (site / "badge.svg").read_text() and "failed" in rel_badge.read_text()
 
     with browser() as b:
         page, console = open_page(b, (site / "badge.svg").as_uri())
