@@ -188,7 +188,8 @@ class Reporter:
             last = self.store.last_finished(page.repo, f"refs/heads/{default}") if default else None
             shown = badge.badge(page.pipeline, last.status.value if last else None)
         files.write_atomic(self.site / href, self.renderer.page("repo.html", "../", page=page, kind=kind, b=shown,
-                                                                badge=self._badge_markdown(page)))
+                                                                badge=self._badge_markdown(page),
+                                                                site_url=self.settings.site_url))
 
     def _badge_markdown(self, page: listing.RepoPage) -> str:
         """The Markdown a README shows the badge with (absolute when site_url is set)."""
