@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,32 +38,52 @@ def init_home(home: str | None) -> Path:
 
 
 def user() -> str:
+    """The account running this command, from the kernel (never $USER, which anyone can set)."""
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
         return str(os.getuid())
 
 
-def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None) -> tuple[int, RunRecord]:
-    """Queue a run by hand (trigger "manual"); fails at once when the pipeline is invalid."""
+def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None,
+              variables: list[tuple[str, str]] | None = None) -> tuple[int, RunRecord]:
+    """Queue a run by hand (trigger "manual") with its inputs (`--var KEY=VALUE`, checked against
+    the pipeline's [inputs]); a run of an invalid pipeline is recorded as failed at once."""
     repo = git.open_bare(store.repo_path(repo_name))
     full, sha = git.resolve(repo, ref or git.default_branch(repo))
     text = git.read_file(repo, sha, queue.PIPELINE_FILE)
     if text is None:
         raise UsageError(f"{short_ref(full)} @ {sha[:7]} of {repo_name} has no {queue.PIPELINE_FILE}",
                          hint="commit one first (check it with `gitpipe validate`)")
-    error, name = None, repo_name
+    given = _variables(variables or [])
+    error, name, inputs = None, repo_name, tuple(given.items())
     try:
-        name = pipeline_mod.parse(text, default_name=repo_name).name
+        pipe = pipeline_mod.parse(text, default_name=repo_name)
     except PipelineError as exc:
         error = f"{queue.PIPELINE_FILE} is invalid:\n{exc}"
+    else:
+        name = pipe.name
+        try:
+            inputs = pipeline_mod.input_values(pipe, given, manual=True)
+        except ValueError as exc:
+            raise UsageError(f"{repo_name} {short_ref(full)} @ {sha[:7]}: {exc}",
+                             hint="its [inputs] are in .pipeline.toml; nothing was queued") from None
     author, message = git.commit_info(repo, sha)
     new = queue.NewRun(repo=repo_name, pipeline=name, ref=full, sha=sha, trigger="manual",
-                       pipeline_text=text, pusher=user(), error=error, commit_author=author,
-                       commit_message=message)
+                       pipeline_text=text, pusher=user(), error=error, inputs=inputs,
+                       commit_author=author, commit_message=message)
     run_id = store.create_runs([new])[0]
     queue.wake(settings, "run")
     return run_id, store.run(run_id)
+
+
+def _variables(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    given: dict[str, str] = {}
+    for key, value in pairs:
+        if key in given:
+            raise UsageError(f"--var {key} is given twice", hint="give each input once; nothing was queued")
+        given[key] = value
+    return given
 
 
 def retry_run(settings: Settings, store: Store, run_id: int, failed: bool = False) -> int:
@@ -81,13 +101,58 @@ def retry_run(settings: Settings, store: Store, run_id: int, failed: bool = Fals
     new = queue.NewRun(repo=old.repo, pipeline=old.pipeline, ref=old.ref, sha=old.sha, trigger="retry",
                        pipeline_text=text, pusher=user(), error=error, retry_of=run_id,
                        before_sha=old.before_sha, commit_author=old.commit_author,
-                       commit_message=old.commit_message)
+                       commit_message=old.commit_message, inputs=old.inputs)
     if failed and error is None:
         new_id = store.create_retry(new, reuse.plan(store, old))
     else:
         new_id = store.create_runs([new])[0]
     queue.wake(settings, "retry")
     return new_id
+
+
+def list_runs(store: Store, repo: str | None, limit: int, statuses: list[str] | None = None,
+              ref: str | None = None, since: str | None = None, now: float | None = None) -> list[RunRecord]:
+    """`gitpipe runs` with its filters; UsageError for a value that is not one (saying which are)."""
+    if repo:
+        store.repo_path(repo)
+    if limit < 1:
+        raise UsageError(f"--limit must be at least 1, not {limit}")
+    wanted: list[RunStatus] = []
+    for text in ",".join(statuses or []).split(","):
+        if not text.strip():
+            continue
+        try:
+            wanted.append(RunStatus(text.strip()))
+        except ValueError:
+            valid = ", ".join(s.value for s in RunStatus)
+            raise UsageError(f'--status "{text.strip()}" is not a run status (statuses: {valid})') from None
+    refs: tuple[str, ...] = ()
+    if ref:
+        refs = (ref,) if ref.startswith("refs/") else (f"refs/heads/{ref}", f"refs/tags/{ref}")
+    return store.runs(repo, limit=limit, statuses=tuple(wanted), refs=refs,
+                      since=since_iso(since, now) if since else None)
+
+
+def since_iso(text: str, now: float | None = None) -> str:
+    """--since as the stored time format: a duration back from now ("30m", "2d") or an ISO 8601
+    date or time ("2026-11-01", "2026-11-01T08:00", with a zone or UTC)."""
+    import time
+    from datetime import datetime, timezone
+
+    from gitpipe.intake import now_iso
+
+    try:
+        return now_iso((time.time() if now is None else now) - pipeline_mod.parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f'--since "{text}" is neither a duration nor a date',
+                         hint='write e.g. "30m", "2d", "1h30m", "2026-11-01" or "2026-11-01T08:00:00Z"') from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return now_iso(moment.timestamp())
 
 
 def cancel_run(settings: Settings, store: Store, run_id: int, reason: str | None) -> RunRecord:
@@ -106,6 +171,7 @@ def run_json(run: RunRecord) -> dict[str, Any]:
     data["retry_of"] = run.retry_of
     data["warnings"] = run.warnings
     data["reused"] = run.reused
+    data["inputs"] = dict(run.inputs)
     if run.cancel_reason or run.cancelled_by:
         data["cancelled_by"], data["cancel_reason"] = run.cancelled_by, run.cancel_reason
     return data
@@ -125,10 +191,23 @@ def show_json(store: Store, run_id: int) -> dict[str, Any]:
     data["artifacts"] = [{"name": a.name, "action": a.action, "size": a.size, "sha256": a.sha256}
                          for a in store.artifacts(run_id)]
     data["outputs"] = store.outputs(run_id)
+    refused = store.approval_refusals(run_id)
     data["approvals"] = [{"action": a["action"], "message": a["message"], "requested_at": a["requested_at"],
-                          "decision": a["decision"], "by": a["by_user"], "at": a["at"], "comment": a["comment"]}
+                          "decision": a["decision"], "by": a["by_user"], "at": a["at"], "comment": a["comment"],
+                          "note": a["note"], "approvers": _approvers(store, run_id, a["action_id"]),
+                          "refused": [{"decision": r["decision"], "by": r["by_user"], "at": r["at"],
+                                       "reason": r["reason"]} for r in refused if r["action"] == a["action"]]}
                          for a in store.approvals(run_id)]
     return data
+
+
+def _approvers(store: Store, run_id: int, action_id: int) -> list[str] | None:
+    """Who may decide an approval (`approvers`); None: whoever can open the home."""
+    from gitpipe import approvals
+
+    act = store.action(action_id)
+    who = approvals.approvers_of(store, run_id, act.stage, act.name)
+    return list(who) if who is not None else None
 
 
 def _action_json(a: ActionRecord) -> dict[str, Any]:
@@ -153,6 +232,37 @@ def find_action(store: Store, run_id: int, name: str | None) -> list[ActionRecor
         raise UsageError(f'run #{run_id} has several actions named "{name}"',
                          hint="name it as STAGE/ACTION: " + ", ".join(f"{a.stage}/{a.name}" for a in hits))
     return hits
+
+
+def artifacts(store: Store, run_id: int, name: str | None) -> list[Any]:
+    """A run's artifacts, or the one named; UsageError naming what exists otherwise."""
+    try:
+        store.run(run_id)
+    except UsageError:
+        top = store.query("SELECT MIN(id) AS lo, MAX(id) AS hi FROM runs")[0]
+        known = f"runs #{top['lo']} to #{top['hi']} exist" if top["hi"] else "there are no runs yet"
+        raise UsageError(f"unknown run #{run_id} ({known})", hint="`gitpipe runs` lists them") from None
+    arts = store.artifacts(run_id)
+    if name is None:
+        return arts
+    hits = [a for a in arts if a.name == name]
+    if not hits:
+        known = ", ".join(a.name for a in arts) or "it has none"
+        raise UsageError(f'run #{run_id} has no artifact "{name}" (artifacts: {known})')
+    return hits
+
+
+def download_artifacts(store: Store, run_id: int, name: str | None, out: str) -> list[tuple[Any, list[Path]]]:
+    """`gitpipe artifacts RUN [NAME] --out DIR`: one artifact into DIR, or each into DIR/NAME;
+    every file checked against its sha256 first (a mismatch writes nothing)."""
+    from gitpipe import artifacts as artifacts_mod
+
+    arts = artifacts(store, run_id, name)
+    if not arts:
+        raise UsageError(f"run #{run_id} has no artifacts")
+    pairs = [(a, "" if name else a.name) for a in arts]
+    written = artifacts_mod.download(pairs, Path(out))
+    return [(a, [p for p in written if p.is_relative_to(Path(out) / prefix)]) for a, prefix in pairs]
 
 
 def validate_file(path: str) -> Pipeline:
@@ -180,10 +290,38 @@ __all__ = ["asdict"]
 
 
 def decide(settings: Settings, store: Store, run_id: int, approved: bool, comment: str | None) -> dict[str, Any]:
-    """Approve or reject the approval a run waits on; who is the Unix user."""
-    row = store.decide(run_id, "approved" if approved else "rejected", user(), comment)
-    queue.wake(settings, "approval")
-    return row
+    """Approve or reject the approval a run waits on, as the account running this process."""
+    from gitpipe import approvals
+
+    return approvals.decide(settings, store, run_id, approved, comment, approvals.me())
+
+
+def decide_as_caller(home: str | None, socket_path: str | None, run_id: int, approved: bool,
+                     comment: str | None) -> dict[str, Any]:
+    """`gitpipe approve/reject`: directly when this account can open the home, else (or with
+    `socket_path`) through the daemon's control socket. Returns {action, by}."""
+    from gitpipe import control
+
+    root = settings_mod.resolve_home(home)
+    try:
+        state = "missing" if not root.is_dir() else "open" if os.access(root, os.R_OK | os.W_OK | os.X_OK) \
+            else "closed"
+    except PermissionError:  # a folder on the way is closed to this account
+        state = "closed"
+    if socket_path is None and state == "open":
+        conf = settings_mod.load(root)
+        store = Store(conf)
+        try:
+            row = decide(conf, store, run_id, approved, comment)
+        finally:
+            store.close()
+        return {"action": row["action"], "by": row["by_user"]}
+    path = socket_path or os.environ.get("GITPIPE_SOCKET") or settings_mod.DEFAULTS["control_socket"]
+    if socket_path is None and state == "missing" and not os.path.exists(path):
+        settings_mod.load(root)  # neither a home nor a daemon here: say the home is missing, and how to fix it
+    answer = control.request(Path(path), "approve" if approved else "reject", run_id, comment,
+                             root if state != "missing" else None)
+    return {"action": answer["action"], "by": answer["by"]}
 
 
 def environments(store: Store, repo: str) -> list[dict[str, Any]]:

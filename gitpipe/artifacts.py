@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from gitpipe.errors import ActionError
+from gitpipe.errors import ActionError, ArtifactError, UsageError
 from gitpipe.models import ArtifactRecord
 from gitpipe.pipeline import path_regex
 from gitpipe.settings import format_size
@@ -224,3 +224,87 @@ def restore_inputs(stored: list[ArtifactRecord], inputs: tuple[str, ...], tree: 
                     hint="let each copy write under a path of its own, e.g. reports/$MATRIX_PYTHON/")
     for art in arts:
         restore(art, tree)
+
+
+# ---------------------------------------------------------------------------- handing out (`gitpipe artifacts`)
+def manifest_entries(art: ArtifactRecord) -> list[tuple[str, str]]:
+    """(sha256, relative path) of each file of a stored artifact, from its manifest, after checking
+    the manifest against the sha256 recorded for the artifact; ArtifactError when they differ."""
+    path = Path(art.path).parent / f"{art.name}.{MANIFEST}"
+    try:
+        text = path.read_text()
+    except OSError:
+        raise ArtifactError(f'artifact "{art.name}" of run #{art.run_id} is gone ({path} is missing)',
+                            hint="keep_runs may have pruned it; retry the run to make it again") from None
+    entries = [_manifest_entry(line) for line in text.splitlines(keepends=True)]
+    recorded = entries[0][0] if len(entries) == 1 else hashlib.sha256(text.encode()).hexdigest()
+    if recorded != art.sha256:
+        raise ArtifactError(f'artifact "{art.name}" of run #{art.run_id}: its manifest {path} does not match '
+                            f"the recorded sha256 {art.sha256}: the stored artifact was changed")
+    for _, rel in entries:
+        if os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise ArtifactError(f'artifact "{art.name}" of run #{art.run_id}: its manifest names "{rel}", '
+                                "outside the artifact")
+    return entries
+
+
+def _manifest_entry(line: str) -> tuple[str, str]:
+    """The inverse of `manifest_line`."""
+    line = line.rstrip("\n")
+    escaped = line.startswith("\\")
+    digest, _, rel = line.lstrip("\\").partition("  ")
+    if escaped:
+        rel = rel.replace("\\\\", "\0").replace("\\n", "\n").replace("\\r", "\r").replace("\0", "\\")
+    return digest, rel
+
+
+def fetch(art: ArtifactRecord, staging: Path) -> list[str]:
+    """Copy a stored artifact's files into `staging`, each checked against its sha256 as it is
+    copied; the relative paths. ArtifactError on the first file that differs (or is gone)."""
+    src_root = Path(art.path)
+    names = []
+    for digest, rel in manifest_entries(art):
+        src, out = src_root / rel, staging / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        try:
+            with open(src, "rb") as fin, open(out, "wb") as fout:
+                while chunk := fin.read(1 << 20):
+                    h.update(chunk)
+                    fout.write(chunk)
+        except FileNotFoundError:
+            raise ArtifactError(f'artifact "{art.name}" of run #{art.run_id}: its file "{rel}" is gone',
+                                hint="keep_runs may have pruned it; retry the run to make it again") from None
+        if h.hexdigest() != digest:
+            raise ArtifactError(f'artifact "{art.name}" of run #{art.run_id}: "{rel}" does not match its '
+                                f"sha256 (stored {h.hexdigest()[:16]}…, recorded {digest[:16]}…): "
+                                "the stored file is corrupted, so it is not handed out",
+                                hint="retry the run to make the artifact again")
+        os.chmod(out, plain_mode(src))
+        names.append(rel)
+    return names
+
+
+def download(arts: list[tuple[ArtifactRecord, str]], out: Path) -> list[Path]:
+    """Put artifacts under `out`, each at `out/<prefix>/<its relative paths>`; every file is checked
+    against its sha256 before anything reaches `out`, and nothing is overwritten. On an error
+    nothing is left at the destination; the paths written otherwise."""
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".gitpipe-artifacts-", dir=out))
+    try:
+        placed: list[tuple[Path, Path]] = []
+        for art, prefix in arts:
+            for rel in fetch(art, staging / prefix):
+                placed.append((staging / prefix / rel, out / prefix / rel))
+        taken = [dest for _, dest in placed if dest.exists() or dest.is_symlink()]
+        if taken:
+            raise UsageError(f"{taken[0]} already exists" + (f" (and {len(taken) - 1} more)" if len(taken) > 1 else "")
+                             + "; nothing was written", hint="remove it, or download into another --out DIR")
+        for src, dest in placed:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dest)
+        return [dest for _, dest in placed]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

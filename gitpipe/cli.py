@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     conf, store = _store(args)
-    run_id, run = api.start_run(conf, store, args.repo, args.ref)
+    run_id, run = api.start_run(conf, store, args.repo, args.ref, args.var)
     if run.status is RunStatus.FAILED:
         say(f"run #{run_id} failed: {run.error}", err=True)
         return 1
@@ -156,9 +156,7 @@ def _wait(conf: settings_mod.Settings, store: Any, run_id: int) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     _, store = _store(args)
-    if args.repo:
-        store.repo_path(args.repo)
-    runs = store.runs(args.repo, limit=args.limit)
+    runs = api.list_runs(store, args.repo, args.limit, args.status, args.ref, args.since)
     if not args.json and store.get_state("paused"):
         say(f"(paused by {store.get_state('paused')}: queued runs wait until `gitpipe resume`)")
     if args.json:
@@ -166,7 +164,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     out = Out()
     if not runs:
-        say("no runs yet")
+        say("no runs match" if args.status or args.ref or args.since else "no runs yet")
     for r in runs:
         say(f"#{r.id:<5} {r.repo:<16} {short_ref(r.ref):<20} {r.sha[:7]}  "
               f"{out.status(r.status.value):<10} {r.trigger:<8} {r.created_at[:19].replace('T', ' ')}"
@@ -234,10 +232,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         say(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
     for o in data["outputs"]:
         say(f"  output {o['action']}.{o['key']} = {o['value']}")
+    for name, value in data["inputs"].items():
+        say(f"  input {name} = {value}")
     for ap in data["approvals"]:
         decided = (f"{ap['decision']} by {ap['by']} at {ap['at']}" + (f": {ap['comment']}" if ap["comment"] else "")
-                   if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']})")
+                   if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']}"
+                   + (f"; approvers: {', '.join(ap['approvers'])})" if ap["approvers"] else ")"))
         say(f"  approval {ap['action']}: {decided}")
+        if ap["note"]:
+            say(f"    warning: {ap['note']}")
+        for r in ap["refused"]:
+            say(f"    refused: {r['by']} tried to {r['decision']} at {r['at']}: {r['reason']}")
     return 0 if data["status"] != "failed" else 1
 
 
@@ -279,6 +284,25 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    if args.name is None and args.out is None:
+        arts = api.artifacts(store, args.run, None)
+        if args.json:
+            print_json([{"name": a.name, "action": a.action, "size": a.size, "sha256": a.sha256,
+                         "files": a.files} for a in arts])
+            return 0
+        if not arts:
+            say(f"run #{args.run} has no artifacts")
+        for a in arts:
+            say(f"{a.name:<20} {a.size:>12,} B  {a.files:>4} file(s)  from {a.action:<16} sha256 {a.sha256}")
+        return 0
+    for art, paths in api.download_artifacts(store, args.run, args.name, args.out or "."):
+        say(f"{art.name}: {len(paths)} file(s), {art.size:,} bytes, sha256 checked -> "
+            + (str(paths[0]) if len(paths) == 1 else f"{args.out or '.'}"))
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     pipe = api.validate_file(args.file)
     actions = sum(len(s.actions) for s in pipe.stages)
@@ -301,16 +325,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    conf, store = _store(args)
-    row = api.decide(conf, store, args.run, True, args.comment)
-    say(f'run #{args.run}: approved "{row["action"]}" as {row["by_user"]}')
+    row = api.decide_as_caller(args.home, args.socket, args.run, True, args.comment)
+    say(f'run #{args.run}: approved "{row["action"]}" as {row["by"]}')
     return 0
 
 
 def cmd_reject(args: argparse.Namespace) -> int:
-    conf, store = _store(args)
-    row = api.decide(conf, store, args.run, False, args.comment)
-    say(f'run #{args.run}: rejected "{row["action"]}" as {row["by_user"]}; the run fails')
+    row = api.decide_as_caller(args.home, args.socket, args.run, False, args.comment)
+    say(f'run #{args.run}: rejected "{row["action"]}" as {row["by"]}; the run fails')
     return 0
 
 
@@ -423,9 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo")
     p.add_argument("--ref", help="branch or tag (default: the repo's HEAD branch)")
     p.add_argument("--wait", action="store_true", help="show progress until the run ends; exit 1 if it fails")
+    p.add_argument("--var", action="append", type=_variable, metavar="KEY=VALUE",
+                   help="set an input of the pipeline's [inputs] (repeat for more); scripts get it as "
+                        "$GITPIPE_INPUT_KEY")
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("repo", nargs="?")
     p.add_argument("--limit", type=_positive, default=20, help="the most runs to list (default 20)")
+    p.add_argument("--status", action="append", metavar="STATUS",
+                   help="only runs with this status (repeat, or comma-separated: failed,cancelled)")
+    p.add_argument("--ref", help='only runs of this branch or tag ("main", "release/*", or a full refs/... name)')
+    p.add_argument("--since", metavar="WHEN", help='only runs created since: a duration ("30m", "2d") or a date '
+                   '("2026-11-01", ISO 8601; UTC unless it names a zone)')
     p.add_argument("--json", action="store_true", help="a JSON array of runs")
     p = add("show", cmd_show, "one run: stages, actions, status, durations, artifacts")
     p.add_argument("run", type=_run_id)
@@ -450,12 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=("python", "site", "empty"),
                    help="for a new file: start from this template (default: choose in the page)")
     p.add_argument("--no-browser", action="store_true", help="only print the URL")
-    p = add("approve", cmd_approve, "approve the approval a run is waiting on")
+    p = add("artifacts", cmd_artifacts, "list a run's artifacts, or download them (sha256 checked)")
     p.add_argument("run", type=_run_id)
-    p.add_argument("--comment")
-    p = add("reject", cmd_reject, "reject the approval a run is waiting on (the run fails)")
-    p.add_argument("run", type=_run_id)
-    p.add_argument("--comment")
+    p.add_argument("name", nargs="?", help="the artifact to download (default with --out: every one, each into DIR/NAME)")
+    p.add_argument("--out", metavar="DIR", help="where to put the files (default: the current directory)")
+    p.add_argument("--json", action="store_true", help="the list as a JSON array")
+    for name, func, text in (("approve", cmd_approve, "approve the approval a run is waiting on"),
+                             ("reject", cmd_reject, "reject the approval a run is waiting on (the run fails)")):
+        p = add(name, func, text)
+        p.add_argument("run", type=_run_id)
+        p.add_argument("--comment")
+        p.add_argument("--socket", metavar="PATH", help="ask the daemon at this control socket (default: "
+                       "directly when you can open the home, else $GITPIPE_SOCKET or /run/gitpipe/gitpipe.sock)")
     p = add("environments", cmd_environments, "each environment's current release and deploy history")
     p.add_argument("repo")
     p.add_argument("--json", action="store_true")
@@ -482,6 +518,13 @@ def _positive(text: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f'"{text}" is not a positive number (how many runs to list, e.g. 20)')
     return number
+
+
+def _variable(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f'"{text}" is not KEY=VALUE (e.g. --var version=1.2)')
+    return key, value
 
 
 def _run_id(text: str) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 from gitpipe import executor, follow, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
+from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
@@ -37,6 +38,7 @@ from gitpipe.store import Store
 from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
+APPROVAL_WAKE = "approval-"  # the wake file `gitpipe approve/reject` leaves (queue.wake(..., "approval"))
 STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
 EVENTS_SEEN = "events_seen"  # state key: the newest event id the daemon passed on (see Daemon._hear_others)
 SAVE_EVERY = 500  # events
@@ -86,6 +88,7 @@ class Daemon:
         self.next_due: float | None = None  # the next schedule slot
         self.events_seen = 0  # the newest event id heard of (see _hear_others); saved as state events_seen
         self.events_saved = 0
+        self.woken_by_approval = False  # `gitpipe approve` woke us: waiting runs' pages may be stale
 
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
@@ -111,6 +114,10 @@ class Daemon:
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
         self.events_seen = self.events_saved = self._events_seen_before()
+        self.control = ControlServer(self.settings, self.store, self.wake.set)
+        why_not = self.control.start()
+        if why_not:
+            log.info("%s", why_not)
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select)
@@ -128,6 +135,7 @@ class Daemon:
             self._loop()
         finally:
             notify_systemd("STOPPING=1")
+            self.control.close()
             self._shutdown()
             observer.stop()
             observer.join()
@@ -207,6 +215,9 @@ class Daemon:
         self._cancel_requested()
         for worker in list(self.workers.values()):
             worker.changed.set()  # approvals decided, cancels requested: let workers look
+        if self.woken_by_approval:  # a refusal another process recorded changes only the page
+            self.woken_by_approval = False
+            self.reporter.refresh([r.id for r in self.store.runs_with_status(RunStatus.WAITING)])
         self._claim()
         if self.prune_due:
             self.prune_due = False
@@ -250,6 +261,8 @@ class Daemon:
 
     def _clear_wake_files(self) -> None:
         for entry in os.scandir(self.settings.wake_dir):
+            if entry.name.startswith(APPROVAL_WAKE):
+                self.woken_by_approval = True
             try:
                 os.unlink(entry.path)
             except FileNotFoundError:

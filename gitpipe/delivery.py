@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gitpipe import artifacts, executor
+from gitpipe import approvals, artifacts, executor
 from gitpipe.errors import ActionError, GitpipeError
 from gitpipe.intake import now_iso
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
@@ -39,6 +39,14 @@ def run_approval(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None
         message = expand(spec.message or f'Approve "{spec.name}" of {worker.pipe.name} '
                          f"{{short_sha}}?", placeholders(worker))
         store.request_approval(worker.run.id, rec.id, spec.name, message, time.time() + spec.timeout)
+        missing = approvals.unknown(spec.approvers or ())
+        if missing and spec.approvers and len(missing) == len(spec.approvers):
+            why = (f"nobody can decide it: no approver exists on this host ({', '.join(missing)}); "
+                   "fix approvers in .pipeline.toml (or create the account), then retry the run")
+            store.decide(worker.run.id, "rejected", "gitpipe", why, action_id=rec.id)  # said, not left "waiting"
+            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.FAILED, why)
+        if missing:
+            store.note_approval(rec.id, f"approvers unknown on this host: {', '.join(missing)}")
     while True:
         appr = store.approval(rec.id) or {}
         who = f"{appr.get('by_user')}" + (f": {appr['comment']}" if appr.get("comment") else "")

@@ -16,6 +16,10 @@ and an exit status, never a traceback.
                     e.g. approving a run that is not waiting); exit 2 in the CLI.
 - `DiskFullError`   the disk holding the home is full: a change could not be recorded, and
                     nothing of it was (the transaction was rolled back); exit 1.
+- `ApprovalRefused` the account asking may not decide this approval (`approvers`); the
+                    attempt is recorded; exit 1.
+- `ArtifactError`   a stored artifact does not match its recorded sha256 (or is gone), so
+                    `gitpipe artifacts` refuses it and leaves nothing at the destination; exit 1.
 """
 
 from __future__ import annotations
@@ -109,5 +113,17 @@ class DeployError(GitpipeError):
 
 class DiskFullError(GitpipeError):
     """The disk holding the gitpipe home is full: a change could not be recorded (nothing of it was)."""
+
+    exit_code = 1
+
+
+class ApprovalRefused(GitpipeError):
+    """The account asking may not decide this approval; the attempt was recorded."""
+
+    exit_code = 1
+
+
+class ArtifactError(GitpipeError):
+    """A stored artifact cannot be handed out as recorded (corrupted or gone)."""
 
     exit_code = 1

@@ -34,6 +34,7 @@ KINDS = (
     "secrets",   # an array of secret names
     "table",     # a sub-table with the keys of `table`
     "tables",    # an array of tables with the keys of `table`
+    "named",     # a table of NAME = a table with the keys of `table`
 )
 
 
@@ -55,6 +56,8 @@ class Key:
 TOP = (
     Key("pipeline", "table", "name, timeout and network of the whole pipeline", table="pipeline"),
     Key("trigger", "table", "which pushes (branches, tags, paths) and schedules start a run", table="trigger"),
+    Key("inputs", "named", "values a run started by hand may set (gitpipe run --var NAME=VALUE); "
+        "scripts get them as $GITPIPE_INPUT_<NAME>", table="input"),
     Key("env", "env", "environment variables for every action"),
     Key("stage", "tables", "the stages, run one after the other in file order", required=True, table="stage"),
     Key("notify", "tables", "webhooks and commands told about run events", table="notify"),
@@ -73,6 +76,12 @@ TRIGGER = (
     Key("schedule", "cron", 'cron lines (UTC) that run the default branch, e.g. "0 3 * * *"', default=[]),
     Key("superseded", "choice", 'what a newer push to the same ref does to an older run: "cancel" it '
         'or "queue" behind it', default="queue", choices=("cancel", "queue")),
+)
+
+INPUT = (
+    Key("description", "string", "what the input is for, shown on the run page"),
+    Key("default", "string", "the value when none is given; without one, `gitpipe run` must give it"),
+    Key("options", "strings", "the only values allowed"),
 )
 
 STAGE = (
@@ -105,6 +114,8 @@ ACTION = (
     Key("network", "boolean", "whether this action may reach the network", types=("run", PLUGIN)),
     Key("message", "string", "the question a person answers; placeholders like {short_sha} work",
         types=("approval",)),
+    Key("approvers", "strings", 'who may decide: Unix user names and "group:NAME" (default: whoever '
+        "can open the gitpipe home)", types=("approval",)),
     Key("environment", "name", 'the environment this deploys to, e.g. "staging"', required=True,
         types=("deploy",)),
     Key("target", "targets", "ssh://[user@]host[:port]/path or file:///path, or an array of them",
@@ -141,7 +152,7 @@ WHEN = (
 )
 
 TABLES: dict[str, tuple[Key, ...]] = {
-    "top": TOP, "pipeline": PIPELINE, "trigger": TRIGGER, "stage": STAGE, "action": ACTION,
+    "top": TOP, "pipeline": PIPELINE, "input": INPUT, "trigger": TRIGGER, "stage": STAGE, "action": ACTION,
     "notify": NOTIFY, "when": WHEN,
 }
 

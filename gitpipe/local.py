@@ -7,6 +7,7 @@ worktree isolation, artifacts and output, and nothing recorded in the host's his
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -95,7 +96,8 @@ def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, h
 
             (root / settings_mod.CONFIG_NAME).write_text(tomli_w.dumps({"sandbox": sandbox}))
         api.init_home(str(root))
-        conf = settings_mod.load(root)
+        # A local run listens on no control socket: the host's daemon may own /run/gitpipe.
+        conf = dataclasses.replace(settings_mod.load(root), control_socket=None)
         store = Store(conf)
         store.add_repo(name, str(git_dir))
         run_id = store.create_runs([queue.NewRun(repo=name, pipeline=pipe.name, ref=ref, sha=sha,

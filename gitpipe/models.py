@@ -148,6 +148,7 @@ class ActionSpec:
     matrix: tuple[tuple[str, str], ...] = ()
     # approval
     message: str | None = None
+    approvers: tuple[str, ...] | None = None  # None: whoever can open the gitpipe home
     # deploy
     environment: str | None = None
     targets: tuple[str, ...] = ()
@@ -194,6 +195,17 @@ class NotifySpec:
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """One input of a manual run (`[inputs.NAME]`); required when it has no default."""
+
+    name: str
+    line: int
+    description: str = ""
+    default: str | None = None
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Pipeline:
     name: str
     timeout: float | None  # seconds, whole run; None = no limit
@@ -202,6 +214,7 @@ class Pipeline:
     stages: tuple[StageSpec, ...]
     notify: tuple[NotifySpec, ...] = ()
     network: bool | None = None  # False: every action runs without network
+    inputs: tuple[InputSpec, ...] = ()
 
     def action(self, stage: str, name: str) -> ActionSpec:
         for s in self.stages:
@@ -271,6 +284,7 @@ class RunRecord:
     commit_message: str | None = None
     warnings: int = 0  # actions that failed with allow_failure
     reused: int = 0  # actions taken over from the retried run (`retry --failed`)
+    inputs: tuple[tuple[str, str], ...] = ()  # (name, value) of a run's inputs
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 

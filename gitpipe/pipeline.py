@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from gitpipe import keys
 from gitpipe.errors import PipelineError, Problem
-from gitpipe.models import ActionSpec, NotifySpec, Pipeline, StageSpec, TriggerSpec, When
+from gitpipe.models import ActionSpec, InputSpec, NotifySpec, Pipeline, StageSpec, TriggerSpec, When
 
 Path = tuple[str | int, ...]
 _D = TypeVar("_D", float, None)
@@ -37,6 +37,7 @@ SUPERSEDED = keys.find("trigger", "superseded").choices  # type: ignore[union-at
 # The key lists come from gitpipe/keys.py, which also feeds `gitpipe schema` and the editor.
 _TOP_KEYS = keys.names("top")
 _PIPELINE_KEYS = keys.names("pipeline")
+_INPUT_KEYS = keys.names("input")
 _TRIGGER_KEYS = keys.names("trigger")
 _STAGE_KEYS = keys.names("stage")
 _NOTIFY_KEYS = keys.names("notify")
@@ -66,6 +67,9 @@ _DURATION = re.compile(
     r"(?:(\d+(?:\.\d+)?)d)?\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?"
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A Unix user or group name as useradd/groupadd accept them (Debian's default NAME_REGEX, relaxed).
+_ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
+INPUT_VALUE_LIMIT = 4096  # characters of one input value: a value, not a file
 _NAME = re.compile(r"[^/\\\x00-\x1f\x7f]+")
 _ARTIFACT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TARGET = re.compile(r"ssh://(?:[^@/\s]+@)?[^@/:\s]+(?::\d+)?/\S.*|file:///\S.*")
@@ -553,6 +557,7 @@ def _pipeline(report: _Report, data: dict[str, Any], default_name: str) -> Pipel
         env=_env(top.table("env", "[env]")),
         stages=_stages(top),
         notify=tuple(_notify(report, item, i) for i, item in top.tables("notify", "[[notify]]")),
+        inputs=_inputs(top.table("inputs", "[inputs]")),
     )
     _check_artifacts(report)
     return _expand_inputs(report, pipeline)
@@ -605,6 +610,84 @@ def _env(t: _Table | None) -> tuple[tuple[str, str], ...]:
         else:
             t.problem(f'"{key}" must be a string (or a number or boolean), not {_describe(value)}', key)
     return tuple(pairs)
+
+
+def _inputs(t: _Table | None) -> tuple[InputSpec, ...]:
+    """`[inputs.NAME]` tables: what `gitpipe run --var NAME=VALUE` may set."""
+    if t is None:
+        return ()
+    specs: list[InputSpec] = []
+    seen: dict[str, str] = {}
+    for name, value in t.data.items():
+        where = f'input "{name}"'
+        if not _ENV_NAME.fullmatch(name):
+            t.problem(f'input name "{name}" may hold only letters, digits and "_" (it becomes '
+                      f"$GITPIPE_INPUT_<NAME>)", name)
+            continue
+        if name.upper() in seen:
+            t.problem(f'input "{name}" and input "{seen[name.upper()]}" would both be '
+                      f"$GITPIPE_INPUT_{name.upper()}", name)
+            continue
+        seen[name.upper()] = name
+        if not isinstance(value, dict):
+            t.problem(f'{where} must be a table ([inputs.{name}] with default, description, options), '
+                      f"not {_describe(value)}", name)
+            continue
+        it = _Table(t.report, value, t.path + (name,), f"[inputs.{name}]")
+        it.check_keys(_INPUT_KEYS)
+        default, options = it.string("default"), it.strings("options") or ()
+        if "options" in value and not options and isinstance(value["options"], list):
+            it.problem('"options" must list at least one value', "options")
+        if default is not None and options and default not in options:
+            it.problem(f'"default" "{default}" is not one of its options ({", ".join(options)})', "default")
+        specs.append(InputSpec(name=name, line=t.report.line(t.path + (name,)), default=default,
+                               description=it.string("description") or "", options=options))
+    return tuple(specs)
+
+
+def input_values(pipe: Pipeline, given: dict[str, str], *, manual: bool) -> tuple[tuple[str, str], ...]:
+    """A run's inputs: the given values over the defaults, checked; ValueError lists every problem.
+
+    `manual`: a run started by hand must name every required input. A push or a schedule sets
+    none, so an input without a default is empty ("") there.
+    """
+    declared = {i.name: i for i in pipe.inputs}
+    problems = []
+    for name in given:
+        if name not in declared:
+            known = ", ".join(declared) or "none: add [inputs.NAME] tables to the pipeline"
+            problems.append(f'unknown input "{name}"{_suggest(name, declared)} (inputs of {pipe.name}: {known})')
+    values = []
+    for spec in pipe.inputs:
+        value = given.get(spec.name, spec.default)
+        if value is None:
+            if manual:
+                problems.append(f'input "{spec.name}" is required (it has no default): '
+                                f"add --var {spec.name}=VALUE")
+            value = ""
+        elif spec.options and value not in spec.options:
+            problems.append(f'input "{spec.name}": "{value}" is not one of its options: {", ".join(spec.options)}')
+        elif len(value) > INPUT_VALUE_LIMIT:
+            problems.append(f'input "{spec.name}": the value is longer than {INPUT_VALUE_LIMIT} characters')
+        values.append((spec.name, value))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(values)
+
+
+def _approvers(t: _Table) -> tuple[str, ...] | None:
+    """Who may decide an approval: Unix user names and "group:NAME" entries."""
+    approvers = t.strings("approvers")
+    if approvers is None:
+        return None
+    if not approvers and isinstance(t.data.get("approvers"), list):
+        t.problem('"approvers" must name at least one user or "group:NAME" (leave it out to let '
+                  "whoever can open the gitpipe home decide)", "approvers")
+    for index, entry in enumerate(approvers):
+        name = entry.removeprefix("group:")
+        if not _ACCOUNT.fullmatch(name):
+            t.problem(f'approver "{entry}" is not a Unix user name or "group:NAME"', "approvers", index)
+    return approvers
 
 
 def _notify(report: _Report, data: dict[str, Any], index: int) -> NotifySpec:
@@ -692,6 +775,7 @@ def _action(report: _Report, data: dict[str, Any], path: Path, label: str,
     elif kind == "approval":
         fields["message"] = t.string("message")
         _check_placeholders(t, "message", fields["message"])
+        fields["approvers"] = _approvers(t)
     elif kind == "deploy":
         fields.update(_deploy_fields(t))
     elif kind is not None:  # a plugin: its own keys, but `network` is the sandbox's

@@ -39,6 +39,7 @@ class NewRun:
     retry_of: int | None = None
     commit_author: str | None = None  # known before the daemon starts it: for a run that fails at once
     commit_message: str | None = None
+    inputs: tuple[tuple[str, str], ...] = ()  # given with `gitpipe run --var` (or kept by a retry)
 
 
 def insert_run(conn: sqlite3.Connection, run: NewRun) -> int:

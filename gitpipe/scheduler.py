@@ -119,7 +119,12 @@ class RunWorker:
                 return
             author, message = git.commit_info(repo, run.sha)
             deadline = time.time() + pipe.timeout if pipe.timeout else None
-            self.store.start_run(run.id, pipe, deadline, author, message)
+            try:  # a push or a schedule gives none: the defaults ("" without one)
+                inputs = pipeline_mod.input_values(pipe, dict(run.inputs), manual=False)
+            except ValueError as exc:
+                self.store.fail_queued_run(run.id, f"inputs: {exc}")
+                return
+            self.store.start_run(run.id, pipe, deadline, author, message, inputs)
             run = self.store.run(run.id)
         self.run = run
         self.pipe = pipe
@@ -401,6 +406,9 @@ class RunWorker:
             env[f"GITPIPE_OUT_{env_name(row['action'])}_{env_name(row['key'])}"] = row["value"]
         # a matrix copy's values, named after its keys: python = [...] -> MATRIX_PYTHON
         env.update({f"MATRIX_{env_name(key)}": value for key, value in spec.matrix})
+        # Inputs reach scripts only as variables, after the GITPIPE_ ones (a name cannot shadow them:
+        # each is GITPIPE_INPUT_<NAME>) and before [env] (a pipeline's own settings win).
+        env.update({f"GITPIPE_INPUT_{name.upper()}": value for name, value in run.inputs})
         env.update(dict(self.pipe.env))
         env.update(dict(spec.env))
         values, masker = self.host.trust.for_action(run.repo, self.store.repo_path(run.repo), run.ref,

@@ -59,6 +59,9 @@ def _value(key: keys.Key, plugin_types: tuple[str, ...]) -> dict[str, Any]:
             value["items"]["oneOf"] = [{"required": ["webhook"]}, {"required": ["command"]}]
     elif key.kind == "table":
         value = _object(key.table, plugin_types)
+    elif key.kind == "named":
+        value = {"type": "object", "propertyNames": {"pattern": ENV_NAME},
+                 "additionalProperties": _object(key.table, plugin_types)}
     elif key.name == "type" and key.table == "" and key.choices == keys.ACTION_TYPES:
         value = {"type": "string", "enum": [*key.choices, *plugin_types]}
     else:

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "max_log_size": "64M",
     "max_artifact_size": "2G",
     "publish_artifacts": "protected",
+    "control_socket": "/run/gitpipe/gitpipe.sock",
 }
 PUBLISH_CHOICES = ("protected", "all", "none")
 SSH_DEFAULTS: dict[str, Any] = {"known_hosts": "known_hosts", "identity": ""}
@@ -49,6 +50,8 @@ COMMENTS: dict[str, str] = {
     "max_log_size": "an attempt's output is cut past this size (timestamps not counted), with a line saying so",
     "max_artifact_size": "an action whose outputs add up to more than this fails, naming this limit",
     "publish_artifacts": 'artifacts linked from the report site: "protected" (runs of protected refs), "all", "none"',
+    "control_socket": "where the daemon listens for approve/reject by accounts that cannot open this home "
+                      '(absolute; "" = nowhere); `approvers` in a pipeline names who may',
 }
 
 
@@ -91,6 +94,7 @@ class Settings:
     max_artifact_size: int = 2 << 30  # bytes per action's outputs
     publish_artifacts: str = "protected"
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    control_socket: Path | None = Path(DEFAULTS["control_socket"])
 
     # Paths of the home, computed from the home (never at import time).
     @property
@@ -238,7 +242,8 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
             _typed(lines, data, key, int, None)
             if data[key] < 1:
                 raise lines.error(f'"{key}" must be at least 1', key)
-    for key in ("site_dir", "site_url", "stop_grace", "max_log_size", "max_artifact_size", "publish_artifacts"):
+    for key in ("site_dir", "site_url", "stop_grace", "max_log_size", "max_artifact_size", "publish_artifacts",
+                "control_socket"):
         if key in data:
             _typed(lines, data, key, str, None)
     sizes = {}
@@ -263,6 +268,16 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         raise lines.error('"on" must be a list of event names, e.g. ["failed"]', "on", "notify")
     repos = {name: _repo(lines, name, value) for name, value in _table(lines, data, "repos", None).items()}
     identity = str(ssh["identity"])
+    control = str(merged["control_socket"])
+    if control and (not control.startswith("/") or Path(control).is_relative_to(home)):
+        raise lines.error(f'"control_socket" must be an absolute path outside the home, not "{control}"',
+                          "control_socket", hint="accounts that approve cannot enter the home (mode 0700); "
+                          '"" turns the socket off')
+    sandbox = _sandbox(lines, _table(lines, data, "sandbox", SANDBOX_DEFAULTS), home)
+    for p in sandbox.read_only + sandbox.read_write:
+        if control and Path(control).is_relative_to(p):
+            raise lines.error(f"[sandbox] {p} would show actions the control socket {control}", "control_socket",
+                              hint="an action must never reach the socket that decides approvals")
     return Settings(
         home=home,
         max_parallel=merged["max_parallel"] or os.cpu_count() or 2,
@@ -279,7 +294,8 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         max_log_size=sizes["max_log_size"],
         max_artifact_size=sizes["max_artifact_size"],
         publish_artifacts=merged["publish_artifacts"],
-        sandbox=_sandbox(lines, _table(lines, data, "sandbox", SANDBOX_DEFAULTS), home),
+        sandbox=sandbox,
+        control_socket=Path(control) if control else None,
     )
 
 

@@ -104,6 +104,17 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (run_id, stage_idx, idx));
         """,
     ),
+    (
+        "0005_inputs_approvers",
+        """
+        ALTER TABLE runs ADD COLUMN inputs TEXT;
+        ALTER TABLE approvals ADD COLUMN note TEXT;
+        CREATE TABLE approval_refusals (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id),
+            action_id INTEGER NOT NULL REFERENCES actions(id), action TEXT NOT NULL, decision TEXT NOT NULL,
+            by_user TEXT NOT NULL, at TEXT NOT NULL, reason TEXT NOT NULL);
+        CREATE INDEX approval_refusals_run ON approval_refusals(run_id)
+        """,
+    ),
 ]
 # What `runs` rows are read with: the counts the lists show beside a run's status.
 RUN_COLUMNS = """runs.*,
@@ -112,6 +123,7 @@ RUN_COLUMNS = """runs.*,
     (SELECT COUNT(*) FROM actions a WHERE a.run_id = runs.id AND a.reused_from IS NOT NULL) AS reused"""
 
 Listener = Callable[[Event], None]
+REFUSALS_KEPT = 100  # refused attempts recorded per approval
 
 
 class Store:
@@ -276,6 +288,9 @@ class Store:
                 # the run's first event is the last row insert_run wrote
                 self._pending_ids.append(int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]))
             for run_id, r in zip(ids, runs):
+                if r.inputs:  # the hook's intake knows no inputs: a push never has any
+                    self.conn.execute("UPDATE runs SET inputs = ? WHERE id = ?", (_json(r.inputs), run_id))
+            for run_id, r in zip(ids, runs):
                 self._pending.append(Event(run_id, "run", "failed" if r.error else "queued", r.error))
         return ids
 
@@ -324,11 +339,36 @@ class Store:
             raise UsageError(f"unknown run #{run_id}", hint="`gitpipe runs` lists the runs")
         return _run_record(rows[0])
 
-    def runs(self, repo: str | None = None, limit: int = 20, offset: int = 0) -> list[RunRecord]:
-        where, params = ("WHERE repo = ?", (repo,)) if repo else ("", ())
+    def runs(self, repo: str | None = None, limit: int = 20, offset: int = 0, *,
+             statuses: tuple[RunStatus, ...] = (), refs: tuple[str, ...] = (),
+             since: str | None = None) -> list[RunRecord]:
+        """Runs, newest first; optionally only these statuses, refs matching one of `refs` (full refs
+        or globs of them: git forbids `*?[` in ref names, so a plain name matches only itself) and
+        runs created at or after `since` (ISO 8601 UTC, the stored format)."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if repo:
+            clauses.append("repo = ?")
+            params.append(repo)
+        if statuses:
+            clauses.append(f"status IN ({','.join('?' for _ in statuses)})")
+            params += [s.value for s in statuses]
+        if refs:
+            clauses.append("(" + " OR ".join("ref GLOB ?" for _ in refs) + ")")
+            params += list(refs)
+        if since:
+            clauses.append("created_at >= ?")
+            params.append(since)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.query(f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
                           (*params, limit, offset))
         return [_run_record(r) for r in rows]
+
+    def last_finished(self, repo: str, ref: str) -> RunRecord | None:
+        """The newest run of `ref` that has finished (what a status badge shows)."""
+        rows = self.query("SELECT * FROM runs WHERE repo = ? AND ref = ? AND status IN "
+                          "('succeeded', 'failed', 'cancelled') ORDER BY id DESC LIMIT 1", (repo, ref))
+        return _run_record(rows[0]) if rows else None
 
     def runs_with_status(self, *statuses: RunStatus) -> list[RunRecord]:
         marks = ",".join("?" for _ in statuses)
@@ -349,11 +389,14 @@ class Store:
         return run
 
     def start_run(self, run_id: int, pipe: Pipeline, deadline: float | None,
-                  commit_author: str | None, commit_message: str | None) -> None:
-        """queued -> running: create the stage and action rows of the pipeline."""
+                  commit_author: str | None, commit_message: str | None,
+                  inputs: tuple[tuple[str, str], ...] = ()) -> None:
+        """queued -> running: record the run's inputs (defaults filled in), create the stage and
+        action rows of the pipeline."""
         with self.tx() as db:
             self._set_run(run_id, RunStatus.RUNNING, started_at=now_iso(), deadline=deadline,
-                          commit_author=commit_author, commit_message=commit_message)
+                          commit_author=commit_author, commit_message=commit_message,
+                          inputs=_json(inputs) if inputs else None)
             for s_idx, stage in enumerate(pipe.stages):
                 db.table("stages").insert({"run_id": run_id, "idx": s_idx, "name": stage.name,
                                      "status": ActionStatus.PENDING.value})
@@ -540,16 +583,47 @@ class Store:
     def approvals(self, run_id: int) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM approvals WHERE run_id = ? ORDER BY id", (run_id,))
 
-    def decide(self, run_id: int, decision: str, by: str, comment: str | None) -> dict[str, Any]:
-        """Record approve/reject of the approval a run waits on; TransitionError when it waits on none."""
+    def pending_approval(self, run_id: int) -> dict[str, Any]:
+        """The approval a run waits on (with its action's stage); TransitionError when it waits on none."""
+        run = self.run(run_id)
+        rows = self.query("SELECT approvals.*, actions.stage AS stage FROM approvals JOIN actions "
+                          "ON actions.id = approvals.action_id WHERE approvals.run_id = ? "
+                          "AND decision IS NULL ORDER BY approvals.id", (run_id,))
+        if run.status is not RunStatus.WAITING or not rows:
+            raise TransitionError(f"run #{run_id} is {run.status.value}, not waiting for an approval",
+                                  hint="`gitpipe runs` shows which runs are waiting")
+        return rows[0]
+
+    def note_approval(self, action_id: int, note: str) -> None:
+        """A warning about an approval (an approver unknown on this host), shown with it."""
         with self.tx() as db:
-            run = self.run(run_id)
-            rows = self.query("SELECT * FROM approvals WHERE run_id = ? AND decision IS NULL ORDER BY id",
-                              (run_id,))
-            if run.status is not RunStatus.WAITING or not rows:
-                raise TransitionError(f"run #{run_id} is {run.status.value}, not waiting for an approval",
-                                      hint="`gitpipe runs` shows which runs are waiting")
-            row = rows[0]
+            db.execute("UPDATE approvals SET note = ? WHERE action_id = ?", [note, action_id])
+
+    def refuse_approval(self, row: dict[str, Any], decision: str, by: str, reason: str) -> None:
+        """Audit an attempt to decide an approval by someone who may not (the first
+        REFUSALS_KEPT per approval: any local account may try, and must not fill the disk)."""
+        with self.tx() as db:
+            kept = self.query("SELECT COUNT(*) AS n FROM approval_refusals WHERE action_id = ?",
+                              (row["action_id"],))[0]["n"]
+            if kept >= REFUSALS_KEPT:
+                return
+            db.table("approval_refusals").insert({
+                "run_id": row["run_id"], "action_id": row["action_id"], "action": row["action"],
+                "decision": decision, "by_user": by, "at": now_iso(), "reason": reason})
+            self._event(row["run_id"], "approval", "refused", f"{by} may not {decision}: {reason}")
+
+    def approval_refusals(self, run_id: int) -> list[dict[str, Any]]:
+        return self.query("SELECT action, decision, by_user, at, reason FROM approval_refusals "
+                          "WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def decide(self, run_id: int, decision: str, by: str, comment: str | None,
+               action_id: int | None = None) -> dict[str, Any]:
+        """Record approve/reject of the approval a run waits on; TransitionError when it waits on none
+        (or, with `action_id`, when that one is not the approval it waits on any more)."""
+        with self.tx() as db:
+            row = self.pending_approval(run_id)
+            if action_id is not None and row["action_id"] != action_id:
+                raise TransitionError(f'run #{run_id}: the approval "{row["action"]}" was decided meanwhile')
             db.table("approvals").update(row["id"], {"decision": decision, "by_user": by, "at": now_iso(),
                                                "comment": comment})
             self._event(run_id, "approval", decision, f"{by}: {comment}" if comment else by)
@@ -618,6 +692,7 @@ def _run_record(r: dict[str, Any]) -> RunRecord:
         before_sha=r["before_sha"], retry_of=r["retry_of"], cancelled_by=r["cancelled_by"],
         cancel_reason=r["cancel_reason"], commit_author=r["commit_author"],
         commit_message=r["commit_message"], warnings=r.get("warnings") or 0, reused=r.get("reused") or 0,
+        inputs=tuple((str(k), str(v)) for k, v in json.loads(r.get("inputs") or "[]")),
         extra={"deadline": r["deadline"], "cancel_requested_at": r["cancel_requested_at"]},
     )
 
@@ -632,3 +707,8 @@ def _action_record(r: dict[str, Any]) -> ActionRecord:
         matrix=tuple((k, v) for k, v in json.loads(r.get("matrix_values") or "[]")),
         reused_from=r.get("reused_from"),
     )
+
+
+def _json(pairs: tuple[tuple[str, str], ...]) -> str:
+    """A run's inputs as stored: a JSON array of [name, value], in the pipeline's order."""
+    return json.dumps([list(p) for p in pairs])

@@ -15,6 +15,7 @@ from gitpipe.models import TriggerSpec, When
 from gitpipe.pipeline import (
     PLACEHOLDERS,
     expand,
+    input_values,
     parse,
     parse_duration,
     paths_match,
@@ -1086,3 +1087,74 @@ def test_matrix_artifacts_and_inputs() -> None:
         '.pipeline.toml:14: stage "s", action "early": input "bin" comes from stage "s", action "other", which '
         "runs in parallel with this one (give this action a higher run_order)",
     ]
+
+
+# --------------------------------------------------------------------------- inputs and approvers (issue 15)
+
+RUN_INPUTS = """\
+[inputs.version]
+description = "the version to release"
+default = "1.0"
+options = ["1.0", "2.0"]
+
+[inputs.note]
+
+[[stage]]
+name = "build"
+
+  [[stage.action]]
+  name = "gate"
+  type = "approval"
+  approvers = ["alice", "group:ops"]
+"""
+
+
+def test_inputs_and_approvers_parse() -> None:
+    p = parse(RUN_INPUTS)
+    assert [(i.name, i.line, i.default, i.options, i.description) for i in p.inputs] == [
+        ("version", 1, "1.0", ("1.0", "2.0"), "the version to release"), ("note", 6, None, (), "")]
+    assert p.action("build", "gate").approvers == ("alice", "group:ops")
+    assert parse(BASE).inputs == () and parse(BASE).stages[0].actions[0].approvers is None
+
+
+def test_input_values_fill_defaults_and_check_what_is_given() -> None:
+    p = parse(RUN_INPUTS)
+    assert input_values(p, {"note": "$(rm -rf /)"}, manual=True) == (("version", "1.0"), ("note", "$(rm -rf /)"))
+    assert input_values(p, {}, manual=False) == (("version", "1.0"), ("note", ""))  # a push: defaults
+    with pytest.raises(ValueError) as info:
+        input_values(p, {"versoin": "2.0", "version": "3.0"}, manual=True)
+    text = str(info.value)
+    assert 'unknown input "versoin" (did you mean "version"?)' in text
+    assert '"3.0" is not one of its options: 1.0, 2.0' in text and 'input "note" is required' in text
+    with pytest.raises(ValueError, match="longer than 4096"):
+        input_values(p, {"note": "x" * 5000}, manual=True)
+    with pytest.raises(ValueError, match="none: add"):
+        input_values(parse(BASE), {"a": "b"}, manual=True)
+
+
+def test_bad_inputs_are_reported_at_their_lines() -> None:
+    found = problems(toml("""
+        [inputs]
+        plain = "1.0"
+        "bad-name" = { default = "x" }
+        version = { default = "3", options = ["1", "2"], descripton = "typo" }
+        empty = { options = [] }
+        VERSION = { default = "1" }
+        """) + BASE)
+    assert any(p.startswith(".pipeline.toml:2:") and 'input "plain" must be a table' in p for p in found), found
+    assert any(p.startswith(".pipeline.toml:3:") and 'input name "bad-name"' in p for p in found), found
+    assert any(p.startswith(".pipeline.toml:4:") and '"default" "3" is not one of its options' in p for p in found)
+    assert any(p.startswith(".pipeline.toml:4:") and 'unknown key "descripton" (did you mean "description"?)' in p
+               for p in found), found
+    assert any(p.startswith(".pipeline.toml:5:") and '"options" must list at least one value' in p for p in found)
+    assert any(p.startswith(".pipeline.toml:6:") and "$GITPIPE_INPUT_VERSION" in p for p in found), found
+
+
+def test_bad_approvers() -> None:
+    approval = BASE + '\n  [[stage.action]]\n  name = "gate"\n  type = "approval"\n'
+    has_problem(approval + '  approvers = "alice"\n', 11, '"approvers" must be an array of strings')
+    has_problem(approval + "  approvers = []\n", 11, '"approvers" must name at least one user')
+    has_problem(approval + '  approvers = ["alice", "group:", "bad name"]\n', 11,
+                'approver "group:" is not a Unix user name')
+    assert len(problems(approval + '  approvers = ["alice", "group:", "bad name"]\n')) == 2
+    has_problem(BASE + '  approvers = ["alice"]\n', 7, '"approvers" is only for actions of type "approval"')

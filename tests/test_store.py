@@ -365,3 +365,24 @@ def test_a_retry_takes_over_a_result_once_and_only_into_a_pending_action(store: 
     store.reuse_action(store.actions(again)[0].id, store.action(target.id), [], {})
     assert store.actions(again)[0].reused_from == first
     assert store.actions(again)[0].message == f"reused from #{first}"
+
+
+def test_refused_approvals_are_kept_up_to_a_bound(store: Store) -> None:
+    """Any local account may try to decide an approval: its refusals are recorded, but never without end."""
+    from gitpipe.store import REFUSALS_KEPT
+
+    approval = Pipeline(name="shop", timeout=None, trigger=TriggerSpec(), env=(),
+                        stages=(StageSpec("ship", 1, (ActionSpec("gate", 2, type="approval"),)),))
+    [run_id] = store.create_runs([new_run()])
+    store.start_run(run_id, approval, None, None, None, inputs=(("version", "1.0"),))
+    [gate] = store.actions(run_id)
+    store.request_approval(run_id, gate.id, "gate", "Ship?", time.time() + 60)
+    row = store.pending_approval(run_id)
+    for n in range(REFUSALS_KEPT + 5):
+        store.refuse_approval(row, "approve", f"user{n}", "not an approver")
+    kept = store.approval_refusals(run_id)
+    assert len(kept) == REFUSALS_KEPT and kept[0]["by_user"] == "user0"
+    assert store.run(run_id).inputs == (("version", "1.0"),)
+    assert store.decide(run_id, "approved", "alice", None, action_id=gate.id)["by_user"] == "alice"
+    with pytest.raises(TransitionError):
+        store.pending_approval(run_id)

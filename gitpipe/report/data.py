@@ -40,6 +40,18 @@ class Approval:
     by_user: str
     at: str | None
     comment: str | None
+    note: str | None = None  # a warning: approvers unknown on this host
+    refused: tuple[Refusal, ...] = ()  # attempts by accounts that may not decide it
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An attempt to decide an approval by an account that may not."""
+
+    decision: str  # "approve" or "reject": what they tried
+    by_user: str
+    at: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -77,8 +89,14 @@ def approvals(db: Queryable, run_id: int) -> list[Approval]:
     if not has_table(db, "approvals"):
         return []
     rows = db.query("SELECT * FROM approvals WHERE run_id = ? ORDER BY rowid", (run_id,))
+    refused: list[dict[str, Any]] = []
+    if has_table(db, "approval_refusals"):
+        refused = db.query("SELECT * FROM approval_refusals WHERE run_id = ? ORDER BY id", (run_id,))
     return [Approval(str(r.get("action") or ""), r.get("message"), str(r.get("decision") or "pending"),
-                     str(r.get("by_user") or ""), r.get("at"), r.get("comment")) for r in rows]
+                     str(r.get("by_user") or ""), r.get("at"), r.get("comment"), r.get("note"),
+                     tuple(Refusal(f["decision"], f["by_user"], f["at"], f["reason"])
+                           for f in refused if f["action"] == r.get("action")))
+            for r in rows]
 
 
 def releases(db: Queryable, repo: str) -> list[Release]:

@@ -15,10 +15,10 @@ import os
 import threading
 from pathlib import Path
 
-from gitpipe import trust
+from gitpipe import git, trust
 from gitpipe.errors import GitpipeError
 from gitpipe.models import Event, RunRecord, RunStatus, short_ref
-from gitpipe.report import data, files, listing, views
+from gitpipe.report import badge, data, files, listing, views
 from gitpipe.report.logview import LogReader
 from gitpipe.report.render import Renderer
 from gitpipe.settings import Settings
@@ -75,6 +75,12 @@ class Reporter:
         except Exception:  # the report must never break the run that sent the event
             log.exception("report: could not render the pages of run #%s", event.run_id)
 
+    def refresh(self, run_ids: list[int]) -> None:
+        """Re-render these runs' pages: another process changed what they show (a refused
+        approval recorded by `gitpipe approve`), which this process's store never heard of."""
+        for run_id in run_ids:
+            self.on_event(Event(run_id, "run", "refresh"))
+
     def _drain(self) -> None:
         while True:
             if not self._busy.acquire(blocking=False):
@@ -100,11 +106,16 @@ class Reporter:
         self._ensure_assets()
         repos = self._repos_of(run_ids | deploys)
         touched: dict[str, list[int]] = {}
+        badges: set[tuple[str, str]] = set()
         for run_id in sorted(i for i in run_ids if i in repos):
             page = self._render_run(run_id)
             touched.setdefault(page.run.repo, []).append(run_id)
             if any(a.type == "deploy" for s in page.stages for a in s.actions):
                 deploys.add(run_id)
+            if page.run.finished and page.run.ref_kind == "branch":
+                badges.add((page.run.repo, page.run.ref))
+        for repo, branch in sorted(badges):
+            self._render_badge(repo, branch)
         for repo, ids in touched.items():
             self._render_repo(repo, ids)
         for repo in self._deploy_repos(deploys, repos):
@@ -172,7 +183,47 @@ class Reporter:
 
     def _write(self, kind: str, page: listing.RepoPage, href: str) -> None:
         self._ensure_pages(page.runs)
-        files.write_atomic(self.site / href, self.renderer.page("repo.html", "../", page=page, kind=kind))
+        shown = None
+        if kind == "index":
+            default = self._default_branch(page.repo)
+            last = self.store.last_finished(page.repo, f"refs/heads/{default}") if default else None
+            shown = badge.badge(page.pipeline, last.status.value if last else None)
+        files.write_atomic(self.site / href, self.renderer.page("repo.html", "../", page=page, kind=kind, b=shown,
+                                                                badge=self._badge_markdown(page),
+                                                                site_url=self.settings.site_url))
+
+    def _badge_markdown(self, page: listing.RepoPage) -> str:
+        """The Markdown a README shows the badge with (absolute when site_url is set)."""
+        base = f"{self.settings.site_url}/" if self.settings.site_url else ""
+        return f"[![{page.pipeline}]({base}{badge.href(page.repo, None)})]({base}{files.repo_href(page.repo)})"
+
+    def _default_branch(self, repo: str) -> str | None:
+        try:
+            return git.default_branch(git.open_repo(self.store.repo_path(repo)))
+        except GitpipeError:  # removed since: no default-branch badge
+            return None
+
+    def _render_badge(self, repo: str, branch: str) -> None:
+        """The badge of a branch (and <repo>/badge.svg when it is the default branch)."""
+        last = self.store.last_finished(repo, f"refs/heads/{branch}")
+        svg = self.renderer.page("badge.svg", "", b=badge.badge(last.pipeline if last else repo,
+                                                               last.status.value if last else None))
+        files.write_atomic(self.site / badge.href(repo, branch), svg)
+        if branch == self._default_branch(repo):
+            files.write_atomic(self.site / badge.href(repo, None), svg)
+
+    def _render_badges(self, repo: str) -> int:
+        """Every branch's badge and the default branch's (`gitpipe report`)."""
+        rows = self.store.query("SELECT DISTINCT ref FROM runs WHERE repo = ? AND ref LIKE 'refs/heads/%'",
+                                (repo,))
+        branches = {r["ref"].removeprefix("refs/heads/") for r in rows}
+        default = self._default_branch(repo)
+        if default:
+            branches.add(default)
+        for branch in sorted(branches):
+            self._render_badge(repo, branch)
+        return len(branches)
+
 
     def _ensure_pages(self, runs: tuple[views.RunView, ...]) -> None:
         """Render the pages of listed runs that have none yet, so a listing never links to a missing
@@ -227,6 +278,7 @@ class Reporter:
         top = listing.archived(total)
         for b in range(1, top + 1):
             self._write("block", listing.repo_block(self.store, repo, b, total), files.block_href(repo, b))
+        self._render_badges(repo)  # not pages: not counted
         return len(ids) + 1 + top + self._render_environments(repo)
 
     # ------------------------------------------------------------------ growing logs

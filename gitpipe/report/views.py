@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from gitpipe import approvals
 from gitpipe.models import ActionRecord, ActionStatus, ArtifactRecord, AttemptRecord, RunRecord, RunStatus
 from gitpipe.report import charts, data, files, fmt
 from gitpipe.report.logview import TAIL_LINES, Excerpt, LogReader, write_plain
@@ -164,6 +165,8 @@ class RunPage:
     approvals: tuple[data.Approval, ...]
     waiting: tuple[ActionView, ...]
     pruned: bool  # keep_runs removed its logs and artifacts
+    inputs: tuple[tuple[str, str], ...] = ()  # (name, value); reach scripts only as env vars
+    approvers: dict[int, tuple[str, ...]] = field(default_factory=dict)  # waiting approval id -> who may decide
 
 
 def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished: str | None = None) -> RunPage:
@@ -189,8 +192,10 @@ def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished
                  for a in store.artifacts(run_id))
     outputs = tuple((o["action"], o["key"], o["value"]) for o in store.outputs(run_id))
     waiting = tuple(a for a in actions if a.status == ActionStatus.WAITING.value)
+    deciders = {a.id: who for a in waiting
+                if (who := approvals.approvers_of(store, run_id, a.stage, a.name)) is not None}
     return RunPage(run, stages, graph(stages), arts, outputs, tuple(data.approvals(store, run_id)),
-                   waiting, pruned)
+                   waiting, pruned, rec.inputs, deciders)
 
 
 def _published(art: ArtifactRecord, folder: Path, run_id: int) -> str | None:
