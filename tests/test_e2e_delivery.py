@@ -288,7 +288,8 @@ def test_a_run_cancelled_while_waiting_for_the_environment_never_deploys(home: H
     repo = home.add_repo("shop")
     target = tmp_path / "target"
     text = pipeline(site() + deploy_stage(
-        "staging", [f"file://{target}"], f'before_switch = "touch {tmp_path}/in-$GITPIPE_RUN; sleep 3"'))
+        "staging", [f"file://{target}"],
+        f'before_switch = "touch {tmp_path}/in-$GITPIPE_RUN; while [ ! -e {tmp_path}/go ]; do sleep 0.1; done"'))
     with home.daemon():
         first = home.push_run(repo, {".pipeline.toml": text}, branch="a")
         wait_for(lambda: (tmp_path / f"in-{first}").exists(), 30, what="the first deploy")
@@ -296,6 +297,7 @@ def test_a_run_cancelled_while_waiting_for_the_environment_never_deploys(home: H
         wait_for(lambda: home.action(home.show(second), "deploy-staging")["status"] == "running"
                  or home.action(home.show(second), "build")["status"] == "succeeded", 30, what="run 2 to wait")
         home.gitpipe("cancel", str(second), "--reason", "not this one", check=True)
+        (tmp_path / "go").touch()  # the first deploy holds the environment until run 2 is cancelled
         home.expect(home.wait_run(first))
         run = home.wait_run(second)
     assert run["status"] == "cancelled"
