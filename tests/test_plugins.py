@@ -3,6 +3,7 @@ Python's site-packages for the test, validated by the hook and run by the daemon
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import site
 from collections.abc import Iterator
@@ -27,6 +28,13 @@ def plugin() -> Iterator[str]:
     target = Path(site.getsitepackages()[0])
     module = target / "gitpipe_test_greet.py"
     dist = target / "gitpipe_test_greet-1.0.dist-info"
+    # One site-packages is shared by the xdist workers: one plugin test at a time installs it.
+    with open(target / ".gitpipe-test-greet.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _installed(module, dist)
+
+
+def _installed(module: Path, dist: Path) -> Iterator[str]:
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: gitpipe-test-greet\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[gitpipe.actions]\ngreet = gitpipe_test_greet:greet\n")
