@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from gitpipe.errors import PipelineError, Problem
-from gitpipe.models import ActionSpec, NotifySpec, Pipeline, StageSpec, TriggerSpec, When
+from gitpipe.models import ActionSpec, NotifySpec, Pipeline, ScheduleSpec, StageSpec, TriggerSpec, When
 
 Path = tuple[str | int, ...]
 _D = TypeVar("_D", float, None)
@@ -29,7 +29,7 @@ PLACEHOLDERS = frozenset({"run", "pipeline", "repo", "ref", "sha", "short_sha", 
 BUILTIN_TYPES = ("run", "approval", "deploy")
 EVENTS = ("succeeded", "failed", "cancelled", "approval", "deployed", "rolled-back")
 STRATEGIES = ("rolling", "blue-green")
-SUPERSEDED = ("cancel", "queue")
+SUPERSEDED = ("queue", "cancel", "parallel")
 
 _TOP_KEYS = ("pipeline", "trigger", "env", "stage", "notify")
 _PIPELINE_KEYS = ("name", "timeout", "network")
@@ -37,6 +37,7 @@ _TRIGGER_KEYS = ("branches", "tags", "paths", "schedule", "superseded")
 _STAGE_KEYS = ("name", "action")
 _NOTIFY_KEYS = ("on", "webhook", "command")
 _WHEN_KEYS = ("branches", "tags")
+_SCHEDULE_KEYS = ("cron", "branch")
 _COMMON_KEYS = (
     "name", "type", "run_order", "inputs", "outputs", "timeout", "retries", "env", "secrets", "when",
 )
@@ -45,7 +46,7 @@ _TYPE_KEYS = {
     "approval": ("message",),
     "deploy": (
         "environment", "target", "source", "keep", "shared", "before_switch", "after_switch",
-        "healthcheck", "healthcheck_retries", "monitor", "strategy",
+        "healthcheck", "healthcheck_retries", "monitor", "monitor_interval", "strategy",
     ),
 }
 _RUN_NOT_ALLOWED = {
@@ -557,11 +558,7 @@ def _trigger(t: _Table | None) -> TriggerSpec:
         return TriggerSpec()
     t.check_keys(_TRIGGER_KEYS)
     branches = t.strings("branches")
-    schedule = t.strings("schedule") or ()
-    for index, line in enumerate(schedule):
-        problem = _cron_problem(line)
-        if problem:
-            t.problem(f'"schedule": {problem}', "schedule", index)
+    schedule = _schedule(t)
     return TriggerSpec(
         branches=("*",) if branches is None else branches,
         tags=t.strings("tags") or (),
@@ -569,6 +566,33 @@ def _trigger(t: _Table | None) -> TriggerSpec:
         schedule=schedule,
         superseded=t.choice("superseded", SUPERSEDED, "queue"),
     )
+
+
+def _schedule(t: _Table) -> tuple[ScheduleSpec, ...]:
+    """`schedule`: cron strings (the default branch) or `{ cron = "...", branch = "..." }` tables."""
+    value = t.get("schedule", (list,), "an array of cron strings")
+    found = []
+    for index, item in enumerate(value or ()):
+        if isinstance(item, dict):
+            entry = _Table(t.report, item, t.path + ("schedule", index), f'{t.where}: "schedule" item {index + 1}')
+            entry.check_keys(_SCHEDULE_KEYS)
+            cron, branch = entry.string("cron"), entry.string("branch")
+            if "cron" not in item:
+                entry.problem('missing "cron" (write { cron = "0 3 * * *", branch = "main" })')
+            if cron is None or (branch is None and "branch" in item):
+                continue
+        elif isinstance(item, str):
+            cron, branch = item, None
+        else:
+            t.problem(f'"schedule" must hold cron strings or {{ cron, branch }} tables, not {_describe(item)}',
+                      "schedule", index)
+            continue
+        problem = _cron_problem(cron)
+        if problem:
+            t.problem(f'"schedule": {problem}', "schedule", index)
+            continue
+        found.append(ScheduleSpec(cron, branch))
+    return tuple(found)
 
 
 def _cron_problem(line: str) -> str | None:
@@ -804,6 +828,7 @@ def _deploy_fields(t: _Table) -> dict[str, Any]:
         "healthcheck": t.string("healthcheck"),
         "healthcheck_retries": t.integer("healthcheck_retries", 3, minimum=1),
         "monitor": t.duration("monitor", 0.0),
+        "monitor_interval": t.duration("monitor_interval", 10.0, positive=True),
         "strategy": t.choice("strategy", STRATEGIES, "rolling"),
     }
 

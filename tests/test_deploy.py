@@ -2,7 +2,7 @@
 
 Nothing is mocked: file:// targets are temporary directories, ssh:// targets are paths on an
 OpenSSH server started for the test (tests/sshd.py), the full-disk test mounts a real tmpfs.
-Only the waiting constants (healthcheck pause, monitor interval, lock polling) are shortened.
+Only the waiting constants (healthcheck pause, lock polling) are shortened.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ def q(path: Path) -> str:
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shorter waits; everything else as in production."""
     monkeypatch.setattr(strategies, "HEALTHCHECK_PAUSE", 0.01)
-    monkeypatch.setattr(strategies, "MONITOR_INTERVAL", 0.05)
     monkeypatch.setattr(lock, "LOCK_POLL", 0.05)
 
 
@@ -311,7 +310,8 @@ def test_monitor_failure_rolls_back(tmp_path: Path) -> None:
     ok(deploy(spec(url(target)), src, make_ctx(1, log)))
     count = tmp_path / "count"
     check = f'n=$(cat {q(count)} 2>/dev/null || echo 0); echo $((n + 1)) > {q(count)}; [ "$n" -lt 3 ]'
-    result = deploy(spec(url(target), healthcheck=check, monitor=5.0), src, make_ctx(2, log))
+    # monitor_interval is a key: checked every 0.05 s, the 4th check fails well inside the 5 s window
+    result = deploy(spec(url(target), healthcheck=check, monitor=5.0, monitor_interval=0.05), src, make_ctx(2, log))
     assert result.status == ROLLED_BACK, result.message
     assert "during the monitor window" in result.message
     assert current(target) == f"releases/{release(1)}"

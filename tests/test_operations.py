@@ -46,6 +46,36 @@ def test_a_missed_schedule_slot_runs_once_not_once_per_slot(tmp_path: Path) -> N
         store.close()
 
 
+def test_a_schedule_entry_can_name_the_branch_it_runs(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [trigger]
+        schedule = ["0 3 * * *", { cron = "0 4 * * *", branch = "release" }, { cron = "0 5 * * *", branch = "gone" }]
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "nightly"
+          run = "true"
+        """)
+    main = home.push(repo, {".pipeline.toml": text}).sha
+    release = home.push(repo, {".pipeline.toml": text.replace("nightly", "nightly-release")}, branch="release").sha
+    store = Store(settings.load(home.home))
+    try:
+        start = time.time()
+        sched = Scheduler(store)
+        assert sched.fire_due(start)[0] == []
+        fired, _ = sched.fire_due(start + 86400)
+        runs = {store.run(i).ref: store.run(i) for i in fired}
+        assert set(runs) == {"refs/heads/main", "refs/heads/release"}  # "gone" has no branch: skipped
+        assert runs["refs/heads/main"].sha == main and runs["refs/heads/release"].sha == release
+        assert "nightly-release" in (store.pipeline_text(runs["refs/heads/release"].id) or "")
+        assert all(r.trigger == "schedule" for r in runs.values())
+    finally:
+        store.close()
+
+
 def test_superseded_cancel_cancels_the_older_run_but_lets_a_deploy_finish(tmp_path: Path) -> None:
     home = Home(tmp_path)
     home.init()

@@ -17,7 +17,8 @@ and the monitor window run. The live slot is never touched, so a rollback is one
 Scripts get GITPIPE_RELEASE (the release directory, also in blue-green), GITPIPE_PREVIOUS_RELEASE
 (empty on a first deploy), GITPIPE_ENVIRONMENT, GITPIPE_RUN, GITPIPE_SHA, and GITPIPE_SLOT.
 `healthcheck_retries` counts retries, like an action's `retries`: 3 means up to 4 attempts.
-During the monitor window each check is a single attempt: any failure rolls back.
+During the monitor window (`monitor`, checked every `monitor_interval`, default 10 s) each check
+is a single attempt: any failure rolls back.
 
 Weak spot: unchanged files are hard links shared with the previous release. A script that
 writes into such a file in place (`>>`, not `sed -i`, which replaces) changes both releases.
@@ -40,7 +41,6 @@ from gitpipe.models import ActionSpec
 
 HEALTHCHECK_PAUSE = 2.0  # seconds between healthcheck attempts
 HEALTHCHECK_TIMEOUT = 120.0  # one healthcheck attempt taking longer counts as failed
-MONITOR_INTERVAL = 10.0  # seconds between healthchecks during the monitor window
 
 
 class Deployment:
@@ -151,10 +151,11 @@ class Deployment:
         if not self.spec.healthcheck:
             self.log("monitor is set but there is no healthcheck to run: nothing to watch")
             return
-        self.log(f"monitoring for {self.spec.monitor:.0f}s: healthcheck every {MONITOR_INTERVAL:.0f}s")
+        interval = self.spec.monitor_interval
+        self.log(f"monitoring for {self.spec.monitor:.0f}s: healthcheck every {interval:g}s")
         start = time.monotonic()
         while (left := self.spec.monitor - (time.monotonic() - start)) > 0:
-            time.sleep(min(MONITOR_INTERVAL, left))
+            time.sleep(min(interval, left))
             for site in self.sites:
                 cwd, env = where(site)
                 try:
