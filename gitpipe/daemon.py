@@ -29,7 +29,7 @@ from gitpipe import executor, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
-from gitpipe.models import ActionStatus, Event, RunStatus
+from gitpipe.models import ActionStatus, Event, RunStatus, short_ref
 from gitpipe.notify import Notifier
 from gitpipe.report import Reporter
 from gitpipe.sandbox import Sandbox
@@ -89,6 +89,7 @@ class Daemon:
         self.select: Callable | None = None  # gitpipe exec: which actions run
         self.run_schedules = True
         self._policies: dict[int, str] = {}
+        self._queue_noted: dict[int, int] = {}  # run id -> the earlier run it was said to wait for
         # A full disk: what failed is tried again later, and a repeated error is logged once.
         self.backoff = Backoff()
         self.repeats = RepeatFilter()
@@ -242,12 +243,25 @@ class Daemon:
         if self.store.get_state("paused") is not None:
             return
         waiting = {r.id for r in self.store.runs_with_status(RunStatus.WAITING)}
+        active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
         for run in self.store.runs_with_status(RunStatus.QUEUED):
             busy = sum(1 for run_id in list(self.workers) if run_id not in waiting)
             if busy >= self.settings.max_parallel:
                 return
-            if run.id not in self.workers and not self.backoff.waiting(run.id):
-                self._start_worker(run)
+            if run.id in self.workers or self.backoff.waiting(run.id) or self._waits_for_earlier(run, active):
+                continue
+            self._start_worker(run)
+
+    def _waits_for_earlier(self, run, active) -> bool:  # type: ignore[no-untyped-def]
+        """`superseded = "queue"`: a run of a ref starts only when the earlier runs of that ref ended."""
+        earlier = [r.id for r in active if r.repo == run.repo and r.ref == run.ref and r.id < run.id]
+        if not earlier or self._superseded_policy(run.id) != "queue":
+            return False
+        if self._queue_noted.get(run.id) != earlier[-1]:  # said once per run it waits for
+            self._queue_noted[run.id] = earlier[-1]
+            log.info('run #%s: waits for #%s of %s %s (superseded = "queue")', run.id, earlier[-1], run.repo,
+                     short_ref(run.ref))
+        return True
 
     def _supersede(self) -> None:
         """`superseded = "cancel"`: a newer run of a ref cancels older ones (a deploy in flight finishes)."""
@@ -282,6 +296,7 @@ class Daemon:
         log.info("run #%s: %s %s @ %s (%s)", run.id, run.repo, run.ref, run.sha[:7],
                  "resumed" if run.status is not RunStatus.QUEUED else "started")
         self.workers[run.id] = worker
+        self._queue_noted.pop(run.id, None)
         worker.thread.start()
 
     def _worker_done(self, worker: RunWorker) -> None:

@@ -110,6 +110,49 @@ def test_superseded_cancel_cancels_the_older_run_but_lets_a_deploy_finish(tmp_pa
     assert new["status"] == "succeeded"
 
 
+@pytest.mark.parametrize("mode", ["queue", "parallel"])
+def test_superseded_queue_runs_a_branch_one_at_a_time_and_parallel_does_not_wait(tmp_path: Path, mode: str) -> None:
+    home = Home(tmp_path)
+    home.init()
+    out = tmp_path / "out"
+    home.share(out)
+    repo = home.add_repo("shop")
+    journal = out / "journal"
+    gate = f"while [ ! -e {out}/go-$GITPIPE_RUN ]; do sleep 0.1; done"
+    text = pipeline(f"""
+        [trigger]
+        superseded = "{mode}"
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "echo start $GITPIPE_RUN >> {journal}; {gate}; echo end $GITPIPE_RUN >> {journal}"
+        """)
+
+    def said(line: str) -> bool:
+        return journal.exists() and line in journal.read_text().splitlines()
+
+    with home.daemon() as daemon:
+        first = home.push_run(repo, {".pipeline.toml": text})
+        wait_for(lambda: said(f"start {first}"), 30, what="the first run")
+        second = home.push_run(repo, {"README": "newer"})
+        if mode == "queue":
+            wait_for(lambda: f"run #{second}: waits for #{first}" in daemon.log, 30, what="the queue")
+            assert home.status(second) == "queued"
+            (out / f"go-{first}").touch()
+            (out / f"go-{second}").touch()
+        else:  # the second starts and ends while the first still runs
+            wait_for(lambda: said(f"start {second}"), 30, what="the second run")
+            (out / f"go-{second}").touch()
+            home.wait_run(second)
+            (out / f"go-{first}").touch()
+        home.wait_runs([first, second])
+    expected = {"queue": [f"start {first}", f"end {first}", f"start {second}", f"end {second}"],
+                "parallel": [f"start {first}", f"start {second}", f"end {second}", f"end {first}"]}
+    assert journal.read_text().splitlines() == expected[mode]
+    assert home.show(first)["status"] == home.show(second)["status"] == "succeeded"
+
+
 def test_pause_keeps_pushes_queued_and_resume_runs_them(tmp_path: Path) -> None:
     home = Home(tmp_path)
     home.init()
