@@ -173,6 +173,12 @@ class Reporter:
     def _write(self, kind: str, page: listing.RepoPage, href: str) -> None:
         files.write_atomic(self.site / href, self.renderer.page("repo.html", "../", page=page, kind=kind))
 
+    def render_environments(self, repo: str) -> int:
+        """Render a repo's environments page (what a rollback by hand changed); pages written."""
+        with self._busy:
+            self._ensure_assets()
+            return self._render_environments(repo)
+
     def _render_environments(self, repo: str) -> int:
         envs = data.environments(self.store, repo)
         if not envs:
