@@ -329,7 +329,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from gitpipe import local
 
-    return local.run_exec(Path.cwd(), args.stage, args.action, args.keep, args.home)
+    return local.run_exec(Path.cwd(), args.stage, args.action, args.keep, args.home, args.notify)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -430,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="only this stage (and the actions its inputs come from)")
     p.add_argument("--action", help="only this action (and its inputs' producers); also runs deploy/approval")
     p.add_argument("--keep", action="store_true", help="keep the temporary home (logs, artifacts)")
+    p.add_argument("--notify", action="store_true", help="send the pipeline's [[notify]] notifications "
+                                                         "(default: nobody is told)")
     add("report", cmd_report, "render the static report site now (the daemon keeps it current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser

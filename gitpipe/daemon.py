@@ -88,6 +88,7 @@ class Daemon:
         self.trust_factory: Callable[[Settings], Trust] = Trust
         self.select: Callable | None = None  # gitpipe exec: which actions run
         self.run_schedules = True
+        self.notify = True  # gitpipe exec: notifications only with --notify
         self._policies: dict[int, str] = {}
         self._queue_noted: dict[int, int] = {}  # run id -> the earlier run it was said to wait for
         # A full disk: what failed is tried again later, and a repeated error is logged once.
@@ -115,7 +116,8 @@ class Daemon:
         close_home(self.settings.home)
         self.store = Store(self.settings)
         self.notifier = Notifier(self.settings, self.store, sandbox)
-        self.store.listeners.append(self.notifier.on_event)
+        if self.notify:
+            self.store.listeners.append(self.notifier.on_event)
         self.reporter = Reporter(self.settings, self.store, background=True)
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
