@@ -204,6 +204,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for ap in data["approvals"]:
         decided = (f"{ap['decision']} by {ap['by']} at {ap['at']}" + (f": {ap['comment']}" if ap["comment"] else "")
                    if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']})")
+        if ap["decision"] == "timed-out":
+            decided = f"{ap['comment']} (at {ap['at']}; no decision, rejected)"
         say(f"  approval {ap['action']}: {decided}")
     return 0 if data["status"] != "failed" else 1
 

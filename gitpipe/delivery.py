@@ -17,7 +17,7 @@ from gitpipe import artifacts, executor
 from gitpipe.errors import ActionError, GitpipeError
 from gitpipe.intake import now_iso
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
-from gitpipe.pipeline import expand, placeholder_values
+from gitpipe.pipeline import expand, format_duration, placeholder_values
 
 if TYPE_CHECKING:
     from gitpipe import deploy
@@ -48,8 +48,9 @@ def run_approval(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None
             return store.resolve_approval(worker.run.id, rec.id, ActionStatus.FAILED, f"rejected by {who}")
         remaining = float(appr["deadline"]) - time.time()
         if remaining <= 0:
-            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.TIMED_OUT,
-                                          "no decision before the approval's timeout: rejected")
+            if store.time_out_approval(worker.run.id, rec.id, f"timed out after {format_duration(spec.timeout)}"):
+                return None
+            continue  # a decision came in at the last moment: it stands
         if worker.cancelled.is_set():
             return store.resolve_approval(worker.run.id, rec.id, ActionStatus.CANCELLED, "run cancelled")
         if worker.interrupted.is_set():

@@ -109,6 +109,13 @@ def parse_duration(value: str) -> float:
     return sum(float(n) * unit for n, unit in zip(match.groups(), (86400, 3600, 60, 1)) if n)
 
 
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration, in hours at most: 86400 -> "24h", 90 -> "1m30s", 2 -> "2s"."""
+    left = round(seconds)
+    parts = [f"{n}{unit}" for n, unit in ((left // 3600, "h"), (left % 3600 // 60, "m"), (left % 60, "s")) if n]
+    return "".join(parts) or "0s"
+
+
 def read_trigger(text: str) -> TriggerSpec | None:
     """The [trigger] of a pipeline text even if the rest is invalid; None if it cannot be read."""
     try:

@@ -475,6 +475,18 @@ class Store:
             self._event(run_id, "approval", decision, f"{by}: {comment}" if comment else by)
             return {**row, "decision": decision, "by_user": by, "comment": comment}
 
+    def time_out_approval(self, run_id: int, action_id: int, text: str) -> bool:
+        """No decision by the deadline: record the timeout as the decision (by "gitpipe") and
+        end the action timed-out; False when a person decided first (that decision stands)."""
+        with self.tx() as db:
+            cursor = db.execute("UPDATE approvals SET decision = 'timed-out', by_user = 'gitpipe', at = ?, "
+                                "comment = ? WHERE action_id = ? AND decision IS NULL", [now_iso(), text, action_id])
+            if cursor.rowcount == 0:
+                return False
+            self._event(run_id, "approval", "timed-out", text)
+            self.resolve_approval(run_id, action_id, ActionStatus.TIMED_OUT, f"{text}: no decision, rejected")
+            return True
+
     def resolve_approval(self, run_id: int, action_id: int, status: ActionStatus, message: str) -> None:
         """The waiting approval ends: action -> succeeded/failed/timed-out, run back to running."""
         with self.tx():

@@ -196,7 +196,16 @@ def test_reject_and_timeout_fail_the_run_with_the_reason(home: Home, tmp_path: P
         text = pipeline(APPROVAL.replace("TIMEOUT", "2s").replace("COUNT", str(tmp_path / "c")))
         timed = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})), "failed")
         assert home.action(timed, "sign-off")["status"] == "timed-out"
+        assert home.action(timed, "sign-off")["message"].startswith("timed out after 2s")
     assert not (tmp_path / "c").exists()
+    # A timeout is a decision: not "waiting", in show, its JSON and the run's page.
+    ap = timed["approvals"][0]
+    assert (ap["decision"], ap["by"], ap["comment"]) == ("timed-out", "gitpipe", "timed out after 2s") and ap["at"]
+    shown = home.gitpipe("show", str(timed["id"])).stdout
+    assert "approval sign-off: timed out after 2s" in shown and "waiting" not in shown, shown
+    page = (home.home / "site" / "shop" / "runs" / f"{timed['id']}.html").read_text()
+    approvals = page.split("Approvals", 1)[1]
+    assert "timed out after 2s" in approvals and "pending" not in approvals
 
 
 def write_secrets(home: Home, mode: int = 0o600) -> None:

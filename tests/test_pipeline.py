@@ -954,3 +954,11 @@ def test_monitor_interval_is_a_deploy_duration() -> None:
     assert only_problem(text.replace('"30s"', '"0s"')).endswith('"monitor_interval" must be longer than 0s')
     run_action = BASE.replace('run = "make"', 'run = "make"\n  monitor_interval = "5s"')
     assert only_problem(run_action).endswith('"monitor_interval" is only for actions of type "deploy", not "run"')
+
+
+def test_format_duration_is_the_inverse_of_parse_duration() -> None:
+    from gitpipe.pipeline import format_duration
+
+    for text in ("24h", "1m30s", "2s", "1h30m", "48h1m", "0s"):
+        assert format_duration(parse_duration(text)) == text
+    assert format_duration(parse_duration("1d")) == "24h"
