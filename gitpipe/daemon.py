@@ -121,6 +121,7 @@ class Daemon:
         self.reporter = Reporter(self.settings, self.store, background=True)
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
+        self.event_cursor = self.store.last_event_id()
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select)
@@ -213,6 +214,7 @@ class Daemon:
         if self.run_schedules:
             _, self.next_due = self.schedules.fire_due(time.time())
         self._supersede()
+        self._foreign_events()
         self._cancel_requested()
         for worker in list(self.workers.values()):
             worker.changed.set()  # approvals decided, cancels requested: let workers look
@@ -343,6 +345,21 @@ class Daemon:
         self.backoff.succeeded(run_id)
         self.prune_due = True
         log.info("run #%s: %s", run_id, "cancelled" if cancel else "failed")
+
+    def _foreign_events(self) -> None:
+        """Hand the events a command stored (a queued run cancelled, an approval decided, a
+        rollback) to the notifier and the report, as if they had happened here.
+
+        Weak spot: the cursor lives in memory, so what a command did while no daemon ran is
+        not notified (its pages are rendered with the next change of the run or `gitpipe report`).
+        """
+        self.event_cursor, events = self.store.events_since(self.event_cursor)
+        for event in events:
+            for listener in list(self.store.listeners):
+                try:
+                    listener(event)
+                except Exception:  # a listener must never stop the loop
+                    log.exception("event %s of run #%s: a listener failed", event.status, event.run_id)
 
     def _cancel_requested(self) -> None:
         for run_id, worker in list(self.workers.items()):

@@ -117,6 +117,8 @@ class Store:
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
         self._pending: list[Event] = []
+        self._pending_ids: list[int] = []  # ids of the events in _pending
+        self._own_ids: set[int] = set()  # committed events of this connection (events_since skips them)
         self._depth = 0
         self.migrate()
 
@@ -174,6 +176,7 @@ class Store:
                     if self.conn.in_transaction:  # SQLite may have rolled it back already
                         self.conn.execute("ROLLBACK")
                     self._pending.clear()
+                    self._pending_ids.clear()
                     raise
                 finally:
                     self._depth = 0
@@ -184,16 +187,37 @@ class Store:
                                         hint="free space there, then try again") from exc
                 raise
             events, self._pending = self._pending, []
+            self._own_ids.update(self._pending_ids)
+            self._pending_ids = []
         for event in events:
             for listener in list(self.listeners):
                 listener(event)
 
     def _event(self, run_id: int, subject: str, status: str, detail: str | None = None) -> None:
-        self.conn.execute(
+        cursor = self.conn.execute(
             "INSERT INTO events (run_id, at, subject, status, detail) VALUES (?,?,?,?,?)",
             (run_id, now_iso(), subject, status, detail),
         )
         self._pending.append(Event(run_id, subject, status, detail))
+        if cursor.lastrowid is not None:
+            self._pending_ids.append(cursor.lastrowid)
+
+    def last_event_id(self) -> int:
+        rows = self.query("SELECT MAX(id) AS id FROM events")
+        return int(rows[0]["id"] or 0)
+
+    def events_since(self, after: int) -> tuple[int, list[Event]]:
+        """Events another process (a command: a queued run cancelled, an approval decided)
+        stored after event id `after`, and the id to ask from next time. This connection's
+        own events went to the listeners at commit already."""
+        with self.lock:
+            rows = self.query("SELECT id, run_id, subject, status, detail FROM events WHERE id > ? ORDER BY id",
+                              (after,))
+            last = rows[-1]["id"] if rows else after
+            found = [Event(r["run_id"] or 0, r["subject"], r["status"], r["detail"])
+                     for r in rows if r["id"] not in self._own_ids]
+            self._own_ids = {i for i in self._own_ids if i > last}
+            return last, found
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         with self.lock:

@@ -382,7 +382,8 @@ def test_a_pipelines_notify_command_runs_confined_with_only_the_documented_varia
     assert event["event"] == "succeeded" and event["run"] == run["id"] and event["ref"] == "refs/heads/feature"
     env = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines() if "=" in line)
     documented = {"GITPIPE_EVENT", "GITPIPE_RUN", "GITPIPE_REPO", "GITPIPE_PIPELINE", "GITPIPE_REF",
-                  "GITPIPE_SHA", "GITPIPE_STATUS", "LANG", "TZ", "PATH", "HOME", "PWD", "SHLVL", "_"}
+                  "GITPIPE_SHA", "GITPIPE_STATUS", "GITPIPE_ENVIRONMENT", "LANG", "TZ", "PATH", "HOME", "PWD",
+                  "SHLVL", "_"}
     assert set(env) <= documented, set(env) - documented
     assert env["GITPIPE_EVENT"] == "succeeded" and env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     stolen = (out / "stolen").read_text()
@@ -514,3 +515,41 @@ def test_rollback_goes_to_the_last_good_release_runs_the_scripts_and_updates_the
     assert "HEALTHCHECK FAILED" in proc.stderr and rel3 in proc.stderr
     assert live() == rel3
     assert "healthcheck failed" in history()[0]["message"]
+
+
+def test_notifications_name_the_environment_the_failing_action_and_the_cancel_reason(
+        home: Home, tmp_path: Path, webhook: tuple[str, list[dict]]) -> None:
+    url, received = webhook
+    out = tmp_path / "out"
+    home.share(out)
+    repo = home.add_repo("shop")
+    notify = (f'[[notify]]\non = ["deployed", "failed", "cancelled"]\nwebhook = "{url}"\n'
+              f'[[notify]]\non = ["deployed"]\ncommand = "echo $GITPIPE_EVENT {{environment}} $GITPIPE_ENVIRONMENT >> {out}/notes"\n')
+    deploying = pipeline(site() + deploy_stage("staging", [f"file://{tmp_path}/target"])) + notify
+    failing = pipeline(site() + '[[stage]]\nname = "test"\n  [[stage.action]]\n  name = "unit"\n  run = "exit 3"\n') + notify
+    slow = pipeline('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "wait"\n  run = "sleep 60"\n') + notify
+
+    def event(name: str, run_id: int) -> dict:
+        wait_for(lambda: any((e["event"], e["run"]) == (name, run_id) for e in received), 30, what=f"{name} #{run_id}")
+        return next(e for e in received if (e["event"], e["run"]) == (name, run_id))
+
+    with home.daemon():
+        deployed = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": deploying})))
+        failed = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": failing})), "failed")
+        running = home.push_run(repo, {".pipeline.toml": slow})
+        home.wait_status(running, "running")
+        home.gitpipe("cancel", str(running), "--reason", "wrong branch", check=True)
+        home.wait_run(running)
+        home.gitpipe("pause", check=True)
+        queued = home.push_run(repo, {"README": "later"}, branch="other")
+        home.gitpipe("cancel", str(queued), "--reason", "not needed", check=True)
+        cancelled_queued = event("cancelled", queued)  # cancelled by a command, while the daemon runs
+        home.gitpipe("resume", check=True)
+        shipped, broke, stopped = event("deployed", deployed["id"]), event("failed", failed["id"]), \
+            event("cancelled", running)
+    assert shipped["environment"] == "staging" and shipped["release"] == f"{deployed['id']}-{deployed['sha'][:7]}"
+    assert (out / "notes").read_text().split() == ["deployed", "staging", "staging"]
+    assert broke["action"] == "test/unit" and "3" in broke["detail"], broke
+    assert (stopped["reason"], stopped["cancelled_by"]) == ("wrong branch", home.show(running)["cancelled_by"])
+    assert "wrong branch" in stopped["detail"]
+    assert cancelled_queued["reason"] == "not needed" and cancelled_queued["status"] == "cancelled"
