@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import GITPIPE, Home, base_env, pipeline, wait_for
 from tests.sshd import SshServer, sshd_server  # noqa: F401  (the `sshd` fixture)
+from tests.webhook import webhook_server  # noqa: F401  (the `webhook` fixture)
 
 SECRET = "s3cr3t-Value-42x"
 
@@ -84,29 +83,6 @@ def test_deploy_over_ssh_to_two_hosts_and_rollback_command(home: Home, sshd: Ssh
     assert (latest["run_id"], latest["sha"]) == (first["id"], first["sha"])  # the release's own run and sha
     assert latest["from_release"] == rel2.split("/")[1]
     assert envs[0]["current"]["release"] == rel1.split("/")[1]
-
-
-class Hooks(BaseHTTPRequestHandler):
-    received: list[dict] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Hooks.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook() -> tuple[str, list[dict]]:
-    Hooks.received = []
-    server = HTTPServer(("127.0.0.1", 0), Hooks)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", Hooks.received
-    server.shutdown()
 
 
 def test_failed_healthcheck_rolls_back_every_target_and_notifies(home: Home, tmp_path: Path,

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from gitpipe import settings
 from gitpipe.schedules import Scheduler
 from gitpipe.store import Store
 from tests.helpers import GITPIPE, Home, base_env, git, pipeline, wait_for
+from tests.webhook import webhook_server  # noqa: F401  (the `webhook` fixture)
 
 
 def test_a_missed_schedule_slot_runs_once_not_once_per_slot(tmp_path: Path) -> None:
@@ -239,47 +237,30 @@ def test_exec_runs_the_working_copy_and_records_nothing(tmp_path: Path) -> None:
     assert only.returncode == 0 and "[build/make]" in only.stdout  # its input's producer ran too
 
 
-class _Hooks(BaseHTTPRequestHandler):
-    received: list[dict] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
-        _Hooks.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_exec_notifies_nobody_unless_asked(tmp_path: Path) -> None:
-    _Hooks.received = []
-    server = HTTPServer(("127.0.0.1", 0), _Hooks)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        work = tmp_path / "work"
-        work.mkdir()
-        git(work, "init", "-q")
-        (work / ".pipeline.toml").write_text(pipeline(f"""
-            [[stage]]
-            name = "s"
-              [[stage.action]]
-              name = "a"
-              run = "true"
-            [[notify]]
-            on = ["succeeded", "failed"]
-            webhook = "http://127.0.0.1:{server.server_port}/hook"
-            """))
-        env = base_env(GITPIPE_HOME=str(tmp_path / "nohome"))
-        quiet = subprocess.run([GITPIPE, "exec"], cwd=work, env=env, capture_output=True, text=True, timeout=120,
-                               check=False)
-        assert quiet.returncode == 0, quiet.stdout + quiet.stderr
-        assert _Hooks.received == []  # the notifier is closed (its queue drained) before exec returns
-        loud = subprocess.run([GITPIPE, "exec", "--notify"], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=120, check=False)
-        assert loud.returncode == 0, loud.stdout + loud.stderr
-        assert [e["event"] for e in _Hooks.received] == ["succeeded"]
-    finally:
-        server.shutdown()
+def test_exec_notifies_nobody_unless_asked(tmp_path: Path, webhook: tuple[str, list[dict]]) -> None:
+    url, received = webhook
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q")
+    (work / ".pipeline.toml").write_text(pipeline(f"""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        [[notify]]
+        on = ["succeeded", "failed"]
+        webhook = "{url}"
+        """))
+    env = base_env(GITPIPE_HOME=str(tmp_path / "nohome"))
+    quiet = subprocess.run([GITPIPE, "exec"], cwd=work, env=env, capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert received == []  # the notifier is closed (its queue drained) before exec returns
+    loud = subprocess.run([GITPIPE, "exec", "--notify"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert loud.returncode == 0, loud.stdout + loud.stderr
+    assert [e["event"] for e in received] == ["succeeded"]
 
 
 @pytest.mark.parametrize("args", [["--stage", "nope"], ["--action", "nope"]])
