@@ -671,3 +671,23 @@ def test_read_current_after_a_crash_reports_the_truth(tmp_path: Path) -> None:
         read_current([f"ssh://nobody@127.0.0.1:1{tmp_path}"], make_ctx(9, log))
 
 
+
+
+def test_rollback_runs_after_switch_and_the_healthcheck_and_keeps_the_switch_when_they_fail(tmp_path: Path) -> None:
+    target, log, ran = tmp_path / "site", Log(), tmp_path / "ran"
+    src = write_tree(tmp_path / "src", {"a": "a"})
+    for run in (1, 2):
+        ok(deploy(spec(url(target)), src, make_ctx(run, log)))
+    scripts = spec(url(target), after_switch=f'echo "after $GITPIPE_RUN $PWD" >> {q(ran)}',
+                   healthcheck=f"echo check >> {q(ran)}; test ! -e {q(tmp_path / 'sick')}", healthcheck_retries=1)
+    back = rolled_back(rollback([url(target)], make_ctx(1, log), release(1), scripts))
+    assert back.warning == "" and f"rolled back from {release(2)} to {release(1)}" in back.message
+    assert ran.read_text().splitlines() == [f"after 1 {target}/releases/{release(1)}", "check"]
+    (tmp_path / "sick").write_text("")
+    sick = rollback([url(target)], make_ctx(2, log), release(2), scripts)
+    assert sick.status == ROLLED_BACK and current(target) == f"releases/{release(2)}"  # the switch stays
+    assert sick.warning.startswith(f"HEALTHCHECK FAILED: healthcheck failed on {url(target)} after 2 attempt(s)")
+    failing = dataclasses.replace(scripts, after_switch="exit 4")
+    broken = rollback([url(target)], make_ctx(1, log), release(1), failing)
+    assert broken.warning.startswith(f"AFTER_SWITCH FAILED: after_switch failed on {url(target)} (exit status 4)")
+    assert current(target) == f"releases/{release(1)}"
