@@ -262,6 +262,10 @@ class Store:
             ids = [queue.insert_run(self.conn, r) for r in runs]
             for run_id, r in zip(ids, runs):
                 self._pending.append(Event(run_id, "run", "failed" if r.error else "queued", r.error))
+            # The event rows insert_run wrote are this connection's own (events_since skips them).
+            marks = ",".join("?" for _ in ids)
+            self._pending_ids += [r["id"] for r in self.query(
+                f"SELECT id FROM events WHERE subject = 'run' AND run_id IN ({marks})", tuple(ids))] if ids else []
         return ids
 
     def run(self, run_id: int) -> RunRecord:
@@ -543,7 +547,7 @@ class Store:
     def release_origin(self, repo: str, release: str) -> tuple[int | None, str | None, int | None]:
         """The run that built a release, its sha and its deploy action (None where unknown)."""
         rows = self.query("SELECT run_id, sha, action_id FROM releases WHERE repo = ? AND release = ? "
-                          "AND run_id IS NOT NULL AND status = 'deployed' ORDER BY id LIMIT 1", (repo, release))
+                          "AND run_id IS NOT NULL ORDER BY status = 'deployed' DESC, id LIMIT 1", (repo, release))
         if rows:
             return rows[0]["run_id"], rows[0]["sha"], rows[0]["action_id"]
         head, _, short = release.partition("-")  # "<run>-<short sha>": the run, if it is that commit's
