@@ -324,43 +324,6 @@ def decide_as_caller(home: str | None, socket_path: str | None, run_id: int, app
     return {"action": answer["action"], "by": answer["by"]}
 
 
-def environments(store: Store, repo: str) -> list[dict[str, Any]]:
-    """Each environment of a repo: its current release and its history, newest first."""
-    import json
-
-    store.repo_path(repo)
-    out = []
-    for env in store.environments(repo):
-        history = [{**r, "targets": json.loads(r["targets"])} for r in store.releases(repo, env)]
-        current = next((r for r in history if r["status"] in ("deployed", "rolled-back")), None)
-        out.append({"environment": env, "current": current, "history": history})
-    return out
-
-
-def rollback(settings: Settings, store: Store, repo: str, environment: str, to: str | None) -> dict[str, Any]:
-    """Switch an environment back to its previous (or a named) complete release; recorded."""
-    import socket
-
-    from gitpipe import deploy
-    from gitpipe.intake import now_iso
-
-    envs = {e["environment"]: e for e in environments(store, repo)}
-    if environment not in envs:
-        known = ", ".join(envs) or "none deployed yet"
-        raise UsageError(f'{repo} has no environment "{environment}" (environments: {known})')
-    targets = envs[environment]["history"][0]["targets"]
-    lines: list[str] = []
-    ctx = deploy.DeployContext(run_id=0, sha="", short_sha="", environment=environment,
-                               known_hosts=settings.known_hosts, identity=settings.identity, log=lines.append,
-                               holder=f"rollback by {user()} on {socket.gethostname()} pid {os.getpid()} "
-                                      f"at {now_iso()}")
-    result = deploy.rollback(targets, ctx, to)
-    status = "rolled-back" if result.status == deploy.ROLLED_BACK else "failed"
-    store.add_release(repo, environment, result.release or (to or "?"), status, targets, by=user(),
-                      message=f"rollback by {user()}: {result.message}")
-    return {"status": status, "release": result.release, "message": result.message, "log": lines}
-
-
 def pause(settings: Settings, store: Store, paused: bool) -> str | None:
     """Stop / restart taking queued runs; returns who paused it before, if anyone."""
     from gitpipe.intake import now_iso

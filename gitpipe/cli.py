@@ -238,6 +238,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         decided = (f"{ap['decision']} by {ap['by']} at {ap['at']}" + (f": {ap['comment']}" if ap["comment"] else "")
                    if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']}"
                    + (f"; approvers: {', '.join(ap['approvers'])})" if ap["approvers"] else ")"))
+        if ap["decision"] == "timed-out":
+            decided = f"{ap['comment']} (at {ap['at']}; no decision, rejected)"
         say(f"  approval {ap['action']}: {decided}")
         if ap["note"]:
             say(f"    warning: {ap['note']}")
@@ -337,8 +339,10 @@ def cmd_reject(args: argparse.Namespace) -> int:
 
 
 def cmd_environments(args: argparse.Namespace) -> int:
+    from gitpipe import releases
+
     _, store = _store(args)
-    envs = api.environments(store, args.repo)
+    envs = releases.environments(store, args.repo)
     if args.json:
         print_json(envs)
         return 0
@@ -347,23 +351,37 @@ def cmd_environments(args: argparse.Namespace) -> int:
     out = Out()
     for env in envs:
         cur = env["current"]
-        head = (f"{cur['release']} (run #{cur['run_id']}, {(cur['sha'] or '')[:7]}, {cur['at']}, by {cur['by_user']})"
-                if cur else "nothing deployed")
+        head = f"{cur['release']} ({_origin(cur)}, {cur['at']}, by {cur['by_user'] or '?'})" if cur else "nothing deployed"
         say(f"{env['environment']}: current {head}")
+        if env["live_slot"]:
+            say(f"  {env['strategy']}: live slot {env['live_slot']}, idle slot holds {env['idle_release'] or 'nothing'}")
+        elif env["strategy"]:
+            say(f"  {env['strategy']}")
         for r in env["history"][:10]:
-            run = f"#{r['run_id']}" if r["run_id"] else "by hand"
-            say(f"  {r['at'][:19].replace('T', ' ')}  {out.status(r['status']):<12} {r['release']:<22} "
-                  f"{run:<8} {r['by_user'] or ''}  {ansi.strip(r['message'] or '')[:100]}")
+            release = f"{r['from_release']} -> {r['release']}" if r["from_release"] else r["release"]
+            say(f"  {r['at'][:19].replace('T', ' ')}  {out.status(r['status']):<12} {release:<22} "
+                f"{_origin(r):<18} {r['by_user'] or ''}  {ansi.strip(r['message'] or '')[:100]}")
     return 0
 
 
+def _origin(row: dict[str, Any]) -> str:
+    """The run and commit a release came from: "run #12, 1a2b3c4"; "-" when unknown."""
+    parts = [f"run #{row['run_id']}" if row["run_id"] else "", (row["sha"] or "")[:7]]
+    return ", ".join(p for p in parts if p) or "-"
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from gitpipe import releases
+
     conf, store = _store(args)
-    result = api.rollback(conf, store, args.repo, args.environment, args.to)
-    for line in result["log"]:
+    result = releases.rollback(conf, store, args.repo, args.environment, args.to)
+    for line in result.log:
         say(f"  {line}")
-    say(f"{args.repo} {args.environment}: {result['message']}")
-    return 0 if result["status"] == "rolled-back" else 1
+    say(f"{args.repo} {args.environment}: {result.message}")
+    if result.warning:
+        say(f"gitpipe: {args.environment} now runs {result.release}, but {result.warning}", err=True)
+        return 1
+    return 0 if result.status == "rolled-back" else 1
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
@@ -384,7 +402,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from gitpipe import local
 
-    return local.run_exec(Path.cwd(), args.stage, args.action, args.keep, args.home)
+    return local.run_exec(Path.cwd(), args.stage, args.action, args.keep, args.home, args.notify)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -495,16 +513,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("environments", cmd_environments, "each environment's current release and deploy history")
     p.add_argument("repo")
     p.add_argument("--json", action="store_true")
-    p = add("rollback", cmd_rollback, "switch an environment back to its previous (or a named) release")
+    p = add("rollback", cmd_rollback, "switch an environment back to its last good (or a named) release; "
+                                      "runs after_switch and the healthcheck")
     p.add_argument("repo")
     p.add_argument("environment")
-    p.add_argument("--to", metavar="RELEASE", help="release to switch to (default: the one before current)")
+    p.add_argument("--to", metavar="RELEASE",
+                   help="release to switch to (default: the last good release live before the current one)")
     add("pause", cmd_pause, "stop taking queued runs (maintenance); pushes are still queued")
     add("resume", cmd_resume, "take queued runs again")
     p = add("exec", cmd_exec, "run the working copy's pipeline here, before pushing (nothing is recorded)")
     p.add_argument("--stage", help="only this stage (and the actions its inputs come from)")
     p.add_argument("--action", help="only this action (and its inputs' producers); also runs deploy/approval")
     p.add_argument("--keep", action="store_true", help="keep the temporary home (logs, artifacts)")
+    p.add_argument("--notify", action="store_true", help="send the pipeline's [[notify]] notifications "
+                                                         "(default: nobody is told)")
     add("report", cmd_report, "render the static report site now (the daemon keeps it current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser

@@ -27,7 +27,7 @@ from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
-from gitpipe.models import ActionStatus, Event, RunStatus
+from gitpipe.models import ActionStatus, Event, RunStatus, short_ref
 from gitpipe.notify import Notifier
 from gitpipe.report import Reporter
 from gitpipe.sandbox import Sandbox
@@ -80,7 +80,9 @@ class Daemon:
         self.trust_factory: Callable[[Settings], Trust] = Trust
         self.select: Callable | None = None  # gitpipe exec: which actions run
         self.run_schedules = True
+        self.notify = True  # gitpipe exec: notifications only with --notify
         self._policies: dict[int, str] = {}
+        self._queue_noted: dict[int, int] = {}  # run id -> the earlier run it was said to wait for
         # A full disk: what failed is tried again later, and a repeated error is logged once.
         self.backoff = Backoff()
         self.repeats = RepeatFilter()
@@ -109,7 +111,8 @@ class Daemon:
         close_home(self.settings.home)
         self.store = Store(self.settings)
         self.notifier = Notifier(self.settings, self.store, sandbox)
-        self.store.listeners.append(self.notifier.on_event)
+        if self.notify:
+            self.store.listeners.append(self.notifier.on_event)
         self.reporter = Reporter(self.settings, self.store, background=True)
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
@@ -224,12 +227,17 @@ class Daemon:
             retention.prune(self.settings, self.store)
 
     def _hear_others(self) -> None:
-        """Pass on to the report what hooks and commands changed: a run that failed at its push
-        (an invalid pipeline), a queued run cancelled, a run queued or retried. Each gets its page
-        as it happens, not at the next `gitpipe report`."""
+        """Pass on to the listeners (the report, the notifier) what hooks and commands changed: a
+        run that failed at its push (an invalid pipeline), a queued run cancelled, a run queued or
+        retried, an approval decided. Each gets its page and its notification as it happens, not
+        at the next `gitpipe report`."""
         events, self.events_seen = self.store.foreign_events(self.events_seen)
         for event in events:
-            self.reporter.on_event(event)
+            for listener in list(self.store.listeners):
+                try:
+                    listener(event)
+                except Exception:  # a listener must never stop the loop
+                    log.exception("event %s of run #%s: a listener failed", event.status, event.run_id)
         # Saved when others wrote, and now and then: a daemon killed with -9 hears again at most
         # SAVE_EVERY events of its own, which only renders their pages once more.
         if events or self.events_seen - self.events_saved >= SAVE_EVERY:
@@ -281,12 +289,25 @@ class Daemon:
         if self.store.get_state("paused") is not None:
             return
         waiting = {r.id for r in self.store.runs_with_status(RunStatus.WAITING)}
+        active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
         for run in self.store.runs_with_status(RunStatus.QUEUED):
             busy = sum(1 for run_id in list(self.workers) if run_id not in waiting)
             if busy >= self.settings.max_parallel:
                 return
-            if run.id not in self.workers and not self.backoff.waiting(run.id):
-                self._start_worker(run)
+            if run.id in self.workers or self.backoff.waiting(run.id) or self._waits_for_earlier(run, active):
+                continue
+            self._start_worker(run)
+
+    def _waits_for_earlier(self, run, active) -> bool:  # type: ignore[no-untyped-def]
+        """`superseded = "queue"`: a run of a ref starts only when the earlier runs of that ref ended."""
+        earlier = [r.id for r in active if r.repo == run.repo and r.ref == run.ref and r.id < run.id]
+        if not earlier or self._superseded_policy(run.id) != "queue":
+            return False
+        if self._queue_noted.get(run.id) != earlier[-1]:  # said once per run it waits for
+            self._queue_noted[run.id] = earlier[-1]
+            log.info('run #%s: waits for #%s of %s %s (superseded = "queue")', run.id, earlier[-1], run.repo,
+                     short_ref(run.ref))
+        return True
 
     def _supersede(self) -> None:
         """`superseded = "cancel"`: a newer run of a ref cancels older ones (a deploy in flight finishes)."""
@@ -321,6 +342,7 @@ class Daemon:
         log.info("run #%s: %s %s @ %s (%s)", run.id, run.repo, run.ref, run.sha[:7],
                  "resumed" if run.status is not RunStatus.QUEUED else "started")
         self.workers[run.id] = worker
+        self._queue_noted.pop(run.id, None)
         worker.thread.start()
 
     def _worker_done(self, worker: RunWorker) -> None:

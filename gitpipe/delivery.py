@@ -11,13 +11,13 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gitpipe import approvals, artifacts, executor
 from gitpipe.errors import ActionError, GitpipeError
 from gitpipe.intake import now_iso
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
-from gitpipe.pipeline import expand, placeholder_values
+from gitpipe.pipeline import expand, format_duration, placeholder_values
 
 if TYPE_CHECKING:
     from gitpipe import deploy
@@ -56,8 +56,9 @@ def run_approval(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None
             return store.resolve_approval(worker.run.id, rec.id, ActionStatus.FAILED, f"rejected by {who}")
         remaining = float(appr["deadline"]) - time.time()
         if remaining <= 0:
-            return store.resolve_approval(worker.run.id, rec.id, ActionStatus.TIMED_OUT,
-                                          "no decision before the approval's timeout: rejected")
+            if store.time_out_approval(worker.run.id, rec.id, f"timed out after {format_duration(spec.timeout)}"):
+                return None
+            continue  # a decision came in at the last moment: it stands
         if worker.cancelled.is_set():
             return store.resolve_approval(worker.run.id, rec.id, ActionStatus.CANCELLED, "run cancelled")
         if worker.interrupted.is_set():
@@ -146,7 +147,7 @@ def _deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: lis
         store.start_deploy(rec.id, run.id, run.repo, ctx.environment, ctx.release, targets)
         result = deploy.deploy(replace(spec, targets=tuple(targets)), source, ctx)
         store.finish_deploy(rec.id)
-    _record(worker, rec, targets, result, ctx.environment)
+    _record(worker, rec, spec, targets, result, ctx.environment)
     if result.status == deploy.DEPLOYED:
         return ActionStatus.SUCCEEDED, f"deployed {result.release} to {ctx.environment}"
     return ActionStatus.FAILED, result.message
@@ -162,20 +163,35 @@ def _source(tree: Path, source: str) -> Path:
     return path
 
 
-def _record(worker: RunWorker, rec: ActionRecord, targets: list[str], result: deploy.DeployResult,
-            environment: str) -> None:
-    """One release row: what is current on the environment after this deploy."""
+def _record(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: list[str],
+            result: deploy.DeployResult, environment: str) -> None:
+    """The release rows of a deploy: each names its release's own run and sha.
+
+    Deployed: one row. Failed before any switch: one failed row. Switched back after a
+    failure past the switch: a failed row for the release that was live for a while, then a
+    rolled-back row for the release restored, naming the one it came from.
+    """
     from gitpipe import deploy
 
-    run = worker.run
-    current = result.release
-    if result.status != deploy.DEPLOYED:
-        previous = {t.previous for t in result.targets}
-        back = previous.pop() if len(previous) == 1 else None
-        current = back if back is not None else result.release
-    worker.store.add_release(run.repo, environment, current, result.status, targets,
-                             run_id=run.id, action_id=rec.id, sha=run.sha, by=run.pusher,
-                             message=result.message)
+    run, store = worker.run, worker.store
+    common: dict[str, Any] = {"by": run.pusher, "by_run": run.id, "strategy": spec.strategy,
+                              **deploy.slots(result.targets)}
+    if result.status == deploy.DEPLOYED:
+        store.add_release(run.repo, environment, result.release, deploy.DEPLOYED, targets, run_id=run.id,
+                          action_id=rec.id, sha=run.sha, message=result.message, **common)
+        return
+    message = result.message
+    if result.status == deploy.ROLLED_BACK:
+        message = f"was live, then switched back: {message}"
+    store.add_release(run.repo, environment, result.release, deploy.FAILED, targets, run_id=run.id,
+                      action_id=rec.id, sha=run.sha, message=message, **common)
+    restored = {t.current for t in result.targets}
+    back = restored.pop() if len(restored) == 1 else None
+    if result.status == deploy.ROLLED_BACK and back:
+        origin_run, origin_sha, origin_action = store.release_origin(run.repo, back)
+        store.add_release(run.repo, environment, back, deploy.ROLLED_BACK, targets, run_id=origin_run,
+                          action_id=origin_action, sha=origin_sha, from_release=result.release,
+                          message=result.message, **common)
 
 
 def _after_crash(worker: RunWorker, rec: ActionRecord, targets: list[str],
@@ -190,10 +206,11 @@ def _after_crash(worker: RunWorker, rec: ActionRecord, targets: list[str],
     if all(o.current == ctx.release for o in outcomes):
         store.add_release(worker.run.repo, ctx.environment, ctx.release, deploy.DEPLOYED, targets,
                           run_id=worker.run.id, action_id=rec.id, sha=worker.run.sha, by=worker.run.pusher,
-                          message="the deploy finished before the daemon stopped")
+                          by_run=worker.run.id, message="the deploy finished before the daemon stopped")
         return ActionStatus.SUCCEEDED, f"the daemon stopped mid-deploy; {ctx.release} is current everywhere"
     message = (f"the daemon stopped mid-deploy and the deploy was not run again; current is {where}; "
                "retry the run to deploy again")
     store.add_release(worker.run.repo, ctx.environment, ctx.release, deploy.FAILED, targets,
-                      run_id=worker.run.id, action_id=rec.id, sha=worker.run.sha, message=message)
+                      run_id=worker.run.id, action_id=rec.id, sha=worker.run.sha, by_run=worker.run.id,
+                      message=message)
     return ActionStatus.FAILED, message

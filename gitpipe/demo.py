@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gitpipe import api, progress, repos
+from gitpipe import api, progress, releases, repos
 from gitpipe import settings as settings_mod
 from gitpipe.store import Store
 
@@ -111,7 +111,7 @@ def run_demo() -> int:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
     say("daemon stopped")
-    for env in api.environments(store, "shop"):
+    for env in releases.environments(store, "shop"):
         cur = env["current"]
         say(f"environment {env['environment']}: current release {cur['release'] if cur else 'none'}")
     index = render_report(conf, store)

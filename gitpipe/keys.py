@@ -26,6 +26,7 @@ KINDS = (
     "strings",   # an array of strings
     "choice",    # one of `choices`
     "cron",      # an array of cron lines
+    "schedule",  # an array of cron lines or of tables with the keys of `table` (cron, branch)
     "env",       # a table of NAME = "value"
     "outputs",   # a table of artifact name = glob or array of globs
     "targets",   # a URL or an array of URLs
@@ -73,15 +74,22 @@ TRIGGER = (
     Key("branches", "strings", "branch globs whose pushes start a run", default=["*"]),
     Key("tags", "strings", "tag globs whose pushes start a run", default=[]),
     Key("paths", "strings", "run only when the push changes a path matching one of these globs", default=[]),
-    Key("schedule", "cron", 'cron lines (UTC) that run the default branch, e.g. "0 3 * * *"', default=[]),
-    Key("superseded", "choice", 'what a newer push to the same ref does to an older run: "cancel" it '
-        'or "queue" behind it', default="queue", choices=("cancel", "queue")),
+    Key("schedule", "schedule", 'cron lines (UTC) that run the default branch, e.g. "0 3 * * *", or '
+        '{ cron = "...", branch = "..." } tables that run another branch', default=[], table="schedule"),
+    Key("superseded", "choice", 'runs of the same branch or tag: "queue" waits for the earlier ones, '
+        '"cancel" cancels them, "parallel" runs side by side', default="queue",
+        choices=("queue", "cancel", "parallel")),
 )
 
 INPUT = (
     Key("description", "string", "what the input is for, shown on the run page"),
     Key("default", "string", "the value when none is given; without one, `gitpipe run` must give it"),
     Key("options", "strings", "the only values allowed"),
+)
+
+SCHEDULE = (
+    Key("cron", "string", 'a cron line (UTC), e.g. "0 3 * * *"', required=True),
+    Key("branch", "string", "the branch the schedule runs (default: the repository's default branch)"),
 )
 
 STAGE = (
@@ -135,6 +143,8 @@ ACTION = (
         default=3, minimum=1, types=("deploy",)),
     Key("monitor", "duration", "how long the healthcheck keeps running after the switch; a failure "
         "in that window rolls back", default="0s", types=("deploy",)),
+    Key("monitor_interval", "duration", "how often the healthcheck runs during the monitor window",
+        default="10s", types=("deploy",)),
     Key("strategy", "choice", '"rolling" (release directories and a symlink switch) or "blue-green"',
         default="rolling", choices=("rolling", "blue-green"), types=("deploy",)),
 )
@@ -152,7 +162,7 @@ WHEN = (
 )
 
 TABLES: dict[str, tuple[Key, ...]] = {
-    "top": TOP, "pipeline": PIPELINE, "input": INPUT, "trigger": TRIGGER, "stage": STAGE, "action": ACTION,
+    "top": TOP, "pipeline": PIPELINE, "input": INPUT, "schedule": SCHEDULE, "trigger": TRIGGER, "stage": STAGE, "action": ACTION,
     "notify": NOTIFY, "when": WHEN,
 }
 

@@ -3,6 +3,7 @@
 The working copy (uncommitted and untracked files included) is snapshot as a dangling
 commit, then run by the same daemon code in burst mode, in a throw-away home: the same
 worktree isolation, artifacts and output, and nothing recorded in the host's history.
+The pipeline's [[notify]] targets are told nothing unless `--notify` asks for it.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def host_sandbox(home: str | None) -> dict[str, object]:
     return table
 
 
-def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, home: str | None = None) -> int:
-    """Run the working copy's pipeline here; 0 when it succeeded."""
+def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, home: str | None = None,
+             notify: bool = False) -> int:
+    """Run the working copy's pipeline here; 0 when it succeeded. Its [[notify]] only with `notify`."""
     git_dir, ref, sha = git.snapshot(workdir)
     name = Path(git.open_repo(git_dir).workdir or workdir).name
     text = (Path(git.open_repo(git_dir).workdir or workdir) / queue.PIPELINE_FILE)
@@ -108,6 +110,7 @@ def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, h
         daemon.trust_factory = ExecTrust
         daemon.select = selection(pipe, stage, action)
         daemon.run_schedules = False
+        daemon.notify = notify  # a try-out on a laptop posts nothing to the team's chat unless asked
         thread = threading.Thread(target=_stream, args=(conf, store, run_id), daemon=True)
         thread.start()
         daemon.serve()

@@ -160,6 +160,7 @@ class ActionSpec:
     healthcheck: str | None = None
     healthcheck_retries: int = 3
     monitor: float = 0.0  # seconds
+    monitor_interval: float = 10.0  # seconds between healthchecks of the monitor window
     strategy: str = "rolling"
     # keys of a plugin action type, passed to the plugin as they were written
     extra: tuple[tuple[str, Any], ...] = ()
@@ -178,12 +179,20 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class ScheduleSpec:
+    """One `[trigger] schedule` entry: a cron line (UTC) and the branch it runs (None: the default one)."""
+
+    cron: str
+    branch: str | None = None
+
+
+@dataclass(frozen=True)
 class TriggerSpec:
     branches: tuple[str, ...] = ("*",)
     tags: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
-    schedule: tuple[str, ...] = ()
-    superseded: str = "queue"
+    schedule: tuple[ScheduleSpec, ...] = ()
+    superseded: str = "queue"  # "queue", "cancel" or "parallel"
 
 
 @dataclass(frozen=True)

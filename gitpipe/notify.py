@@ -82,8 +82,30 @@ class Notifier:
         url = f"{self.settings.site_url}/{run.repo}/runs/{run.id}.html" if self.settings.site_url else None
         payload = {"event": name, "run": run.id, "repo": run.repo, "pipeline": run.pipeline,
                    "ref": run.ref, "sha": run.sha, "status": run.status.value, "url": url,
-                   "detail": ev.detail, "warnings": warnings(self.store, run.id)}
+                   "detail": ev.detail, "warnings": warnings(self.store, run.id),
+                   **self._details(name, ev, run)}
         self.queue.put(Message(name, payload, targets, network))
+
+    def _details(self, name: str, ev: Event, run: Any) -> dict[str, Any]:
+        """What the event is about: the environment and release of a deploy event, the failing
+        action of `failed`, who cancelled and why for `cancelled`."""
+        if ev.subject.startswith("release:"):
+            environment = ev.subject.split(":", 1)[1]
+            rows = self.store.query("SELECT release, from_release FROM releases WHERE by_run = ? AND environment = ? "
+                                    "ORDER BY id DESC LIMIT 1", (run.id, environment))
+            row = rows[0] if rows else {}
+            return {"environment": environment, "release": row.get("release"), "from_release": row.get("from_release")}
+        if name == "failed":
+            failed = [a for a in self.store.actions(run.id) if a.status.value in ("failed", "timed-out")]
+            if not failed:
+                return {"action": None}
+            first = failed[0]
+            return {"action": f"{first.stage}/{first.name}", "detail": ev.detail or first.message}
+        if name == "cancelled":
+            reason = run.cancel_reason or "no reason given"
+            return {"cancelled_by": run.cancelled_by, "reason": reason,
+                    "detail": ev.detail or f"cancelled by {run.cancelled_by or '?'}: {reason}"}
+        return {}
 
     def _targets(self, repo: str, run_id: int) -> tuple[list[NotifySpec], bool | None]:
         """The host's [notify] (line 0) and the pipeline's [[notify]]; and the pipeline's network."""
@@ -172,7 +194,7 @@ def command_env(payload: dict[str, Any]) -> dict[str, str]:
     env.update({"GITPIPE_EVENT": str(payload["event"]), "GITPIPE_RUN": str(payload["run"]),
                 "GITPIPE_REPO": payload["repo"], "GITPIPE_PIPELINE": payload["pipeline"],
                 "GITPIPE_REF": payload["ref"], "GITPIPE_SHA": payload["sha"],
-                "GITPIPE_STATUS": payload["status"]})
+                "GITPIPE_STATUS": payload["status"], "GITPIPE_ENVIRONMENT": payload.get("environment") or ""})
     return env
 
 
@@ -182,7 +204,7 @@ Runner = Callable[[list[str], bytes], "subprocess.CompletedProcess[bytes]"]
 def run_command(command: str, payload: dict[str, Any], runner: Runner | None = None) -> None:
     """Run the command with the event JSON on stdin; placeholder values are made shell-inert."""
     values = pipeline_mod.placeholder_values(payload["run"], payload["pipeline"], payload["repo"],
-                                             payload["ref"], payload["sha"])
+                                             payload["ref"], payload["sha"], payload.get("environment") or "")
     script = pipeline_mod.expand(command, {k: shell_safe(v) for k, v in values.items()})
     data = json.dumps(payload).encode()
     if runner is not None:

@@ -23,7 +23,16 @@ from typing import Any, TypeVar
 
 from gitpipe import keys
 from gitpipe.errors import PipelineError, Problem
-from gitpipe.models import ActionSpec, InputSpec, NotifySpec, Pipeline, StageSpec, TriggerSpec, When
+from gitpipe.models import (
+    ActionSpec,
+    InputSpec,
+    NotifySpec,
+    Pipeline,
+    ScheduleSpec,
+    StageSpec,
+    TriggerSpec,
+    When,
+)
 
 Path = tuple[str | int, ...]
 _D = TypeVar("_D", float, None)
@@ -42,6 +51,7 @@ _TRIGGER_KEYS = keys.names("trigger")
 _STAGE_KEYS = keys.names("stage")
 _NOTIFY_KEYS = keys.names("notify")
 _WHEN_KEYS = keys.names("when")
+_SCHEDULE_KEYS = keys.names("schedule")
 _COMMON_KEYS = tuple(k.name for k in keys.action_keys(None))
 _TYPE_KEYS = {kind: keys.type_keys(kind) for kind in BUILTIN_TYPES}
 MATRIX_LIMIT = 64  # copies one matrix action may make: more is a mistake, or a job for several actions
@@ -114,6 +124,13 @@ def parse_duration(value: str) -> float:
             'e.g. "90s", "10m", "2h" or "1h30m"'
         )
     return sum(float(n) * unit for n, unit in zip(match.groups(), (86400, 3600, 60, 1)) if n)
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration, in hours at most: 86400 -> "24h", 90 -> "1m30s", 2 -> "2s"."""
+    left = round(seconds)
+    parts = [f"{n}{unit}" for n, unit in ((left // 3600, "h"), (left % 3600 // 60, "m"), (left % 60, "s")) if n]
+    return "".join(parts) or "0s"
 
 
 def read_trigger(text: str) -> TriggerSpec | None:
@@ -568,11 +585,7 @@ def _trigger(t: _Table | None) -> TriggerSpec:
         return TriggerSpec()
     t.check_keys(_TRIGGER_KEYS)
     branches = t.strings("branches")
-    schedule = t.strings("schedule") or ()
-    for index, line in enumerate(schedule):
-        problem = _cron_problem(line)
-        if problem:
-            t.problem(f'"schedule": {problem}', "schedule", index)
+    schedule = _schedule(t)
     return TriggerSpec(
         branches=("*",) if branches is None else branches,
         tags=t.strings("tags") or (),
@@ -580,6 +593,33 @@ def _trigger(t: _Table | None) -> TriggerSpec:
         schedule=schedule,
         superseded=t.choice("superseded", SUPERSEDED, "queue"),
     )
+
+
+def _schedule(t: _Table) -> tuple[ScheduleSpec, ...]:
+    """`schedule`: cron strings (the default branch) or `{ cron = "...", branch = "..." }` tables."""
+    value = t.get("schedule", (list,), "an array of cron strings")
+    found = []
+    for index, item in enumerate(value or ()):
+        if isinstance(item, dict):
+            entry = _Table(t.report, item, t.path + ("schedule", index), f'{t.where}: "schedule" item {index + 1}')
+            entry.check_keys(_SCHEDULE_KEYS)
+            cron, branch = entry.string("cron"), entry.string("branch")
+            if "cron" not in item:
+                entry.problem('missing "cron" (write { cron = "0 3 * * *", branch = "main" })')
+            if cron is None or (branch is None and "branch" in item):
+                continue
+        elif isinstance(item, str):
+            cron, branch = item, None
+        else:
+            t.problem(f'"schedule" must hold cron strings or {{ cron, branch }} tables, not {_describe(item)}',
+                      "schedule", index)
+            continue
+        problem = _cron_problem(cron)
+        if problem:
+            t.problem(f'"schedule": {problem}', "schedule", index)
+            continue
+        found.append(ScheduleSpec(cron, branch))
+    return tuple(found)
 
 
 def _cron_problem(line: str) -> str | None:
@@ -1003,6 +1043,7 @@ def _deploy_fields(t: _Table) -> dict[str, Any]:
         "healthcheck": t.string("healthcheck"),
         "healthcheck_retries": t.integer("healthcheck_retries", 3, minimum=1),
         "monitor": t.duration("monitor", 0.0),
+        "monitor_interval": t.duration("monitor_interval", 10.0, positive=True),
         "strategy": t.choice("strategy", STRATEGIES, "rolling"),
     }
 

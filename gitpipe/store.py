@@ -115,6 +115,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX approval_refusals_run ON approval_refusals(run_id)
         """,
     ),
+    (
+        "0006_release_details",  # a release row: from where a rollback came, which run did it, the slots
+        """
+        ALTER TABLE releases ADD COLUMN from_release TEXT;
+        ALTER TABLE releases ADD COLUMN by_run INTEGER;
+        ALTER TABLE releases ADD COLUMN strategy TEXT;
+        ALTER TABLE releases ADD COLUMN live_slot TEXT;
+        ALTER TABLE releases ADD COLUMN idle_release TEXT
+        """,
+    ),
 ]
 # What `runs` rows are read with: the counts the lists show beside a run's status.
 RUN_COLUMNS = """runs.*,
@@ -629,6 +639,18 @@ class Store:
             self._event(run_id, "approval", decision, f"{by}: {comment}" if comment else by)
             return {**row, "decision": decision, "by_user": by, "comment": comment}
 
+    def time_out_approval(self, run_id: int, action_id: int, text: str) -> bool:
+        """No decision by the deadline: record the timeout as the decision (by "gitpipe") and
+        end the action timed-out; False when a person decided first (that decision stands)."""
+        with self.tx() as db:
+            cursor = db.execute("UPDATE approvals SET decision = 'timed-out', by_user = 'gitpipe', at = ?, "
+                                "comment = ? WHERE action_id = ? AND decision IS NULL", [now_iso(), text, action_id])
+            if cursor.rowcount == 0:
+                return False
+            self._event(run_id, "approval", "timed-out", text)
+            self.resolve_approval(run_id, action_id, ActionStatus.TIMED_OUT, f"{text}: no decision, rejected")
+            return True
+
     def resolve_approval(self, run_id: int, action_id: int, status: ActionStatus, message: str) -> None:
         """The waiting approval ends: action -> succeeded/failed/timed-out, run back to running."""
         with self.tx():
@@ -640,16 +662,36 @@ class Store:
     # ------------------------------------------------------------------ environments and releases
     def add_release(self, repo: str, environment: str, release: str, status: str, targets: list[str],
                     *, run_id: int | None = None, action_id: int | None = None, sha: str | None = None,
-                    by: str | None = None, message: str | None = None) -> None:
-        """Record a deploy, rollback or failed deploy of an environment (and tell listeners)."""
+                    by: str | None = None, message: str | None = None, by_run: int | None = None,
+                    from_release: str | None = None, strategy: str | None = None,
+                    live_slot: str | None = None, idle_release: str | None = None) -> None:
+        """Record a deploy, rollback or failed deploy of an environment (and tell listeners).
+
+        `run_id` and `sha` are the release's own (the run that built it); `by_run` is the run
+        whose deploy wrote the row (None: a rollback by hand), and the event goes to that run.
+        """
         import json
 
         with self.tx() as db:
             db.table("releases").insert({"repo": repo, "environment": environment, "run_id": run_id,
                                    "action_id": action_id, "sha": sha, "release": release, "status": status,
                                    "at": now_iso(), "by_user": by, "targets": json.dumps(targets),
-                                   "message": message})
-            self._event(run_id or 0, f"release:{environment}", status, message)
+                                   "message": message, "by_run": by_run, "from_release": from_release,
+                                   "strategy": strategy, "live_slot": live_slot, "idle_release": idle_release})
+            self._event(by_run or 0, f"release:{environment}", status, message)
+
+    def release_origin(self, repo: str, release: str) -> tuple[int | None, str | None, int | None]:
+        """The run that built a release, its sha and its deploy action (None where unknown)."""
+        rows = self.query("SELECT run_id, sha, action_id FROM releases WHERE repo = ? AND release = ? "
+                          "AND run_id IS NOT NULL ORDER BY status = 'deployed' DESC, id LIMIT 1", (repo, release))
+        if rows:
+            return rows[0]["run_id"], rows[0]["sha"], rows[0]["action_id"]
+        head, _, short = release.partition("-")  # "<run>-<short sha>": the run, if it is that commit's
+        runs = self.query("SELECT id, sha FROM runs WHERE id = ? AND repo = ?", (int(head), repo)) \
+            if head.isdigit() and short else []
+        if runs and runs[0]["sha"].startswith(short):
+            return runs[0]["id"], runs[0]["sha"], None
+        return None, None, None
 
     def releases(self, repo: str, environment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         where, params = ("AND environment = ?", (repo, environment)) if environment else ("", (repo,))

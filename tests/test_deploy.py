@@ -2,7 +2,7 @@
 
 Nothing is mocked: file:// targets are temporary directories, ssh:// targets are paths on an
 OpenSSH server started for the test (tests/sshd.py), the full-disk test mounts a real tmpfs.
-Only the waiting constants (healthcheck pause, monitor interval, lock polling) are shortened.
+Only the waiting constants (healthcheck pause, lock polling) are shortened.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ from gitpipe.deploy import (
     lock,
     read_current,
     rollback,
+    rollback_goal,
     ssh,
     strategies,
 )
 from gitpipe.deploy.session import open_target
-from gitpipe.errors import DeployError
+from gitpipe.errors import DeployError, GitpipeError
 from gitpipe.models import ActionSpec
 
 SHA = "ab12cd3" + "0" * 33
@@ -53,7 +54,6 @@ def q(path: Path) -> str:
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shorter waits; everything else as in production."""
     monkeypatch.setattr(strategies, "HEALTHCHECK_PAUSE", 0.01)
-    monkeypatch.setattr(strategies, "MONITOR_INTERVAL", 0.05)
     monkeypatch.setattr(lock, "LOCK_POLL", 0.05)
 
 
@@ -109,6 +109,15 @@ def url(path: Path) -> str:
     return f"file://{path}"
 
 
+def roll(urls: list[str], ctx: DeployContext, to: str | None = None) -> DeployResult:
+    """What `gitpipe rollback` does without a history: choose the goal, then switch to it."""
+    try:
+        goal = rollback_goal(urls, ctx, to)
+    except GitpipeError as e:
+        return DeployResult(FAILED, to or "", (), str(e))
+    return rollback(urls, ctx, goal)
+
+
 # ---------------------------------------------------------------------- file:// layout
 
 
@@ -141,7 +150,7 @@ def test_file_deploy_layout_marker_shared_and_keep(tmp_path: Path) -> None:
     # keep = 1, but the one before current is never removed
     assert sorted(os.listdir(target / "releases")) == [release(2), release(3)]
 
-    rolled_back(rollback([url(target)], make_ctx(9, log)))  # current: 2; newest: 3
+    rolled_back(roll([url(target)], make_ctx(9, log)))  # current: 2; newest: 3
     (target / "releases" / "0-dead").mkdir()  # an incomplete leftover older than current
     ok(deploy(s, src, make_ctx(4, log)))
     # 4 is current, 3 the one before it, 2 was current when the deploy began: all kept
@@ -185,7 +194,7 @@ def test_reader_never_sees_a_missing_file_during_200_switches(tmp_path: Path) ->
     reader.start()
     try:
         for i in range(200):
-            result = rollback([url(target)], make_ctx(9, log), to=release(1 + i % 2))
+            result = roll([url(target)], make_ctx(9, log), to=release(1 + i % 2))
             assert result.status == ROLLED_BACK, result.message
     finally:
         stop.set()
@@ -311,7 +320,8 @@ def test_monitor_failure_rolls_back(tmp_path: Path) -> None:
     ok(deploy(spec(url(target)), src, make_ctx(1, log)))
     count = tmp_path / "count"
     check = f'n=$(cat {q(count)} 2>/dev/null || echo 0); echo $((n + 1)) > {q(count)}; [ "$n" -lt 3 ]'
-    result = deploy(spec(url(target), healthcheck=check, monitor=5.0), src, make_ctx(2, log))
+    # monitor_interval is a key: checked every 0.05 s, the 4th check fails well inside the 5 s window
+    result = deploy(spec(url(target), healthcheck=check, monitor=5.0, monitor_interval=0.05), src, make_ctx(2, log))
     assert result.status == ROLLED_BACK, result.message
     assert "during the monitor window" in result.message
     assert current(target) == f"releases/{release(1)}"
@@ -344,7 +354,7 @@ def test_blue_green_slots(sshd: SshServer, tmp_path: Path) -> None:
     # the new release was started in the idle slot while current still pointed at the old one
     assert seen.read_text().splitlines() == [f"blue {target}/blue none", f"green {target}/green blue"]
 
-    back = rollback([sshd.url(target)], make_ctx(9, log, sshd))  # one switch back to blue
+    back = roll([sshd.url(target)], make_ctx(9, log, sshd))  # one switch back to blue
     assert back.status == ROLLED_BACK and back.release == release(1)
     assert current(target) == "blue"
     assert os.readlink(target / "green") == f"releases/{release(2)}"
@@ -354,9 +364,9 @@ def test_blue_green_slots(sshd: SshServer, tmp_path: Path) -> None:
     assert list_releases(sshd.url(target), make_ctx(9, log, sshd)) == [release(1), release(2), release(3)]
     # the previous live release is blue's 1, not 2 (which no slot holds any more): one switch back
     assert read_current([sshd.url(target)], make_ctx(9, log, sshd))[0].previous == release(1)
-    assert rollback([sshd.url(target)], make_ctx(9, log, sshd)).release == release(1)
+    assert roll([sshd.url(target)], make_ctx(9, log, sshd)).release == release(1)
     assert current(target) == "blue"
-    rolled_back(rollback([sshd.url(target)], make_ctx(9, log, sshd)))  # and forward again
+    rolled_back(roll([sshd.url(target)], make_ctx(9, log, sshd)))  # and forward again
     assert current(target) == "green"
 
     failing = spec(sshd.url(target), strategy="blue-green", healthcheck="false", healthcheck_retries=0)
@@ -604,22 +614,22 @@ def test_rollback_to_previous_and_to_a_named_release(tmp_path: Path) -> None:
     for run in (1, 2, 3):
         ok(deploy(spec(url(a), url(b)), src, make_ctx(run, log)))
 
-    back = rollback([url(a), url(b)], make_ctx(9, log))
+    back = roll([url(a), url(b)], make_ctx(9, log))
     assert (back.status, back.release) == (ROLLED_BACK, release(2))
     assert [(t.previous, t.current) for t in back.targets] == [(release(3), release(2))] * 2
-    named = rollback([url(a), url(b)], make_ctx(9, log), to=release(1))
+    named = roll([url(a), url(b)], make_ctx(9, log), to=release(1))
     assert (named.status, named.release) == (ROLLED_BACK, release(1))
     assert current(a) == current(b) == f"releases/{release(1)}"
 
-    nothing = rollback([url(a)], make_ctx(9, log))
+    nothing = roll([url(a)], make_ctx(9, log))
     assert nothing.status == FAILED and f"no complete release before {release(1)}" in nothing.message
-    unknown = rollback([url(a)], make_ctx(9, log), to="42-deadbee")
+    unknown = roll([url(a)], make_ctx(9, log), to="42-deadbee")
     assert unknown.status == FAILED
-    assert "42-deadbee is not a complete release there" in unknown.message and release(3) in unknown.message
+    assert 'no complete release "42-deadbee" on every target' in unknown.message and release(3) in unknown.message
 
     ok(deploy(spec(url(a)), src, make_ctx(4, log)))
-    rolled_back(rollback([url(b)], make_ctx(9, log), to=release(2)))  # a: 4 current (3 before), b: 2 (1 before)
-    disagree = rollback([url(a), url(b)], make_ctx(9, log))
+    rolled_back(roll([url(b)], make_ctx(9, log), to=release(2)))  # a: 4 current (3 before), b: 2 (1 before)
+    disagree = roll([url(a), url(b)], make_ctx(9, log))
     assert disagree.status == FAILED and "disagree" in disagree.message and "--to" in disagree.message
     assert current(a) == f"releases/{release(4)}"
 
@@ -633,13 +643,13 @@ def test_incomplete_release_is_never_used(tmp_path: Path) -> None:
     write_tree(broken, {"index.html": "half"})
 
     assert list_releases(url(target), make_ctx(9, log)) == [release(1), release(2)]
-    refused = rollback([url(target)], make_ctx(9, log), to=release(3))
-    assert refused.status == FAILED and "not a complete release" in refused.message
+    refused = roll([url(target)], make_ctx(9, log), to=release(3))
+    assert refused.status == FAILED and f'no complete release "{release(3)}"' in refused.message
 
     ok(deploy(spec(url(target), keep=3), src, make_ctx(4, log)))
     # keep = 3 counts 1, 2 and 4 only; the incomplete 3 is removed as a leftover
     assert sorted(os.listdir(target / "releases")) == [release(1), release(2), release(4)]
-    back = rollback([url(target)], make_ctx(9, log))
+    back = roll([url(target)], make_ctx(9, log))
     assert back.release == release(2)
 
     write_tree(broken, {"index.html": "half"})
@@ -661,3 +671,23 @@ def test_read_current_after_a_crash_reports_the_truth(tmp_path: Path) -> None:
         read_current([f"ssh://nobody@127.0.0.1:1{tmp_path}"], make_ctx(9, log))
 
 
+
+
+def test_rollback_runs_after_switch_and_the_healthcheck_and_keeps_the_switch_when_they_fail(tmp_path: Path) -> None:
+    target, log, ran = tmp_path / "site", Log(), tmp_path / "ran"
+    src = write_tree(tmp_path / "src", {"a": "a"})
+    for run in (1, 2):
+        ok(deploy(spec(url(target)), src, make_ctx(run, log)))
+    scripts = spec(url(target), after_switch=f'echo "after $GITPIPE_RUN $PWD" >> {q(ran)}',
+                   healthcheck=f"echo check >> {q(ran)}; test ! -e {q(tmp_path / 'sick')}", healthcheck_retries=1)
+    back = rolled_back(rollback([url(target)], make_ctx(1, log), release(1), scripts))
+    assert back.warning == "" and f"rolled back from {release(2)} to {release(1)}" in back.message
+    assert ran.read_text().splitlines() == [f"after 1 {target}/releases/{release(1)}", "check"]
+    (tmp_path / "sick").write_text("")
+    sick = rollback([url(target)], make_ctx(2, log), release(2), scripts)
+    assert sick.status == ROLLED_BACK and current(target) == f"releases/{release(2)}"  # the switch stays
+    assert sick.warning.startswith(f"HEALTHCHECK FAILED: healthcheck failed on {url(target)} after 2 attempt(s)")
+    failing = dataclasses.replace(scripts, after_switch="exit 4")
+    broken = rollback([url(target)], make_ctx(1, log), release(1), failing)
+    assert broken.warning.startswith(f"AFTER_SWITCH FAILED: after_switch failed on {url(target)} (exit status 4)")
+    assert current(target) == f"releases/{release(1)}"

@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import GITPIPE, Home, base_env, pipeline, wait_for
 from tests.sshd import SshServer, sshd_server  # noqa: F401  (the `sshd` fixture)
+from tests.webhook import webhook_server  # noqa: F401  (the `webhook` fixture)
 
 SECRET = "s3cr3t-Value-42x"
 
@@ -80,31 +79,10 @@ def test_deploy_over_ssh_to_two_hosts_and_rollback_command(home: Home, sshd: Ssh
     assert current(web1) == current(web2) == rel1
     envs = json.loads(home.gitpipe("environments", "shop", "--json", check=True).stdout)
     latest = envs[0]["history"][0]
-    assert latest["status"] == "rolled-back" and latest["by_user"] and latest["run_id"] is None
+    assert latest["status"] == "rolled-back" and latest["by_user"] and latest["by_run"] is None
+    assert (latest["run_id"], latest["sha"]) == (first["id"], first["sha"])  # the release's own run and sha
+    assert latest["from_release"] == rel2.split("/")[1]
     assert envs[0]["current"]["release"] == rel1.split("/")[1]
-
-
-class Hooks(BaseHTTPRequestHandler):
-    received: list[dict] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Hooks.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook() -> tuple[str, list[dict]]:
-    Hooks.received = []
-    server = HTTPServer(("127.0.0.1", 0), Hooks)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", Hooks.received
-    server.shutdown()
 
 
 def test_failed_healthcheck_rolls_back_every_target_and_notifies(home: Home, tmp_path: Path,
@@ -133,7 +111,8 @@ def test_failed_healthcheck_rolls_back_every_target_and_notifies(home: Home, tmp
     assert ("deployed", good["id"]) in events and ("rolled-back", bad["id"]) in events
     assert ("failed", bad["id"]) in events
     hist = json.loads(home.gitpipe("environments", "shop", "--json", check=True).stdout)[0]["history"]
-    assert [h["status"] for h in hist[:2]] == ["rolled-back", "deployed"]
+    assert [(h["status"], h["run_id"]) for h in hist[:3]] == [
+        ("rolled-back", good["id"]), ("failed", bad["id"]), ("deployed", good["id"])]
 
 
 APPROVAL = """
@@ -193,7 +172,16 @@ def test_reject_and_timeout_fail_the_run_with_the_reason(home: Home, tmp_path: P
         text = pipeline(APPROVAL.replace("TIMEOUT", "2s").replace("COUNT", str(tmp_path / "c")))
         timed = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})), "failed")
         assert home.action(timed, "sign-off")["status"] == "timed-out"
+        assert home.action(timed, "sign-off")["message"].startswith("timed out after 2s")
     assert not (tmp_path / "c").exists()
+    # A timeout is a decision: not "waiting", in show, its JSON and the run's page.
+    ap = timed["approvals"][0]
+    assert (ap["decision"], ap["by"], ap["comment"]) == ("timed-out", "gitpipe", "timed out after 2s") and ap["at"]
+    shown = home.gitpipe("show", str(timed["id"])).stdout
+    assert "approval sign-off: timed out after 2s" in shown and "waiting" not in shown, shown
+    page = (home.home / "site" / "shop" / "runs" / f"{timed['id']}.html").read_text()
+    approvals = page.split("Approvals", 1)[1]
+    assert "timed out after 2s" in approvals and "pending" not in approvals
 
 
 def write_secrets(home: Home, mode: int = 0o600) -> None:
@@ -372,7 +360,8 @@ def test_a_pipelines_notify_command_runs_confined_with_only_the_documented_varia
     assert event["event"] == "succeeded" and event["run"] == run["id"] and event["ref"] == "refs/heads/feature"
     env = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines() if "=" in line)
     documented = {"GITPIPE_EVENT", "GITPIPE_RUN", "GITPIPE_REPO", "GITPIPE_PIPELINE", "GITPIPE_REF",
-                  "GITPIPE_SHA", "GITPIPE_STATUS", "LANG", "TZ", "PATH", "HOME", "PWD", "SHLVL", "_"}
+                  "GITPIPE_SHA", "GITPIPE_STATUS", "GITPIPE_ENVIRONMENT", "LANG", "TZ", "PATH", "HOME", "PWD",
+                  "SHLVL", "_"}
     assert set(env) <= documented, set(env) - documented
     assert env["GITPIPE_EVENT"] == "succeeded" and env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     stolen = (out / "stolen").read_text()
@@ -402,3 +391,143 @@ def test_a_pipelines_webhook_obeys_its_network_off(home: Home, webhook: tuple[st
         home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text}, branch="feature")))
         wait_for(lambda: "not sent" in daemon.log, 20, what="the daemon to say the webhook was not sent")
     assert received == []
+
+
+# ---------------------------------------------------------------------------- issue 15: rollback you can rely on
+BLUE_GREEN_SITE = """
+    [[stage]]
+    name = "build"
+      [[stage.action]]
+      name = "build"
+      run = "mkdir -p out && echo v$GITPIPE_RUN > out/index.html && (cp BROKEN out/ 2>/dev/null || true)"
+      outputs = { site = "out/**" }
+"""
+
+
+def healthcheck(tmp: Path) -> str:
+    """Passes, except: always once `all-broken` exists; after its first check for a release holding BROKEN."""
+    count = f"{tmp}/count-$GITPIPE_RUN"
+    return (f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}; "
+            f"[ ! -e {tmp}/all-broken ] && {{ [ ! -e BROKEN ] || [ $n -lt 1 ]; }}")
+
+
+def use_sshd(home: Home, sshd: SshServer) -> None:
+    config = home.home / "gitpipe.toml"
+    config.write_text(config.read_text().replace('known_hosts = "known_hosts"', f'known_hosts = "{sshd.known_hosts}"')
+                      .replace('identity = ""', f'identity = "{sshd.identity}"'))
+
+
+def release_of(run: dict) -> str:
+    return f"{run['id']}-{run['sha'][:7]}"
+
+
+def test_rollback_goes_to_the_last_good_release_runs_the_scripts_and_updates_the_site(
+        home: Home, sshd: SshServer, tmp_path: Path) -> None:
+    use_sshd(home, sshd)
+    repo = home.add_repo("shop")
+    web, after = tmp_path / "web", tmp_path / "after.log"
+    extra = (f"strategy = \"blue-green\"\n  healthcheck_retries = 1\n  monitor = \"3s\"\n"
+             f"  monitor_interval = \"1s\"\n  healthcheck = '{healthcheck(tmp_path)}'\n"
+             f"  after_switch = 'echo \"$GITPIPE_RELEASE $GITPIPE_SLOT $GITPIPE_RUN $GITPIPE_SHA\" >> {after}'")
+    text = pipeline(BLUE_GREEN_SITE + deploy_stage("production", [sshd.url(web)], extra))
+    with home.daemon():
+        good = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": text})))
+        bad = home.expect(home.wait_run(home.push_run(repo, {"BROKEN": "yes"})), "failed")
+    rel1, rel2 = release_of(good), release_of(bad)
+    assert "during the monitor window" in home.action(bad, "deploy-production")["message"]
+
+    def live() -> str:
+        return os.readlink(web / os.readlink(web / "current")).removeprefix("releases/")
+
+    def history() -> list[dict]:
+        return json.loads(home.gitpipe("environments", "shop", "--json", check=True).stdout)[0]["history"]
+
+    assert live() == rel1
+    # Every row carries its release's own run and sha; the rollback row names both releases.
+    rows = history()
+    assert [(r["status"], r["release"], r["run_id"], r["sha"]) for r in rows] == [
+        ("rolled-back", rel1, good["id"], good["sha"]), ("failed", rel2, bad["id"], bad["sha"]),
+        ("deployed", rel1, good["id"], good["sha"])]
+    assert rows[0]["from_release"] == rel2 and rows[0]["by_run"] == bad["id"]
+    assert rows[0]["strategy"] == "blue-green" and rows[0]["idle_release"] == rel2
+    # Nothing good came before release 1: the broken release 2 is no place to go back to.
+    proc = home.gitpipe("rollback", "shop", "production")
+    assert proc.returncode == 1, proc
+    assert f"no release that was good before {rel1}" in proc.stderr
+    assert live() == rel1 and len(history()) == 3
+
+    with home.daemon():
+        third = home.expect(home.wait_run(home.push_run(repo, {"BROKEN": None})))
+    rel3 = release_of(third)
+    assert live() == rel3
+    typo = home.gitpipe("rollback", "shop", "production", "--to", "bogus")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert '"bogus"' in typo.stderr and all(r in typo.stderr for r in (rel1, rel2, rel3)), typo.stderr
+    assert len(history()) == 4  # a typo leaves no row
+
+    checks = (tmp_path / f"count-{good['id']}").read_text()
+    proc = home.gitpipe("rollback", "shop", "production")
+    assert proc.returncode == 0, proc
+    assert live() == rel1  # the release live before #3, not the broken #2
+    assert f"rolled back from {rel3} to {rel1}" in proc.stdout
+    assert "healthcheck passed" in proc.stdout
+    assert (tmp_path / f"count-{good['id']}").read_text() != checks  # the healthcheck ran
+    ran = after.read_text().splitlines()[-1].split()
+    assert ran[0].endswith(f"/releases/{rel1}") and ran[1] in ("blue", "green")
+    assert ran[2:] == [str(good["id"]), good["sha"]]
+    row = history()[0]
+    assert (row["status"], row["release"], row["from_release"], row["run_id"], row["sha"]) == (
+        "rolled-back", rel1, rel3, good["id"], good["sha"])
+    text_out = home.gitpipe("environments", "shop", check=True).stdout
+    assert "None" not in text_out and f"{rel3} -> {rel1}" in text_out, text_out
+    assert f"current {rel1} (run #{good['id']}, {good['sha'][:7]}" in text_out
+    page = (home.home / "site" / "shop" / "environments.html").read_text()
+    current_card = page.split('class="release"', 1)[1].split("</section>", 1)[0]
+    assert rel1 in current_card and "blue-green" in current_card
+    assert f"{ran[1]}" in current_card and rel3 in current_card  # the live slot, and what the idle one holds
+
+    # A rollback whose healthcheck fails says so, loudly, and exits 1; the switch stays.
+    (tmp_path / "all-broken").write_text("")
+    proc = home.gitpipe("rollback", "shop", "production", "--to", rel3)
+    assert proc.returncode == 1, proc
+    assert "HEALTHCHECK FAILED" in proc.stderr and rel3 in proc.stderr
+    assert live() == rel3
+    assert "healthcheck failed" in history()[0]["message"]
+
+
+def test_notifications_name_the_environment_the_failing_action_and_the_cancel_reason(
+        home: Home, tmp_path: Path, webhook: tuple[str, list[dict]]) -> None:
+    url, received = webhook
+    out = tmp_path / "out"
+    home.share(out)
+    repo = home.add_repo("shop")
+    notify = (f'[[notify]]\non = ["deployed", "failed", "cancelled"]\nwebhook = "{url}"\n'
+              f'[[notify]]\non = ["deployed"]\ncommand = "echo $GITPIPE_EVENT {{environment}} $GITPIPE_ENVIRONMENT >> {out}/notes"\n')
+    deploying = pipeline(site() + deploy_stage("staging", [f"file://{tmp_path}/target"])) + notify
+    failing = pipeline(site() + '[[stage]]\nname = "test"\n  [[stage.action]]\n  name = "unit"\n  run = "exit 3"\n') + notify
+    slow = pipeline('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "wait"\n  run = "sleep 60"\n') + notify
+
+    def event(name: str, run_id: int) -> dict:
+        wait_for(lambda: any((e["event"], e["run"]) == (name, run_id) for e in received), 30, what=f"{name} #{run_id}")
+        return next(e for e in received if (e["event"], e["run"]) == (name, run_id))
+
+    with home.daemon():
+        deployed = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": deploying})))
+        failed = home.expect(home.wait_run(home.push_run(repo, {".pipeline.toml": failing})), "failed")
+        running = home.push_run(repo, {".pipeline.toml": slow})
+        home.wait_status(running, "running")
+        home.gitpipe("cancel", str(running), "--reason", "wrong branch", check=True)
+        home.wait_run(running)
+        home.gitpipe("pause", check=True)
+        queued = home.push_run(repo, {"README": "later"}, branch="other")
+        home.gitpipe("cancel", str(queued), "--reason", "not needed", check=True)
+        cancelled_queued = event("cancelled", queued)  # cancelled by a command, while the daemon runs
+        home.gitpipe("resume", check=True)
+        shipped, broke, stopped = event("deployed", deployed["id"]), event("failed", failed["id"]), \
+            event("cancelled", running)
+    assert shipped["environment"] == "staging" and shipped["release"] == f"{deployed['id']}-{deployed['sha'][:7]}"
+    assert (out / "notes").read_text().split() == ["deployed", "staging", "staging"]
+    assert broke["action"] == "test/unit" and "3" in broke["detail"], broke
+    assert (stopped["reason"], stopped["cancelled_by"]) == ("wrong branch", home.show(running)["cancelled_by"])
+    assert "wrong branch" in stopped["detail"]
+    assert cancelled_queued["reason"] == "not needed" and cancelled_queued["status"] == "cancelled"

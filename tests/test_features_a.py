@@ -13,7 +13,8 @@ import pytest
 from browser import browser, open_page, screenshot
 from helpers import Home, pipeline, wait_for
 from test_e2e_core import fill
-from test_e2e_delivery import webhook  # noqa: F401 - a fixture
+
+from tests.webhook import webhook_server  # noqa: F401  (the `webhook` fixture)
 
 # ---------------------------------------------------------------------------- allow_failure
 

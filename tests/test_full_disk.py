@@ -43,6 +43,8 @@ FLOOD = pipeline("""
       run = "true"
     """)
 QUICK = pipeline("""
+    [trigger]
+    superseded = "parallel"  # these tests are about the disk: a later push must not wait for the flood
     [[stage]]
     name = "s"
       [[stage.action]]

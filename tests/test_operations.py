@@ -14,6 +14,7 @@ from gitpipe import settings
 from gitpipe.schedules import Scheduler
 from gitpipe.store import Store
 from tests.helpers import GITPIPE, Home, base_env, git, one_line_error, pipeline, wait_for, working_copy
+from tests.webhook import webhook_server  # noqa: F401  (the `webhook` fixture)
 
 
 def test_a_missed_schedule_slot_runs_once_not_once_per_slot(tmp_path: Path) -> None:
@@ -42,6 +43,36 @@ def test_a_missed_schedule_slot_runs_once_not_once_per_slot(tmp_path: Path) -> N
         assert store.run(fired[0]).trigger == "schedule" and store.run(fired[0]).ref == "refs/heads/main"
         assert sched.fire_due(start + 3 * 86400 + 60)[0] == []
         assert {r.id for r in store.runs(limit=100)} - before == set(fired)
+    finally:
+        store.close()
+
+
+def test_a_schedule_entry_can_name_the_branch_it_runs(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [trigger]
+        schedule = ["0 3 * * *", { cron = "0 4 * * *", branch = "release" }, { cron = "0 5 * * *", branch = "gone" }]
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "nightly"
+          run = "true"
+        """)
+    main = home.push(repo, {".pipeline.toml": text}).sha
+    release = home.push(repo, {".pipeline.toml": text.replace("nightly", "nightly-release")}, branch="release").sha
+    store = Store(settings.load(home.home))
+    try:
+        start = time.time()
+        sched = Scheduler(store)
+        assert sched.fire_due(start)[0] == []
+        fired, _ = sched.fire_due(start + 86400)
+        runs = {store.run(i).ref: store.run(i) for i in fired}
+        assert set(runs) == {"refs/heads/main", "refs/heads/release"}  # "gone" has no branch: skipped
+        assert runs["refs/heads/main"].sha == main and runs["refs/heads/release"].sha == release
+        assert "nightly-release" in (store.pipeline_text(runs["refs/heads/release"].id) or "")
+        assert all(r.trigger == "schedule" for r in runs.values())
     finally:
         store.close()
 
@@ -78,6 +109,49 @@ def test_superseded_cancel_cancels_the_older_run_but_lets_a_deploy_finish(tmp_pa
     assert home.action(old, "ship")["status"] == "succeeded"  # the deploy in flight finished first
     assert home.action(old, "later")["status"] in ("cancelled", "skipped")
     assert new["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("mode", ["queue", "parallel"])
+def test_superseded_queue_runs_a_branch_one_at_a_time_and_parallel_does_not_wait(tmp_path: Path, mode: str) -> None:
+    home = Home(tmp_path)
+    home.init()
+    out = tmp_path / "out"
+    home.share(out)
+    repo = home.add_repo("shop")
+    journal = out / "journal"
+    gate = f"while [ ! -e {out}/go-$GITPIPE_RUN ]; do sleep 0.1; done"
+    text = pipeline(f"""
+        [trigger]
+        superseded = "{mode}"
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "echo start $GITPIPE_RUN >> {journal}; {gate}; echo end $GITPIPE_RUN >> {journal}"
+        """)
+
+    def said(line: str) -> bool:
+        return journal.exists() and line in journal.read_text().splitlines()
+
+    with home.daemon() as daemon:
+        first = home.push_run(repo, {".pipeline.toml": text})
+        wait_for(lambda: said(f"start {first}"), 30, what="the first run")
+        second = home.push_run(repo, {"README": "newer"})
+        if mode == "queue":
+            wait_for(lambda: f"run #{second}: waits for #{first}" in daemon.log, 30, what="the queue")
+            assert home.status(second) == "queued"
+            (out / f"go-{first}").touch()
+            (out / f"go-{second}").touch()
+        else:  # the second starts and ends while the first still runs
+            wait_for(lambda: said(f"start {second}"), 30, what="the second run")
+            (out / f"go-{second}").touch()
+            home.wait_run(second)
+            (out / f"go-{first}").touch()
+        home.wait_runs([first, second])
+    expected = {"queue": [f"start {first}", f"end {first}", f"start {second}", f"end {second}"],
+                "parallel": [f"start {first}", f"start {second}", f"end {second}", f"end {first}"]}
+    assert journal.read_text().splitlines() == expected[mode]
+    assert home.show(first)["status"] == home.show(second)["status"] == "succeeded"
 
 
 def test_pause_keeps_pushes_queued_and_resume_runs_them(tmp_path: Path) -> None:
@@ -161,6 +235,32 @@ def test_exec_runs_the_working_copy_and_records_nothing(tmp_path: Path) -> None:
     only = subprocess.run([GITPIPE, "exec", "--action", "check"], cwd=work, env=base_env(), capture_output=True,
                           text=True, timeout=120, check=False)
     assert only.returncode == 0 and "[build/make]" in only.stdout  # its input's producer ran too
+
+
+def test_exec_notifies_nobody_unless_asked(tmp_path: Path, webhook: tuple[str, list[dict]]) -> None:
+    url, received = webhook
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q")
+    (work / ".pipeline.toml").write_text(pipeline(f"""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        [[notify]]
+        on = ["succeeded", "failed"]
+        webhook = "{url}"
+        """))
+    env = base_env(GITPIPE_HOME=str(tmp_path / "nohome"))
+    quiet = subprocess.run([GITPIPE, "exec"], cwd=work, env=env, capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert received == []  # the notifier is closed (its queue drained) before exec returns
+    loud = subprocess.run([GITPIPE, "exec", "--notify"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert loud.returncode == 0, loud.stdout + loud.stderr
+    assert [e["event"] for e in received] == ["succeeded"]
 
 
 @pytest.mark.parametrize(("args", "known"), [(["--stage", "nope"], "(stages: s, t)"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gitpipe.errors import PipelineError
-from gitpipe.models import TriggerSpec, When
+from gitpipe.models import ScheduleSpec, TriggerSpec, When
 from gitpipe.pipeline import (
     PLACEHOLDERS,
     expand,
@@ -163,7 +163,7 @@ def test_spec_example_parses() -> None:
     assert p.timeout == 3600
     assert p.trigger == TriggerSpec(
         branches=("main", "release/*"), tags=("v*",), paths=("src/**", "pyproject.toml"),
-        schedule=("0 3 * * *",), superseded="cancel",
+        schedule=(ScheduleSpec("0 3 * * *"),), superseded="cancel",
     )
     assert p.env == (("PYTHONUNBUFFERED", "1"),)
     assert [s.name for s in p.stages] == ["build", "test", "staging", "production"]
@@ -399,7 +399,7 @@ def test_trigger_errors() -> None:
         """) + BASE
     found = problems(text)
     assert found[0] == '.pipeline.toml:2: [trigger]: "branches" must hold strings only, not the number 3'
-    assert found[1].startswith('.pipeline.toml:3: [trigger]: "superseded" must be one of "cancel", "queue", not')
+    assert found[1].startswith('.pipeline.toml:3: [trigger]: "superseded" must be one of "queue", "cancel", "parallel", not')
     assert found[1].endswith('(did you mean "cancel"?)')
     assert found[2].startswith('.pipeline.toml:6: [trigger]: "schedule": bad cron line "61 * * * *"')
     assert found[3].startswith('.pipeline.toml:7: [trigger]: "schedule": bad cron line "every day"')
@@ -1158,3 +1158,67 @@ def test_bad_approvers() -> None:
                 'approver "group:" is not a Unix user name')
     assert len(problems(approval + '  approvers = ["alice", "group:", "bad name"]\n')) == 2
     has_problem(BASE + '  approvers = ["alice"]\n', 7, '"approvers" is only for actions of type "approval"')
+
+
+# --------------------------------------------------------------------------- issue 15: schedule, monitor_interval
+
+
+def test_schedule_takes_cron_strings_and_tables_with_a_branch() -> None:
+    text = toml("""
+        [trigger]
+        schedule = ["0 3 * * *", { cron = "30 4 * * 1", branch = "release/2.x" }, { cron = "0 5 * * *" }]
+        """) + BASE
+    assert parse(text).trigger.schedule == (
+        ScheduleSpec("0 3 * * *"), ScheduleSpec("30 4 * * 1", "release/2.x"), ScheduleSpec("0 5 * * *"))
+
+
+def test_schedule_table_errors_name_the_entry() -> None:
+    text = toml("""
+        [trigger]
+        schedule = [
+          { branch = "main" },
+          { cron = "61 * * * *", branch = "main" },
+          { cron = "0 3 * * *", branch = "" },
+          { cron = "0 3 * * *", brnch = "x" },
+          3,
+        ]
+        """) + BASE
+    found = problems(text)
+    assert found[0] == ('.pipeline.toml:3: [trigger]: "schedule" item 1: missing "cron" '
+                        '(write { cron = "0 3 * * *", branch = "main" })')
+    assert found[1].startswith('.pipeline.toml:4: [trigger]: "schedule": bad cron line "61 * * * *"')
+    assert found[2] == '.pipeline.toml:5: [trigger]: "schedule" item 3: "branch" must not be empty'
+    assert found[3] == ('.pipeline.toml:6: [trigger]: "schedule" item 4: unknown key "brnch" '
+                        '(did you mean "branch"?)')
+    assert found[4] == ('.pipeline.toml:7: [trigger]: "schedule" must hold cron strings or '
+                        '{ cron, branch } tables, not the number 3')
+    assert len(found) == 5
+
+
+def test_monitor_interval_is_a_deploy_duration() -> None:
+    text = BASE + toml("""
+          [[stage.action]]
+          name = "ship"
+          type = "deploy"
+          environment = "prod"
+          target = "file:///srv/app"
+          monitor = "2m"
+          monitor_interval = "30s"
+        """)
+    assert parse(text).action("build", "ship").monitor_interval == 30
+    default = parse(text.replace('monitor_interval = "30s"\n', "")).action("build", "ship")
+    assert default.monitor_interval == 10
+    assert only_problem(text.replace('"30s"', '"often"')).endswith(
+        '"monitor_interval": bad duration "often": write numbers with units d, h, m or s, '
+        'e.g. "90s", "10m", "2h" or "1h30m"')
+    assert only_problem(text.replace('"30s"', '"0s"')).endswith('"monitor_interval" must be longer than 0s')
+    run_action = BASE.replace('run = "make"', 'run = "make"\n  monitor_interval = "5s"')
+    assert only_problem(run_action).endswith('"monitor_interval" is only for actions of type "deploy", not "run"')
+
+
+def test_format_duration_is_the_inverse_of_parse_duration() -> None:
+    from gitpipe.pipeline import format_duration
+
+    for text in ("24h", "1m30s", "2s", "1h30m", "48h1m", "0s"):
+        assert format_duration(parse_duration(text)) == text
+    assert format_duration(parse_duration("1d")) == "24h"

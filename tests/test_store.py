@@ -386,3 +386,39 @@ def test_refused_approvals_are_kept_up_to_a_bound(store: Store) -> None:
     assert store.decide(run_id, "approved", "alice", None, action_id=gate.id)["by_user"] == "alice"
     with pytest.raises(TransitionError):
         store.pending_approval(run_id)
+
+
+# ---------------------------------------------------------------------------- issue 15: releases and events
+
+
+def test_release_origin_is_the_run_that_built_the_release(store: Store) -> None:
+    run_id = running_run(store)
+    rel = f"{run_id}-aaaaaaa"
+    assert store.release_origin("shop", rel) == (run_id, "a" * 40, None)  # from its name, before any row
+    store.add_release("shop", "prod", rel, "deployed", ["file:///x"], run_id=run_id, action_id=7, sha="a" * 40,
+                      by_run=run_id)
+    store.add_release("shop", "prod", rel, "rolled-back", ["file:///x"], run_id=run_id, sha="a" * 40,
+                      from_release="9-bbbbbbb")
+    assert store.release_origin("shop", rel) == (run_id, "a" * 40, 7)
+    assert store.release_origin("shop", "9-bbbbbbb") == (None, None, None)  # unknown run
+    assert store.release_origin("shop", "bogus") == (None, None, None)
+
+
+def test_foreign_events_hands_over_what_other_processes_stored(tmp_path: Path) -> None:
+    conf = settings.load(tmp_path)
+    daemon, command = Store(conf), Store(conf)
+    try:
+        heard: list[Event] = []
+        daemon.listeners.append(heard.append)
+        cursor = daemon.newest_event()
+        own = running_run(daemon)
+        [queued] = command.create_runs([new_run(ref="refs/heads/other")])  # what the hook does
+        command.request_cancel(queued, "bob", "not needed")  # what `gitpipe cancel` does
+        found, cursor = daemon.foreign_events(cursor)
+        assert [(e.run_id, e.subject, e.status) for e in found] == [(queued, "run", "queued"),
+                                                                     (queued, "run", "cancelled")]
+        assert any(e.run_id == own for e in heard)  # its own went to the listeners at commit, not again
+        assert daemon.foreign_events(cursor) == ([], cursor)
+    finally:
+        daemon.close()
+        command.close()

@@ -5,7 +5,9 @@ The scheduler calls `deploy` for a deploy action, `rollback` for `gitpipe rollba
 never raises: it comes back as a DeployResult with status "failed" (no target was switched) or
 "rolled-back" (targets were switched and then switched back), and a message saying what failed,
 where, and how to fix it. DeployError is raised only for misuse (no targets, unknown strategy),
-and by `read_current` / `list_releases` when a target cannot be read.
+and by `read_current` / `list_releases` / `rollback_goal` when a target cannot be read or there
+is nothing to roll back to. A rollback is two calls: `rollback_goal` (which release), then
+`rollback` (switch, after_switch, healthcheck).
 
 Modules: targets.py (the Target interface, the layout, FileTarget), ssh.py (SshTarget) and
 sshconn.py (connecting, host keys), manifest.py and tarstream.py (what is uploaded), lock.py
@@ -26,10 +28,11 @@ from gitpipe.deploy.context import (
     DeployResult,
     SerialLog,
     TargetOutcome,
+    slots,
 )
 from gitpipe.deploy.manifest import check_shared, scan
 from gitpipe.deploy.session import Session, parse
-from gitpipe.deploy.strategies import STRATEGIES, Deployment, roll_back
+from gitpipe.deploy.strategies import STRATEGIES, Deployment, Scripts, choose_goal, roll_back
 from gitpipe.errors import DeployError
 from gitpipe.models import ActionSpec
 
@@ -44,6 +47,8 @@ __all__ = [
     "list_releases",
     "read_current",
     "rollback",
+    "rollback_goal",
+    "slots",
 ]
 
 
@@ -75,17 +80,30 @@ def deploy(spec: ActionSpec, source_dir: Path, ctx: DeployContext) -> DeployResu
     return result
 
 
-def rollback(urls: list[str], ctx: DeployContext, to: str | None = None) -> DeployResult:
-    """Switch every target back to its previous complete release, or to release `to`; no scripts run."""
+def rollback_goal(urls: list[str], ctx: DeployContext, to: str | None = None,
+                  candidates: list[str] | None = None) -> str:
+    """The release a rollback would go to (see strategies.choose_goal); no lock taken, nothing changed.
+
+    UsageError when `to` is not a complete release on every target (it lists them).
+    """
+    with Session(urls, ctx, SerialLog(ctx.log), locked=False) as session:
+        return choose_goal(session.sites, to, candidates)
+
+
+def rollback(urls: list[str], ctx: DeployContext, goal: str, spec: ActionSpec | None = None) -> DeployResult:
+    """Switch every target to release `goal`; then `spec`'s after_switch and healthcheck, as a deploy does.
+
+    `ctx` carries the goal's own run and sha (the scripts' GITPIPE_RUN, GITPIPE_SHA).
+    """
     log = SerialLog(ctx.log)
     session: Session | None = None
     try:
         session = Session(urls, ctx, log)
         with session:
-            result = roll_back(session, to, log)
+            result = roll_back(session, goal, Scripts(spec, ctx, session, log) if spec else None, log)
     except DeployError as e:
         outcomes = session.outcomes() if session else tuple(TargetOutcome(u, None, None) for u in urls)
-        result = DeployResult(FAILED, to or "", outcomes, f"{e}; current untouched on every target")
+        result = DeployResult(FAILED, goal, outcomes, f"{e}; current untouched on every target")
     log(result.message)
     return result
 

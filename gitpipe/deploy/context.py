@@ -40,6 +40,8 @@ class TargetOutcome:
     url: str
     previous: str | None
     current: str | None
+    live_slot: str | None = None  # blue-green: the slot `current` points at after
+    idle_release: str | None = None  # blue-green: what the other slot holds after
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class DeployResult:
     release: str
     targets: tuple[TargetOutcome, ...]
     message: str
+    warning: str = ""  # a rollback that switched but whose after_switch or healthcheck failed
 
 
 class SerialLog:
@@ -62,3 +65,15 @@ class SerialLog:
     def __call__(self, line: str) -> None:
         with self._lock:
             self._log(line)
+
+
+def slots(outcomes: tuple[TargetOutcome, ...]) -> dict[str, str | None]:
+    """Blue-green: the live slot and what the idle one holds (per target when they differ)."""
+    def one(values: list[str | None]) -> str | None:
+        if len(set(values)) == 1:
+            return values[0]
+        return ", ".join(f"{o.url}: {v or '-'}" for o, v in zip(outcomes, values, strict=True))
+
+    if not any(o.live_slot for o in outcomes):
+        return {"live_slot": None, "idle_release": None}
+    return {"live_slot": one([o.live_slot for o in outcomes]), "idle_release": one([o.idle_release for o in outcomes])}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import getpass
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 from urllib.parse import unquote, urlsplit
 
 from gitpipe.deploy import lock
 from gitpipe.deploy.context import DeployContext, TargetOutcome
-from gitpipe.deploy.targets import FileTarget, Log, Target, TargetState
+from gitpipe.deploy.targets import FileTarget, Log, Target, TargetState, other_slot
 from gitpipe.errors import DeployError
 
 
@@ -76,13 +76,28 @@ class Site:
     now: str | None  # the release `current` points to now, as far as this deploy knows
     switched: bool = False  # `current` was (or may have been) switched by this deploy
     slot: str | None = None  # blue-green: the slot the new release went into
+    links: dict[str, str] = field(default_factory=dict)  # the links as this deploy set them
+
+    def __post_init__(self) -> None:
+        self.links = {**self.state.links, **self.links}
 
     @property
     def url(self) -> str:
         return self.target.url
 
+    def set_link(self, name: str, text: str | None) -> None:
+        """Point (or, with None, remove) a link on the target, and remember it."""
+        self.target.set_link(name, text)
+        if text is None:
+            self.links.pop(name, None)
+        else:
+            self.links[name] = text
+
     def outcome(self) -> TargetOutcome:
-        return TargetOutcome(self.url, self.state.current, self.now)
+        now = TargetState(self.links)
+        live = now.current_slot
+        return TargetOutcome(self.url, self.state.current, self.now, live,
+                             now.release_of(other_slot(live)) if live else None)
 
 
 class Session:

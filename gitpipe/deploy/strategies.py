@@ -17,7 +17,13 @@ and the monitor window run. The live slot is never touched, so a rollback is one
 Scripts get GITPIPE_RELEASE (the release directory, also in blue-green), GITPIPE_PREVIOUS_RELEASE
 (empty on a first deploy), GITPIPE_ENVIRONMENT, GITPIPE_RUN, GITPIPE_SHA, and GITPIPE_SLOT.
 `healthcheck_retries` counts retries, like an action's `retries`: 3 means up to 4 attempts.
-During the monitor window each check is a single attempt: any failure rolls back.
+During the monitor window (`monitor`, checked every `monitor_interval`, default 10 s) each check
+is a single attempt: any failure rolls back.
+
+The rollback command switches `current` back (blue-green: to the other slot, pointed at the
+release first if it holds another), then runs after_switch and the healthcheck there with the
+scripts of the deploy action that deployed that release. A failure there is reported, and
+nothing is switched back: the release being left is the one the rollback gets away from.
 
 Weak spot: unchanged files are hard links shared with the previous release. A script that
 writes into such a file in place (`>>`, not `sed -i`, which replaces) changes both releases.
@@ -35,25 +41,71 @@ from gitpipe.deploy.context import DEPLOYED, ROLLED_BACK, DeployContext, DeployR
 from gitpipe.deploy.manifest import Entry
 from gitpipe.deploy.session import Session, Site
 from gitpipe.deploy.targets import SLOTS, Log, other_slot, release_key
-from gitpipe.errors import DeployError
+from gitpipe.errors import DeployError, UsageError
 from gitpipe.models import ActionSpec
 
 HEALTHCHECK_PAUSE = 2.0  # seconds between healthcheck attempts
 HEALTHCHECK_TIMEOUT = 120.0  # one healthcheck attempt taking longer counts as failed
-MONITOR_INTERVAL = 10.0  # seconds between healthchecks during the monitor window
 
 
-class Deployment:
+class Scripts:
+    """A deploy action's scripts (before_switch, after_switch, healthcheck) run on open targets."""
+
+    def __init__(self, spec: ActionSpec, ctx: DeployContext, session: Session, log: Log) -> None:
+        self.spec, self.ctx = spec, ctx
+        self.sites = session.sites
+        self.session = session
+        self.log = log
+
+    def env(self, site: Site, release: str | None, previous: str | None, slot: str | None) -> dict[str, str]:
+        t = site.target
+        env = {
+            "GITPIPE_RELEASE": t.release_dir(release) if release else "",
+            "GITPIPE_PREVIOUS_RELEASE": t.release_dir(previous) if previous else "",
+            "GITPIPE_ENVIRONMENT": self.ctx.environment,
+            "GITPIPE_RUN": str(self.ctx.run_id),
+            "GITPIPE_SHA": self.ctx.sha,
+        }
+        if slot:
+            env["GITPIPE_SLOT"] = slot
+        return env
+
+    def script(self, site: Site, name: str, body: str | None, cwd: str, env: dict[str, str]) -> None:
+        """Run one of before_switch / after_switch; a non-zero exit is a DeployError."""
+        if not body:
+            return
+        self.log(f"{site.url}: running {name}")
+        status = site.target.run_script(body, cwd, env, self.log)
+        if status != 0:
+            raise DeployError(f"{name} failed on {site.url} (exit status {status})",
+                              hint="its output is in the log above")
+
+    def healthcheck(self, site: Site, cwd: str, env: dict[str, str], attempts: int) -> None:
+        """Run the healthcheck up to `attempts` times, HEALTHCHECK_PAUSE apart."""
+        body = self.spec.healthcheck
+        if not body:
+            return
+        status = 0
+        for attempt in range(1, attempts + 1):
+            status = site.target.run_script(body, cwd, env, self.log, HEALTHCHECK_TIMEOUT)
+            if status == 0:
+                self.log(f"{site.url}: healthcheck passed")
+                return
+            self.log(f"{site.url}: healthcheck failed (exit status {status}), attempt {attempt} of {attempts}")
+            if attempt < attempts:
+                time.sleep(HEALTHCHECK_PAUSE)
+        raise DeployError(f"healthcheck failed on {site.url} after {attempts} attempt(s) (exit status {status})")
+
+
+class Deployment(Scripts):
     """One deploy of one release to the open targets of a session."""
 
     def __init__(self, spec: ActionSpec, source: Path, ctx: DeployContext, session: Session,
                  shared: tuple[str, ...], scanned: Future[list[Entry]], log: Log) -> None:
-        self.spec, self.source, self.ctx = spec, source, ctx
+        super().__init__(spec, ctx, session, log)
+        self.source = source
         self.scanned = scanned  # manifest.scan of `source`, started before connecting
-        self.sites = session.sites
-        self.session = session
         self.shared = shared
-        self.log = log
         self.release = ctx.release
 
     # ------------------------------------------------------------------ upload
@@ -103,47 +155,6 @@ class Deployment:
             raise
         self.log(f"{t.url}: release {release} complete in {time.monotonic() - started:.1f}s")
 
-    # ------------------------------------------------------------------ scripts
-
-    def env(self, site: Site, release: str | None, previous: str | None, slot: str | None) -> dict[str, str]:
-        t = site.target
-        env = {
-            "GITPIPE_RELEASE": t.release_dir(release) if release else "",
-            "GITPIPE_PREVIOUS_RELEASE": t.release_dir(previous) if previous else "",
-            "GITPIPE_ENVIRONMENT": self.ctx.environment,
-            "GITPIPE_RUN": str(self.ctx.run_id),
-            "GITPIPE_SHA": self.ctx.sha,
-        }
-        if slot:
-            env["GITPIPE_SLOT"] = slot
-        return env
-
-    def script(self, site: Site, name: str, body: str | None, cwd: str, env: dict[str, str]) -> None:
-        """Run one of before_switch / after_switch; a non-zero exit is a DeployError."""
-        if not body:
-            return
-        self.log(f"{site.url}: running {name}")
-        status = site.target.run_script(body, cwd, env, self.log)
-        if status != 0:
-            raise DeployError(f"{name} failed on {site.url} (exit status {status})",
-                              hint="its output is in the log above")
-
-    def healthcheck(self, site: Site, cwd: str, env: dict[str, str], attempts: int) -> None:
-        """Run the healthcheck up to `attempts` times, HEALTHCHECK_PAUSE apart."""
-        body = self.spec.healthcheck
-        if not body:
-            return
-        status = 0
-        for attempt in range(1, attempts + 1):
-            status = site.target.run_script(body, cwd, env, self.log, HEALTHCHECK_TIMEOUT)
-            if status == 0:
-                self.log(f"{site.url}: healthcheck passed")
-                return
-            self.log(f"{site.url}: healthcheck failed (exit status {status}), attempt {attempt} of {attempts}")
-            if attempt < attempts:
-                time.sleep(HEALTHCHECK_PAUSE)
-        raise DeployError(f"healthcheck failed on {site.url} after {attempts} attempt(s) (exit status {status})")
-
     def monitor(self, where: Callable[[Site], tuple[str, dict[str, str]]]) -> None:
         """Keep running the healthcheck on every target for `monitor` seconds; raise on a failure."""
         if self.spec.monitor <= 0:
@@ -151,10 +162,11 @@ class Deployment:
         if not self.spec.healthcheck:
             self.log("monitor is set but there is no healthcheck to run: nothing to watch")
             return
-        self.log(f"monitoring for {self.spec.monitor:.0f}s: healthcheck every {MONITOR_INTERVAL:.0f}s")
+        interval = self.spec.monitor_interval
+        self.log(f"monitoring for {self.spec.monitor:.0f}s: healthcheck every {interval:g}s")
         start = time.monotonic()
         while (left := self.spec.monitor - (time.monotonic() - start)) > 0:
-            time.sleep(min(MONITOR_INTERVAL, left))
+            time.sleep(min(interval, left))
             for site in self.sites:
                 cwd, env = where(site)
                 try:
@@ -171,7 +183,7 @@ class Deployment:
         for site in reversed([s for s in self.sites if s.switched]):
             old_link, old = site.state.links.get("current"), site.state.current
             try:
-                site.target.set_link("current", old_link)
+                site.set_link("current", old_link)
                 site.now, site.switched = old, False
                 self.log(f"{site.url}: switched back to {old or 'nothing (first deploy: current removed)'}")
             except DeployError as e:
@@ -243,7 +255,7 @@ def rolling(d: Deployment) -> DeployResult:
             env = d.env(site, d.release, site.state.current, None)
             d.script(site, "before_switch", d.spec.before_switch, cwd, env)
             site.switched = True  # set first: a switch whose answer was lost may still have happened
-            t.set_link("current", f"releases/{d.release}")
+            site.set_link("current", f"releases/{d.release}")
             site.now = d.release
             d.log(f"{t.url}: current -> releases/{d.release}")
             d.script(site, "after_switch", d.spec.after_switch, cwd, env)
@@ -269,7 +281,7 @@ def blue_green(d: Deployment) -> DeployResult:
     try:
         for site in d.sites:
             site.slot = other_slot(site.state.current_slot)
-            site.target.set_link(site.slot, f"releases/{d.release}")
+            site.set_link(site.slot, f"releases/{d.release}")
             prepared.append(site)
             d.log(f"{site.url}: idle slot {site.slot} -> releases/{d.release}")
             cwd, env = where(site)
@@ -279,7 +291,7 @@ def blue_green(d: Deployment) -> DeployResult:
         for site in prepared:  # best effort: the idle slot back to what it held
             assert site.slot
             try:
-                site.target.set_link(site.slot, site.state.links.get(site.slot))
+                site.set_link(site.slot, site.state.links.get(site.slot))
             except DeployError as e:
                 d.log(f"{site.url}: could not restore slot {site.slot}: {e}")
         raise
@@ -287,7 +299,7 @@ def blue_green(d: Deployment) -> DeployResult:
         for site in d.sites:
             assert site.slot
             site.switched = True
-            site.target.set_link("current", site.slot)
+            site.set_link("current", site.slot)
             site.now = d.release
             d.log(f"{site.url}: current -> {site.slot} ({d.release})")
             cwd, env = where(site)
@@ -304,23 +316,60 @@ STRATEGIES: dict[str, Callable[[Deployment], DeployResult]] = {"rolling": rollin
 # ---------------------------------------------------------------------- rollback command
 
 
-def roll_back(session: Session, to: str | None, log: Log) -> DeployResult:
-    """Switch every target to `to`, or back to its previous release (TargetState.previous)."""
+def choose_goal(sites: list[Site], to: str | None, candidates: list[str] | None) -> str:
+    """The release a rollback goes to: `to`, else the first of `candidates` complete on every target.
+
+    `candidates` are the releases that were good before the current one, most recently live
+    first (the caller knows the history); the targets say which are still there. Without a
+    history (None), each target's own idea of the previous release (TargetState.previous).
+    """
+    complete = set.intersection(*(set(s.state.complete) for s in sites))
+    listed = ", ".join(sorted(complete, key=release_key)) or "none"
+    if to is not None:
+        if to not in complete:
+            raise UsageError(f'no complete release "{to}" on every target (releases: {listed})',
+                             hint="name one of them with --to, or leave --to out to go back to the last good one")
+        return to
+    if candidates is None:
+        return _previous(sites)
+    currents = {s.state.current for s in sites}
+    if len(currents) > 1:
+        found = ", ".join(f"{s.url}: {s.state.current or 'nothing'}" for s in sites)
+        raise DeployError(f"the targets disagree on the current release ({found})",
+                          hint="name the release to roll back to (--to RELEASE)")
+    current = currents.pop()
+    for release in candidates:
+        if release in complete and release != current:
+            return release
+    raise DeployError(f"no release that was good before {current or '(none)'} is complete on every target "
+                      f"(releases: {listed})", hint="name one with --to RELEASE if you mean it")
+
+
+def _previous(sites: list[Site]) -> str:
     goals = {}
-    for site in session.sites:
-        st = site.state
-        goal = to or st.previous
+    for site in sites:
+        goal = site.state.previous
         if goal is None:
-            raise DeployError(f"{site.url}: no complete release before {st.current or '(none)'} to roll back to")
-        if goal not in st.complete:
-            listed = ", ".join(st.complete) or "none"
-            raise DeployError(f"{site.url}: {goal} is not a complete release there (complete: {listed})")
+            raise DeployError(f"{site.url}: no complete release before {site.state.current or '(none)'} "
+                              "to roll back to")
         goals[site.url] = goal
     if len(set(goals.values())) > 1:
         listed = ", ".join(f"{u}: {g}" for u, g in goals.items())
         raise DeployError(f"the targets disagree on the previous release ({listed})",
                           hint="name the release to roll back to (--to RELEASE)")
-    goal = next(iter(goals.values()))
+    return next(iter(goals.values()))
+
+
+def roll_back(session: Session, goal: str, scripts: Scripts | None, log: Log) -> DeployResult:
+    """Switch every target to `goal`, then run after_switch and the healthcheck there, as a deploy does.
+
+    A failing after_switch or healthcheck does not switch back (the release left is the one
+    being got away from): the result says so in `warning`.
+    """
+    for site in session.sites:
+        if goal not in site.state.complete:
+            raise DeployError(f"{site.url}: {goal} is not a complete release there "
+                              f"(complete: {', '.join(site.state.complete) or 'none'})")
     try:
         for site in session.sites:
             _switch_to(site, goal, log)
@@ -328,11 +377,42 @@ def roll_back(session: Session, to: str | None, log: Log) -> DeployResult:
         for site in session.sites:
             if site.switched:  # undo, so that "failed" still means: current untouched everywhere
                 try:
-                    site.target.set_link("current", site.state.links.get("current"))
+                    site.set_link("current", site.state.links.get("current"))
                 except DeployError as undo:
                     log(f"{site.url}: could not switch back: {undo}")
         raise DeployError(f"rollback to {goal} failed, nothing switched: {e}") from e
-    return DeployResult(ROLLED_BACK, goal, session.outcomes(), f"rolled back to {goal} on every target")
+    problems = _after_rollback(session, goal, scripts, log)
+    left = sorted({s.state.current or "nothing" for s in session.sites}, key=release_key)
+    message = f"rolled back from {' / '.join(left)} to {goal} on every target"
+    warning = "; ".join(problems)
+    if warning:
+        message += f"; {warning}"
+    return DeployResult(ROLLED_BACK, goal, session.outcomes(), message, warning)
+
+
+def _after_rollback(session: Session, goal: str, scripts: Scripts | None, log: Log) -> list[str]:
+    """after_switch and the healthcheck (with its retries) on every switched target; what failed."""
+    if scripts is None:
+        log("no deploy action known for this release: no after_switch or healthcheck run")
+        return []
+    problems = []
+    attempts = 1 + max(0, scripts.spec.healthcheck_retries)
+    for site in session.sites:
+        if not site.switched:
+            continue
+        slot = site.links.get("current") if site.links.get("current") in SLOTS else None
+        cwd = site.target.path(slot) if slot else site.target.release_dir(goal)
+        env = scripts.env(site, goal, site.state.current, slot)
+        try:
+            scripts.script(site, "after_switch", scripts.spec.after_switch, cwd, env)
+        except DeployError as e:
+            problems.append(f"AFTER_SWITCH FAILED: {e}")
+            continue
+        try:
+            scripts.healthcheck(site, cwd, env, attempts)
+        except DeployError as e:
+            problems.append(f"HEALTHCHECK FAILED: {e}")
+    return problems
 
 
 def _switch_to(site: Site, goal: str, log: Log) -> None:
@@ -344,9 +424,9 @@ def _switch_to(site: Site, goal: str, log: Log) -> None:
     if st.current_slot:  # blue-green: one switch back to the other slot, if it holds the release
         other = other_slot(st.current_slot)
         if st.release_of(other) != goal:
-            t.set_link(other, f"releases/{goal}")
-        t.set_link("current", other)
+            site.set_link(other, f"releases/{goal}")
+        site.set_link("current", other)
     else:
-        t.set_link("current", f"releases/{goal}")
+        site.set_link("current", f"releases/{goal}")
     site.now = goal
     log(f"{t.url}: current -> {goal}")

@@ -8,11 +8,14 @@ before and after. Columns read (others are ignored; a missing one reads as empty
   ('approved' | 'rejected' | ..., NULL while undecided), by_user, at (ISO 8601 UTC), comment.
 - `releases`: repo, environment, run_id, sha, release (the release directory name,
   e.g. "42-1a2b3c4"), status ('deployed' | 'rolled-back' | 'failed'), at, by_user,
-  targets (a JSON list of URLs, or plain text), message.
+  targets (a JSON list of URLs, or plain text), message; since "0004_release_details":
+  from_release (a rollback's release left), by_run (the run whose deploy wrote the row),
+  strategy, live_slot and idle_release (blue-green: the slot live after, what the idle one holds).
 
 A releases row records what an environment runs *after* the event (delivery.py's
 convention): a 'deployed' row its new release, a 'rolled-back' row the release it went
-back to. So the current release is the newest 'deployed' or 'rolled-back' row's.
+back to. So the current release is the newest 'deployed' or 'rolled-back' row's. Every row
+names its release's own run and sha.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class Release:
     by_user: str
     targets: str
     message: str | None = None
+    from_release: str | None = None
+    strategy: str | None = None
+    live_slot: str | None = None
+    idle_release: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,7 @@ def current_release(history: list[Release]) -> Release | None:
     now = _switched(history)
     if now is None:
         return None
-    # A rollback row names the run that failed; the release came from the run that deployed it.
+    # The row of the deploy that put the release there (when, by whom), if it is still listed.
     return next((r for r in history if r.status == "deployed" and r.release == now.release), now)
 
 
@@ -148,7 +155,9 @@ def _release(r: dict[str, Any]) -> Release:
     return Release(environment=str(r.get("environment") or ""), run_id=r.get("run_id"),
                    sha=str(r.get("sha") or ""), release=str(r.get("release") or ""),
                    status=str(r.get("status") or ""), at=r.get("at"), by_user=str(r.get("by_user") or ""),
-                   targets=_targets(r.get("targets")), message=r.get("message"))
+                   targets=_targets(r.get("targets")), message=r.get("message"),
+                   from_release=r.get("from_release"), strategy=r.get("strategy"), live_slot=r.get("live_slot"),
+                   idle_release=r.get("idle_release"))
 
 
 def _targets(value: Any) -> str:

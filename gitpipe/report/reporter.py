@@ -232,6 +232,12 @@ class Reporter:
             if not (self.site / run.href).exists():
                 self._render_run(run.id)
 
+    def render_environments(self, repo: str) -> int:
+        """Render a repo's environments page (what a rollback by hand changed); pages written."""
+        with self._busy:
+            self._ensure_assets()
+            return self._render_environments(repo)
+
     def _render_environments(self, repo: str) -> int:
         envs = data.environments(self.store, repo)
         if not envs:
