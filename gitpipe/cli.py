@@ -175,6 +175,8 @@ def _duration(r: RunRecord) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from gitpipe.cache import describe
+
     _, store = _store(args)
     data = api.show_json(store, args.run)
     if args.json:
@@ -197,6 +199,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             tries = f" ({a['attempts']} attempts)" if a["attempts"] > 1 else ""
             msg = f" - {a['message']}" if a["message"] else ""
             say(f"    {a['name']:<24} {out.status(a['status'])}{extra}{tries}{msg}")
+            for c in a["caches"]:
+                say(f"      cache {', '.join(c['paths'])}: {describe(c)}")
     for art in data["artifacts"]:
         say(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
     for o in data["outputs"]:
@@ -206,6 +210,33 @@ def cmd_show(args: argparse.Namespace) -> int:
                    if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']})")
         say(f"  approval {ap['action']}: {decided}")
     return 0 if data["status"] != "failed" else 1
+
+
+def cmd_cache_list(args: argparse.Namespace) -> int:
+    from gitpipe import cache
+
+    _, store = _store(args)
+    entries = store.cache_entries(args.repo)
+    if args.json:
+        print_json([cache.entry_json(e) for e in entries])
+        return 0
+    if not entries:
+        say("no cache entries" + (f" of {args.repo}" if args.repo else ""))
+    for e in reversed(entries):  # most recently used first
+        trust = "protected" if e.protected else "unprotected"
+        say(f"{e.id[:12]}  {e.repo}  {e.action}  {', '.join(e.paths)}  {e.size / 1e6:.1f} MB  {e.files} files  "
+            f"{trust}  on {e.host}  last used {e.last_used_at}")
+    return 0
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from gitpipe import cache
+
+    conf, store = _store(args)
+    count, size = cache.clear(conf, store, args.repo)
+    say(f"removed {count} cache entr{'y' if count == 1 else 'ies'} ({size / 1e6:.1f} MB)"
+        + (f" of {args.repo}" if args.repo else ""))
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -412,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="only this stage (and the actions its inputs come from)")
     p.add_argument("--action", help="only this action (and its inputs' producers); also runs deploy/approval")
     p.add_argument("--keep", action="store_true", help="keep the temporary home (logs, artifacts)")
+    cache = sub.add_parser("cache", help="list and clear the build caches", parents=[common])
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="SUBCOMMAND", required=True)
+    p = add("list", cmd_cache_list, "list the build cache entries, most recently used first", cache_sub)
+    p.add_argument("repo", nargs="?", help="only this repo's entries")
+    p.add_argument("--json", action="store_true", help="a JSON array of entries")
+    p = add("clear", cmd_cache_clear, "remove every build cache entry, or those of one repo", cache_sub)
+    p.add_argument("repo", nargs="?")
+    COMMANDS.pop("list"), COMMANDS.pop("clear")
+    COMMANDS["cache"] = ("list and clear the build caches", cmd_cache_list)
     add("report", cmd_report, "render the static report site now (the daemon keeps it current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser

@@ -28,6 +28,7 @@ from watchdog.observers import Observer
 from gitpipe import executor, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
+from gitpipe.cache import Caches
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
@@ -120,7 +121,8 @@ class Daemon:
         self.store.listeners.extend(self.listeners)
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
-                         trust, sandbox, select=self.select)
+                         trust, sandbox, select=self.select,
+                         caches=Caches(self.settings, self.store, sandbox.uid, sandbox.gid))
         for d in (self.settings.wake_dir, self.settings.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
         observer = Observer()
@@ -379,6 +381,8 @@ class Daemon:
         swept = self.host.sandbox.sweep()
         if swept:
             log.info("killed the processes of %d attempt(s) a previous daemon left running", swept)
+        if self.host.caches is not None and self.host.caches.sweep():
+            log.info("cache: removed what a save interrupted by a previous daemon left behind")
         for attempt in self.store.open_attempts():
             killed = executor.kill_token(attempt.token)
             self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)

@@ -143,8 +143,8 @@ class Sandbox:
             self.tree.close()
 
     # ------------------------------------------------------------------ one process
-    def launch(self, argv: list[str], env: dict[str, str], box: Confine) -> Launch:
-        """The confined form of `argv`: its cgroup made, its HOME and output file fresh."""
+    def prepare(self, box: Confine) -> None:
+        """Make the HOME and output file fresh and hand the worktree over (before a cache restore)."""
         fresh_dir(box.home, self.uid, self.gid)
         if box.output is not None:
             box.output.unlink(missing_ok=True)
@@ -153,6 +153,11 @@ class Sandbox:
             _chown(box.output, self.uid, self.gid)
         if box.tree is not None:
             hand_over(box.tree, self.uid, self.gid)
+
+    def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False) -> Launch:
+        """The confined form of `argv`: its cgroup made, its HOME and output file fresh (unless `prepared`)."""
+        if not prepared:
+            self.prepare(box)
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
         join = _join(group)
         full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gitpipe import cache
 from gitpipe.models import ActionRecord, ActionStatus, ArtifactRecord, AttemptRecord, RunRecord, RunStatus
 from gitpipe.report import charts, data, files, fmt
 from gitpipe.report.logview import TAIL_LINES, Excerpt, LogReader, write_plain
@@ -112,6 +113,7 @@ class ActionView:
     attempts: tuple[AttemptView, ...]
     message: str | None
     open: bool
+    caches: tuple[tuple[str, str], ...] = ()  # (paths, what was restored and saved)
 
     @property
     def anchor(self) -> str:
@@ -165,7 +167,11 @@ def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished
     if pruned:
         shutil.rmtree(folder, ignore_errors=True)  # the site's links to the pruned files go too
     records = store.actions(run_id)
-    actions = [action_view(store, logs, a, None if pruned else folder, rec.status.finished or a.status.finished)
+    uses: dict[int, list[tuple[str, str]]] = {}
+    for u in store.cache_uses(run_id):
+        uses.setdefault(u.action_id, []).append((", ".join(u.paths), cache.describe(cache.use_json(u))))
+    actions = [replace(action_view(store, logs, a, None if pruned else folder,
+                                   rec.status.finished or a.status.finished), caches=tuple(uses.get(a.id, ())))
                for a in records]
     stages = tuple(StageView(s.name, s.status.value, fmt.seconds_between(s.started_at, s.finished_at),
                              tuple(a for a, r in zip(actions, records) if r.stage_idx == s.idx))

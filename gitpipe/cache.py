@@ -1,0 +1,406 @@
+"""Build caches (SPEC section 14): keyed entries restored before an attempt's script and
+saved after its success, kept under `cache/entries/<id>/` of the home, one `p<N>` per path.
+
+How an entry is kept safe:
+- Restored by *copy* (`cp -a`) into the fresh worktree and HOME before the script starts:
+  the action owns its copy and can change it at will; the stored entry is never exposed to it.
+  The README gives the figures that chose copying over hard links (fast, but a script could
+  write through a link into the entry) and overlays (bubblewrap 0.8 has no overlay options).
+- Saved atomically: copied into `cache/tmp/<id>`, flushed (syncfs), renamed into
+  `cache/entries/<id>`, and only then recorded; a restore picks entries from the database, so
+  a crash at any point leaves nothing it could pick. `sweep` removes the leftovers at start.
+- Never through a symlink: a pushed commit or script controls every file, so a cached path
+  (or a directory on its way) that is a symlink is neither restored into nor saved from, and
+  `cp -a` copies links inside a cached tree as links, never what they point to.
+- Trust: a protected run restores only entries saved by protected runs; other runs also
+  restore those, unless the attempt that saved them had secrets (`Store.cache_candidates`).
+
+Known weak spot: copying a large entry costs time (about 1.3 s for 300 MB in 20,000 files on
+the benchmark host), paid by the action that restores it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gitpipe import space
+from gitpipe.errors import GitpipeError, UsageError
+from gitpipe.intake import now_iso
+from gitpipe.models import CacheEntry, CacheSpec, CacheUse
+from gitpipe.pipeline import path_regex
+from gitpipe.settings import Settings
+from gitpipe.store import Store
+
+log = logging.getLogger("gitpipe")
+WALK_LIMIT = 200_000  # files a key's globs may look at: the tree is job data
+SAVE_MARGIN = 8 << 20  # bytes left free after a save: logs and the database still have room
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One `cache` item of an attempt: where its paths are on the host, and its key."""
+
+    idx: int
+    spec: CacheSpec
+    repo: str
+    action: str  # "stage/action"
+    slot: str
+    key: str
+    targets: tuple[Path, ...]  # the paths on the host, in the worktree or the attempt's HOME
+    bases: tuple[Path, ...]  # the worktree or the HOME each target must stay inside
+
+
+def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home: Path) -> list[Plan]:
+    """The caches of an attempt, their keys computed from the worktree (the commit and its inputs)."""
+    out = []
+    for idx, spec in enumerate(specs):
+        slot = _hash(json.dumps([repo, action, spec.paths]).encode())
+        digest = hashlib.sha256(slot.encode())
+        for glob in spec.key:
+            for rel, data in key_files(tree, glob):
+                digest.update(b"\0" + rel.encode() + b"\0" + hashlib.sha256(data).digest())
+        targets, bases = [], []
+        for path in spec.paths:
+            base = home if path.startswith("~/") else tree
+            targets.append(base / (path[2:] if path.startswith("~/") else path))
+            bases.append(base)
+        out.append(Plan(idx, spec, repo, action, slot, digest.hexdigest(), tuple(targets), tuple(bases)))
+    return out
+
+
+def key_files(tree: Path, glob: str) -> list[tuple[str, bytes]]:
+    """(relative path, content) of the files `glob` matches, sorted; a symlink counts as its
+    target's text, never what it points to (a key must not read the host through a link)."""
+    regex = path_regex(glob)
+    found = []
+    seen = 0
+    for top, dirs, names in os.walk(tree):  # followlinks=False
+        rel_top = os.path.relpath(top, tree)
+        if rel_top == ".":
+            dirs[:] = [d for d in dirs if d != ".git"]
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            seen += 1
+            if seen > WALK_LIMIT:
+                return sorted(found)
+            rel = name if rel_top == "." else f"{rel_top}/{name}"
+            if regex.fullmatch(rel):
+                path = os.path.join(top, name)
+                if os.path.islink(path):
+                    found.append((rel, b"link:" + os.readlink(path).encode()))
+                elif os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        found.append((rel, f.read()))
+    return sorted(found)
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Caches:
+    """The build caches of this host, shared by the daemon's actions."""
+
+    def __init__(self, settings: Settings, store: Store, uid: int | None = None, gid: int | None = None) -> None:
+        self.settings, self.store = settings, store
+        self.uid, self.gid = uid, gid  # the build user's, when the daemon is root
+        self.dir = settings.cache_dir
+        self.host = socket.gethostname()
+        self.lock = threading.Lock()
+        self.in_use: Counter[str] = Counter()  # entries being restored: never evicted meanwhile
+
+    def entry_dir(self, entry_id: str) -> Path:
+        return self.dir / "entries" / entry_id
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, plan: Plan, protected: bool, say: Callable[[str], None]) -> CacheUse:
+        """Restore the exact entry, else the newest of the slot (warm), else nothing; never fails the action."""
+        use = CacheUse(0, 0, plan.idx, plan.spec.paths, "none")
+        label = _label(plan)
+        candidates = [e for e in self.store.cache_candidates(plan.repo, plan.action, plan.slot, protected)
+                      if e.host == self.host]  # another host's entries have no files here
+        entry = next((e for e in candidates if e.key == plan.key), None)
+        match = "exact" if entry else "warm"
+        entry = entry or next(iter(candidates), None)
+        if entry is None:
+            say(f"gitpipe: {label}: nothing to restore (no entry yet"
+                f"{' saved by a protected run' if protected else ''})")
+            return use
+        with self.lock:
+            self.in_use[entry.id] += 1
+        start = time.monotonic()
+        made: list[Path] = []
+        refused: list[str] = []
+        try:
+            for i, target in enumerate(plan.targets):
+                src = self.entry_dir(entry.id) / f"p{i}"
+                if not os.path.lexists(src):
+                    continue  # the path was not there when the entry was saved
+                why = unsafe_target(plan.bases[i], target)
+                if why:
+                    say(f"gitpipe: {label}: {plan.spec.paths[i]} not restored: {why}")
+                    refused.append(f"{plan.spec.paths[i]} not restored: {why}")
+                    continue
+                self._make_parents(plan.bases[i], target)
+                made.append(target)
+                _cp(src, target)
+        except (OSError, subprocess.CalledProcessError, GitpipeError) as exc:
+            for target in made:
+                _remove(target)
+            say(f"gitpipe: {label}: could not restore entry {entry.id[:12]} ({_why(exc)}); going on without it")
+            return replace(use, note=f"restore failed: {_why(exc)}")
+        finally:
+            with self.lock:
+                self.in_use[entry.id] -= 1
+        took = time.monotonic() - start
+        if refused and not made:
+            return replace(use, note="; ".join(refused))
+        try:
+            self.store.touch_cache_entry(entry.id)
+        except GitpipeError:  # a full disk: the entry's age is only a hint for eviction
+            pass
+        say(f"gitpipe: {label}: restored {match} entry {entry.id[:12]} ({_mb(entry.size)}, {entry.files} files) "
+            f"in {took:.2f}s")
+        return replace(use, match=match, entry=entry.id, restored_size=entry.size, restore_seconds=round(took, 3))
+
+    def _make_parents(self, base: Path, target: Path) -> None:
+        missing = []
+        p = target.parent
+        while p != base and not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir(mode=0o755)
+            if self.uid is not None and self.gid is not None:
+                os.lchown(d, self.uid, self.gid)
+
+    # ------------------------------------------------------------------ save
+    def save(self, plan: Plan, use: CacheUse, run_id: int, protected: bool, secrets: bool,
+             say: Callable[[str], None]) -> CacheUse:
+        """After a success without an exact entry: save the paths as a new entry, atomically."""
+        label = _label(plan)
+        if use.match == "exact":
+            return use
+        start = time.monotonic()
+        present: list[tuple[int, Path]] = []
+        size = files = 0
+        for i, target in enumerate(plan.targets):
+            why = unsafe_source(plan.bases[i], target)
+            if why:
+                say(f"gitpipe: {label}: not saved: {plan.spec.paths[i]} {why}")
+                return replace(use, note=f"not saved: {plan.spec.paths[i]} {why}")
+            if os.path.lexists(target):
+                s, n = tree_size(target)
+                size, files = size + s, files + n
+                present.append((i, target))
+        if not present:
+            say(f"gitpipe: {label}: not saved: none of {', '.join(plan.spec.paths)} exists after the script")
+            return replace(use, note="not saved: no path exists")
+        if size > self.settings.cache_max_size:
+            say(f"gitpipe: {label}: not saved: {_mb(size)} is more than [cache] max_size")
+            return replace(use, note="not saved: larger than [cache] max_size")
+        if space.free_bytes(self.settings.home) < size + SAVE_MARGIN:
+            say(f"gitpipe: {label}: not saved: not enough free space for {_mb(size)} on {self.settings.home}")
+            return replace(use, note="not saved: disk full")
+        entry_id = uuid.uuid4().hex
+        tmp = self.dir / "tmp" / entry_id
+        final = self.entry_dir(entry_id)
+        try:
+            tmp.mkdir(parents=True, mode=0o700)
+            for i, target in present:
+                _cp(target, tmp / f"p{i}")
+            _syncfs(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)
+            now = now_iso()
+            self.store.add_cache_entry(CacheEntry(
+                entry_id, plan.repo, plan.action, plan.slot, plan.key, plan.spec.paths, protected, secrets,
+                self.host, size, files, now, now, run_id))
+        except (OSError, subprocess.CalledProcessError, GitpipeError) as exc:
+            _remove(tmp)
+            _remove(final)
+            say(f"gitpipe: {label}: not saved: {_why(exc)}")
+            return replace(use, note=f"not saved: {_why(exc)}")
+        took = time.monotonic() - start
+        say(f"gitpipe: {label}: saved entry {entry_id[:12]} ({_mb(size)}, {files} files) in {took:.2f}s")
+        self.evict(say)
+        return replace(use, saved_entry=entry_id, saved_size=size, save_seconds=round(took, 3))
+
+    # ------------------------------------------------------------------ housekeeping
+    def evict(self, say: Callable[[str], None] | None = None) -> list[CacheEntry]:
+        """Remove least recently used entries of this host until they fit in [cache] max_size."""
+        entries = [e for e in self.store.cache_entries() if e.host == self.host]
+        total = sum(e.size for e in entries)
+        gone = []
+        for e in entries:
+            if total <= self.settings.cache_max_size:
+                break
+            with self.lock:
+                if self.in_use[e.id]:
+                    continue
+                self.store.remove_cache_entries([e.id])
+            _remove(self.entry_dir(e.id))
+            total -= e.size
+            gone.append(e)
+            if say:
+                say(f"gitpipe: cache: evicted entry {e.id[:12]} of {e.repo} {e.action} ({_mb(e.size)}, "
+                    f"last used {e.last_used_at}) to stay within [cache] max_size")
+        return gone
+
+    def sweep(self) -> int:
+        """At daemon start: remove half-saved entries and files no entry row names; forget rows
+        whose files are gone. Returns how many things it removed."""
+        removed = 0
+        tmp = self.dir / "tmp"
+        if tmp.is_dir():
+            for d in tmp.iterdir():
+                _remove(d)
+                removed += 1
+        mine = {e.id: e for e in self.store.cache_entries() if e.host == self.host}
+        entries = self.dir / "entries"
+        on_disk = set(os.listdir(entries)) if entries.is_dir() else set()
+        for name in on_disk - set(mine):
+            _remove(entries / name)
+            removed += 1
+        lost = [i for i in mine if i not in on_disk]
+        if lost:
+            self.store.remove_cache_entries(lost)
+        return removed + len(lost)
+
+
+def clear(settings: Settings, store: Store, repo: str | None) -> tuple[int, int]:
+    """`gitpipe cache clear [REPO]`: forget and remove the entries (of one repo); (count, bytes)."""
+    if repo and not any(r["name"] == repo for r in store.repos()) and not store.cache_entries(repo):
+        raise UsageError(f'no repo named "{repo}" and no cache entries of it',
+                         hint="see `gitpipe cache list` for the repos that have entries")
+    entries = store.cache_entries(repo)
+    store.remove_cache_entries([e.id for e in entries])
+    for e in entries:
+        _remove(settings.cache_dir / "entries" / e.id)
+    return len(entries), sum(e.size for e in entries)
+
+
+def entry_json(e: CacheEntry) -> dict[str, Any]:
+    """The stable shape of `gitpipe cache list --json`."""
+    return {"id": e.id, "repo": e.repo, "action": e.action, "key": e.key, "paths": list(e.paths),
+            "protected": e.protected, "host": e.host, "size": e.size, "files": e.files,
+            "created_at": e.created_at, "last_used_at": e.last_used_at, "run": e.run_id}
+
+
+def use_json(u: CacheUse) -> dict[str, Any]:
+    """One cache of an action in `show --json`: `restored` and `saved` (null when nothing)."""
+    restored = None if u.entry is None else {"match": u.match, "entry": u.entry, "size": u.restored_size,
+                                             "seconds": u.restore_seconds}
+    saved = None if u.saved_entry is None else {"entry": u.saved_entry, "size": u.saved_size,
+                                                "seconds": u.save_seconds}
+    return {"paths": list(u.paths), "match": u.match, "restored": restored, "saved": saved, "note": u.note}
+
+
+def describe(c: dict[str, Any]) -> str:
+    """A `use_json` as one line: `restored exact 1a2b3c4d5e6f (12.3 MB, 0.21s); saved ... `."""
+    r, s = c["restored"], c["saved"]
+    parts = [f"restored {r['match']} {r['entry'][:12]} ({_mb(r['size'])} in {r['seconds']:.2f}s)" if r
+             else "restored none"]
+    if s:
+        parts.append(f"saved {s['entry'][:12]} ({_mb(s['size'])} in {s['seconds']:.2f}s)")
+    if c["note"]:
+        parts.append(c["note"])
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------- files
+def unsafe_target(base: Path, target: Path) -> str | None:
+    """Why restoring to `target` could write outside `base` or over the commit's files (None: safe)."""
+    p = base
+    for part in target.relative_to(base).parts[:-1]:
+        p = p / part
+        if p.is_symlink():
+            return f"{p.relative_to(base)} is a symlink in the worktree (never followed)"
+        if p.exists() and not p.is_dir():
+            return f"{p.relative_to(base)} is not a directory"
+    if os.path.lexists(target):
+        return "it already exists in the worktree (the commit has it)"
+    return None
+
+
+def unsafe_source(base: Path, target: Path) -> str | None:
+    """Why saving `target` could read outside `base` (None: safe)."""
+    p = base
+    for part in target.relative_to(base).parts:
+        p = p / part
+        if p.is_symlink():
+            return f"is a symlink or lies under one ({p.relative_to(base)}); symlinks are never followed"
+    if os.path.lexists(target) and not (target.is_dir() or target.is_file()):
+        return "is neither a directory nor a file"
+    return None
+
+
+def tree_size(path: Path) -> tuple[int, int]:
+    """(bytes, files) under `path`, links not followed."""
+    if not path.is_dir():
+        return path.lstat().st_size, 1
+    size = files = 0
+    for top, dirs, names in os.walk(path):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            try:
+                size += os.lstat(os.path.join(top, name)).st_size
+                files += 1
+            except OSError:
+                pass
+    return size, files
+
+
+def _cp(src: Path, dst: Path) -> None:
+    """A copy keeping modes, times, owners and links as links (never following one)."""
+    # --pdeathsig: a copy never outlives a killed daemon (the next one sweeps what it copied).
+    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", "--", "cp", "-a", "--no-target-directory", "--",
+                           str(src), str(dst)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"cp exited {proc.returncode}")
+
+
+def _remove(path: Path) -> None:
+    from gitpipe.git import remove_tree
+
+    try:
+        remove_tree(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the filesystem holding `path`, so an entry recorded after a power loss is whole."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def _label(plan: Plan) -> str:
+    return f"cache {plan.idx + 1} ({', '.join(plan.spec.paths)})"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)
