@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -34,7 +35,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ class Plan:
     key: str
     targets: tuple[Path, ...]  # the paths on the host, in the worktree or the attempt's HOME
     bases: tuple[Path, ...]  # the worktree or the HOME each target must stay inside
+
+
+@dataclass
+class Held:
+    """What one attempt's restores hold until `Caches.release`: overlay mounts and entries in use."""
+
+    scratch: Path  # beside the worktree: the overlays' upper and work directories
+    mounts: list[Path] = field(default_factory=list)
+    entries: list[str] = field(default_factory=list)
 
 
 def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home: Path) -> list[Plan]:
@@ -121,13 +131,14 @@ class Caches:
         self.dir = settings.cache_dir
         self.host = socket.gethostname()
         self.lock = threading.Lock()
-        self.in_use: Counter[str] = Counter()  # entries being restored: never evicted meanwhile
+        self.in_use: Counter[str] = Counter()  # entries restored by a running attempt: never evicted
+        self.overlay: bool | None = None  # restore directories as overlays (a root daemon); probed once
 
     def entry_dir(self, entry_id: str) -> Path:
         return self.dir / "entries" / entry_id
 
     # ------------------------------------------------------------------ restore
-    def restore(self, plan: Plan, protected: bool, say: Callable[[str], None]) -> CacheUse:
+    def restore(self, plan: Plan, protected: bool, held: Held, say: Callable[[str], None]) -> CacheUse:
         """Restore the exact entry, else the newest of the slot (warm), else nothing; never fails the action."""
         use = CacheUse(0, 0, plan.idx, plan.spec.paths, "none")
         label = _label(plan)
@@ -142,9 +153,11 @@ class Caches:
             return use
         with self.lock:
             self.in_use[entry.id] += 1
+        held.entries.append(entry.id)
         start = time.monotonic()
         made: list[Path] = []
         refused: list[str] = []
+        how: set[str] = set()
         try:
             for i, target in enumerate(plan.targets):
                 src = self.entry_dir(entry.id) / f"p{i}"
@@ -157,15 +170,18 @@ class Caches:
                     continue
                 self._make_parents(plan.bases[i], target)
                 made.append(target)
-                _cp(src, target)
+                if src.is_dir() and self.use_overlay():
+                    self._mount(src, target, held, f"{plan.idx}.{i}")
+                    how.add("as an overlay")
+                else:
+                    _cp(src, target)
+                    how.add("by copy")
         except (OSError, subprocess.CalledProcessError, GitpipeError) as exc:
+            self._unmount(held, made)
             for target in made:
                 _remove(target)
             say(f"gitpipe: {label}: could not restore entry {entry.id[:12]} ({_why(exc)}); going on without it")
             return replace(use, note=f"restore failed: {_why(exc)}")
-        finally:
-            with self.lock:
-                self.in_use[entry.id] -= 1
         took = time.monotonic() - start
         if refused and not made:
             return replace(use, note="; ".join(refused))
@@ -174,8 +190,49 @@ class Caches:
         except GitpipeError:  # a full disk: the entry's age is only a hint for eviction
             pass
         say(f"gitpipe: {label}: restored {match} entry {entry.id[:12]} ({_mb(entry.size)}, {entry.files} files) "
-            f"in {took:.2f}s")
+            f"{' and '.join(sorted(how))} in {took:.2f}s")
         return replace(use, match=match, entry=entry.id, restored_size=entry.size, restore_seconds=round(took, 3))
+
+    def use_overlay(self) -> bool:
+        """Whether directories are restored as overlays: only for a root daemon (the mounts are made
+        on the host, and the build user must not own the entry), and only where one mounts here."""
+        if self.overlay is None:
+            self.overlay = self.uid is not None and _probe_overlay(self.dir / "probe")
+            if self.uid is not None and not self.overlay:
+                log.warning("cache: overlay mounts do not work under %s: entries are restored by copy (slower)",
+                            self.dir)
+        return self.overlay
+
+    def _mount(self, src: Path, target: Path, held: Held, name: str) -> None:
+        """`target` becomes an overlay: `src` (the entry) below, read-only, never changed; what the
+        action writes goes to an upper directory beside the worktree, dropped at `release`."""
+        upper, work = held.scratch / name / "upper", held.scratch / name / "work"
+        for d in (upper, work):
+            d.mkdir(parents=True, mode=0o700)
+        st = src.stat()
+        os.chmod(upper, st.st_mode & 0o7777)
+        target.mkdir(mode=0o755)
+        if self.uid is not None and self.gid is not None:
+            os.lchown(upper, self.uid, self.gid)
+            os.lchown(target, self.uid, self.gid)
+        _run(["mount", "-t", "overlay", "overlay", "-o",
+              f"lowerdir={_opt(src)},upperdir={_opt(upper)},workdir={_opt(work)}", str(target)])
+        held.mounts.append(target)
+
+    def _unmount(self, held: Held, only: list[Path] | None = None) -> None:
+        for target in list(reversed(held.mounts)):
+            if only is None or target in only:
+                subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+                held.mounts.remove(target)
+
+    def release(self, held: Held) -> None:
+        """The attempt is over (saved or not): unmount its overlays, free its entries for eviction."""
+        self._unmount(held)
+        _remove(held.scratch)
+        with self.lock:
+            for entry_id in held.entries:
+                self.in_use[entry_id] -= 1
+        held.entries.clear()
 
     def _make_parents(self, base: Path, target: Path) -> None:
         missing = []
@@ -264,11 +321,16 @@ class Caches:
     def sweep(self) -> int:
         """At daemon start: remove half-saved entries and files no entry row names; forget rows
         whose files are gone. Returns how many things it removed."""
-        removed = 0
+        removed = unmount_under(self.settings.work_dir)
         tmp = self.dir / "tmp"
         if tmp.is_dir():
             for d in tmp.iterdir():
-                _remove(d)
+                # Renamed first: a cp forked in the instant the last daemon was killed (before its
+                # --pdeathsig took hold) may still be writing there; its writes then fail.
+                aside = d if d.name.startswith(".trash-") else d.with_name(f".trash-{d.name}")
+                if aside != d:
+                    os.rename(d, aside)
+                _remove(aside)
                 removed += 1
         mine = {e.id: e for e in self.store.cache_entries() if e.host == self.host}
         entries = self.dir / "entries"
@@ -372,6 +434,52 @@ def _cp(src: Path, dst: Path) -> None:
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise OSError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"cp exited {proc.returncode}")
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(proc.stderr.strip() or f"{argv[0]} exited {proc.returncode}")
+
+
+def _opt(path: Path) -> str:
+    """A path as a mount option value: its commas and colons escaped (they separate options)."""
+    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def _probe_overlay(where: Path) -> bool:
+    """Whether an overlay can be mounted under `where` (not on every filesystem, nor in every container)."""
+    _remove(where)
+    dirs = [where / d for d in ("lower", "upper", "work", "merged")]
+    try:
+        for d in dirs:
+            d.mkdir(parents=True)
+        _run(["mount", "-t", "overlay", "overlay", "-o",
+              f"lowerdir={dirs[0]},upperdir={dirs[1]},workdir={dirs[2]}", str(dirs[3])])
+        subprocess.run(["umount", str(dirs[3])], capture_output=True, check=False)
+        return True
+    except OSError as exc:
+        log.debug("overlay probe: %s", exc)
+        return False
+    finally:
+        _remove(where)
+
+
+def unmount_under(top: Path) -> int:
+    """Unmount what a killed daemon left mounted under `top` (its attempts' overlays); how many."""
+    prefix = str(top.resolve()) + "/"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return 0
+    points = []
+    for line in lines:
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])  # \040: a space
+        if point.startswith(prefix):
+            points.append(point)
+    for point in sorted(points, reverse=True):  # the deepest first
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return len(points)
 
 
 def _remove(path: Path) -> None:

@@ -308,17 +308,22 @@ class RunWorker:
                 box = Confine(key=f"a{rec.id}.{number}", home=slot.root / "home", tree=slot.tree,
                               name=self.run.repo, output=out_file, readonly=self._readonly(spec),
                               network=self.host.sandbox.network(self.pipe.network, spec.network))
-                if deadline is not None and time.time() >= deadline:
-                    outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
-                else:
-                    self.host.sandbox.prepare(box)
-                    uses = self._restore_caches(spec, slot.tree, box.home, writer)
-                    outcome = self._execute(rec, spec, box, env, writer, token, deadline)
-                if outcome.status is ActionStatus.SUCCEEDED:
-                    outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
-                if outcome.status is ActionStatus.SUCCEEDED:
-                    uses = self._save_caches(spec, uses, writer)
-                self._record_caches(rec.id, number, uses)
+                held = cache_mod.Held(slot.root / "overlay")
+                try:
+                    if deadline is not None and time.time() >= deadline:
+                        outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
+                    else:
+                        self.host.sandbox.prepare(box)
+                        uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
+                        outcome = self._execute(rec, spec, box, env, writer, token, deadline)
+                    if outcome.status is ActionStatus.SUCCEEDED:
+                        outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
+                    if outcome.status is ActionStatus.SUCCEEDED:
+                        uses = self._save_caches(spec, uses, writer)
+                    self._record_caches(rec.id, number, uses)
+                finally:
+                    if self.host.caches is not None:
+                        self.host.caches.release(held)  # before the slot is free: its overlays go
         except (GitpipeError, OSError) as exc:  # an output glob, a full disk while storing artifacts
             writer.line(f"gitpipe: {exc}")
             outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
@@ -335,7 +340,7 @@ class RunWorker:
     def _protected(self) -> bool:
         return self.host.trust.is_protected(self.run.repo, self.store.repo_path(self.run.repo), self.run.ref)
 
-    def _restore_caches(self, spec: ActionSpec, tree: Path, home: Path,
+    def _restore_caches(self, spec: ActionSpec, tree: Path, home: Path, held: cache_mod.Held,
                         writer: executor.LogWriter) -> list[tuple[cache_mod.Plan, CacheUse]]:
         """Before the script: each cache's exact entry, else a warm one, else none (the log says which)."""
         caches = self.host.caches
@@ -343,7 +348,7 @@ class RunWorker:
             return []
         action = f"{spec_stage(self.pipe, spec)}/{spec.name}"
         protected = self._protected()
-        return [(plan, caches.restore(plan, protected, writer.line))
+        return [(plan, caches.restore(plan, protected, held, writer.line))
                 for plan in cache_mod.plans(spec.cache, self.run.repo, action, tree, home)]
 
     def _save_caches(self, spec: ActionSpec, uses: list[tuple[cache_mod.Plan, CacheUse]],

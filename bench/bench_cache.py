@@ -1,0 +1,252 @@
+"""Build caches (issue 12): a real project's pipeline with and without `cache`, and the cost of
+restoring a large entry by each method gitpipe could use.
+
+1. pipeline: six 1.17.0 (its sdist, bench/data/cache/) pushed to a real daemon; its pipeline
+   makes a venv, installs pytest/setuptools/wheel from a PEP 503 index served on 127.0.0.1
+   from bench/data/cache/, builds the wheel ("wheel"), then installs it and runs its tests
+   ("unit"). Three runs without `cache`, then three with `cache` on the venv and pip's cache
+   (the first of those is cold: nothing to restore). Per action and per run: cold and warm
+   (median of runs 2-3) wall times, restore and save times, entry sizes.
+2. restore: an entry of 300 MB in 20,000 files, restored by copy (`cp -a`, what gitpipe
+   does), by hard links (`cp -al`), and by an overlay mount (root only), three times each.
+
+Run: sudo .venv/bin/python bench/bench_cache.py [pipeline|restore]   (both by default)
+Nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BIN, env_with_home, git, gitpipe, median, table, workdir  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data" / "cache"
+SDIST = DATA / "six-1.17.0.tar.gz"
+RUNS = 3
+REQUIREMENTS = "pytest==8.3.4\nsetuptools==75.6.0\nwheel==0.45.1\n"
+CACHE = 'cache = [{ key = ["requirements.txt"], paths = [".venv", "~/.cache/pip"] }]'
+PIPELINE = """\
+[env]
+PIP_CONFIG_FILE = "/dev/null"
+PIP_DISABLE_PIP_VERSION_CHECK = "1"
+INDEX = "{index}"
+
+[[stage]]
+name = "build"
+  [[stage.action]]
+  name = "wheel"
+  {cache}
+  outputs = {{ wheel = "dist/*.whl" }}
+  run = '''
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --index-url "$INDEX" -r requirements.txt
+  .venv/bin/pip wheel -q --no-build-isolation --no-deps --no-index -w dist .
+  '''
+
+[[stage]]
+name = "test"
+  [[stage.action]]
+  name = "unit"
+  inputs = ["wheel"]
+  {cache}
+  run = '''
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --index-url "$INDEX" -r requirements.txt
+  .venv/bin/pip install -q --no-index --force-reinstall --no-deps dist/*.whl
+  .venv/bin/python -m pytest -q -p no:cacheprovider test_six.py
+  '''
+"""
+
+
+# ---------------------------------------------------------------------------- a local index
+def serve_index(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A PEP 503 simple index of the wheels in bench/data/cache on 127.0.0.1; (server, URL)."""
+    simple = root / "index" / "simple"
+    for wheel in DATA.glob("*.whl"):
+        project = wheel.name.split("-")[0].lower().replace("_", "-")
+        (simple / project).mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheel, simple / project / wheel.name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(root / "index")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}/simple/"
+
+
+# ---------------------------------------------------------------------------- the pipeline
+def pipeline_runs(root: Path, cached: bool, index: str) -> list[dict[str, Any]]:
+    """RUNS runs of the six pipeline in a fresh home; each run's `show --json`."""
+    home = root / ("home-cache" if cached else "home-plain")
+    gitpipe(home, "init")
+    with open(home / "gitpipe.toml", "a") as f:
+        f.write('\n[repos.six]\nprotected = ["main"]\n')
+    bare = root / f"six-{cached}.git"
+    gitpipe(home, "repo", "add", str(bare), "--create", "--name", "six")
+    src = root / f"src-{cached}"
+    with tarfile.open(SDIST) as tar:
+        tar.extractall(root / "unpacked", filter="data")
+    shutil.copytree(root / "unpacked" / "six-1.17.0", src)
+    (src / "requirements.txt").write_text(REQUIREMENTS)
+    (src / ".pipeline.toml").write_text(PIPELINE.format(index=index, cache=CACHE if cached else ""))
+    git("init", "-q", "-b", "main", str(src))
+    git("-c", "user.email=bench@localhost", "-c", "user.name=bench", "add", "-A", cwd=src)
+    daemon = subprocess.Popen([str(BIN / "gitpipe"), "serve"], env=env_with_home(home),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shows = []
+    try:
+        for n in range(RUNS):
+            (src / "nonce").write_text(uuid.uuid4().hex)
+            git("add", "-A", cwd=src)
+            git("-c", "user.email=bench@localhost", "-c", "user.name=bench", "commit", "-qm", f"run {n}", cwd=src)
+            git("push", "-q", str(bare), "main", cwd=src)
+            run_id = _newest(home)
+            shows.append(_wait(home, run_id))
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=120)
+    return shows
+
+
+def _newest(home: Path) -> int:
+    for _ in range(600):
+        runs = json.loads(gitpipe(home, "runs", "--json", "--limit", "1").stdout)
+        if runs:
+            return int(runs[0]["id"])
+        time.sleep(0.1)
+    raise SystemExit("no run was queued")
+
+
+def _wait(home: Path, run_id: int) -> dict[str, Any]:
+    while True:
+        show = json.loads(gitpipe(home, "show", str(run_id), "--json", check=False).stdout)
+        if show["status"] in ("succeeded", "failed", "cancelled"):
+            if show["status"] != "succeeded":
+                logs = gitpipe(home, "logs", str(run_id), check=False).stdout
+                raise SystemExit(f"run #{run_id} {show['status']}:\n{logs[-4000:]}")
+            return show
+        time.sleep(0.2)
+
+
+def _seconds(start: str | None, end: str | None) -> float:
+    from datetime import datetime
+
+    if not start or not end:
+        return 0.0
+    return (datetime.fromisoformat(end.replace("Z", "+00:00"))
+            - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
+
+
+def _action(show: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(a for s in show["stages"] for a in s["actions"] if a["name"] == name)
+
+
+def bench_pipeline() -> None:
+    root = workdir()
+    server, index = serve_index(root)
+    try:
+        plain = pipeline_runs(root, False, index)
+        cached = pipeline_runs(root, True, index)
+    finally:
+        server.terminate()
+        server.wait()
+    rows = []
+    for what in ("wheel", "unit", "run"):
+        def t(shows: list[dict[str, Any]], i: int, what: str = what) -> float:
+            if what == "run":
+                return _seconds(shows[i]["started_at"], shows[i]["finished_at"])
+            a = _action(shows[i], what)
+            return _seconds(a["started_at"], a["finished_at"])
+        label = {"wheel": "build/wheel (venv, install, build)", "unit": "test/unit (install, pytest)",
+                 "run": "whole run"}[what]
+        cold_p, cold_c = t(plain, 0), t(cached, 0)
+        warm_p = median([t(plain, i) for i in range(1, RUNS)])
+        warm_c = median([t(cached, i) for i in range(1, RUNS)])
+        rows.append((f"{label}, cold", f"{cold_c:.2f} s", f"{cold_p:.2f} s", f"{cold_p / cold_c:.2f}x"))
+        rows.append((f"{label}, warm", f"{warm_c:.2f} s", f"{warm_p:.2f} s", f"{warm_p / warm_c:.2f}x"))
+    table("six 1.17.0 pipeline: with cache (gitpipe) vs without (baseline); ratio = baseline / gitpipe", rows)
+    rows = []
+    for name in ("wheel", "unit"):
+        saved = _action(cached[0], name)["caches"][0]["saved"]
+        restores = [_action(cached[i], name)["caches"][0]["restored"] for i in range(1, RUNS)]
+        rows.append((f"{name}: entry saved by the cold run", f"{saved['size'] / 1e6:.1f} MB",
+                     f"save {saved['seconds']:.2f} s", ""))
+        rows.append((f"{name}: restore, warm runs (match)", f"{median([r['seconds'] for r in restores]):.2f} s",
+                     ", ".join(r["match"] for r in restores), ""))
+    table("cache entries of the runs above", rows)
+
+
+# ---------------------------------------------------------------------------- restoring 300 MB
+def make_entry(path: Path, files: int = 20_000, size: int = 300_000_000) -> None:
+    blob = os.urandom(1 << 20)
+    each = size // files
+    for n in range(files):
+        d = path / f"d{n // 100:03}"
+        if n % 100 == 0:
+            d.mkdir(parents=True)
+        off = (n * 7919) % ((1 << 20) - each)
+        (d / f"f{n % 100:03}.py").write_bytes(blob[off:off + each])
+
+
+def bench_restore() -> None:
+    from gitpipe import cache
+
+    root = workdir()
+    entry = root / "entry"
+    make_entry(entry)
+    subprocess.run(["sync"], check=True)
+    methods: dict[str, list[float]] = {"copy (cp -a, what gitpipe does)": [], "hard links (cp -al)": [],
+                                       "overlay mount (root only)": []}
+    for n in range(3):
+        dst = root / f"copy{n}"
+        t = time.perf_counter()
+        cache._cp(entry, dst)
+        methods["copy (cp -a, what gitpipe does)"].append(time.perf_counter() - t)
+        dst = root / f"links{n}"
+        t = time.perf_counter()
+        subprocess.run(["cp", "-al", str(entry), str(dst)], check=True)
+        methods["hard links (cp -al)"].append(time.perf_counter() - t)
+        if os.geteuid() == 0:
+            up, work, mnt = (root / f"{x}{n}" for x in ("up", "work", "mnt"))
+            for d in (up, work, mnt):
+                d.mkdir()
+            t = time.perf_counter()
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                            f"lowerdir={entry},upperdir={up},workdir={work}", str(mnt)], check=True)
+            methods["overlay mount (root only)"].append(time.perf_counter() - t)
+            subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["sync"], check=True)
+    bwrap = subprocess.run(["bwrap", "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    overlay = subprocess.run(["bwrap", "--overlay-src", "/", "--tmp-overlay", "/mnt", "true"], capture_output=True,
+                             text=True, check=False).stderr.strip()
+    rows = [(m, f"{median(xs):.3f} s" if xs else "n/a", f"{min(xs):.3f}-{max(xs):.3f} s" if xs else "",
+             f"{median(xs) / 0.5:.2f}x the 0.5 s goal" if xs else "") for m, xs in methods.items()]
+    rows.append((f"bwrap overlay ({bwrap})", "n/a", overlay or "works", ""))
+    table("restoring a 300 MB / 20,000-file entry (median of 3; range)", rows)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["pipeline", "restore"]
+    if "pipeline" in which:
+        bench_pipeline()
+    if "restore" in which:
+        bench_restore()
