@@ -1,22 +1,26 @@
 """Build caches (SPEC section 14): keyed entries restored before an attempt's script and
-saved after its success, kept under `cache/entries/<id>/` of the home, one `p<N>` per path.
+saved after its success, kept under `build-cache/entries/<id>/` of the home, one `p<N>` per path.
 
 How an entry is kept safe:
-- Restored by *copy* (`cp -a`) into the fresh worktree and HOME before the script starts:
-  the action owns its copy and can change it at will; the stored entry is never exposed to it.
-  The README gives the figures that chose copying over hard links (fast, but a script could
-  write through a link into the entry) and overlays (bubblewrap 0.8 has no overlay options).
-- Saved atomically: copied into `cache/tmp/<id>`, flushed (syncfs), renamed into
-  `cache/entries/<id>`, and only then recorded; a restore picks entries from the database, so
-  a crash at any point leaves nothing it could pick. `sweep` removes the leftovers at start.
+- Restored so that the action can never change it. A root daemon mounts an overlay on the
+  host for each cached directory (the entry read-only below, an upper directory beside the
+  worktree that takes the action's writes and is dropped when the attempt ends): a few ms,
+  whatever the size. An unprivileged daemon cannot mount on the host, and copies (`cp -a`).
+  Hard links were measured too (fast) and rejected: a script could write through them.
+- Saved atomically: copied into `build-cache/tmp/<id>`, flushed (syncfs), renamed into
+  `build-cache/entries/<id>`, and only then recorded; a restore picks entries from the
+  database, so a crash at any point leaves nothing it could pick. `sweep` removes the
+  leftovers (and the overlays of a killed daemon) at start.
 - Never through a symlink: a pushed commit or script controls every file, so a cached path
   (or a directory on its way) that is a symlink is neither restored into nor saved from, and
   `cp -a` copies links inside a cached tree as links, never what they point to.
 - Trust: a protected run restores only entries saved by protected runs; other runs also
   restore those, unless the attempt that saved them had secrets (`Store.cache_candidates`).
 
-Known weak spot: copying a large entry costs time (about 1.3 s for 300 MB in 20,000 files on
-the benchmark host), paid by the action that restores it.
+Known weak spots: copying (the unprivileged daemon) costs about a second per 300 MB on the
+benchmark host; a cp forked in the instant the daemon is killed can outlive it (its files
+are set aside and removed at the next start); `gitpipe cache clear` while an attempt has an
+entry mounted removes files from under its overlay (that attempt may then fail).
 """
 
 from __future__ import annotations
@@ -82,8 +86,8 @@ def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home
         slot = _hash(json.dumps([repo, action, spec.paths]).encode())
         digest = hashlib.sha256(slot.encode())
         for glob in spec.key:
-            for rel, data in key_files(tree, glob):
-                digest.update(b"\0" + rel.encode() + b"\0" + hashlib.sha256(data).digest())
+            for rel, file_digest in key_files(tree, glob):
+                digest.update(b"\0" + rel.encode() + b"\0" + file_digest)
         targets, bases = [], []
         for path in spec.paths:
             base = home if path.startswith("~/") else tree
@@ -94,10 +98,10 @@ def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home
 
 
 def key_files(tree: Path, glob: str) -> list[tuple[str, bytes]]:
-    """(relative path, content) of the files `glob` matches, sorted; a symlink counts as its
-    target's text, never what it points to (a key must not read the host through a link)."""
+    """(relative path, sha256 of the content) of the files `glob` matches, sorted; a symlink counts
+    as its target's text, never what it points to (a key must not read the host through a link)."""
     regex = path_regex(glob)
-    found = []
+    found: list[tuple[str, bytes]] = []
     seen = 0
     for top, dirs, names in os.walk(tree):  # followlinks=False
         rel_top = os.path.relpath(top, tree)
@@ -111,10 +115,10 @@ def key_files(tree: Path, glob: str) -> list[tuple[str, bytes]]:
             if regex.fullmatch(rel):
                 path = os.path.join(top, name)
                 if os.path.islink(path):
-                    found.append((rel, b"link:" + os.readlink(path).encode()))
+                    found.append((rel, hashlib.sha256(b"link:" + os.readlink(path).encode()).digest()))
                 elif os.path.isfile(path):
                     with open(path, "rb") as f:
-                        found.append((rel, f.read()))
+                        found.append((rel, hashlib.file_digest(f, "sha256").digest()))
     return sorted(found)
 
 

@@ -327,7 +327,7 @@ class ArtifactRecord:
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """A stored build cache entry (SPEC section 14); its files are under cache/entries/<id>."""
+    """A stored build cache entry (SPEC section 14); its files are under build-cache/entries/<id>."""
 
     id: str
     repo: str

@@ -121,7 +121,7 @@ class Settings:
 
     @property
     def cache_dir(self) -> Path:
-        return self.home / "cache"
+        return self.home / "build-cache"
 
     @property
     def wake_dir(self) -> Path:

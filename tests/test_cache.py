@@ -255,7 +255,7 @@ def test_a_script_that_turns_a_cached_path_into_a_symlink_saves_nothing(home: Ho
     [c] = caches_of(home, run_id)
     assert c["saved"] is None and "symlink" in c["note"]
     assert entries(home) == []
-    assert not list((home.home / "cache").rglob("passwd"))
+    assert not list((home.home / "build-cache").rglob("passwd"))
 
 
 # ---------------------------------------------------------------------------- crash, size, housekeeping
@@ -275,7 +275,7 @@ BIG = pipeline('''
 
 
 def test_a_daemon_killed_mid_save_leaves_nothing_a_restore_could_pick(home: Home, shop: Path) -> None:
-    tmp = home.home / "cache" / "tmp"
+    tmp = home.home / "build-cache" / "tmp"
     with home.daemon() as daemon:
         run_id = home.push_run(shop, {".pipeline.toml": BIG, "requirements.txt": "big"})
         wait_for(lambda: tmp.is_dir() and any(tmp.iterdir()), 120, 0.005, "a save to start")
@@ -291,7 +291,7 @@ def test_a_daemon_killed_mid_save_leaves_nothing_a_restore_could_pick(home: Home
         assert not half.exists() and [p for p in tmp.iterdir() if not p.name.startswith(".trash-")] == []
         [entry] = entries(home)
         assert entry["files"] == 40 * 500 + 1
-        assert sorted(os.listdir(home.home / "cache" / "entries")) == [entry["id"]]
+        assert sorted(os.listdir(home.home / "build-cache" / "entries")) == [entry["id"]]
         again, log = run_of(home, shop, {"README": "again"})
         assert f"restored {40 * 500 + 1} files" in log
         assert home.action(run, "deps")["caches"][0]["saved"]["entry"] == entry["id"]
@@ -356,8 +356,8 @@ def test_max_size_evicts_the_least_recently_used_entries(home: Home, shop: Path)
         assert f"evicted entry {entry_b[:12]}" in log
         left = {e["id"] for e in entries(home)}
         assert left == {entry_a, caches_of(home, c)[0]["saved"]["entry"]}
-        assert not (home.home / "cache" / "entries" / entry_b).exists()
-        assert (home.home / "cache" / "entries" / entry_a).is_dir()
+        assert not (home.home / "build-cache" / "entries" / entry_b).exists()
+        assert (home.home / "build-cache" / "entries" / entry_a).is_dir()
 
 
 def test_cache_list_and_clear(home: Home, shop: Path) -> None:
@@ -380,7 +380,7 @@ def test_cache_list_and_clear(home: Home, shop: Path) -> None:
     assert "removed 1 cache entry (0.4 MB) of shop" in proc.stdout
     assert [x["repo"] for x in entries(home)] == ["other"]
     home.gitpipe("cache", "clear", check=True)
-    assert entries(home) == [] and os.listdir(home.home / "cache" / "entries") == []
+    assert entries(home) == [] and os.listdir(home.home / "build-cache" / "entries") == []
 
 
 def test_keep_runs_pruning_leaves_the_caches_whole(home: Home, shop: Path) -> None:
@@ -394,7 +394,7 @@ def test_keep_runs_pruning_leaves_the_caches_whole(home: Home, shop: Path) -> No
         _, log = run_of(home, shop, {"README": "after pruning"})
     assert f"found venv of run {first}" in log
     [entry] = entries(home)
-    assert entry["run"] == first and (home.home / "cache" / "entries" / entry["id"]).is_dir()
+    assert entry["run"] == first and (home.home / "build-cache" / "entries" / entry["id"]).is_dir()
 
 
 def test_cache_settings_errors_name_the_line(home: Home) -> None:
@@ -424,7 +424,38 @@ def test_a_save_on_a_full_disk_leaves_nothing_and_the_action_succeeds(small_disk
         filler = fill(home.home, leave=14 << 20)
         run_id, log = run_of(home, repo, {".pipeline.toml": big, "requirements.txt": "a"})
         assert "not saved: not enough free space" in log
-        assert entries(home) == [] and list((home.home / "cache" / "tmp").glob("*")) == []
+        assert entries(home) == [] and list((home.home / "build-cache" / "tmp").glob("*")) == []
         filler.unlink()
         _, log = run_of(home, repo, {"README": "room again"})
         assert "saved entry" in log and len(entries(home)) == 1
+
+
+def test_a_key_hashes_contents_and_never_follows_a_symlink(tmp_path: Path) -> None:
+    from gitpipe.cache import plans
+    from gitpipe.models import CacheSpec
+
+    tree, home = tmp_path / "tree", tmp_path / "home"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "requirements.txt").write_text("a==1\n")
+    (tree / "sub" / "requirements-dev.txt").write_text("b==1\n")
+    spec = CacheSpec(key=("requirements*.txt", "**/requirements*.txt"), paths=(".venv", "~/.cache/pip"))
+
+    def key() -> str:
+        [plan] = plans((spec,), "shop", "build/deps", tree, home)
+        assert plan.targets == (tree / ".venv", home / ".cache/pip")
+        return plan.key
+
+    first = key()
+    assert key() == first
+    (tree / "sub" / "requirements-dev.txt").write_text("b==2\n")
+    second = key()
+    assert second != first
+    # A link to a host file counts as its text: the host file's content never reaches the key.
+    secret = tmp_path / "secret"
+    secret.write_text("one")
+    (tree / "requirements-link.txt").symlink_to(secret)
+    third = key()
+    secret.write_text("two")
+    assert key() == third != second
+    [other] = plans((spec,), "shop", "build/other", tree, home)
+    assert other.key != third and other.slot != plans((spec,), "shop", "build/deps", tree, home)[0].slot
