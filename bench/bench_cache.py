@@ -1,11 +1,11 @@
 """Build caches (issue 12): a real project's pipeline with and without `cache`, and the cost of
 restoring a large entry by each method gitpipe could use.
 
-1. pipeline: six 1.17.0 (its sdist, bench/data/cache/) pushed to a real daemon; its pipeline
+1. pipeline: six 1.17.0 (its sdist, bench/data/cache/) pushed to real daemons; its pipeline
    makes a venv, installs pytest/setuptools/wheel from a PEP 503 index served on 127.0.0.1
    from bench/data/cache/, builds the wheel ("wheel"), then installs it and runs its tests
-   ("unit"). Three runs without `cache`, then three with `cache` on the venv and pip's cache
-   (the first of those is cold: nothing to restore). Per action and per run: cold and warm
+   ("unit"). Three runs without `cache` and three with `cache` on the venv and pip's cache
+   (the first of those is cold: nothing to restore), interleaved, in two homes. Per action and per run: cold and warm
    (median of runs 2-3) wall times, restore and save times, entry sizes.
 2. restore: an entry of 300 MB in 20,000 files, restored by copy (`cp -a`, what gitpipe
    does), by hard links (`cp -al`), and by an overlay mount (root only), three times each.
@@ -93,43 +93,43 @@ def serve_index(root: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 # ---------------------------------------------------------------------------- the pipeline
-def pipeline_runs(root: Path, cached: bool, index: str) -> list[dict[str, Any]]:
-    """RUNS runs of the six pipeline in a fresh home; each run's `show --json`."""
-    home = root / ("home-cache" if cached else "home-plain")
-    gitpipe(home, "init")
-    with open(home / "gitpipe.toml", "a") as f:
-        f.write('\n[repos.six]\nprotected = ["main"]\n')
-    bare = root / f"six-{cached}.git"
-    gitpipe(home, "repo", "add", str(bare), "--create", "--name", "six")
-    src = root / f"src-{cached}"
-    with tarfile.open(SDIST) as tar:
-        tar.extractall(root / "unpacked", filter="data")
-    shutil.copytree(root / "unpacked" / "six-1.17.0", src)
-    (src / "requirements.txt").write_text(REQUIREMENTS)
-    (src / ".pipeline.toml").write_text(PIPELINE.format(index=index, cache=CACHE if cached else ""))
-    git("init", "-q", "-b", "main", str(src))
-    git("-c", "user.email=bench@localhost", "-c", "user.name=bench", "add", "-A", cwd=src)
-    daemon = subprocess.Popen([str(BIN / "gitpipe"), "serve"], env=env_with_home(home),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shows = []
-    try:
-        for n in range(RUNS):
-            (src / "nonce").write_text(uuid.uuid4().hex)
-            git("add", "-A", cwd=src)
-            git("-c", "user.email=bench@localhost", "-c", "user.name=bench", "commit", "-qm", f"run {n}", cwd=src)
-            git("push", "-q", str(bare), "main", cwd=src)
-            run_id = _newest(home)
-            shows.append(_wait(home, run_id))
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=120)
-    return shows
+class Project:
+    """The six project in a fresh home of its own, with its daemon running."""
+
+    def __init__(self, root: Path, cached: bool, index: str) -> None:
+        self.home = root / ("home-cache" if cached else "home-plain")
+        gitpipe(self.home, "init")
+        with open(self.home / "gitpipe.toml", "a") as f:
+            f.write('\n[repos.six]\nprotected = ["main"]\n')
+        self.bare = root / f"six-{cached}.git"
+        gitpipe(self.home, "repo", "add", str(self.bare), "--create", "--name", "six")
+        self.src = root / f"src-{cached}"
+        with tarfile.open(SDIST) as tar:
+            tar.extractall(root / f"unpacked-{cached}", filter="data")
+        shutil.copytree(root / f"unpacked-{cached}" / "six-1.17.0", self.src)
+        (self.src / "requirements.txt").write_text(REQUIREMENTS)
+        (self.src / ".pipeline.toml").write_text(PIPELINE.format(index=index, cache=CACHE if cached else ""))
+        git("init", "-q", "-b", "main", str(self.src))
+        self.daemon = subprocess.Popen([str(BIN / "gitpipe"), "serve"], env=env_with_home(self.home),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.shows: list[dict[str, Any]] = []
+
+    def run(self, n: int) -> None:
+        (self.src / "nonce").write_text(uuid.uuid4().hex)
+        git("add", "-A", cwd=self.src)
+        git("-c", "user.email=bench@localhost", "-c", "user.name=bench", "commit", "-qm", f"run {n}", cwd=self.src)
+        git("push", "-q", str(self.bare), "main", cwd=self.src)
+        self.shows.append(_wait(self.home, _newest(self.home, n + 1)))
+
+    def stop(self) -> None:
+        self.daemon.terminate()
+        self.daemon.wait(timeout=120)
 
 
-def _newest(home: Path) -> int:
+def _newest(home: Path, count: int) -> int:
     for _ in range(600):
         runs = json.loads(gitpipe(home, "runs", "--json", "--limit", "1").stdout)
-        if runs:
+        if runs and int(runs[0]["id"]) >= count:
             return int(runs[0]["id"])
         time.sleep(0.1)
     raise SystemExit("no run was queued")
@@ -162,12 +162,17 @@ def _action(show: dict[str, Any], name: str) -> dict[str, Any]:
 def bench_pipeline() -> None:
     root = workdir()
     server, index = serve_index(root)
+    projects = [Project(root, False, index), Project(root, True, index)]
     try:
-        plain = pipeline_runs(root, False, index)
-        cached = pipeline_runs(root, True, index)
+        for n in range(RUNS):  # interleaved: the machine's load moves both alike
+            for p in projects:
+                p.run(n)
     finally:
+        for p in projects:
+            p.stop()
         server.terminate()
         server.wait()
+    plain, cached = projects[0].shows, projects[1].shows
     rows = []
     for what in ("wheel", "unit", "run"):
         def t(shows: list[dict[str, Any]], i: int, what: str = what) -> float:

@@ -6,7 +6,9 @@ How an entry is kept safe:
   host for each cached directory (the entry read-only below, an upper directory beside the
   worktree that takes the action's writes and is dropped when the attempt ends): a few ms,
   whatever the size. An unprivileged daemon cannot mount on the host, and copies (`cp -a`).
-  Hard links were measured too (fast) and rejected: a script could write through them.
+  Hard links were measured too (fast) and rejected for restores: a script could write through
+  them. A save does link the files of the finished attempt's worktree into the entry (its
+  processes are gone, and the slot's reset unlinks them before the slot is used again).
 - Saved atomically: copied into `build-cache/tmp/<id>`, flushed (syncfs), renamed into
   `build-cache/entries/<id>`, and only then recorded; a restore picks entries from the
   database, so a crash at any point leaves nothing it could pick. `sweep` removes the
@@ -250,7 +252,7 @@ class Caches:
                 os.lchown(d, self.uid, self.gid)
 
     # ------------------------------------------------------------------ save
-    def save(self, plan: Plan, use: CacheUse, run_id: int, protected: bool, secrets: bool,
+    def save(self, plan: Plan, use: CacheUse, run_id: int, protected: bool, secrets: bool, held: Held,
              say: Callable[[str], None]) -> CacheUse:
         """After a success without an exact entry: save the paths as a new entry, atomically."""
         label = _label(plan)
@@ -283,7 +285,10 @@ class Caches:
         try:
             tmp.mkdir(parents=True, mode=0o700)
             for i, target in present:
-                _cp(target, tmp / f"p{i}")
+                # The attempt's processes are all gone and its worktree is reset (its files
+                # unlinked) before anyone uses the slot again: its files can become the entry's
+                # as they are, by hard links. An overlay's merged view cannot be linked: copied.
+                _cp(target, tmp / f"p{i}", link=target not in held.mounts)
             _syncfs(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
@@ -430,10 +435,24 @@ def tree_size(path: Path) -> tuple[int, int]:
     return size, files
 
 
-def _cp(src: Path, dst: Path) -> None:
-    """A copy keeping modes, times, owners and links as links (never following one)."""
+def _cp(src: Path, dst: Path, link: bool = False) -> None:
+    """A copy keeping modes, times, owners and links as links (never following one); with `link`,
+    files are hard links to the source's (a copy where that fails: another filesystem)."""
+    if link:
+        try:
+            return _cp(src, dst, link=False) if not _same_fs(src, dst.parent) else _run_cp(src, dst, ["-al"])
+        except OSError:
+            _remove(dst)
+    return _run_cp(src, dst, ["-a"])
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return a.lstat().st_dev == b.stat().st_dev
+
+
+def _run_cp(src: Path, dst: Path, how: list[str]) -> None:
     # --pdeathsig: a copy never outlives a killed daemon (the next one sweeps what it copied).
-    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", "--", "cp", "-a", "--no-target-directory", "--",
+    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", "--", "cp", *how, "--no-target-directory", "--",
                            str(src), str(dst)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:

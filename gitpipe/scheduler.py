@@ -319,7 +319,7 @@ class RunWorker:
                     if outcome.status is ActionStatus.SUCCEEDED:
                         outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
                     if outcome.status is ActionStatus.SUCCEEDED:
-                        uses = self._save_caches(spec, uses, writer)
+                        uses = self._save_caches(spec, uses, held, writer)
                     self._record_caches(rec.id, number, uses)
                 finally:
                     if self.host.caches is not None:
@@ -351,13 +351,14 @@ class RunWorker:
         return [(plan, caches.restore(plan, protected, held, writer.line))
                 for plan in cache_mod.plans(spec.cache, self.run.repo, action, tree, home)]
 
-    def _save_caches(self, spec: ActionSpec, uses: list[tuple[cache_mod.Plan, CacheUse]],
+    def _save_caches(self, spec: ActionSpec, uses: list[tuple[cache_mod.Plan, CacheUse]], held: cache_mod.Held,
                      writer: executor.LogWriter) -> list[tuple[cache_mod.Plan, CacheUse]]:
         """After a success: each cache without an exact entry is saved."""
         if self.host.caches is None or not uses:
             return uses
         protected = self._protected()
-        return [(plan, self.host.caches.save(plan, use, self.run.id, protected, bool(spec.secrets), writer.line))
+        return [(plan, self.host.caches.save(plan, use, self.run.id, protected, bool(spec.secrets), held,
+                                             writer.line))
                 for plan, use in uses]
 
     def _record_caches(self, action_id: int, number: int, uses: list[tuple[cache_mod.Plan, CacheUse]]) -> None:
