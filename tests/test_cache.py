@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import Home, git, pipeline, wait_for
+from test_full_disk import query
 
 DEPS = pipeline('''
     [[stage]]
@@ -37,14 +37,6 @@ DEPS = pipeline('''
       echo "data of $GITPIPE_RUN" > .venv/lib/mod.py
       """
     ''')
-
-
-def query(home: Home, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(home.home / "gitpipe.db", timeout=30)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def entries(home: Home, *repo: str) -> list[dict[str, Any]]:
