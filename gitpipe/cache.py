@@ -2,7 +2,7 @@
 saved after its success, kept under `build-cache/entries/<id>/` of the home, one `p<N>` per path.
 
 How an entry is kept safe:
-- Restored so that the action can never change it. A root daemon mounts an overlay on the
+- Restored so that the action can never change it (the file side is in `cachefs`). A root daemon mounts an overlay on the
   host for each cached directory (the entry read-only below, an upper directory beside the
   worktree that takes the action's writes and is dropped when the attempt ends): a few ms,
   whatever the size. An unprivileged daemon cannot mount on the host, and copies (`cp -a`).
@@ -27,13 +27,10 @@ entry mounted removes files from under its overlay (that attempt may then fail).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -45,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gitpipe import space
+from gitpipe import cachefs, space
 from gitpipe.errors import GitpipeError, UsageError
 from gitpipe.intake import now_iso
 from gitpipe.models import CacheEntry, CacheSpec, CacheUse
@@ -169,7 +166,7 @@ class Caches:
                 src = self.entry_dir(entry.id) / f"p{i}"
                 if not os.path.lexists(src):
                     continue  # the path was not there when the entry was saved
-                why = unsafe_target(plan.bases[i], target)
+                why = cachefs.unsafe_target(plan.bases[i], target)
                 if why:
                     say(f"gitpipe: {label}: {plan.spec.paths[i]} not restored: {why}")
                     refused.append(f"{plan.spec.paths[i]} not restored: {why}")
@@ -180,12 +177,12 @@ class Caches:
                     self._mount(src, target, held, f"{plan.idx}.{i}")
                     how.add("as an overlay")
                 else:
-                    _cp(src, target)
+                    cachefs.copy(src, target)
                     how.add("by copy")
         except (OSError, subprocess.CalledProcessError, GitpipeError) as exc:
             self._unmount(held, made)
             for target in made:
-                _remove(target)
+                cachefs.remove(target)
             say(f"gitpipe: {label}: could not restore entry {entry.id[:12]} ({_why(exc)}); going on without it")
             return replace(use, note=f"restore failed: {_why(exc)}")
         took = time.monotonic() - start
@@ -203,7 +200,7 @@ class Caches:
         """Whether directories are restored as overlays: only for a root daemon (the mounts are made
         on the host, and the build user must not own the entry), and only where one mounts here."""
         if self.overlay is None:
-            self.overlay = self.uid is not None and _probe_overlay(self.dir / "probe")
+            self.overlay = self.uid is not None and cachefs.probe_overlay(self.dir / "probe")
             if self.uid is not None and not self.overlay:
                 log.warning("cache: overlay mounts do not work under %s: entries are restored by copy (slower)",
                             self.dir)
@@ -221,8 +218,8 @@ class Caches:
         if self.uid is not None and self.gid is not None:
             os.lchown(upper, self.uid, self.gid)
             os.lchown(target, self.uid, self.gid)
-        _run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir={_opt(src)},upperdir={_opt(upper)},workdir={_opt(work)}", str(target)])
+        cachefs.run(["mount", "-t", "overlay", "overlay", "-o",
+              f"lowerdir={cachefs.mount_option(src)},upperdir={cachefs.mount_option(upper)},workdir={cachefs.mount_option(work)}", str(target)])
         held.mounts.append(target)
 
     def _unmount(self, held: Held, only: list[Path] | None = None) -> None:
@@ -234,7 +231,7 @@ class Caches:
     def release(self, held: Held) -> None:
         """The attempt is over (saved or not): unmount its overlays, free its entries for eviction."""
         self._unmount(held)
-        _remove(held.scratch)
+        cachefs.remove(held.scratch)
         with self.lock:
             for entry_id in held.entries:
                 self.in_use[entry_id] -= 1
@@ -262,12 +259,12 @@ class Caches:
         present: list[tuple[int, Path]] = []
         size = files = 0
         for i, target in enumerate(plan.targets):
-            why = unsafe_source(plan.bases[i], target)
+            why = cachefs.unsafe_source(plan.bases[i], target)
             if why:
                 say(f"gitpipe: {label}: not saved: {plan.spec.paths[i]} {why}")
                 return replace(use, note=f"not saved: {plan.spec.paths[i]} {why}")
             if os.path.lexists(target):
-                s, n = tree_size(target)
+                s, n = cachefs.tree_size(target)
                 size, files = size + s, files + n
                 present.append((i, target))
         if not present:
@@ -288,8 +285,8 @@ class Caches:
                 # The attempt's processes are all gone and its worktree is reset (its files
                 # unlinked) before anyone uses the slot again: its files can become the entry's
                 # as they are, by hard links. An overlay's merged view cannot be linked: copied.
-                _cp(target, tmp / f"p{i}", link=target not in held.mounts)
-            _syncfs(tmp)
+                cachefs.copy(target, tmp / f"p{i}", link=target not in held.mounts)
+            cachefs.syncfs(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
             now = now_iso()
@@ -297,8 +294,8 @@ class Caches:
                 entry_id, plan.repo, plan.action, plan.slot, plan.key, plan.spec.paths, protected, secrets,
                 self.host, size, files, now, now, run_id))
         except (OSError, subprocess.CalledProcessError, GitpipeError) as exc:
-            _remove(tmp)
-            _remove(final)
+            cachefs.remove(tmp)
+            cachefs.remove(final)
             say(f"gitpipe: {label}: not saved: {_why(exc)}")
             return replace(use, note=f"not saved: {_why(exc)}")
         took = time.monotonic() - start
@@ -319,7 +316,7 @@ class Caches:
                 if self.in_use[e.id]:
                     continue
                 self.store.remove_cache_entries([e.id])
-            _remove(self.entry_dir(e.id))
+            cachefs.remove(self.entry_dir(e.id))
             total -= e.size
             gone.append(e)
             if say:
@@ -330,7 +327,7 @@ class Caches:
     def sweep(self) -> int:
         """At daemon start: remove half-saved entries and files no entry row names; forget rows
         whose files are gone. Returns how many things it removed."""
-        removed = unmount_under(self.settings.work_dir)
+        removed = cachefs.unmount_under(self.settings.work_dir)
         tmp = self.dir / "tmp"
         if tmp.is_dir():
             for d in tmp.iterdir():
@@ -339,13 +336,13 @@ class Caches:
                 aside = d if d.name.startswith(".trash-") else d.with_name(f".trash-{d.name}")
                 if aside != d:
                     os.rename(d, aside)
-                _remove(aside)
+                cachefs.remove(aside)
                 removed += 1
         mine = {e.id: e for e in self.store.cache_entries() if e.host == self.host}
         entries = self.dir / "entries"
         on_disk = set(os.listdir(entries)) if entries.is_dir() else set()
         for name in on_disk - set(mine):
-            _remove(entries / name)
+            cachefs.remove(entries / name)
             removed += 1
         lost = [i for i in mine if i not in on_disk]
         if lost:
@@ -361,7 +358,7 @@ def clear(settings: Settings, store: Store, repo: str | None) -> tuple[int, int]
     entries = store.cache_entries(repo)
     store.remove_cache_entries([e.id for e in entries])
     for e in entries:
-        _remove(settings.cache_dir / "entries" / e.id)
+        cachefs.remove(settings.cache_dir / "entries" / e.id)
     return len(entries), sum(e.size for e in entries)
 
 
@@ -391,136 +388,6 @@ def describe(c: dict[str, Any]) -> str:
     if c["note"]:
         parts.append(c["note"])
     return "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------- files
-def unsafe_target(base: Path, target: Path) -> str | None:
-    """Why restoring to `target` could write outside `base` or over the commit's files (None: safe)."""
-    p = base
-    for part in target.relative_to(base).parts[:-1]:
-        p = p / part
-        if p.is_symlink():
-            return f"{p.relative_to(base)} is a symlink in the worktree (never followed)"
-        if p.exists() and not p.is_dir():
-            return f"{p.relative_to(base)} is not a directory"
-    if os.path.lexists(target):
-        return "it already exists in the worktree (the commit has it)"
-    return None
-
-
-def unsafe_source(base: Path, target: Path) -> str | None:
-    """Why saving `target` could read outside `base` (None: safe)."""
-    p = base
-    for part in target.relative_to(base).parts:
-        p = p / part
-        if p.is_symlink():
-            return f"is a symlink or lies under one ({p.relative_to(base)}); symlinks are never followed"
-    if os.path.lexists(target) and not (target.is_dir() or target.is_file()):
-        return "is neither a directory nor a file"
-    return None
-
-
-def tree_size(path: Path) -> tuple[int, int]:
-    """(bytes, files) under `path`, links not followed."""
-    if not path.is_dir():
-        return path.lstat().st_size, 1
-    size = files = 0
-    for top, dirs, names in os.walk(path):
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
-            try:
-                size += os.lstat(os.path.join(top, name)).st_size
-                files += 1
-            except OSError:
-                pass
-    return size, files
-
-
-def _cp(src: Path, dst: Path, link: bool = False) -> None:
-    """A copy keeping modes, times, owners and links as links (never following one); with `link`,
-    files are hard links to the source's (a copy where that fails: another filesystem)."""
-    if link:
-        try:
-            return _cp(src, dst, link=False) if not _same_fs(src, dst.parent) else _run_cp(src, dst, ["-al"])
-        except OSError:
-            _remove(dst)
-    return _run_cp(src, dst, ["-a"])
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    return a.lstat().st_dev == b.stat().st_dev
-
-
-def _run_cp(src: Path, dst: Path, how: list[str]) -> None:
-    # --pdeathsig: a copy never outlives a killed daemon (the next one sweeps what it copied).
-    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", "--", "cp", *how, "--no-target-directory", "--",
-                           str(src), str(dst)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise OSError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"cp exited {proc.returncode}")
-
-
-def _run(argv: list[str]) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise OSError(proc.stderr.strip() or f"{argv[0]} exited {proc.returncode}")
-
-
-def _opt(path: Path) -> str:
-    """A path as a mount option value: its commas and colons escaped (they separate options)."""
-    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
-
-
-def _probe_overlay(where: Path) -> bool:
-    """Whether an overlay can be mounted under `where` (not on every filesystem, nor in every container)."""
-    _remove(where)
-    dirs = [where / d for d in ("lower", "upper", "work", "merged")]
-    try:
-        for d in dirs:
-            d.mkdir(parents=True)
-        _run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir={dirs[0]},upperdir={dirs[1]},workdir={dirs[2]}", str(dirs[3])])
-        subprocess.run(["umount", str(dirs[3])], capture_output=True, check=False)
-        return True
-    except OSError as exc:
-        log.debug("overlay probe: %s", exc)
-        return False
-    finally:
-        _remove(where)
-
-
-def unmount_under(top: Path) -> int:
-    """Unmount what a killed daemon left mounted under `top` (its attempts' overlays); how many."""
-    prefix = str(top.resolve()) + "/"
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return 0
-    points = []
-    for line in lines:
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])  # \040: a space
-        if point.startswith(prefix):
-            points.append(point)
-    for point in sorted(points, reverse=True):  # the deepest first
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-    return len(points)
-
-
-def _remove(path: Path) -> None:
-    from gitpipe.git import remove_tree
-
-    try:
-        remove_tree(path)
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the filesystem holding `path`, so an entry recorded after a power loss is whole."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        ctypes.CDLL(None, use_errno=True).syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def _label(plan: Plan) -> str:
