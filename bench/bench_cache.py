@@ -5,10 +5,11 @@ restoring a large entry by each method gitpipe could use.
    makes a venv, installs pytest/setuptools/wheel from a PEP 503 index served on 127.0.0.1
    from bench/data/cache/, builds the wheel ("wheel"), then installs it and runs its tests
    ("unit"). Three runs without `cache` and three with `cache` on the venv and pip's cache
-   (the first of those is cold: nothing to restore), interleaved, in two homes. Per action and per run: cold and warm
-   (median of runs 2-3) wall times, restore and save times, entry sizes.
-2. restore: an entry of 300 MB in 20,000 files, restored by copy (`cp -a`, what gitpipe
-   an unprivileged daemon does), by hard links (`cp -al`, rejected: unsafe), and by an overlay
+   (the first of those is cold: nothing to restore), interleaved, in two homes. Per action
+   and per run: cold and warm (median of runs 2-3) wall times, restore and save times,
+   entry sizes.
+2. restore: an entry of 300 MB in 20,000 files, restored by copy (`cp -a`, what an
+   unprivileged daemon does), by hard links (`cp -al`, rejected: unsafe), and by an overlay
    mount (what a root daemon does), three times each.
 
 Run: sudo .venv/bin/python bench/bench_cache.py [pipeline|restore]   (both by default)
