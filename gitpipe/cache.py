@@ -74,7 +74,9 @@ class Held:
     """What one attempt's restores hold until `Caches.release`: overlay mounts and entries in use."""
 
     scratch: Path  # beside the worktree: the overlays' upper and work directories
-    mounts: list[Path] = field(default_factory=list)
+    mounts: list[Path] = field(default_factory=list)  # mounted on the host (a root daemon)
+    # (lower, upper, work, mount point): mounted by the attempt itself (an unprivileged daemon)
+    overlays: list[tuple[Path, Path, Path, Path]] = field(default_factory=list)
     entries: list[str] = field(default_factory=list)
 
 
@@ -128,9 +130,11 @@ def _hash(data: bytes) -> str:
 class Caches:
     """The build caches of this host, shared by the daemon's actions."""
 
-    def __init__(self, settings: Settings, store: Store, uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store, uid: int | None = None, gid: int | None = None,
+                 userns: bool = False) -> None:
         self.settings, self.store = settings, store
         self.uid, self.gid = uid, gid  # the build user's, when the daemon is root
+        self.userns = userns  # unprivileged, in bwrap: an attempt may mount overlays in a namespace of its own
         self.dir = settings.cache_dir
         self.host = socket.gethostname()
         self.lock = threading.Lock()
@@ -197,11 +201,13 @@ class Caches:
         return replace(use, match=match, entry=entry.id, restored_size=entry.size, restore_seconds=round(took, 3))
 
     def use_overlay(self) -> bool:
-        """Whether directories are restored as overlays: only for a root daemon (the mounts are made
-        on the host, and the build user must not own the entry), and only where one mounts here."""
+        """Whether directories are restored as overlays: mounted on the host by a root daemon, or
+        by the attempt in a user namespace of its own (an unprivileged daemon in bwrap); where
+        overlays cannot be mounted (some filesystems and containers), entries are copied."""
         if self.overlay is None:
-            self.overlay = self.uid is not None and cachefs.probe_overlay(self.dir / "probe")
-            if self.uid is not None and not self.overlay:
+            wanted = self.uid is not None or self.userns
+            self.overlay = wanted and cachefs.probe_overlay(self.dir / "probe", userns=self.uid is None)
+            if wanted and not self.overlay:
                 log.warning("cache: overlay mounts do not work under %s: entries are restored by copy (slower)",
                             self.dir)
         return self.overlay
@@ -215,11 +221,15 @@ class Caches:
         st = src.stat()
         os.chmod(upper, st.st_mode & 0o7777)
         target.mkdir(mode=0o755)
-        if self.uid is not None and self.gid is not None:
+        if self.uid is None:  # the attempt mounts it, in its own namespace (sandbox.Confine.overlays)
+            held.overlays.append((src, upper, work, target))
+            return
+        if self.gid is not None:
             os.lchown(upper, self.uid, self.gid)
             os.lchown(target, self.uid, self.gid)
         cachefs.run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir={cachefs.mount_option(src)},upperdir={cachefs.mount_option(upper)},workdir={cachefs.mount_option(work)}", str(target)])
+                     f"lowerdir={cachefs.mount_option(src)},upperdir={cachefs.mount_option(upper)},"
+                     f"workdir={cachefs.mount_option(work)}", str(target)])
         held.mounts.append(target)
 
     def _unmount(self, held: Held, only: list[Path] | None = None) -> None:
@@ -227,6 +237,7 @@ class Caches:
             if only is None or target in only:
                 subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
                 held.mounts.remove(target)
+        held.overlays[:] = [o for o in held.overlays if only is not None and o[3] not in only]
 
     def release(self, held: Held) -> None:
         """The attempt is over (saved or not): unmount its overlays, free its entries for eviction."""
@@ -285,7 +296,11 @@ class Caches:
                 # The attempt's processes are all gone and its worktree is reset (its files
                 # unlinked) before anyone uses the slot again: its files can become the entry's
                 # as they are, by hard links. An overlay's merged view cannot be linked: copied.
-                cachefs.copy(target, tmp / f"p{i}", link=target not in held.mounts)
+                merged = next(((lo, up) for lo, up, _wk, at in held.overlays if at == target), None)
+                if merged:  # mounted only in the attempt's namespace: its view is made again to copy it
+                    cachefs.copy_merged(merged[1], merged[0], tmp / f"p{i}")
+                else:
+                    cachefs.copy(target, tmp / f"p{i}", link=target not in held.mounts)
             cachefs.syncfs(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)

@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -93,22 +94,44 @@ def mount_option(path: Path) -> str:
     return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def probe_overlay(where: Path) -> bool:
-    """Whether an overlay can be mounted under `where` (not on every filesystem, nor in every container)."""
+def probe_overlay(where: Path, userns: bool = False) -> bool:
+    """Whether an overlay can be mounted under `where` (not on every filesystem, nor in every
+    container); `userns`: in a user namespace of our own, as an unprivileged daemon's attempts do."""
     remove(where)
     dirs = [where / d for d in ("lower", "upper", "work", "merged")]
     try:
         for d in dirs:
             d.mkdir(parents=True)
-        run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir={dirs[0]},upperdir={dirs[1]},workdir={dirs[2]}", str(dirs[3])])
-        subprocess.run(["umount", str(dirs[3])], capture_output=True, check=False)
-        return True
+        (dirs[0] / "f").write_text("lower")
+        mount = (f"mount -t overlay overlay -o lowerdir={mount_option(dirs[0])},upperdir={mount_option(dirs[1])},"
+                 f"workdir={mount_option(dirs[2])} {shlex.quote(str(dirs[3]))}")
+        if userns:  # and the attempt writes to the lower file: the copy-up must work too
+            run(["unshare", "--user", "--map-root-user", "--mount", "--", "/bin/sh", "-c",
+                 f"{mount} && echo upper > {shlex.quote(str(dirs[3] / 'f'))}"])
+        else:
+            run(["/bin/sh", "-c", mount])
+            subprocess.run(["umount", str(dirs[3])], capture_output=True, check=False)
+        return (dirs[0] / "f").read_text() == "lower"
     except OSError as exc:
         log.debug("overlay probe: %s", exc)
         return False
     finally:
         remove(where)
+
+
+def copy_merged(upper: Path, lower: Path, dst: Path) -> None:
+    """Copy what an attempt saw at an overlay it mounted in its own namespace (an unprivileged
+    daemon): the same layers mounted again, read-only, in a new namespace, and copied from there."""
+    view = dst.with_name(dst.name + ".view")
+    view.mkdir()
+    try:
+        mount = (f"mount -t overlay overlay -o ro,lowerdir={mount_option(upper)}:{mount_option(lower)} "
+                 f"{shlex.quote(str(view))}")
+        run(["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--user", "--map-root-user", "--mount", "--",
+             "/bin/sh", "-c", f"{mount} && exec cp -a --no-target-directory -- {shlex.quote(str(view))} "
+                              f"{shlex.quote(str(dst))}"])
+    finally:
+        view.rmdir()
 
 
 def unmount_under(top: Path) -> int:

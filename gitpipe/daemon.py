@@ -122,7 +122,8 @@ class Daemon:
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select,
-                         caches=Caches(self.settings, self.store, sandbox.uid, sandbox.gid))
+                         caches=Caches(self.settings, self.store, sandbox.uid, sandbox.gid,
+                                       userns=sandbox.bwrap is not None and sandbox.uid is None))
         for d in (self.settings.wake_dir, self.settings.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
         observer = Observer()

@@ -58,6 +58,9 @@ class Confine:
     output: Path | None = None  # $GITPIPE_OUTPUT, made empty here
     readonly: tuple[Path, ...] = ()  # seen read-only at their own paths
     network: bool = True
+    # Overlays (lower, upper, work, mount point on the host) an unprivileged daemon's attempt
+    # mounts in a user namespace of its own before bwrap starts (restored build caches).
+    overlays: tuple[tuple[Path, Path, Path, Path], ...] = ()
 
 
 @dataclass
@@ -170,6 +173,8 @@ class Sandbox:
         if box.output is not None:
             full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
         inner = self._bwrap(argv, box, full)
+        if box.overlays and self.uid is None:
+            inner = _with_overlays(inner, box.overlays)
         return Launch(join + inner, full, Path("/"), group, spare=True)
 
     def run(self, argv: list[str], env: dict[str, str], box: Confine, stdin: bytes,
@@ -207,6 +212,8 @@ class Sandbox:
                     "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             out += ["--unshare-all", "--unshare-user", "--disable-userns"]
+            if box.overlays:  # started as root of the overlays' namespace: the action stays this user
+                out += ["--uid", str(os.getuid()), "--gid", str(os.getgid())]
             if box.network:
                 out.append("--share-net")
         if root and not box.network:
@@ -251,6 +258,23 @@ def _dirs(path: Path, made: set[str]) -> list[str]:
             made.add(str(p))
             out += ["--perms", "0755", "--dir", str(p)]
     return out
+
+
+def _with_overlays(argv: list[str], overlays: tuple[tuple[Path, Path, Path, Path], ...]) -> list[str]:
+    """`argv` (bwrap) started in a user and mount namespace of its own where the overlays are
+    mounted first: an unprivileged daemon cannot mount on the host, and bwrap 0.8 has no overlay
+    options. The namespace maps only this user (as its root); it ends with the attempt."""
+    from gitpipe.cachefs import mount_option
+
+    mount = shutil.which("mount", path=SYSTEM_PATH) or "/usr/bin/mount"  # never the pipeline's PATH
+    unshare = shutil.which("unshare", path=SYSTEM_PATH) or "/usr/bin/unshare"
+    mounts = " && ".join(
+        f"{mount} -t overlay overlay -o " + shlex.quote(
+            f"lowerdir={mount_option(lo)},upperdir={mount_option(up)},workdir={mount_option(wk)}")
+        + " " + shlex.quote(str(at))
+        for lo, up, wk, at in overlays)
+    return [unshare, "--user", "--map-root-user", "--mount", "--", "/bin/sh", "-c", f'{mounts} && exec "$@"',
+            "gitpipe-overlays", *argv]
 
 
 def _join(group: cgroup.Group | None) -> list[str]:

@@ -31,7 +31,9 @@ DEPS = pipeline('''
       run = """
       if [ -f .venv/marker ]; then echo "found venv of run $(cat .venv/marker)"; else echo "cold venv"; fi
       if [ -f ~/.cache/tool/f ]; then echo "found home cache $(cat ~/.cache/tool/f)"; fi
+      if [ -f .venv/lib/old.py ]; then echo "old.py present"; rm .venv/lib/old.py; fi
       mkdir -p .venv/lib ~/.cache/tool
+      [ -f .venv/marker ] || touch .venv/lib/old.py
       echo "$GITPIPE_RUN" > .venv/marker
       echo "$GITPIPE_RUN" > ~/.cache/tool/f
       echo "data of $GITPIPE_RUN" > .venv/lib/mod.py
@@ -79,8 +81,9 @@ def test_exact_warm_and_none_are_restored_saved_and_shown(kind: str, tmp_path: P
 
             second, log2 = run_of(home, repo, {"README": "another commit, same key"})
             assert f"found venv of run {first}" in log2 and f"found home cache {first}" in log2
-            # A root daemon mounts an overlay per directory; an unprivileged one copies.
-            assert ("as an overlay in" if kind == "root" else "by copy in") in log2
+            # Each restored directory is an overlay: mounted on the host by a root daemon, in the
+            # attempt's own user namespace by an unprivileged one.
+            assert "as an overlay in" in log2 and "old.py present" in log2
             [c2] = caches_of(home, second)
             assert c2["match"] == "exact" and c2["restored"]["entry"] == c1["saved"]["entry"]
             assert c2["saved"] is None  # an exact entry is never saved again
@@ -88,6 +91,7 @@ def test_exact_warm_and_none_are_restored_saved_and_shown(kind: str, tmp_path: P
             # The second run rewrote every restored file: the stored entry did not change.
             third, log3 = run_of(home, repo, {"README": "a third"})
             assert f"found venv of run {first}" in log3 and f"found home cache {first}" in log3
+            assert "old.py present" in log3  # the second run deleted it from its view only
 
             # A new key: the newest entry of the action is restored warm, and a new one saved.
             fourth, log4 = run_of(home, repo, {"requirements.txt": "a==2\n"})
@@ -96,6 +100,10 @@ def test_exact_warm_and_none_are_restored_saved_and_shown(kind: str, tmp_path: P
             assert f"found venv of run {first}" in log4 and "restored warm entry" in log4
             assert c4["saved"] and c4["saved"]["entry"] != c1["saved"]["entry"]
             assert len(entries(home)) == 2
+            # The warm run deleted a restored file before it saved: the new entry has it no more.
+            fifth, log5 = run_of(home, repo, {"README": "same key as the fourth"})
+            assert caches_of(home, fifth)[0]["restored"]["entry"] == c4["saved"]["entry"]
+            assert f"found venv of run {fourth}" in log5 and "old.py present" not in log5
 
             shown = home.gitpipe("show", str(fourth), check=True).stdout
             assert "cache .venv, ~/.cache/tool: restored warm" in shown and "saved" in shown
