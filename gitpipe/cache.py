@@ -2,13 +2,15 @@
 saved after its success, kept under `build-cache/entries/<id>/` of the home, one `p<N>` per path.
 
 How an entry is kept safe:
-- Restored so that the action can never change it (the file side is in `cachefs`). A root daemon mounts an overlay on the
-  host for each cached directory (the entry read-only below, an upper directory beside the
-  worktree that takes the action's writes and is dropped when the attempt ends): a few ms,
-  whatever the size. An unprivileged daemon cannot mount on the host, and copies (`cp -a`).
-  Hard links were measured too (fast) and rejected for restores: a script could write through
-  them. A save does link the files of the finished attempt's worktree into the entry (its
-  processes are gone, and the slot's reset unlinks them before the slot is used again).
+- Restored so that the action can never change it (the file side is in `cachefs`): each
+  cached directory becomes an overlay, the entry read-only below, an upper directory beside
+  the worktree taking the action's writes, dropped when the attempt ends. A root daemon
+  mounts it on the host; an unprivileged one cannot, so its attempt mounts it in a user
+  namespace of its own before bwrap starts (`sandbox.Confine.overlays`). Where overlays do
+  not mount, and for cached files, entries are copied (`cp -a`). Hard links were measured
+  too (fast) and rejected for restores: a script could write through them. A save does
+  link the finished attempt's files into the entry (its processes are gone, and the slot's
+  reset unlinks them before the slot is used again).
 - Saved atomically: copied into `build-cache/tmp/<id>`, flushed (syncfs), renamed into
   `build-cache/entries/<id>`, and only then recorded; a restore picks entries from the
   database, so a crash at any point leaves nothing it could pick. `sweep` removes the
@@ -19,8 +21,7 @@ How an entry is kept safe:
 - Trust: a protected run restores only entries saved by protected runs; other runs also
   restore those, unless the attempt that saved them had secrets (`Store.cache_candidates`).
 
-Known weak spots: copying (the unprivileged daemon) costs about a second per 300 MB on the
-benchmark host; a cp forked in the instant the daemon is killed can outlive it (its files
+Known weak spots: where overlays do not mount, copying costs seconds per 300 MB; a cp forked in the instant the daemon is killed can outlive it (its files
 are set aside and removed at the next start); `gitpipe cache clear` while an attempt has an
 entry mounted removes files from under its overlay (that attempt may then fail).
 """
