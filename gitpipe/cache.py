@@ -21,9 +21,10 @@ How an entry is kept safe:
 - Trust: a protected run restores only entries saved by protected runs; other runs also
   restore those, unless the attempt that saved them had secrets (`Store.cache_candidates`).
 
-Known weak spots: where overlays do not mount, copying costs seconds per 300 MB; a cp forked in the instant the daemon is killed can outlive it (its files
-are set aside and removed at the next start); `gitpipe cache clear` while an attempt has an
-entry mounted removes files from under its overlay (that attempt may then fail).
+Known weak spots: where overlays do not mount, copying costs seconds per 300 MB; a cp forked
+in the instant the daemon is killed can outlive it (its files are set aside and removed at
+the next start); `gitpipe cache clear` while an attempt has an entry mounted removes files
+from under its overlay (that attempt may then fail).
 """
 
 from __future__ import annotations
