@@ -45,6 +45,18 @@ INSIDE_BUILD = Path("/build")
 INSIDE_HOME = "/home/build"
 INSIDE_OUTPUT = "/run/gitpipe/output"
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Variables that make the loader or a shell run code of the caller's choosing (glibc's list for
+# privileged programs, and the shells'): a pipeline's [env] may set them, but they reach only
+# the action's own script, never sh, unshare, mount, bwrap or setpriv outside or above it.
+UNSECURE_ENV = frozenset({
+    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_TRACE",
+    "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR", "BASH_ENV", "ENV",
+    "SHELLOPTS", "BASHOPTS", "IFS", "CDPATH",
+})
+
+
+def unsecure(name: str) -> bool:
+    return name.startswith("LD_") or name in UNSECURE_ENV
 
 
 @dataclass(frozen=True)
@@ -172,10 +184,14 @@ class Sandbox:
         full["HOME"] = INSIDE_HOME
         if box.output is not None:
             full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
-        inner = self._bwrap(argv, box, full)
+        late = {k: v for k, v in full.items() if unsecure(k)}  # set by `env` just before the script
+        outer = {k: v for k, v in full.items() if not unsecure(k)}
+        outer["PATH"] = SYSTEM_PATH  # what finds setpriv; the script's own PATH is set with `late`
+        late["PATH"] = full["PATH"]
+        inner = self._bwrap(argv, box, late)
         if box.overlays and self.uid is None:
             inner = _with_overlays(inner, box.overlays)
-        return Launch(join + inner, full, Path("/"), group, spare=True)
+        return Launch(join + inner, outer, Path("/"), group, spare=True)
 
     def run(self, argv: list[str], env: dict[str, str], box: Confine, stdin: bytes,
             timeout: float) -> subprocess.CompletedProcess[bytes]:
@@ -204,6 +220,7 @@ class Sandbox:
         return subprocess.CompletedProcess(launch.argv, proc.returncode, out, err)
 
     def _bwrap(self, argv: list[str], box: Confine, env: dict[str, str], probing: bool = False) -> list[str]:
+        """bwrap's argument list; `env`: variables set (by `env`) only for `argv` itself, last."""
         assert self.bwrap is not None
         root = self.uid is not None  # the daemon is root: for_host found the build user
         out = [self.bwrap, "--die-with-parent", "--new-session"]
@@ -245,8 +262,11 @@ class Sandbox:
             out += ["--chdir", str(inside if box.tree is not None else INSIDE_HOME)]
         out.append("--")
         if root:
-            out += ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+            setpriv = shutil.which("setpriv", path=SYSTEM_PATH) or "/usr/bin/setpriv"
+            out += [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                     "--inh-caps=-all", "--no-new-privs"]
+        if env and not probing:
+            out += [shutil.which("env", path=SYSTEM_PATH) or "/usr/bin/env", *(f"{k}={v}" for k, v in env.items())]
         return out + argv
 
 
