@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from gitpipe import cache as cache_mod
 from gitpipe import git, queue
 from gitpipe import pipeline as pipeline_mod
 from gitpipe import settings as settings_mod
@@ -183,9 +184,13 @@ def show_json(store: Store, run_id: int) -> dict[str, Any]:
     data = run_json(run)
     data["commit"] = {"author": run.commit_author, "message": run.commit_message}
     actions = store.actions(run_id)
+    caches: dict[int, list[dict[str, Any]]] = {}
+    for use in store.cache_uses(run_id):
+        caches.setdefault(use.action_id, []).append(cache_mod.use_json(use))
     data["stages"] = [
         {"name": s.name, "status": s.status.value, "started_at": s.started_at, "finished_at": s.finished_at,
-         "actions": [_action_json(a) for a in actions if a.stage_idx == s.idx]}
+         "actions": [{**_action_json(a), "caches": caches.get(a.id, [])}
+                     for a in actions if a.stage_idx == s.idx]}
         for s in store.stages(run_id)
     ]
     data["artifacts"] = [{"name": a.name, "action": a.action, "size": a.size, "sha256": a.sha256}

@@ -202,6 +202,8 @@ def _took(row: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from gitpipe.cache import describe
+
     _, store = _store(args)
     data = api.show_json(store, args.run)
     if args.json:
@@ -228,6 +230,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             allowed = " (allowed to fail: a warning)" if a["warning"] else ""
             msg = f" - {a['message']}" if a["message"] else ""
             say(f"    {a['name']:<24} {out.status(a['status'])}{allowed}{_took(a)}{extra}{tries}{msg}")
+            for c in a["caches"]:
+                say(f"      cache {', '.join(c['paths'])}: {describe(c)}")
     for art in data["artifacts"]:
         say(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
     for o in data["outputs"]:
@@ -246,6 +250,33 @@ def cmd_show(args: argparse.Namespace) -> int:
         for r in ap["refused"]:
             say(f"    refused: {r['by']} tried to {r['decision']} at {r['at']}: {r['reason']}")
     return 0 if data["status"] != "failed" else 1
+
+
+def cmd_cache_list(args: argparse.Namespace) -> int:
+    from gitpipe import cache
+
+    _, store = _store(args)
+    entries = store.cache_entries(args.repo)
+    if args.json:
+        print_json([cache.entry_json(e) for e in entries])
+        return 0
+    if not entries:
+        say("no cache entries" + (f" of {args.repo}" if args.repo else ""))
+    for e in reversed(entries):  # most recently used first
+        trust = "protected" if e.protected else "unprotected"
+        say(f"{e.id[:12]}  {e.repo}  {e.action}  {', '.join(e.paths)}  {e.size / 1e6:.1f} MB  {e.files} files  "
+            f"{trust}  on {e.host}  last used {e.last_used_at}")
+    return 0
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from gitpipe import cache
+
+    conf, store = _store(args)
+    count, size = cache.clear(conf, store, args.repo)
+    say(f"removed {count} cache entr{'y' if count == 1 else 'ies'} ({size / 1e6:.1f} MB)"
+        + (f" of {args.repo}" if args.repo else ""))
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -527,6 +558,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the temporary home (logs, artifacts)")
     p.add_argument("--notify", action="store_true", help="send the pipeline's [[notify]] notifications "
                                                          "(default: nobody is told)")
+    cache = sub.add_parser("cache", help="list and clear the build caches", parents=[common])
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="SUBCOMMAND", required=True)
+    p = add("list", cmd_cache_list, "list the build cache entries, most recently used first", cache_sub)
+    p.add_argument("repo", nargs="?", help="only this repo's entries")
+    p.add_argument("--json", action="store_true", help="a JSON array of entries")
+    p = add("clear", cmd_cache_clear, "remove every build cache entry, or those of one repo", cache_sub)
+    p.add_argument("repo", nargs="?")
+    COMMANDS.pop("list"), COMMANDS.pop("clear")
+    COMMANDS["cache"] = ("list and clear the build caches", cmd_cache_list)
     add("report", cmd_report, "render the static report site now (the daemon keeps it current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     return parser

@@ -25,6 +25,7 @@ from typing import Any
 from gitpipe import executor, follow, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
+from gitpipe.cache import Caches
 from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus, short_ref
@@ -123,7 +124,9 @@ class Daemon:
             log.info("%s", why_not)
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
-                         trust, sandbox, select=self.select)
+                         trust, sandbox, select=self.select,
+                         caches=Caches(self.settings, self.store, sandbox.uid, sandbox.gid,
+                                       userns=sandbox.bwrap is not None and sandbox.uid is None))
         observer = follow.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake, recursive=False)
         old = self._install_signals()
         log.addFilter(self.repeats)
@@ -440,6 +443,8 @@ class Daemon:
         swept = self.host.sandbox.sweep()
         if swept:
             log.info("killed the processes of %d attempt(s) a previous daemon left running", swept)
+        if self.host.caches is not None and self.host.caches.sweep():
+            log.info("cache: removed what a save interrupted by a previous daemon left behind")
         for attempt in self.store.open_attempts():
             killed = executor.kill_token(attempt.token)
             self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)

@@ -36,6 +36,7 @@ KINDS = (
     "table",     # a sub-table with the keys of `table`
     "tables",    # an array of tables with the keys of `table`
     "named",     # a table of NAME = a table with the keys of `table`
+    "caches",    # an array of tables with the keys of `table` (key, paths)
 )
 
 
@@ -92,6 +93,12 @@ SCHEDULE = (
     Key("branch", "string", "the branch the schedule runs (default: the repository's default branch)"),
 )
 
+CACHE = (
+    Key("key", "strings", "globs of the files whose contents make the key (with the repo and action)",
+        default=[]),
+    Key("paths", "strings", 'what to keep: paths in the worktree or under "~", e.g. ".venv"', required=True),
+)
+
 STAGE = (
     Key("name", "name", "the stage's name, unique in the pipeline", required=True),
     Key("action", "tables", "the stage's actions; same run_order = in parallel", required=True, table="action"),
@@ -120,6 +127,8 @@ ACTION = (
     Key("run", "text", "the bash script this action runs (bash -eo pipefail)", required=True,
         types=("run",)),
     Key("network", "boolean", "whether this action may reach the network", types=("run", PLUGIN)),
+    Key("cache", "caches", "directories kept from run to run: [{ key = [files whose contents name the "
+        'entry], paths = [".venv", "~/.cache/pip"] }]', types=("run", PLUGIN), table="cache"),
     Key("message", "string", "the question a person answers; placeholders like {short_sha} work",
         types=("approval",)),
     Key("approvers", "strings", 'who may decide: Unix user names and "group:NAME" (default: whoever '
@@ -162,7 +171,7 @@ WHEN = (
 )
 
 TABLES: dict[str, tuple[Key, ...]] = {
-    "top": TOP, "pipeline": PIPELINE, "input": INPUT, "schedule": SCHEDULE, "trigger": TRIGGER, "stage": STAGE, "action": ACTION,
+    "top": TOP, "pipeline": PIPELINE, "input": INPUT, "schedule": SCHEDULE, "cache": CACHE, "trigger": TRIGGER, "stage": STAGE, "action": ACTION,
     "notify": NOTIFY, "when": WHEN,
 }
 

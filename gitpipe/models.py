@@ -126,6 +126,14 @@ class When:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    """One `cache = [{ key = [...], paths = [...] }]` item of an action (SPEC section 14)."""
+
+    key: tuple[str, ...]  # globs relative to the worktree: their files' contents make the key
+    paths: tuple[str, ...]  # relative to the worktree, or "~" / "~/..." (the attempt's home)
+
+
+@dataclass(frozen=True)
 class ActionSpec:
     """One action of a pipeline, as parsed and validated from `.pipeline.toml`."""
 
@@ -146,6 +154,7 @@ class ActionSpec:
     # a copy of a `matrix` action: the name as written (the group) and this copy's values
     group: str | None = None
     matrix: tuple[tuple[str, str], ...] = ()
+    cache: tuple[CacheSpec, ...] = ()
     # approval
     message: str | None = None
     approvers: tuple[str, ...] | None = None  # None: whoever can open the gitpipe home
@@ -362,6 +371,44 @@ class ArtifactRecord:
     sha256: str
     path: str
     files: int
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A stored build cache entry (SPEC section 14); its files are under build-cache/entries/<id>."""
+
+    id: str
+    repo: str
+    action: str  # "stage/action"
+    slot: str  # hash of the cached paths: entries of one `cache` item of an action
+    key: str  # hash of the key files' contents, the repo, the action and the paths
+    paths: tuple[str, ...]
+    protected: bool  # saved by a run of a protected ref
+    secrets: bool  # saved by an attempt that received secrets
+    host: str  # the host that holds its files
+    size: int
+    files: int
+    created_at: str
+    last_used_at: str
+    run_id: int | None
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """What one attempt did with one of its caches: restored (exact/warm/none) and saved."""
+
+    action_id: int
+    attempt: int
+    idx: int
+    paths: tuple[str, ...]
+    match: str  # "exact", "warm" or "none"
+    entry: str | None = None
+    restored_size: int | None = None
+    restore_seconds: float | None = None
+    saved_entry: str | None = None
+    saved_size: int | None = None
+    save_seconds: float | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True)

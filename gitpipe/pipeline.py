@@ -25,6 +25,7 @@ from gitpipe import keys
 from gitpipe.errors import PipelineError, Problem
 from gitpipe.models import (
     ActionSpec,
+    CacheSpec,
     InputSpec,
     NotifySpec,
     Pipeline,
@@ -52,6 +53,7 @@ _STAGE_KEYS = keys.names("stage")
 _NOTIFY_KEYS = keys.names("notify")
 _WHEN_KEYS = keys.names("when")
 _SCHEDULE_KEYS = keys.names("schedule")
+_CACHE_KEYS = keys.names("cache")
 _COMMON_KEYS = tuple(k.name for k in keys.action_keys(None))
 _TYPE_KEYS = {kind: keys.type_keys(kind) for kind in BUILTIN_TYPES}
 MATRIX_LIMIT = 64  # copies one matrix action may make: more is a mistake, or a job for several actions
@@ -812,14 +814,16 @@ def _action(report: _Report, data: dict[str, Any], path: Path, label: str,
     if kind == "run":
         fields["run"] = t.string("run", "the bash script this action runs")
         fields["network"] = t.get("network", (bool,), "true or false")
+        fields["cache"] = _caches(t)
     elif kind == "approval":
         fields["message"] = t.string("message")
         _check_placeholders(t, "message", fields["message"])
         fields["approvers"] = _approvers(t)
     elif kind == "deploy":
         fields.update(_deploy_fields(t))
-    elif kind is not None:  # a plugin: its own keys, but `network` is the sandbox's
+    elif kind is not None:  # a plugin: its own keys, but `network` and `cache` are the sandbox's
         fields["network"] = t.get("network", (bool,), "true or false")
+        fields["cache"] = _caches(t)
         own = {k.name for k in keys.action_keys(kind)}
         fields["extra"] = tuple((k, v) for k, v in data.items() if k not in own)
     spec = ActionSpec(line=report.line(path), **fields)
@@ -906,6 +910,72 @@ def _outputs(t: _Table) -> tuple[tuple[str, tuple[str, ...]], ...]:
                 t.problem(f'output "{name}": glob "{glob}" {problem}', "outputs", name, *sub)
         result.append((name, tuple(globs)))
     return tuple(result)
+
+
+def _caches(t: _Table) -> tuple[CacheSpec, ...]:
+    """`cache = [{ key = [...], paths = [...] }]`: key globs and paths inside the worktree or under ~."""
+    out: list[CacheSpec] = []
+    seen: dict[str, int] = {}
+    for index, item in t.tables("cache", "{ key = [...], paths = [...] }"):
+        c = _Table(t.report, item, t.path + ("cache", index), f"{t.where}, cache {index + 1}")
+        c.check_keys(_CACHE_KEYS)
+        globs = c.strings("key") or ()
+        for k, glob in enumerate(globs):
+            problem = _relative_problem(glob)
+            if problem:
+                c.problem(f'key glob "{glob}" {problem}', "key", k)
+        paths = c.strings("paths")
+        if paths is None and "paths" not in item:
+            c.problem('missing required key "paths" (what to keep, e.g. paths = [".venv", "~/.cache/pip"])')
+        elif paths is not None and not paths:
+            c.problem('"paths" must name at least one path, e.g. [".venv"]', "paths")
+        good = []
+        for k, path in enumerate(paths or ()):
+            problem, norm = _cache_path_problem(path)
+            if problem:
+                c.problem(f'path "{path}" {problem}', "paths", k)
+                continue
+            clash = next((p for p in seen if _nested(p, norm)), None)
+            if clash is not None:
+                c.problem(f'path "{path}" overlaps "{clash}", already cached by this action; '
+                          "name each directory once", "paths", k)
+                continue
+            seen[norm] = index
+            good.append(norm)
+        out.append(CacheSpec(key=tuple(globs), paths=tuple(good)))
+    return tuple(out)
+
+
+def _cache_path_problem(path: str) -> tuple[str | None, str]:
+    """Why a cache path is not inside the worktree or under ~ (None if it is), and its normal form."""
+    import posixpath
+
+    outside = "must be inside the worktree (relative) or under ~ (the attempt's home), e.g. \".venv\" or \"~/.cache/pip\""
+    if not path.strip():
+        return "must not be empty", path
+    if path.startswith("~"):
+        if path != "~" and not path.startswith("~/"):
+            return f"{outside}; ~user is not allowed", path
+        rest = path[2:]
+        if ".." in rest.split("/"):
+            return 'must not contain ".." (it would reach outside the home)', path
+        norm = posixpath.normpath(rest) if rest.strip("/") else ""
+        if norm in ("", "."):
+            return "must name a directory under ~, not the whole home (e.g. \"~/.cache/pip\")", path
+        return None, "~/" + norm
+    if path.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", path):
+        return outside, path
+    problem = _relative_problem(path)
+    if problem:
+        return problem, path
+    norm = posixpath.normpath(path)
+    if norm == "." or norm == ".git" or norm.startswith(".git/"):
+        return "must name a directory inside the worktree, not the worktree itself or its .git", path
+    return None, norm
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
 
 def _secrets(t: _Table) -> tuple[str, ...]:

@@ -45,6 +45,18 @@ INSIDE_BUILD = Path("/build")
 INSIDE_HOME = "/home/build"
 INSIDE_OUTPUT = "/run/gitpipe/output"
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Variables that make the loader or a shell run code of the caller's choosing (glibc's list for
+# privileged programs, and the shells'): a pipeline's [env] may set them, but they reach only
+# the action's own script, never sh, unshare, mount, bwrap or setpriv outside or above it.
+UNSECURE_ENV = frozenset({
+    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_TRACE",
+    "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR", "BASH_ENV", "ENV",
+    "SHELLOPTS", "BASHOPTS", "IFS", "CDPATH",
+})
+
+
+def unsecure(name: str) -> bool:
+    return name.startswith("LD_") or name in UNSECURE_ENV
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class Confine:
     output: Path | None = None  # $GITPIPE_OUTPUT, made empty here
     readonly: tuple[Path, ...] = ()  # seen read-only at their own paths
     network: bool = True
+    # Overlays (lower, upper, work, mount point on the host) an unprivileged daemon's attempt
+    # mounts in a user namespace of its own before bwrap starts (restored build caches).
+    overlays: tuple[tuple[Path, Path, Path, Path], ...] = ()
 
 
 @dataclass
@@ -143,8 +158,8 @@ class Sandbox:
             self.tree.close()
 
     # ------------------------------------------------------------------ one process
-    def launch(self, argv: list[str], env: dict[str, str], box: Confine) -> Launch:
-        """The confined form of `argv`: its cgroup made, its HOME and output file fresh."""
+    def prepare(self, box: Confine) -> None:
+        """Make the HOME and output file fresh and hand the worktree over (before a cache restore)."""
         fresh_dir(box.home, self.uid, self.gid)
         if box.output is not None:
             box.output.unlink(missing_ok=True)
@@ -153,6 +168,11 @@ class Sandbox:
             _chown(box.output, self.uid, self.gid)
         if box.tree is not None:
             hand_over(box.tree, self.uid, self.gid)
+
+    def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False) -> Launch:
+        """The confined form of `argv`: its cgroup made, its HOME and output file fresh (unless `prepared`)."""
+        if not prepared:
+            self.prepare(box)
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
         join = _join(group)
         full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH}
@@ -164,8 +184,14 @@ class Sandbox:
         full["HOME"] = INSIDE_HOME
         if box.output is not None:
             full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
-        inner = self._bwrap(argv, box, full)
-        return Launch(join + inner, full, Path("/"), group, spare=True)
+        late = {k: v for k, v in full.items() if unsecure(k)}  # set by `env` just before the script
+        outer = {k: v for k, v in full.items() if not unsecure(k)}
+        outer["PATH"] = SYSTEM_PATH  # what finds setpriv; the script's own PATH is set with `late`
+        late["PATH"] = full["PATH"]
+        inner = self._bwrap(argv, box, late)
+        if box.overlays and self.uid is None:
+            inner = _with_overlays(inner, box.overlays)
+        return Launch(join + inner, outer, Path("/"), group, spare=True)
 
     def run(self, argv: list[str], env: dict[str, str], box: Confine, stdin: bytes,
             timeout: float) -> subprocess.CompletedProcess[bytes]:
@@ -194,6 +220,7 @@ class Sandbox:
         return subprocess.CompletedProcess(launch.argv, proc.returncode, out, err)
 
     def _bwrap(self, argv: list[str], box: Confine, env: dict[str, str], probing: bool = False) -> list[str]:
+        """bwrap's argument list; `env`: variables set (by `env`) only for `argv` itself, last."""
         assert self.bwrap is not None
         root = self.uid is not None  # the daemon is root: for_host found the build user
         out = [self.bwrap, "--die-with-parent", "--new-session"]
@@ -202,6 +229,8 @@ class Sandbox:
                     "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             out += ["--unshare-all", "--unshare-user", "--disable-userns"]
+            if box.overlays:  # started as root of the overlays' namespace: the action stays this user
+                out += ["--uid", str(os.getuid()), "--gid", str(os.getgid())]
             if box.network:
                 out.append("--share-net")
         if root and not box.network:
@@ -233,8 +262,11 @@ class Sandbox:
             out += ["--chdir", str(inside if box.tree is not None else INSIDE_HOME)]
         out.append("--")
         if root:
-            out += ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+            setpriv = shutil.which("setpriv", path=SYSTEM_PATH) or "/usr/bin/setpriv"
+            out += [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                     "--inh-caps=-all", "--no-new-privs"]
+        if env and not probing:
+            out += [shutil.which("env", path=SYSTEM_PATH) or "/usr/bin/env", *(f"{k}={v}" for k, v in env.items())]
         return out + argv
 
 
@@ -246,6 +278,23 @@ def _dirs(path: Path, made: set[str]) -> list[str]:
             made.add(str(p))
             out += ["--perms", "0755", "--dir", str(p)]
     return out
+
+
+def _with_overlays(argv: list[str], overlays: tuple[tuple[Path, Path, Path, Path], ...]) -> list[str]:
+    """`argv` (bwrap) started in a user and mount namespace of its own where the overlays are
+    mounted first: an unprivileged daemon cannot mount on the host, and bwrap 0.8 has no overlay
+    options. The namespace maps only this user (as its root); it ends with the attempt."""
+    from gitpipe.cachefs import mount_option
+
+    mount = shutil.which("mount", path=SYSTEM_PATH) or "/usr/bin/mount"  # never the pipeline's PATH
+    unshare = shutil.which("unshare", path=SYSTEM_PATH) or "/usr/bin/unshare"
+    mounts = " && ".join(
+        f"{mount} -t overlay overlay -o " + shlex.quote(
+            f"lowerdir={mount_option(lo)},upperdir={mount_option(up)},workdir={mount_option(wk)}")
+        + " " + shlex.quote(str(at))
+        for lo, up, wk, at in overlays)
+    return [unshare, "--user", "--map-root-user", "--mount", "--", "/bin/sh", "-c", f'{mounts} && exec "$@"',
+            "gitpipe-overlays", *argv]
 
 
 def _join(group: cgroup.Group | None) -> list[str]:

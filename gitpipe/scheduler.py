@@ -15,14 +15,24 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 from gitpipe import artifacts, delivery, executor, git, plugins, reuse, space
+from gitpipe import cache as cache_mod
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
-from gitpipe.models import ActionRecord, ActionSpec, ActionStatus, Pipeline, RunRecord, RunStatus, short_ref
+from gitpipe.models import (
+    ActionRecord,
+    ActionSpec,
+    ActionStatus,
+    CacheUse,
+    Pipeline,
+    RunRecord,
+    RunStatus,
+    short_ref,
+)
 from gitpipe.sandbox import Confine, Sandbox
 from gitpipe.secrets import Masker
 from gitpipe.settings import Settings
@@ -45,6 +55,7 @@ class Host:
     sandbox: Sandbox
     env_locks: dict[tuple[str, str], delivery.FifoLock] = field(default_factory=dict)
     select: Callable[[str, ActionSpec], str | None] | None = None  # gitpipe exec: why an action is skipped
+    caches: cache_mod.Caches | None = None  # build caches (SPEC section 14); None: not kept
 
 
 def env_name(text: str) -> str:
@@ -320,6 +331,7 @@ class RunWorker:
         writer = executor.LogWriter(log_path, masker.stream(), self.host.settings.max_log_size)
         outcome = executor.Outcome(ActionStatus.FAILED, None)
         out_file: Path | None = None
+        uses: list[tuple[cache_mod.Plan, CacheUse]] = []
         try:
             with self.pool.checkout(self.run.sha) as slot:
                 artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
@@ -327,12 +339,23 @@ class RunWorker:
                 box = Confine(key=f"a{rec.id}.{number}", home=slot.root / "home", tree=slot.tree,
                               name=self.run.repo, output=out_file, readonly=self._readonly(spec),
                               network=self.host.sandbox.network(self.pipe.network, spec.network))
-                if deadline is not None and time.time() >= deadline:
-                    outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
-                else:
-                    outcome = self._execute(rec, spec, box, env, writer, token, deadline)
-                if outcome.status is ActionStatus.SUCCEEDED:
-                    outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
+                held = cache_mod.Held(slot.root / "overlay")
+                try:
+                    if deadline is not None and time.time() >= deadline:
+                        outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
+                    else:
+                        self.host.sandbox.prepare(box)
+                        uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
+                        box = replace(box, overlays=tuple(held.overlays))
+                        outcome = self._execute(rec, spec, box, env, writer, token, deadline)
+                    if outcome.status is ActionStatus.SUCCEEDED:
+                        outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
+                    if outcome.status is ActionStatus.SUCCEEDED:
+                        uses = self._save_caches(spec, uses, held, writer)
+                    self._record_caches(rec.id, number, uses)
+                finally:
+                    if self.host.caches is not None:
+                        self.host.caches.release(held)  # before the slot is free: its overlays go
         except (GitpipeError, OSError) as exc:  # an output glob, a full disk while storing artifacts
             writer.line(f"gitpipe: {exc}")
             outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
@@ -344,6 +367,38 @@ class RunWorker:
             writer.close()
             self.store.finish_attempt(rec.id, number, outcome.status, outcome.exit_code)
         return outcome
+
+    # ------------------------------------------------------------------ build caches
+    def _protected(self) -> bool:
+        return self.host.trust.is_protected(self.run.repo, self.store.repo_path(self.run.repo), self.run.ref)
+
+    def _restore_caches(self, spec: ActionSpec, tree: Path, home: Path, held: cache_mod.Held,
+                        writer: executor.LogWriter) -> list[tuple[cache_mod.Plan, CacheUse]]:
+        """Before the script: each cache's exact entry, else a warm one, else none (the log says which)."""
+        caches = self.host.caches
+        if caches is None or not spec.cache:
+            return []
+        action = f"{spec_stage(self.pipe, spec)}/{spec.name}"
+        protected = self._protected()
+        return [(plan, caches.restore(plan, protected, held, writer.line))
+                for plan in cache_mod.plans(spec.cache, self.run.repo, action, tree, home)]
+
+    def _save_caches(self, spec: ActionSpec, uses: list[tuple[cache_mod.Plan, CacheUse]], held: cache_mod.Held,
+                     writer: executor.LogWriter) -> list[tuple[cache_mod.Plan, CacheUse]]:
+        """After a success: each cache without an exact entry is saved."""
+        if self.host.caches is None or not uses:
+            return uses
+        protected = self._protected()
+        return [(plan, self.host.caches.save(plan, use, self.run.id, protected, bool(spec.secrets), held,
+                                             writer.line))
+                for plan, use in uses]
+
+    def _record_caches(self, action_id: int, number: int, uses: list[tuple[cache_mod.Plan, CacheUse]]) -> None:
+        for _plan, use in uses:
+            try:
+                self.store.record_cache_use(replace(use, action_id=action_id, attempt=number))
+            except GitpipeError as exc:  # a full disk: the action's result matters more
+                log.warning("run #%s: could not record a cache use: %s", self.run.id, exc)
 
     def _readonly(self, spec: ActionSpec) -> tuple[Path, ...]:
         """What an attempt sees read-only: the repo's objects; a plugin also its interpreter."""
@@ -358,7 +413,7 @@ class RunWorker:
             argv = executor.bash(spec.run or "")
         else:  # a plugin type: run in a process of its own, so timeouts and cancels work the same
             argv, env = plugins.command(spec, env)
-        attempt = executor.start(self.host.sandbox.launch(argv, env, box), writer, token)
+        attempt = executor.start(self.host.sandbox.launch(argv, env, box, prepared=True), writer, token)
         with self.lock:
             self.attempts[rec.id] = attempt
         if self.cancelled.is_set():

@@ -61,6 +61,8 @@ def _value(key: keys.Key, plugin_types: tuple[str, ...]) -> dict[str, Any]:
         value = _object(key.table, plugin_types)
     elif key.kind == "schedule":
         value = {"type": "array", "items": {"oneOf": [_STRING, _object(key.table, plugin_types)]}}
+    elif key.kind == "caches":
+        value = {"type": "array", "items": _object(key.table, plugin_types)}
     elif key.kind == "named":
         value = {"type": "object", "propertyNames": {"pattern": ENV_NAME},
                  "additionalProperties": _object(key.table, plugin_types)}

@@ -39,6 +39,7 @@ SANDBOX_DEFAULTS: dict[str, Any] = {
     "read_only": [], "read_write": [],
 }
 SANDBOX_MODES = ("bwrap", "none")
+CACHE_DEFAULTS: dict[str, Any] = {"max_size": "20G"}
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 
 COMMENTS: dict[str, str] = {
@@ -95,6 +96,7 @@ class Settings:
     publish_artifacts: str = "protected"
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     control_socket: Path | None = Path(DEFAULTS["control_socket"])
+    cache_max_size: int = 20 << 30  # [cache] max_size: bytes of build caches kept (LRU beyond)
 
     # Paths of the home, computed from the home (never at import time).
     @property
@@ -120,6 +122,10 @@ class Settings:
     @property
     def work_dir(self) -> Path:
         return self.home / "work"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "build-cache"
 
     @property
     def wake_dir(self) -> Path:
@@ -234,7 +240,7 @@ def _typed(lines: _Lines, data: dict[str, Any], key: str, kind: type | tuple[typ
 
 
 def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
-    top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}, "sandbox": {}}
+    top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}, "sandbox": {}, "cache": {}}
     _unknown(lines, data, top, None)
     merged = {**DEFAULTS, **{k: v for k, v in data.items() if k in DEFAULTS}}
     for key in ("max_parallel", "keep_runs"):
@@ -296,7 +302,16 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         publish_artifacts=merged["publish_artifacts"],
         sandbox=sandbox,
         control_socket=Path(control) if control else None,
+        cache_max_size=_cache_size(lines, _table(lines, data, "cache", CACHE_DEFAULTS)),
     )
+
+
+def _cache_size(lines: _Lines, value: dict[str, Any]) -> int:
+    merged = {**CACHE_DEFAULTS, **value}
+    try:
+        return parse_size(_typed(lines, merged, "max_size", str, "cache"))
+    except ValueError as exc:
+        raise lines.error(f'[cache] "max_size": {exc}', "max_size", "cache") from None
 
 
 def parse_size(value: str) -> int:
@@ -405,6 +420,10 @@ def default_config_text() -> str:
         "# pids = 2048             # processes per attempt",
         '# read_only = []          # host paths every action sees read-only, e.g. ["/opt/toolchains"]',
         "# read_write = []         # host paths every action may write (shared by every branch!)",
+        "",
+        "# Build caches (`cache = [...]` on an action; see the README):",
+        "# [cache]",
+        '# max_size = "20G"        # least recently used entries are removed beyond this',
         "",
         "# Per-repo settings:",
         "# [repos.shop]",

@@ -25,6 +25,8 @@ from gitpipe.models import (
     ActionStatus,
     ArtifactRecord,
     AttemptRecord,
+    CacheEntry,
+    CacheUse,
     Event,
     Pipeline,
     RunRecord,
@@ -123,6 +125,20 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE releases ADD COLUMN strategy TEXT;
         ALTER TABLE releases ADD COLUMN live_slot TEXT;
         ALTER TABLE releases ADD COLUMN idle_release TEXT
+        """,
+    ),
+    (
+        "0007_cache",
+        """
+        CREATE TABLE cache_entries (id TEXT PRIMARY KEY, repo TEXT NOT NULL, action TEXT NOT NULL,
+            slot TEXT NOT NULL, key TEXT NOT NULL, paths TEXT NOT NULL, protected INTEGER NOT NULL,
+            secrets INTEGER NOT NULL, host TEXT NOT NULL, size INTEGER NOT NULL, files INTEGER NOT NULL,
+            created_at TEXT NOT NULL, last_used_at TEXT NOT NULL, run_id INTEGER);
+        CREATE INDEX cache_entries_slot ON cache_entries(repo, action, slot, created_at);
+        CREATE TABLE cache_uses (action_id INTEGER NOT NULL REFERENCES actions(id), attempt INTEGER NOT NULL,
+            idx INTEGER NOT NULL, paths TEXT NOT NULL, match TEXT NOT NULL, entry TEXT, restored_size INTEGER,
+            restore_seconds REAL, saved_entry TEXT, saved_size INTEGER, save_seconds REAL, note TEXT,
+            PRIMARY KEY (action_id, attempt, idx));
         """,
     ),
 ]
@@ -574,6 +590,49 @@ class Store:
         return self.query("SELECT action, key, value FROM outputs WHERE run_id = ? ORDER BY rowid",
                           (run_id,))
 
+    # ------------------------------------------------------------------ build caches
+    def cache_candidates(self, repo: str, action: str, slot: str, protected: bool) -> list[CacheEntry]:
+        """Entries a run may restore, newest first: a protected run only those protected runs saved;
+        any other run also those, unless the attempt that saved them received secrets."""
+        trust = "protected = 1" if protected else "(protected = 0 OR secrets = 0)"
+        rows = self.query(f"SELECT * FROM cache_entries WHERE repo = ? AND action = ? AND slot = ? AND {trust} "
+                          "ORDER BY created_at DESC, rowid DESC", (repo, action, slot))
+        return [_cache_entry(r) for r in rows]
+
+    def add_cache_entry(self, entry: CacheEntry) -> None:
+        """Record an entry whose files are complete in place: from now on a restore may pick it."""
+        with self.tx() as db:
+            db.table("cache_entries").insert({**entry.__dict__, "paths": json.dumps(entry.paths)})
+
+    def touch_cache_entry(self, entry_id: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE cache_entries SET last_used_at = ? WHERE id = ?", [now_iso(), entry_id])
+
+    def remove_cache_entries(self, ids: list[str]) -> None:
+        """Forget entries (before their files are removed: no restore picks one half-removed)."""
+        with self.tx() as db:
+            for entry_id in ids:
+                db.execute("DELETE FROM cache_entries WHERE id = ?", [entry_id])
+
+    def cache_entries(self, repo: str | None = None) -> list[CacheEntry]:
+        """Every entry (of one repo), least recently used first."""
+        where, params = ("WHERE repo = ?", (repo,)) if repo else ("", ())
+        rows = self.query(f"SELECT * FROM cache_entries {where} ORDER BY last_used_at, rowid", params)
+        return [_cache_entry(r) for r in rows]
+
+    def record_cache_use(self, use: CacheUse) -> None:
+        with self.tx() as db:
+            db.table("cache_uses").upsert({**use.__dict__, "paths": json.dumps(use.paths)},
+                                          pk=("action_id", "attempt", "idx"))
+
+    def cache_uses(self, run_id: int) -> list[CacheUse]:
+        """Each action's last attempt's cache uses."""
+        rows = self.query(
+            "SELECT u.* FROM cache_uses u JOIN actions a ON a.id = u.action_id WHERE a.run_id = ? "
+            "AND u.attempt = (SELECT MAX(attempt) FROM cache_uses WHERE action_id = u.action_id) "
+            "ORDER BY u.action_id, u.idx", (run_id,))
+        return [CacheUse(**{**r, "paths": tuple(json.loads(r["paths"]))}) for r in rows]
+
     # ------------------------------------------------------------------ approvals
     def request_approval(self, run_id: int, action_id: int, name: str, message: str,
                          deadline: float) -> None:
@@ -724,6 +783,11 @@ class Store:
     def events(self, run_id: int) -> list[dict[str, Any]]:
         return self.query("SELECT at, subject, status, detail FROM events WHERE run_id = ? ORDER BY id",
                           (run_id,))
+
+
+def _cache_entry(r: dict[str, Any]) -> CacheEntry:
+    return CacheEntry(**{**r, "paths": tuple(json.loads(r["paths"])), "protected": bool(r["protected"]),
+                         "secrets": bool(r["secrets"])})
 
 
 def _run_record(r: dict[str, Any]) -> RunRecord:

@@ -30,6 +30,7 @@ import http.server
 import json
 import os
 import pwd
+import re
 import shutil
 import site
 import socket
@@ -1316,3 +1317,25 @@ def test_cleaning_a_slot_never_follows_a_link_to_a_host_file(world: World) -> No
         home.wait_run(world.push(body, "feature"))
         home.expect(home.wait_run(world.push(LATER_MAIN, "main")))
     assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+
+
+@users
+def test_loader_variables_of_a_pipeline_reach_only_its_script(world: World) -> None:
+    """`[env] LD_PRELOAD = "<a .so committed in the worktree>"` once ran that code as the
+    daemon's user (root, for a root daemon) outside the sandbox: the sh that joins the cgroup
+    and bwrap itself got the pipeline's environment. LD_DEBUG shows every program ld.so starts."""
+    body = '''
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "probe"
+          env = { LD_DEBUG = "libs", LD_PRELOAD = "", PATH = "/usr/bin:/bin:/custom" }
+          run = "echo \\"script sees LD_DEBUG=$LD_DEBUG PATH=$PATH\\""
+        '''
+    with world.home.daemon():
+        run_id = world.push(body, "feature")
+        world.home.expect(world.home.wait_run(run_id))
+        log = world.home.logs(run_id)
+    assert "script sees LD_DEBUG=libs PATH=/usr/bin:/bin:/custom" in log
+    started = set(re.findall(r"initialize program: (\S+)", log))
+    assert started and all(Path(p).name in ("bash", "echo") for p in started), started

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gitpipe import approvals
+from gitpipe import approvals, cache
 from gitpipe.models import ActionRecord, ActionStatus, ArtifactRecord, AttemptRecord, RunRecord, RunStatus
 from gitpipe.report import charts, data, files, fmt
 from gitpipe.report.logview import TAIL_LINES, Excerpt, LogReader, write_plain
@@ -119,6 +119,7 @@ class ActionView:
     warning: bool = False  # failed, but allow_failure let the run go on
     group: str | None = None  # the matrix action it is a copy of
     reused_from: int | None = None  # the run whose result `retry --failed` took over
+    caches: tuple[tuple[str, str], ...] = ()  # (paths, what was restored and saved)
 
     @property
     def anchor(self) -> str:
@@ -179,7 +180,11 @@ def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished
     if pruned:
         shutil.rmtree(folder, ignore_errors=True)  # the site's links to the pruned files go too
     records = store.actions(run_id)
-    actions = [action_view(store, logs, a, None if pruned else folder, rec.status.finished or a.status.finished)
+    uses: dict[int, list[tuple[str, str]]] = {}
+    for u in store.cache_uses(run_id):
+        uses.setdefault(u.action_id, []).append((", ".join(u.paths), cache.describe(cache.use_json(u))))
+    actions = [replace(action_view(store, logs, a, None if pruned else folder,
+                                   rec.status.finished or a.status.finished), caches=tuple(uses.get(a.id, ())))
                for a in records]
     stages = tuple(StageView(s.name, s.status.value, fmt.seconds_between(s.started_at, s.finished_at),
                              tuple(a for a, r in zip(actions, records) if r.stage_idx == s.idx))

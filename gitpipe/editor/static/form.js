@@ -217,6 +217,16 @@ function keyField(k, i, j, a, v, node, set) {
       set("matrix")(matrix);
     });
     c.placeholder = "KEY=value, value, one key a line";
+  } else if (k.kind === "caches") {
+    c = area((value || []).map(function (e) { return [].concat(e.key || []).join(", ") + " : " + [].concat(e.paths || []).join(", "); }).join("\n"), function (val) {
+      var caches = [];
+      val.split("\n").forEach(function (line) {
+        var at = line.indexOf(":");
+        if (at >= 0 && line.slice(at + 1).trim()) caches.push({ key: list(line.slice(0, at)), paths: list(line.slice(at + 1)) });
+      });
+      set("cache")(caches);
+    });
+    c.placeholder = "key files : paths, one cache a line (requirements*.txt : .venv, ~/.cache/pip)";
   } else if (k.kind === "targets") {
     c = area(Array.isArray(value) ? value.join("\n") : value || "", function (val) {
       var urls = list(val);
