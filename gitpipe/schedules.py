@@ -10,8 +10,6 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from croniter import croniter
-
 from gitpipe import git, pipeline, queue
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.store import Store
@@ -50,6 +48,12 @@ class Scheduler:
         return found
 
     def _of_repo(self, name: str, path: str) -> list[Schedule]:
+        head = git.branch_head(path)  # every wake reads this: two small files, no pygit2
+        cached = self._heads.get(name)
+        if head is not None and head[1] is None:
+            return []  # no commit yet
+        if head is not None and cached and cached[0] == head[1]:
+            return cached[1]
         repo = git.open_repo(path)
         branch = git.default_branch(repo)
         try:
@@ -75,7 +79,7 @@ class Scheduler:
         fired, next_due = [], None
         for s in self.schedules():
             key = f"schedule:{s.repo}:{s.line}"
-            slot = croniter(s.line, _utc(now)).get_prev(float)
+            slot = _croniter()(s.line, _utc(now)).get_prev(float)
             last = self.store.get_state(key)
             if last is None:
                 self.store.set_state(key, str(slot))  # a new schedule starts from now, not the past
@@ -85,6 +89,13 @@ class Scheduler:
                                    pipeline_text=s.text, pusher="schedule")
                 fired += self.store.create_runs([new])
                 log.info("schedule %r of %s: run #%s queued", s.line, s.repo, fired[-1])
-            due = croniter(s.line, _utc(now)).get_next(float)
+            due = _croniter()(s.line, _utc(now)).get_next(float)
             next_due = due if next_due is None else min(next_due, due)
         return fired, next_due
+
+
+def _croniter():  # type: ignore[no-untyped-def]
+    """croniter's class, imported on the first schedule (~5 MB an idle daemon without one never pays)."""
+    from croniter import croniter  # type: ignore[import-untyped]
+
+    return croniter

@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlite_utils import Database
-
 from gitpipe import intake, queue, space
 from gitpipe.errors import DiskFullError, TransitionError, UsageError
 from gitpipe.intake import now_iso
@@ -35,6 +33,7 @@ from gitpipe.models import (
 )
 from gitpipe.queue import NewRun
 from gitpipe.settings import Settings
+from gitpipe.sqlrows import Rows
 
 # Named migrations, applied in order, each once. A shipped migration is never edited:
 # add a new one instead.
@@ -121,7 +120,7 @@ class Store:
         settings.home.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.conn = intake.connect(settings.db_path)
-        self.db = Database(self.conn)
+        self.db = Rows(self.conn)
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
         self._pending: list[Event] = []
@@ -160,7 +159,7 @@ class Store:
             return applied
 
     @contextmanager
-    def tx(self) -> Iterator[Database]:
+    def tx(self) -> Iterator[Rows]:
         """One write transaction (BEGIN IMMEDIATE); events are sent to listeners after commit.
 
         On a full disk the whole transaction is rolled back and a DiskFullError raised: a
@@ -356,7 +355,7 @@ class Store:
                 fields["error"] = error
             self._set_run(run_id, status, **fields)
 
-    def _close_open(self, db: Database, run_id: int, status: RunStatus, error: str | None) -> None:
+    def _close_open(self, db: Rows, run_id: int, status: RunStatus, error: str | None) -> None:
         cancelled = status is RunStatus.CANCELLED
         why = "the run was cancelled" if cancelled else error or f"the run {status.value}"
         for act in self.actions(run_id):

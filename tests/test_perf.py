@@ -1,0 +1,100 @@
+"""Work counted, not timed (issue 11): what an idle daemon loads, and the store's row layer.
+
+Timings swing with the machine's load; these counts do not (bench/bench_peers.py has the
+timings beside laminar's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import Home, git
+
+from gitpipe import git as gitpipe_git
+from gitpipe.sqlrows import Rows
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("pygit2", "jinja2", "paramiko", "sqlite_utils", "croniter", "urllib.request", "click")
+
+# Serve one home in burst mode (the queue is empty: it recovers, looks at every repo's
+# schedules, then returns), then say which heavy modules it loaded.
+IDLE_DAEMON = f"""
+import json, sys
+from gitpipe import settings
+from gitpipe.daemon import Daemon
+Daemon(settings.load(sys.argv[1]), burst=True).serve()
+print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
+"""
+
+
+def _idle_daemon_loads(home: Home) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", IDLE_DAEMON, str(home.home)], env=home.env(),
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_an_idle_daemon_loads_no_heavy_library(home: Home) -> None:
+    for i in range(3):
+        home.add_repo(f"r{i}")
+    assert _idle_daemon_loads(home) == []
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_branch_head_agrees_with_pygit2(tmp_path: Path, packed: bool) -> None:
+    bare = tmp_path / "r.git"
+    git(tmp_path, "init", "-q", "--bare", str(bare))
+    assert gitpipe_git.branch_head(bare) == ("refs/heads/main", None)  # no commit yet
+    work = tmp_path / "w"
+    git(tmp_path, "init", "-q", str(work))
+    git(work, "commit", "-q", "--allow-empty", "-m", "one")
+    git(work, "push", "-q", str(bare), "HEAD:refs/heads/main")
+    if packed:
+        git(bare, "pack-refs", "--all")
+        assert not (bare / "refs/heads/main").exists()
+    expected = gitpipe_git.resolve(gitpipe_git.open_repo(bare), "main")
+    assert gitpipe_git.branch_head(bare) == expected
+    (bare / "HEAD").write_text(expected[1] + "\n")  # detached: left to pygit2
+    assert gitpipe_git.branch_head(bare) is None
+
+
+def _rows(tmp_path: Path) -> Rows:
+    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    conn.executescript("CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT, note TEXT);"
+                       "CREATE TABLE pair (a INTEGER NOT NULL, b INTEGER NOT NULL, v TEXT, PRIMARY KEY (a, b));"
+                       "CREATE TABLE art (id INTEGER PRIMARY KEY, run INTEGER, name TEXT, size INTEGER,"
+                       " UNIQUE (run, name));")
+    return Rows(conn)
+
+
+def test_rows_insert_update_and_upsert(tmp_path: Path) -> None:
+    db = _rows(tmp_path)
+    db.table("kv").upsert({"key": "k", "value": "1", "note": "kept"}, pk="key")
+    db.table("kv").upsert({"key": "k", "value": "2"}, pk="key")  # an upsert changes only its columns
+    assert list(db.query("SELECT * FROM kv")) == [{"key": "k", "value": "2", "note": "kept"}]
+    db.table("pair").insert({"a": 1, "b": 2, "v": "x"})
+    db.table("pair").update((1, 2), {"v": ["y"]})  # a compound key; a list is stored as JSON
+    assert list(db.query("SELECT v FROM pair WHERE a = ? AND b = ?", (1, 2))) == [{"v": '["y"]'}]
+    with pytest.raises(LookupError, match="pair: no row"):
+        db.table("pair").update((9, 9), {"v": "z"})
+    art = db.table("art")
+    art.upsert({"run": 1, "name": "a", "size": 1}, pk=("run", "name"))
+    art.upsert({"run": 1, "name": "a", "size": 5}, pk=("run", "name"))  # by the UNIQUE columns
+    art.insert_all([{"run": 2, "name": "a", "size": 7}])
+    assert list(db.query("SELECT run, name, size FROM art ORDER BY id")) == [
+        {"run": 1, "name": "a", "size": 5}, {"run": 2, "name": "a", "size": 7}]
+    db.table("kv").upsert({"key": "only"}, pk="key")
+    db.table("kv").upsert({"key": "only"}, pk="key")  # nothing but the key: inserted once
+    assert [r["key"] for r in db.query("SELECT key FROM kv ORDER BY key")] == ["k", "only"]
+
+
+def test_the_store_no_longer_imports_sqlite_utils() -> None:
+    code = "import sys, gitpipe.store, gitpipe.daemon; print([m for m in sys.modules if m.startswith('sqlite_utils')])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]"
