@@ -147,6 +147,33 @@ def branch_head(git_dir: str | Path) -> tuple[str, str | None] | None:
     return ref, None
 
 
+def show(git_dir: str | Path, sha: str, path: str) -> str | None:
+    """A file's text at a commit, through `git cat-file` (the daemon's way: no pygit2 loaded)."""
+    out = _cat_file(git_dir, "blob", f"{sha}:{path}")
+    return None if out is None else out.decode("utf-8", errors="replace")
+
+
+def commit_of(git_dir: str | Path, sha: str) -> tuple[str, str] | None:
+    """(author "Name <email>", message) of a commit through `git cat-file`; None when it is not there."""
+    raw = _cat_file(git_dir, "commit", sha)
+    if raw is None:
+        return None
+    head, _, message = raw.decode("utf-8", errors="replace").partition("\n\n")
+    author = ""
+    for line in head.splitlines():
+        if line.startswith("author "):
+            author = line[len("author "):].rsplit(" ", 2)[0]  # drop the time and the zone
+            break
+    return author, message
+
+
+def _cat_file(git_dir: str | Path, kind: str, name: str) -> bytes | None:
+    env = {k: os.environ[k] for k in GIT_ENV_KEEP if k in os.environ}
+    proc = subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", kind, name], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
 def resolve(repo: pygit2.Repository, ref: str) -> tuple[str, str]:
     """A ref or short name -> (full ref, commit sha); UsageError when unknown."""
     import pygit2

@@ -113,11 +113,11 @@ class RunWorker:
         if pipe is None:
             return
         if run.status is RunStatus.QUEUED:
-            repo = git.open_repo(self.store.repo_path(run.repo))
-            if not git.has_commit(repo, run.sha):
+            commit = git.commit_of(self.store.repo_path(run.repo), run.sha)  # no pygit2 in the daemon
+            if commit is None:
                 self.store.fail_queued_run(run.id, f"commit {run.sha[:7]} is not in the repository any more")
                 return
-            author, message = git.commit_info(repo, run.sha)
+            author, message = commit
             deadline = time.time() + pipe.timeout if pipe.timeout else None
             self.store.start_run(run.id, pipe, deadline, author, message)
             run = self.store.run(run.id)

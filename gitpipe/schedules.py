@@ -48,22 +48,14 @@ class Scheduler:
         return found
 
     def _of_repo(self, name: str, path: str) -> list[Schedule]:
-        head = git.branch_head(path)  # every wake reads this: two small files, no pygit2
-        cached = self._heads.get(name)
-        if head is not None and head[1] is None:
-            return []  # no commit yet
-        if head is not None and cached and cached[0] == head[1]:
-            return cached[1]
-        repo = git.open_repo(path)
-        branch = git.default_branch(repo)
-        try:
-            ref, sha = git.resolve(repo, branch)
-        except GitpipeError:
+        # Every wake looks at every repo: two small files read, no pygit2 (~20 MB) loaded.
+        ref, sha = git.branch_head(path) or self._resolved(path)
+        if sha is None:
             return []  # no commit yet
         cached = self._heads.get(name)
         if cached and cached[0] == sha:
             return cached[1]
-        text = git.read_file(repo, sha, queue.PIPELINE_FILE)
+        text = git.show(path, sha, queue.PIPELINE_FILE)
         result: list[Schedule] = []
         if text is not None:
             try:
@@ -73,6 +65,15 @@ class Scheduler:
                 result = []
         self._heads[name] = (sha, result)
         return result
+
+    @staticmethod
+    def _resolved(path: str) -> tuple[str, str | None]:
+        """The default branch's head through pygit2, where its files do not tell (reftable, detached)."""
+        repo = git.open_repo(path)
+        try:
+            return git.resolve(repo, git.default_branch(repo))
+        except GitpipeError:
+            return "", None  # no commit yet
 
     def fire_due(self, now: float) -> tuple[list[int], float | None]:
         """Queue one run per cron line whose latest slot has not fired; the next due time."""

@@ -14,7 +14,9 @@ def protected_patterns(settings: Settings, repo: str, repo_path: str) -> tuple[s
     configured = settings.repo(repo).protected
     if configured is not None:
         return configured
-    return (git.default_branch(git.open_repo(repo_path)), "refs/tags/*")
+    head = git.branch_head(repo_path)  # the files say it; pygit2 only when they cannot
+    branch = head[0].removeprefix("refs/heads/") if head else git.default_branch(git.open_repo(repo_path))
+    return (branch, "refs/tags/*")
 
 
 def is_protected(settings: Settings, repo: str, repo_path: str, ref: str) -> bool:

@@ -45,6 +45,27 @@ def test_an_idle_daemon_loads_no_heavy_library(home: Home) -> None:
     assert _idle_daemon_loads(home) == []
 
 
+def test_a_daemon_that_ran_a_pipeline_has_not_loaded_pygit2(home: Home) -> None:
+    """Reading the pushed head, the pipeline and the commit goes through `git cat-file`; the
+    worktree through `git checkout`: pygit2 (~20 MB resident) stays out of the daemon."""
+    repo = home.add_repo("app")
+    home.push(repo, {".pipeline.toml": '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n'})
+    loaded = _idle_daemon_loads(home)
+    assert home.runs()[0]["status"] == "succeeded"
+    assert "pygit2" not in loaded and "paramiko" not in loaded and "sqlite_utils" not in loaded
+
+
+def test_commit_of_agrees_with_pygit2(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    git(tmp_path, "init", "-q", str(work))
+    git(work, "commit", "-q", "--allow-empty", "-m", "subject \u00e9\n\nbody line")
+    sha = git(work, "rev-parse", "HEAD").stdout.strip()
+    repo = gitpipe_git.open_repo(work / ".git")
+    assert gitpipe_git.commit_of(work / ".git", sha) == gitpipe_git.commit_info(repo, sha)
+    assert gitpipe_git.commit_of(work / ".git", "0" * 40) is None
+    assert gitpipe_git.show(work / ".git", sha, "missing.txt") is None
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_branch_head_agrees_with_pygit2(tmp_path: Path, packed: bool) -> None:
     bare = tmp_path / "r.git"
