@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gitpipe")
 SLOT_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
 GIT_ENV_KEEP = ("PATH", "HOME", "LANG", "TZ")
+# Up to this many tracked files a slot is cleaned in this process (~0.5 ms for 100 files) rather
+# than by `git clean` (a process: 3-5 ms however small the tree; ~25 ms for 20,000 files).
+CLEAN_IN_PROCESS = 2000
 
 
 def open_bare(path: str | Path) -> pygit2.Repository:
@@ -287,7 +290,8 @@ class WorktreePool:
         try:
             self._prepare_git_dir(slot, sha)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
-            self._git(slot, "clean", "-qffdx")
+            if not clean_untracked(slot.tree):  # a large tree: git walks it faster than Python
+                self._git(slot, "clean", "-qffdx")
         except (OSError, subprocess.CalledProcessError, RecursionError):
             # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh.
             remove_tree(slot.root)
@@ -334,6 +338,51 @@ class WorktreePool:
     def remove(self) -> None:
         """Delete every slot of this repo (all must be free)."""
         remove_tree(self.dir)
+
+
+def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
+    """`git clean -ffdx` without a process, for a tree of at most `limit` tracked files: remove
+    everything under `tree` (but its .git) that its index does not track, nested repositories
+    and ignored files included, never following a link. False (nothing done) for a larger
+    index or one this does not read (version 4): run `git clean` then. Run after the checkout."""
+    tracked = index_paths(tree / ".git" / "index", limit)
+    if tracked is None:
+        return False
+    parents = {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}
+    pending = [(tree, "")]
+    while pending:
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in list(entries):
+                rel = prefix + entry.name
+                if rel == ".git" or rel in tracked:
+                    continue
+                if rel in parents and entry.is_dir(follow_symlinks=False):
+                    pending.append((Path(entry.path), rel + "/"))
+                elif entry.is_dir(follow_symlinks=False):
+                    remove_tree(Path(entry.path))
+                else:
+                    os.unlink(entry.path)
+    return True
+
+
+def index_paths(index: Path, limit: int) -> set[str] | None:
+    """The paths a git index (version 2 or 3, SHA-1) tracks; None when it has more than `limit`
+    entries or is another version."""
+    data = index.read_bytes()
+    if len(data) < 12 or data[:4] != b"DIRC":
+        raise OSError(f"{index}: not a git index")
+    version, count = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
+    if version not in (2, 3) or count > limit:
+        return None
+    paths, pos = set(), 12
+    for _ in range(count):
+        flags = int.from_bytes(data[pos + 60:pos + 62], "big")
+        start = pos + 62 + (2 if flags & 0x4000 else 0)  # version 3: extended flags
+        end = data.index(b"\0", start)
+        paths.add(os.fsdecode(data[start:end]))
+        pos += (end - pos + 8) // 8 * 8  # entries are NUL-padded to a multiple of 8 bytes
+    return paths
 
 
 def _sha256(path: Path) -> str:

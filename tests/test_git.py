@@ -229,3 +229,43 @@ def test_a_tampered_saved_index_does_not_keep_a_modified_file(bare: Path, tmp_pa
         (slot.root / "index").write_bytes((slot.tree / ".git" / "index").read_bytes())
     with pool.checkout(main) as slot:
         assert (slot.tree / "README.md").read_text() == "original\n"
+
+
+def _untracked_mess(t: Path) -> None:
+    """What an action may leave in its tree: files, ignored ones, empty and nested dirs, a nested
+    repo, links out of the tree, a link where a tracked folder's sibling was."""
+    (t / "untracked.txt").write_text("x")
+    (t / "ignored").mkdir()
+    (t / "ignored" / "junk").write_text("x")
+    (t / "src" / "build.log").write_text("x")
+    (t / "src" / "deep" / "er").mkdir(parents=True)
+    (t / "empty").mkdir()
+    subprocess.run(["git", "init", "--quiet", "nested"], cwd=t, check=True)
+    (t / "nested" / "inner.txt").write_text("x")
+    (t / "out").symlink_to("/etc")
+    (t / "src" / "passwd").symlink_to("/etc/passwd")
+
+
+def test_the_in_process_clean_leaves_what_git_clean_leaves(bare: Path, tmp_path: Path) -> None:
+    trees = []
+    for name in ("by-git", "in-process"):
+        t = tmp_path / name
+        git(tmp_path, "clone", "--quiet", str(bare), str(t))
+        git(t, "update-index", "--skip-worktree", "README.md")  # an index of version 3
+        _untracked_mess(t)
+        trees.append(t)
+    git(trees[0], "clean", "-qffdx")
+    assert gitmod.clean_untracked(trees[1])
+    assert (trees[1] / ".git" / "index").read_bytes()[4:8] == (3).to_bytes(4, "big")
+    listing = [sorted(str(p.relative_to(t)) for p in t.rglob("*") if ".git" not in p.parts) for t in trees]
+    assert listing[0] == listing[1] == [".gitignore", "README.md", "src", "src/app.py"]
+    assert os.path.exists("/etc/passwd")  # a link was removed, never followed
+
+
+def test_a_large_index_is_left_to_git_clean(bare: Path, tmp_path: Path) -> None:
+    t = tmp_path / "w"
+    git(tmp_path, "clone", "--quiet", str(bare), str(t))
+    (t / "untracked.txt").write_text("x")
+    assert not gitmod.clean_untracked(t, limit=2)  # 3 tracked files: nothing done
+    assert (t / "untracked.txt").exists()
+    assert gitmod.index_paths(t / ".git" / "index", 3) == {".gitignore", "README.md", "src/app.py"}
