@@ -159,16 +159,23 @@ class Store:
             return applied
 
     @contextmanager
-    def tx(self) -> Iterator[Rows]:
+    def tx(self, *, synced: bool = True) -> Iterator[Rows]:
         """One write transaction (BEGIN IMMEDIATE); events are sent to listeners after commit.
 
         On a full disk the whole transaction is rolled back and a DiskFullError raised: a
         change is recorded entirely or not at all.
+
+        `synced=False` commits without waiting for the disk (synchronous=NORMAL): for a change
+        the same thread follows at once by a synced commit, whose fsync of the write-ahead log
+        makes both durable (a stage starting before its action's attempt, an attempt ending
+        before its action). A crash in between loses only what recovery derives again.
         """
         with self.lock:
             if self._depth:  # nested: part of the caller's transaction
                 yield self.db
                 return
+            if not synced:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
                 self._depth = 1
@@ -184,6 +191,8 @@ class Store:
                     raise
                 finally:
                     self._depth = 0
+                    if not synced:
+                        self.conn.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
                 if space.sqlite_full(exc, self.settings.home):
                     raise DiskFullError(f"the disk holding {self.settings.home} is full: "
@@ -404,7 +413,9 @@ class Store:
                             r["started_at"], r["finished_at"]) for r in rows]
 
     def set_stage(self, run_id: int, idx: int, status: ActionStatus) -> None:
-        with self.tx() as db:
+        """Not synced: the stage's first action starting, or the next synced commit, makes it durable
+        (and recovery derives a stage's status from its actions again)."""
+        with self.tx(synced=False) as db:
             fields: dict[str, Any] = {"status": status.value}
             if status is ActionStatus.RUNNING:
                 fields["started_at"] = now_iso()
@@ -452,7 +463,8 @@ class Store:
 
     def finish_attempt(self, action_id: int, number: int, status: ActionStatus,
                        exit_code: int | None) -> None:
-        with self.tx() as db:
+        """Not synced: the action's end (or its next attempt) follows at once, synced."""
+        with self.tx(synced=False) as db:
             db.execute("UPDATE attempts SET status = ?, exit_code = ?, finished_at = ? "
                        "WHERE action_id = ? AND number = ?",
                        [status.value, exit_code, now_iso(), action_id, number])

@@ -119,3 +119,49 @@ def test_the_store_no_longer_imports_sqlite_utils() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+
+def _serial(n: int) -> str:
+    """A pipeline of n stages of one `true` each."""
+    return "".join(f'\n[[stage]]\nname = "s{k}"\n  [[stage.action]]\n  name = "a{k}"\n  run = "true"\n'
+                   for k in range(n))
+
+
+BURST = "import sys; from gitpipe import settings; from gitpipe.daemon import Daemon; " \
+        "Daemon(settings.load(sys.argv[1]), burst=True).serve()"
+
+
+def _traced_run(home: Home, repo: Path, stages: int, tmp_path: Path, *trace: str) -> str:
+    """Push a run of `stages` actions and run it with a burst daemon under strace -f; the trace."""
+    home.push(repo, {".pipeline.toml": _serial(stages)})
+    out = tmp_path / f"strace-{stages}.txt"
+    subprocess.run(["strace", "-f", "-qq", "-o", str(out), *trace, sys.executable, "-c", BURST, str(home.home)],
+                   env=home.env(), capture_output=True, timeout=300, check=True)
+    assert home.runs()[0]["status"] == "succeeded"
+    return out.read_text()
+
+
+def test_an_action_costs_two_synced_commits(home: Home, tmp_path: Path) -> None:
+    """One fsync when an action starts, one when it ends; its stage's changes ride on them.
+    (Counted as the difference between a run of 10 actions and one of 1: the daemon's start
+    and the run's own start and end cost the same in both.)"""
+    repo = home.add_repo("app")
+    syncs = [_traced_run(home, repo, n, tmp_path, "-e", "trace=fsync,fdatasync").count("sync(")
+             for n in (1, 10)]
+    assert syncs[1] - syncs[0] == 2 * 9, syncs
+
+
+def test_an_action_starts_one_git_process_and_the_sandbox(home: Home, tmp_path: Path) -> None:
+    """Per action: git checkout (a small tree is cleaned in the daemon, not by git clean), then
+    the sandbox: sh joining the cgroup, bwrap, setpriv, and the script's bash."""
+    repo = home.add_repo("app")
+    programs = []
+    for n in (1, 10):
+        trace = _traced_run(home, repo, n, tmp_path, "-e", "trace=execve", "-e", "status=successful")
+        programs.append([line.split('execve("', 1)[1].split('"', 1)[0] for line in trace.splitlines()
+                         if 'execve("' in line])
+    base, more = programs
+    assert len(more) - len(base) == 9 * 5, (base, more)
+    assert sum(p.endswith("/git") for p in more) - sum(p.endswith("/git") for p in base) == 9
+    assert sum(p.endswith("/bash") for p in more) - sum(p.endswith("/bash") for p in base) == 9
