@@ -207,13 +207,17 @@ class Daemon:
         """One look at everything: wake files, the spool, schedules, cancels, the queue, retention."""
         self._clear_wake_files()
         self._ingest_spool()
-        if self.run_schedules:
-            _, self.next_due = self.schedules.fire_due(time.time())
         self._supersede()
         self._cancel_requested()
         for worker in list(self.workers.values()):
             worker.changed.set()  # approvals decided, cancels requested: let workers look
         self._claim()
+        # After the claim: a push moved a head, and reading its pipeline for cron lines (a git
+        # process) must not delay the run that push queued.
+        if self.run_schedules:
+            fired, self.next_due = self.schedules.fire_due(time.time())
+            if fired:
+                self._claim()
         if self.prune_due:
             self.prune_due = False
             retention.prune(self.settings, self.store)

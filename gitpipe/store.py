@@ -326,8 +326,11 @@ class Store:
 
     def start_run(self, run_id: int, pipe: Pipeline, deadline: float | None,
                   commit_author: str | None, commit_message: str | None) -> None:
-        """queued -> running: create the stage and action rows of the pipeline."""
-        with self.tx() as db:
+        """queued -> running: create the stage and action rows of the pipeline.
+
+        Not synced: the first action's start (or the run's end) follows, synced; a crash before
+        that leaves the run queued, and the next daemon starts it again, as nothing ran."""
+        with self.tx(synced=False) as db:
             self._set_run(run_id, RunStatus.RUNNING, started_at=now_iso(), deadline=deadline,
                           commit_author=commit_author, commit_message=commit_message)
             for s_idx, stage in enumerate(pipe.stages):
