@@ -41,7 +41,13 @@ if TYPE_CHECKING:
 # daemon, and a run whose worktree is already there, never load it.
 
 log = logging.getLogger("gitpipe")
-SLOT_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+# No reflog: a checkout would make logs/ each time, for the next reset to remove.
+SLOT_CONFIG = ("[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+               "\tlogAllRefUpdates = false\n")
+# A slot's .git as _prepare_git_dir leaves it (and a checkout keeps it): folder -> its entries.
+GIT_DIR_LAYOUT = {"": {"HEAD", "config", "index", "objects", "refs"}, "objects": {"info", "pack"},
+                  "objects/info": {"alternates"}, "objects/pack": set(), "refs": {"heads", "tags"},
+                  "refs/heads": set(), "refs/tags": set()}
 GIT_ENV_KEEP = ("PATH", "HOME", "LANG", "TZ")
 # Up to this many tracked files a slot is cleaned in this process (~0.5 ms for 100 files) rather
 # than by `git clean` (a process: 3-5 ms however small the tree; ~25 ms for 20,000 files).
@@ -308,9 +314,13 @@ class WorktreePool:
         if git_dir.is_symlink() or (git_dir.exists() and not git_dir.is_dir()):
             git_dir.unlink()
         git_dir.mkdir(parents=True, exist_ok=True)
-        for entry in git_dir.iterdir():
-            if entry.name != "index":
-                remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if _layout_kept(git_dir):  # the common case: only the three files are written again
+            for name in ("HEAD", "config", "objects/info/alternates"):
+                (git_dir / name).unlink()  # never written through: it may be a hard link now
+        else:
+            for entry in git_dir.iterdir():
+                if entry.name != "index":
+                    remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         saved = slot.root / "index"
         with self._digests_lock:
             trusted = self._digests.get(str(slot.root))
@@ -338,6 +348,25 @@ class WorktreePool:
     def remove(self) -> None:
         """Delete every slot of this repo (all must be free)."""
         remove_tree(self.dir)
+
+
+def _layout_kept(git_dir: Path) -> bool:
+    """Whether a slot's .git holds exactly GIT_DIR_LAYOUT: real folders and regular files, nothing
+    more (an action may have added hooks, config includes, refs, objects, or links anywhere)."""
+    try:
+        for folder, names in GIT_DIR_LAYOUT.items():
+            with os.scandir(git_dir / folder) as entries:
+                found = {e.name: e for e in entries}
+            if set(found) - {"index"} != names - {"index"}:
+                return False
+            for name, entry in found.items():
+                want_dir = f"{folder}/{name}".lstrip("/") in GIT_DIR_LAYOUT
+                if entry.is_symlink() or (entry.is_dir(follow_symlinks=False) != want_dir) or (
+                        not want_dir and not entry.is_file(follow_symlinks=False)):
+                    return False
+    except OSError:
+        return False
+    return True
 
 
 def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:

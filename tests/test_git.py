@@ -269,3 +269,25 @@ def test_a_large_index_is_left_to_git_clean(bare: Path, tmp_path: Path) -> None:
     assert not gitmod.clean_untracked(t, limit=2)  # 3 tracked files: nothing done
     assert (t / "untracked.txt").exists()
     assert gitmod.index_paths(t / ".git" / "index", 3) == {".gitignore", "README.md", "src/app.py"}
+
+
+def test_a_reset_keeps_an_untouched_git_dir_and_rebuilds_a_touched_one(bare: Path, tmp_path: Path) -> None:
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        objects = (slot.tree / ".git" / "objects").stat().st_ino
+        assert sorted(p.name for p in (slot.tree / ".git").iterdir()) == ["HEAD", "config", "index", "objects", "refs"]
+    with pool.checkout(main) as slot:  # nothing touched: the folders stay, three files are rewritten
+        assert (slot.tree / ".git" / "objects").stat().st_ino == objects
+        outside = tmp_path / "host-file"
+        outside.write_text("host\n")
+        (slot.tree / ".git" / "config").unlink()
+        os.link(outside, slot.tree / ".git" / "config")  # written through, it would change the host file
+    with pool.checkout(main) as slot:  # the same layout: kept, but the link is replaced, not written
+        assert (slot.tree / ".git" / "objects").stat().st_ino == objects
+        assert outside.read_text() == "host\n"
+        (slot.tree / ".git" / "refs" / "heads" / "evil").write_text(main + "\n")
+    with pool.checkout(main) as slot:  # another layout: rebuilt
+        assert not (slot.tree / ".git" / "refs" / "heads" / "evil").exists()
+        assert "logallrefupdates = false" in (slot.tree / ".git" / "config").read_text().lower()
+        assert tree_state(slot.tree)[1] == ""
