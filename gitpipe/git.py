@@ -253,6 +253,7 @@ class WorktreePool:
     """
 
     _digests: dict[str, str] = {}  # slot root -> sha256 of the index we saved there
+    _checked_out: dict[str, tuple[str, int]] = {}  # slot root -> (commit, when git wrote that index)
     _digests_lock = threading.Lock()
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path) -> None:
@@ -295,7 +296,12 @@ class WorktreePool:
                     remove_tree(entry)
         try:
             self._prepare_git_dir(slot, sha)
-            self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
+            if not self._unchanged(slot, sha):  # else the files are those of sha: no git process
+                if (slot.tree / ".git" / "index").is_file():
+                    # First what the last commit does not track: a tracked folder an action replaced
+                    # by a link is removed with it, which `git checkout` alone leaves missing.
+                    clean_untracked(slot.tree)
+                self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             if not clean_untracked(slot.tree):  # a large tree: git walks it faster than Python
                 self._git(slot, "clean", "-qffdx")
         except (OSError, subprocess.CalledProcessError, RecursionError):
@@ -304,9 +310,21 @@ class WorktreePool:
             self._prepare_git_dir(slot, sha)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
         saved = slot.root / "index"
+        written = (slot.tree / ".git" / "index").stat().st_mtime_ns
         shutil.copyfile(slot.tree / ".git" / "index", saved)
         with self._digests_lock:
             self._digests[str(slot.root)] = _sha256(saved)
+            self._checked_out[str(slot.root)] = (sha, written)
+
+    def _unchanged(self, slot: Slot, sha: str) -> bool:
+        """Whether the slot's tree still holds the files of `sha` exactly: its last reset was to
+        `sha`, its index is the one we saved then (_prepare_git_dir dropped it otherwise), and no
+        tracked file changed since (`tree_matches_index`). Untracked ones are cleaned after."""
+        with self._digests_lock:
+            last = self._checked_out.get(str(slot.root))
+        if last is None or last[0] != sha or not (slot.tree / ".git" / "index").is_file():
+            return False
+        return tree_matches_index(slot.tree, last[1])
 
     def _prepare_git_dir(self, slot: Slot, sha: str) -> None:
         """Rewrite the slot's .git: only our config, HEAD, alternates and the saved index survive."""
@@ -398,20 +416,64 @@ def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
 def index_paths(index: Path, limit: int) -> set[str] | None:
     """The paths a git index (version 2 or 3, SHA-1) tracks; None when it has more than `limit`
     entries or is another version."""
+    entries = index_entries(index, limit)
+    return None if entries is None else {path for path, _, _ in entries}
+
+
+def index_entries(index: Path, limit: int) -> list[tuple[str, tuple[int, ...], int]] | None:
+    """A git index's entries (version 2 or 3, SHA-1): (path, its ten stat words as git stored
+    them: ctime s/ns, mtime s/ns, dev, ino, mode, uid, gid, size; flags); None when it has more
+    than `limit` entries or is another version."""
     data = index.read_bytes()
     if len(data) < 12 or data[:4] != b"DIRC":
         raise OSError(f"{index}: not a git index")
     version, count = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
     if version not in (2, 3) or count > limit:
         return None
-    paths, pos = set(), 12
+    entries, pos = [], 12
     for _ in range(count):
+        words = tuple(int.from_bytes(data[pos + 4 * i:pos + 4 * i + 4], "big") for i in range(10))
         flags = int.from_bytes(data[pos + 60:pos + 62], "big")
         start = pos + 62 + (2 if flags & 0x4000 else 0)  # version 3: extended flags
         end = data.index(b"\0", start)
-        paths.add(os.fsdecode(data[start:end]))
+        entries.append((os.fsdecode(data[start:end]), words, flags))
         pos += (end - pos + 8) // 8 * 8  # entries are NUL-padded to a multiple of 8 bytes
-    return paths
+    return entries
+
+
+def tree_matches_index(tree: Path, written_ns: int, limit: int = CLEAN_IN_PROCESS) -> bool:
+    """Whether every file the index of `tree` tracks is still the one git checked out, by the
+    stat data git keeps for that purpose (what `git checkout --force` itself compares before it
+    rewrites a file): inode, change and modification times, size, mode, owner. A write, a
+    replaced file or a chmod changes the ctime, which no unprivileged process can set back.
+    False when in any doubt: an entry git wrote in the same instant as the index (`written_ns`,
+    "racy"), a flag, a submodule, a folder on the way replaced by a link, a larger index."""
+    entries = index_entries(tree / ".git" / "index", limit)
+    if entries is None:
+        return False
+    folders = {path[:i] for path, _, _ in entries for i in range(len(path)) if path[i] == "/"}
+    for folder in folders:
+        if not stat.S_ISDIR(os.lstat(tree / folder).st_mode):
+            return False
+    mask = 0xFFFFFFFF
+    for path, words, flags in entries:
+        ctime_s, ctime_ns, mtime_s, mtime_ns, _dev, ino, mode, uid, gid, size = words
+        if flags & 0xF000 or mtime_s * 10**9 + mtime_ns >= written_ns:
+            return False  # assume-valid, extended or stage flags; or racily clean
+        try:
+            st = os.lstat(tree / path)
+        except FileNotFoundError:
+            return False
+        kind = mode & 0o170000
+        if kind == 0o100000:
+            same_kind = stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o100) == (mode & 0o777 == 0o755)
+        else:
+            same_kind = kind == 0o120000 and stat.S_ISLNK(st.st_mode)
+        if not same_kind or (int(st.st_ctime), st.st_ctime_ns % 10**9, int(st.st_mtime), st.st_mtime_ns % 10**9,
+                             st.st_ino & mask, st.st_uid, st.st_gid, st.st_size & mask) != (
+                ctime_s, ctime_ns, mtime_s, mtime_ns, ino, uid, gid, size):
+            return False
+    return True
 
 
 def _sha256(path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -291,3 +292,51 @@ def test_a_reset_keeps_an_untouched_git_dir_and_rebuilds_a_touched_one(bare: Pat
         assert not (slot.tree / ".git" / "refs" / "heads" / "evil").exists()
         assert "logallrefupdates = false" in (slot.tree / ".git" / "config").read_text().lower()
         assert tree_state(slot.tree)[1] == ""
+
+
+RESETS = """
+import sys
+from gitpipe import git
+pool = git.WorktreePool(git.Path(sys.argv[1]), "shop", sys.argv[2])
+for sha in sys.argv[3:]:
+    with pool.checkout(sha) as slot:
+        (slot.tree / "build-output.o").write_text("x")  # what a build leaves: untracked
+"""
+
+
+def test_a_slot_reset_to_the_same_commit_starts_no_git_process(bare: Path, tmp_path: Path) -> None:
+    """The files of the commit are still there (their stat data says so): no checkout, no clean."""
+    main, v1 = sha_of(bare, "main"), sha_of(bare, "v1")
+    out = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-o", str(out), "-e", "trace=execve", "-e", "status=successful",
+                    sys.executable, "-c", RESETS, str(tmp_path / "work"), str(bare), *[main] * 5, v1],
+                   check=True, capture_output=True)
+    gits = [line for line in out.read_text().splitlines() if "/git\"" in line]
+    # The first reset and v1's check out; of the four resets to main between, at most one does:
+    # when git wrote the files and the index in the same clock tick, their stat data cannot
+    # tell a later change apart ("racy"), so git checks them once more and writes a fresh index.
+    assert 2 <= sum("checkout" in line for line in gits) <= 3, len(gits)
+    assert not any('"clean"' in line for line in gits)
+
+
+def test_a_tracked_file_changed_behind_its_stat_data_is_restored(bare: Path, tmp_path: Path) -> None:
+    """Same size, modification time set back: the change time still gives it away."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        app = slot.tree / "src" / "app.py"
+        st = app.stat()
+        app.write_text("print('EV')\n")  # as long as print('v2')
+        os.utime(app, ns=(st.st_atime_ns, st.st_mtime_ns))
+        (slot.tree / "README.md").chmod(0o755)
+    with pool.checkout(main) as slot:
+        assert (slot.tree / "src" / "app.py").read_text() == "print('v2')\n"
+        assert not os.access(slot.tree / "README.md", os.X_OK) or os.getuid() == 0
+        assert (slot.tree / "README.md").stat().st_mode & 0o111 == 0
+        src = slot.tree / "src"
+        os.rename(src, slot.tree / "elsewhere")
+        src.symlink_to("elsewhere")  # the same file, reached through a link
+    with pool.checkout(main) as slot:
+        assert (slot.tree / "src").is_dir() and not (slot.tree / "src").is_symlink()
+        assert tree_state(slot.tree)[1] == ""
+        assert not (slot.tree / "elsewhere").exists()
