@@ -27,7 +27,7 @@ import stat
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,12 +253,16 @@ class WorktreePool:
     """
 
     _digests: dict[str, str] = {}  # slot root -> sha256 of the index we saved there
-    _checked_out: dict[str, tuple[str, int]] = {}  # slot root -> (commit, when git wrote that index)
+    # slot root -> (commit, stat data of its tracked files when the slot was handed out)
+    _sealed: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {}
     _digests_lock = threading.Lock()
 
-    def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path) -> None:
+    def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path,
+                 settle: Callable[[Path], None] | None = None) -> None:
+        """`settle`: what the sandbox does to a fresh tree (owner, modes) before anything reads it."""
         self.dir = work_dir / repo_name
         self.objects = Path(repo_path).absolute() / "objects"
+        self.settle = settle
 
     @contextmanager
     def checkout(self, sha: str) -> Iterator[Slot]:
@@ -266,6 +270,9 @@ class WorktreePool:
         slot = self._take()
         try:
             self._reset(slot, sha)
+            if self.settle is not None:
+                self.settle(slot.tree)
+            self._seal(slot, sha)
             yield slot
         finally:
             os.close(slot.lock_fd)
@@ -310,21 +317,37 @@ class WorktreePool:
             self._prepare_git_dir(slot, sha)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
         saved = slot.root / "index"
-        written = (slot.tree / ".git" / "index").stat().st_mtime_ns
         shutil.copyfile(slot.tree / ".git" / "index", saved)
         with self._digests_lock:
             self._digests[str(slot.root)] = _sha256(saved)
-            self._checked_out[str(slot.root)] = (sha, written)
+
+    def _seal(self, slot: Slot, sha: str) -> None:
+        """Remember the stat data of the tracked files as the slot is handed out: exactly `sha`'s.
+
+        A change by the action changes a file's ctime, which no unprivileged process can set
+        back; one made in the same clock tick as this look could keep it, so files changed at or
+        after the kernel's time now (read from a new file's ctime) are not remembered."""
+        probe = slot.root / ".stamp"
+        probe.unlink(missing_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        now = probe.lstat().st_ctime_ns
+        probe.unlink()
+        found = tree_stat(slot.tree, racy_ns=now)
+        with self._digests_lock:
+            if found is None:
+                self._sealed.pop(str(slot.root), None)
+            else:
+                self._sealed[str(slot.root)] = (sha, found)
 
     def _unchanged(self, slot: Slot, sha: str) -> bool:
-        """Whether the slot's tree still holds the files of `sha` exactly: its last reset was to
-        `sha`, its index is the one we saved then (_prepare_git_dir dropped it otherwise), and no
-        tracked file changed since (`tree_matches_index`). Untracked ones are cleaned after."""
+        """Whether the slot still holds the files of `sha` exactly, as handed out last time (no
+        tracked file changed, by its stat data), with the index saved then (_prepare_git_dir
+        dropped it otherwise). Untracked files are cleaned after."""
         with self._digests_lock:
-            last = self._checked_out.get(str(slot.root))
-        if last is None or last[0] != sha or not (slot.tree / ".git" / "index").is_file():
+            sealed = self._sealed.pop(str(slot.root), None)
+        if sealed is None or sealed[0] != sha or not (slot.tree / ".git" / "index").is_file():
             return False
-        return tree_matches_index(slot.tree, last[1])
+        return tree_stat(slot.tree) == sealed[1]
 
     def _prepare_git_dir(self, slot: Slot, sha: str) -> None:
         """Rewrite the slot's .git: only our config, HEAD, alternates and the saved index survive."""
@@ -416,64 +439,45 @@ def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
 def index_paths(index: Path, limit: int) -> set[str] | None:
     """The paths a git index (version 2 or 3, SHA-1) tracks; None when it has more than `limit`
     entries or is another version."""
-    entries = index_entries(index, limit)
-    return None if entries is None else {path for path, _, _ in entries}
-
-
-def index_entries(index: Path, limit: int) -> list[tuple[str, tuple[int, ...], int]] | None:
-    """A git index's entries (version 2 or 3, SHA-1): (path, its ten stat words as git stored
-    them: ctime s/ns, mtime s/ns, dev, ino, mode, uid, gid, size; flags); None when it has more
-    than `limit` entries or is another version."""
     data = index.read_bytes()
     if len(data) < 12 or data[:4] != b"DIRC":
         raise OSError(f"{index}: not a git index")
     version, count = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
     if version not in (2, 3) or count > limit:
         return None
-    entries, pos = [], 12
+    paths, pos = set(), 12
     for _ in range(count):
-        words = tuple(int.from_bytes(data[pos + 4 * i:pos + 4 * i + 4], "big") for i in range(10))
         flags = int.from_bytes(data[pos + 60:pos + 62], "big")
         start = pos + 62 + (2 if flags & 0x4000 else 0)  # version 3: extended flags
         end = data.index(b"\0", start)
-        entries.append((os.fsdecode(data[start:end]), words, flags))
+        paths.add(os.fsdecode(data[start:end]))
         pos += (end - pos + 8) // 8 * 8  # entries are NUL-padded to a multiple of 8 bytes
-    return entries
+    return paths
 
 
-def tree_matches_index(tree: Path, written_ns: int, limit: int = CLEAN_IN_PROCESS) -> bool:
-    """Whether every file the index of `tree` tracks is still the one git checked out, by the
-    stat data git keeps for that purpose (what `git checkout --force` itself compares before it
-    rewrites a file): inode, change and modification times, size, mode, owner. A write, a
-    replaced file or a chmod changes the ctime, which no unprivileged process can set back.
-    False when in any doubt: an entry git wrote in the same instant as the index (`written_ns`,
-    "racy"), a flag, a submodule, a folder on the way replaced by a link, a larger index."""
-    entries = index_entries(tree / ".git" / "index", limit)
-    if entries is None:
-        return False
-    folders = {path[:i] for path, _, _ in entries for i in range(len(path)) if path[i] == "/"}
-    for folder in folders:
+def tree_stat(tree: Path, racy_ns: int | None = None,
+              limit: int = CLEAN_IN_PROCESS) -> dict[str, tuple[int, ...]] | None:
+    """The stat data of every file the index of `tree` tracks (inode, device, mode, owner, size,
+    modification and change times), or None: a larger index, a missing file, a folder on the
+    way that is not a real folder, or (with `racy_ns`) a file changed at or after that kernel
+    time, which a later change in the same clock tick could not be told apart from."""
+    paths = index_paths(tree / ".git" / "index", limit)
+    if paths is None:
+        return None
+    for folder in {p[:i] for p in paths for i in range(len(p)) if p[i] == "/"}:
         if not stat.S_ISDIR(os.lstat(tree / folder).st_mode):
-            return False
-    mask = 0xFFFFFFFF
-    for path, words, flags in entries:
-        ctime_s, ctime_ns, mtime_s, mtime_ns, _dev, ino, mode, uid, gid, size = words
-        if flags & 0xF000 or mtime_s * 10**9 + mtime_ns >= written_ns:
-            return False  # assume-valid, extended or stage flags; or racily clean
+            return None
+    found = {}
+    for path in paths:
         try:
             st = os.lstat(tree / path)
         except FileNotFoundError:
-            return False
-        kind = mode & 0o170000
-        if kind == 0o100000:
-            same_kind = stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o100) == (mode & 0o777 == 0o755)
-        else:
-            same_kind = kind == 0o120000 and stat.S_ISLNK(st.st_mode)
-        if not same_kind or (int(st.st_ctime), st.st_ctime_ns % 10**9, int(st.st_mtime), st.st_mtime_ns % 10**9,
-                             st.st_ino & mask, st.st_uid, st.st_gid, st.st_size & mask) != (
-                ctime_s, ctime_ns, mtime_s, mtime_ns, ino, uid, gid, size):
-            return False
-    return True
+            return None
+        if racy_ns is not None and max(st.st_ctime_ns, st.st_mtime_ns) >= racy_ns:
+            return None
+        found[path] = (st.st_ino, st.st_dev, st.st_mode, st.st_uid, st.st_gid, st.st_size,
+                       st.st_mtime_ns, st.st_ctime_ns)
+    return found
 
 
 def _sha256(path: Path) -> str:

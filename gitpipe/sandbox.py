@@ -142,6 +142,10 @@ class Sandbox:
         if self.tree is not None:
             self.tree.close()
 
+    def settle(self, tree: Path) -> None:
+        """Hand a freshly reset worktree over: plain modes, the build user's (see `hand_over`)."""
+        hand_over(tree, self.uid, self.gid)
+
     # ------------------------------------------------------------------ one process
     def launch(self, argv: list[str], env: dict[str, str], box: Confine) -> Launch:
         """The confined form of `argv`: its cgroup made, its HOME and output file fresh."""

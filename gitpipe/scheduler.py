@@ -131,7 +131,8 @@ class RunWorker:
             return
         if self.store.cancel_requested(run.id):
             self.cancelled.set()
-        self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo))
+        self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo),
+                                     settle=self.host.sandbox.settle)
         self._stages()
 
     def _pipeline(self, run: RunRecord) -> Pipeline | None:

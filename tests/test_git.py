@@ -313,8 +313,8 @@ def test_a_slot_reset_to_the_same_commit_starts_no_git_process(bare: Path, tmp_p
                    check=True, capture_output=True)
     gits = [line for line in out.read_text().splitlines() if "/git\"" in line]
     # The first reset and v1's check out; of the four resets to main between, at most one does:
-    # when git wrote the files and the index in the same clock tick, their stat data cannot
-    # tell a later change apart ("racy"), so git checks them once more and writes a fresh index.
+    # files git wrote in the same clock tick as the slot was handed out are not trusted to
+    # their stat data ("racy"), so that reset checks them out once more.
     assert 2 <= sum("checkout" in line for line in gits) <= 3, len(gits)
     assert not any('"clean"' in line for line in gits)
 
