@@ -270,9 +270,12 @@ class WorktreePool:
         slot = self._take()
         try:
             self._reset(slot, sha)
-            if self.settle is not None:
-                self.settle(slot.tree)
-            self._seal(slot, sha)
+            if _tracked_count(slot.tree) <= CLEAN_IN_PROCESS:
+                # Settled here (the sandbox walks it again at launch, for the inputs restored
+                # into it: twice only for a small tree) so that what is remembered is final.
+                if self.settle is not None:
+                    self.settle(slot.tree)
+                self._seal(slot, sha)
             yield slot
         finally:
             os.close(slot.lock_fd)
@@ -434,6 +437,12 @@ def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
                 else:
                     os.unlink(entry.path)
     return True
+
+
+def _tracked_count(tree: Path) -> int:
+    """How many entries the index of `tree` has (its header)."""
+    with open(tree / ".git" / "index", "rb") as f:
+        return int.from_bytes(f.read(12)[8:12], "big")
 
 
 def index_paths(index: Path, limit: int) -> set[str] | None:
