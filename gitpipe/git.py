@@ -476,7 +476,7 @@ def tree_stat(tree: Path, racy_ns: int | None = None,
     for folder in {p[:i] for p in paths for i in range(len(p)) if p[i] == "/"}:
         if not stat.S_ISDIR(os.lstat(tree / folder).st_mode):
             return None
-    found = {}
+    found: dict[str, tuple[int, ...]] = {}
     for path in paths:
         try:
             st = os.lstat(tree / path)
