@@ -215,8 +215,6 @@ class Daemon:
         self._clear_wake_files()
         self._hear_others()
         self._ingest_spool()
-        if self.run_schedules:
-            _, self.next_due = self.schedules.fire_due(time.time())
         self._supersede()
         self._cancel_requested()
         for worker in list(self.workers.values()):
@@ -225,6 +223,12 @@ class Daemon:
             self.woken_by_approval = False
             self.reporter.refresh([r.id for r in self.store.runs_with_status(RunStatus.WAITING)])
         self._claim()
+        # After the claim: a push moved a head, and reading its pipeline for cron lines (a git
+        # process) must not delay the run that push queued.
+        if self.run_schedules:
+            fired, self.next_due = self.schedules.fire_due(time.time())
+            if fired:
+                self._claim()
         if self.prune_due:
             self.prune_due = False
             retention.prune(self.settings, self.store)

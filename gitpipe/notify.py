@@ -14,7 +14,6 @@ import re
 import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,6 +172,8 @@ class Notifier:
 
 def post(url: str, payload: dict[str, Any]) -> None:
     """POST the event as JSON; raises on a non-2xx answer or a timeout."""
+    import urllib.request  # ~8 MB (http, email, ssl): loaded by the first webhook
+
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "User-Agent": "gitpipe"})
     with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:

@@ -157,6 +157,10 @@ class Sandbox:
         if self.tree is not None:
             self.tree.close()
 
+    def settle(self, tree: Path) -> None:
+        """Hand a freshly reset worktree over: plain modes, the build user's (see `hand_over`)."""
+        hand_over(tree, self.uid, self.gid)
+
     # ------------------------------------------------------------------ one process
     def prepare(self, box: Confine) -> None:
         """Make the HOME and output file fresh and hand the worktree over (before a cache restore)."""
@@ -186,9 +190,8 @@ class Sandbox:
             full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
         late = {k: v for k, v in full.items() if unsecure(k)}  # set by `env` just before the script
         outer = {k: v for k, v in full.items() if not unsecure(k)}
-        outer["PATH"] = SYSTEM_PATH  # what finds setpriv; the script's own PATH is set with `late`
-        late["PATH"] = full["PATH"]
-        inner = self._bwrap(argv, box, late)
+        outer["PATH"] = SYSTEM_PATH  # what finds setpriv; bwrap sets the script's own (--setenv)
+        inner = self._bwrap(argv, box, late, script_path=full["PATH"])
         if box.overlays and self.uid is None:
             inner = _with_overlays(inner, box.overlays)
         return Launch(join + inner, outer, Path("/"), group, spare=True)
@@ -219,8 +222,10 @@ class Sandbox:
             remove_tree(box.home)
         return subprocess.CompletedProcess(launch.argv, proc.returncode, out, err)
 
-    def _bwrap(self, argv: list[str], box: Confine, env: dict[str, str], probing: bool = False) -> list[str]:
-        """bwrap's argument list; `env`: variables set (by `env`) only for `argv` itself, last."""
+    def _bwrap(self, argv: list[str], box: Confine, env: dict[str, str], probing: bool = False,
+               script_path: str | None = None) -> list[str]:
+        """bwrap's argument list; `env`: variables set (by `env`) only for `argv` itself, last;
+        `script_path`: the PATH bwrap gives what it starts (setpriv is named by its full path)."""
         assert self.bwrap is not None
         root = self.uid is not None  # the daemon is root: for_host found the build user
         out = [self.bwrap, "--die-with-parent", "--new-session"]
@@ -260,6 +265,8 @@ class Sandbox:
             for path in self.conf.read_write:
                 out += _dirs(path.parent, made) + ["--bind", str(path), str(path)]
             out += ["--chdir", str(inside if box.tree is not None else INSIDE_HOME)]
+        if script_path is not None:
+            out += ["--setenv", "PATH", script_path]
         out.append("--")
         if root:
             setpriv = shutil.which("setpriv", path=SYSTEM_PATH) or "/usr/bin/setpriv"

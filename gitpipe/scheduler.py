@@ -124,11 +124,11 @@ class RunWorker:
         if pipe is None:
             return
         if run.status is RunStatus.QUEUED:
-            repo = git.open_repo(self.store.repo_path(run.repo))
-            if not git.has_commit(repo, run.sha):
+            commit = git.commit_of(self.store.repo_path(run.repo), run.sha)  # no pygit2 in the daemon
+            if commit is None:
                 self.store.fail_queued_run(run.id, f"commit {run.sha[:7]} is not in the repository any more")
                 return
-            author, message = git.commit_info(repo, run.sha)
+            author, message = commit
             deadline = time.time() + pipe.timeout if pipe.timeout else None
             try:  # a push or a schedule gives none: the defaults ("" without one)
                 inputs = pipeline_mod.input_values(pipe, dict(run.inputs), manual=False)
@@ -147,7 +147,8 @@ class RunWorker:
             return
         if self.store.cancel_requested(run.id):
             self.cancelled.set()
-        self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo))
+        self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo),
+                                     settle=self.host.sandbox.settle)
         self._stages()
 
     def _pipeline(self, run: RunRecord) -> Pipeline | None:

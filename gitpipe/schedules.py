@@ -13,17 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from croniter import croniter
 
 from gitpipe import git, pipeline, queue
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import ScheduleSpec, short_ref
 from gitpipe.store import Store
-
-if TYPE_CHECKING:
-    import pygit2
 
 log = logging.getLogger("gitpipe")
 
@@ -61,14 +55,13 @@ class Scheduler:
         return found
 
     def _of_repo(self, name: str, path: str) -> list[Schedule]:
-        repo = git.open_repo(path)
-        try:
-            _, sha = git.resolve(repo, git.default_branch(repo))
-        except GitpipeError:
+        # Every wake looks at every repo: two small files read, no pygit2 (~20 MB) loaded.
+        default_ref, sha = git.branch_head(path) or self._resolved(path, None)
+        if sha is None:
             return []  # no commit yet
         cached = self._entries.get(name)
         if not cached or cached[0] != sha:
-            text = git.read_file(repo, sha, queue.PIPELINE_FILE)
+            text = git.show(path, sha, queue.PIPELINE_FILE)
             entries: tuple[ScheduleSpec, ...] = ()
             if text is not None:
                 try:
@@ -76,24 +69,29 @@ class Scheduler:
                 except PipelineError:
                     entries = ()
             cached = self._entries[name] = (sha, entries)
-        return [s for s in (self._entry(repo, name, e) for e in cached[1]) if s]
+        return [s for s in (self._entry(path, name, default_ref, sha, e) for e in cached[1]) if s]
 
-    def _entry(self, repo: pygit2.Repository, name: str, entry: ScheduleSpec) -> Schedule | None:
+    def _entry(self, path: str, name: str, default_ref: str, default_sha: str,
+               entry: ScheduleSpec) -> Schedule | None:
         """What one entry runs now: its branch's head and that commit's pipeline (None: nothing to run)."""
-        branch = git.default_branch(repo) if entry.branch is None else f"refs/heads/{entry.branch}"
-        try:
-            ref, sha = git.resolve(repo, branch)
-        except GitpipeError:
-            if entry.branch:
+        ref, sha = default_ref, default_sha
+        if entry.branch is not None:
+            ref = f"refs/heads/{entry.branch}"
+            try:
+                found = git.ref_head(path, ref)
+            except (OSError, UnicodeDecodeError):
+                found = self._resolved(path, ref)[1]
+            if found is None:
                 self._warn(name, entry, f"branch {entry.branch} not found")
-            return None
+                return None
+            sha = found
         # The key of a plain entry stays the cron line, as before branches could be named.
         key = entry.cron if entry.branch is None else f"{entry.branch}:{entry.cron}"
         cached = self._heads.get((name, key))
         if cached and cached[0] == sha:
             return cached[1]
-        text = git.read_file(repo, sha, queue.PIPELINE_FILE)
-        found = None
+        text = git.show(path, sha, queue.PIPELINE_FILE)
+        found_schedule = None
         if text is None:
             self._warn(name, entry, f"{short_ref(ref)} has no {queue.PIPELINE_FILE}")
         else:
@@ -101,19 +99,29 @@ class Scheduler:
                 pipe_name = pipeline.parse(text, default_name=name).name
             except PipelineError:
                 pipe_name = name  # the run records the invalid pipeline and fails, saying why
-            found = Schedule(name, key, ref, sha, text, pipe_name, entry.cron)
-        self._heads[(name, key)] = (sha, found)
-        return found
+            found_schedule = Schedule(name, key, ref, sha, text, pipe_name, entry.cron)
+        self._heads[(name, key)] = (sha, found_schedule)
+        return found_schedule
 
     def _warn(self, name: str, entry: ScheduleSpec, why: str) -> None:
         log.warning("schedule %r of %s: %s; skipped", entry.cron, name, why)
+
+    @staticmethod
+    def _resolved(path: str, ref: str | None) -> tuple[str, str | None]:
+        """A ref's head through pygit2 (the default branch's when `ref` is None), where the
+        repository's files do not tell (reftable, a detached HEAD)."""
+        repo = git.open_repo(path)
+        try:
+            return git.resolve(repo, ref or git.default_branch(repo))
+        except GitpipeError:
+            return "", None  # no commit yet, or no such branch
 
     def fire_due(self, now: float) -> tuple[list[int], float | None]:
         """Queue one run per cron line whose latest slot has not fired; the next due time."""
         fired, next_due = [], None
         for s in self.schedules():
             key = f"schedule:{s.repo}:{s.line}"
-            slot = croniter(s.cron, _utc(now)).get_prev(float)
+            slot = _croniter()(s.cron, _utc(now)).get_prev(float)
             last = self.store.get_state(key)
             if last is None:
                 self.store.set_state(key, str(slot))  # a new schedule starts from now, not the past
@@ -123,6 +131,13 @@ class Scheduler:
                                    pipeline_text=s.text, pusher="schedule")
                 fired += self.store.create_runs([new])
                 log.info("schedule %r of %s: run #%s queued", s.line, s.repo, fired[-1])
-            due = croniter(s.cron, _utc(now)).get_next(float)
+            due = _croniter()(s.cron, _utc(now)).get_next(float)
             next_due = due if next_due is None else min(next_due, due)
         return fired, next_due
+
+
+def _croniter():  # type: ignore[no-untyped-def]
+    """croniter's class, imported on the first schedule (~5 MB an idle daemon without one never pays)."""
+    from croniter import croniter  # type: ignore[import-untyped]
+
+    return croniter

@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlite_utils import Database
-
 from gitpipe import intake, queue, space
 from gitpipe.errors import DiskFullError, TransitionError, UsageError
 from gitpipe.intake import now_iso
@@ -37,6 +35,7 @@ from gitpipe.models import (
 )
 from gitpipe.queue import NewRun
 from gitpipe.settings import Settings
+from gitpipe.sqlrows import Rows
 
 # Named migrations, applied in order, each once. A shipped migration is never edited:
 # add a new one instead.
@@ -159,7 +158,7 @@ class Store:
         settings.home.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.conn = intake.connect(settings.db_path)
-        self.db = Database(self.conn)
+        self.db = Rows(self.conn)
         self.lock = threading.RLock()
         self.listeners: list[Listener] = []
         self._pending: list[Event] = []
@@ -200,16 +199,23 @@ class Store:
             return applied
 
     @contextmanager
-    def tx(self) -> Iterator[Database]:
+    def tx(self, *, synced: bool = True) -> Iterator[Rows]:
         """One write transaction (BEGIN IMMEDIATE); events are sent to listeners after commit.
 
         On a full disk the whole transaction is rolled back and a DiskFullError raised: a
         change is recorded entirely or not at all.
+
+        `synced=False` commits without waiting for the disk (synchronous=NORMAL): for a change
+        the same thread follows at once by a synced commit, whose fsync of the write-ahead log
+        makes both durable (a stage starting before its action's attempt, an attempt ending
+        before its action). A crash in between loses only what recovery derives again.
         """
         with self.lock:
             if self._depth:  # nested: part of the caller's transaction
                 yield self.db
                 return
+            if not synced:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
                 self._depth = 1
@@ -226,6 +232,8 @@ class Store:
                     raise
                 finally:
                     self._depth = 0
+                    if not synced:
+                        self.conn.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
                 if space.sqlite_full(exc, self.settings.home):
                     raise DiskFullError(f"the disk holding {self.settings.home} is full: "
@@ -418,8 +426,11 @@ class Store:
                   commit_author: str | None, commit_message: str | None,
                   inputs: tuple[tuple[str, str], ...] = ()) -> None:
         """queued -> running: record the run's inputs (defaults filled in), create the stage and
-        action rows of the pipeline."""
-        with self.tx() as db:
+        action rows of the pipeline.
+
+        Not synced: the first action's start (or the run's end) follows, synced; a crash before
+        that leaves the run queued, and the next daemon starts it again, as nothing ran."""
+        with self.tx(synced=False) as db:
             self._set_run(run_id, RunStatus.RUNNING, started_at=now_iso(), deadline=deadline,
                           commit_author=commit_author, commit_message=commit_message,
                           inputs=_json(inputs) if inputs else None)
@@ -457,7 +468,7 @@ class Store:
                 fields["error"] = error
             self._set_run(run_id, status, **fields)
 
-    def _close_open(self, db: Database, run_id: int, status: RunStatus, error: str | None) -> None:
+    def _close_open(self, db: Rows, run_id: int, status: RunStatus, error: str | None) -> None:
         cancelled = status is RunStatus.CANCELLED
         why = "the run was cancelled" if cancelled else error or f"the run {status.value}"
         for act in self.actions(run_id):
@@ -506,7 +517,9 @@ class Store:
                             r["started_at"], r["finished_at"]) for r in rows]
 
     def set_stage(self, run_id: int, idx: int, status: ActionStatus) -> None:
-        with self.tx() as db:
+        """Not synced: the stage's first action starting, or the next synced commit, makes it durable
+        (and recovery derives a stage's status from its actions again)."""
+        with self.tx(synced=False) as db:
             fields: dict[str, Any] = {"status": status.value}
             if status is ActionStatus.RUNNING:
                 fields["started_at"] = now_iso()
@@ -554,7 +567,8 @@ class Store:
 
     def finish_attempt(self, action_id: int, number: int, status: ActionStatus,
                        exit_code: int | None) -> None:
-        with self.tx() as db:
+        """Not synced: the action's end (or its next attempt) follows at once, synced."""
+        with self.tx(synced=False) as db:
             db.execute("UPDATE attempts SET status = ?, exit_code = ?, finished_at = ? "
                        "WHERE action_id = ? AND number = ?",
                        [status.value, exit_code, now_iso(), action_id, number])

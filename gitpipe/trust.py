@@ -14,7 +14,7 @@ def protected_patterns(settings: Settings, repo: str, repo_path: str) -> tuple[s
     configured = settings.repo(repo).protected
     if configured is not None:
         return configured
-    return (git.default_branch(git.open_repo(repo_path)), "refs/tags/*")
+    return (git.default_branch_of(repo_path), "refs/tags/*")
 
 
 def is_protected(settings: Settings, repo: str, repo_path: str, ref: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -229,3 +230,113 @@ def test_a_tampered_saved_index_does_not_keep_a_modified_file(bare: Path, tmp_pa
         (slot.root / "index").write_bytes((slot.tree / ".git" / "index").read_bytes())
     with pool.checkout(main) as slot:
         assert (slot.tree / "README.md").read_text() == "original\n"
+
+
+def _untracked_mess(t: Path) -> None:
+    """What an action may leave in its tree: files, ignored ones, empty and nested dirs, a nested
+    repo, links out of the tree, a link where a tracked folder's sibling was."""
+    (t / "untracked.txt").write_text("x")
+    (t / "ignored").mkdir()
+    (t / "ignored" / "junk").write_text("x")
+    (t / "src" / "build.log").write_text("x")
+    (t / "src" / "deep" / "er").mkdir(parents=True)
+    (t / "empty").mkdir()
+    subprocess.run(["git", "init", "--quiet", "nested"], cwd=t, check=True)
+    (t / "nested" / "inner.txt").write_text("x")
+    (t / "out").symlink_to("/etc")
+    (t / "src" / "passwd").symlink_to("/etc/passwd")
+
+
+def test_the_in_process_clean_leaves_what_git_clean_leaves(bare: Path, tmp_path: Path) -> None:
+    trees = []
+    for name in ("by-git", "in-process"):
+        t = tmp_path / name
+        git(tmp_path, "clone", "--quiet", str(bare), str(t))
+        git(t, "update-index", "--skip-worktree", "README.md")  # an index of version 3
+        _untracked_mess(t)
+        trees.append(t)
+    git(trees[0], "clean", "-qffdx")
+    assert gitmod.clean_untracked(trees[1])
+    assert (trees[1] / ".git" / "index").read_bytes()[4:8] == (3).to_bytes(4, "big")
+    listing = [sorted(str(p.relative_to(t)) for p in t.rglob("*") if ".git" not in p.parts) for t in trees]
+    assert listing[0] == listing[1] == [".gitignore", "README.md", "src", "src/app.py"]
+    assert os.path.exists("/etc/passwd")  # a link was removed, never followed
+
+
+def test_a_large_index_is_left_to_git_clean(bare: Path, tmp_path: Path) -> None:
+    t = tmp_path / "w"
+    git(tmp_path, "clone", "--quiet", str(bare), str(t))
+    (t / "untracked.txt").write_text("x")
+    assert not gitmod.clean_untracked(t, limit=2)  # 3 tracked files: nothing done
+    assert (t / "untracked.txt").exists()
+    assert gitmod.index_paths(t / ".git" / "index", 3) == {".gitignore", "README.md", "src/app.py"}
+
+
+def test_a_reset_keeps_an_untouched_git_dir_and_rebuilds_a_touched_one(bare: Path, tmp_path: Path) -> None:
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        objects = (slot.tree / ".git" / "objects").stat().st_ino
+        assert sorted(p.name for p in (slot.tree / ".git").iterdir()) == ["HEAD", "config", "index", "objects", "refs"]
+    with pool.checkout(main) as slot:  # nothing touched: the folders stay, three files are rewritten
+        assert (slot.tree / ".git" / "objects").stat().st_ino == objects
+        outside = tmp_path / "host-file"
+        outside.write_text("host\n")
+        (slot.tree / ".git" / "config").unlink()
+        os.link(outside, slot.tree / ".git" / "config")  # written through, it would change the host file
+    with pool.checkout(main) as slot:  # the same layout: kept, but the link is replaced, not written
+        assert (slot.tree / ".git" / "objects").stat().st_ino == objects
+        assert outside.read_text() == "host\n"
+        (slot.tree / ".git" / "refs" / "heads" / "evil").write_text(main + "\n")
+    with pool.checkout(main) as slot:  # another layout: rebuilt
+        assert not (slot.tree / ".git" / "refs" / "heads" / "evil").exists()
+        assert "logallrefupdates = false" in (slot.tree / ".git" / "config").read_text().lower()
+        assert tree_state(slot.tree)[1] == ""
+
+
+RESETS = """
+import sys
+from gitpipe import git
+pool = git.WorktreePool(git.Path(sys.argv[1]), "shop", sys.argv[2])
+for sha in sys.argv[3:]:
+    with pool.checkout(sha) as slot:
+        (slot.tree / "build-output.o").write_text("x")  # what a build leaves: untracked
+"""
+
+
+def test_a_slot_reset_to_the_same_commit_starts_no_git_process(bare: Path, tmp_path: Path) -> None:
+    """The files of the commit are still there (their stat data says so): no checkout, no clean."""
+    main, v1 = sha_of(bare, "main"), sha_of(bare, "v1")
+    out = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-o", str(out), "-e", "trace=execve", "-e", "status=successful",
+                    sys.executable, "-c", RESETS, str(tmp_path / "work"), str(bare), *[main] * 5, v1],
+                   check=True, capture_output=True)
+    gits = [line for line in out.read_text().splitlines() if "/git\"" in line]
+    # The first reset and v1's check out; of the four resets to main between, at most one does:
+    # files git wrote in the same clock tick as the slot was handed out are not trusted to
+    # their stat data ("racy"), so that reset checks them out once more.
+    assert 2 <= sum("checkout" in line for line in gits) <= 3, len(gits)
+    assert not any('"clean"' in line for line in gits)
+
+
+def test_a_tracked_file_changed_behind_its_stat_data_is_restored(bare: Path, tmp_path: Path) -> None:
+    """Same size, modification time set back: the change time still gives it away."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        app = slot.tree / "src" / "app.py"
+        st = app.stat()
+        app.write_text("print('EV')\n")  # as long as print('v2')
+        os.utime(app, ns=(st.st_atime_ns, st.st_mtime_ns))
+        (slot.tree / "README.md").chmod(0o755)
+    with pool.checkout(main) as slot:
+        assert (slot.tree / "src" / "app.py").read_text() == "print('v2')\n"
+        assert not os.access(slot.tree / "README.md", os.X_OK) or os.getuid() == 0
+        assert (slot.tree / "README.md").stat().st_mode & 0o111 == 0
+        src = slot.tree / "src"
+        os.rename(src, slot.tree / "elsewhere")
+        src.symlink_to("elsewhere")  # the same file, reached through a link
+    with pool.checkout(main) as slot:
+        assert (slot.tree / "src").is_dir() and not (slot.tree / "src").is_symlink()
+        assert tree_state(slot.tree)[1] == ""
+        assert not (slot.tree / "elsewhere").exists()
