@@ -348,6 +348,31 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return local.run_exec(Path.cwd(), args.stage, args.action, args.keep, args.home)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gitpipe.cluster import worker  # Celery only for the cluster's commands
+
+    logging.basicConfig(level=logging.INFO, format="gitpipe worker: %(message)s", stream=sys.stderr)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    directory = Path(args.dir).expanduser().absolute() if args.dir else settings_mod.resolve_home(None) / "worker"
+    worker.serve(args.broker, labels, args.slots, args.name, directory)
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    from gitpipe.cluster import status
+
+    rows = status.workers(args.broker or status.broker_of(_home(args)))
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        say("no live worker")
+    for row in rows:
+        say(f"{row['name']:<16} labels {','.join(row['labels']) or '-':<20} slots {row['slots']:<3} "
+            f"running {row['running']:<3} heartbeat {row['heartbeat']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from gitpipe.report import Reporter
 
@@ -454,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the temporary home (logs, artifacts)")
     add("report", cmd_report, "render the static report site now (the daemon keeps it current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
+    p = add("worker", cmd_worker, "run a worker host: a Celery worker that runs actions sent by the build host")
+    p.add_argument("--broker", required=True, help="the Redis URL of [cluster] broker (redis:// or rediss://)")
+    p.add_argument("--labels", default="", help="comma-separated labels pipelines ask for with runs_on")
+    p.add_argument("--slots", type=int, default=1, help="actions this worker runs at once (default 1)")
+    p.add_argument("--name", help="this worker's name in [cluster.workers] (default: the host name)")
+    p.add_argument("--dir", help="its key, repo mirrors and worktrees (default: <home>/worker)")
+    p = add("workers", cmd_workers, "list the live workers: name, labels, slots, running attempts, heartbeat")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--broker", help="the Redis URL (default: [cluster] broker in gitpipe.toml)")
     return parser
 
 

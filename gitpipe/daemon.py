@@ -121,6 +121,10 @@ class Daemon:
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select)
+        if self.settings.cluster is not None:  # only then is Celery imported (SPEC section 13)
+            from gitpipe.cluster.dispatch import Cluster
+
+            self.host.cluster = Cluster(self.settings, self.settings.cluster)
         for d in (self.settings.wake_dir, self.settings.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
         observer = Observer()

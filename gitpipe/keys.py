@@ -64,6 +64,8 @@ PIPELINE = (
     Key("name", "name", "the pipeline's name (default: the repository's name)"),
     Key("timeout", "duration", 'the longest a whole run may take, e.g. "1h"'),
     Key("network", "boolean", "whether run actions may reach the network (default: the host's setting)"),
+    Key("runs_on", "strings", "worker labels every action needs unless it names its own (SPEC section 13)",
+        default=[]),
 )
 
 TRIGGER = (
@@ -103,6 +105,8 @@ ACTION = (
     Key("run", "text", "the bash script this action runs (bash -eo pipefail)", required=True,
         types=("run",)),
     Key("network", "boolean", "whether this action may reach the network", types=("run", PLUGIN)),
+    Key("runs_on", "strings", 'worker labels: the action runs on a worker host that has every one, e.g. '
+        '["linux", "arm64"] ([cluster] in gitpipe.toml)', types=("run", PLUGIN)),
     Key("message", "string", "the question a person answers; placeholders like {short_sha} work",
         types=("approval",)),
     Key("environment", "name", 'the environment this deploys to, e.g. "staging"', required=True,

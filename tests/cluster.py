@@ -1,0 +1,184 @@
+"""Helpers of the cluster tests: a private redis-server and real `gitpipe worker` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import GITPIPE, Home, base_env, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Redis:
+    """A redis-server of this test alone: 127.0.0.1, a free port, its own dir and password."""
+
+    dir: Path
+    port: int = field(default_factory=free_port)
+    password: str = field(default_factory=lambda: secrets.token_hex(12))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - the server holds it
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", "--requirepass", self.password, "--daemonize", "no"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(lambda: self.cli("PING").strip() == "PONG", timeout=20, what="redis-server to answer")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def cli(self, *args: str) -> str:
+        proc = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "--no-auth-warning",
+                               "-a", self.password, *args], capture_output=True, text=True, timeout=30)
+        return proc.stdout
+
+    def everything(self) -> bytes:
+        """Every key (`redis-cli --scan`) and every value in it, as bytes."""
+        import redis as redis_py
+
+        r = redis_py.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        out = []
+        for name in self.cli("--scan").split():
+            out.append(name.encode())
+            kind = r.type(name).decode()
+            if kind == "string":
+                out.append(r.get(name) or b"")
+            elif kind == "list":
+                out.extend(r.lrange(name, 0, -1))
+            elif kind == "stream":
+                for _, fields in r.xrange(name):
+                    out.extend(k + b"=" + v for k, v in fields.items())
+            elif kind == "hash":
+                out.extend(k + b"=" + v for k, v in r.hgetall(name).items())
+            elif kind == "set":
+                out.extend(r.smembers(name))
+            elif kind == "zset":
+                out.extend(r.zrange(name, 0, -1))
+        r.close()
+        return b"\n".join(out)
+
+
+def need_redis() -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is missing: apt-get install -y redis-server")
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+
+
+@dataclass
+class Worker:
+    name: str
+    labels: str
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def log(self) -> str:
+        return (self.dir / "worker.log").read_text(errors="replace")
+
+
+class Cluster:
+    """A redis-server, the coordinator's [cluster] table, and `gitpipe worker` processes."""
+
+    def __init__(self, home: Home, root: Path, share: Path | None = None) -> None:
+        self.home, self.root, self.share = home, root, share
+        self.redis = Redis(root / "redis")
+        self.workers: dict[str, Worker] = {}
+
+    def add(self, name: str, labels: str) -> Worker:
+        """A worker's dir, key and sandbox settings; trusted by the coordinator (call before configure)."""
+        from gitpipe.cluster import channel
+
+        d = self.root / "workers" / name
+        d.mkdir(parents=True)
+        if self.share is not None:
+            (d / "gitpipe.toml").write_text(f'[sandbox]\nread_write = ["{self.share}"]\n')
+        self.workers[name] = Worker(name, labels, d)
+        channel.load_private(d / "worker.key")
+        return self.workers[name]
+
+    def configure(self, local: bool = True) -> None:
+        from gitpipe.cluster import channel
+
+        keys = "\n".join(f'{w.name} = "{channel.public_text(channel.load_private(w.dir / "worker.key"))}"'
+                         for w in self.workers.values())
+        self.home.configure(f'[cluster]\nbroker = "{self.redis.url}"\nlocal = {str(local).lower()}\n'
+                            f"[cluster.workers]\n{keys}\n")
+
+    def start(self, name: str) -> Worker:
+        w = self.workers[name]
+        log = open(w.dir / "worker.log", "ab")  # noqa: SIM115 - the worker holds it
+        w.proc = subprocess.Popen(
+            [GITPIPE, "worker", "--broker", self.redis.url, "--labels", w.labels, "--name", name,
+             "--dir", str(w.dir), "--slots", "1", "--home", str(self.home.home)],
+            env=base_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        wait_for(lambda: name in self.live(), timeout=60, what=f"worker {name} to beat")
+        return w
+
+    def live(self) -> dict[str, dict]:
+        proc = self.home.gitpipe("workers", "--json", "--broker", self.redis.url)
+        assert proc.returncode == 0, proc.stderr
+        return {w["name"]: w for w in json.loads(proc.stdout)}
+
+    def kill(self, name: str) -> None:
+        """kill -9 the worker (and what it started: its session)."""
+        w = self.workers[name]
+        assert w.proc is not None
+        os.killpg(w.proc.pid, signal.SIGKILL)
+        w.proc.wait()
+
+    def stop_all(self) -> None:
+        for w in self.workers.values():
+            if w.proc is not None and w.proc.poll() is None:
+                os.killpg(w.proc.pid, signal.SIGTERM)
+        end = time.monotonic() + 20
+        for w in self.workers.values():
+            if w.proc is not None:
+                try:
+                    w.proc.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+                    w.proc.wait()
+
+
+@contextmanager
+def cluster(home: Home, root: Path, workers: dict[str, str], share: Path | None = None,
+            local: bool = True) -> Iterator[Cluster]:
+    need_redis()
+    c = Cluster(home, root, share)
+    c.redis.start()
+    try:
+        for name, labels in workers.items():
+            c.add(name, labels)
+        c.configure(local)
+        for name in workers:
+            c.start(name)
+        yield c
+    finally:
+        c.stop_all()
+        c.redis.stop()
