@@ -384,6 +384,8 @@ class Daemon:
         if swept:
             log.info("killed the processes of %d attempt(s) a previous daemon left running", swept)
         for attempt in self.store.open_attempts():
+            if self.host.cluster is not None and self.host.cluster.owns(attempt.token):
+                continue  # on a worker host: its run takes it up again (gitpipe.cluster.dispatch)
             killed = executor.kill_token(attempt.token)
             self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)
             act = self.store.action(attempt.action_id)

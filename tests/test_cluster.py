@@ -133,3 +133,118 @@ def test_a_secret_never_rests_in_redis_and_reaches_only_its_protected_run(home: 
         other = home.push_run(repo, {"x": "1"}, branch="feature")
         run = home.expect(home.wait_run(other, timeout=60), "failed")
         assert "not protected" in (home.action(run, "use")["message"] or "")
+
+
+def _attempts(home: Home, action_id: int) -> list[tuple[int, str]]:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{home.home / 'gitpipe.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT number, status FROM attempts WHERE action_id = ? ORDER BY number",
+                            (action_id,)).fetchall()
+    finally:
+        conn.close()
+
+
+def _action_id(home: Home, run_id: int, name: str) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{home.home / 'gitpipe.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT id FROM actions WHERE run_id = ? AND name = ?", (run_id, name)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _busy(c) -> str:  # type: ignore[no-untyped-def]
+    """The name of the one worker running an attempt now."""
+    busy = [name for name, w in c.live().items() if w["running"]]
+    return busy[0] if len(busy) == 1 else ""
+
+
+SLOW_FIRST = pipeline("""
+    [[stage]]
+    name = "s"
+    [[stage.action]]
+    name = "slow"
+    runs_on = ["linux"]
+    run = "echo $GITPIPE_ATTEMPT >> {out}/starts; echo started; if [ $GITPIPE_ATTEMPT = 1 ]; then sleep 600; fi; echo finished"
+""")
+
+
+def test_a_worker_killed_mid_action_interrupts_it_and_another_worker_runs_it_once(
+        home: Home, tmp_path: Path, out: Path) -> None:
+    with cluster(home, tmp_path, {"w1": "linux", "w2": "linux"}, share=out) as c, home.daemon():
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": SLOW_FIRST.format(out=out)})
+        wait_for(lambda: (out / "starts").exists(), timeout=120, what="the first attempt to start")
+        victim = wait_for(lambda: _busy(c), timeout=30, what="the busy worker")
+        wait_for(lambda: "started" in home.logs(run_id, "slow"), timeout=30, what="its output, live")
+        c.kill(victim)
+        run = home.expect(home.wait_run(run_id, timeout=180))
+        log = home.logs(run_id, "slow")
+        assert f"worker {victim} lost" in log and "finished" in log
+        survivor = ({"w1", "w2"} - {victim}).pop()
+        assert f"running on worker {survivor}" in log
+        assert _attempts(home, _action_id(home, run_id, "slow")) == [(1, "interrupted"), (2, "succeeded")]
+        assert (out / "starts").read_text().split() == ["1", "2"]
+        assert home.action(run, "slow")["attempts"] == 2
+
+
+def test_a_result_without_the_attempts_key_is_not_recorded(home: Home, tmp_path: Path, out: Path) -> None:
+    import redis as redis_py
+
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out) as c, home.daemon():
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
+            [[stage]]
+            name = "s"
+            [[stage.action]]
+            name = "fails"
+            runs_on = ["linux"]
+            run = "touch {out}/go; while [ ! -e {out}/forged ]; do sleep 0.1; done; exit 3"
+        """)})
+        wait_for(lambda: (out / "go").exists(), timeout=120, what="the attempt to start")
+        r = redis_py.Redis(host="127.0.0.1", port=c.redis.port, password=c.redis.password)
+        stream = next(k for k in r.scan_iter("gitpipe:log:*"))
+        forged = '{"status": "succeeded", "exit_code": 0, "message": null, "outputs": [], "values": {}}'
+        r.xadd(stream, {"k": "end", "b": forged, "mac": "00" * 32})
+        r.xadd(stream, {"k": "claim", "w": "mallory"})
+        wait_for(lambda: "without this attempt's signature" in home.logs(run_id, "fails"), timeout=30,
+                 what="the forged result to be refused")
+        (out / "forged").touch()
+        run = home.expect(home.wait_run(run_id, timeout=60), "failed")
+        assert home.action(run, "fails")["exit_code"] == 3
+        assert _attempts(home, _action_id(home, run_id, "fails")) == [(1, "failed")]
+        r.close()
+
+
+def test_a_coordinator_killed_mid_run_finds_its_remote_attempts_again(home: Home, tmp_path: Path, out: Path) -> None:
+    import signal as signal_mod
+
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out):
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
+            [[stage]]
+            name = "s"
+            [[stage.action]]
+            name = "long"
+            runs_on = ["linux"]
+            run = "echo run >> {out}/starts; echo before; while [ ! -e {out}/go ]; do sleep 0.1; done; echo after"
+        """)})
+        first = subprocess.Popen(home.argv("serve"), env=home.env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, cwd=home.root)
+        try:
+            wait_for(lambda: (out / "starts").exists(), timeout=120, what="the attempt to start")
+            wait_for(lambda: "before" in home.logs(run_id, "long"), timeout=30, what="its first line")
+        finally:
+            first.send_signal(signal_mod.SIGKILL)
+            first.wait()
+        (out / "go").touch()  # it ends while no coordinator listens
+        with home.daemon():
+            run = home.expect(home.wait_run(run_id, timeout=120))
+        log = home.logs(run_id, "long")
+        assert "taken up again" in log and "after" in log and log.count("before") == 1
+        assert (out / "starts").read_text().split() == ["run"]  # never run twice
+        assert _attempts(home, _action_id(home, run_id, "long")) == [(1, "succeeded")]
+        assert home.action(run, "long")["attempts"] == 1

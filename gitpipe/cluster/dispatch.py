@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gitpipe")
 POLL = 1.0  # seconds between looks at the workers while an attempt waits or runs
+REMOTE = "remote:"  # the token of an attempt on a worker: remote:<aid>:<result key, hex>
 LATE = 30.0  # seconds past its deadline a remote attempt is given to report before it is ended here
 
 
@@ -81,6 +82,8 @@ class RemoteAttempt:
         with self._lock:
             if self.stopped_as is None:
                 self.stopped_as, self.reason = status, reason
+        if status is ActionStatus.INTERRUPTED and reason == "daemon stopped":
+            return  # the attempt goes on on its worker; the next daemon takes it up
         try:
             self.r.set(channel.key("stop", self.aid), status.value, ex=channel.KEEP)
         except redis.RedisError:
@@ -116,24 +119,39 @@ class Cluster:
                 continue
             return outcome
 
+    def owns(self, token: str) -> bool:
+        """Whether an open attempt (after a restart) is one on a worker: its run takes it up again."""
+        return token.startswith(REMOTE)
+
     def _one(self, rw: RunWorker, rec: ActionRecord, spec: ActionSpec, labels: tuple[str, ...]
              ) -> executor.Outcome:
         store, run = rw.store, rw.run
         previous = store.attempts(rec.id)
-        deadline = rw._deadline(spec, previous) or time.time() + spec.timeout
-        number = len(previous) + 1
-        log_path = self.settings.logs_dir / str(run.id) / f"{rec.id}-{_safe(rec.name)}.{number}.log"
-        env, masker = rw._env(spec, number)
+        env, masker = rw._env(spec, len(previous) + 1)
         secret_env = {name: env.pop(name) for name in spec.secrets if name in env}
-        aid = f"{rec.id}.{number}.{secrets_mod.token_hex(8)}"
-        store.start_attempt(rec.id, deadline, str(log_path), "remote:" + aid)
+        last = previous[-1] if previous else None
+        if last is not None and last.status is ActionStatus.RUNNING and self.owns(last.token):
+            # Left running on a worker by a daemon that stopped or died: found again, not run twice.
+            number, deadline, log_path = last.number, float(last.deadline or time.time()), Path(last.log_path)
+            aid, mac_hex = last.token[len(REMOTE):].rsplit(":", 1)
+            mac, adopted = bytes.fromhex(mac_hex), True
+            if store.action(rec.id).status is not ActionStatus.RUNNING:
+                store.set_action(rec.id, ActionStatus.RUNNING)
+        else:
+            deadline = rw._deadline(spec, previous) or time.time() + spec.timeout
+            number = len(previous) + 1
+            log_path = self.settings.logs_dir / str(run.id) / f"{rec.id}-{_safe(rec.name)}.{number}.log"
+            aid, mac, adopted = f"{rec.id}.{number}.{secrets_mod.token_hex(8)}", os.urandom(32), False
+            # The result key is kept in the database (the coordinator's alone) for a restart's sake.
+            store.start_attempt(rec.id, deadline, str(log_path), f"{REMOTE}{aid}:{mac.hex()}")
         writer = executor.LogWriter(log_path, masker.stream(), self.settings.max_log_size)
         handle = RemoteAttempt(self.r, aid)
         with rw.lock:
             rw.attempts[rec.id] = handle  # type: ignore[assignment]
         outcome = executor.Outcome(ActionStatus.FAILED, None)
+        session = Session(self, rw, rec, spec, labels, aid, deadline, env, secret_env, writer, handle, mac)
         try:
-            outcome = Session(self, rw, rec, spec, labels, aid, deadline, env, secret_env, writer, handle).run()
+            outcome = session.adopt() if adopted else session.run()
             if outcome.status is ActionStatus.SUCCEEDED:
                 outcome = self._collect(rw, rec, spec, aid, outcome, writer, masker)
         except (GitpipeError, OSError, redis.RedisError) as exc:
@@ -142,11 +160,15 @@ class Cluster:
         finally:
             with rw.lock:
                 rw.attempts.pop(rec.id, None)
-            self._clean(aid, spec)
-            if outcome.message and not outcome.status.ok:
-                writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
+            if session.detached:  # the daemon stops: the worker goes on, the next daemon takes it up
+                writer.line(f"gitpipe: daemon stopped; attempt {number} goes on on worker {session.worker}")
+            else:
+                self._clean(aid, spec)
+                if outcome.message and not outcome.status.ok:
+                    writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
             writer.close()
-            store.finish_attempt(rec.id, number, outcome.status, outcome.exit_code)
+            if not session.detached:
+                store.finish_attempt(rec.id, number, outcome.status, outcome.exit_code)
             if outcome.status is ActionStatus.INTERRUPTED and not rw.halted:
                 store.set_action(rec.id, ActionStatus.RUNNING, message=outcome.message)
         return outcome
@@ -196,14 +218,16 @@ class Session:
 
     def __init__(self, cluster: Cluster, rw: RunWorker, rec: ActionRecord, spec: ActionSpec,
                  labels: tuple[str, ...], aid: str, deadline: float, env: dict[str, str],
-                 secret_env: dict[str, str], writer: executor.LogWriter, handle: RemoteAttempt) -> None:
+                 secret_env: dict[str, str], writer: executor.LogWriter, handle: RemoteAttempt,
+                 mac: bytes) -> None:
         self.c, self.rw, self.rec, self.spec, self.labels = cluster, rw, rec, spec, labels
         self.aid, self.deadline, self.env, self.secret_env = aid, deadline, env, secret_env
         self.writer, self.handle = writer, handle
         self.stream = channel.key("log", aid)
         self.shown: str | None = None
         self.worker: str | None = None
-        self.mac = os.urandom(32)
+        self.mac = mac
+        self.detached = False
 
     def say(self, why: str) -> None:
         """The reason the action waits: in its message (show, runs, the run page) and its log."""
@@ -217,6 +241,18 @@ class Session:
         if not isinstance(job, dict):
             return job
         return self._follow(job)
+
+    def adopt(self) -> executor.Outcome:
+        """Take up an attempt a previous daemon left on a worker: its stream holds what was not read yet."""
+        try:
+            self.worker = next((w.name for w in live_workers(self.c.r) if self.aid in w.running), None)
+        except redis.RedisError:
+            self.worker = None
+        self.writer.line("gitpipe: daemon restarted; attempt taken up again"
+                         + (f" on worker {self.worker}" if self.worker else ""))
+        if self.worker is None:  # it ended meanwhile (its result is in the stream), or its worker is gone
+            self.worker = "?"
+        return self._follow({})
 
     def _ended(self) -> executor.Outcome | None:
         if self.handle.stopped_as is not None:
@@ -280,9 +316,13 @@ class Session:
                     done = self._entry(job, {k.decode(): v for k, v in fields.items()})
                     if done is not None:
                         return done
+                self._forget([entry_id for entry_id, _ in items])
             now = time.time()
             if self.handle.stopped_as is not None and self.worker is None:
                 return executor.Outcome(self.handle.stopped_as, None, self.handle.reason)
+            if self.handle.stopped_as is ActionStatus.INTERRUPTED and self.handle.reason == "daemon stopped":
+                self.detached = True
+                return executor.Outcome(ActionStatus.INTERRUPTED, None, "daemon stopped; goes on on its worker")
             if now >= self.deadline and self.worker is None:
                 return self._ended() or executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
             if now >= self.deadline:
@@ -296,9 +336,20 @@ class Session:
                 if gone is not None:
                     return gone
 
+    def _forget(self, ids: list[bytes]) -> None:
+        """Entries written to the log are dropped from the stream: a restarted daemon reads only the rest."""
+        try:
+            if ids:
+                self.c.r.xdel(self.stream, *ids)
+        except redis.RedisError:
+            pass
+
     def _lost(self) -> executor.Outcome | None:
         try:
             raw = self.c.r.get(channel.key("worker", self.worker or ""))
+            if raw is None and self.worker == "?":  # taken up after a restart: whoever runs it
+                raw = next((json.dumps({"running": [self.aid]}) for w in live_workers(self.c.r)
+                            if self.aid in w.running), None)
         except redis.RedisError:
             return None  # the broker is away: nothing can be told yet
         if raw is not None and self.aid in json.loads(raw)["running"]:
