@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from gitpipe import __version__, ansi, api, follow
 from gitpipe import settings as settings_mod
-from gitpipe.errors import GitpipeError, PipelineError
+from gitpipe.errors import GitpipeError, PipelineError, UsageError
 from gitpipe.models import RunRecord, RunStatus, short_ref
 
 
@@ -351,6 +352,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from gitpipe.cluster import worker  # Celery only for the cluster's commands
 
+    if not args.broker:
+        raise UsageError("no broker given", hint="pass --broker redis://HOST:6379/0 or set GITPIPE_BROKER")
+
     logging.basicConfig(level=logging.INFO, format="gitpipe worker: %(message)s", stream=sys.stderr)
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     directory = Path(args.dir).expanduser().absolute() if args.dir else settings_mod.resolve_home(None) / "worker"
@@ -480,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", cmd_report, "render the static report site now (the daemon keeps it current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
     p = add("worker", cmd_worker, "run a worker host: a Celery worker that runs actions sent by the build host")
-    p.add_argument("--broker", required=True, help="the Redis URL of [cluster] broker (redis:// or rediss://)")
+    p.add_argument("--broker", default=os.environ.get("GITPIPE_BROKER"),
+                   help="the Redis URL of [cluster] broker (redis:// or rediss://; default: $GITPIPE_BROKER, "
+                        "which keeps a password out of `ps`)")
     p.add_argument("--labels", default="", help="comma-separated labels pipelines ask for with runs_on")
     p.add_argument("--slots", type=int, default=1, help="actions this worker runs at once (default 1)")
     p.add_argument("--name", help="this worker's name in [cluster.workers] (default: the host name)")

@@ -43,14 +43,19 @@ class Redis:
         log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - the server holds it
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--requirepass", self.password, "--daemonize", "no"],
+             "--save", "", "--appendonly", "yes", "--requirepass", self.password, "--daemonize", "no"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_for(lambda: self.cli("PING").strip() == "PONG", timeout=20, what="redis-server to answer")
 
     def stop(self) -> None:
+        """SIGTERM (it writes its append-only file and exits), as `systemctl stop redis` does."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def cli(self, *args: str) -> str:
         proc = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "--no-auth-warning",

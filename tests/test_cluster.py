@@ -248,3 +248,101 @@ def test_a_coordinator_killed_mid_run_finds_its_remote_attempts_again(home: Home
         assert (out / "starts").read_text().split() == ["run"]  # never run twice
         assert _attempts(home, _action_id(home, run_id, "long")) == [(1, "succeeded")]
         assert home.action(run, "long")["attempts"] == 1
+
+
+def test_cluster_configuration_errors_name_the_place(home: Home) -> None:
+    home.configure('[cluster]\nbroker = "http://10.0.0.5:6379"\n')
+    proc = home.gitpipe("workers")
+    assert proc.returncode == 2
+    assert "gitpipe.toml:" in proc.stderr and '"broker" must be a redis:// or rediss:// URL' in proc.stderr
+
+
+def test_runs_on_is_validated_and_a_worker_refuses_bad_options(home: Home, tmp_path: Path) -> None:
+    bad = tmp_path / "p.toml"
+    bad.write_text(pipeline("""
+        [pipeline]
+        runs_on = "linux"
+        [[stage]]
+        name = "s"
+        [[stage.action]]
+        name = "a"
+        runs_on = ["arm 64"]
+        run = "true"
+    """))
+    proc = home.gitpipe("validate", str(bad))
+    assert proc.returncode == 1
+    assert '"runs_on" must be an array of strings' in proc.stderr
+    assert 'label "arm 64" may hold only letters' in proc.stderr
+    proc = home.gitpipe("worker", "--broker", "redis://127.0.0.1:1/0", "--slots", "0")
+    assert proc.returncode == 2 and "--slots must be at least 1" in proc.stderr
+    proc = home.gitpipe("worker", "--broker", "redis://:pw@127.0.0.1:1/0", "--dir", str(tmp_path / "w"))
+    assert proc.returncode == 2 and "cannot be reached" in proc.stderr and "redis://***@127.0.0.1:1/0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = home.gitpipe("workers")
+    assert proc.returncode == 2 and "has no [cluster] table" in proc.stderr
+
+
+def test_workers_lists_live_workers_and_drops_a_stopped_one(home: Home, tmp_path: Path) -> None:
+    with cluster(home, tmp_path, {"w1": "linux,arm64", "w2": "gpu"}) as c:
+        text = home.gitpipe("workers", check=True).stdout
+        assert "w1" in text and "arm64,linux" in text and "w2" in text and "slots 1" in text
+        live = c.live()
+        assert live["w2"] == {**live["w2"], "labels": ["gpu"], "slots": 1, "running": 0, "attempts": []}
+        c.stop_all()  # Celery's warm shutdown: the worker says goodbye
+        assert "no live worker" in home.gitpipe("workers", check=True).stdout
+
+
+def test_redis_stopped_mid_run_pushes_still_queue_local_actions_go_on_remote_ones_wait(
+        home: Home, tmp_path: Path, out: Path) -> None:
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out) as c, home.daemon():
+        repo = home.add_repo("app")
+        text = pipeline(f"""
+            [[stage]]
+            name = "s"
+            [[stage.action]]
+            name = "remote"
+            runs_on = ["linux"]
+            run = "echo $GITPIPE_RUN >> {out}/remote; while [ ! -e {out}/go ]; do sleep 0.1; done; echo done"
+            [[stage.action]]
+            name = "here"
+            run = "echo $GITPIPE_RUN >> {out}/here"
+        """)
+        first = home.push_run(repo, {".pipeline.toml": text})
+        wait_for(lambda: (out / "remote").exists(), timeout=120, what="the remote attempt to start")
+        c.redis.stop()
+        second = home.push_run(repo, {"x": "1"})  # the hook never needs Redis
+        wait_for(lambda: str(second) in (out / "here").read_text().split() if (out / "here").exists() else False,
+                 timeout=60, what="the local action of the second run")
+        wait_for(lambda: "waiting for the broker" in (home.action(home.show(second), "remote")["message"] or ""),
+                 timeout=60, what="the broker's absence to be shown")
+        (out / "go").touch()
+        c.redis.start()
+        for run_id in (first, second):
+            run = home.expect(home.wait_run(run_id, timeout=180))
+            assert home.action(run, "remote")["status"] == "succeeded"
+        assert "waiting for the broker" in home.logs(second, "remote")
+        assert (out / "remote").read_text().split() == [str(first), str(second)]  # each ran once
+
+
+def test_a_daemon_stopped_and_started_again_takes_up_the_remote_attempt(home: Home, tmp_path: Path,
+                                                                         out: Path) -> None:
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out):
+        repo = home.add_repo("app")
+        with home.daemon():
+            run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
+                [[stage]]
+                name = "s"
+                [[stage.action]]
+                name = "long"
+                runs_on = ["linux"]
+                run = "echo run >> {out}/starts; while [ ! -e {out}/go ]; do sleep 0.1; done; echo after"
+            """)})
+            wait_for(lambda: (out / "starts").exists(), timeout=120, what="the attempt to start")
+        assert home.status(run_id) == "running"
+        with home.daemon():
+            wait_for(lambda: "taken up again" in home.logs(run_id, "long"), timeout=60, what="the take-up")
+            (out / "go").touch()
+            run = home.expect(home.wait_run(run_id, timeout=120))
+        assert (out / "starts").read_text().split() == ["run"]
+        assert home.action(run, "long")["attempts"] == 1
+        assert "goes on on worker w1" in home.logs(run_id, "long")

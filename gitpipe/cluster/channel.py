@@ -49,6 +49,15 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10)
 
 
+def redact(url: str) -> str:
+    """The broker URL without its password, for messages."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"
+
+
 def key(kind: str, *parts: str) -> str:
     return PREFIX + ":".join((kind, *parts))
 

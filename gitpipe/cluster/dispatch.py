@@ -228,6 +228,7 @@ class Session:
         self.worker: str | None = None
         self.mac = mac
         self.detached = False
+        self.broker_back = 0.0  # monotonic time the broker was last seen away
 
     def say(self, why: str) -> None:
         """The reason the action waits: in its message (show, runs, the run page) and its log."""
@@ -309,7 +310,11 @@ class Session:
             except redis.RedisError as exc:
                 self.say(f"waiting for the broker ({type(exc).__name__}: {exc})")
                 time.sleep(POLL)
+                self.broker_back = time.monotonic()
                 entries = []
+            else:
+                if self.worker and (self.shown or "").startswith("waiting for the broker"):
+                    self.say(f"running on worker {self.worker}")
             for _, items in entries:
                 for entry_id, fields in items:
                     last = entry_id
@@ -345,6 +350,10 @@ class Session:
             pass
 
     def _lost(self) -> executor.Outcome | None:
+        # After the broker was away, heartbeats that expired meanwhile are not news: a live
+        # worker beats again within a second, so it counts as lost only after a whole TTL.
+        if time.monotonic() - self.broker_back < channel.HEARTBEAT_TTL:
+            return None
         try:
             raw = self.c.r.get(channel.key("worker", self.worker or ""))
             if raw is None and self.worker == "?":  # taken up after a restart: whoever runs it

@@ -7,6 +7,7 @@ from typing import Any
 import redis
 
 from gitpipe.cluster import channel
+from gitpipe.cluster.channel import redact
 from gitpipe.cluster.dispatch import live_workers
 from gitpipe.errors import UsageError
 from gitpipe.settings import Settings
@@ -28,10 +29,3 @@ def workers(broker: str) -> list[dict[str, Any]]:
                          hint="is redis-server running there, and are the URL and password right?") from None
 
 
-def redact(url: str) -> str:
-    """The URL without its password."""
-    head, at, tail = url.rpartition("@")
-    if not at:
-        return url
-    scheme, _, _ = head.partition("://")
-    return f"{scheme}://***@{tail}"

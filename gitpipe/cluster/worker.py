@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -30,7 +31,8 @@ from celery import Celery
 from gitpipe import artifacts, executor, git
 from gitpipe import settings as settings_mod
 from gitpipe.cluster import channel
-from gitpipe.errors import GitpipeError
+from gitpipe.cluster.channel import redact
+from gitpipe.errors import GitpipeError, UsageError
 from gitpipe.intake import now_iso
 from gitpipe.masking import Masker
 from gitpipe.models import ActionStatus
@@ -38,7 +40,9 @@ from gitpipe.sandbox import Confine, Sandbox
 from gitpipe.scheduler import _read_outputs
 
 log = logging.getLogger("gitpipe")
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # as runs_on takes them (pipeline.py)
 SEAL_WAIT = 30  # seconds a claimed attempt waits for its sealed secrets
+END_WAIT = 600  # seconds a finished attempt keeps trying to send its result to a broker that is away
 
 
 def make_app(broker: str) -> Celery:
@@ -147,6 +151,8 @@ class WorkerHost:
         if self.r.exists(channel.key("done", aid)):
             return  # redelivered after the attempt ended
         with self.lock:
+            if aid in self.running:  # delivered again (a reconnect restored it) while it runs here
+                return
             self.running[aid] = _Running()
         try:
             self.r.xadd(stream, {"k": "claim", "w": self.name})
@@ -166,8 +172,20 @@ class WorkerHost:
                 self.running.pop(aid, None)
 
     def _end(self, stream: str, bundle: dict[str, Any], result: dict[str, Any]) -> None:
+        """Send the signed result; while the broker is away, keep trying (the attempt stays listed)."""
         body = json.dumps(result)
-        self.r.xadd(stream, {"k": "end", "b": body, "mac": channel.sign(bytes.fromhex(bundle["mac"]), body)})
+        fields = {"k": "end", "b": body, "mac": channel.sign(bytes.fromhex(bundle["mac"]), body)}
+        give_up = time.monotonic() + END_WAIT
+        while True:
+            try:
+                self.r.xadd(stream, fields)  # type: ignore[arg-type]
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() > give_up:
+                    log.warning("attempt %s: its result could not be sent (%s); the coordinator runs it again",
+                                stream, exc)
+                    return
+                time.sleep(1.0)
 
     def _execute(self, job: dict[str, Any], bundle: dict[str, Any], stream: str) -> dict[str, Any]:
         aid = job["aid"]
@@ -237,7 +255,19 @@ class WorkerHost:
 def serve(broker: str, labels: list[str], slots: int, name: str | None, directory: Path) -> None:
     """Run the worker until SIGTERM (Celery's warm shutdown: running attempts finish)."""
     name = name or socket.gethostname()
+    if slots < 1:
+        raise UsageError(f"--slots must be at least 1, not {slots}")
+    bad = [label for label in labels if not LABEL.fullmatch(label)]
+    if bad:
+        raise UsageError(f'label "{bad[0]}" may hold only letters, digits, ".", "_" and "-"',
+                         hint="write the labels as --labels linux,arm64")
+    channel.queues_for(labels)  # too many labels: said now
     host = WorkerHost(broker, labels, slots, name, directory)
+    try:
+        host.beat()
+    except redis.RedisError as exc:
+        raise UsageError(f"the broker {redact(broker)} cannot be reached: {exc}",
+                         hint="is redis-server running there, and are the URL and password right?") from None
     app = make_app(broker)
     app.task(name=channel.TASK)(host.run)
     log.warning("gitpipe worker %s: labels %s, %d slot(s); public key (for [cluster.workers] on the build host):"
@@ -246,7 +276,6 @@ def serve(broker: str, labels: list[str], slots: int, name: str | None, director
     for note in host.sandbox.notes:
         log.warning("%s", note)
     beat = threading.Thread(target=host.beat_forever, name="heartbeat", daemon=True)
-    host.beat()
     beat.start()
     try:
         app.worker_main(["worker", "--pool", "threads", "--concurrency", str(slots),
