@@ -160,10 +160,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
     out = Out()
     if not runs:
         say("no runs yet")
+    waits = api.waiting_reasons(store) if any(r.status is RunStatus.RUNNING for r in runs) else {}
     for r in runs:
+        wait = f"  ({waits[r.id]})" if r.id in waits else ""
         say(f"#{r.id:<5} {r.repo:<16} {short_ref(r.ref):<20} {r.sha[:7]}  "
               f"{out.status(r.status.value):<10} {r.trigger:<8} {r.created_at[:19].replace('T', ' ')}"
-              f"{_duration(r)}{_notes(r)}")
+              f"{_duration(r)}{_notes(r)}{wait}")
     return 0
 
 

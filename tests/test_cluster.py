@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from cluster import cluster
 from helpers import Home, pipeline, wait_for
 
@@ -88,6 +89,9 @@ def test_an_action_no_worker_can_take_waits_with_its_reason_then_times_out(home:
         assert action["status"] == "running"
         assert action["message"] == "waiting for a worker with labels sparc"
         assert "waiting for a worker with labels sparc" in home.gitpipe("show", str(run_id)).stdout
+        assert "(waiting for a worker with labels sparc)" in home.gitpipe("runs").stdout
+        wait_for(lambda: any("waiting for a worker with labels sparc" in p.read_text()
+                             for p in (home.home / "site").rglob("*.html")), timeout=30, what="the run page")
         run = home.expect(home.wait_run(run_id, timeout=60), "failed")
         action = home.action(run, "sparc")
         assert action["status"] == "timed-out"
@@ -346,3 +350,71 @@ def test_a_daemon_stopped_and_started_again_takes_up_the_remote_attempt(home: Ho
         assert (out / "starts").read_text().split() == ["run"]
         assert home.action(run, "long")["attempts"] == 1
         assert "goes on on worker w1" in home.logs(run_id, "long")
+
+
+@pytest.mark.slow
+def test_100_pushes_over_3_workers_with_2_kills_finish_100_runs_each_recorded_once(
+        home: Home, tmp_path: Path, out: Path) -> None:
+    import sqlite3
+
+    with cluster(home, tmp_path, {"w1": "linux", "w2": "linux", "w3": "linux"}, share=out) as c, home.daemon():
+        repo = home.add_repo("app")
+        text = pipeline(f"""
+            [[stage]]
+            name = "s"
+            [[stage.action]]
+            name = "work"
+            runs_on = ["linux"]
+            run = "echo $GITPIPE_RUN.$GITPIPE_ATTEMPT >> {out}/ran; sleep 0.5"
+        """)
+        run_ids = [home.push_run(repo, {".pipeline.toml": text, "n": "0"})]
+        for kill_at in (30, 60):
+            while len(run_ids) < kill_at:
+                run_ids.append(home.push_run(repo, {"n": str(len(run_ids))}))
+            victim = wait_for(lambda: next((n for n, w in c.live().items() if w["running"]), ""),
+                              timeout=120, what="a busy worker")
+            c.kill(victim)
+            c.start(victim)  # back with the same name and key; its old attempt is sent elsewhere
+        while len(run_ids) < 100:
+            run_ids.append(home.push_run(repo, {"n": str(len(run_ids))}))
+        home.wait_runs(run_ids, timeout=900)
+        runs = home.runs()
+        assert len(runs) == 100 and all(r["status"] == "succeeded" for r in runs)
+        conn = sqlite3.connect(f"file:{home.home / 'gitpipe.db'}?mode=ro", uri=True)
+        rows = conn.execute("SELECT a.run_id, t.number, t.status FROM attempts t JOIN actions a "
+                            "ON a.id = t.action_id").fetchall()
+        conn.close()
+        succeeded = [(run, n) for run, n, status in rows if status == "succeeded"]
+        assert sorted(run for run, _ in succeeded) == sorted(run_ids)  # one success per run, never two
+        assert {status for _, _, status in rows} <= {"succeeded", "interrupted"}
+        assert sum(1 for *_, status in rows if status == "interrupted") >= 2  # the kills hit attempts
+        ran = (out / "ran").read_text().split()
+        assert len(ran) == len(set(ran))  # no attempt ran twice
+        assert {f"{run}.{n}" for run, n in succeeded} <= set(ran)
+
+
+def test_logs_follow_shows_a_remote_action_live(home: Home, tmp_path: Path, out: Path) -> None:
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out), home.daemon():
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
+            [[stage]]
+            name = "s"
+            [[stage.action]]
+            name = "talk"
+            runs_on = ["linux"]
+            run = "echo first-line; while [ ! -e {out}/go ]; do sleep 0.1; done; echo last-line"
+        """)})
+        follow = subprocess.Popen(home.argv("logs", str(run_id), "talk", "--follow"), env=home.env(),
+                                  stdout=subprocess.PIPE, text=True)
+        assert follow.stdout is not None
+        seen = []
+        for line in follow.stdout:  # the first line arrives while the action still waits for "go"
+            seen.append(line)
+            if "first-line" in line:
+                break
+        assert home.status(run_id) == "running"
+        (out / "go").touch()
+        rest = follow.stdout.read()
+        assert follow.wait(60) == 0
+        assert "last-line" in rest and "running on worker w1" in "".join(seen)
+        home.expect(home.wait_run(run_id))
