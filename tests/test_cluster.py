@@ -418,3 +418,29 @@ def test_logs_follow_shows_a_remote_action_live(home: Home, tmp_path: Path, out:
         assert follow.wait(60) == 0
         assert "last-line" in rest and "running on worker w1" in "".join(seen)
         home.expect(home.wait_run(run_id))
+
+
+def test_the_worker_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from helpers import GITPIPE
+
+    from gitpipe import resources
+
+    unit = resources.folder("systemd") / "gitpipe-worker.service"
+    text = unit.read_text()
+    for line in ("ExecStart=/opt/gitpipe/bin/gitpipe worker", "EnvironmentFile=/etc/gitpipe/worker.env",
+                 "KillSignal=SIGTERM", "Delegate=memory pids", "ProtectSystem=strict", "Restart=on-failure"):
+        assert line in text, line
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        assert os.environ.get("CI") != "true", "systemd-analyze is missing"
+        return
+    copy = tmp_path / "gitpipe-worker.service"
+    env = tmp_path / "worker.env"
+    env.write_text("GITPIPE_BROKER=redis://127.0.0.1:6379/0\n")
+    copy.write_text(text.replace("/opt/gitpipe/bin/gitpipe", GITPIPE).replace("/etc/gitpipe/worker.env", str(env)))
+    proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "gitpipe-worker.service" not in proc.stderr, proc.stderr
