@@ -444,3 +444,22 @@ def test_the_worker_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "gitpipe-worker.service" not in proc.stderr, proc.stderr
+
+
+def test_cancel_stops_a_remote_attempt_on_its_worker(home: Home, tmp_path: Path, out: Path) -> None:
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out) as c, home.daemon():
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
+            [[stage]]
+            name = "s"
+            [[stage.action]]
+            name = "endless"
+            runs_on = ["linux"]
+            run = "trap 'echo got-term; exit 143' TERM; touch {out}/started; while true; do sleep 0.1; done"
+        """)})
+        wait_for(lambda: (out / "started").exists(), timeout=120, what="the attempt to start")
+        home.gitpipe("cancel", str(run_id), "--reason", "enough", check=True)
+        run = home.expect(home.wait_run(run_id, timeout=60), "cancelled")
+        assert home.action(run, "endless")["status"] == "cancelled"
+        assert "got-term" in home.logs(run_id, "endless")
+        wait_for(lambda: c.live()["w1"]["running"] == 0, timeout=30, what="the worker to be free")

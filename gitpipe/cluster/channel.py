@@ -44,7 +44,10 @@ MAX_LABELS = 8  # a worker listens on one queue per subset of its labels: 2**8 a
 TASK = "gitpipe.attempt"
 
 
-def connect(url: str) -> redis.Redis:
+Client = Any  # a redis.Redis returning bytes; redis-py's own types also allow str (decode_responses)
+
+
+def connect(url: str) -> Client:
     """A client of the broker (redis:// or rediss://, a password in the URL)."""
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10)
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gitpipe")
 POLL = 1.0  # seconds between looks at the workers while an attempt waits or runs
 REMOTE = "remote:"  # the token of an attempt on a worker: remote:<aid>:<result key, hex>
+UNCLAIMED_CHECK = 5.0  # seconds between looks at the workers while an attempt is still queued
 LATE = 30.0  # seconds past its deadline a remote attempt is given to report before it is ended here
 
 
@@ -56,7 +57,7 @@ class WorkerInfo:
                 "heartbeat": self.heartbeat, "host": self.host}
 
 
-def live_workers(r: redis.Redis) -> list[WorkerInfo]:
+def live_workers(r: channel.Client) -> list[WorkerInfo]:
     """The workers whose heartbeat has not expired, by name."""
     keys = sorted(r.scan_iter(match=channel.key("worker", "*"), count=500))
     found = []
@@ -72,7 +73,7 @@ def live_workers(r: redis.Redis) -> list[WorkerInfo]:
 class RemoteAttempt:
     """What `RunWorker` stops on a cancel or a daemon stop, like a local `executor.Attempt`."""
 
-    r: redis.Redis
+    r: channel.Client
     aid: str
     stopped_as: ActionStatus | None = None
     reason: str | None = None
@@ -229,6 +230,7 @@ class Session:
         self.mac = mac
         self.detached = False
         self.broker_back = 0.0  # monotonic time the broker was last seen away
+        self.idle_seen = False  # a worker that could take the queued attempt stood idle at the last look
 
     def say(self, why: str) -> None:
         """The reason the action waits: in its message (show, runs, the run page) and its log."""
@@ -335,11 +337,34 @@ class Session:
                 if now >= self.deadline + LATE:
                     return executor.Outcome(ActionStatus.TIMED_OUT, None, f"timed out (worker {self.worker} "
                                             "did not report its end)")
+            if self.worker is None and now - lost_check >= UNCLAIMED_CHECK:
+                lost_check = now
+                self._unclaimed(job)
             if self.worker is not None and now - lost_check >= channel.HEARTBEAT_EVERY:
                 lost_check = now
                 gone = self._lost()
                 if gone is not None:
                     return gone
+
+    def _unclaimed(self, job: dict[str, Any]) -> None:
+        """Still in the queue: say whether a worker could take it; send it again when one that
+        could has stood idle through two looks (the worker that took it died before claiming)."""
+        try:
+            live = [w for w in live_workers(self.c.r) if set(self.labels) <= set(w.labels)]
+            if not live:
+                self.idle_seen = False
+                self.say(f"waiting for a worker with labels {', '.join(self.labels)}" if self.labels
+                         else "waiting for a worker (none is live)")
+                return
+            self.say(f"queued for a worker with labels {', '.join(self.labels)}" if self.labels
+                     else "queued for a worker")
+            idle = any(len(w.running) < w.slots for w in live)
+            if idle and self.idle_seen:
+                self.c.app.send_task(channel.TASK, args=[job], queue=channel.queue_of(self.labels))
+                idle = False
+            self.idle_seen = idle
+        except (redis.RedisError, OSError) as exc:
+            self.say(f"waiting for the broker ({type(exc).__name__}: {exc})")
 
     def _forget(self, ids: list[bytes]) -> None:
         """Entries written to the log are dropped from the stream: a restarted daemon reads only the rest."""

@@ -69,7 +69,7 @@ class _Running:
 class StreamLog:
     """The LogWriter of a remote attempt: masked output appended to the attempt's stream."""
 
-    def __init__(self, r: redis.Redis, stream: str, masker: Masker) -> None:
+    def __init__(self, r: channel.Client, stream: str, masker: Masker) -> None:
         self.r, self.stream, self.mask = r, stream, masker.stream()
         self.error: OSError | None = None
 
