@@ -33,16 +33,26 @@ class Redis:
     port: int = field(default_factory=free_port)
     password: str = field(default_factory=lambda: secrets.token_hex(12))
     proc: subprocess.Popen[bytes] | None = None
+    tls: bool = False  # TLS only (rediss://), with a CA of its own
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://:{self.password}@127.0.0.1:{self.port}/0?ssl_ca_certs={self.dir / 'ca.pem'}"
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - the server holds it
+        port = ["--port", str(self.port)]
+        if self.tls:
+            if not (self.dir / "server.pem").exists():
+                make_certificates(self.dir)
+            port = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.dir / "server.pem"),
+                    "--tls-key-file", str(self.dir / "server.key"), "--tls-ca-cert-file", str(self.dir / "ca.pem"),
+                    "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            ["redis-server", *port, "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--save", "", "--appendonly", "yes", "--requirepass", self.password, "--daemonize", "no"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_for(lambda: self.cli("PING").strip() == "PONG", timeout=20, what="redis-server to answer")
@@ -58,7 +68,8 @@ class Redis:
                 self.proc.wait()
 
     def cli(self, *args: str) -> str:
-        proc = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "--no-auth-warning",
+        tls = ["--tls", "--cacert", str(self.dir / "ca.pem")] if self.tls else []
+        proc = subprocess.run(["redis-cli", *tls, "-h", "127.0.0.1", "-p", str(self.port), "--no-auth-warning",
                                "-a", self.password, *args], capture_output=True, text=True, timeout=30)
         return proc.stdout
 
@@ -66,7 +77,8 @@ class Redis:
         """Every key (`redis-cli --scan`) and every value in it, as bytes."""
         import redis as redis_py
 
-        r = redis_py.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        r = redis_py.Redis.from_url(self.url.split("?")[0], ssl_ca_certs=str(self.dir / "ca.pem")) if self.tls \
+            else redis_py.Redis(host="127.0.0.1", port=self.port, password=self.password)
         out = []
         for name in self.cli("--scan").split():
             out.append(name.encode())
@@ -86,6 +98,20 @@ class Redis:
                 out.extend(r.zrange(name, 0, -1))
         r.close()
         return b"\n".join(out)
+
+
+def make_certificates(d: Path) -> None:
+    """A CA and a certificate for 127.0.0.1 signed by it (openssl)."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=gitpipe test CA")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
 
 
 def need_redis() -> None:
@@ -173,9 +199,10 @@ class Cluster:
 
 @contextmanager
 def cluster(home: Home, root: Path, workers: dict[str, str], share: Path | None = None,
-            local: bool = True) -> Iterator[Cluster]:
+            local: bool = True, tls: bool = False) -> Iterator[Cluster]:
     need_redis()
     c = Cluster(home, root, share)
+    c.redis.tls = tls
     c.redis.start()
     try:
         for name, labels in workers.items():

@@ -463,3 +463,56 @@ def test_cancel_stops_a_remote_attempt_on_its_worker(home: Home, tmp_path: Path,
         assert home.action(run, "endless")["status"] == "cancelled"
         assert "got-term" in home.logs(run_id, "endless")
         wait_for(lambda: c.live()["w1"]["running"] == 0, timeout=30, what="the worker to be free")
+
+
+def test_a_worker_cut_off_mid_action_loses_it_to_another_and_its_late_result_is_ignored(
+        home: Home, tmp_path: Path, out: Path) -> None:
+    import os
+    import signal as signal_mod
+
+    with cluster(home, tmp_path, {"w1": "linux", "w2": "linux"}, share=out) as c, home.daemon():
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
+            [[stage]]
+            name = "s"
+            [[stage.action]]
+            name = "slow"
+            runs_on = ["linux"]
+            run = "echo $GITPIPE_ATTEMPT >> {out}/starts; while [ $GITPIPE_ATTEMPT = 1 ] && [ ! -e {out}/go ]; do sleep 0.1; done"
+        """)})
+        wait_for(lambda: (out / "starts").exists(), timeout=120, what="the first attempt to start")
+        victim = wait_for(lambda: _busy(c), timeout=30, what="the busy worker")
+        frozen = c.workers[victim].proc
+        assert frozen is not None
+        os.killpg(frozen.pid, signal_mod.SIGSTOP)  # no heartbeat, no result: as if its network went away
+        try:
+            run = home.expect(home.wait_run(run_id, timeout=180))
+        finally:
+            os.killpg(frozen.pid, signal_mod.SIGCONT)
+        (out / "go").touch()  # attempt 1, if it still ran, would now end and report
+        wait_for(lambda: victim in c.live() and c.live()[victim]["running"] == 0, timeout=60,
+                 what="the worker back, its stale attempt ended")
+        action_id = _action_id(home, run_id, "slow")
+        assert _attempts(home, action_id) == [(1, "interrupted"), (2, "succeeded")]
+        assert home.show(run_id)["status"] == "succeeded" and home.action(run, "slow")["attempts"] == 2
+        assert f"worker {victim} lost" in home.logs(run_id, "slow")
+
+
+def test_a_broker_with_tls_and_a_password(home: Home, tmp_path: Path) -> None:
+    with cluster(home, tmp_path, {"w1": "linux"}, tls=True) as c, home.daemon():
+        assert c.redis.url.startswith("rediss://:")
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": pipeline("""
+            [[stage]]
+            name = "s"
+            [[stage.action]]
+            name = "tls"
+            runs_on = ["linux"]
+            run = "echo over-tls"
+        """)})
+        home.expect(home.wait_run(run_id, timeout=120))
+        log = home.logs(run_id, "tls")
+        assert "running on worker w1" in log and "over-tls" in log
+        wrong = c.redis.url.replace("rediss://:", "rediss://:wrong")
+        proc = home.gitpipe("workers", "--broker", wrong)
+        assert proc.returncode == 2 and "cannot be reached" in proc.stderr and "wrong" not in proc.stderr

@@ -22,11 +22,13 @@ import hmac
 import io
 import json
 import os
+import ssl
 import tarfile
 from collections.abc import Iterable
 from itertools import combinations
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from cryptography.hazmat.primitives import hashes, serialization
@@ -47,9 +49,32 @@ TASK = "gitpipe.attempt"
 Client = Any  # a redis.Redis returning bytes; redis-py's own types also allow str (decode_responses)
 
 
+TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def tls(url: str) -> tuple[str, dict[str, Any]]:
+    """The URL without its TLS query parameters, and those as options (rediss:// only).
+
+    `rediss://HOST:6380/0?ssl_ca_certs=/etc/gitpipe/ca.pem` checks the server's certificate
+    against that CA; with no parameter the system's CAs are used and a certificate is required.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return url, {}
+    query = parse_qsl(parts.query)
+    options: dict[str, Any] = {k: v for k, v in query if k in TLS_PARAMS}
+    reqs = str(options.get("ssl_cert_reqs", "required")).lower().replace("cert_", "")
+    options["ssl_cert_reqs"] = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+                                "none": ssl.CERT_NONE}.get(reqs, ssl.CERT_REQUIRED)
+    rest = urlencode([(k, v) for k, v in query if k not in TLS_PARAMS])
+    return urlunsplit(parts._replace(query=rest)), options
+
+
 def connect(url: str) -> Client:
     """A client of the broker (redis:// or rediss://, a password in the URL)."""
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10)
+    plain, options = tls(url)
+    return redis.Redis.from_url(plain, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10,
+                                **options)
 
 
 def redact(url: str) -> str:

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -47,7 +46,8 @@ END_WAIT = 600  # seconds a finished attempt keeps trying to send its result to 
 
 def make_app(broker: str) -> Celery:
     """The Celery app of both sides: late acks (a task a dead worker held is not lost), one at a time."""
-    app = Celery("gitpipe", broker=broker, set_as_current=False)
+    plain, tls = channel.tls(broker)
+    app = Celery("gitpipe", broker=plain, set_as_current=False)
     app.conf.update(
         task_acks_late=True, worker_prefetch_multiplier=1, task_ignore_result=True,
         task_serializer="json", accept_content=["json"], worker_hijack_root_logger=False,
@@ -55,8 +55,8 @@ def make_app(broker: str) -> Celery:
         # A redelivered task (a long attempt outliving this) finds its attempt claimed and stops.
         broker_transport_options={"visibility_timeout": channel.KEEP},
     )
-    if broker.startswith("rediss://") and "ssl_cert_reqs" not in broker:
-        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if tls:
+        app.conf.broker_use_ssl = tls
     return app
 
 
@@ -64,6 +64,15 @@ def make_app(broker: str) -> Celery:
 class _Running:
     attempt: executor.Attempt | None = None
     stop: str | None = None
+
+
+def add(r: channel.Client, stream: str, fields: dict[str, Any]) -> None:
+    """Append to an attempt's stream, which expires if no coordinator ever reads it (an attempt
+    that ended without this worker, a coordinator that never came back)."""
+    pipe = r.pipeline()
+    pipe.xadd(stream, fields)
+    pipe.expire(stream, channel.KEEP)
+    pipe.execute()
 
 
 class StreamLog:
@@ -82,7 +91,7 @@ class StreamLog:
     def _send(self, data: bytes) -> None:
         if data:
             try:
-                self.r.xadd(self.stream, {"k": "out", "d": data})
+                add(self.r, self.stream, {"k": "out", "d": data})
             except redis.RedisError:  # cut off: the coordinator takes the attempt as lost
                 pass
 
@@ -155,7 +164,7 @@ class WorkerHost:
                 return
             self.running[aid] = _Running()
         try:
-            self.r.xadd(stream, {"k": "claim", "w": self.name})
+            add(self.r, stream, {"k": "claim", "w": self.name})
             self.beat()  # listed with the attempt before the coordinator looks
             got = self.r.blpop([channel.key("seal", aid, self.name)], timeout=SEAL_WAIT)
             if got is None or got[1] == b"refused":
@@ -178,7 +187,7 @@ class WorkerHost:
         give_up = time.monotonic() + END_WAIT
         while True:
             try:
-                self.r.xadd(stream, fields)  # type: ignore[arg-type]
+                add(self.r, stream, fields)
                 return
             except redis.RedisError as exc:
                 if time.monotonic() > give_up:
