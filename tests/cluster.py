@@ -20,9 +20,18 @@ from helpers import GITPIPE, Home, base_env, wait_for
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: a redis-server restarted on its port (a
+    test stops it mid-run) must not find it taken by a port another test asked the kernel for."""
+    import random
+
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @dataclass

@@ -139,6 +139,18 @@ def test_a_secret_never_rests_in_redis_and_reaches_only_its_protected_run(home: 
         assert "not protected" in (home.action(run, "use")["message"] or "")
 
 
+def remote(name: str, script: str) -> str:
+    """A pipeline of one action, for a worker with the label linux."""
+    return pipeline(f"""
+        [[stage]]
+        name = "s"
+        [[stage.action]]
+        name = "{name}"
+        runs_on = ["linux"]
+        run = "{script}"
+    """)
+
+
 def _attempts(home: Home, action_id: int) -> list[tuple[int, str]]:
     import sqlite3
 
@@ -166,14 +178,7 @@ def _busy(c) -> str:  # type: ignore[no-untyped-def]
     return busy[0] if len(busy) == 1 else ""
 
 
-SLOW_FIRST = pipeline("""
-    [[stage]]
-    name = "s"
-    [[stage.action]]
-    name = "slow"
-    runs_on = ["linux"]
-    run = "echo $GITPIPE_ATTEMPT >> {out}/starts; echo started; if [ $GITPIPE_ATTEMPT = 1 ]; then sleep 600; fi; echo finished"
-""")
+SLOW_FIRST = remote("slow", "echo $GITPIPE_ATTEMPT >> {out}/starts; echo started; if [ $GITPIPE_ATTEMPT = 1 ]; then sleep 600; fi; echo finished")
 
 
 def test_a_worker_killed_mid_action_interrupts_it_and_another_worker_runs_it_once(
@@ -200,14 +205,7 @@ def test_a_result_without_the_attempts_key_is_not_recorded(home: Home, tmp_path:
 
     with cluster(home, tmp_path, {"w1": "linux"}, share=out) as c, home.daemon():
         repo = home.add_repo("app")
-        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
-            [[stage]]
-            name = "s"
-            [[stage.action]]
-            name = "fails"
-            runs_on = ["linux"]
-            run = "touch {out}/go; while [ ! -e {out}/forged ]; do sleep 0.1; done; exit 3"
-        """)})
+        run_id = home.push_run(repo, {".pipeline.toml": remote("fails", f"touch {out}/go; while [ ! -e {out}/forged ]; do sleep 0.1; done; exit 3")})
         wait_for(lambda: (out / "go").exists(), timeout=120, what="the attempt to start")
         r = redis_py.Redis(host="127.0.0.1", port=c.redis.port, password=c.redis.password)
         stream = next(k for k in r.scan_iter("gitpipe:log:*"))
@@ -228,14 +226,7 @@ def test_a_coordinator_killed_mid_run_finds_its_remote_attempts_again(home: Home
 
     with cluster(home, tmp_path, {"w1": "linux"}, share=out):
         repo = home.add_repo("app")
-        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
-            [[stage]]
-            name = "s"
-            [[stage.action]]
-            name = "long"
-            runs_on = ["linux"]
-            run = "echo run >> {out}/starts; echo before; while [ ! -e {out}/go ]; do sleep 0.1; done; echo after"
-        """)})
+        run_id = home.push_run(repo, {".pipeline.toml": remote("long", f"echo run >> {out}/starts; echo before; while [ ! -e {out}/go ]; do sleep 0.1; done; echo after")})
         first = subprocess.Popen(home.argv("serve"), env=home.env(), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, cwd=home.root)
         try:
@@ -333,14 +324,7 @@ def test_a_daemon_stopped_and_started_again_takes_up_the_remote_attempt(home: Ho
     with cluster(home, tmp_path, {"w1": "linux"}, share=out):
         repo = home.add_repo("app")
         with home.daemon():
-            run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
-                [[stage]]
-                name = "s"
-                [[stage.action]]
-                name = "long"
-                runs_on = ["linux"]
-                run = "echo run >> {out}/starts; while [ ! -e {out}/go ]; do sleep 0.1; done; echo after"
-            """)})
+            run_id = home.push_run(repo, {".pipeline.toml": remote("long", f"echo run >> {out}/starts; while [ ! -e {out}/go ]; do sleep 0.1; done; echo after")})
             wait_for(lambda: (out / "starts").exists(), timeout=120, what="the attempt to start")
         assert home.status(run_id) == "running"
         with home.daemon():
@@ -359,14 +343,7 @@ def test_100_pushes_over_3_workers_with_2_kills_finish_100_runs_each_recorded_on
 
     with cluster(home, tmp_path, {"w1": "linux", "w2": "linux", "w3": "linux"}, share=out) as c, home.daemon():
         repo = home.add_repo("app")
-        text = pipeline(f"""
-            [[stage]]
-            name = "s"
-            [[stage.action]]
-            name = "work"
-            runs_on = ["linux"]
-            run = "echo $GITPIPE_RUN.$GITPIPE_ATTEMPT >> {out}/ran; sleep 0.5"
-        """)
+        text = remote("work", f"echo $GITPIPE_RUN.$GITPIPE_ATTEMPT >> {out}/ran; sleep 0.5")
         run_ids = [home.push_run(repo, {".pipeline.toml": text, "n": "0"})]
         for kill_at in (30, 60):
             while len(run_ids) < kill_at:
@@ -396,14 +373,7 @@ def test_100_pushes_over_3_workers_with_2_kills_finish_100_runs_each_recorded_on
 def test_logs_follow_shows_a_remote_action_live(home: Home, tmp_path: Path, out: Path) -> None:
     with cluster(home, tmp_path, {"w1": "linux"}, share=out), home.daemon():
         repo = home.add_repo("app")
-        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
-            [[stage]]
-            name = "s"
-            [[stage.action]]
-            name = "talk"
-            runs_on = ["linux"]
-            run = "echo first-line; while [ ! -e {out}/go ]; do sleep 0.1; done; echo last-line"
-        """)})
+        run_id = home.push_run(repo, {".pipeline.toml": remote("talk", f"echo first-line; while [ ! -e {out}/go ]; do sleep 0.1; done; echo last-line")})
         follow = subprocess.Popen(home.argv("logs", str(run_id), "talk", "--follow"), env=home.env(),
                                   stdout=subprocess.PIPE, text=True)
         assert follow.stdout is not None
@@ -455,7 +425,7 @@ def test_cancel_stops_a_remote_attempt_on_its_worker(home: Home, tmp_path: Path,
             [[stage.action]]
             name = "endless"
             runs_on = ["linux"]
-            run = "trap 'echo got-term; exit 143' TERM; touch {out}/started; while true; do sleep 0.1; done"
+            run = "trap 'echo got-term; exit 143' TERM; touch {out}/started; while true; do sleep 0.1 & wait $!; done"
         """)})
         wait_for(lambda: (out / "started").exists(), timeout=120, what="the attempt to start")
         home.gitpipe("cancel", str(run_id), "--reason", "enough", check=True)
@@ -472,14 +442,7 @@ def test_a_worker_cut_off_mid_action_loses_it_to_another_and_its_late_result_is_
 
     with cluster(home, tmp_path, {"w1": "linux", "w2": "linux"}, share=out) as c, home.daemon():
         repo = home.add_repo("app")
-        run_id = home.push_run(repo, {".pipeline.toml": pipeline(f"""
-            [[stage]]
-            name = "s"
-            [[stage.action]]
-            name = "slow"
-            runs_on = ["linux"]
-            run = "echo $GITPIPE_ATTEMPT >> {out}/starts; while [ $GITPIPE_ATTEMPT = 1 ] && [ ! -e {out}/go ]; do sleep 0.1; done"
-        """)})
+        run_id = home.push_run(repo, {".pipeline.toml": remote("slow", f"echo $GITPIPE_ATTEMPT >> {out}/starts; while [ $GITPIPE_ATTEMPT = 1 ] && [ ! -e {out}/go ]; do sleep 0.1; done")})
         wait_for(lambda: (out / "starts").exists(), timeout=120, what="the first attempt to start")
         victim = wait_for(lambda: _busy(c), timeout=30, what="the busy worker")
         frozen = c.workers[victim].proc
@@ -502,14 +465,7 @@ def test_a_broker_with_tls_and_a_password(home: Home, tmp_path: Path) -> None:
     with cluster(home, tmp_path, {"w1": "linux"}, tls=True) as c, home.daemon():
         assert c.redis.url.startswith("rediss://:")
         repo = home.add_repo("app")
-        run_id = home.push_run(repo, {".pipeline.toml": pipeline("""
-            [[stage]]
-            name = "s"
-            [[stage.action]]
-            name = "tls"
-            runs_on = ["linux"]
-            run = "echo over-tls"
-        """)})
+        run_id = home.push_run(repo, {".pipeline.toml": remote("tls", "echo over-tls")})
         home.expect(home.wait_run(run_id, timeout=120))
         log = home.logs(run_id, "tls")
         assert "running on worker w1" in log and "over-tls" in log

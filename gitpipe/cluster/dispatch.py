@@ -230,6 +230,7 @@ class Session:
         self.mac = mac
         self.detached = False
         self.broker_back = 0.0  # monotonic time the broker was last seen away
+        self.missed = 0  # looks in a row that did not find the attempt in its worker's heartbeat
         self.idle_seen = False  # a worker that could take the queued attempt stood idle at the last look
 
     def say(self, why: str) -> None:
@@ -387,6 +388,10 @@ class Session:
         except redis.RedisError:
             return None  # the broker is away: nothing can be told yet
         if raw is not None and self.aid in json.loads(raw)["running"]:
+            self.missed = 0
+            return None
+        self.missed += 1
+        if self.missed < 2:  # one look can cross a beat being written: lost only when two agree
             return None
         try:
             self.c.r.set(channel.key("stop", self.aid), ActionStatus.INTERRUPTED.value, ex=channel.KEEP)

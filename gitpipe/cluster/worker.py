@@ -164,8 +164,8 @@ class WorkerHost:
                 return
             self.running[aid] = _Running()
         try:
+            self.beat()  # listed with the attempt before the coordinator can look
             add(self.r, stream, {"k": "claim", "w": self.name})
-            self.beat()  # listed with the attempt before the coordinator looks
             got = self.r.blpop([channel.key("seal", aid, self.name)], timeout=SEAL_WAIT)
             if got is None or got[1] == b"refused":
                 return
