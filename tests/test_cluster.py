@@ -343,13 +343,23 @@ def test_100_pushes_over_3_workers_with_2_kills_finish_100_runs_each_recorded_on
 
     with cluster(home, tmp_path, {"w1": "linux", "w2": "linux", "w3": "linux"}, share=out) as c, home.daemon():
         repo = home.add_repo("app")
-        text = remote("work", f"echo $GITPIPE_RUN.$GITPIPE_ATTEMPT >> {out}/ran; sleep 0.5")
-        run_ids = [home.push_run(repo, {".pipeline.toml": text, "n": "0"})]
+        # Runs 30 and 60 hold their first attempt until their worker is killed under it.
+        text = remote("work", f"echo $GITPIPE_RUN.$GITPIPE_ATTEMPT >> {out}/ran; "
+                              f"if [ $GITPIPE_ATTEMPT = 1 ] && [ -e {out}/hold-$GITPIPE_RUN ]; then sleep 600; fi")
+        run_ids: list[int] = []
         for kill_at in (30, 60):
             while len(run_ids) < kill_at:
-                run_ids.append(home.push_run(repo, {"n": str(len(run_ids))}))
-            victim = wait_for(lambda: next((n for n, w in c.live().items() if w["running"]), ""),
-                              timeout=120, what="a busy worker")
+                if len(run_ids) + 1 == kill_at:
+                    (out / f"hold-{kill_at}").touch()
+                files = {".pipeline.toml": text} if not run_ids else {}
+                run_ids.append(home.push_run(repo, {**files, "n": str(len(run_ids))}))
+            assert run_ids[-1] == kill_at
+            action_id = wait_for(lambda k=kill_at: home.status(k) == "running" and _action_id(home, k, "work"),
+                                 timeout=300, what=f"run {kill_at} to start")
+            held = f"{action_id}.1."
+            victim = wait_for(lambda h=held: next((n for n, w in c.live().items()
+                                                   if any(a.startswith(h) for a in w["attempts"])), ""),
+                              timeout=300, what=f"the worker holding run {kill_at}")
             c.kill(victim)
             c.start(victim)  # back with the same name and key; its old attempt is sent elsewhere
         while len(run_ids) < 100:
@@ -364,7 +374,8 @@ def test_100_pushes_over_3_workers_with_2_kills_finish_100_runs_each_recorded_on
         succeeded = [(run, n) for run, n, status in rows if status == "succeeded"]
         assert sorted(run for run, _ in succeeded) == sorted(run_ids)  # one success per run, never two
         assert {status for _, _, status in rows} <= {"succeeded", "interrupted"}
-        assert sum(1 for *_, status in rows if status == "interrupted") >= 2  # the kills hit attempts
+        interrupted = sorted(run for run, _, status in rows if status == "interrupted")
+        assert {30, 60} <= set(interrupted)  # the kills hit attempts
         ran = (out / "ran").read_text().split()
         assert len(ran) == len(set(ran))  # no attempt ran twice
         assert {f"{run}.{n}" for run, n in succeeded} <= set(ran)
