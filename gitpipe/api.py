@@ -178,6 +178,12 @@ def run_json(run: RunRecord) -> dict[str, Any]:
     return data
 
 
+def waiting_reasons(store: Store) -> dict[int, str]:
+    """Run id -> why one of its running actions waits (for a worker, for the broker), for `runs`."""
+    rows = store.query("SELECT run_id, message FROM actions WHERE status = 'running' AND message LIKE 'waiting for %'")
+    return {r["run_id"]: r["message"] for r in rows}
+
+
 def show_json(store: Store, run_id: int) -> dict[str, Any]:
     """`gitpipe show --json`: the run with stages, actions, artifacts and outputs."""
     run = store.run(run_id)

@@ -165,10 +165,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
     out = Out()
     if not runs:
         say("no runs match" if args.status or args.ref or args.since else "no runs yet")
+    waits = api.waiting_reasons(store) if any(r.status is RunStatus.RUNNING for r in runs) else {}
     for r in runs:
+        wait = f"  ({waits[r.id]})" if r.id in waits else ""
         say(f"#{r.id:<5} {r.repo:<16} {short_ref(r.ref):<20} {r.sha[:7]}  "
               f"{out.status(r.status.value):<10} {r.trigger:<8} {r.created_at[:19].replace('T', ' ')}"
-              f"{_duration(r)}{_notes(r)}")
+              f"{_duration(r)}{_notes(r)}{wait}")
     return 0
 
 
@@ -436,6 +438,34 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return local.run_exec(Path.cwd(), args.stage, args.action, args.keep, args.home, args.notify)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gitpipe.cluster import worker  # Celery only for the cluster's commands
+
+    if not args.broker:
+        raise UsageError("no broker given", hint="pass --broker redis://HOST:6379/0 or set GITPIPE_BROKER")
+
+    logging.basicConfig(level=logging.INFO, format="gitpipe worker: %(message)s", stream=sys.stderr)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    directory = Path(args.dir).expanduser().absolute() if args.dir else settings_mod.resolve_home(None) / "worker"
+    worker.serve(args.broker, labels, args.slots, args.name, directory)
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    from gitpipe.cluster import status
+
+    rows = status.workers(args.broker or status.broker_of(_home(args)))
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        say("no live worker")
+    for row in rows:
+        say(f"{row['name']:<16} labels {','.join(row['labels']) or '-':<20} slots {row['slots']:<3} "
+            f"running {row['running']:<3} heartbeat {row['heartbeat']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from gitpipe.report import Reporter
 
@@ -569,6 +599,17 @@ def build_parser() -> argparse.ArgumentParser:
     COMMANDS["cache"] = ("list and clear the build caches", cmd_cache_list)
     add("report", cmd_report, "render the static report site now (the daemon keeps it current)")
     add("demo", cmd_demo, "a self-contained tour: a throw-away home, a real push, a live run")
+    p = add("worker", cmd_worker, "run a worker host: a Celery worker that runs actions sent by the build host")
+    p.add_argument("--broker", default=os.environ.get("GITPIPE_BROKER"),
+                   help="the Redis URL of [cluster] broker (redis:// or rediss://; default: $GITPIPE_BROKER, "
+                        "which keeps a password out of `ps`)")
+    p.add_argument("--labels", default="", help="comma-separated labels pipelines ask for with runs_on")
+    p.add_argument("--slots", type=int, default=1, help="actions this worker runs at once (default 1)")
+    p.add_argument("--name", help="this worker's name in [cluster.workers] (default: the host name)")
+    p.add_argument("--dir", help="its key, repo mirrors and worktrees (default: <home>/worker)")
+    p = add("workers", cmd_workers, "list the live workers: name, labels, slots, running attempts, heartbeat")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--broker", help="the Redis URL (default: [cluster] broker in gitpipe.toml)")
     return parser
 
 

@@ -127,6 +127,10 @@ class Daemon:
                          trust, sandbox, select=self.select,
                          caches=Caches(self.settings, self.store, sandbox.uid, sandbox.gid,
                                        userns=sandbox.bwrap is not None and sandbox.uid is None))
+        if self.settings.cluster is not None:  # only then is Celery imported (SPEC section 13)
+            from gitpipe.cluster.dispatch import Cluster
+
+            self.host.cluster = Cluster(self.settings, self.settings.cluster)
         observer = follow.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake, recursive=False)
         old = self._install_signals()
         log.addFilter(self.repeats)
@@ -450,6 +454,8 @@ class Daemon:
         if self.host.caches is not None and self.host.caches.sweep():
             log.info("cache: removed what a save interrupted by a previous daemon left behind")
         for attempt in self.store.open_attempts():
+            if self.host.cluster is not None and self.host.cluster.owns(attempt.token):
+                continue  # on a worker host: its run takes it up again (gitpipe.cluster.dispatch)
             killed = executor.kill_token(attempt.token)
             self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)
             act = self.store.action(attempt.action_id)

@@ -69,6 +69,8 @@ PIPELINE = (
     Key("name", "name", "the pipeline's name (default: the repository's name)"),
     Key("timeout", "duration", 'the longest a whole run may take, e.g. "1h"'),
     Key("network", "boolean", "whether run actions may reach the network (default: the host's setting)"),
+    Key("runs_on", "strings", "worker labels every action needs unless it names its own (SPEC section 13)",
+        default=[]),
 )
 
 TRIGGER = (
@@ -129,6 +131,8 @@ ACTION = (
     Key("network", "boolean", "whether this action may reach the network", types=("run", PLUGIN)),
     Key("cache", "caches", "directories kept from run to run: [{ key = [files whose contents name the "
         'entry], paths = [".venv", "~/.cache/pip"] }]', types=("run", PLUGIN), table="cache"),
+    Key("runs_on", "strings", 'worker labels: the action runs on a worker host that has every one, e.g. '
+        '["linux", "arm64"] ([cluster] in gitpipe.toml)', types=("run", PLUGIN)),
     Key("message", "string", "the question a person answers; placeholders like {short_sha} work",
         types=("approval",)),
     Key("approvers", "strings", 'who may decide: Unix user names and "group:NAME" (default: whoever '

@@ -150,6 +150,7 @@ class ActionSpec:
     secrets: tuple[str, ...] = ()
     when: When | None = None
     network: bool | None = None  # False: this action runs without network
+    runs_on: tuple[str, ...] | None = None  # worker labels (SPEC section 13); None: the pipeline's
     allow_failure: bool = False  # a failure (or timeout) is a warning; the stage and run go on
     # a copy of a `matrix` action: the name as written (the group) and this copy's values
     group: str | None = None
@@ -233,6 +234,7 @@ class Pipeline:
     notify: tuple[NotifySpec, ...] = ()
     network: bool | None = None  # False: every action runs without network
     inputs: tuple[InputSpec, ...] = ()
+    runs_on: tuple[str, ...] = ()  # worker labels of every action that names none
 
     def action(self, stage: str, name: str) -> ActionSpec:
         for s in self.stages:

@@ -561,17 +561,19 @@ def _pipeline(report: _Report, data: dict[str, Any], default_name: str) -> Pipel
     for key in top.unknown_keys(_TOP_KEYS):
         noun = "table" if isinstance(data[key], (dict, list)) else "key"
         top.problem(f'unknown {noun} "{key}"{_suggest(key, _TOP_KEYS)}', key)
-    name, timeout, network = default_name, None, None
+    name, timeout, network, runs_on = default_name, None, None, None
     head = top.table("pipeline", "[pipeline]")
     if head is not None:
         head.check_keys(_PIPELINE_KEYS)
         name = head.name("name", "") or default_name
         timeout = head.duration("timeout", None, positive=True)
         network = head.get("network", (bool,), "true or false")
+        runs_on = _labels(head)
     pipeline = Pipeline(
         name=name,
         timeout=timeout,
         network=network,
+        runs_on=runs_on or (),
         trigger=_trigger(top.table("trigger", "[trigger]")),
         env=_env(top.table("env", "[env]")),
         stages=_stages(top),
@@ -815,6 +817,7 @@ def _action(report: _Report, data: dict[str, Any], path: Path, label: str,
         fields["run"] = t.string("run", "the bash script this action runs")
         fields["network"] = t.get("network", (bool,), "true or false")
         fields["cache"] = _caches(t)
+        fields["runs_on"] = _labels(t)
     elif kind == "approval":
         fields["message"] = t.string("message")
         _check_placeholders(t, "message", fields["message"])
@@ -824,6 +827,7 @@ def _action(report: _Report, data: dict[str, Any], path: Path, label: str,
     elif kind is not None:  # a plugin: its own keys, but `network` and `cache` are the sandbox's
         fields["network"] = t.get("network", (bool,), "true or false")
         fields["cache"] = _caches(t)
+        fields["runs_on"] = _labels(t)
         own = {k.name for k in keys.action_keys(kind)}
         fields["extra"] = tuple((k, v) for k, v in data.items() if k not in own)
     spec = ActionSpec(line=report.line(path), **fields)
@@ -831,6 +835,20 @@ def _action(report: _Report, data: dict[str, Any], path: Path, label: str,
     for copy in copies:
         report.actions.append((stage_index, label, copy, path))
     return copies
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _labels(t: _Table) -> tuple[str, ...] | None:
+    """`runs_on`: worker labels (letters, digits, ".", "_", "-"), sorted and unique; None if absent."""
+    labels = t.strings("runs_on")
+    if labels is None:
+        return None
+    for label in labels:
+        if not _LABEL.fullmatch(label):
+            t.problem(f'"runs_on": label "{label}" may hold only letters, digits, ".", "_" and "-"', "runs_on")
+    return tuple(sorted(set(labels)))
 
 
 def _action_type(t: _Table) -> str | None:

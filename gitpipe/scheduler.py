@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from gitpipe import artifacts, delivery, executor, git, plugins, reuse, space
 from gitpipe import cache as cache_mod
@@ -56,6 +57,7 @@ class Host:
     env_locks: dict[tuple[str, str], delivery.FifoLock] = field(default_factory=dict)
     select: Callable[[str, ActionSpec], str | None] | None = None  # gitpipe exec: why an action is skipped
     caches: cache_mod.Caches | None = None  # build caches (SPEC section 14); None: not kept
+    cluster: Any = None  # gitpipe.cluster.dispatch.Cluster when gitpipe.toml has [cluster] (never imported else)
 
 
 def env_name(text: str) -> str:
@@ -260,6 +262,10 @@ class RunWorker:
             return
         if spec.type == "approval":  # waits for a person; takes no parallel slot
             return self._guarded(rec, lambda: delivery.run_approval(self, rec, spec))
+        labels = self.host.cluster.place(self.pipe, spec) if self.host.cluster is not None else None
+        if labels is not None:  # on a worker host (SPEC section 13): takes no slot here
+            remote = partial(self.host.cluster.attempt, self, labels=labels)
+            return self._guarded(rec, lambda: self._run_action(rec, spec, remote))
         with self.host.slots:  # bounded by max_parallel across the host
             if self.halted:
                 return None
@@ -300,11 +306,12 @@ class RunWorker:
                 self.store.set_action(action_id, ActionStatus.RUNNING)
             self.store.set_action(action_id, ActionStatus.FAILED, message=message)
 
-    def _run_action(self, rec: ActionRecord, spec: ActionSpec) -> None:
+    def _run_action(self, rec: ActionRecord, spec: ActionSpec,
+                    attempt: Callable[[ActionRecord, ActionSpec], executor.Outcome] | None = None) -> None:
         failures = sum(1 for a in self.store.attempts(rec.id)
                        if a.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT))
         while True:
-            outcome = self._attempt(rec, spec)
+            outcome = (attempt or self._attempt)(rec, spec)
             if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT):
                 failures += 1
                 if failures <= spec.retries:

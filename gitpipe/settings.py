@@ -40,6 +40,7 @@ SANDBOX_DEFAULTS: dict[str, Any] = {
 }
 SANDBOX_MODES = ("bwrap", "none")
 CACHE_DEFAULTS: dict[str, Any] = {"max_size": "20G"}
+CLUSTER_DEFAULTS: dict[str, Any] = {"broker": "", "local": True, "git_url": "{path}", "workers": {}}
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 
 COMMENTS: dict[str, str] = {
@@ -78,6 +79,16 @@ class SandboxSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """`[cluster]`: actions on worker hosts through Celery on a Redis broker (SPEC section 13)."""
+
+    broker: str  # redis:// or rediss:// URL, may carry a password
+    local: bool = True  # actions no label sends elsewhere run here
+    git_url: str = "{path}"  # where workers fetch a repo: {path} and {repo} are filled in
+    workers: tuple[tuple[str, str], ...] = ()  # (name, public key): the workers trusted with secrets
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     max_parallel: int
@@ -97,6 +108,7 @@ class Settings:
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     control_socket: Path | None = Path(DEFAULTS["control_socket"])
     cache_max_size: int = 20 << 30  # [cache] max_size: bytes of build caches kept (LRU beyond)
+    cluster: ClusterSettings | None = None  # None: one host, nothing of gitpipe.cluster is imported
 
     # Paths of the home, computed from the home (never at import time).
     @property
@@ -240,7 +252,7 @@ def _typed(lines: _Lines, data: dict[str, Any], key: str, kind: type | tuple[typ
 
 
 def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
-    top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}, "sandbox": {}, "cache": {}}
+    top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}, "sandbox": {}, "cache": {}, "cluster": {}}
     _unknown(lines, data, top, None)
     merged = {**DEFAULTS, **{k: v for k, v in data.items() if k in DEFAULTS}}
     for key in ("max_parallel", "keep_runs"):
@@ -303,6 +315,7 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         sandbox=sandbox,
         control_socket=Path(control) if control else None,
         cache_max_size=_cache_size(lines, _table(lines, data, "cache", CACHE_DEFAULTS)),
+        cluster=_cluster(lines, _table(lines, data, "cluster", CLUSTER_DEFAULTS)) if "cluster" in data else None,
     )
 
 
@@ -357,6 +370,22 @@ def _sandbox(lines: _Lines, value: dict[str, Any], home: Path) -> SandboxSetting
         binds[key] = tuple(Path(p) for p in paths)
     return SandboxSettings(mode=merged["mode"], user=merged["user"], network=merged["network"],
                            memory=memory, pids=pids, **binds)
+
+
+def _cluster(lines: _Lines, value: dict[str, Any]) -> ClusterSettings:
+    merged = {**CLUSTER_DEFAULTS, **value}
+    for key in ("broker", "git_url"):
+        _typed(lines, merged, key, str, "cluster")
+    _typed(lines, merged, "local", bool, "cluster")
+    if not re.match(r"^rediss?://", merged["broker"]):
+        raise lines.error('"broker" must be a redis:// or rediss:// URL, e.g. "redis://:PASSWORD@10.0.0.5:6379/0"',
+                          "broker" if "broker" in value else "", "cluster")
+    workers = merged["workers"]
+    if not isinstance(workers, dict) or not all(isinstance(v, str) for v in workers.values()):
+        raise lines.error('"workers" must be a table of NAME = "public key" (what `gitpipe worker` prints)',
+                          "workers", "cluster")
+    return ClusterSettings(broker=merged["broker"], local=merged["local"], git_url=merged["git_url"],
+                           workers=tuple(sorted(workers.items())))
 
 
 def _table(lines: _Lines, data: dict[str, Any], name: str, known: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,0 +1,187 @@
+"""What crosses the broker between the coordinator and a worker, and how it is protected.
+
+Redis holds, per attempt `aid` (action id, number and a random part, never reused):
+- `gitpipe:log:<aid>` a stream: the worker's `claim`, its masked output (`out`), its
+  signed result (`end`); the coordinator reads it as it grows (`logs --follow`).
+- `gitpipe:seal:<aid>` a list with one entry: the attempt's secrets and result key,
+  sealed to the public key of the worker that claimed it (X25519, HKDF-SHA256, AES-GCM).
+- `gitpipe:stop:<aid>` set when the attempt is to stop (cancel, timeout, daemon stop).
+- `gitpipe:in:<aid>:<name>`, `gitpipe:out:<aid>:<name>`: artifacts as tar files, each
+  with its sha256 checked at the other end.
+- `gitpipe:worker:<name>`: a worker's heartbeat (labels, slots, running attempts),
+  expiring HEARTBEAT_TTL seconds after its last beat: a killed or cut-off worker vanishes.
+Nothing secret is ever stored in clear: logs and outputs are masked by the worker before
+they are sent, the secrets themselves travel sealed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import os
+import ssl
+import tarfile
+from collections.abc import Iterable
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gitpipe.errors import ActionError, UsageError
+
+PREFIX = "gitpipe:"
+HEARTBEAT_EVERY = 2.0  # seconds between a worker's beats
+HEARTBEAT_TTL = 15  # seconds: a worker without a beat that long is gone (its attempts are interrupted)
+KEEP = 3600  # seconds an attempt's keys outlive it at most (a coordinator that never came back)
+MAX_LABELS = 8  # a worker listens on one queue per subset of its labels: 2**8 at most
+TASK = "gitpipe.attempt"
+
+
+Client = Any  # a redis.Redis returning bytes; redis-py's own types also allow str (decode_responses)
+
+
+TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def tls(url: str) -> tuple[str, dict[str, Any]]:
+    """The URL without its TLS query parameters, and those as options (rediss:// only).
+
+    `rediss://HOST:6380/0?ssl_ca_certs=/etc/gitpipe/ca.pem` checks the server's certificate
+    against that CA; with no parameter the system's CAs are used and a certificate is required.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return url, {}
+    query = parse_qsl(parts.query)
+    options: dict[str, Any] = {k: v for k, v in query if k in TLS_PARAMS}
+    reqs = str(options.get("ssl_cert_reqs", "required")).lower().replace("cert_", "")
+    options["ssl_cert_reqs"] = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+                                "none": ssl.CERT_NONE}.get(reqs, ssl.CERT_REQUIRED)
+    rest = urlencode([(k, v) for k, v in query if k not in TLS_PARAMS])
+    return urlunsplit(parts._replace(query=rest)), options
+
+
+def connect(url: str) -> Client:
+    """A client of the broker (redis:// or rediss://, a password in the URL)."""
+    plain, options = tls(url)
+    return redis.Redis.from_url(plain, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10,
+                                **options)
+
+
+def redact(url: str) -> str:
+    """The broker URL without its password, for messages."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"
+
+
+def key(kind: str, *parts: str) -> str:
+    return PREFIX + ":".join((kind, *parts))
+
+
+def queue_of(labels: Iterable[str]) -> str:
+    """The Celery queue of an action with these labels (none: any worker's)."""
+    names = sorted(set(labels))
+    return "gitpipe" if not names else "gitpipe." + "+".join(names)
+
+
+def queues_for(labels: Iterable[str]) -> list[str]:
+    """Every queue a worker with these labels takes from: one per subset of them."""
+    names = sorted(set(labels))
+    if len(names) > MAX_LABELS:
+        raise UsageError(f"a worker may have at most {MAX_LABELS} labels, not {len(names)}",
+                         hint="keep the labels that pipelines ask for in runs_on")
+    return [queue_of(subset) for n in range(len(names) + 1) for subset in combinations(names, n)]
+
+
+# ---------------------------------------------------------------------------- keys and sealing
+def load_private(path: Path) -> X25519PrivateKey:
+    """The worker's private key, made (mode 0600) on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        raw = X25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+    return X25519PrivateKey.from_private_bytes(path.read_bytes())
+
+
+def public_text(private: X25519PrivateKey) -> str:
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def _derive(shared: bytes, salt: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"gitpipe-seal-v1").derive(shared)
+
+
+def seal(public: str, data: bytes) -> bytes:
+    """Encrypt `data` so that only the holder of `public`'s private key reads it."""
+    try:
+        peer = X25519PublicKey.from_public_bytes(base64.b64decode(public))
+    except ValueError as exc:
+        raise UsageError(f"not a worker public key: {exc}", hint="copy the key `gitpipe worker` prints") from None
+    eph = X25519PrivateKey.generate()
+    eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    nonce = os.urandom(12)
+    box = AESGCM(_derive(eph.exchange(peer), eph_pub + base64.b64decode(public)))
+    return eph_pub + nonce + box.encrypt(nonce, data, None)
+
+
+def unseal(private: X25519PrivateKey, blob: bytes) -> bytes:
+    eph_pub, nonce, body = blob[:32], blob[32:44], blob[44:]
+    mine = base64.b64decode(public_text(private))
+    box = AESGCM(_derive(private.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub + mine))
+    return box.decrypt(nonce, body, None)
+
+
+def sign(secret: bytes, body: str) -> str:
+    return hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()
+
+
+def verify(secret: bytes, body: str, mac: str) -> bool:
+    return hmac.compare_digest(sign(secret, body), mac)
+
+
+def digest(job: dict[str, Any]) -> str:
+    """The sha256 of a job as sent: sealed with the secrets, so the worker knows the job is untouched."""
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- artifacts
+def pack(root: Path, files: Iterable[str]) -> tuple[bytes, str]:
+    """A tar of `files` (relative to `root`), and its sha256."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for rel in files:
+            tar.add(root / rel, arcname=rel, recursive=False)
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def unpack(data: bytes | None, sha256: str, dest: Path, what: str) -> None:
+    """Check `data` against the sha256 the sender gave, then extract it (regular files only) into `dest`."""
+    if data is None:
+        raise ActionError(f"{what}: not found on the broker (expired, or the broker restarted)")
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise ActionError(f"{what}: sha256 {got} does not match {sha256} sent with it; not used")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        tar.extractall(dest, filter="data")
+
+
+def tree_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "MANIFEST.sha256")

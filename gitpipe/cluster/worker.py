@@ -1,0 +1,300 @@
+"""A worker host: `gitpipe worker`, a Celery worker whose one task runs one gitpipe attempt.
+
+The task (`WorkerHost.run`): claim the attempt on its log stream, wait for the coordinator
+to seal the attempt's secrets and result key to this worker's key, fetch the commit with
+git into a local mirror, restore the inputs (sha256 checked), run the script in the same
+sandbox as the build host, stream its masked output back, upload the outputs (with their
+sha256) and sign the result. A heartbeat thread keeps this worker listed, stops attempts
+the coordinator asks to stop, and ends every attempt when the broker has been out of reach
+longer than the coordinator waits (their results could not be recorded anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from gitpipe import artifacts, executor, git
+from gitpipe import settings as settings_mod
+from gitpipe.cluster import channel
+from gitpipe.cluster.channel import redact
+from gitpipe.errors import GitpipeError, UsageError
+from gitpipe.intake import now_iso
+from gitpipe.masking import Masker
+from gitpipe.models import ActionStatus
+from gitpipe.sandbox import Confine, Sandbox
+from gitpipe.scheduler import _read_outputs
+
+log = logging.getLogger("gitpipe")
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # as runs_on takes them (pipeline.py)
+SEAL_WAIT = 30  # seconds a claimed attempt waits for its sealed secrets
+END_WAIT = 600  # seconds a finished attempt keeps trying to send its result to a broker that is away
+
+
+def make_app(broker: str) -> Celery:
+    """The Celery app of both sides: late acks (a task a dead worker held is not lost), one at a time."""
+    plain, tls = channel.tls(broker)
+    app = Celery("gitpipe", broker=plain, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True, worker_prefetch_multiplier=1, task_ignore_result=True,
+        task_serializer="json", accept_content=["json"], worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
+        # A redelivered task (a long attempt outliving this) finds its attempt claimed and stops.
+        broker_transport_options={"visibility_timeout": channel.KEEP},
+    )
+    if tls:
+        app.conf.broker_use_ssl = tls
+    return app
+
+
+@dataclass
+class _Running:
+    attempt: executor.Attempt | None = None
+    stop: str | None = None
+
+
+def add(r: channel.Client, stream: str, fields: dict[str, Any]) -> None:
+    """Append to an attempt's stream, which expires if no coordinator ever reads it (an attempt
+    that ended without this worker, a coordinator that never came back)."""
+    pipe = r.pipeline()
+    pipe.xadd(stream, fields)
+    pipe.expire(stream, channel.KEEP)
+    pipe.execute()
+
+
+class StreamLog:
+    """The LogWriter of a remote attempt: masked output appended to the attempt's stream."""
+
+    def __init__(self, r: channel.Client, stream: str, masker: Masker) -> None:
+        self.r, self.stream, self.mask = r, stream, masker.stream()
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        self._send(self.mask.feed(data))
+
+    def line(self, text: str) -> None:
+        self._send(self.mask.feed(b"\n" + text.encode() + b"\n"))
+
+    def _send(self, data: bytes) -> None:
+        if data:
+            try:
+                add(self.r, self.stream, {"k": "out", "d": data})
+            except redis.RedisError:  # cut off: the coordinator takes the attempt as lost
+                pass
+
+    def close(self) -> None:
+        self._send(self.mask.flush())
+
+
+class WorkerHost:
+    def __init__(self, broker: str, labels: list[str], slots: int, name: str, directory: Path) -> None:
+        self.broker, self.labels, self.slots, self.name, self.dir = broker, sorted(set(labels)), slots, name, directory
+        self.settings = settings_mod.load(directory, must_exist=False)  # its own [sandbox], if any
+        self.sandbox = Sandbox.for_host(self.settings)
+        self.private = channel.load_private(directory / "worker.key")
+        self.r = channel.connect(broker)
+        self.running: dict[str, _Running] = {}
+        self.lock = threading.Lock()
+        self.fetch_locks: dict[str, threading.Lock] = {}
+        self.stopping = threading.Event()
+
+    # ------------------------------------------------------------------ heartbeat
+    def beat_forever(self) -> None:
+        last_ok = time.monotonic()
+        while not self.stopping.wait(channel.HEARTBEAT_EVERY / 2):
+            try:
+                self.beat()
+                last_ok = time.monotonic()
+            except redis.RedisError as exc:
+                if time.monotonic() - last_ok > channel.HEARTBEAT_TTL:
+                    self._stop_all(ActionStatus.INTERRUPTED, f"worker cut off from the broker: {exc}")
+
+    def beat(self) -> None:
+        with self.lock:
+            aids = list(self.running)
+        info = {"name": self.name, "labels": self.labels, "slots": self.slots, "running": aids,
+                "heartbeat": now_iso(), "host": socket.gethostname(), "pid": os.getpid()}
+        pipe = self.r.pipeline()
+        pipe.set(channel.key("worker", self.name), json.dumps(info), ex=channel.HEARTBEAT_TTL)
+        for aid in aids:
+            pipe.get(channel.key("stop", aid))
+        stops = pipe.execute()[1:]
+        for aid, stop in zip(aids, stops):
+            if stop:
+                self._stop(aid, ActionStatus(stop.decode()), "stopped by the coordinator")
+
+    def _stop(self, aid: str, status: ActionStatus, reason: str) -> None:
+        with self.lock:
+            run = self.running.get(aid)
+            if run is None or run.stop is not None:
+                return
+            run.stop = status.value
+            attempt = run.attempt
+        if attempt is not None:
+            threading.Thread(target=attempt.stop, args=(status, reason), daemon=True).start()
+
+    def _stop_all(self, status: ActionStatus, reason: str) -> None:
+        with self.lock:
+            aids = list(self.running)
+        for aid in aids:
+            self._stop(aid, status, reason)
+
+    # ------------------------------------------------------------------ one attempt
+    def run(self, job: dict[str, Any]) -> None:
+        """The Celery task's body."""
+        aid = job["aid"]
+        stream = channel.key("log", aid)
+        if self.r.exists(channel.key("done", aid)):
+            return  # redelivered after the attempt ended
+        with self.lock:
+            if aid in self.running:  # delivered again (a reconnect restored it) while it runs here
+                return
+            self.running[aid] = _Running()
+        try:
+            self.beat()  # listed with the attempt before the coordinator can look
+            add(self.r, stream, {"k": "claim", "w": self.name})
+            got = self.r.blpop([channel.key("seal", aid, self.name)], timeout=SEAL_WAIT)
+            if got is None or got[1] == b"refused":
+                return
+            bundle = json.loads(channel.unseal(self.private, got[1]))
+            if bundle["digest"] != channel.digest(job):
+                self._end(stream, bundle, {"status": "failed", "exit_code": None,
+                                           "message": "the job on the broker does not match the one sent; not run"})
+                return
+            result = self._execute(job, bundle, stream)
+            self._end(stream, bundle, result)
+        finally:
+            with self.lock:
+                self.running.pop(aid, None)
+
+    def _end(self, stream: str, bundle: dict[str, Any], result: dict[str, Any]) -> None:
+        """Send the signed result; while the broker is away, keep trying (the attempt stays listed)."""
+        body = json.dumps(result)
+        fields = {"k": "end", "b": body, "mac": channel.sign(bytes.fromhex(bundle["mac"]), body)}
+        give_up = time.monotonic() + END_WAIT
+        while True:
+            try:
+                add(self.r, stream, fields)
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() > give_up:
+                    log.warning("attempt %s: its result could not be sent (%s); the coordinator runs it again",
+                                stream, exc)
+                    return
+                time.sleep(1.0)
+
+    def _execute(self, job: dict[str, Any], bundle: dict[str, Any], stream: str) -> dict[str, Any]:
+        aid = job["aid"]
+        secrets: dict[str, str] = bundle["env"]
+        masker = Masker(list(bundle["mask"]))
+        out = StreamLog(self.r, stream, masker)
+        deadline = time.time() + job["timeout"]
+        result: dict[str, Any] = {"status": "failed", "exit_code": None, "message": None, "outputs": [],
+                                  "values": {}}
+        try:
+            mirror = self._fetch(job)
+            pool = git.WorktreePool(self.dir / "work", job["repo"], mirror)
+            with pool.checkout(job["sha"]) as slot:
+                for name, sha256 in job["inputs"]:
+                    channel.unpack(self.r.get(channel.key("in", aid, name)), sha256, slot.tree, f'input "{name}"')
+                out_file = slot.root / "output"
+                box = Confine(key=f"w{aid}", home=slot.root / "home", tree=slot.tree, name=job["repo"],
+                              output=out_file, readonly=(pool.objects,), network=job["network"])
+                token = uuid.uuid4().hex
+                launch = self.sandbox.launch(executor.bash(job["script"]), {**job["env"], **secrets}, box)
+                attempt = executor.start(launch, out, token)  # type: ignore[arg-type]
+                with self.lock:
+                    self.running[aid].attempt = attempt
+                    stop = self.running[aid].stop
+                if stop:
+                    attempt.stop(ActionStatus(stop), "stopped by the coordinator")
+                outcome = executor.wait(attempt, deadline)
+                result.update(status=outcome.status.value, exit_code=outcome.exit_code, message=outcome.message)
+                if outcome.status is ActionStatus.SUCCEEDED:
+                    result["outputs"] = self._upload(aid, job, slot.tree)
+                    result["values"] = {masker.mask(k): masker.mask(v) for k, v in _read_outputs(out_file).items()}
+                out_file.unlink(missing_ok=True)
+        except (GitpipeError, OSError, subprocess.CalledProcessError, redis.RedisError) as exc:
+            result.update(status="failed", message=masker.mask(f"on worker {self.name}: {exc}"))
+        out.close()
+        return result
+
+    def _fetch(self, job: dict[str, Any]) -> Path:
+        """A bare mirror of the repo here, holding the run's commit (fetched with git when missing)."""
+        mirror = self.dir / "repos" / f"{job['repo']}.git"
+        with self.lock:
+            lock = self.fetch_locks.setdefault(job["repo"], threading.Lock())
+        with lock:
+            if not mirror.exists():
+                subprocess.run(["git", "init", "--quiet", "--bare", str(mirror)], check=True, capture_output=True)
+            have = subprocess.run(["git", "-C", str(mirror), "cat-file", "-e", job["sha"] + "^{commit}"],
+                                  capture_output=True)
+            if have.returncode != 0:
+                fetched = subprocess.run(
+                    ["git", "-C", str(mirror), "fetch", "--quiet", "--no-tags", job["git_url"],
+                     "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+                    capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                if fetched.returncode != 0:
+                    raise GitpipeError(f"git fetch {job['git_url']} failed: {fetched.stderr.strip()[-300:]}")
+        return mirror
+
+    def _upload(self, aid: str, job: dict[str, Any], tree: Path) -> list[list[str]]:
+        sent = []
+        for name, patterns in job["outputs"]:
+            files = artifacts.match(tree, name, tuple(patterns))
+            data, sha256 = channel.pack(tree, files)
+            self.r.set(channel.key("out", aid, name), data, ex=channel.KEEP)
+            sent.append([name, sha256])
+        return sent
+
+
+def serve(broker: str, labels: list[str], slots: int, name: str | None, directory: Path) -> None:
+    """Run the worker until SIGTERM (Celery's warm shutdown: running attempts finish)."""
+    name = name or socket.gethostname()
+    if slots < 1:
+        raise UsageError(f"--slots must be at least 1, not {slots}")
+    bad = [label for label in labels if not LABEL.fullmatch(label)]
+    if bad:
+        raise UsageError(f'label "{bad[0]}" may hold only letters, digits, ".", "_" and "-"',
+                         hint="write the labels as --labels linux,arm64")
+    channel.queues_for(labels)  # too many labels: said now
+    host = WorkerHost(broker, labels, slots, name, directory)
+    try:
+        host.beat()
+    except redis.RedisError as exc:
+        raise UsageError(f"the broker {redact(broker)} cannot be reached: {exc}",
+                         hint="is redis-server running there, and are the URL and password right?") from None
+    app = make_app(broker)
+    app.task(name=channel.TASK)(host.run)
+    log.warning("gitpipe worker %s: labels %s, %d slot(s); public key (for [cluster.workers] on the build host):"
+                "\n%s = \"%s\"", name, ",".join(host.labels) or "(none)", slots, name,
+                channel.public_text(host.private))
+    for note in host.sandbox.notes:
+        log.warning("%s", note)
+    beat = threading.Thread(target=host.beat_forever, name="heartbeat", daemon=True)
+    beat.start()
+    try:
+        app.worker_main(["worker", "--pool", "threads", "--concurrency", str(slots),
+                         "--hostname", f"{name}@{socket.gethostname()}",
+                         "--queues", ",".join(channel.queues_for(host.labels)),
+                         "--without-gossip", "--without-mingle", "--loglevel", "WARNING"])
+    finally:
+        host.stopping.set()
+        try:
+            host.r.delete(channel.key("worker", name))
+        except redis.RedisError:
+            pass
+        host.sandbox.close()
