@@ -27,6 +27,7 @@ import stat
 import subprocess
 import threading
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -192,10 +193,81 @@ def commit_of(git_dir: str | Path, sha: str) -> tuple[str, str] | None:
 
 
 def _cat_file(git_dir: str | Path, kind: str, name: str) -> bytes | None:
+    """An object's body as `git cat-file KIND NAME` prints it (NAME: a sha, or "sha:path").
+
+    A push leaves its few objects loose, and the daemon reads them on every run's start: read
+    from the loose files when they are all there (no process: ~0.1 ms against ~5-8 ms),
+    else through git, which also knows packs, alternates and odd names."""
+    try:
+        found = _loose_path(Path(git_dir), name)
+    except (OSError, ValueError, zlib.error):
+        found = None
+    if found is not None and found[0] == "missing":
+        return None
+    if found is not None and found[0] == kind:
+        return found[1]
     env = {k: os.environ[k] for k in GIT_ENV_KEEP if k in os.environ}
     proc = subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", kind, name], env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, check=False)
     return proc.stdout if proc.returncode == 0 else None
+
+
+_LOOSE_MAX = 4 << 20  # a bigger object (a pushed bomb, or just big) is git's to read
+
+
+def _loose(git_dir: Path, sha: str) -> tuple[str, bytes] | None:
+    """(kind, body) of a loose object, checked against its name; None when it is not loose."""
+    if len(sha) not in (40, 64) or not all(c in "0123456789abcdef" for c in sha):
+        return None
+    try:
+        packed = (git_dir / "objects" / sha[:2] / sha[2:]).read_bytes()
+    except FileNotFoundError:
+        return None
+    inflate = zlib.decompressobj()
+    raw = inflate.decompress(packed, _LOOSE_MAX + 64)
+    if inflate.unconsumed_tail:
+        return None
+    digest = hashlib.sha1(raw) if len(sha) == 40 else hashlib.sha256(raw)
+    if digest.hexdigest() != sha:
+        raise ValueError(f"loose object {sha} does not match its name")
+    header, _, body = raw.partition(b"\0")
+    kind, _, size = header.decode("ascii").partition(" ")
+    if int(size) != len(body):
+        raise ValueError(f"loose object {sha} has the wrong size")
+    return kind, body
+
+
+def _loose_path(git_dir: Path, name: str) -> tuple[str, bytes] | None:
+    """`sha` or `sha:path` through loose objects only (a commit, its trees, the blob)."""
+    sha, colon, path = name.partition(":")
+    found = _loose(git_dir, sha)
+    if found is None or not colon:
+        return found
+    kind, body = found
+    if kind != "commit" or not body.startswith(b"tree "):
+        return None
+    tree = body[5:body.index(b"\n")].decode("ascii")
+    for part in path.split("/"):
+        node = _loose(git_dir, tree)
+        if node is None or node[0] != "tree":
+            return None
+        entry = _tree_entry(node[1], part.encode(), len(tree) // 2)
+        if entry is None:
+            return ("missing", b"")  # not in the commit: what `git cat-file` answers with an error
+        tree = entry
+    return _loose(git_dir, tree)
+
+
+def _tree_entry(body: bytes, name: bytes, width: int) -> str | None:
+    """The object id of entry `name` of a tree object's body ("mode name\\0id" entries)."""
+    at = 0
+    while at < len(body):
+        space = body.index(b" ", at)
+        nul = body.index(b"\0", space)
+        if body[space + 1:nul] == name:
+            return body[nul + 1:nul + 1 + width].hex()
+        at = nul + 1 + width
+    return None
 
 
 def resolve(repo: pygit2.Repository, ref: str) -> tuple[str, str]:

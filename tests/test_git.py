@@ -340,3 +340,47 @@ def test_a_tracked_file_changed_behind_its_stat_data_is_restored(bare: Path, tmp
         assert (slot.tree / "src").is_dir() and not (slot.tree / "src").is_symlink()
         assert tree_state(slot.tree)[1] == ""
         assert not (slot.tree / "elsewhere").exists()
+
+
+def test_objects_read_from_loose_files_match_git_cat_file(tmp_path: Path) -> None:
+    """The daemon reads a pushed commit and its pipeline file from the loose objects a push
+    leaves; packed objects, missing paths and tampered loose files go through (or match) git."""
+    bare = tmp_path / "r.git"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
+    work = tmp_path / "w"
+    git(tmp_path, "init", "-q", "-b", "main", str(work))
+    (work / "ci").mkdir()
+    (work / ".pipeline.toml").write_text('[[stage]]\nname = "s"\n')
+    (work / "ci" / "deep.txt").write_text("deep\n")
+    git(work, "add", ".")
+    git(work, "commit", "-qm", "first\n\nbody")
+    git(work, "push", "-q", str(bare), "main")
+    sha = subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+
+    def cat(kind: str, name: str) -> bytes | None:
+        proc = subprocess.run(["git", f"--git-dir={bare}", "cat-file", kind, name], capture_output=True, check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    cases = [("commit", sha), ("blob", f"{sha}:.pipeline.toml"), ("blob", f"{sha}:ci/deep.txt"),
+             ("blob", f"{sha}:nope.toml"), ("blob", f"{sha}:ci/nope"), ("commit", "0" * 40)]
+    assert gitmod._loose_path(bare, sha) is not None  # the push left them loose: no process needed
+    for kind, name in cases:
+        assert gitmod._cat_file(bare, kind, name) == cat(kind, name), name
+    author, message = gitmod.commit_of(bare, sha) or ("", "")
+    assert message == "first\n\nbody\n" and author.endswith("@example.com>")
+    # A loose file whose content does not match its name is never believed by the fast path.
+    loose = bare / "objects" / sha[:2] / sha[2:]
+    loose.chmod(0o644)
+    good = loose.read_bytes()
+    import zlib
+
+    loose.write_bytes(zlib.compress(b"commit 5\0evil!"))
+    with pytest.raises(ValueError, match="does not match its name"):
+        gitmod._loose(bare, sha)
+    loose.write_bytes(good)
+    # Packed objects: git reads them.
+    git(bare, "gc", "-q")
+    assert not loose.exists()
+    for kind, name in cases:
+        assert gitmod._cat_file(bare, kind, name) == cat(kind, name), name
