@@ -479,3 +479,30 @@ def test_badge_paths_stay_under_badge_and_never_collide() -> None:
         parts = path.split("/")
         assert parts[:2] == ["shop", "badge"] and not any(p in ("", ".", "..") or p.startswith(".") for p in parts)
     assert paths["x.svg/y"] != paths["x"] and not paths["x.svg/y"].startswith(paths["x"].removesuffix(".svg") + ".svg/")
+
+
+def test_a_nul_byte_in_an_input_or_env_value_is_a_pipeline_error(home: Home) -> None:
+    """A pushed pipeline whose input default or [env] value holds "\\u0000": no variable can hold it
+    (execve refuses), so `validate` and the run name the key, never "internal error"."""
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [inputs.note]
+        default = "a\\u0000b"
+        [env]
+        GREETING = "hi\\u0000there"
+
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "show"
+          run = 'echo "$GITPIPE_INPUT_NOTE"'
+        """)
+    (home.root / "nul.toml").write_text(text)
+    proc = home.gitpipe("validate", str(home.root / "nul.toml"))
+    assert proc.returncode != 0
+    assert "inputs.note.default" in proc.stderr or 'input "note"' in proc.stderr, proc.stderr
+    assert "GREETING" in proc.stderr and "NUL" in proc.stderr, proc.stderr
+    with home.daemon():
+        run = home.wait_run(home.push_run(repo, {".pipeline.toml": text}))
+    assert run["status"] == "failed"
+    assert "internal error" not in json.dumps(run) and "NUL" in json.dumps(run), run
