@@ -500,7 +500,7 @@ def test_a_nul_byte_in_an_input_or_env_value_is_a_pipeline_error(home: Home) -> 
     (home.root / "nul.toml").write_text(text)
     proc = home.gitpipe("validate", str(home.root / "nul.toml"))
     assert proc.returncode != 0
-    assert "inputs.note.default" in proc.stderr or 'input "note"' in proc.stderr, proc.stderr
+    assert "[inputs.note]: \"default\" holds a NUL" in proc.stderr, proc.stderr
     assert "GREETING" in proc.stderr and "NUL" in proc.stderr, proc.stderr
     with home.daemon():
         run = home.wait_run(home.push_run(repo, {".pipeline.toml": text}))
