@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -506,3 +507,48 @@ def test_a_nul_byte_in_an_input_or_env_value_is_a_pipeline_error(home: Home) -> 
         run = home.wait_run(home.push_run(repo, {".pipeline.toml": text}))
     assert run["status"] == "failed"
     assert "internal error" not in json.dumps(run) and "NUL" in json.dumps(run), run
+
+
+def test_connections_that_send_a_byte_at_a_time_do_not_hold_the_control_socket(
+        home: Home, socket_dir: Path) -> None:
+    """Any local account may connect. Eight connections that each send one byte every few
+    seconds (never a whole line) must lose their slot after the 10 s a request may take in
+    all, not hold every slot for as long as they keep dripping (16 KiB: hours)."""
+    sock = socket_dir / "gitpipe.sock"
+    home.configure(f'control_socket = "{sock}"\n')
+
+    def ask() -> dict[str, object]:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(30)
+            conn.connect(str(sock))
+            try:
+                conn.sendall(b'{"op": "approve", "run": 999, "comment": null}\n')
+            except BrokenPipeError:
+                pass  # "busy" answers at once and closes
+            return dict(json.loads(conn.makefile("rb").readline()))
+
+    with home.daemon():
+        wait_for(sock.is_socket, what="the control socket")
+        drips = []
+        for _ in range(8):
+            conn = socket.socket(socket.AF_UNIX)
+            conn.connect(str(sock))
+            drips.append(conn)
+        try:
+            assert "busy" in str(ask()["error"])  # all eight slots are held
+            for second in range(30):  # a byte every 2 s: each recv() returns well within 10 s
+                if second % 2 == 0:
+                    for conn in drips:
+                        try:
+                            conn.send(b" ")
+                        except OSError:
+                            pass  # the daemon dropped it: what should happen
+                if second >= 14:
+                    answer = ask()
+                    if "busy" not in str(answer.get("error")):
+                        break
+                time.sleep(1)
+            assert "busy" not in str(answer.get("error")), answer
+        finally:
+            for conn in drips:
+                conn.close()
