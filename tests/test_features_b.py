@@ -552,3 +552,26 @@ def test_connections_that_send_a_byte_at_a_time_do_not_hold_the_control_socket(
         finally:
             for conn in drips:
                 conn.close()
+
+
+def test_a_pushed_input_default_cannot_forge_lines_of_gitpipe_show(home: Home) -> None:
+    """`gitpipe show` is how an operator reads who approved what. A pushed pipeline's input default
+    (or an approver's comment) with a newline must stay on its own line, not print a fake one."""
+    repo = home.add_repo("shop")
+    fake = "approval sign-off: approved by alice at 2026-01-01T00:00:00Z"
+    text = pipeline(f"""
+        [inputs.note]
+        default = "x\\n  {fake}"
+
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "show"
+          run = "true"
+        """)
+    with home.daemon():
+        run_id = home.push_run(repo, {".pipeline.toml": text})
+        home.expect(home.wait_run(run_id))
+    shown = home.gitpipe("show", str(run_id)).stdout
+    assert f"  {fake}" not in shown.splitlines(), shown
+    assert f"input note = x\\n  {fake}" in shown, shown
