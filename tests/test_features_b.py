@@ -575,3 +575,20 @@ def test_a_pushed_input_default_cannot_forge_lines_of_gitpipe_show(home: Home) -
     shown = home.gitpipe("show", str(run_id)).stdout
     assert f"  {fake}" not in shown.splitlines(), shown
     assert f"input note = x\\n  {fake}" in shown, shown
+
+
+def test_artifacts_out_never_writes_through_a_symlink_in_the_destination(home: Home, tmp_path: Path) -> None:
+    """--out in a folder another account can write (/tmp/x): a link it put there (site -> a
+    folder of the admin's) must not take the download, whose file names the pusher chose."""
+    repo = home.add_repo("shop")
+    with home.daemon():
+        run_id = home.push_run(repo, {".pipeline.toml": ARTIFACTS})
+        home.expect(home.wait_run(run_id))
+    victim, dest = tmp_path / "victim", tmp_path / "shared"
+    victim.mkdir()
+    dest.mkdir()
+    (dest / "site").symlink_to(victim)
+    proc = home.gitpipe("artifacts", str(run_id), "--out", str(dest))
+    one_line_error(proc, str(dest / "site"), "symbolic link", "nothing was written", code=2)
+    assert list(victim.iterdir()) == []
+    assert sorted(p.name for p in dest.iterdir()) == ["site"]
