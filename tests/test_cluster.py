@@ -540,3 +540,24 @@ def test_a_trusted_worker_runs_only_jobs_the_coordinator_sealed(home: Home, tmp_
                  timeout=90, what="the worker to end the forged attempt")
         r.close()
     assert not (out / "ran").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="log entries on the stream carry no MAC: anyone with the broker password "
+                   "writes lines into a remote attempt's log; each chunk should be signed with the result key")
+def test_the_broker_password_alone_cannot_write_into_a_remote_attempts_log(
+        home: Home, tmp_path: Path, out: Path) -> None:
+    import redis as redis_py
+
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out) as c, home.daemon():
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": remote("tests", f"touch {out}/go; while [ ! -e {out}/forged ]; do sleep 0.1; done; echo real-output")})
+        wait_for(lambda: (out / "go").exists(), timeout=120, what="the attempt to start")
+        r = redis_py.Redis(host="127.0.0.1", port=c.redis.port, password=c.redis.password)
+        stream = next(k for k in r.scan_iter("gitpipe:log:*"))
+        r.xadd(stream, {"k": "out", "d": b"FORGED: all 1204 tests passed\n"})
+        (out / "forged").touch()
+        home.expect(home.wait_run(run_id, timeout=60))
+        r.close()
+        log = home.logs(run_id, "tests")
+    assert "real-output" in log
+    assert "FORGED" not in log
