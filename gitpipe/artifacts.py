@@ -298,6 +298,10 @@ def download(arts: list[tuple[ArtifactRecord, str]], out: Path) -> list[Path]:
         for art, prefix in arts:
             for rel in fetch(art, staging / prefix):
                 placed.append((staging / prefix / rel, out / prefix / rel))
+        linked = next((link for _, dest in placed if (link := _link_on_the_way(out, dest)) is not None), None)
+        if linked is not None:
+            raise UsageError(f"{linked} is a symbolic link; nothing was written (files are never written through "
+                             "a link in the destination)", hint="remove it, or download into another --out DIR")
         taken = [dest for _, dest in placed if dest.exists() or dest.is_symlink()]
         if taken:
             raise UsageError(f"{taken[0]} already exists" + (f" (and {len(taken) - 1} more)" if len(taken) > 1 else "")
@@ -308,3 +312,14 @@ def download(arts: list[tuple[ArtifactRecord, str]], out: Path) -> list[Path]:
         return [dest for _, dest in placed]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_on_the_way(out: Path, dest: Path) -> Path | None:
+    """The first folder between `out` and `dest` that is a symlink (another account may have put it
+    in a shared --out), or None."""
+    here = out
+    for part in dest.parent.relative_to(out).parts:
+        here = here / part
+        if here.is_symlink():
+            return here
+    return None

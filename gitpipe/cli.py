@@ -54,6 +54,12 @@ class Out:
         self.say(data.decode("utf-8", errors="replace"))
 
 
+def _one_line(text: str) -> str:
+    """A value from a pushed file or a person, on one line: its newlines shown as `\\n`, so it
+    cannot print a line of its own (a fake "approved by ...")."""
+    return ansi.visible(text).replace("\n", "\\n").replace("\r", "\\r")
+
+
 def say(text: str = "", *, err: bool = False) -> None:
     """Print a line to stdout (or stderr) through Out's filter."""
     Out(err).say(text)
@@ -237,11 +243,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     for art in data["artifacts"]:
         say(f"  artifact {art['name']} from {art['action']}: {art['size']} bytes sha256 {art['sha256']}")
     for o in data["outputs"]:
-        say(f"  output {o['action']}.{o['key']} = {o['value']}")
+        say(f"  output {o['action']}.{o['key']} = {_one_line(o['value'])}")
     for name, value in data["inputs"].items():
-        say(f"  input {name} = {value}")
+        say(f"  input {name} = {_one_line(value)}")
     for ap in data["approvals"]:
-        decided = (f"{ap['decision']} by {ap['by']} at {ap['at']}" + (f": {ap['comment']}" if ap["comment"] else "")
+        decided = (f"{ap['decision']} by {ap['by']} at {ap['at']}" + (f": {_one_line(ap['comment'])}" if ap["comment"] else "")
                    if ap["decision"] else f"waiting since {ap['requested_at']} (gitpipe approve {data['id']}"
                    + (f"; approvers: {', '.join(ap['approvers'])})" if ap["approvers"] else ")"))
         if ap["decision"] == "timed-out":

@@ -23,6 +23,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,9 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             with conn:
-                conn.settimeout(TIMEOUT)
-                _reply(conn, self._answer(conn))
+                answer = self._answer(conn)
+                conn.settimeout(TIMEOUT)  # reading may have left it at what remained of its deadline
+                _reply(conn, answer)
         except OSError:
             pass  # the client went away
         finally:
@@ -166,10 +168,17 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _read_line(conn: socket.socket) -> bytes:
-    """One line (without its newline) of at most MAX_REQUEST bytes; ValueError when longer."""
+def _read_line(conn: socket.socket, limit: float | None = None) -> bytes:
+    """One line (without its newline) of at most MAX_REQUEST bytes; ValueError when longer.
+    `limit`: seconds for the whole line (a byte at a time must not hold a slot for hours)."""
+    deadline = None if limit is None else time.monotonic() + limit
     data = b""
     while b"\n" not in data:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no whole request line within {limit:g} s")
+            conn.settimeout(left)
         chunk = conn.recv(4096)
         if not chunk:
             break
@@ -180,7 +189,7 @@ def _read_line(conn: socket.socket) -> bytes:
 
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:
-    request = json.loads(_read_line(conn) or b"null")
+    request = json.loads(_read_line(conn, TIMEOUT) or b"null")
     if not isinstance(request, dict) or request.get("op") not in ("approve", "reject"):
         raise ValueError('expected {"op": "approve" | "reject", "run": N, "comment": TEXT}')
     run, comment = request.get("run"), request.get("comment")

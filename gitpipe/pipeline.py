@@ -649,6 +649,8 @@ def _env(t: _Table | None) -> tuple[tuple[str, str], ...]:
             t.problem(f'"{key}" is not a valid environment variable name (letters, digits, _)', key)
         elif isinstance(value, bool):
             pairs.append((key, "true" if value else "false"))
+        elif isinstance(value, str) and "\0" in value:
+            t.problem(f'"{key}" holds a NUL character (\\u0000), which no environment variable can hold', key)
         elif isinstance(value, (str, int, float)):
             pairs.append((key, str(value)))
         else:
@@ -680,6 +682,9 @@ def _inputs(t: _Table | None) -> tuple[InputSpec, ...]:
         it = _Table(t.report, value, t.path + (name,), f"[inputs.{name}]")
         it.check_keys(_INPUT_KEYS)
         default, options = it.string("default"), it.strings("options") or ()
+        for key, text in (("default", default), *(("options", o) for o in options)):
+            if text is not None and "\0" in text:  # it becomes $GITPIPE_INPUT_<NAME>: execve refuses it
+                it.problem(f'"{key}" holds a NUL character (\\u0000), which no environment variable can hold', key)
         if "options" in value and not options and isinstance(value["options"], list):
             it.problem('"options" must list at least one value', "options")
         if default is not None and options and default not in options:

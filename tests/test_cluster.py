@@ -3,10 +3,12 @@ real `gitpipe worker` processes, real pushes to a real `gitpipe serve`."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cluster import cluster
@@ -485,3 +487,77 @@ def test_a_broker_with_tls_and_a_password(home: Home, tmp_path: Path) -> None:
         wrong = c.redis.url.replace("rediss://:", "rediss://:wrong")
         proc = home.gitpipe("workers", "--broker", wrong)
         assert proc.returncode == 2 and "cannot be reached" in proc.stderr and "wrong" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- the broker password alone
+def _forge_attempt(c: Any, job: dict[str, Any], worker: str) -> Any:
+    """What someone with the broker's password (and the worker's *public* key, which gitpipe.toml
+    and the worker's log print) can do without the coordinator: queue a job of their own on the
+    worker's queue and seal a bundle for it to that worker's key; the stream of the attempt."""
+    import redis as redis_py
+
+    from gitpipe.cluster import channel
+    from gitpipe.cluster.worker import make_app
+
+    public = channel.public_text(channel.load_private(c.workers[worker].dir / "worker.key"))
+    r = redis_py.Redis(host="127.0.0.1", port=c.redis.port, password=c.redis.password)
+    bundle = {"mac": "00" * 32, "env": {}, "mask": [], "digest": channel.digest(job)}
+    r.rpush(channel.key("seal", job["aid"], worker), channel.seal(public, json.dumps(bundle).encode()))
+    make_app(c.redis.url).send_task(channel.TASK, args=[job], queue=channel.queue_of(()))
+    return r
+
+
+def _forged_job(aid: str, git_url: str, script: str, sha: str = "0" * 40) -> dict[str, Any]:
+    return {"aid": aid, "repo": "app", "sha": sha, "git_url": git_url, "script": script, "env": {},
+            "inputs": [], "outputs": [], "timeout": 60.0, "network": False}
+
+
+def test_a_forged_job_cannot_run_a_command_on_the_worker_host_through_git_url(
+        home: Home, tmp_path: Path, out: Path) -> None:
+    """A `git_url` that is an option (`--upload-pack=CMD`) must never reach `git fetch` as one:
+    that runs CMD on the worker host, outside the sandbox, as the worker's user (its key)."""
+    with cluster(home, tmp_path, {"w1": "linux"}) as c:
+        job = _forged_job("9.1.feed", f"--upload-pack=touch {out}/pwned;", "true")
+        r = _forge_attempt(c, job, "w1")
+        wait_for(lambda: any(f.get(b"k") == b"end" for _, f in r.xrange(f"gitpipe:log:{job['aid']}")),
+                 timeout=90, what="the worker to end the forged attempt")
+        r.close()
+    assert not (out / "pwned").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="the seal is not authenticated: anyone with the broker password and a "
+                   "worker's public key makes a trusted worker run their job; the coordinator must sign it")
+def test_a_trusted_worker_runs_only_jobs_the_coordinator_sealed(home: Home, tmp_path: Path, out: Path) -> None:
+    """The worker checks the job against the digest in the sealed bundle, but anyone can seal
+    to a public key: a trusted worker runs a job nobody pushed (with the network its forger asks
+    for, on the host that holds the worker's key and the secrets of the attempts it runs)."""
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out) as c:
+        repo = home.add_repo("app")
+        push = home.push(repo, {"README": "x"})
+        job = _forged_job("9.1.cafe", str(repo), f"touch {out}/ran", sha=push.sha)
+        r = _forge_attempt(c, job, "w1")
+        wait_for(lambda: any(f.get(b"k") == b"end" for _, f in r.xrange(f"gitpipe:log:{job['aid']}")),
+                 timeout=90, what="the worker to end the forged attempt")
+        r.close()
+    assert not (out / "ran").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="log entries on the stream carry no MAC: anyone with the broker password "
+                   "writes lines into a remote attempt's log; each chunk should be signed with the result key")
+def test_the_broker_password_alone_cannot_write_into_a_remote_attempts_log(
+        home: Home, tmp_path: Path, out: Path) -> None:
+    import redis as redis_py
+
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out) as c, home.daemon():
+        repo = home.add_repo("app")
+        run_id = home.push_run(repo, {".pipeline.toml": remote("tests", f"touch {out}/go; while [ ! -e {out}/forged ]; do sleep 0.1; done; echo real-output")})
+        wait_for(lambda: (out / "go").exists(), timeout=120, what="the attempt to start")
+        r = redis_py.Redis(host="127.0.0.1", port=c.redis.port, password=c.redis.password)
+        stream = next(k for k in r.scan_iter("gitpipe:log:*"))
+        r.xadd(stream, {"k": "out", "d": b"FORGED: all 1204 tests passed\n"})
+        (out / "forged").touch()
+        home.expect(home.wait_run(run_id, timeout=60))
+        r.close()
+        log = home.logs(run_id, "tests")
+    assert "real-output" in log
+    assert "FORGED" not in log

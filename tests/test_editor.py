@@ -582,3 +582,16 @@ def test_the_page_ships_in_the_package() -> None:
     static = DATA.parent.parent / "gitpipe" / "editor"
     shipped = {p.name for g in globs for p in static.glob(g)}
     assert shipped >= {"editor.html", "editor.css", *server.SCRIPT_PARTS}
+
+
+def test_null_origins_and_rebinding_names_are_refused_even_with_the_token(editor: Editor) -> None:
+    """A sandboxed iframe (Origin: null), a rebinding name that starts with 127.0.0.1, a name
+    with a trailing dot and a Host without a port are refused even with the token."""
+    body = {"text": ORIGINAL}
+    for origin, host in (("null", None), (None, f"127.0.0.1.nip.io:{editor.port}"),
+                         (None, f"localhost.:{editor.port}"), (None, "127.0.0.1")):
+        status, text = request(editor, "/api/check", token=editor.token, origin=origin, host=host, body=body)
+        assert status == 403, (origin, host, text)
+    assert request(editor, f"/?token={editor.token}", host=f"127.0.0.1.nip.io:{editor.port}")[0] == 403
+    status, text = request(editor, "/api/save", token=editor.token, origin="null", body={"text": "x", "force": True})
+    assert status == 403 and editor.file.read_text() == ORIGINAL

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -479,3 +480,115 @@ def test_badge_paths_stay_under_badge_and_never_collide() -> None:
         parts = path.split("/")
         assert parts[:2] == ["shop", "badge"] and not any(p in ("", ".", "..") or p.startswith(".") for p in parts)
     assert paths["x.svg/y"] != paths["x"] and not paths["x.svg/y"].startswith(paths["x"].removesuffix(".svg") + ".svg/")
+
+
+def test_a_nul_byte_in_an_input_or_env_value_is_a_pipeline_error(home: Home) -> None:
+    """A pushed pipeline whose input default or [env] value holds "\\u0000": no variable can hold it
+    (execve refuses), so `validate` and the run name the key, never "internal error"."""
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [inputs.note]
+        default = "a\\u0000b"
+        [env]
+        GREETING = "hi\\u0000there"
+
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "show"
+          run = 'echo "$GITPIPE_INPUT_NOTE"'
+        """)
+    (home.root / "nul.toml").write_text(text)
+    proc = home.gitpipe("validate", str(home.root / "nul.toml"))
+    assert proc.returncode != 0
+    assert "[inputs.note]: \"default\" holds a NUL" in proc.stderr, proc.stderr
+    assert "GREETING" in proc.stderr and "NUL" in proc.stderr, proc.stderr
+    with home.daemon():
+        run = home.wait_run(home.push_run(repo, {".pipeline.toml": text}))
+    assert run["status"] == "failed"
+    assert "internal error" not in json.dumps(run) and "NUL" in json.dumps(run), run
+
+
+def test_connections_that_send_a_byte_at_a_time_do_not_hold_the_control_socket(
+        home: Home, socket_dir: Path) -> None:
+    """Any local account may connect. Eight connections that each send one byte every few
+    seconds (never a whole line) must lose their slot after the 10 s a request may take in
+    all, not hold every slot for as long as they keep dripping (16 KiB: hours)."""
+    sock = socket_dir / "gitpipe.sock"
+    home.configure(f'control_socket = "{sock}"\n')
+
+    def ask() -> dict[str, object]:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(30)
+            conn.connect(str(sock))
+            try:
+                conn.sendall(b'{"op": "approve", "run": 999, "comment": null}\n')
+            except BrokenPipeError:
+                pass  # "busy" answers at once and closes
+            return dict(json.loads(conn.makefile("rb").readline()))
+
+    with home.daemon():
+        wait_for(sock.is_socket, what="the control socket")
+        drips = []
+        for _ in range(8):
+            conn = socket.socket(socket.AF_UNIX)
+            conn.connect(str(sock))
+            drips.append(conn)
+        try:
+            assert "busy" in str(ask()["error"])  # all eight slots are held
+            for second in range(30):  # a byte every 2 s: each recv() returns well within 10 s
+                if second % 2 == 0:
+                    for conn in drips:
+                        try:
+                            conn.send(b" ")
+                        except OSError:
+                            pass  # the daemon dropped it: what should happen
+                if second >= 14:
+                    answer = ask()
+                    if "busy" not in str(answer.get("error")):
+                        break
+                time.sleep(1)
+            assert "busy" not in str(answer.get("error")), answer
+        finally:
+            for conn in drips:
+                conn.close()
+
+
+def test_a_pushed_input_default_cannot_forge_lines_of_gitpipe_show(home: Home) -> None:
+    """`gitpipe show` is how an operator reads who approved what. A pushed pipeline's input default
+    (or an approver's comment) with a newline must stay on its own line, not print a fake one."""
+    repo = home.add_repo("shop")
+    fake = "approval sign-off: approved by alice at 2026-01-01T00:00:00Z"
+    text = pipeline(f"""
+        [inputs.note]
+        default = "x\\n  {fake}"
+
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "show"
+          run = "true"
+        """)
+    with home.daemon():
+        run_id = home.push_run(repo, {".pipeline.toml": text})
+        home.expect(home.wait_run(run_id))
+    shown = home.gitpipe("show", str(run_id)).stdout
+    assert f"  {fake}" not in shown.splitlines(), shown
+    assert f"input note = x\\n  {fake}" in shown, shown
+
+
+def test_artifacts_out_never_writes_through_a_symlink_in_the_destination(home: Home, tmp_path: Path) -> None:
+    """--out in a folder another account can write (/tmp/x): a link it put there (site -> a
+    folder of the admin's) must not take the download, whose file names the pusher chose."""
+    repo = home.add_repo("shop")
+    with home.daemon():
+        run_id = home.push_run(repo, {".pipeline.toml": ARTIFACTS})
+        home.expect(home.wait_run(run_id))
+    victim, dest = tmp_path / "victim", tmp_path / "shared"
+    victim.mkdir()
+    dest.mkdir()
+    (dest / "site").symlink_to(victim)
+    proc = home.gitpipe("artifacts", str(run_id), "--out", str(dest))
+    one_line_error(proc, str(dest / "site"), "symbolic link", "nothing was written", code=2)
+    assert list(victim.iterdir()) == []
+    assert sorted(p.name for p in dest.iterdir()) == ["site"]

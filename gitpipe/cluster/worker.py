@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from gitpipe import artifacts, executor, git
+from gitpipe import artifacts, executor, git, repos
 from gitpipe import settings as settings_mod
 from gitpipe.cluster import channel
 from gitpipe.cluster.channel import redact
@@ -40,6 +40,7 @@ from gitpipe.scheduler import _read_outputs
 
 log = logging.getLogger("gitpipe")
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # as runs_on takes them (pipeline.py)
+SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 SEAL_WAIT = 30  # seconds a claimed attempt waits for its sealed secrets
 END_WAIT = 600  # seconds a finished attempt keeps trying to send its result to a broker that is away
 
@@ -234,6 +235,11 @@ class WorkerHost:
 
     def _fetch(self, job: dict[str, Any]) -> Path:
         """A bare mirror of the repo here, holding the run's commit (fetched with git when missing)."""
+        # Checked even though the job matched its sealed digest: a path or an option from the
+        # broker must never become one here (`--upload-pack=CMD` runs CMD outside the sandbox).
+        if not repos.NAME.fullmatch(str(job["repo"])) or not SHA.fullmatch(str(job["sha"])):
+            raise GitpipeError(f"the job names repo {str(job['repo'])[:80]!r} and commit {str(job['sha'])[:80]!r}; "
+                               "not a repository name and a commit id: not run")
         mirror = self.dir / "repos" / f"{job['repo']}.git"
         with self.lock:
             lock = self.fetch_locks.setdefault(job["repo"], threading.Lock())
@@ -244,7 +250,7 @@ class WorkerHost:
                                   capture_output=True)
             if have.returncode != 0:
                 fetched = subprocess.run(
-                    ["git", "-C", str(mirror), "fetch", "--quiet", "--no-tags", job["git_url"],
+                    ["git", "-C", str(mirror), "fetch", "--quiet", "--no-tags", "--", job["git_url"],
                      "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
                     capture_output=True, text=True, stdin=subprocess.DEVNULL)
                 if fetched.returncode != 0:
