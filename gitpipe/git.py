@@ -259,7 +259,14 @@ class Slot:
 
 
 class WorktreePool:
-    """Reusable worktrees of one repo under `work/<repo>/<n>/`, each held by one action at a time.
+    """Reusable worktrees of one repo under `work/<repo>/<n>/`, each held by one action at a time;
+    protected runs have slots of their own, `work/<repo>/protected/<n>/`.
+
+    Why apart: git leaves a file whose content did not change in place, so the next run in a
+    slot gets the inodes the last one had; an attempt of a feature branch can hand its open
+    files to another of its attempts that keeps running (over an abstract unix socket: the
+    network namespace is the host's by default), which then writes them under that next run
+    after its reset looked at them. Slots a feature branch never had cannot be reached so.
 
     The index saved beside a tree is only a stat cache, but a tampered one (say, with a
     skip-worktree entry) could hide a modified file from the reset; so its sha256 is
@@ -273,9 +280,10 @@ class WorktreePool:
     _digests_lock = threading.Lock()
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path,
-                 settle: Callable[[Path], None] | None = None) -> None:
-        """`settle`: what the sandbox does to a fresh tree (owner, modes) before anything reads it."""
-        self.dir = work_dir / repo_name
+                 settle: Callable[[Path], None] | None = None, protected: bool = False) -> None:
+        """`settle`: what the sandbox does to a fresh tree (owner, modes) before anything reads it;
+        `protected`: the slots of protected runs, never used by another run."""
+        self.dir = work_dir / repo_name / "protected" if protected else work_dir / repo_name
         self.objects = Path(repo_path).absolute() / "objects"
         self.settle = settle
 

@@ -150,7 +150,7 @@ class RunWorker:
         if self.store.cancel_requested(run.id):
             self.cancelled.set()
         self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo),
-                                     settle=self.host.sandbox.settle)
+                                     settle=self.host.sandbox.settle, protected=self._protected())
         self._stages()
 
     def _pipeline(self, run: RunRecord) -> Pipeline | None:
