@@ -340,3 +340,29 @@ def test_a_tracked_file_changed_behind_its_stat_data_is_restored(bare: Path, tmp
         assert (slot.tree / "src").is_dir() and not (slot.tree / "src").is_symlink()
         assert tree_state(slot.tree)[1] == ""
         assert not (slot.tree / "elsewhere").exists()
+
+
+def test_files_left_in_a_submodules_folder_do_not_survive_the_reset(tmp_path: Path) -> None:
+    """A gitlink (submodule) is tracked as a folder that the daemon never fills: neither `git clean`
+    nor the in-process clean looked inside it, so what an action left there (a conftest.py, a
+    script) was in the slot for the next action and the next run."""
+    bare = tmp_path / "sub.git"
+    gitmod.create_bare(bare)
+    work = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    (work / "a.txt").write_text("a\n")
+    git(work, "add", "a.txt")
+    git(work, "commit", "--quiet", "-m", "a")
+    head = sha_of(work, "HEAD")
+    git(work, "update-index", "--add", "--cacheinfo", f"160000,{head},vendor/lib")  # a submodule
+    git(work, "commit", "--quiet", "-m", "submodule")
+    git(work, "push", "--quiet", "origin", "HEAD:main")
+    sha = sha_of(work, "HEAD")
+    pool = gitmod.WorktreePool(tmp_path / "work", "sub", bare)
+    for _ in range(2):  # the second time through the pool's own clean and its unchanged-tree path
+        with pool.checkout(sha) as slot:
+            assert sorted(p.name for p in (slot.tree / "vendor" / "lib").iterdir()) == []
+            (slot.tree / "vendor" / "lib" / "conftest.py").write_text("planted\n")
+            (slot.tree / "vendor" / "lib" / "deep").mkdir()
+    with pool.checkout(sha) as slot:
+        assert list((slot.tree / "vendor" / "lib").iterdir()) == []
