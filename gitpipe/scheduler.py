@@ -354,7 +354,7 @@ class RunWorker:
                     else:
                         self.host.sandbox.prepare(box)
                         uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
-                        box = replace(box, overlays=tuple(held.overlays))
+                        box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
                         outcome = self._execute(rec, spec, box, env, writer, token, deadline)
                     if outcome.status is ActionStatus.SUCCEEDED:
                         outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
