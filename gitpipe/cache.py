@@ -76,7 +76,11 @@ class Held:
     """What one attempt's restores hold until `Caches.release`: overlay mounts and entries in use."""
 
     scratch: Path  # beside the worktree: the overlays' upper and work directories
-    mounts: list[Path] = field(default_factory=list)  # mounted on the host (a root daemon)
+    # (merged, target): mounted on the host by a root daemon at `merged`, a path beside the
+    # worktree that no attempt can reach; bwrap binds it at `target`'s place in the sandbox.
+    # Never mounted at `target` itself: a descriptor of the worktree's folder held by another
+    # attempt could swap it for a link between the check and the mount (onto a host path).
+    mounts: list[tuple[Path, Path]] = field(default_factory=list)
     # (lower, upper, work, mount point): mounted by the attempt itself (an unprivileged daemon)
     overlays: list[tuple[Path, Path, Path, Path]] = field(default_factory=list)
     entries: list[str] = field(default_factory=list)
@@ -226,19 +230,21 @@ class Caches:
         if self.uid is None:  # the attempt mounts it, in its own namespace (sandbox.Confine.overlays)
             held.overlays.append((src, upper, work, target))
             return
+        merged = held.scratch / name / "merged"
+        merged.mkdir(mode=0o700)
         if self.gid is not None:
             os.lchown(upper, self.uid, self.gid)
             os.lchown(target, self.uid, self.gid)
         cachefs.run(["mount", "-t", "overlay", "overlay", "-o",
                      f"lowerdir={cachefs.mount_option(src)},upperdir={cachefs.mount_option(upper)},"
-                     f"workdir={cachefs.mount_option(work)}", str(target)])
-        held.mounts.append(target)
+                     f"workdir={cachefs.mount_option(work)}", str(merged)])
+        held.mounts.append((merged, target))
 
     def _unmount(self, held: Held, only: list[Path] | None = None) -> None:
-        for target in list(reversed(held.mounts)):
+        for merged, target in list(reversed(held.mounts)):
             if only is None or target in only:
-                subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
-                held.mounts.remove(target)
+                subprocess.run(["umount", "-l", str(merged)], capture_output=True, check=False)
+                held.mounts.remove((merged, target))
         held.overlays[:] = [o for o in held.overlays if only is not None and o[3] not in only]
 
     def release(self, held: Held) -> None:
@@ -277,7 +283,7 @@ class Caches:
                 say(f"gitpipe: {label}: not saved: {plan.spec.paths[i]} {why}")
                 return replace(use, note=f"not saved: {plan.spec.paths[i]} {why}")
             if os.path.lexists(target):
-                s, n = cachefs.tree_size(target)
+                s, n = cachefs.tree_size(next((m for m, at in held.mounts if at == target), target))
                 size, files = size + s, files + n
                 present.append((i, target))
         if not present:
@@ -299,10 +305,13 @@ class Caches:
                 # unlinked) before anyone uses the slot again: its files can become the entry's
                 # as they are, by hard links. An overlay's merged view cannot be linked: copied.
                 merged = next(((lo, up) for lo, up, _wk, at in held.overlays if at == target), None)
+                view = next((m for m, at in held.mounts if at == target), None)
                 if merged:  # mounted only in the attempt's namespace: its view is made again to copy it
                     cachefs.copy_merged(merged[1], merged[0], tmp / f"p{i}")
+                elif view is not None:  # still mounted on the host, out of every attempt's reach
+                    cachefs.copy(view, tmp / f"p{i}")
                 else:
-                    cachefs.copy(target, tmp / f"p{i}", link=target not in held.mounts)
+                    cachefs.copy(target, tmp / f"p{i}", link=True)
             cachefs.syncfs(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)

@@ -53,6 +53,7 @@ GIT_ENV_KEEP = ("PATH", "HOME", "LANG", "TZ")
 # Up to this many tracked files a slot is cleaned in this process (~0.5 ms for 100 files) rather
 # than by `git clean` (a process: 3-5 ms however small the tree; ~25 ms for 20,000 files).
 CLEAN_IN_PROCESS = 2000
+GITLINK = 0o160000  # an index entry's mode for a submodule
 
 
 def open_bare(path: str | Path) -> pygit2.Repository:
@@ -331,7 +332,14 @@ class Slot:
 
 
 class WorktreePool:
-    """Reusable worktrees of one repo under `work/<repo>/<n>/`, each held by one action at a time.
+    """Reusable worktrees of one repo under `work/<repo>/<n>/`, each held by one action at a time;
+    protected runs have slots of their own, `work/<repo>/protected/<n>/`.
+
+    Why apart: git leaves a file whose content did not change in place, so the next run in a
+    slot gets the inodes the last one had; an attempt of a feature branch can hand its open
+    files to another of its attempts that keeps running (over an abstract unix socket: the
+    network namespace is the host's by default), which then writes them under that next run
+    after its reset looked at them. Slots a feature branch never had cannot be reached so.
 
     The index saved beside a tree is only a stat cache, but a tampered one (say, with a
     skip-worktree entry) could hide a modified file from the reset; so its sha256 is
@@ -345,9 +353,10 @@ class WorktreePool:
     _digests_lock = threading.Lock()
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path,
-                 settle: Callable[[Path], None] | None = None) -> None:
-        """`settle`: what the sandbox does to a fresh tree (owner, modes) before anything reads it."""
-        self.dir = work_dir / repo_name
+                 settle: Callable[[Path], None] | None = None, protected: bool = False) -> None:
+        """`settle`: what the sandbox does to a fresh tree (owner, modes) before anything reads it;
+        `protected`: the slots of protected runs, never used by another run."""
+        self.dir = work_dir / repo_name / "protected" if protected else work_dir / repo_name
         self.objects = Path(repo_path).absolute() / "objects"
         self.settle = settle
 
@@ -401,6 +410,7 @@ class WorktreePool:
                 self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             if not clean_untracked(slot.tree):  # a large tree: git walks it faster than Python
                 self._git(slot, "clean", "-qffdx")
+                empty_gitlinks(slot.tree)
         except (OSError, subprocess.CalledProcessError, RecursionError):
             # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh.
             remove_tree(slot.root)
@@ -508,6 +518,7 @@ def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
     tracked = index_paths(tree / ".git" / "index", limit)
     if tracked is None:
         return False
+    empty_gitlinks(tree, tracked)
     parents = {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}
     pending = [(tree, "")]
     while pending:
@@ -526,27 +537,59 @@ def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
     return True
 
 
+def empty_gitlinks(tree: Path, tracked: dict[str, int] | None = None) -> None:
+    """Make every submodule's folder (a gitlink, which the daemon never fills) an empty real folder:
+    neither `git clean` nor `git checkout` looks inside one, so what an action left there would
+    reach the next one. `tracked`: the index's paths (read here when not given; a version-4 index
+    is read by `git ls-files`)."""
+    if tracked is None:
+        found = index_paths(tree / ".git" / "index", 1 << 31)
+        tracked = _ls_files_modes(tree) if found is None else found
+    for rel, mode in tracked.items():
+        if mode & 0o170000 != GITLINK:
+            continue
+        path = tree / rel
+        if path.is_dir() and not path.is_symlink():
+            for entry in os.scandir(path):
+                remove_tree(Path(entry.path))
+        elif os.path.lexists(path) and all(not p.is_symlink() for p in path.parents if tree in p.parents):
+            remove_tree(path)
+            path.mkdir()
+
+
+def _ls_files_modes(tree: Path) -> dict[str, int]:
+    out = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=tree, capture_output=True, check=True,
+                         stdin=subprocess.DEVNULL, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                                       "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"})
+    found = {}
+    for record in out.stdout.split(b"\0"):
+        if record:
+            head, _, path = record.partition(b"\t")
+            found[os.fsdecode(path)] = int(head.split()[0], 8)
+    return found
+
+
 def _tracked_count(tree: Path) -> int:
     """How many entries the index of `tree` has (its header)."""
     with open(tree / ".git" / "index", "rb") as f:
         return int.from_bytes(f.read(12)[8:12], "big")
 
 
-def index_paths(index: Path, limit: int) -> set[str] | None:
-    """The paths a git index (version 2 or 3, SHA-1) tracks; None when it has more than `limit`
-    entries or is another version."""
+def index_paths(index: Path, limit: int) -> dict[str, int] | None:
+    """The paths a git index (version 2 or 3, SHA-1) tracks, each with its mode; None when it has
+    more than `limit` entries or is another version."""
     data = index.read_bytes()
     if len(data) < 12 or data[:4] != b"DIRC":
         raise OSError(f"{index}: not a git index")
     version, count = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
     if version not in (2, 3) or count > limit:
         return None
-    paths, pos = set(), 12
+    paths, pos = {}, 12
     for _ in range(count):
         flags = int.from_bytes(data[pos + 60:pos + 62], "big")
         start = pos + 62 + (2 if flags & 0x4000 else 0)  # version 3: extended flags
         end = data.index(b"\0", start)
-        paths.add(os.fsdecode(data[start:end]))
+        paths[os.fsdecode(data[start:end])] = int.from_bytes(data[pos + 24:pos + 28], "big")
         pos += (end - pos + 8) // 8 * 8  # entries are NUL-padded to a multiple of 8 bytes
     return paths
 

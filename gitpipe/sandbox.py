@@ -73,6 +73,9 @@ class Confine:
     # Overlays (lower, upper, work, mount point on the host) an unprivileged daemon's attempt
     # mounts in a user namespace of its own before bwrap starts (restored build caches).
     overlays: tuple[tuple[Path, Path, Path, Path], ...] = ()
+    # (host folder, path on the host under `tree` or `home`): bound there in the sandbox (overlays
+    # a root daemon mounted out of every attempt's reach).
+    binds: tuple[tuple[Path, Path], ...] = ()
 
 
 @dataclass
@@ -260,6 +263,10 @@ class Sandbox:
                 out += ["--bind", str(box.tree), str(inside)]
             if box.output is not None:
                 out += _dirs(Path(INSIDE_OUTPUT).parent, made) + ["--bind", str(box.output), INSIDE_OUTPUT]
+            for host, at in box.binds:
+                where = (inside / at.relative_to(box.tree) if box.tree is not None and at.is_relative_to(box.tree)
+                         else Path(INSIDE_HOME) / at.relative_to(box.home))
+                out += ["--bind", str(host), str(where)]
             for path in (*box.readonly, *self.conf.read_only):
                 out += _dirs(path.parent, made) + ["--ro-bind", str(path), str(path)]
             for path in self.conf.read_write:

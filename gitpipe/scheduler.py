@@ -150,7 +150,7 @@ class RunWorker:
         if self.store.cancel_requested(run.id):
             self.cancelled.set()
         self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo),
-                                     settle=self.host.sandbox.settle)
+                                     settle=self.host.sandbox.settle, protected=self._protected())
         self._stages()
 
     def _pipeline(self, run: RunRecord) -> Pipeline | None:
@@ -354,7 +354,7 @@ class RunWorker:
                     else:
                         self.host.sandbox.prepare(box)
                         uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
-                        box = replace(box, overlays=tuple(held.overlays))
+                        box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
                         outcome = self._execute(rec, spec, box, env, writer, token, deadline)
                     if outcome.status is ActionStatus.SUCCEEDED:
                         outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -317,7 +318,8 @@ def test_overlays_a_killed_daemon_left_mounted_are_unmounted_at_start(home: Home
         assert mounts() == []  # released with its attempt
         second = home.push_run(shop, {"README": "slow"})
         wait_for(lambda: (out / "up").exists(), 60, 0.05, "the restored action to run")
-        assert sorted(m.split("/0/", 1)[1] for m in mounts()) == ["home/.cache/tool", "tree/.venv"]
+        # mounted beside the worktree, out of every attempt's reach; bwrap binds them in
+        assert sorted(m.split("/0/", 1)[1] for m in mounts()) == ["overlay/0.0/merged", "overlay/0.1/merged"]
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.proc.wait()
         daemon.proc.returncode = 0
@@ -459,3 +461,98 @@ def test_a_key_hashes_contents_and_never_follows_a_symlink(tmp_path: Path) -> No
     assert key() == third != second
     [other] = plans((spec,), "shop", "build/other", tree, home)
     assert other.key != third and other.slot != plans((spec,), "shop", "build/deps", tree, home)[0].slot
+
+
+# An attempt hands an open descriptor of its worktree's folder to a running attempt of its own
+# (an abstract unix socket: the network namespace is the host's by default). That folder is the
+# slot's, kept from run to run, so the holder can swap what the next run's restore made in it:
+# the folder a cache is mounted on, replaced by a link between the daemon's check and its mount.
+DIR_GRAB = r'''
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+for _ in range(600):
+    try:
+        s.connect("\0" + sys.argv[1])
+        break
+    except OSError:
+        time.sleep(0.1)
+socket.send_fds(s, [b"x"], [os.open(".", os.O_RDONLY | os.O_DIRECTORY)])
+s.recv(1)
+'''
+DIR_HOLD = r'''
+import ctypes, os, select, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1])
+s.listen(1)
+c, _ = s.accept()
+_msg, (tree,), _flags, _addr = socket.recv_fds(c, 1, 1)
+c.send(b"k")
+libc = ctypes.CDLL(None, use_errno=True)
+watch = libc.inotify_init()
+libc.inotify_add_watch(watch, f"/proc/self/fd/{tree}".encode(), 0x100)  # IN_CREATE
+end = time.monotonic() + 40
+while time.monotonic() < end:
+    if not select.select([watch], [], [], 1)[0]:
+        continue
+    os.read(watch, 65536)
+    try:
+        os.rename(".venv", "moved", src_dir_fd=tree, dst_dir_fd=tree)
+        os.symlink(sys.argv[2], ".venv", dir_fd=tree)
+    except OSError:
+        pass
+'''
+
+
+def test_a_held_worktree_folder_cannot_turn_a_cache_mount_onto_a_host_path(tmp_path: Path) -> None:
+    """The root daemon mounts restored overlays on the host: a mount point swapped for a link put
+    a branch's cache entry over any host directory (as root: /etc, say)."""
+    from test_sandbox import make_world
+
+    with make_world("root", tmp_path) as world:
+        home, repo = world.home, world.repo
+        host_dir = home.root / "host-dir"
+        host_dir.mkdir()
+        (host_dir / "host.txt").write_text("host\n")
+        name = f"gp-attack-{os.getpid()}-{tmp_path.name[-6:]}"
+        venv = pipeline('''
+            [[stage]]
+            name = "c"
+              [[stage.action]]
+              name = "venv"
+              cache = [{ key = ["k.txt"], paths = [".venv"] }]
+              run = "mkdir -p .venv && echo entry > .venv/marker; sleep 4"
+            ''')
+        attack = pipeline(f'''
+            [[stage]]
+            name = "s"
+              [[stage.action]]
+              name = "grab"
+              run = "python3 grab.py {name}"
+              [[stage.action]]
+              name = "hold"
+              timeout = "60s"
+              run = "python3 hold.py {name} {host_dir}"
+            ''')
+        files = {"k.txt": "1\n", "grab.py": DIR_GRAB, "hold.py": DIR_HOLD}
+        seen: list[str] = []
+        try:
+            with home.daemon():
+                run_of(home, repo, {".pipeline.toml": venv, **files}, "feature")
+                holder = home.push_run(repo, {".pipeline.toml": attack}, "feature")
+                wait_for(lambda: home.action(home.show(holder), "grab")["status"] in ("succeeded", "failed"),
+                         60, 0.5, "the grab action to end")
+                victim = home.push_run(repo, {".pipeline.toml": venv}, "other")  # a new push would cancel the holder
+
+                def over() -> bool:
+                    if (host_dir / "marker").exists():
+                        seen.append((host_dir / "marker").read_text())
+                    return home.status(victim) in ("succeeded", "failed", "cancelled")
+
+                wait_for(over, 90, 0.02, "the victim run")
+                log = home.logs(victim)
+                home.wait_run(holder, timeout=90)
+        finally:
+            subprocess.run(["umount", "-l", str(host_dir)], capture_output=True, check=False)
+        assert "restored" in log, log
+        assert seen == [], "a feature branch's cache entry was mounted over a host directory"
+        assert sorted(p.name for p in host_dir.iterdir()) == ["host.txt"]

@@ -269,7 +269,8 @@ def test_a_large_index_is_left_to_git_clean(bare: Path, tmp_path: Path) -> None:
     (t / "untracked.txt").write_text("x")
     assert not gitmod.clean_untracked(t, limit=2)  # 3 tracked files: nothing done
     assert (t / "untracked.txt").exists()
-    assert gitmod.index_paths(t / ".git" / "index", 3) == {".gitignore", "README.md", "src/app.py"}
+    assert gitmod.index_paths(t / ".git" / "index", 3) == {".gitignore": 0o100644, "README.md": 0o100644,
+                                                           "src/app.py": 0o100644}
 
 
 def test_a_reset_keeps_an_untouched_git_dir_and_rebuilds_a_touched_one(bare: Path, tmp_path: Path) -> None:
@@ -384,3 +385,49 @@ def test_objects_read_from_loose_files_match_git_cat_file(tmp_path: Path) -> Non
     assert not loose.exists()
     for kind, name in cases:
         assert gitmod._cat_file(bare, kind, name) == cat(kind, name), name
+
+
+def test_files_left_in_a_submodules_folder_do_not_survive_the_reset(tmp_path: Path) -> None:
+    """A gitlink (submodule) is tracked as a folder that the daemon never fills: neither `git clean`
+    nor the in-process clean looked inside it, so what an action left there (a conftest.py, a
+    script) was in the slot for the next action and the next run."""
+    bare = tmp_path / "sub.git"
+    gitmod.create_bare(bare)
+    work = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    (work / "a.txt").write_text("a\n")
+    git(work, "add", "a.txt")
+    git(work, "commit", "--quiet", "-m", "a")
+    head = sha_of(work, "HEAD")
+    git(work, "update-index", "--add", "--cacheinfo", f"160000,{head},vendor/lib")  # a submodule
+    git(work, "commit", "--quiet", "-m", "submodule")
+    git(work, "push", "--quiet", "origin", "HEAD:main")
+    sha = sha_of(work, "HEAD")
+    pool = gitmod.WorktreePool(tmp_path / "work", "sub", bare)
+    for _ in range(2):  # the second time through the pool's own clean and its unchanged-tree path
+        with pool.checkout(sha) as slot:
+            assert sorted(p.name for p in (slot.tree / "vendor" / "lib").iterdir()) == []
+            (slot.tree / "vendor" / "lib" / "conftest.py").write_text("planted\n")
+            (slot.tree / "vendor" / "lib" / "deep").mkdir()
+    with pool.checkout(sha) as slot:
+        assert list((slot.tree / "vendor" / "lib").iterdir()) == []
+
+
+def test_a_large_trees_submodule_folder_is_emptied_too(tmp_path: Path) -> None:
+    """The same for a tree cleaned by `git clean` (more tracked files than the pool cleans itself)."""
+    bare = tmp_path / "sub.git"
+    gitmod.create_bare(bare)
+    work = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    (work / "a.txt").write_text("a\n")
+    git(work, "add", "a.txt")
+    git(work, "commit", "--quiet", "-m", "a")
+    git(work, "update-index", "--add", "--cacheinfo", f"160000,{sha_of(work, 'HEAD')},lib")
+    git(work, "commit", "--quiet", "-m", "submodule")
+    (work / "lib").mkdir()
+    (work / "lib" / "left.txt").write_text("x")
+    (work / "untracked.txt").write_text("x")
+    git(work, "clean", "-qffdx")
+    assert (work / "lib" / "left.txt").exists()  # what git itself leaves
+    gitmod.empty_gitlinks(work)
+    assert list((work / "lib").iterdir()) == [] and (work / "a.txt").exists()

@@ -1339,3 +1339,72 @@ def test_loader_variables_of_a_pipeline_reach_only_its_script(world: World) -> N
     assert "script sees LD_DEBUG=libs PATH=/usr/bin:/bin:/custom" in log
     started = set(re.findall(r"initialize program: (\S+)", log))
     assert started and all(Path(p).name in ("bash", "echo") for p in started), started
+
+
+# A feature branch's attempt opens tracked files of its slot, and hands the open files over an
+# abstract unix socket (the network namespace is the host's by default) to an attempt of its own
+# that keeps running. The slot goes back to the pool; git leaves files whose content did not
+# change in place, so a protected run taking that slot next gets the very same inodes, and the
+# held descriptor rewrites `build.sh` after the daemon's reset looked at it.
+FD_GRAB = r'''
+import os, socket, sys, time
+fds = [os.open("first.txt", os.O_RDONLY), os.open("build.sh", os.O_RDWR)]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+for _ in range(600):
+    try:
+        s.connect("\0" + sys.argv[1])
+        break
+    except OSError:
+        time.sleep(0.1)
+socket.send_fds(s, [b"x"], fds)
+s.recv(1)
+'''
+FD_HOLD = r'''
+import ctypes, os, select, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1])
+s.listen(1)
+c, _ = s.accept()
+_msg, fds, _flags, _addr = socket.recv_fds(c, 1, 2)
+c.send(b"k")
+libc = ctypes.CDLL(None, use_errno=True)
+watch = libc.inotify_init()
+libc.inotify_add_watch(watch, f"/proc/self/fd/{fds[0]}".encode(), 0x20)  # IN_OPEN
+if select.select([watch], [], [], 30)[0]:  # the next one to open first.txt: who took the slot
+    os.ftruncate(fds[1], 0)
+    os.pwrite(fds[1], b"echo planted\n", 0)
+    open(os.path.join(os.environ["OUT"], "held-wrote"), "w").write("yes")
+'''
+
+
+@users
+def test_a_feature_branch_cannot_keep_files_of_a_slot_a_protected_run_gets_next(world: World) -> None:
+    home = world.home
+    name = f"gp-attack-{uuid.uuid4().hex[:8]}"
+    files = {"first.txt": "first\n", "build.sh": "echo built honestly\n", "grab.py": FD_GRAB, "hold.py": FD_HOLD}
+    attack = f"""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "grab"
+          run = "python3 grab.py {name}"
+          [[stage.action]]
+          name = "hold"
+          timeout = "90s"
+          run = "python3 hold.py {name}"
+        """
+    victim = """
+        [[stage]]
+        name = "main"
+          [[stage.action]]
+          name = "build"
+          run = 'cat first.txt > /dev/null; sleep 3; sh build.sh >> "$OUT/main-build"'
+        """
+    with home.daemon():
+        feature = world.push(attack, "feature", files=files)
+        wait_for(lambda: home.action(home.show(feature), "grab")["status"] in ("succeeded", "failed"),
+                 60, 0.5, "the grab action to end")
+        main = home.expect(home.wait_run(world.push(victim, "main", files=files)))
+        home.wait_run(feature, timeout=90)
+    assert main["status"] == "succeeded"
+    assert (world.out / "main-build").read_text() == "built honestly\n", (world.out / "held-wrote").exists()

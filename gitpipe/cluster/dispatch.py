@@ -303,6 +303,7 @@ class Session:
             "outputs": [[name, list(globs)] for name, globs in self.spec.outputs],
             "timeout": max(1.0, self.deadline - time.time()),
             "network": self.rw.host.sandbox.network(self.rw.pipe.network, self.spec.network),
+            "protected": self.rw._protected(),  # its slots: never those of a feature branch (git.WorktreePool)
         }
 
     def _follow(self, job: dict[str, Any]) -> executor.Outcome:

@@ -207,7 +207,7 @@ class WorkerHost:
                                   "values": {}}
         try:
             mirror = self._fetch(job)
-            pool = git.WorktreePool(self.dir / "work", job["repo"], mirror)
+            pool = git.WorktreePool(self.dir / "work", job["repo"], mirror, protected=bool(job.get("protected")))
             with pool.checkout(job["sha"]) as slot:
                 for name, sha256 in job["inputs"]:
                     channel.unpack(self.r.get(channel.key("in", aid, name)), sha256, slot.tree, f'input "{name}"')
