@@ -26,6 +26,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -427,12 +428,12 @@ class WorktreePool:
         A change by the action changes a file's ctime, which no unprivileged process can set
         back; one made in the same clock tick as this look could keep it, so files changed at or
         after the kernel's time now (read from a new file's ctime) are not remembered."""
-        probe = slot.root / ".stamp"
-        probe.unlink(missing_ok=True)
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        now = probe.lstat().st_ctime_ns
-        probe.unlink()
-        found = tree_stat(slot.tree, racy_ns=now)
+        found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
+        if found is None and tree_stat(slot.tree) is not None:
+            # Only racy: the reset and settle wrote in this clock tick. One tick later every
+            # file is older than "now", and the next action in the slot may skip the checkout.
+            time.sleep(CLOCK_TICK)
+            found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
         with self._digests_lock:
             if found is None:
                 self._sealed.pop(str(slot.root), None)
@@ -592,6 +593,19 @@ def index_paths(index: Path, limit: int) -> dict[str, int] | None:
         paths[os.fsdecode(data[start:end])] = int.from_bytes(data[pos + 24:pos + 28], "big")
         pos += (end - pos + 8) // 8 * 8  # entries are NUL-padded to a multiple of 8 bytes
     return paths
+
+
+CLOCK_TICK = 0.005  # the kernel's file timestamps are coarse: one jiffy, 4 ms at HZ=250
+
+
+def _kernel_now(root: Path) -> int:
+    """The kernel's time for file timestamps now: a new file's ctime (time.time() is finer)."""
+    probe = root / ".stamp"
+    probe.unlink(missing_ok=True)
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    now = probe.lstat().st_ctime_ns
+    probe.unlink()
+    return now
 
 
 def tree_stat(tree: Path, racy_ns: int | None = None,

@@ -23,6 +23,7 @@ build user may still create user namespaces inside the sandbox.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -339,29 +340,69 @@ def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:
     directory is made 0755 and, when the daemon is root (it reads anything, so it never
     fails the reset), every file 0644 or 0755 and the build user's. Only what differs is
     changed: a chown or chmod changes a file's ctime, and git would then re-read it.
+
+    The walk goes through directory descriptors opened with O_NOFOLLOW, and each file is
+    changed through a descriptor of its own: a process that still holds a folder of the
+    tree open (another attempt of the same run) may swap a folder for a link to the host
+    at any moment, and a path-based chmod as root would follow it (/etc/shadow 0755).
     """
     root = uid is not None and gid is not None
-    stack = [tree]
-    while stack:
-        top = stack.pop()
-        _settle(top, top.lstat(), 0o755, uid, gid)
-        with os.scandir(top) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif root and entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
-                    _settle(Path(entry.path), st, 0o755 if st.st_mode & 0o100 else 0o644, uid, gid)
-                elif root and entry.is_symlink():
-                    if entry.stat(follow_symlinks=False).st_uid != uid:
-                        os.lchown(entry.path, uid, gid)  # type: ignore[arg-type]
+    _settle_tree(os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW), uid, gid, root)
 
 
-def _settle(path: Path, st: os.stat_result, mode: int, uid: int | None, gid: int | None) -> None:
-    if uid is not None and gid is not None and (st.st_uid, st.st_gid) != (uid, gid):
-        os.lchown(path, uid, gid)
-    if stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _settle_tree(fd: int, uid: int | None, gid: int | None, root: bool) -> None:
+    """Settle the directory `fd` and everything below it; closes `fd`."""
+    try:
+        st = os.fstat(fd)
+        if uid is not None and gid is not None and (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+        if stat.S_IMODE(st.st_mode) != 0o755:
+            os.fchmod(fd, 0o755)
+        with os.scandir(fd) as entries:
+            names = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
+                      e.is_symlink()) for e in entries]
+        for name, is_dir, is_file, is_link in names:
+            if is_dir:
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                        continue  # swapped or gone since it was listed: not the tree's any more
+                    raise
+                _settle_tree(child, uid, gid, root)
+            elif root and is_file:
+                _settle_file(fd, name, uid, gid)
+            elif root and is_link:
+                try:  # fchownat(AT_SYMLINK_NOFOLLOW) under a held folder: the link itself
+                    if os.stat(name, dir_fd=fd, follow_symlinks=False).st_uid != uid:
+                        os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)  # type: ignore[arg-type]
+                except FileNotFoundError:
+                    continue
+    finally:
+        os.close(fd)
+
+
+def _settle_file(dir_fd: int, name: str, uid: int | None, gid: int | None) -> None:
+    """A regular file's owner and plain mode, through an O_PATH descriptor (never a link)."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return  # swapped for a link (O_PATH opened the link itself) or something else
+        via = f"/proc/self/fd/{fd}"  # the inode the descriptor holds, whatever its path is now
+        if uid is not None and gid is not None and (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(via, uid, gid)
+        mode = 0o755 if st.st_mode & 0o100 else 0o644
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(via, mode)
+    finally:
+        os.close(fd)
 
 
 def _chown(path: Path, uid: int | None, gid: int | None) -> None:

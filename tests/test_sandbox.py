@@ -1408,3 +1408,36 @@ def test_a_feature_branch_cannot_keep_files_of_a_slot_a_protected_run_gets_next(
         home.wait_run(feature, timeout=90)
     assert main["status"] == "succeeded"
     assert (world.out / "main-build").read_text() == "built honestly\n", (world.out / "held-wrote").exists()
+
+
+def test_hand_over_settles_the_tree_and_never_reaches_through_a_link(tmp_path: Path) -> None:
+    """The reset's chmod/chown walk (as root, for the build user) goes through descriptors: a
+    folder or file that is a link to the host is never followed, even one swapped in mid-walk
+    by a process holding the tree open (a link here stands for the swap's end state)."""
+    from gitpipe.sandbox import hand_over
+
+    host = tmp_path / "host"
+    host.mkdir(mode=0o700)
+    secret = host / "shadow"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    tree = tmp_path / "tree"
+    (tree / "src" / "deep").mkdir(parents=True)
+    (tree / "src" / "deep" / "run.sh").write_text("#!/bin/sh\n")
+    (tree / "src" / "deep" / "run.sh").chmod(0o700)
+    (tree / "README").write_text("r\n")
+    (tree / "README").chmod(0o000)
+    (tree / "src").chmod(0o555)
+    (tree / "etc").symlink_to(host)  # a folder link: a path-based walk would chmod host/
+    (tree / "shadow").symlink_to(secret)
+    build = pwd.getpwnam("gitpipe-build") if os.getuid() == 0 else None
+    uid, gid = (build.pw_uid, build.pw_gid) if build else (None, None)
+    hand_over(tree, uid, gid)
+    assert stat.S_IMODE((tree / "src").stat().st_mode) == 0o755
+    assert stat.S_IMODE(host.stat().st_mode) == 0o700 and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert (host.stat().st_uid, secret.stat().st_uid) == (os.getuid(), os.getuid())
+    if build:
+        assert stat.S_IMODE((tree / "README").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tree / "src" / "deep" / "run.sh").stat().st_mode) == 0o755
+        assert (tree / "src" / "deep" / "run.sh").stat().st_uid == uid
+        assert (tree / "shadow").lstat().st_uid == uid  # the link itself, never its target
