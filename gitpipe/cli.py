@@ -453,13 +453,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="gitpipe worker: %(message)s", stream=sys.stderr)
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     directory = Path(args.dir).expanduser().absolute() if args.dir else settings_mod.resolve_home(None) / "worker"
-    worker.serve(args.broker, labels, args.slots, args.name, directory)
+    worker.serve(args.broker, labels, args.slots, args.name, directory, args.coordinator_key)
     return 0
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    from gitpipe.cluster import status
+    from gitpipe.cluster import channel, status
 
+    if args.coordinator_key:  # what each worker takes as --coordinator-key: made at first use
+        print(channel.signing_text(channel.load_signing(_home(args).home / "coordinator.key")))
+        return 0
     rows = status.workers(args.broker or status.broker_of(_home(args)))
     if args.json:
         print_json(rows)
@@ -613,9 +616,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=1, help="actions this worker runs at once (default 1)")
     p.add_argument("--name", help="this worker's name in [cluster.workers] (default: the host name)")
     p.add_argument("--dir", help="its key, repo mirrors and worktrees (default: <home>/worker)")
+    p.add_argument("--coordinator-key", default=os.environ.get("GITPIPE_COORDINATOR_KEY"),
+                   help="the build host's public key, which signs every job (`gitpipe workers --coordinator-key` "
+                        "prints it there; default: $GITPIPE_COORDINATOR_KEY); required")
     p = add("workers", cmd_workers, "list the live workers: name, labels, slots, running attempts, heartbeat")
     p.add_argument("--json", action="store_true")
     p.add_argument("--broker", help="the Redis URL (default: [cluster] broker in gitpipe.toml)")
+    p.add_argument("--coordinator-key", action="store_true",
+                   help="print the build host's public signing key (each worker's --coordinator-key) and exit")
     return parser
 
 

@@ -175,10 +175,16 @@ class Cluster:
         w.proc = subprocess.Popen(
             [GITPIPE, "worker", "--broker", self.redis.url, "--labels", w.labels, "--name", name,
              "--dir", str(w.dir), "--slots", "1", "--home", str(self.home.home)],
-            env=base_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**base_env(), "GITPIPE_COORDINATOR_KEY": self.coordinator_key()}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         wait_for(lambda: name in self.live(), timeout=60, what=f"worker {name} to beat")
         return w
+
+    def coordinator_key(self) -> str:
+        """The build host's public key, as the admin copies it to each worker."""
+        proc = self.home.gitpipe("workers", "--coordinator-key")
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
 
     def live(self) -> dict[str, dict]:
         proc = self.home.gitpipe("workers", "--json", "--broker", self.redis.url)

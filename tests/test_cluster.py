@@ -273,6 +273,16 @@ def test_runs_on_is_validated_and_a_worker_refuses_bad_options(home: Home, tmp_p
     proc = home.gitpipe("worker", "--broker", "redis://127.0.0.1:1/0", "--slots", "0")
     assert proc.returncode == 2 and "--slots must be at least 1" in proc.stderr
     proc = home.gitpipe("worker", "--broker", "redis://:pw@127.0.0.1:1/0", "--dir", str(tmp_path / "w"))
+    assert proc.returncode == 2 and "no build host key given" in proc.stderr
+    assert "gitpipe workers --coordinator-key" in proc.stderr
+    proc = home.gitpipe("worker", "--broker", "redis://:pw@127.0.0.1:1/0", "--coordinator-key", "bm90LWEta2V5",
+                        "--dir", str(tmp_path / "w"))
+    assert proc.returncode == 2 and "is not the build host's public key" in proc.stderr
+    key = home.gitpipe("workers", "--coordinator-key", check=True).stdout.strip()
+    assert (home.home / "coordinator.key").stat().st_mode & 0o777 == 0o600
+    assert home.gitpipe("workers", "--coordinator-key", check=True).stdout.strip() == key  # made once, kept
+    proc = home.gitpipe("worker", "--broker", "redis://:pw@127.0.0.1:1/0", "--dir", str(tmp_path / "w"),
+                        env=home.env({"GITPIPE_COORDINATOR_KEY": key}))
     assert proc.returncode == 2 and "cannot be reached" in proc.stderr and "redis://***@127.0.0.1:1/0" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = home.gitpipe("workers")
@@ -525,8 +535,6 @@ def test_a_forged_job_cannot_run_a_command_on_the_worker_host_through_git_url(
     assert not (out / "pwned").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the seal is not authenticated: anyone with the broker password and a "
-                   "worker's public key makes a trusted worker run their job; the coordinator must sign it")
 def test_a_trusted_worker_runs_only_jobs_the_coordinator_sealed(home: Home, tmp_path: Path, out: Path) -> None:
     """The worker checks the job against the digest in the sealed bundle, but anyone can seal
     to a public key: a trusted worker runs a job nobody pushed (with the network its forger asks
@@ -542,8 +550,6 @@ def test_a_trusted_worker_runs_only_jobs_the_coordinator_sealed(home: Home, tmp_
     assert not (out / "ran").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="log entries on the stream carry no MAC: anyone with the broker password "
-                   "writes lines into a remote attempt's log; each chunk should be signed with the result key")
 def test_the_broker_password_alone_cannot_write_into_a_remote_attempts_log(
         home: Home, tmp_path: Path, out: Path) -> None:
     import redis as redis_py
@@ -561,3 +567,68 @@ def test_the_broker_password_alone_cannot_write_into_a_remote_attempts_log(
         log = home.logs(run_id, "tests")
     assert "real-output" in log
     assert "FORGED" not in log
+
+
+def _granted(c: Any, job: dict[str, Any], worker: str, grant: dict[str, str]) -> None:
+    """Queue `job` with a bundle sealed to `worker` that carries `grant` (as a captured one would)."""
+    import redis as redis_py
+
+    from gitpipe.cluster import channel
+    from gitpipe.cluster.worker import make_app
+
+    public = channel.public_text(channel.load_private(c.workers[worker].dir / "worker.key"))
+    bundle = {"mac": "11" * 32, "env": {}, "mask": [], "digest": channel.digest(job), "grant": grant}
+    r = redis_py.Redis(host="127.0.0.1", port=c.redis.port, password=c.redis.password)
+    r.rpush(channel.key("seal", job["aid"], worker), channel.seal(public, json.dumps(bundle).encode()))
+    r.close()
+    make_app(c.redis.url).send_task(channel.TASK, args=[job], queue=channel.queue_of(()))
+
+
+def _end_message(c: Any, aid: str) -> str | None:
+    """The message of the attempt's last result on its stream (None: it has not ended)."""
+    import redis as redis_py
+
+    r = redis_py.Redis(host="127.0.0.1", port=c.redis.port, password=c.redis.password)
+    try:
+        ends = [f for _, f in r.xrange(f"gitpipe:log:{aid}") if f.get(b"k") == b"end"]
+    finally:
+        r.close()
+    if not ends:
+        return None
+    return str(json.loads(ends[-1][b"b"])["message"] or "")
+
+
+def test_a_worker_runs_a_signed_grant_once_only_for_itself_and_before_it_expires(
+        home: Home, tmp_path: Path, out: Path) -> None:
+    """A captured genuine bundle (signed by the build host) replayed on the broker, one sealed
+    to another worker's key, or one past its expiry: none runs again."""
+    import base64
+    import time
+
+    from gitpipe.cluster import channel
+
+    with cluster(home, tmp_path, {"w1": "linux"}, share=out) as c:
+        repo = home.add_repo("app")
+        push = home.push(repo, {"README": "x"})
+        signing = channel.load_signing(home.home / "coordinator.key")
+        job = _forged_job("9.2.beef", str(repo), f"echo once >> {out}/count", sha=push.sha)
+        genuine = channel.grant(signing, job["aid"], "w1", channel.digest(job))
+        _granted(c, job, "w1", genuine)
+        wait_for(lambda: _end_message(c, job["aid"]) is not None, timeout=90, what="the granted attempt to run")
+        assert "not run" not in (_end_message(c, job["aid"]) or "")
+        assert (out / "count").read_text() == "once\n"
+        # the same bundle again, its stream emptied as the coordinator does after reading it
+        c.redis.cli("DEL", f"gitpipe:log:{job['aid']}")
+        _granted(c, job, "w1", genuine)
+        wait_for(lambda: "a replay" in (_end_message(c, job["aid"]) or ""), timeout=90, what="the replay to be refused")
+        other = _forged_job("9.3.beef", str(repo), f"echo other >> {out}/count", sha=push.sha)
+        _granted(c, other, "w1", channel.grant(signing, other["aid"], "w2", channel.digest(other)))
+        wait_for(lambda: "not 9.3.beef on w1" in (_end_message(c, other["aid"]) or ""), timeout=90,
+                 what="a grant for another worker to be refused")
+        late = _forged_job("9.4.beef", str(repo), f"echo late >> {out}/count", sha=push.sha)
+        body = json.dumps({"aid": late["aid"], "worker": "w1", "digest": channel.digest(late),
+                           "expires": int(time.time()) - 1}, sort_keys=True)
+        expired = {"body": body, "sig": base64.b64encode(signing.sign(b"gitpipe-grant-v1\n" + body.encode())).decode()}
+        _granted(c, late, "w1", expired)
+        wait_for(lambda: "has expired" in (_end_message(c, late["aid"]) or ""), timeout=90, what="an expired grant refused")
+    assert (out / "count").read_text() == "once\n"

@@ -97,6 +97,7 @@ class Cluster:
         self.app = make_app(conf.broker)
         self.r = channel.connect(conf.broker)
         self.trusted = dict(conf.workers)
+        self.signing = channel.load_signing(settings.home / "coordinator.key")  # workers hold its public half
 
     def place(self, pipe: Pipeline, spec: ActionSpec) -> tuple[str, ...] | None:
         """The labels a worker needs to run this action; None: it runs here."""
@@ -230,6 +231,8 @@ class Session:
         self.mac = mac
         self.detached = False
         self.broker_back = 0.0  # monotonic time the broker was last seen away
+        self.chunk = 0  # the number of the last log chunk taken (each carries its MAC)
+        self.forged = False  # a chunk without a valid MAC was dropped (said once)
         self.missed = 0  # looks in a row that did not find the attempt in its worker's heartbeat
         self.idle_seen = False  # a worker that could take the queued attempt stood idle at the last look
 
@@ -406,7 +409,16 @@ class Session:
         if kind == "claim":
             self._claim(job, fields.get("w", b"").decode())
         elif kind == "out" and self.worker is not None:
-            self.writer.write(fields.get("d", b""))
+            data, n = fields.get("d", b""), fields.get("n", b"")
+            number = int(n) if n.isdigit() else 0
+            if number > self.chunk and channel.verify_chunk(self.mac, self.aid, number, data,
+                                                            fields.get("mac", b"").decode(errors="replace")):
+                self.chunk = number
+                self.writer.write(data)
+            elif not self.forged:
+                self.forged = True
+                self.writer.line("gitpipe: log lines without this attempt's MAC were dropped")
+                log.warning("cluster: attempt %s: log lines without its MAC were dropped", self.aid)
         elif kind == "end" and self.worker is not None:
             body = fields.get("b", b"").decode()
             if not channel.verify(self.mac, body, fields.get("mac", b"").decode()):
@@ -434,7 +446,8 @@ class Session:
             return
         self.worker = name
         bundle = {"mac": self.mac.hex(), "env": self.secret_env, "mask": list(self.secret_env.values()),
-                  "digest": channel.digest(job)}
+                  "digest": channel.digest(job),
+                  "grant": channel.grant(self.c.signing, self.aid, name, channel.digest(job))}
         self.c.r.rpush(reply, channel.seal(public, json.dumps(bundle).encode()))
         self.c.r.expire(reply, 60)
         self.say(f"running on worker {name}")

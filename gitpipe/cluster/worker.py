@@ -1,7 +1,9 @@
 """A worker host: `gitpipe worker`, a Celery worker whose one task runs one gitpipe attempt.
 
 The task (`WorkerHost.run`): claim the attempt on its log stream, wait for the coordinator
-to seal the attempt's secrets and result key to this worker's key, fetch the commit with
+to seal the attempt's secrets and result key to this worker's key, check the grant the
+coordinator signed (attempt, this worker, the job's digest, expiry) and that the attempt
+never ran here (the `ran` record in --dir), fetch the commit with
 git into a local mirror, restore the inputs (sha256 checked), run the script in the same
 sandbox as the build host, stream its masked output back, upload the outputs (with their
 sha256) and sign the result. A heartbeat thread keeps this worker listed, stops attempts
@@ -79,8 +81,9 @@ def add(r: channel.Client, stream: str, fields: dict[str, Any]) -> None:
 class StreamLog:
     """The LogWriter of a remote attempt: masked output appended to the attempt's stream."""
 
-    def __init__(self, r: channel.Client, stream: str, masker: Masker) -> None:
+    def __init__(self, r: channel.Client, stream: str, masker: Masker, aid: str, secret: bytes) -> None:
         self.r, self.stream, self.mask = r, stream, masker.stream()
+        self.aid, self.secret, self.n = aid, secret, 0
         self.error: OSError | None = None
 
     def write(self, data: bytes) -> None:
@@ -92,7 +95,9 @@ class StreamLog:
     def _send(self, data: bytes) -> None:
         if data:
             try:
-                add(self.r, self.stream, {"k": "out", "d": data})
+                self.n += 1
+                add(self.r, self.stream, {"k": "out", "d": data, "n": str(self.n),
+                                          "mac": channel.chunk_mac(self.secret, self.aid, self.n, data)})
             except redis.RedisError:  # cut off: the coordinator takes the attempt as lost
                 pass
 
@@ -101,7 +106,10 @@ class StreamLog:
 
 
 class WorkerHost:
-    def __init__(self, broker: str, labels: list[str], slots: int, name: str, directory: Path) -> None:
+    def __init__(self, broker: str, labels: list[str], slots: int, name: str, directory: Path,
+                 coordinator: str) -> None:
+        self.coordinator = channel.coordinator_key(coordinator)
+        self.ran = directory / "ran"  # `<aid> <expiry>` of every granted attempt run here: no replay
         self.broker, self.labels, self.slots, self.name, self.dir = broker, sorted(set(labels)), slots, name, directory
         self.settings = settings_mod.load(directory, must_exist=False)  # its own [sandbox], if any
         self.sandbox = Sandbox.for_host(self.settings)
@@ -171,9 +179,10 @@ class WorkerHost:
             if got is None or got[1] == b"refused":
                 return
             bundle = json.loads(channel.unseal(self.private, got[1]))
-            if bundle["digest"] != channel.digest(job):
-                self._end(stream, bundle, {"status": "failed", "exit_code": None,
-                                           "message": "the job on the broker does not match the one sent; not run"})
+            refused = self._admit(job, bundle)
+            if refused is not None:
+                log.warning("attempt %s refused: %s", str(aid)[:80], refused)
+                self._end(stream, bundle, {"status": "failed", "exit_code": None, "message": f"{refused}; not run"})
                 return
             result = self._execute(job, bundle, stream)
             self._end(stream, bundle, result)
@@ -181,10 +190,41 @@ class WorkerHost:
             with self.lock:
                 self.running.pop(aid, None)
 
+    def _admit(self, job: dict[str, Any], bundle: dict[str, Any]) -> str | None:
+        """Why this attempt may not run here (None: it may, and it is now recorded as run)."""
+        why = channel.check_grant(self.coordinator, bundle.get("grant"), job["aid"], self.name, channel.digest(job))
+        if why is not None:
+            return why
+        expires = json.loads(bundle["grant"]["body"])["expires"]
+        with self.lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            now, kept, seen = time.time(), [], False
+            if self.ran.exists():
+                for line in self.ran.read_text().splitlines():
+                    parts = line.split()
+                    if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) >= now:  # expired: refused anyway
+                        kept.append(line)
+                        seen = seen or parts[0] == job["aid"]
+            if seen:
+                return f"attempt {job['aid']} already ran on this worker (a replay)"
+            kept.append(f"{job['aid']} {expires}")
+            tmp = self.ran.with_name("ran.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write("\n".join(kept) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.ran)
+        return None
+
     def _end(self, stream: str, bundle: dict[str, Any], result: dict[str, Any]) -> None:
         """Send the signed result; while the broker is away, keep trying (the attempt stays listed)."""
         body = json.dumps(result)
-        fields = {"k": "end", "b": body, "mac": channel.sign(bytes.fromhex(bundle["mac"]), body)}
+        try:
+            mac = channel.sign(bytes.fromhex(str(bundle.get("mac"))), body)
+        except ValueError:
+            mac = ""
+        fields = {"k": "end", "b": body, "mac": mac}
         give_up = time.monotonic() + END_WAIT
         while True:
             try:
@@ -201,7 +241,7 @@ class WorkerHost:
         aid = job["aid"]
         secrets: dict[str, str] = bundle["env"]
         masker = Masker(list(bundle["mask"]))
-        out = StreamLog(self.r, stream, masker)
+        out = StreamLog(self.r, stream, masker, aid, bytes.fromhex(bundle["mac"]))
         deadline = time.time() + job["timeout"]
         result: dict[str, Any] = {"status": "failed", "exit_code": None, "message": None, "outputs": [],
                                   "values": {}}
@@ -267,7 +307,8 @@ class WorkerHost:
         return sent
 
 
-def serve(broker: str, labels: list[str], slots: int, name: str | None, directory: Path) -> None:
+def serve(broker: str, labels: list[str], slots: int, name: str | None, directory: Path,
+          coordinator: str | None) -> None:
     """Run the worker until SIGTERM (Celery's warm shutdown: running attempts finish)."""
     name = name or socket.gethostname()
     if slots < 1:
@@ -277,7 +318,12 @@ def serve(broker: str, labels: list[str], slots: int, name: str | None, director
         raise UsageError(f'label "{bad[0]}" may hold only letters, digits, ".", "_" and "-"',
                          hint="write the labels as --labels linux,arm64")
     channel.queues_for(labels)  # too many labels: said now
-    host = WorkerHost(broker, labels, slots, name, directory)
+    if not coordinator:
+        raise UsageError("no build host key given: this worker would run jobs anyone with the broker password queues",
+                         hint="pass --coordinator-key KEY or set GITPIPE_COORDINATOR_KEY to what "
+                              "`gitpipe workers --coordinator-key` prints on the build host")
+    channel.coordinator_key(coordinator)  # not a key: said now
+    host = WorkerHost(broker, labels, slots, name, directory, coordinator)
     try:
         host.beat()
     except redis.RedisError as exc:
