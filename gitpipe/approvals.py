@@ -123,7 +123,7 @@ def decide(settings: Settings, store: Store, run_id: int, approved: bool, commen
                   via_socket)
     if why is not None:
         store.refuse_approval(row, verb, who.name, why)
-        queue.wake(settings, "approval")  # a daemon (other than us) renders the page with it
+        queue.wake(settings, "approval")  # the daemon hears the refusal event and renders the page
         raise ApprovalRefused(f'run #{run_id}: {who.name} may not {verb} "{row["action"]}": {why}',
                               hint="this attempt was recorded")
     decided = store.decide(run_id, "approved" if approved else "rejected", who.name, comment,

@@ -39,7 +39,6 @@ from gitpipe.store import Store
 from gitpipe.trust import Trust
 
 log = logging.getLogger("gitpipe")
-APPROVAL_WAKE = "approval-"  # the wake file `gitpipe approve/reject` leaves (queue.wake(..., "approval"))
 STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
 EVENTS_SEEN = "events_seen"  # state key: the newest event id the daemon passed on (see Daemon._hear_others)
 SAVE_EVERY = 500  # events
@@ -91,7 +90,6 @@ class Daemon:
         self.next_due: float | None = None  # the next schedule slot
         self.events_seen = 0  # the newest event id heard of (see _hear_others); saved as state events_seen
         self.events_saved = 0
-        self.woken_by_approval = False  # `gitpipe approve` woke us: waiting runs' pages may be stale
 
     # ------------------------------------------------------------------ lifecycle
     def serve(self) -> None:
@@ -223,9 +221,6 @@ class Daemon:
         self._cancel_requested()
         for worker in list(self.workers.values()):
             worker.changed.set()  # approvals decided, cancels requested: let workers look
-        if self.woken_by_approval:  # a refusal another process recorded changes only the page
-            self.woken_by_approval = False
-            self.reporter.refresh([r.id for r in self.store.runs_with_status(RunStatus.WAITING)])
         self._claim()
         # After the claim: a push moved a head, and reading its pipeline for cron lines (a git
         # process) must not delay the run that push queued.
@@ -280,8 +275,6 @@ class Daemon:
 
     def _clear_wake_files(self) -> None:
         for entry in os.scandir(self.settings.wake_dir):
-            if entry.name.startswith(APPROVAL_WAKE):
-                self.woken_by_approval = True
             try:
                 os.unlink(entry.path)
             except FileNotFoundError:

@@ -79,12 +79,6 @@ class Reporter:
         except Exception:  # the report must never break the run that sent the event
             log.exception("report: could not render the pages of run #%s", event.run_id)
 
-    def refresh(self, run_ids: list[int]) -> None:
-        """Re-render these runs' pages: another process changed what they show (a refused
-        approval recorded by `gitpipe approve`), which this process's store never heard of."""
-        for run_id in run_ids:
-            self.on_event(Event(run_id, "run", "refresh"))
-
     def _drain(self) -> None:
         while True:
             if not self._busy.acquire(blocking=False):
