@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from gitpipe import cache as cache_mod
-from gitpipe import git, queue
+from gitpipe import git, matching, queue, triggers
 from gitpipe import pipeline as pipeline_mod
 from gitpipe import settings as settings_mod
+from gitpipe.durations import parse_duration
 from gitpipe.errors import PipelineError, UsageError
 from gitpipe.models import ActionRecord, Pipeline, RunRecord, RunStatus, short_ref
 from gitpipe.settings import Settings
@@ -65,12 +66,12 @@ def start_run(settings: Settings, store: Store, repo_name: str, ref: str | None,
     else:
         name = pipe.name
         try:
-            inputs = pipeline_mod.input_values(pipe, given, manual=True)
+            inputs = matching.input_values(pipe, given, manual=True)
         except ValueError as exc:
             raise UsageError(f"{repo_name} {short_ref(full)} @ {sha[:7]}: {exc}",
                              hint="its [inputs] are in .pipeline.toml; nothing was queued") from None
     author, message = git.commit_info(repo, sha)
-    new = queue.NewRun(repo=repo_name, pipeline=name, ref=full, sha=sha, trigger="manual",
+    new = queue.NewRun(repo=repo_name, pipeline=name, ref=full, sha=sha, trigger=triggers.MANUAL,
                        pipeline_text=text, pusher=user(), error=error, inputs=inputs,
                        commit_author=author, commit_message=message)
     run_id = store.create_runs([new])[0]
@@ -99,7 +100,7 @@ def retry_run(settings: Settings, store: Store, run_id: int, failed: bool = Fals
         pipeline_mod.parse(text or "", default_name=old.repo)
     except PipelineError as exc:
         error = f"{queue.PIPELINE_FILE} is invalid:\n{exc}"
-    new = queue.NewRun(repo=old.repo, pipeline=old.pipeline, ref=old.ref, sha=old.sha, trigger="retry",
+    new = queue.NewRun(repo=old.repo, pipeline=old.pipeline, ref=old.ref, sha=old.sha, trigger=triggers.RETRY,
                        pipeline_text=text, pusher=user(), error=error, retry_of=run_id,
                        before_sha=old.before_sha, commit_author=old.commit_author,
                        commit_message=old.commit_message, inputs=old.inputs)
@@ -143,7 +144,7 @@ def since_iso(text: str, now: float | None = None) -> str:
     from gitpipe.intake import now_iso
 
     try:
-        return now_iso((time.time() if now is None else now) - pipeline_mod.parse_duration(text))
+        return now_iso((time.time() if now is None else now) - parse_duration(text))
     except ValueError:
         pass
     try:

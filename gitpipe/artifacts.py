@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gitpipe.errors import ActionError, ArtifactError, UsageError
+from gitpipe.matching import path_regex
 from gitpipe.models import ArtifactRecord
-from gitpipe.pipeline import path_regex
 from gitpipe.settings import format_size
 
 MANIFEST = "MANIFEST.sha256"

@@ -47,8 +47,8 @@ from typing import Any
 from gitpipe import cachefs, space
 from gitpipe.errors import GitpipeError, UsageError
 from gitpipe.intake import now_iso
+from gitpipe.matching import path_regex
 from gitpipe.models import CacheEntry, CacheSpec, CacheUse
-from gitpipe.pipeline import path_regex
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gitpipe import executor, follow, queue, retention, space
+from gitpipe import executor, follow, queue, retention, space, triggers
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
@@ -318,7 +318,7 @@ class Daemon:
         active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
         newest: dict[tuple[str, str], int] = {}
         for run in active:  # only a push supersedes (a retry of an old commit must not cancel a newer one)
-            if run.trigger == "push":
+            if triggers.supersedes(run.trigger):
                 newest[(run.repo, run.ref)] = max(run.id, newest.get((run.repo, run.ref), 0))
         for run in active:
             latest = newest.get((run.repo, run.ref), 0)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gitpipe import approvals, artifacts, executor
+from gitpipe.durations import format_duration
 from gitpipe.errors import ActionError, GitpipeError
 from gitpipe.intake import now_iso
+from gitpipe.matching import expand, placeholder_values
 from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
-from gitpipe.pipeline import expand, format_duration, placeholder_values
 
 if TYPE_CHECKING:
     from gitpipe import deploy

@@ -23,7 +23,7 @@ TYPE_CHECKING = False  # not `from typing import ...`: importing typing costs ea
 if TYPE_CHECKING:
     from typing import Any
 
-from gitpipe import intake  # noqa: E402 - after the cheap TYPE_CHECKING guard
+from gitpipe import intake, triggers  # noqa: E402 - after the cheap TYPE_CHECKING guard
 
 PIPELINE_FILE = ".pipeline.toml"
 CACHE_VERSION = 1
@@ -89,8 +89,7 @@ def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref:
         return None
     info = pipeline_info(home, repo, git_dir, out.decode().strip())
     branch = ref.startswith("refs/heads/")
-    short = _short(ref)
-    if not any(glob_match(p, short) for p in info["branches" if branch else "tags"]):
+    if not triggers.push_starts(info, ref):
         return None
     if not branch:  # an annotated tag names a tag object; the run (worktree, GITPIPE_SHA) needs its commit
         code, out = git(git_dir, "rev-parse", "--verify", "-q", f"{new}^{{commit}}")
@@ -98,7 +97,7 @@ def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref:
     created = not old.strip("0")
     if info["paths"] and not created and not _paths_changed(git_dir, info["paths"], old, new):
         return None
-    run = {"repo": repo, "pipeline": info["name"], "ref": ref, "sha": new, "trigger": "push",
+    run = {"repo": repo, "pipeline": info["name"], "ref": ref, "sha": new, "trigger": triggers.PUSH,
            "before_sha": None if created else old, "pusher": who, "error": info["error"],
            "pipeline_text": info["text"]}
     if info["error"]:  # it ends here, never reaching the daemon, which records the commit of the others
@@ -117,7 +116,7 @@ def commit_info(git_dir: str, sha: str) -> tuple[str | None, str | None]:
 
 
 def _paths_changed(git_dir: str, patterns: list[str], old: str, new: str) -> bool:
-    from gitpipe.pipeline import paths_match
+    from gitpipe.matching import paths_match
 
     _, out = git(git_dir, "diff", "--name-only", "-z", "--no-renames", old, new)
     return paths_match(tuple(patterns), [p for p in out.decode("utf-8", "replace").split("\0") if p])
@@ -139,10 +138,9 @@ def pipeline_info(home: str, repo: str, git_dir: str, blob: str) -> dict[str, An
         pipe = pipeline.parse(text, file=PIPELINE_FILE, default_name=repo)
         trigger, name, error = pipe.trigger, pipe.name, None
     except PipelineError as exc:
-        trigger = pipeline.read_trigger(text) or TriggerSpec()
+        trigger = triggers.read_trigger(text) or TriggerSpec()
         name, error = repo, f"{PIPELINE_FILE} is invalid:\n{exc}"
-    info = {"name": name, "branches": list(trigger.branches), "tags": list(trigger.tags),
-            "paths": list(trigger.paths), "error": error, "text": text}
+    info = {"name": name, **triggers.hook_fields(trigger), "error": error, "text": text}
     if error is None:  # an error may go away without a new blob (a plugin installed later)
         _save(path, info)
     return info

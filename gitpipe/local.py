@@ -16,7 +16,7 @@ import threading
 import tomllib
 from pathlib import Path
 
-from gitpipe import ansi, api, follow, git, progress, queue
+from gitpipe import ansi, api, follow, git, progress, queue, triggers
 from gitpipe import pipeline as pipeline_mod
 from gitpipe import settings as settings_mod
 from gitpipe.daemon import Daemon
@@ -103,7 +103,7 @@ def run_exec(workdir: Path, stage: str | None, action: str | None, keep: bool, h
         store = Store(conf)
         store.add_repo(name, str(git_dir))
         run_id = store.create_runs([queue.NewRun(repo=name, pipeline=pipe.name, ref=ref, sha=sha,
-                                                 trigger="manual", pipeline_text=text.read_text(),
+                                                 trigger=triggers.MANUAL, pipeline_text=text.read_text(),
                                                  pusher=api.user())])[0]
         print(f"gitpipe exec: {pipe.name} on the working copy of {git_dir.parent} ({ref.split('/')[-1]} + changes)")
         daemon = Daemon(conf, burst=True)

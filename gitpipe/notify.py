@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gitpipe import matching
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import PipelineError
 from gitpipe.models import Event, NotifySpec
@@ -204,9 +205,9 @@ Runner = Callable[[list[str], bytes], "subprocess.CompletedProcess[bytes]"]
 
 def run_command(command: str, payload: dict[str, Any], runner: Runner | None = None) -> None:
     """Run the command with the event JSON on stdin; placeholder values are made shell-inert."""
-    values = pipeline_mod.placeholder_values(payload["run"], payload["pipeline"], payload["repo"],
+    values = matching.placeholder_values(payload["run"], payload["pipeline"], payload["repo"],
                                              payload["ref"], payload["sha"], payload.get("environment") or "")
-    script = pipeline_mod.expand(command, {k: shell_safe(v) for k, v in values.items()})
+    script = matching.expand(command, {k: shell_safe(v) for k, v in values.items()})
     data = json.dumps(payload).encode()
     if runner is not None:
         proc = runner(["bash", "-c", script], data)

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gitpipe import artifacts, delivery, executor, git, plugins, reuse, space
+from gitpipe import artifacts, delivery, executor, git, matching, plugins, reuse, space
 from gitpipe import cache as cache_mod
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
@@ -133,7 +133,7 @@ class RunWorker:
             author, message = commit
             deadline = time.time() + pipe.timeout if pipe.timeout else None
             try:  # a push or a schedule gives none: the defaults ("" without one)
-                inputs = pipeline_mod.input_values(pipe, dict(run.inputs), manual=False)
+                inputs = matching.input_values(pipe, dict(run.inputs), manual=False)
             except ValueError as exc:
                 self.store.fail_queued_run(run.id, f"inputs: {exc}")
                 return
@@ -253,7 +253,7 @@ class RunWorker:
         if skip:
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message=skip)
             return None
-        if not pipeline_mod.when_matches(spec.when, _branch(self.run.ref), _tag(self.run.ref)):
+        if not matching.when_matches(spec.when, _branch(self.run.ref), _tag(self.run.ref)):
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message="skipped: `when` does not match")
             return
         missing = self._missing_input(spec)

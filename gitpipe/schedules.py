@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from gitpipe import git, pipeline, queue
+from gitpipe import git, pipeline, queue, triggers
 from gitpipe.errors import GitpipeError, PipelineError
 from gitpipe.models import ScheduleSpec, short_ref
 from gitpipe.store import Store
@@ -127,8 +127,8 @@ class Scheduler:
                 self.store.set_state(key, str(slot))  # a new schedule starts from now, not the past
             elif float(last) < slot:
                 self.store.set_state(key, str(slot))
-                new = queue.NewRun(repo=s.repo, pipeline=s.name, ref=s.ref, sha=s.sha, trigger="schedule",
-                                   pipeline_text=s.text, pusher="schedule")
+                new = queue.NewRun(repo=s.repo, pipeline=s.name, ref=s.ref, sha=s.sha, trigger=triggers.SCHEDULE,
+                                   pipeline_text=s.text, pusher=triggers.KINDS[triggers.SCHEDULE].pusher)
                 fired += self.store.create_runs([new])
                 log.info("schedule %r of %s: run #%s queued", s.line, s.repo, fired[-1])
             due = _croniter()(s.cron, _utc(now)).get_next(float)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gitpipe.durations import parse_duration
 from gitpipe.errors import ConfigError, UsageError
-from gitpipe.pipeline import parse_duration
 
 CONFIG_NAME = "gitpipe.toml"
 

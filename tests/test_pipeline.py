@@ -10,19 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from gitpipe.durations import parse_duration
 from gitpipe.errors import PipelineError
+from gitpipe.matching import PLACEHOLDERS, expand, input_values, paths_match, when_matches
 from gitpipe.models import ScheduleSpec, TriggerSpec, When
-from gitpipe.pipeline import (
-    PLACEHOLDERS,
-    expand,
-    input_values,
-    parse,
-    parse_duration,
-    paths_match,
-    read_trigger,
-    ref_triggers,
-    when_matches,
-)
+from gitpipe.pipeline import parse
+from gitpipe.triggers import read_trigger, ref_triggers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1217,7 +1210,7 @@ def test_monitor_interval_is_a_deploy_duration() -> None:
 
 
 def test_format_duration_is_the_inverse_of_parse_duration() -> None:
-    from gitpipe.pipeline import format_duration
+    from gitpipe.durations import format_duration
 
     for text in ("24h", "1m30s", "2s", "1h30m", "48h1m", "0s"):
         assert format_duration(parse_duration(text)) == text

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import Home, git, pipeline
 
-from gitpipe import hookmain, queue, settings
+from gitpipe import hookmain, queue, settings, triggers
 from gitpipe.store import Store
 
 ZERO = "0" * 40
@@ -206,7 +206,7 @@ def test_the_hooks_glob_matches_like_fnmatch() -> None:
     patterns += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 6))) for _ in range(300)]
     names += ["".join(rnd.choice("ab/-]") for _ in range(rnd.randint(0, 6))) for _ in range(100)]
     mismatches = [(p, n) for p in patterns for n in names
-                  if hookmain.glob_match(p, n) != fnmatch.fnmatchcase(n, p)]
+                  if triggers.glob_match(p, n) != fnmatch.fnmatchcase(n, p)]
     assert mismatches == []
 
 

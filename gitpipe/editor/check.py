@@ -9,7 +9,7 @@ import datetime as dt
 import tomllib
 from typing import Any
 
-from gitpipe import pipeline
+from gitpipe import pipeline, tomllines
 from gitpipe.errors import PipelineError, Problem
 from gitpipe.report import charts
 
@@ -27,7 +27,7 @@ def check(text: str, file: str) -> dict[str, Any]:
         data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError:
         return {"problems": [_problem(p, None) for p in problems], "model": None}
-    lines = pipeline.key_lines(text)
+    lines = tomllines.key_lines(text)
     stages = _stages(data, lines)
     owner = _owners(lines)
     out = [_problem(p, owner(p.line)) for p in problems]
