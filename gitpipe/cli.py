@@ -18,7 +18,7 @@ from typing import Any
 
 from gitpipe import __version__, ansi, api, follow
 from gitpipe import settings as settings_mod
-from gitpipe.errors import GitpipeError, PipelineError, UsageError
+from gitpipe.errors import ConfigError, GitpipeError, PipelineError, UsageError
 from gitpipe.models import RunRecord, RunStatus, short_ref
 
 
@@ -684,6 +684,10 @@ def _main(argv: list[str] | None) -> int:
     except PipelineError as exc:
         for problem in exc.problems:
             say(str(problem), err=True)
+        return exc.exit_code
+    except ConfigError as exc:  # gitpipe.toml: every problem found, one line each
+        for problem in exc.problems:
+            say(f"gitpipe: error: {problem}", err=True)
         return exc.exit_code
     except GitpipeError as exc:
         say(f"gitpipe: error: {exc}", err=True)

@@ -3,7 +3,8 @@
 Every error a user can cause is a `GitpipeError`; the CLI turns it into one line
 and an exit status, never a traceback.
 
-- `ConfigError`     gitpipe.toml / secrets.toml is wrong (exit 2). Carries file and line.
+- `ConfigError`     gitpipe.toml / secrets.toml is wrong (exit 2). Carries file and line;
+                    `problems` holds every problem of gitpipe.toml found at once.
 - `UsageError`      a command was asked for something that does not exist or cannot
                     be done now: unknown run id, unknown repo, not a bare repo (exit 2).
 - `PipelineError`   a `.pipeline.toml` is invalid; holds every problem found (exit 1).
@@ -61,6 +62,15 @@ class ConfigError(GitpipeError):
         super().__init__(where + message, hint=hint)
         self.file = file
         self.line = line
+        self.problems = [self]  # `every` holds several: one line each, as a PipelineError's
+
+    @classmethod
+    def every(cls, problems: list[ConfigError]) -> ConfigError:
+        """All the problems of one file at once, in line order; its text holds one per line."""
+        ordered = sorted(problems, key=lambda p: (p.line or 0, str(p)))
+        error = cls("\n".join(str(p) for p in ordered), line=ordered[0].line)
+        error.file, error.problems = ordered[0].file, list(ordered)
+        return error
 
 
 class UsageError(GitpipeError):

@@ -12,19 +12,18 @@ import re
 import shlex
 import stat
 import tomllib
-from collections.abc import Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from gitpipe.errors import ConfigError
 from gitpipe.masking import MASK, Masker, MaskStream, masked_forms
+from gitpipe.tomllines import key_lines, line_of
 
 __all__ = ["MASK", "Masker", "MaskStream", "load_secrets", "masked_forms", "ref_protected", "secrets_for"]
 MIN_LENGTH = 8
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
-_KEY_PART = re.compile(r"""\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*""")
 _TOML_WHERE = re.compile(r" \(at (?:line (\d+), column \d+|end of document)\)\Z")
 
 
@@ -103,48 +102,7 @@ def _error(path: Path, text: str, message: str, *keys: str, hint: str | None = N
 
 def _line_of(text: str, *keys: str) -> int | None:
     """Line of the first header or key at or below `keys`, else of their parent (inline tables)."""
-    while keys:
-        for number, path in _key_lines(text):
-            if path[: len(keys)] == keys:
-                return number
-        keys = keys[:-1]
-    return None
-
-
-def _key_lines(text: str) -> Iterator[tuple[int, tuple[str, ...]]]:
-    """(line number, full key path) of each table header and key line of a TOML text.
-
-    A line scanner, not a parser: escapes in quoted keys are not decoded (such a key falls back to
-    its table's line) and multi-line strings are skipped by counting their delimiters.
-    """
-    table: tuple[str, ...] = ()
-    in_string: str | None = None
-    for number, line in enumerate(text.splitlines(), 1):
-        if in_string:
-            if line.count(in_string) % 2:
-                in_string = None
-            continue
-        stripped = line.lstrip()
-        if stripped.startswith("["):
-            table, _ = _key_path(stripped, len(stripped) - len(stripped.lstrip("[")))
-            yield number, table
-        else:
-            keys, end = _key_path(line, 0)
-            if keys and line.startswith("=", end):
-                yield number, table + keys
-        in_string = next((d for d in ('"""', "'''") if line.count(d) % 2), None)
-
-
-def _key_path(line: str, pos: int) -> tuple[tuple[str, ...], int]:
-    """The dotted TOML key starting at `pos`, and the position after it."""
-    parts: list[str] = []
-    while match := _KEY_PART.match(line, pos):
-        parts.append(next(g for g in match.groups() if g is not None))
-        pos = match.end()
-        if not line.startswith(".", pos):
-            break
-        pos += 1
-    return tuple(parts), pos
+    return line_of(key_lines(text), keys) or None
 
 
 def secrets_for(

@@ -15,6 +15,7 @@ from typing import Any
 
 from gitpipe.durations import parse_duration
 from gitpipe.errors import ConfigError, UsageError
+from gitpipe.tomllines import key_lines, line_of
 
 CONFIG_NAME = "gitpipe.toml"
 
@@ -190,43 +191,28 @@ def load(home: str | Path | None, *, must_exist: bool = True) -> Settings:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", file=str(path), line=_err_line(str(exc))) from None
-    return _build(root, data, _Lines(str(path), text))
+    return _build(root, data, _Problems(str(path), text))
 
 
-class _Lines:
-    """Finds the line of a key in the config text, for error messages."""
+class _Problems:
+    """Every problem of gitpipe.toml, each at the line of its key (found by gitpipe.tomllines)."""
 
     def __init__(self, file: str, text: str) -> None:
         self.file = file
-        self.lines = text.splitlines()
+        self.lines = key_lines(text) if text else {}
+        self.found: list[ConfigError] = []
 
-    def of(self, key: str, table: str | None = None) -> int | None:
-        in_table = table is None
-        for n, line in enumerate(self.lines, 1):
-            s = line.strip()
-            if s.startswith("["):
-                name = _header_name(s)
-                in_table = table is not None and name == table
-                if table is not None and name == table and key == "":
-                    return n
-                continue
-            if in_table and re.match(rf'^"?{re.escape(key)}"?\s*=', s):
-                return n
-        return None
+    def add(self, message: str, *path: str, hint: str | None = None) -> None:
+        """A problem at `path` (("sandbox", "pids") ...), or at its table's line if the key is not written."""
+        line = line_of(self.lines, path) or None
+        self.found.append(ConfigError(message, file=self.file, line=line, hint=hint))
 
-    def error(self, message: str, key: str, table: str | None = None, hint: str | None = None) -> ConfigError:
-        return ConfigError(message, file=self.file, line=self.of(key, table), hint=hint)
-
-
-_HEADER = re.compile(r"^\[\[?\s*(.*?)\s*\]\]?\s*(?:#.*)?$")
-_KEY_PART = re.compile(r'"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|([A-Za-z0-9_-]+)')
-
-
-def _header_name(line: str) -> str:
-    """The dotted name of a `[table]` line: no spaces, quotes or trailing comment (`[ repos."a.b" ] # x`)."""
-    m = _HEADER.match(line)
-    inner = m.group(1) if m else line.strip("[] ")
-    return ".".join("".join(part) for part in _KEY_PART.findall(inner))
+    def check(self) -> None:
+        """Raise the problem found, or every problem at once (one per line, in line order)."""
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise ConfigError.every(self.found)
 
 
 def _err_line(message: str) -> int | None:
@@ -234,68 +220,78 @@ def _err_line(message: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _unknown(lines: _Lines, data: dict[str, Any], known: dict[str, Any], table: str | None) -> None:
+def _unknown(p: _Problems, data: dict[str, Any], known: dict[str, Any], table: tuple[str, ...]) -> None:
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f'did you mean "{close[0]}"?' if close else f"known keys: {', '.join(sorted(known))}"
-            where = f"[{table}] " if table else ""
-            raise lines.error(f'{where}unknown key "{key}"', key, table, hint=hint)
+            where = f"[{'.'.join(table)}] " if table else ""
+            p.add(f'{where}unknown key "{key}"', *table, key, hint=hint)
 
 
-def _typed(lines: _Lines, data: dict[str, Any], key: str, kind: type | tuple[type, ...], table: str | None) -> Any:
+def _typed(p: _Problems, data: dict[str, Any], key: str, kind: type | tuple[type, ...],
+           table: tuple[str, ...], default: Any = None) -> Any:
+    """`data[key]` if it has the type `kind`; else the problem is reported and `default` returned."""
     value = data[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise lines.error(f'"{key}" must be a {names}, not {value!r}', key, table)
+        p.add(f'"{key}" must be a {names}, not {value!r}', *table, key)
+        return default
     return value
 
 
-def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
+def _build(home: Path, data: dict[str, Any], p: _Problems) -> Settings:
+    """Settings from the parsed gitpipe.toml; every problem is reported at once (ConfigError)."""
     top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}, "sandbox": {}, "cache": {}, "cluster": {}}
-    _unknown(lines, data, top, None)
+    _unknown(p, data, top, ())
     merged = {**DEFAULTS, **{k: v for k, v in data.items() if k in DEFAULTS}}
     for key in ("max_parallel", "keep_runs"):
         if data.get(key) is not None:
-            _typed(lines, data, key, int, None)
-            if data[key] < 1:
-                raise lines.error(f'"{key}" must be at least 1', key)
+            merged[key] = _typed(p, data, key, int, (), DEFAULTS[key])
+            if merged[key] is not None and merged[key] < 1:
+                p.add(f'"{key}" must be at least 1', key)
+                merged[key] = DEFAULTS[key]
     for key in ("site_dir", "site_url", "stop_grace", "max_log_size", "max_artifact_size", "publish_artifacts",
                 "control_socket"):
         if key in data:
-            _typed(lines, data, key, str, None)
-    sizes = {}
-    for key in ("max_log_size", "max_artifact_size"):
-        try:
-            sizes[key] = parse_size(merged[key])
-        except ValueError as exc:
-            raise lines.error(f'"{key}": {exc}', key) from None
+            merged[key] = _typed(p, data, key, str, (), DEFAULTS[key])
+    sizes = {key: _size(p, merged[key], DEFAULTS[key], f'"{key}"', key)
+             for key in ("max_log_size", "max_artifact_size")}
     if merged["publish_artifacts"] not in PUBLISH_CHOICES:
-        raise lines.error(f'"publish_artifacts" must be "protected", "all" or "none", not "{merged["publish_artifacts"]}"',
-                          "publish_artifacts")
+        p.add(f'"publish_artifacts" must be "protected", "all" or "none", not "{merged["publish_artifacts"]}"',
+              "publish_artifacts")
+        merged["publish_artifacts"] = DEFAULTS["publish_artifacts"]
     try:
         grace = parse_duration(merged["stop_grace"])
     except ValueError as exc:
-        raise lines.error(str(exc), "stop_grace") from None
-    ssh = {**SSH_DEFAULTS, **_table(lines, data, "ssh", SSH_DEFAULTS)}
-    notify = {**NOTIFY_DEFAULTS, **_table(lines, data, "notify", NOTIFY_DEFAULTS)}
-    for table, values in (("ssh", ssh), ("notify", notify)):
+        p.add(str(exc), "stop_grace")
+        grace = parse_duration(DEFAULTS["stop_grace"])
+    ssh = {**SSH_DEFAULTS, **_table(p, data, "ssh", SSH_DEFAULTS)}
+    notify = {**NOTIFY_DEFAULTS, **_table(p, data, "notify", NOTIFY_DEFAULTS)}
+    for table, values, defaults in (("ssh", ssh, SSH_DEFAULTS), ("notify", notify, NOTIFY_DEFAULTS)):
         for key in values:
-            _typed(lines, values, key, list if key == "on" else str, table)
+            values[key] = _typed(p, values, key, list if key == "on" else str, (table,), defaults[key])
     if not all(isinstance(event, str) for event in notify["on"]):
-        raise lines.error('"on" must be a list of event names, e.g. ["failed"]', "on", "notify")
-    repos = {name: _repo(lines, name, value) for name, value in _table(lines, data, "repos", None).items()}
+        p.add('"on" must be a list of event names, e.g. ["failed"]', "notify", "on")
+        notify["on"] = []
+    repos = {name: _repo(p, name, value) for name, value in _table(p, data, "repos", None).items()}
     identity = str(ssh["identity"])
     control = str(merged["control_socket"])
     if control and (not control.startswith("/") or Path(control).is_relative_to(home)):
-        raise lines.error(f'"control_socket" must be an absolute path outside the home, not "{control}"',
-                          "control_socket", hint="accounts that approve cannot enter the home (mode 0700); "
-                          '"" turns the socket off')
-    sandbox = _sandbox(lines, _table(lines, data, "sandbox", SANDBOX_DEFAULTS), home)
-    for p in sandbox.read_only + sandbox.read_write:
-        if control and Path(control).is_relative_to(p):
-            raise lines.error(f"[sandbox] {p} would show actions the control socket {control}", "control_socket",
-                              hint="an action must never reach the socket that decides approvals")
+        p.add(f'"control_socket" must be an absolute path outside the home, not "{control}"',
+              "control_socket", hint="accounts that approve cannot enter the home (mode 0700); "
+              '"" turns the socket off')
+        control = ""
+    sandbox = _sandbox(p, _table(p, data, "sandbox", SANDBOX_DEFAULTS), home)
+    for path in sandbox.read_only + sandbox.read_write:
+        if control and Path(control).is_relative_to(path):
+            p.add(f"[sandbox] {path} would show actions the control socket {control}", "control_socket",
+                  hint="an action must never reach the socket that decides approvals")
+    cache = {**CACHE_DEFAULTS, **_table(p, data, "cache", CACHE_DEFAULTS)}
+    cache_size = _size(p, _typed(p, cache, "max_size", str, ("cache",), CACHE_DEFAULTS["max_size"]),
+                       CACHE_DEFAULTS["max_size"], '[cache] "max_size"', "cache", "max_size")
+    cluster = _cluster(p, _table(p, data, "cluster", CLUSTER_DEFAULTS)) if "cluster" in data else None
+    p.check()
     return Settings(
         home=home,
         max_parallel=merged["max_parallel"] or os.cpu_count() or 2,
@@ -314,17 +310,18 @@ def _build(home: Path, data: dict[str, Any], lines: _Lines) -> Settings:
         publish_artifacts=merged["publish_artifacts"],
         sandbox=sandbox,
         control_socket=Path(control) if control else None,
-        cache_max_size=_cache_size(lines, _table(lines, data, "cache", CACHE_DEFAULTS)),
-        cluster=_cluster(lines, _table(lines, data, "cluster", CLUSTER_DEFAULTS)) if "cluster" in data else None,
+        cache_max_size=cache_size,
+        cluster=cluster,
     )
 
 
-def _cache_size(lines: _Lines, value: dict[str, Any]) -> int:
-    merged = {**CACHE_DEFAULTS, **value}
+def _size(p: _Problems, value: str, default: str, name: str, *path: str) -> int:
+    """Bytes of a size setting; a bad one is reported (as `name`: why) and `default` is used."""
     try:
-        return parse_size(_typed(lines, merged, "max_size", str, "cache"))
+        return parse_size(value)
     except ValueError as exc:
-        raise lines.error(f'[cache] "max_size": {exc}', "max_size", "cache") from None
+        p.add(f"{name}: {exc}", *path)
+        return parse_size(default)
 
 
 def parse_size(value: str) -> int:
@@ -343,73 +340,83 @@ def format_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _sandbox(lines: _Lines, value: dict[str, Any], home: Path) -> SandboxSettings:
+def _sandbox(p: _Problems, value: dict[str, Any], home: Path) -> SandboxSettings:
     merged = {**SANDBOX_DEFAULTS, **value}
+    at = ("sandbox",)
     for key in ("mode", "user"):
-        _typed(lines, merged, key, str, "sandbox")
-    _typed(lines, merged, "network", bool, "sandbox")
+        merged[key] = _typed(p, merged, key, str, at, SANDBOX_DEFAULTS[key])
+    merged["network"] = _typed(p, merged, "network", bool, at, SANDBOX_DEFAULTS["network"])
     if merged["mode"] not in SANDBOX_MODES:
-        raise lines.error(f'"mode" must be "bwrap" or "none", not "{merged["mode"]}"', "mode", "sandbox",
-                          hint='"bwrap" confines every action (install the Debian package bubblewrap)')
-    try:
-        memory = parse_size(_typed(lines, merged, "memory", str, "sandbox"))
-    except ValueError as exc:
-        raise lines.error(f'[sandbox] "memory": {exc}', "memory", "sandbox") from None
-    pids = _typed(lines, merged, "pids", int, "sandbox")
+        p.add(f'"mode" must be "bwrap" or "none", not "{merged["mode"]}"', *at, "mode",
+              hint='"bwrap" confines every action (install the Debian package bubblewrap)')
+        merged["mode"] = SANDBOX_DEFAULTS["mode"]
+    memory = _size(p, _typed(p, merged, "memory", str, at, SANDBOX_DEFAULTS["memory"]), SANDBOX_DEFAULTS["memory"],
+                   '[sandbox] "memory"', *at, "memory")
+    pids = _typed(p, merged, "pids", int, at, SANDBOX_DEFAULTS["pids"])
     if pids < 16:
-        raise lines.error('"pids" must be at least 16 (bash, git and a build need a few)', "pids", "sandbox")
+        p.add('"pids" must be at least 16 (bash, git and a build need a few)', *at, "pids")
+        pids = SANDBOX_DEFAULTS["pids"]
     binds = {}
     for key in ("read_only", "read_write"):
-        paths = _typed(lines, merged, key, list, "sandbox")
-        if not all(isinstance(p, str) and p.startswith("/") for p in paths):
-            raise lines.error(f'"{key}" must be a list of absolute paths, e.g. ["/opt/toolchains"]', key, "sandbox")
-        for p in paths:
-            if Path(p) == Path("/") or home.is_relative_to(p) or Path(p).is_relative_to(home):
-                raise lines.error(f'"{key}": {p} would show actions the gitpipe home {home}', key, "sandbox",
-                                  hint="name paths outside the home; the home is the daemon's alone")
-        binds[key] = tuple(Path(p) for p in paths)
+        paths = _typed(p, merged, key, list, at, [])
+        if not all(isinstance(path, str) and path.startswith("/") for path in paths):
+            p.add(f'"{key}" must be a list of absolute paths, e.g. ["/opt/toolchains"]', *at, key)
+            paths = []
+        for path in paths:
+            if Path(path) == Path("/") or home.is_relative_to(path) or Path(path).is_relative_to(home):
+                p.add(f'"{key}": {path} would show actions the gitpipe home {home}', *at, key,
+                      hint="name paths outside the home; the home is the daemon's alone")
+        binds[key] = tuple(Path(path) for path in paths)
     return SandboxSettings(mode=merged["mode"], user=merged["user"], network=merged["network"],
                            memory=memory, pids=pids, **binds)
 
 
-def _cluster(lines: _Lines, value: dict[str, Any]) -> ClusterSettings:
+def _cluster(p: _Problems, value: dict[str, Any]) -> ClusterSettings | None:
     merged = {**CLUSTER_DEFAULTS, **value}
+    at = ("cluster",)
     for key in ("broker", "git_url"):
-        _typed(lines, merged, key, str, "cluster")
-    _typed(lines, merged, "local", bool, "cluster")
-    if not re.match(r"^rediss?://", merged["broker"]):
-        raise lines.error('"broker" must be a redis:// or rediss:// URL, e.g. "redis://:PASSWORD@10.0.0.5:6379/0"',
-                          "broker" if "broker" in value else "", "cluster")
+        merged[key] = _typed(p, merged, key, str, at, CLUSTER_DEFAULTS[key])
+    merged["local"] = _typed(p, merged, "local", bool, at, CLUSTER_DEFAULTS["local"])
     workers = merged["workers"]
+    if not re.match(r"^rediss?://", merged["broker"]):
+        p.add('"broker" must be a redis:// or rediss:// URL, e.g. "redis://:PASSWORD@10.0.0.5:6379/0"',
+              *at, *(("broker",) if "broker" in value else ()))
+        return None
     if not isinstance(workers, dict) or not all(isinstance(v, str) for v in workers.values()):
-        raise lines.error('"workers" must be a table of NAME = "public key" (what `gitpipe worker` prints)',
-                          "workers", "cluster")
+        p.add('"workers" must be a table of NAME = "public key" (what `gitpipe worker` prints)', *at, "workers")
+        return None
     return ClusterSettings(broker=merged["broker"], local=merged["local"], git_url=merged["git_url"],
                            workers=tuple(sorted(workers.items())))
 
 
-def _table(lines: _Lines, data: dict[str, Any], name: str, known: dict[str, Any] | None) -> dict[str, Any]:
+def _table(p: _Problems, data: dict[str, Any], name: str, known: dict[str, Any] | None) -> dict[str, Any]:
+    """The table `name` of gitpipe.toml; only its known keys (the others are reported)."""
     value = data.get(name, {})
     if not isinstance(value, dict):
-        raise lines.error(f'"{name}" must be a table ([{name}])', name)
-    if known is not None:
-        _unknown(lines, value, known, name)
-    return value
+        p.add(f'"{name}" must be a table ([{name}])', name)
+        return {}
+    if known is None:
+        return value
+    _unknown(p, value, known, (name,))
+    return {k: v for k, v in value.items() if k in known}
 
 
-def _repo(lines: _Lines, name: str, value: Any) -> RepoSettings:
-    table = f"repos.{name}"
+def _repo(p: _Problems, name: str, value: Any) -> RepoSettings:
+    at = ("repos", name)
     if not isinstance(value, dict):
-        raise lines.error(f'"repos.{name}" must be a table', name, "repos")
-    _unknown(lines, value, REPO_DEFAULTS, table)
+        p.add(f'"repos.{name}" must be a table', *at)
+        return RepoSettings()
+    _unknown(p, value, REPO_DEFAULTS, at)
     protected = value.get("protected")
     if protected is not None and (
-        not isinstance(protected, list) or not all(isinstance(p, str) for p in protected)
+        not isinstance(protected, list) or not all(isinstance(x, str) for x in protected)
     ):
-        raise lines.error('"protected" must be a list of ref globs, e.g. ["main", "v*"]', "protected", table)
+        p.add('"protected" must be a list of ref globs, e.g. ["main", "v*"]', *at, "protected")
+        protected = None
     reject = value.get("reject_invalid", False)
     if not isinstance(reject, bool):
-        raise lines.error('"reject_invalid" must be true or false', "reject_invalid", table)
+        p.add('"reject_invalid" must be true or false', *at, "reject_invalid")
+        reject = False
     return RepoSettings(protected=tuple(protected) if protected is not None else None, reject_invalid=reject)
 
 

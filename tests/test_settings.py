@@ -178,3 +178,64 @@ def test_sizes_are_written_as_in_gitpipe_toml() -> None:
     assert settings.format_size(512 << 20) == "512M"
     assert settings.format_size(1000) == "1000 bytes"
     assert settings.parse_size(settings.format_size(3 << 40)) == 3 << 40
+
+
+THREE_MISTAKES = [  # (line, text): each mistake alone on its line, with what it says
+    (1, 'site_ulr = "https://ci.example"', 'unknown key "site_ulr" (did you mean "site_url"?)'),
+    (2, "keep_runs = 0", '"keep_runs" must be at least 1'),
+    (5, "pids = 4", '"pids" must be at least 16'),
+]
+
+
+def _with_mistakes(mistakes: list[tuple[int, str, str]]) -> str:
+    """A gitpipe.toml with each mistake at its line, and blank lines elsewhere."""
+    lines = ["", "", "# the sandbox", "[sandbox]", ""]
+    for line, text, _ in mistakes:
+        lines[line - 1] = text
+    return "\n".join(lines) + "\n"
+
+
+def test_every_mistake_in_gitpipe_toml_is_reported_at_once(tmp_path: Path) -> None:
+    """Three mistakes: three problems, in line order, each as it reads when it is the only one."""
+    (tmp_path / "gitpipe.toml").write_text(_with_mistakes(THREE_MISTAKES))
+    with pytest.raises(ConfigError) as err:
+        settings.load(tmp_path)
+    path = tmp_path / "gitpipe.toml"
+    got = [str(p) for p in err.value.problems]
+    assert [line.split(":")[1] for line in (g.removeprefix(str(path)) for g in got)] == ["1", "2", "5"]
+    for (line, _, words), text in zip(THREE_MISTAKES, got):
+        assert text.startswith(f"{path}:{line}: ") and words in text, text
+    alone = []
+    for mistake in THREE_MISTAKES:
+        (tmp_path / "gitpipe.toml").write_text(_with_mistakes([mistake]))
+        with pytest.raises(ConfigError) as one:
+            settings.load(tmp_path)
+        assert len(one.value.problems) == 1
+        alone.append(str(one.value))
+    assert got == alone
+    assert str(err.value) == "\n".join(got) and err.value.line == 1 and err.value.exit_code == 2
+
+
+def test_the_cli_prints_every_mistake_in_gitpipe_toml_one_line_each(home: Home) -> None:
+    path = home.home / "gitpipe.toml"
+    path.write_text(_with_mistakes(THREE_MISTAKES))
+    proc = home.gitpipe("runs")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3, proc.stderr
+    for (line, _, words), text in zip(THREE_MISTAKES, lines):
+        assert text.startswith(f"gitpipe: error: {path}:{line}: ") and words in text, text
+
+
+def test_problems_in_quoted_and_dotted_tables_get_their_lines(tmp_path: Path) -> None:
+    """gitpipe.toml's lines come from the same key locator as .pipeline.toml's (gitpipe.tomllines)."""
+    text = ('# x\n[ repos."shop.v2" ]  # a dotted name\nprotected = "main"\n'
+            "[repos.plain]\nreject_invalid = 1\nsandbox.pids = 4\n")
+    (tmp_path / "gitpipe.toml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        settings.load(tmp_path)
+    assert [(p.line, p.message.split(": ", 1)[1]) for p in err.value.problems] == [
+        (3, '"protected" must be a list of ref globs, e.g. ["main", "v*"]'),
+        (5, '"reject_invalid" must be true or false'),
+        (6, '[repos.plain] unknown key "sandbox"'),
+    ]
