@@ -686,8 +686,8 @@ def _main(argv: list[str] | None) -> int:
             say(str(problem), err=True)
         return exc.exit_code
     except ConfigError as exc:  # gitpipe.toml: every problem found, one line each
-        for problem in exc.problems:
-            say(f"gitpipe: error: {problem}", err=True)
+        for each in exc.problems:
+            say(f"gitpipe: error: {each}", err=True)
         return exc.exit_code
     except GitpipeError as exc:
         say(f"gitpipe: error: {exc}", err=True)

@@ -18,7 +18,8 @@ from gitpipe.models import ActionSpec
 from gitpipe.tomllines import KeyPath, line_of
 
 _D = TypeVar("_D", float, None)
-SAFE_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]+")
+SAFE_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]+")  # a name: no path separators, no controls
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYNTAX_AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)")
 # Words carried over from other CI tools, which difflib cannot guess from spelling.
 _SYNONYMS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from gitpipe import keys, pipeline, schema
+from gitpipe import actionspec, keys, pipeline, schema
 from gitpipe.editor import templates
 from gitpipe.errors import PipelineError
 
@@ -146,8 +146,8 @@ def test_good_base_passes_both(checker: jsonschema.Draft202012Validator) -> None
 def test_every_key_of_the_validator_is_in_the_schema_with_help() -> None:
     doc = schema.pipeline_schema()
     action = doc["$defs"]["action"]["properties"]
-    assert set(action) == {k.name for k in keys.ACTION} == set(pipeline._COMMON_KEYS).union(
-        *pipeline._TYPE_KEYS.values())
+    assert set(action) == {k.name for k in keys.ACTION} == set(actionspec._COMMON_KEYS).union(
+        *actionspec._TYPE_KEYS.values())
     assert set(doc["properties"]) == set(pipeline._TOP_KEYS)
     for key in keys.ACTION:
         assert action[key.name]["description"] == key.help and key.help

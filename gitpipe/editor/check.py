@@ -38,7 +38,7 @@ def _problem(p: Problem, node: Node | None) -> dict[str, Any]:
     return {"line": p.line, "message": p.message, "text": str(p), "node": list(node) if node else None}
 
 
-def _owners(lines: dict[pipeline.Path, int]) -> Any:
+def _owners(lines: dict[tomllines.KeyPath, int]) -> Any:
     """A function: line -> the stage or action whose part of the file holds it."""
     starts: list[tuple[int, Node | None]] = []
     for path, line in lines.items():
@@ -72,7 +72,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _stages(data: dict[str, Any], lines: dict[pipeline.Path, int]) -> list[dict[str, Any]]:
+def _stages(data: dict[str, Any], lines: dict[tomllines.KeyPath, int]) -> list[dict[str, Any]]:
     raw = data.get("stage")
     out = []
     for i, stage in enumerate(raw if isinstance(raw, list) else []):
