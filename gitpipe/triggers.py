@@ -111,7 +111,9 @@ def ref_triggers(trigger: TriggerSpec, ref: str) -> bool:
 
 
 def hook_fields(trigger: TriggerSpec) -> dict[str, list[str]]:
-    """What the push hook caches of a [trigger] (plain lists, for marshal), for `push_starts`."""
+    """What the push hook caches of a [trigger] (plain lists, for marshal), for `push_starts`.
+
+    The cache outlives an upgrade: a field added here needs hookmain.CACHE_VERSION raised."""
     return {"branches": list(trigger.branches), "tags": list(trigger.tags), "paths": list(trigger.paths)}
 
 
@@ -120,7 +122,7 @@ def push_starts(fields: dict[str, Any], ref: str) -> bool:
     the hook asks git for the changed paths only when the ref matches)."""
     for prefix, key in (("refs/heads/", "branches"), ("refs/tags/", "tags")):
         if ref.startswith(prefix):
-            return any(glob_match(p, ref[len(prefix):]) for p in fields[key])
+            return any(glob_match(p, ref[len(prefix):]) for p in fields.get(key, ()))
     return False
 
 
