@@ -77,6 +77,7 @@ def action_specs(report: Report, data: dict[str, Any], path: KeyPath, label: str
 
 
 def check_placeholders(t: Table, key: str, text: str | None, *sub: str | int) -> None:
+    """Reports each {name} in `text` that is not one of matching.PLACEHOLDERS."""
     for match in _BRACED.finditer(text or ""):
         if match[1] not in PLACEHOLDERS:
             known = ", ".join(f"{{{p}}}" for p in sorted(PLACEHOLDERS))

@@ -1,12 +1,13 @@
 """`.pipeline.toml` text -> validated, frozen `Pipeline`; every problem reported at once.
 
-The validator. Its tools live beside it: gitpipe.tomllines finds the line of each key,
-gitpipe.tomlcheck collects problems and reads typed values, gitpipe.triggers validates
-[trigger], gitpipe.actionspec validates one action table, gitpipe.keys lists every key. What a parsed pipeline means at run time (`when`,
-paths, placeholders, inputs) is gitpipe.matching's.
+The validator: it walks the file's tables and checks across actions (artifacts, names).
+Beside it: gitpipe.tomllines finds the line of each key, gitpipe.tomlcheck collects problems
+and reads typed values, gitpipe.actionspec validates one action table, gitpipe.triggers
+validates [trigger], gitpipe.keys lists every key. What a parsed pipeline means at run time
+(`when`, paths, placeholders, inputs) is gitpipe.matching's.
 
-The git post-receive hook imports this module, so only the standard library is imported
-at module level. croniter (cron lines), importlib.metadata (plugin action types) and
+The git post-receive hook imports this module, so all of these import only the standard
+library at module level. croniter (cron lines), importlib.metadata (plugin action types) and
 difflib (suggestions) are imported inside the functions that need them, and only when a
 pipeline has a schedule, a custom action type or a mistake.
 """

@@ -165,6 +165,7 @@ class Table:
 
 
 def describe(value: Any) -> str:
+    """How a message names a value of the wrong kind: 'the number 3', 'an array' ..."""
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, (int, float)):
@@ -179,6 +180,7 @@ def describe(value: Any) -> str:
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean "x"?)' for a misspelt word (or a word from another CI tool), else ""."""
     import difflib  # only needed when something is wrong
 
     options = list(choices)
@@ -189,6 +191,7 @@ def suggest(word: str, choices: Iterable[str]) -> str:
 
 
 def syntax_problem(file: str, text: str, exc: tomllib.TOMLDecodeError) -> Problem:
+    """The Problem of a text tomllib cannot read, at the line (and column) tomllib names."""
     message = str(exc)
     match = _SYNTAX_AT.search(message)
     if match is None:
