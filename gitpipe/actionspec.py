@@ -45,11 +45,37 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 Combo = tuple[tuple[str, str], ...]
 
 
-def action_specs(report: Report, data: dict[str, Any], path: KeyPath, label: str,
+class PipelineReport(Report):
+    """A Report that also keeps what the checks across actions need (gitpipe.pipeline)."""
+
+    def __init__(self, file: str, lines: dict[KeyPath, int]) -> None:
+        super().__init__(file, lines)
+        # (stage index, label, action, path) of every action parsed, for the artifact checks
+        self.actions: list[tuple[int, str, ActionSpec, KeyPath]] = []
+        # artifact name of a matrix action as written -> the names of its copies' artifacts
+        self.matrix_outputs: dict[str, tuple[str, ...]] = {}
+        self._plugins: frozenset[str] | None = None
+
+    def plugin_types(self) -> frozenset[str]:
+        """Action types of installed plugins, looked up once per file."""
+        if self._plugins is None:
+            self._plugins = plugin_types()
+        return self._plugins
+
+
+def plugin_types() -> frozenset[str]:
+    """Action types of installed plugins (entry point group `gitpipe.actions`)."""
+    # slow to import: only done for an action type that is not built in
+    from importlib.metadata import entry_points
+
+    return frozenset(ep.name for ep in entry_points(group="gitpipe.actions"))
+
+
+def action_specs(report: PipelineReport, data: dict[str, Any], path: KeyPath, label: str,
                  stage_index: int) -> list[ActionSpec]:
     """The action of a [[stage.action]] table; one copy per combination of its `matrix`."""
     t = Table(report, data, path, label)
-    kind = _action_type(t)
+    kind = _action_type(t, report)
     _check_action_keys(t, kind)
     fields = _common_fields(t, kind)
     if kind == "run":
@@ -70,7 +96,7 @@ def action_specs(report: Report, data: dict[str, Any], path: KeyPath, label: str
         own = {k.name for k in keys.action_keys(kind)}
         fields["extra"] = tuple((k, v) for k, v in data.items() if k not in own)
     spec = ActionSpec(line=report.line(path), **fields)
-    copies = _matrix_copies(t, spec, () if kind in ("approval", "deploy") else _matrix(t))
+    copies = _matrix_copies(t, report, spec, () if kind in ("approval", "deploy") else _matrix(t))
     for copy in copies:
         report.actions.append((stage_index, label, copy, path))
     return copies
@@ -111,14 +137,14 @@ def labels(t: Table) -> tuple[str, ...] | None:
     return tuple(sorted(set(labels)))
 
 
-def _action_type(t: Table) -> str | None:
+def _action_type(t: Table, report: PipelineReport) -> str | None:
     """The action's type: built in or from a plugin; None if it is wrong (and reported)."""
     kind = t.string("type")
     if "type" not in t.data:
         return "run"
     if kind is None or kind in BUILTIN_TYPES:
         return kind
-    plugins = t.report.plugin_types()
+    plugins = report.plugin_types()
     if kind in plugins:
         return kind
     suggestion = suggest(kind, BUILTIN_TYPES + tuple(plugins)).replace(" (", "; ").rstrip(")")
@@ -336,7 +362,8 @@ def _matrix(t: Table) -> tuple[Combo, ...]:
     return tuple(tuple(zip(keys, combo)) for combo in itertools.product(*(v for _, v in axes)))
 
 
-def _matrix_copies(t: Table, spec: ActionSpec, combos: tuple[Combo, ...]) -> list[ActionSpec]:
+def _matrix_copies(t: Table, report: PipelineReport, spec: ActionSpec,
+                   combos: tuple[Combo, ...]) -> list[ActionSpec]:
     """The action itself, or one copy per matrix combination, each with its own name and artifacts."""
     refs = _MATRIX_REF.findall(spec.name)
     if not combos:
@@ -363,7 +390,7 @@ def _matrix_copies(t: Table, spec: ActionSpec, combos: tuple[Combo, ...]) -> lis
         outputs = tuple((f"{art}-{suffix}", globs) for art, globs in spec.outputs)
         copies[name] = replace(spec, name=name, group=spec.name, matrix=combo, outputs=outputs)
     for (art, _), i in zip(spec.outputs, itertools.count()):
-        t.report.matrix_outputs[art] = tuple(c.outputs[i][0] for c in copies.values())
+        report.matrix_outputs[art] = tuple(c.outputs[i][0] for c in copies.values())
     return list(copies.values())
 
 

@@ -19,10 +19,10 @@ from dataclasses import replace
 from typing import Any
 
 from gitpipe import keys, triggers
-from gitpipe.actionspec import action_specs, check_placeholders, env_pairs, labels
+from gitpipe.actionspec import PipelineReport, action_specs, check_placeholders, env_pairs, labels
 from gitpipe.errors import PipelineError
 from gitpipe.models import ActionSpec, InputSpec, NotifySpec, Pipeline, StageSpec
-from gitpipe.tomlcheck import ENV_NAME, Report, Table, describe, suggest, syntax_problem
+from gitpipe.tomlcheck import ENV_NAME, Table, describe, suggest, syntax_problem
 from gitpipe.tomllines import KeyPath, key_lines
 
 EVENTS = keys.find("notify", "on").choices  # type: ignore[union-attr]
@@ -41,14 +41,14 @@ def parse(text: str, *, file: str = ".pipeline.toml", default_name: str = "pipel
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError([syntax_problem(file, text, exc)]) from None
-    report = Report(file, key_lines(text))
+    report = PipelineReport(file, key_lines(text))
     pipeline = _pipeline(report, data, default_name)
     if report.problems:
         raise PipelineError(report.problems)
     return pipeline
 
 
-def _pipeline(report: Report, data: dict[str, Any], default_name: str) -> Pipeline:
+def _pipeline(report: PipelineReport, data: dict[str, Any], default_name: str) -> Pipeline:
     top = Table(report, data, (), "")
     for key in top.unknown_keys(_TOP_KEYS):
         noun = "table" if isinstance(data[key], (dict, list)) else "key"
@@ -68,7 +68,7 @@ def _pipeline(report: Report, data: dict[str, Any], default_name: str) -> Pipeli
         runs_on=runs_on or (),
         trigger=triggers.trigger_spec(top.table("trigger", "[trigger]")),
         env=env_pairs(top.table("env", "[env]")),
-        stages=_stages(top),
+        stages=_stages(report, top),
         notify=tuple(_notify(report, item, i) for i, item in top.tables("notify", "[[notify]]")),
         inputs=_inputs(top.table("inputs", "[inputs]")),
     )
@@ -112,7 +112,7 @@ def _inputs(t: Table | None) -> tuple[InputSpec, ...]:
     return tuple(specs)
 
 
-def _notify(report: Report, data: dict[str, Any], index: int) -> NotifySpec:
+def _notify(report: PipelineReport, data: dict[str, Any], index: int) -> NotifySpec:
     path: KeyPath = ("notify", index)
     t = Table(report, data, path, f"notify #{index + 1}")
     t.check_keys(_NOTIFY_KEYS)
@@ -138,16 +138,16 @@ def _label(noun: str, name: Any, index: int) -> str:
     return f'{noun} "{name}"' if isinstance(name, str) and name.strip() else f"{noun} #{index + 1}"
 
 
-def _stages(top: Table) -> tuple[StageSpec, ...]:
+def _stages(report: PipelineReport, top: Table) -> tuple[StageSpec, ...]:
     if "stage" not in top.data or top.data["stage"] == []:  # `stage = []` has no stages either
         top.problem("no stages: add at least one [[stage]] with a [[stage.action]] under it", "stage")
         return ()
     stages: list[StageSpec] = []
     seen: dict[str, int] = {}
     for index, data in top.tables("stage", "[[stage]]"):
-        stage = _stage(top.report, data, index)
+        stage = _stage(report, data, index)
         if stage.name in seen:
-            top.report.add(
+            report.add(
                 ("stage", index, "name"),
                 f'stage "{stage.name}": duplicate stage name (first at line {seen[stage.name]})',
             )
@@ -157,7 +157,7 @@ def _stages(top: Table) -> tuple[StageSpec, ...]:
     return tuple(stages)
 
 
-def _stage(report: Report, data: dict[str, Any], index: int) -> StageSpec:
+def _stage(report: PipelineReport, data: dict[str, Any], index: int) -> StageSpec:
     path: KeyPath = ("stage", index)
     label = _label("stage", data.get("name"), index)
     t = Table(report, data, path, label)
@@ -181,7 +181,7 @@ def _stage(report: Report, data: dict[str, Any], index: int) -> StageSpec:
     return StageSpec(name=name, line=report.line(path), actions=tuple(actions))
 
 
-def _expand_inputs(report: Report, pipe: Pipeline) -> Pipeline:
+def _expand_inputs(report: PipelineReport, pipe: Pipeline) -> Pipeline:
     """A consumer of a matrix action's artifact gets the artifacts of every copy."""
     if not report.matrix_outputs:
         return pipe
@@ -195,7 +195,7 @@ def _expand_inputs(report: Report, pipe: Pipeline) -> Pipeline:
     return replace(pipe, stages=stages)
 
 
-def _check_artifacts(report: Report) -> None:
+def _check_artifacts(report: PipelineReport) -> None:
     """Artifact names are unique; every input is an output of an action that runs earlier."""
     producers: dict[str, tuple[int, int, str, KeyPath]] = {}  # artifact -> (stage, run_order, label, path)
     for stage, label, spec, path in report.actions:

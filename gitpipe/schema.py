@@ -136,6 +136,6 @@ def _action(plugin_types: tuple[str, ...]) -> dict[str, Any]:
 
 def installed_schema() -> dict[str, Any]:
     """The schema with the action types of the plugins installed here."""
-    from gitpipe.tomlcheck import plugin_types
+    from gitpipe.actionspec import plugin_types
 
     return pipeline_schema(tuple(sorted(plugin_types())))

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 from gitpipe.durations import parse_duration
 from gitpipe.errors import Problem
-from gitpipe.models import ActionSpec
 from gitpipe.tomllines import KeyPath, line_of
 
 _D = TypeVar("_D", float, None)
@@ -39,30 +38,14 @@ class Report:
         self.file = file
         self.lines = lines
         self.problems: list[Problem] = []
-        # (stage index, label, action, path) of every action parsed, for the artifact checks
-        self.actions: list[tuple[int, str, ActionSpec, KeyPath]] = []
-        # artifact name of a matrix action as written -> the names of its copies' artifacts
-        self.matrix_outputs: dict[str, tuple[str, ...]] = {}
-        self._plugins: frozenset[str] | None = None
 
     def line(self, path: KeyPath) -> int:
+        """The line of `path`, else of its nearest parent written in the file (0: none)."""
         return line_of(self.lines, path)
 
     def add(self, path: KeyPath, message: str) -> None:
+        """A problem at the line of `path`."""
         self.problems.append(Problem(self.file, self.line(path), message))
-
-    def plugin_types(self) -> frozenset[str]:
-        if self._plugins is None:
-            self._plugins = plugin_types()
-        return self._plugins
-
-
-def plugin_types() -> frozenset[str]:
-    """Action types of installed plugins (entry point group `gitpipe.actions`)."""
-    # slow to import: only done for an action type that is not built in
-    from importlib.metadata import entry_points
-
-    return frozenset(ep.name for ep in entry_points(group="gitpipe.actions"))
 
 
 class Table:

@@ -205,7 +205,7 @@ def _diff(old: str, new: str, name: str) -> str:
 
 def _key_help() -> dict[str, Any]:
     """The action keys for the forms, from the same definitions as the validator."""
-    from gitpipe.tomlcheck import plugin_types
+    from gitpipe.actionspec import plugin_types
 
     return {"action": [{"name": k.name, "kind": k.kind, "help": k.help, "default": k.default,
                         "choices": list(k.choices), "minimum": k.minimum, "required": k.required,
