@@ -64,11 +64,10 @@ class PipelineReport(Report):
 
 
 def plugin_types() -> frozenset[str]:
-    """Action types of installed plugins (entry point group `gitpipe.actions`)."""
-    # slow to import: only done for an action type that is not built in
-    from importlib.metadata import entry_points
+    """Action types of installed plugins (plugins.py reads them)."""
+    from gitpipe import plugins  # only for an action type that is not built in
 
-    return frozenset(ep.name for ep in entry_points(group="gitpipe.actions"))
+    return plugins.types()
 
 
 def action_specs(report: PipelineReport, data: dict[str, Any], path: KeyPath, label: str,

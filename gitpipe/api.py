@@ -14,7 +14,7 @@ from gitpipe import pipeline as pipeline_mod
 from gitpipe import settings as settings_mod
 from gitpipe.durations import parse_duration
 from gitpipe.errors import PipelineError, UsageError
-from gitpipe.models import ActionRecord, Pipeline, RunRecord, RunStatus, short_ref
+from gitpipe.models import ActionRecord, ApprovalRecord, Pipeline, RunRecord, RunStatus, short_ref
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 
@@ -181,8 +181,7 @@ def run_json(run: RunRecord) -> dict[str, Any]:
 
 def waiting_reasons(store: Store) -> dict[int, str]:
     """Run id -> why one of its running actions waits (for a worker, for the broker), for `runs`."""
-    rows = store.query("SELECT run_id, message FROM actions WHERE status = 'running' AND message LIKE 'waiting for %'")
-    return {r["run_id"]: r["message"] for r in rows}
+    return store.waiting_reasons()
 
 
 def show_json(store: Store, run_id: int) -> dict[str, Any]:
@@ -202,13 +201,12 @@ def show_json(store: Store, run_id: int) -> dict[str, Any]:
     ]
     data["artifacts"] = [{"name": a.name, "action": a.action, "size": a.size, "sha256": a.sha256}
                          for a in store.artifacts(run_id)]
-    data["outputs"] = store.outputs(run_id)
-    refused = store.approval_refusals(run_id)
-    data["approvals"] = [{"action": a["action"], "message": a["message"], "requested_at": a["requested_at"],
-                          "decision": a["decision"], "by": a["by_user"], "at": a["at"], "comment": a["comment"],
-                          "note": a["note"], "approvers": _approvers(store, run_id, a["action_id"]),
-                          "refused": [{"decision": r["decision"], "by": r["by_user"], "at": r["at"],
-                                       "reason": r["reason"]} for r in refused if r["action"] == a["action"]]}
+    data["outputs"] = [{"action": o.action, "key": o.key, "value": o.value} for o in store.outputs(run_id)]
+    data["approvals"] = [{"action": a.action, "message": a.message, "requested_at": a.requested_at,
+                          "decision": a.decision, "by": a.by_user, "at": a.at, "comment": a.comment,
+                          "note": a.note, "approvers": _approvers(store, run_id, a.action_id),
+                          "refused": [{"decision": r.decision, "by": r.by_user, "at": r.at, "reason": r.reason}
+                                      for r in a.refused]}
                          for a in store.approvals(run_id)]
     return data
 
@@ -251,8 +249,8 @@ def artifacts(store: Store, run_id: int, name: str | None) -> list[Any]:
     try:
         store.run(run_id)
     except UsageError:
-        top = store.query("SELECT MIN(id) AS lo, MAX(id) AS hi FROM runs")[0]
-        known = f"runs #{top['lo']} to #{top['hi']} exist" if top["hi"] else "there are no runs yet"
+        ids = store.run_id_range()
+        known = f"runs #{ids[0]} to #{ids[1]} exist" if ids else "there are no runs yet"
         raise UsageError(f"unknown run #{run_id} ({known})", hint="`gitpipe runs` lists them") from None
     arts = store.artifacts(run_id)
     if name is None:
@@ -289,8 +287,9 @@ def validate_file(path: str) -> Pipeline:
 def repo_list(store: Store) -> list[dict[str, Any]]:
     rows = []
     for r in store.repos():
-        last = store.runs(r["name"], limit=1)
-        rows.append({**r, "last_run": run_json(last[0]) if last else None})
+        last = store.runs(r.name, limit=1)
+        rows.append({"name": r.name, "path": r.path, "added_at": r.added_at,
+                     "last_run": run_json(last[0]) if last else None})
     return rows
 
 
@@ -301,7 +300,7 @@ def finished(run: RunRecord) -> bool:
 __all__ = ["asdict"]
 
 
-def decide(settings: Settings, store: Store, run_id: int, approved: bool, comment: str | None) -> dict[str, Any]:
+def decide(settings: Settings, store: Store, run_id: int, approved: bool, comment: str | None) -> ApprovalRecord:
     """Approve or reject the approval a run waits on, as the account running this process."""
     from gitpipe import approvals
 
@@ -327,7 +326,7 @@ def decide_as_caller(home: str | None, socket_path: str | None, run_id: int, app
             row = decide(conf, store, run_id, approved, comment)
         finally:
             store.close()
-        return {"action": row["action"], "by": row["by_user"]}
+        return {"action": row.action, "by": row.by_user}
     path = socket_path or os.environ.get("GITPIPE_SOCKET") or settings_mod.DEFAULTS["control_socket"]
     if socket_path is None and state == "missing" and not os.path.exists(path):
         settings_mod.load(root)  # neither a home nor a daemon here: say the home is missing, and how to fix it

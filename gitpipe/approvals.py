@@ -26,11 +26,11 @@ import grp
 import os
 import pwd
 from dataclasses import dataclass
-from typing import Any
 
 from gitpipe import pipeline as pipeline_mod
 from gitpipe import queue
 from gitpipe.errors import ApprovalRefused, PipelineError
+from gitpipe.models import ApprovalRecord
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 
@@ -112,21 +112,20 @@ def approvers_of(store: Store, run_id: int, stage: str, action: str) -> tuple[st
 
 
 def decide(settings: Settings, store: Store, run_id: int, approved: bool, comment: str | None,
-           who: Person, *, via_socket: bool = False) -> dict[str, Any]:
+           who: Person, *, via_socket: bool = False) -> ApprovalRecord:
     """Approve or reject the approval a run waits on, as `who`; ApprovalRefused (recorded) when
     `who` may not, TransitionError when the run waits on no approval."""
     verb = "approve" if approved else "reject"
     if comment is not None and len(comment) > COMMENT_LIMIT:
         comment = comment[:COMMENT_LIMIT] + "…"
     row = store.pending_approval(run_id)
-    why = refusal(settings, approvers_of(store, run_id, row["stage"], row["action"]), who, row["action"],
-                  via_socket)
+    why = refusal(settings, approvers_of(store, run_id, row.stage or "", row.action), who, row.action, via_socket)
     if why is not None:
         store.refuse_approval(row, verb, who.name, why)
         queue.wake(settings, "approval")  # the daemon hears the refusal event and renders the page
-        raise ApprovalRefused(f'run #{run_id}: {who.name} may not {verb} "{row["action"]}": {why}',
+        raise ApprovalRefused(f'run #{run_id}: {who.name} may not {verb} "{row.action}": {why}',
                               hint="this attempt was recorded")
     decided = store.decide(run_id, "approved" if approved else "rejected", who.name, comment,
-                           action_id=row["action_id"])
+                           action_id=row.action_id)
     queue.wake(settings, "approval")
     return decided

@@ -378,7 +378,7 @@ class Caches:
 
 def clear(settings: Settings, store: Store, repo: str | None) -> tuple[int, int]:
     """`gitpipe cache clear [REPO]`: forget and remove the entries (of one repo); (count, bytes)."""
-    if repo and not any(r["name"] == repo for r in store.repos()) and not store.cache_entries(repo):
+    if repo and not any(r.name == repo for r in store.repos()) and not store.cache_entries(repo):
         raise UsageError(f'no repo named "{repo}" and no cache entries of it',
                          hint="see `gitpipe cache list` for the repos that have entries")
     entries = store.cache_entries(repo)

@@ -19,7 +19,7 @@ from typing import Any
 from gitpipe import __version__, ansi, api, follow
 from gitpipe import settings as settings_mod
 from gitpipe.errors import ConfigError, GitpipeError, PipelineError, UsageError
-from gitpipe.models import RunRecord, RunStatus, short_ref
+from gitpipe.models import ReleaseRecord, RunRecord, RunStatus, short_ref
 
 
 class Out:
@@ -383,29 +383,29 @@ def cmd_environments(args: argparse.Namespace) -> int:
     _, store = _store(args)
     envs = releases.environments(store, args.repo)
     if args.json:
-        print_json(envs)
+        print_json([e.to_json() for e in envs])
         return 0
     if not envs:
         say(f"{args.repo}: no deploys yet")
     out = Out()
     for env in envs:
-        cur = env["current"]
-        head = f"{cur['release']} ({_origin(cur)}, {cur['at']}, by {cur['by_user'] or '?'})" if cur else "nothing deployed"
-        say(f"{env['environment']}: current {head}")
-        if env["live_slot"]:
-            say(f"  {env['strategy']}: live slot {env['live_slot']}, idle slot holds {env['idle_release'] or 'nothing'}")
-        elif env["strategy"]:
-            say(f"  {env['strategy']}")
-        for r in env["history"][:10]:
-            release = f"{r['from_release']} -> {r['release']}" if r["from_release"] else r["release"]
-            say(f"  {r['at'][:19].replace('T', ' ')}  {out.status(r['status']):<12} {release:<22} "
-                f"{_origin(r):<18} {r['by_user'] or ''}  {ansi.strip(r['message'] or '')[:100]}")
+        cur, latest = env.current, env.latest
+        head = f"{cur.release} ({_origin(cur)}, {cur.at}, by {cur.by_user or '?'})" if cur else "nothing deployed"
+        say(f"{env.environment}: current {head}")
+        if latest and latest.live_slot:
+            say(f"  {latest.strategy}: live slot {latest.live_slot}, idle slot holds {latest.idle_release or 'nothing'}")
+        elif latest and latest.strategy:
+            say(f"  {latest.strategy}")
+        for r in env.history[:10]:
+            release = f"{r.from_release} -> {r.release}" if r.from_release else r.release
+            say(f"  {r.at[:19].replace('T', ' ')}  {out.status(r.status):<12} {release:<22} "
+                f"{_origin(r):<18} {r.by_user or ''}  {ansi.strip(r.message or '')[:100]}")
     return 0
 
 
-def _origin(row: dict[str, Any]) -> str:
+def _origin(row: ReleaseRecord) -> str:
     """The run and commit a release came from: "run #12, 1a2b3c4"; "-" when unknown."""
-    parts = [f"run #{row['run_id']}" if row["run_id"] else "", (row["sha"] or "")[:7]]
+    parts = [f"run #{row.run_id}" if row.run_id else "", (row.sha or "")[:7]]
     return ", ".join(p for p in parts if p) or "-"
 
 

@@ -130,9 +130,8 @@ class ControlServer:
             return {"error": "internal error in the daemon (see its log)", "exit": 1}
         finally:
             self.on_change()
-        log.info("run #%s: %s %s by %s (control socket)", request["run"], row["action"],
-                 row["decision"], who.name)
-        return {"ok": True, "action": row["action"], "by": who.name}
+        log.info("run #%s: %s %s by %s (control socket)", request["run"], row.action, row.decision, who.name)
+        return {"ok": True, "action": row.action, "by": who.name}
 
 
 def _listen(path: Path) -> socket.socket:

@@ -49,13 +49,15 @@ def run_approval(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None
         if missing:
             store.note_approval(rec.id, f"approvers unknown on this host: {', '.join(missing)}")
     while True:
-        appr = store.approval(rec.id) or {}
-        who = f"{appr.get('by_user')}" + (f": {appr['comment']}" if appr.get("comment") else "")
-        if appr.get("decision") == "approved":
+        appr = store.approval(rec.id)
+        if appr is None:  # requested above and never removed: a bug, not a decision
+            raise ActionError(f'approval "{spec.name}" of run #{worker.run.id} has no request recorded')
+        who = f"{appr.by_user}" + (f": {appr.comment}" if appr.comment else "")
+        if appr.decision == "approved":
             return store.resolve_approval(worker.run.id, rec.id, ActionStatus.SUCCEEDED, f"approved by {who}")
-        if appr.get("decision") == "rejected":
+        if appr.decision == "rejected":
             return store.resolve_approval(worker.run.id, rec.id, ActionStatus.FAILED, f"rejected by {who}")
-        remaining = float(appr["deadline"]) - time.time()
+        remaining = float(appr.deadline or 0) - time.time()
         if remaining <= 0:
             if store.time_out_approval(worker.run.id, rec.id, f"timed out after {format_duration(spec.timeout)}"):
                 return None

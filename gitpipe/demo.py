@@ -114,8 +114,7 @@ def run_demo() -> int:
         daemon.wait(timeout=60)
     say("daemon stopped")
     for env in releases.environments(store, "shop"):
-        cur = env["current"]
-        say(f"environment {env['environment']}: current release {cur['release'] if cur else 'none'}")
+        say(f"environment {env.environment}: current release {env.current.release if env.current else 'none'}")
     index = render_report(conf, store)
     store.close()
     if index:
@@ -130,8 +129,8 @@ def first_push(root: Path, bare: Path, conf: settings_mod.Settings, store: Store
     run = progress.watch_run(conf, store, run_id,
                              until=lambda r: r.status.finished or r.status.value == "waiting")
     if run.status.value == "waiting":
-        waiting = [a for a in store.approvals(run_id) if a["decision"] is None][0]
-        say(f'run #{run_id} waits for approval: "{waiting["message"]}"')
+        waiting = [a for a in store.approvals(run_id) if a.decision is None][0]
+        say(f'run #{run_id} waits for approval: "{waiting.message}"')
         say(f"the demo approves it itself, as `gitpipe approve {run_id} --comment ...` would")
         api.decide(conf, store, run_id, True, "approved by gitpipe demo")
         run = progress.watch_run(conf, store, run_id)
@@ -147,7 +146,7 @@ def second_push(root: Path, bare: Path, conf: settings_mod.Settings, store: Stor
     run = progress.watch_run(conf, store, run_id)
     say(f"run #{run_id} {run.status.value}: staging was switched back to the release it had")
     return run.status.value == "failed" and bool(
-        [r for r in store.releases("shop", "staging") if r["status"] == "rolled-back"])
+        [r for r in store.releases("shop", "staging") if r.status == "rolled-back"])
 
 
 def push(root: Path, bare: Path, health: str, message: str) -> int:

@@ -414,10 +414,139 @@ class CacheUse:
 
 
 @dataclass(frozen=True)
-class Event:
-    """A stored change of state, handed to listeners (report, notifications) after commit."""
+class RepoRecord:
+    """A registered repo."""
 
+    name: str
+    path: str
+    added_at: str
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One output value an action set (`gitpipe-output KEY VALUE`)."""
+
+    action: str
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class RefusalRecord:
+    """An attempt to decide an approval by an account that may not."""
+
+    action: str
+    decision: str  # "approve" or "reject": what they tried
+    by_user: str
+    at: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    """An approval action's request and its decision (None while undecided)."""
+
+    id: int
     run_id: int
-    subject: str  # "run", "stage:<idx>", "action:<id>"
+    action_id: int
+    action: str
+    message: str | None
+    requested_at: str
+    deadline: float | None
+    decision: str | None  # "approved", "rejected", "timed-out"; None while waiting
+    by_user: str | None
+    at: str | None
+    comment: str | None
+    note: str | None = None  # a warning: approvers unknown on this host
+    stage: str | None = None  # the approval action's stage (pending_approval fills it in)
+    refused: tuple[RefusalRecord, ...] = ()  # attempts by accounts that may not (approvals() fills it in)
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """One row of an environment's history: what it runs *after* the event it records.
+
+    A 'deployed' row its new release, a 'rolled-back' row the release it went back to, a
+    'failed' row the release that stayed. `run_id` and `sha` are the release's own (the run
+    that built it); `by_run` the run whose deploy wrote the row (None: a rollback by hand).
+    """
+
+    id: int
+    repo: str
+    environment: str
+    release: str
+    status: str  # "deployed", "rolled-back", "failed"
+    at: str
+    targets: tuple[str, ...]
+    run_id: int | None = None
+    action_id: int | None = None
+    sha: str | None = None
+    by_user: str | None = None
+    message: str | None = None
+    by_run: int | None = None
+    from_release: str | None = None  # a rollback's release left
+    strategy: str | None = None
+    live_slot: str | None = None  # blue-green: the slot live after it
+    idle_release: str | None = None  # blue-green: what the idle slot holds
+
+
+@dataclass(frozen=True)
+class DeployRecord:
+    """A deploy in flight (or finished): what a daemon restarted after a crash checks."""
+
+    action_id: int
+    run_id: int
+    repo: str
+    environment: str
+    release: str
+    targets: tuple[str, ...]
+    started_at: str
+    finished_at: str | None
+
+
+class EventKind(str, enum.Enum):
+    """What a stored change is about; each kind names the ids it carries (see Event)."""
+
+    RUN = "run"  # a run's status (and "cancel-requested", "pruned")
+    STAGE = "stage"  # a stage's status: `stage` is its index
+    ACTION = "action"  # an action's status: `action_id`
+    APPROVAL = "approval"  # a decision on the approval a run waits on: approved, rejected, timed-out, refused
+    RELEASE = "release"  # an environment's release: deployed, rolled-back, failed; `environment`
+
+
+@dataclass(frozen=True)
+class Event:
+    """A stored change of state, handed to listeners (report, notifications) after commit.
+
+    Build one with its kind's constructor (Event.run, Event.stage, ...); the store writes and
+    reads it through events.encode/decode, the one place that knows the stored text.
+    """
+
+    run_id: int  # 0: no run (a rollback by hand)
+    kind: EventKind
     status: str
     detail: str | None = None
+    stage: int | None = None  # STAGE: the stage's index
+    action_id: int | None = None  # ACTION
+    environment: str | None = None  # RELEASE
+    at: str | None = field(default=None, compare=False)  # when it was stored (read back from the store)
+
+    @classmethod
+    def of_run(cls, run_id: int, status: str, detail: str | None = None) -> Event:
+        return cls(run_id, EventKind.RUN, status, detail)
+
+    @classmethod
+    def of_stage(cls, run_id: int, idx: int, status: str) -> Event:
+        return cls(run_id, EventKind.STAGE, status, stage=idx)
+
+    @classmethod
+    def of_action(cls, run_id: int, action_id: int, status: str, detail: str | None = None) -> Event:
+        return cls(run_id, EventKind.ACTION, status, detail, action_id=action_id)
+
+    @classmethod
+    def of_approval(cls, run_id: int, status: str, detail: str | None = None) -> Event:
+        return cls(run_id, EventKind.APPROVAL, status, detail)
+
+    @classmethod
+    def of_release(cls, run_id: int, environment: str, status: str, detail: str | None = None) -> Event:
+        return cls(run_id, EventKind.RELEASE, status, detail, environment=environment)

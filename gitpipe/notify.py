@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from gitpipe import matching
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import PipelineError
-from gitpipe.models import Event, NotifySpec
+from gitpipe.models import Event, EventKind, NotifySpec
 from gitpipe.settings import Settings
 
 if TYPE_CHECKING:
@@ -44,11 +44,11 @@ class Message:
 
 def event_name(ev: Event) -> str | None:
     """The notification event (SPEC section 9) a stored change is, if any."""
-    if ev.subject == "run" and ev.status in ("succeeded", "failed", "cancelled"):
+    if ev.kind is EventKind.RUN and ev.status in ("succeeded", "failed", "cancelled"):
         return ev.status
-    if ev.subject.startswith("action:") and ev.status == "waiting":
+    if ev.kind is EventKind.ACTION and ev.status == "waiting":  # only an approval action waits
         return "approval"
-    if ev.subject.startswith("release:") and ev.status in ("deployed", "rolled-back"):
+    if ev.kind is EventKind.RELEASE and ev.status in ("deployed", "rolled-back"):
         return ev.status
     return None
 
@@ -89,12 +89,10 @@ class Notifier:
     def _details(self, name: str, ev: Event, run: Any) -> dict[str, Any]:
         """What the event is about: the environment and release of a deploy event, the failing
         action of `failed`, who cancelled and why for `cancelled`."""
-        if ev.subject.startswith("release:"):
-            environment = ev.subject.split(":", 1)[1]
-            rows = self.store.query("SELECT release, from_release FROM releases WHERE by_run = ? AND environment = ? "
-                                    "ORDER BY id DESC LIMIT 1", (run.id, environment))
-            row = rows[0] if rows else {}
-            return {"environment": environment, "release": row.get("release"), "from_release": row.get("from_release")}
+        if ev.kind is EventKind.RELEASE:
+            row = self.store.release_by_run(run.id, ev.environment or "")
+            return {"environment": ev.environment, "release": row.release if row else None,
+                    "from_release": row.from_release if row else None}
         if name == "failed":
             failed = [a for a in self.store.actions(run.id) if a.status.value in ("failed", "timed-out")]
             if not failed:

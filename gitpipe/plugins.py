@@ -18,6 +18,14 @@ from pathlib import Path
 from gitpipe.models import ActionSpec
 
 CONFIG_VAR = "GITPIPE_PLUGIN_CONFIG"
+GROUP = "gitpipe.actions"  # the entry point group of plugin action types
+
+
+def types() -> frozenset[str]:
+    """The action types of installed plugins (the names of the group's entry points)."""
+    from importlib.metadata import entry_points  # slow to import: only for a type not built in
+
+    return frozenset(ep.name for ep in entry_points(group=GROUP))
 
 
 def command(spec: ActionSpec, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -43,7 +51,7 @@ def interpreter_paths(home: Path) -> tuple[Path, ...]:
 
     found: list[Path] = []
     places = [sys.prefix, sys.base_prefix, sys.exec_prefix, *import_path(), str(Path(__file__).parent)]
-    for ep in entry_points(group="gitpipe.actions"):  # an editable or --target install lives elsewhere
+    for ep in entry_points(group=GROUP):  # an editable or --target install lives elsewhere
         if ep.dist is not None:
             places.append(str(ep.dist.locate_file("")))
     for entry in places:

@@ -8,17 +8,17 @@ release that was live before the current one and was good, walking the history b
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.api import user
 from gitpipe.errors import GitpipeError, UsageError
 from gitpipe.intake import now_iso
-from gitpipe.models import ActionSpec
+from gitpipe.models import ActionSpec, ReleaseRecord
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 
@@ -37,29 +37,51 @@ class Rollback:
     log: tuple[str, ...]
 
 
-def environments(store: Store, repo: str) -> list[dict[str, Any]]:
-    """Each environment of a repo: its current release, strategy, slots and history, newest first."""
+@dataclass(frozen=True)
+class EnvironmentState:
+    """An environment as `gitpipe environments` shows it: the release live now (None: nothing
+    deployed), how the newest deploy switched (strategy, blue-green slots) and the history."""
+
+    environment: str
+    current: ReleaseRecord | None
+    history: tuple[ReleaseRecord, ...]  # newest first
+
+    @property
+    def latest(self) -> ReleaseRecord | None:
+        return self.history[0] if self.history else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of `gitpipe environments --json`."""
+        latest = self.latest
+        return {"environment": self.environment, "current": _row_json(self.current),
+                "strategy": latest.strategy if latest else None, "live_slot": latest.live_slot if latest else None,
+                "idle_release": latest.idle_release if latest else None,
+                "history": [_row_json(r) for r in self.history]}
+
+
+def _row_json(row: ReleaseRecord | None) -> dict[str, Any] | None:
+    return None if row is None else {**asdict(row), "targets": list(row.targets)}
+
+
+def environments(store: Store, repo: str) -> list[EnvironmentState]:
+    """Each environment of a repo: its current release and history, newest first."""
     store.repo_path(repo)
     out = []
     for env in store.environments(repo):
-        history = [{**r, "targets": json.loads(r["targets"])} for r in store.releases(repo, env)]
-        current = next((r for r in history if r["status"] in LIVE), None)
-        latest = history[0] if history else {}
-        out.append({"environment": env, "current": current, "strategy": latest.get("strategy"),
-                    "live_slot": latest.get("live_slot"), "idle_release": latest.get("idle_release"),
-                    "history": history})
+        history = tuple(store.releases(repo, env))
+        out.append(EnvironmentState(env, next((r for r in history if r.status in LIVE), None), history))
     return out
 
 
-def candidates(history: list[dict[str, Any]]) -> list[str]:
+def candidates(history: Sequence[ReleaseRecord]) -> list[str]:
     """Where a rollback may go, best first: the releases live before the current one, newest
     first, that were good (deployed) and are older than it (a rollback never goes forward)."""
     from gitpipe.deploy.targets import release_key
 
-    live = [r["release"] for r in history if r["status"] in LIVE]
+    live = [r.release for r in history if r.status in LIVE]
     if not live:
         return []
-    good = {r["release"] for r in history if r["status"] == "deployed"}
+    good = {r.release for r in history if r.status == "deployed"}
     current, found = live[0], []
     for release in live[1:]:
         if release in good and release_key(release) < release_key(current) and release not in found:
@@ -72,12 +94,12 @@ def rollback(settings: Settings, store: Store, repo: str, environment: str, to: 
     healthcheck there, record it and re-render the environments page."""
     from gitpipe import deploy
 
-    envs = {e["environment"]: e for e in environments(store, repo)}
+    envs = {e.environment: e for e in environments(store, repo)}
     if environment not in envs:
         known = ", ".join(envs) or "none deployed yet"
         raise UsageError(f'{repo} has no environment "{environment}" (environments: {known})')
-    history = envs[environment]["history"]
-    targets = history[0]["targets"]
+    history = envs[environment].history
+    targets = list(history[0].targets)
     lines: list[str] = []
     ctx = deploy.DeployContext(run_id=0, sha="", short_sha="", environment=environment,
                                known_hosts=settings.known_hosts, identity=settings.identity, log=lines.append,
@@ -113,10 +135,10 @@ def _deploy_spec(store: Store, run_id: int | None, action_id: int | None) -> Act
     return spec if spec is not None and spec.type == "deploy" else None
 
 
-def _latest_spec(store: Store, history: list[dict[str, Any]]) -> ActionSpec | None:
+def _latest_spec(store: Store, history: Sequence[ReleaseRecord]) -> ActionSpec | None:
     """The newest deploy action of the environment, for a release whose own is not known."""
     for row in history:
-        spec = _deploy_spec(store, row["run_id"], row["action_id"])
+        spec = _deploy_spec(store, row.run_id, row.action_id)
         if spec:
             return spec
     return None

@@ -33,9 +33,9 @@ def add(settings: Settings, store: Store, path: str, name: str | None, create: b
     p = Path(path).expanduser().absolute()
     # Check the name before --create makes anything: a refused name must leave no repo behind.
     chosen = repo_name(p, name)
-    existing = [r for r in store.repos() if r["name"] == chosen and r["path"] != str(p)]
+    existing = [r for r in store.repos() if r.name == chosen and r.path != str(p)]
     if existing:
-        raise UsageError(f'a repo named "{chosen}" is already registered ({existing[0]["path"]})',
+        raise UsageError(f'a repo named "{chosen}" is already registered ({existing[0].path})',
                          hint="pass --name to choose another name")
     repo = git.create_bare(p) if create else git.open_bare(p)
     install_hooks(settings, Path(repo.path), chosen)

@@ -27,12 +27,9 @@ def _size(path: Path) -> int:
 
 def prune(settings: Settings, store: Store) -> tuple[int, int]:
     """Prune the files of finished runs older than the newest `keep_runs`; (runs, bytes freed)."""
-    rows = store.query(
-        "SELECT id FROM runs WHERE pruned_at IS NULL AND finished_at IS NOT NULL AND id <= "
-        "(SELECT id FROM runs ORDER BY id DESC LIMIT 1 OFFSET ?)", (settings.keep_runs,))
+    rows = store.prunable(settings.keep_runs)
     freed = 0
-    for row in rows:
-        run_id = row["id"]
+    for run_id in rows:
         for d in (settings.logs_dir / str(run_id), settings.artifacts_dir / str(run_id)):
             if d.exists():
                 freed += _size(d)

@@ -42,7 +42,7 @@ def plan(store: Store, run: RunRecord) -> list[tuple[int, int, int]]:
     if not failed:
         raise UsageError(f"run #{run.id} has no failed, timed-out or cancelled action (it {run.status.value})",
                          hint=whole)
-    if store.query("SELECT pruned_at FROM runs WHERE id = ?", (run.id,))[0]["pruned_at"]:
+    if store.pruned(run.id):
         raise UsageError(f"the logs and artifacts of run #{run.id} were pruned (keep_runs); "
                          "there is nothing to reuse", hint=whole)
     first = min((a.stage_idx, a.run_order) for a in failed)
@@ -67,7 +67,7 @@ def apply(settings: Settings, store: Store, run_id: int) -> int:
             continue
         dest = settings.artifacts_dir / str(run_id)
         arts = [_link(art, dest, run_id) for art in _artifacts(store, [origin])]
-        outputs = {o["key"]: o["value"] for o in store.outputs(origin.run_id) if o["action"] == origin.name}
+        outputs = {o.key: o.value for o in store.outputs(origin.run_id) if o.action == origin.name}
         store.reuse_action(act.id, origin, arts, outputs)
         done += 1
     return done

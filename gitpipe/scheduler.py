@@ -466,7 +466,7 @@ class RunWorker:
             "GITPIPE_ACTION": spec.name, "GITPIPE_ATTEMPT": str(attempt),
         })
         for row in self.store.outputs(run.id):
-            env[f"GITPIPE_OUT_{env_name(row['action'])}_{env_name(row['key'])}"] = row["value"]
+            env[f"GITPIPE_OUT_{env_name(row.action)}_{env_name(row.key)}"] = row.value
         # a matrix copy's values, named after its keys: python = [...] -> MATRIX_PYTHON
         env.update({f"MATRIX_{env_name(key)}": value for key, value in spec.matrix})
         # Inputs reach scripts only as variables, after the GITPIPE_ ones (a name cannot shadow them:

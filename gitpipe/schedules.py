@@ -49,9 +49,9 @@ class Scheduler:
         found: list[Schedule] = []
         for row in self.store.repos():
             try:
-                found += self._of_repo(row["name"], row["path"])
+                found += self._of_repo(row.name, row.path)
             except (GitpipeError, PipelineError) as exc:
-                log.warning("schedules of %s: %s", row["name"], exc)
+                log.warning("schedules of %s: %s", row.name, exc)
         return found
 
     def _of_repo(self, name: str, path: str) -> list[Schedule]:

@@ -13,26 +13,34 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
-from gitpipe import intake, queue, space
+from gitpipe import intake, queue, records, space
 from gitpipe.errors import DiskFullError, TransitionError, UsageError
 from gitpipe.intake import now_iso
 from gitpipe.models import (
     ActionRecord,
     ActionStatus,
+    ApprovalRecord,
     ArtifactRecord,
     AttemptRecord,
     CacheEntry,
     CacheUse,
+    DeployRecord,
     Event,
+    OutputRecord,
     Pipeline,
+    RefusalRecord,
+    ReleaseRecord,
+    RepoRecord,
     RunRecord,
     RunStatus,
     StageRecord,
     action_transition_allowed,
     run_transition_allowed,
 )
+from gitpipe.queries import Queries
 from gitpipe.queue import NewRun
 from gitpipe.settings import Settings
 from gitpipe.sqlrows import Rows
@@ -151,8 +159,9 @@ Listener = Callable[[Event], None]
 REFUSALS_KEPT = 100  # refused attempts recorded per approval
 
 
-class Store:
-    """One connection to gitpipe.db, shared by the daemon's threads under a lock."""
+class Store(Queries):
+    """One connection to gitpipe.db, shared by the daemon's threads under a lock (the reads
+    of the report, retention and the CLI are in queries.py, inherited)."""
 
     def __init__(self, settings: Settings) -> None:
         settings.home.mkdir(parents=True, exist_ok=True)
@@ -247,12 +256,13 @@ class Store:
             for listener in list(self.listeners):
                 listener(event)
 
-    def _event(self, run_id: int, subject: str, status: str, detail: str | None = None) -> None:
+    def _event(self, event: Event) -> None:
+        """Store an event with the change it records; listeners hear of it after the commit."""
         cur = self.conn.execute(
             "INSERT INTO events (run_id, at, subject, status, detail) VALUES (?,?,?,?,?)",
-            (run_id, now_iso(), subject, status, detail),
+            (event.run_id, now_iso(), records.encode(event), event.status, event.detail),
         )
-        self._pending.append(Event(run_id, subject, status, detail))
+        self._pending.append(event)
         self._pending_ids.append(int(cur.lastrowid or 0))
 
     def newest_event(self) -> int:
@@ -271,14 +281,10 @@ class Store:
             rows = self.query("SELECT id, run_id, subject, status, detail FROM events WHERE id > ? ORDER BY id",
                               (after,))
             mark = int(rows[-1]["id"]) if rows else after
-            found = [Event(r["run_id"], r["subject"], r["status"], r["detail"]) for r in rows
+            found = [records.decode(r["run_id"], r["subject"], r["status"], r["detail"]) for r in rows
                      if r["id"] not in self._own]
             self._own = {i for i in self._own if i > mark}
         return found, mark
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        with self.lock:
-            return list(self.db.query(sql, params))
 
     def get_state(self, key: str) -> str | None:
         rows = self.query("SELECT value FROM state WHERE key = ?", (key,))
@@ -302,13 +308,13 @@ class Store:
         with self.tx() as db:
             db.table("repos").update(name, {"removed_at": now_iso()})
 
-    def repos(self) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM repos WHERE removed_at IS NULL ORDER BY name")
+    def repos(self) -> list[RepoRecord]:
+        return [records.repo(r) for r in self.query("SELECT * FROM repos WHERE removed_at IS NULL ORDER BY name")]
 
     def repo_path(self, name: str) -> str:
         rows = self.query("SELECT path FROM repos WHERE name = ? AND removed_at IS NULL", (name,))
         if not rows:
-            known = ", ".join(r["name"] for r in self.repos()) or "none yet"
+            known = ", ".join(r.name for r in self.repos()) or "none yet"
             raise UsageError(f'unknown repo "{name}" (registered: {known})',
                              hint="add it with `gitpipe repo add PATH`")
         return str(rows[0]["path"])
@@ -323,9 +329,9 @@ class Store:
                 self._pending_ids.append(int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]))
             for run_id, r in zip(ids, runs):
                 if r.inputs:  # the hook's intake knows no inputs: a push never has any
-                    self.conn.execute("UPDATE runs SET inputs = ? WHERE id = ?", (_json(r.inputs), run_id))
+                    self.conn.execute("UPDATE runs SET inputs = ? WHERE id = ?", (records.pairs(r.inputs), run_id))
             for run_id, r in zip(ids, runs):
-                self._pending.append(Event(run_id, "run", "failed" if r.error else "queued", r.error))
+                self._pending.append(Event.of_run(run_id, "failed" if r.error else "queued", r.error))
         return ids
 
     def create_retry(self, run: NewRun, reuse: list[tuple[int, int, int]]) -> int:
@@ -337,14 +343,14 @@ class Store:
             if reuse:
                 db.table("reuse").insert_all([{"run_id": run_id, "stage_idx": s, "idx": i, "from_action": a}
                                               for s, i, a in reuse])
-            self._pending.append(Event(run_id, "run", "failed" if run.error else "queued", run.error))
+            self._pending.append(Event.of_run(run_id, "failed" if run.error else "queued", run.error))
         return run_id
 
     def reuse_plan(self, run_id: int) -> dict[tuple[int, int], ActionRecord]:
         """(stage_idx, idx) -> the action of the retried run whose result this run takes over."""
         rows = self.query("SELECT r.stage_idx AS s, r.idx AS i, a.* FROM reuse r JOIN actions a "
                           "ON a.id = r.from_action WHERE r.run_id = ?", (run_id,))
-        return {(r["s"], r["i"]): _action_record(r) for r in rows}
+        return {(r["s"], r["i"]): records.action(r) for r in rows}
 
     def reuse_action(self, action_id: int, origin: ActionRecord, artifacts: list[ArtifactRecord],
                      outputs: dict[str, str]) -> None:
@@ -365,13 +371,13 @@ class Store:
                 "status": ActionStatus.SUCCEEDED.value, "exit_code": origin.exit_code,
                 "started_at": origin.started_at, "finished_at": origin.finished_at, "message": message,
                 "reused_from": from_run})
-            self._event(act.run_id, f"action:{action_id}", ActionStatus.SUCCEEDED.value, message)
+            self._event(Event.of_action(act.run_id, action_id, ActionStatus.SUCCEEDED.value, message))
 
     def run(self, run_id: int) -> RunRecord:
         rows = self.query(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
         if not rows:
             raise UsageError(f"unknown run #{run_id}", hint="`gitpipe runs` lists the runs")
-        return _run_record(rows[0])
+        return records.run(rows[0])
 
     def runs(self, repo: str | None = None, limit: int = 20, offset: int = 0, *,
              statuses: tuple[RunStatus, ...] = (), refs: tuple[str, ...] = (),
@@ -396,19 +402,19 @@ class Store:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.query(f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
                           (*params, limit, offset))
-        return [_run_record(r) for r in rows]
+        return [records.run(r) for r in rows]
 
     def last_finished(self, repo: str, ref: str) -> RunRecord | None:
         """The newest run of `ref` that has finished (what a status badge shows)."""
         rows = self.query("SELECT * FROM runs WHERE repo = ? AND ref = ? AND status IN "
                           "('succeeded', 'failed', 'cancelled') ORDER BY id DESC LIMIT 1", (repo, ref))
-        return _run_record(rows[0]) if rows else None
+        return records.run(rows[0]) if rows else None
 
     def runs_with_status(self, *statuses: RunStatus) -> list[RunRecord]:
         marks = ",".join("?" for _ in statuses)
         rows = self.query(f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ({marks}) ORDER BY id",
                           tuple(s.value for s in statuses))
-        return [_run_record(r) for r in rows]
+        return [records.run(r) for r in rows]
 
     def pipeline_text(self, run_id: int) -> str | None:
         rows = self.query("SELECT pipeline_text FROM runs WHERE id = ?", (run_id,))
@@ -419,7 +425,7 @@ class Store:
         if not run_transition_allowed(run.status, new):
             raise TransitionError(f"run #{run_id} is {run.status.value}, it cannot become {new.value}")
         self.db.table("runs").update(run_id, {"status": new.value, **fields})
-        self._event(run_id, "run", new.value, fields.get("error") or fields.get("cancel_reason"))
+        self._event(Event.of_run(run_id, new.value, fields.get("error") or fields.get("cancel_reason")))
         return run
 
     def start_run(self, run_id: int, pipe: Pipeline, deadline: float | None,
@@ -433,7 +439,7 @@ class Store:
         with self.tx(synced=False) as db:
             self._set_run(run_id, RunStatus.RUNNING, started_at=now_iso(), deadline=deadline,
                           commit_author=commit_author, commit_message=commit_message,
-                          inputs=_json(inputs) if inputs else None)
+                          inputs=records.pairs(inputs) if inputs else None)
             for s_idx, stage in enumerate(pipe.stages):
                 db.table("stages").insert({"run_id": run_id, "idx": s_idx, "name": stage.name,
                                      "status": ActionStatus.PENDING.value})
@@ -497,14 +503,14 @@ class Store:
             if run.status is RunStatus.QUEUED:
                 self._set_run(run_id, RunStatus.CANCELLED, finished_at=now_iso())
             else:
-                self._event(run_id, "run", "cancel-requested", reason)
+                self._event(Event.of_run(run_id, "cancel-requested", reason))
         return self.run(run_id)
 
     def mark_pruned(self, run_id: int) -> None:
         """keep_runs removed the run's files; its summary row stays."""
         with self.tx() as db:
             db.execute("UPDATE runs SET pruned_at = ? WHERE id = ?", [now_iso(), run_id])
-            self._event(run_id, "run", "pruned")
+            self._event(Event.of_run(run_id, "pruned"))
 
     def cancel_requested(self, run_id: int) -> bool:
         rows = self.query("SELECT cancel_requested_at FROM runs WHERE id = ?", (run_id,))
@@ -513,8 +519,7 @@ class Store:
     # ------------------------------------------------------------------ stages and actions
     def stages(self, run_id: int) -> list[StageRecord]:
         rows = self.query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx", (run_id,))
-        return [StageRecord(r["run_id"], r["idx"], r["name"], ActionStatus(r["status"]),
-                            r["started_at"], r["finished_at"]) for r in rows]
+        return [records.stage(r) for r in rows]
 
     def set_stage(self, run_id: int, idx: int, status: ActionStatus) -> None:
         """Not synced: the stage's first action starting, or the next synced commit, makes it durable
@@ -527,17 +532,17 @@ class Store:
             elif status.finished:
                 fields["finished_at"] = now_iso()
             db.table("stages").update((run_id, idx), fields)
-            self._event(run_id, f"stage:{idx}", status.value)
+            self._event(Event.of_stage(run_id, idx, status.value))
 
     def actions(self, run_id: int) -> list[ActionRecord]:
         rows = self.query("SELECT * FROM actions WHERE run_id = ? ORDER BY stage_idx, idx", (run_id,))
-        return [_action_record(r) for r in rows]
+        return [records.action(r) for r in rows]
 
     def actions_of_stage(self, run_id: int, stage_idx: int) -> list[ActionRecord]:
         return [a for a in self.actions(run_id) if a.stage_idx == stage_idx]
 
     def action(self, action_id: int) -> ActionRecord:
-        return _action_record(self.query("SELECT * FROM actions WHERE id = ?", (action_id,))[0])
+        return records.action(self.query("SELECT * FROM actions WHERE id = ?", (action_id,))[0])
 
     def set_action(self, action_id: int, new: ActionStatus, **fields: Any) -> None:
         """Change an action's status, checked against the allowed transitions."""
@@ -551,7 +556,7 @@ class Store:
             if new.finished:
                 fields.setdefault("finished_at", now_iso())
             db.table("actions").update(action_id, {"status": new.value, **fields})
-            self._event(act.run_id, f"action:{action_id}", new.value, fields.get("message"))
+            self._event(Event.of_action(act.run_id, action_id, new.value, fields.get("message")))
 
     def start_attempt(self, action_id: int, deadline: float | None, log_path: str, token: str) -> int:
         """Start the next attempt of an action (action -> running); returns its number."""
@@ -575,9 +580,7 @@ class Store:
 
     def attempts(self, action_id: int) -> list[AttemptRecord]:
         rows = self.query("SELECT * FROM attempts WHERE action_id = ? ORDER BY number", (action_id,))
-        return [AttemptRecord(r["id"], r["action_id"], r["number"], ActionStatus(r["status"]),
-                              r["exit_code"], r["started_at"], r["finished_at"], r["deadline"],
-                              r["log_path"], r["token"]) for r in rows]
+        return [records.attempt(r) for r in rows]
 
     def open_attempts(self) -> list[AttemptRecord]:
         """Attempts still marked running: after a crash, their processes may be orphans."""
@@ -600,9 +603,9 @@ class Store:
                 db.table("outputs").upsert({"run_id": run_id, "action": action, "key": key, "value": value},
                                      pk=("run_id", "action", "key"))
 
-    def outputs(self, run_id: int) -> list[dict[str, Any]]:
-        return self.query("SELECT action, key, value FROM outputs WHERE run_id = ? ORDER BY rowid",
-                          (run_id,))
+    def outputs(self, run_id: int) -> list[OutputRecord]:
+        return [records.output(r) for r in self.query(
+            "SELECT action, key, value FROM outputs WHERE run_id = ? ORDER BY rowid", (run_id,))]
 
     # ------------------------------------------------------------------ build caches
     def cache_candidates(self, repo: str, action: str, slot: str, protected: bool) -> list[CacheEntry]:
@@ -611,7 +614,7 @@ class Store:
         trust = "protected = 1" if protected else "(protected = 0 OR secrets = 0)"
         rows = self.query(f"SELECT * FROM cache_entries WHERE repo = ? AND action = ? AND slot = ? AND {trust} "
                           "ORDER BY created_at DESC, rowid DESC", (repo, action, slot))
-        return [_cache_entry(r) for r in rows]
+        return [records.cache_entry(r) for r in rows]
 
     def add_cache_entry(self, entry: CacheEntry) -> None:
         """Record an entry whose files are complete in place: from now on a restore may pick it."""
@@ -632,7 +635,7 @@ class Store:
         """Every entry (of one repo), least recently used first."""
         where, params = ("WHERE repo = ?", (repo,)) if repo else ("", ())
         rows = self.query(f"SELECT * FROM cache_entries {where} ORDER BY last_used_at, rowid", params)
-        return [_cache_entry(r) for r in rows]
+        return [records.cache_entry(r) for r in rows]
 
     def record_cache_use(self, use: CacheUse) -> None:
         with self.tx() as db:
@@ -645,7 +648,7 @@ class Store:
             "SELECT u.* FROM cache_uses u JOIN actions a ON a.id = u.action_id WHERE a.run_id = ? "
             "AND u.attempt = (SELECT MAX(attempt) FROM cache_uses WHERE action_id = u.action_id) "
             "ORDER BY u.action_id, u.idx", (run_id,))
-        return [CacheUse(**{**r, "paths": tuple(json.loads(r["paths"]))}) for r in rows]
+        return [records.cache_use(r) for r in rows]
 
     # ------------------------------------------------------------------ approvals
     def request_approval(self, run_id: int, action_id: int, name: str, message: str,
@@ -659,14 +662,17 @@ class Store:
             if self.run(run_id).status is RunStatus.RUNNING:
                 self._set_run(run_id, RunStatus.WAITING)
 
-    def approval(self, action_id: int) -> dict[str, Any] | None:
+    def approval(self, action_id: int) -> ApprovalRecord | None:
         rows = self.query("SELECT * FROM approvals WHERE action_id = ?", (action_id,))
-        return rows[0] if rows else None
+        return records.approval(rows[0]) if rows else None
 
-    def approvals(self, run_id: int) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM approvals WHERE run_id = ? ORDER BY id", (run_id,))
+    def approvals(self, run_id: int) -> list[ApprovalRecord]:
+        """A run's approvals, oldest first, each with the refused attempts to decide it."""
+        refused = self.approval_refusals(run_id)
+        return [records.approval(r, tuple(f for f in refused if f.action == r["action"]))
+                for r in self.query("SELECT * FROM approvals WHERE run_id = ? ORDER BY id", (run_id,))]
 
-    def pending_approval(self, run_id: int) -> dict[str, Any]:
+    def pending_approval(self, run_id: int) -> ApprovalRecord:
         """The approval a run waits on (with its action's stage); TransitionError when it waits on none."""
         run = self.run(run_id)
         rows = self.query("SELECT approvals.*, actions.stage AS stage FROM approvals JOIN actions "
@@ -675,42 +681,43 @@ class Store:
         if run.status is not RunStatus.WAITING or not rows:
             raise TransitionError(f"run #{run_id} is {run.status.value}, not waiting for an approval",
                                   hint="`gitpipe runs` shows which runs are waiting")
-        return rows[0]
+        return records.approval(rows[0])
 
     def note_approval(self, action_id: int, note: str) -> None:
         """A warning about an approval (an approver unknown on this host), shown with it."""
         with self.tx() as db:
             db.execute("UPDATE approvals SET note = ? WHERE action_id = ?", [note, action_id])
 
-    def refuse_approval(self, row: dict[str, Any], decision: str, by: str, reason: str) -> None:
+    def refuse_approval(self, row: ApprovalRecord, decision: str, by: str, reason: str) -> None:
         """Audit an attempt to decide an approval by someone who may not (the first
         REFUSALS_KEPT per approval: any local account may try, and must not fill the disk)."""
         with self.tx() as db:
             kept = self.query("SELECT COUNT(*) AS n FROM approval_refusals WHERE action_id = ?",
-                              (row["action_id"],))[0]["n"]
+                              (row.action_id,))[0]["n"]
             if kept >= REFUSALS_KEPT:
                 return
             db.table("approval_refusals").insert({
-                "run_id": row["run_id"], "action_id": row["action_id"], "action": row["action"],
+                "run_id": row.run_id, "action_id": row.action_id, "action": row.action,
                 "decision": decision, "by_user": by, "at": now_iso(), "reason": reason})
-            self._event(row["run_id"], "approval", "refused", f"{by} may not {decision}: {reason}")
+            self._event(Event.of_approval(row.run_id, "refused", f"{by} may not {decision}: {reason}"))
 
-    def approval_refusals(self, run_id: int) -> list[dict[str, Any]]:
-        return self.query("SELECT action, decision, by_user, at, reason FROM approval_refusals "
-                          "WHERE run_id = ? ORDER BY id", (run_id,))
+    def approval_refusals(self, run_id: int) -> list[RefusalRecord]:
+        return [records.refusal(r) for r in self.query(
+            "SELECT action, decision, by_user, at, reason FROM approval_refusals WHERE run_id = ? ORDER BY id",
+            (run_id,))]
 
     def decide(self, run_id: int, decision: str, by: str, comment: str | None,
-               action_id: int | None = None) -> dict[str, Any]:
+               action_id: int | None = None) -> ApprovalRecord:
         """Record approve/reject of the approval a run waits on; TransitionError when it waits on none
         (or, with `action_id`, when that one is not the approval it waits on any more)."""
         with self.tx() as db:
             row = self.pending_approval(run_id)
-            if action_id is not None and row["action_id"] != action_id:
-                raise TransitionError(f'run #{run_id}: the approval "{row["action"]}" was decided meanwhile')
-            db.table("approvals").update(row["id"], {"decision": decision, "by_user": by, "at": now_iso(),
+            if action_id is not None and row.action_id != action_id:
+                raise TransitionError(f'run #{run_id}: the approval "{row.action}" was decided meanwhile')
+            db.table("approvals").update(row.id, {"decision": decision, "by_user": by, "at": now_iso(),
                                                "comment": comment})
-            self._event(run_id, "approval", decision, f"{by}: {comment}" if comment else by)
-            return {**row, "decision": decision, "by_user": by, "comment": comment}
+            self._event(Event.of_approval(run_id, decision, f"{by}: {comment}" if comment else by))
+            return replace(row, decision=decision, by_user=by, comment=comment)
 
     def time_out_approval(self, run_id: int, action_id: int, text: str) -> bool:
         """No decision by the deadline: record the timeout as the decision (by "gitpipe") and
@@ -720,7 +727,7 @@ class Store:
                                 "comment = ? WHERE action_id = ? AND decision IS NULL", [now_iso(), text, action_id])
             if cursor.rowcount == 0:
                 return False
-            self._event(run_id, "approval", "timed-out", text)
+            self._event(Event.of_approval(run_id, "timed-out", text))
             self.resolve_approval(run_id, action_id, ActionStatus.TIMED_OUT, f"{text}: no decision, rejected")
             return True
 
@@ -751,7 +758,7 @@ class Store:
                                    "at": now_iso(), "by_user": by, "targets": json.dumps(targets),
                                    "message": message, "by_run": by_run, "from_release": from_release,
                                    "strategy": strategy, "live_slot": live_slot, "idle_release": idle_release})
-            self._event(by_run or 0, f"release:{environment}", status, message)
+            self._event(Event.of_release(by_run or 0, environment, status, message))
 
     def release_origin(self, repo: str, release: str) -> tuple[int | None, str | None, int | None]:
         """The run that built a release, its sha and its deploy action (None where unknown)."""
@@ -766,10 +773,11 @@ class Store:
             return runs[0]["id"], runs[0]["sha"], None
         return None, None, None
 
-    def releases(self, repo: str, environment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def releases(self, repo: str, environment: str | None = None, limit: int = 50) -> list[ReleaseRecord]:
+        """A repo's releases (of one environment), newest first."""
         where, params = ("AND environment = ?", (repo, environment)) if environment else ("", (repo,))
-        return self.query(f"SELECT * FROM releases WHERE repo = ? {where} ORDER BY id DESC LIMIT ?",
-                          (*params, limit))
+        return [records.release(r) for r in self.query(
+            f"SELECT * FROM releases WHERE repo = ? {where} ORDER BY id DESC LIMIT ?", (*params, limit))]
 
     def environments(self, repo: str) -> list[str]:
         return [r["environment"] for r in self.query(
@@ -790,45 +798,12 @@ class Store:
         with self.tx() as db:
             db.execute("UPDATE deploys SET finished_at = ? WHERE action_id = ?", [now_iso(), action_id])
 
-    def deploy_in_flight(self, action_id: int) -> dict[str, Any] | None:
+    def deploy_in_flight(self, action_id: int) -> DeployRecord | None:
         rows = self.query("SELECT * FROM deploys WHERE action_id = ? AND finished_at IS NULL", (action_id,))
-        return rows[0] if rows else None
+        return records.deploy(rows[0]) if rows else None
 
-    def events(self, run_id: int) -> list[dict[str, Any]]:
-        return self.query("SELECT at, subject, status, detail FROM events WHERE run_id = ? ORDER BY id",
-                          (run_id,))
+    def events(self, run_id: int) -> list[Event]:
+        """A run's events, oldest first (with when each was stored)."""
+        return [records.decode(r["run_id"], r["subject"], r["status"], r["detail"], r["at"]) for r in self.query(
+            "SELECT run_id, at, subject, status, detail FROM events WHERE run_id = ? ORDER BY id", (run_id,))]
 
-
-def _cache_entry(r: dict[str, Any]) -> CacheEntry:
-    return CacheEntry(**{**r, "paths": tuple(json.loads(r["paths"])), "protected": bool(r["protected"]),
-                         "secrets": bool(r["secrets"])})
-
-
-def _run_record(r: dict[str, Any]) -> RunRecord:
-    return RunRecord(
-        id=r["id"], repo=r["repo"], pipeline=r["pipeline"], ref=r["ref"], sha=r["sha"],
-        status=RunStatus(r["status"]), trigger=r["trigger"], created_at=r["created_at"],
-        started_at=r["started_at"], finished_at=r["finished_at"], error=r["error"], pusher=r["pusher"],
-        before_sha=r["before_sha"], retry_of=r["retry_of"], cancelled_by=r["cancelled_by"],
-        cancel_reason=r["cancel_reason"], commit_author=r["commit_author"],
-        commit_message=r["commit_message"], warnings=r.get("warnings") or 0, reused=r.get("reused") or 0,
-        inputs=tuple((str(k), str(v)) for k, v in json.loads(r.get("inputs") or "[]")),
-        extra={"deadline": r["deadline"], "cancel_requested_at": r["cancel_requested_at"]},
-    )
-
-
-def _action_record(r: dict[str, Any]) -> ActionRecord:
-    return ActionRecord(
-        id=r["id"], run_id=r["run_id"], stage_idx=r["stage_idx"], idx=r["idx"], stage=r["stage"],
-        name=r["name"], type=r["type"], run_order=r["run_order"], status=ActionStatus(r["status"]),
-        exit_code=r["exit_code"], started_at=r["started_at"], finished_at=r["finished_at"],
-        attempts=r["attempts"], message=r["message"], allow_failure=bool(r.get("allow_failure")),
-        group=r.get("matrix_group"),
-        matrix=tuple((k, v) for k, v in json.loads(r.get("matrix_values") or "[]")),
-        reused_from=r.get("reused_from"),
-    )
-
-
-def _json(pairs: tuple[tuple[str, str], ...]) -> str:
-    """A run's inputs as stored: a JSON array of [name, value], in the pipeline's order."""
-    return json.dumps([list(p) for p in pairs])

@@ -237,7 +237,7 @@ def test_a_store_write_on_a_full_disk_changes_nothing_and_the_next_one_works(tmp
             filler = fill(root)
             with pytest.raises(DiskFullError, match=f"the disk holding {root} is full"):
                 store.request_cancel(run_id, "alice", "the disk is full")
-            assert store.run(run_id).status is RunStatus.QUEUED and store.events(run_id)[-1]["status"] == "queued"
+            assert store.run(run_id).status is RunStatus.QUEUED and store.events(run_id)[-1].status == "queued"
             filler.unlink()
             # A COMMIT that failed once left its transaction open, and every later write failed.
             assert store.request_cancel(run_id, "alice", "space again").status is RunStatus.CANCELLED

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from gitpipe.models import ReleaseRecord
 from gitpipe.releases import candidates
 
 
-def rows(*events: tuple[str, str]) -> list[dict[str, str]]:
+def rows(*events: tuple[str, str]) -> list[ReleaseRecord]:
     """History rows, newest first, from (status, release) pairs."""
-    return [{"status": status, "release": release} for status, release in events]
+    return [ReleaseRecord(n, "shop", "prod", release, status, "2026-11-26T10:00:00.000Z", ())
+            for n, (status, release) in enumerate(events)]
 
 
 def test_a_release_switched_back_from_is_never_a_candidate() -> None:

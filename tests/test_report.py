@@ -24,6 +24,7 @@ from gitpipe.models import (
     ArtifactRecord,
     Event,
     Pipeline,
+    ReleaseRecord,
     RunStatus,
     StageSpec,
     TriggerSpec,
@@ -362,24 +363,9 @@ def test_plain_copy_keeps_stamps_and_drops_escapes(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- approvals and releases
 
 
-class NoTables:
-    """A database without the deploy tables (before their migration)."""
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        if "sqlite_master" in sql:
-            return []
-        raise AssertionError(f"queried a missing table: {sql}")
-
-
-def test_no_deploy_tables_means_nothing_to_show() -> None:
-    assert data.approvals(NoTables(), 1) == []
-    assert data.releases(NoTables(), "shop") == []
-    assert data.environments(NoTables(), "shop") == []
-    assert not data.has_releases(NoTables(), "shop")
-
-
-def rel(release: str, status: str, run_id: int | None = 1) -> data.Release:
-    return data.Release("production", run_id, "abc", release, status, None, "alice", "")
+def rel(release: str, status: str, run_id: int | None = 1) -> ReleaseRecord:
+    return ReleaseRecord(0, "shop", "production", release, status, "2026-11-26T10:00:00.000Z", (), run_id, sha="abc",
+                         by_user="alice")
 
 
 def test_current_release_follows_deploys_and_rollbacks() -> None:
@@ -403,7 +389,7 @@ def test_environments_from_the_store(history: History) -> None:
     prod = envs[1]
     assert prod.switched is not None and prod.switched.status == "rolled-back"
     assert [r.status for r in prod.history] == ["rolled-back", "deployed"]
-    assert prod.history[1].targets == "ssh://deploy@production.example.com/srv/shop"
+    assert prod.history[1].targets == ("ssh://deploy@production.example.com/srv/shop",)
 
 
 # --------------------------------------------------------------------------- pages and paging
@@ -427,10 +413,10 @@ def test_on_event_renders_only_what_changed(history: History) -> None:
     before = {p: p.stat().st_mtime_ns for p in site.rglob("*.html")}
     time.sleep(0.01)
     new = history.run("shop", [("build", [Act("wheel")])])
-    rep.on_event(Event(new, "run", "succeeded"))
+    rep.on_event(Event.of_run(new, "succeeded"))
     changed = {p.relative_to(site).as_posix() for p in site.rglob("*.html") if before.get(p) != p.stat().st_mtime_ns}
     assert changed == {"index.html", "shop/index.html", f"shop/runs/{new}.html"}
-    rep.on_event(Event(ids[0], "run", "succeeded"))  # a run of an archived page: that page too
+    rep.on_event(Event.of_run(ids[0], "succeeded"))  # a run of an archived page: that page too
     assert archived.stat().st_mtime_ns != before[archived]
     assert not list(site.rglob(".*.tmp"))  # atomic writes leave no temporary files
     rep.close()
@@ -444,7 +430,7 @@ def test_a_filling_block_becomes_an_archived_page(history: History) -> None:
     site = history.settings.site_dir / "shop"
     assert not (site / "page-1.html").exists()
     new = history.run("shop", [("build", [Act("wheel")])])
-    rep.on_event(Event(new, "run", "queued"))
+    rep.on_event(Event.of_run(new, "queued"))
     assert (site / "page-1.html").exists()
     html = (site / "index.html").read_text()
     assert html.count('class="id"') == files.PAGE_SIZE
@@ -573,10 +559,10 @@ def test_pruned_run_drops_its_published_files(history: History) -> None:
 
 def test_a_failing_render_never_breaks_the_caller(history: History, caplog: pytest.LogCaptureFixture) -> None:
     rep = reporter_for(history)
-    rep.on_event(Event(424242, "run", "succeeded"))  # no such run: nothing to render, no exception
+    rep.on_event(Event.of_run(424242, "succeeded"))  # no such run: nothing to render, no exception
     rep.site = Path("/proc/no-such-dir")  # unwritable
     run_id = history.run("shop", full_pipeline())
-    rep.on_event(Event(run_id, "run", "succeeded"))
+    rep.on_event(Event.of_run(run_id, "succeeded"))
     assert "could not render" in caplog.text
 
 
@@ -584,7 +570,7 @@ def test_live_thread_rerenders_growing_logs(history: History, monkeypatch: pytes
     monkeypatch.setattr("gitpipe.report.reporter.LIVE_INTERVAL", 0.05)
     run_id = history.run("shop", [("build", [Act("wheel", "running", ["first line"])])], "running")
     rep = reporter_for(history)
-    rep.on_event(Event(run_id, "run", "running"))
+    rep.on_event(Event.of_run(run_id, "running"))
     page = history.settings.site_dir / "shop" / "runs" / f"{run_id}.html"
     att = history.store.attempts(history.store.actions(run_id)[0].id)[0]
     with open(att.log_path, "a") as f:
@@ -733,7 +719,7 @@ def test_running_page_refreshes_until_the_run_ends(chrome: Any, history: History
     run_id = history.run("shop", [("build", [Act("wheel", "running", ["compiling"])])], "running")
     rep = reporter_for(history)
     history.store.listeners.append(rep.on_event)
-    rep.on_event(Event(run_id, "run", "running"))
+    rep.on_event(Event.of_run(run_id, "running"))
     url = (history.settings.site_dir / run_url(history.settings, "shop", run_id)).as_uri()
     page, console = chromium.open_page(chrome, url)
     loads: list[float] = []

@@ -112,7 +112,7 @@ def test_a_listing_renders_the_pages_it_links_to_that_another_process_made(tmp_p
     [mine] = daemons.create_runs([new])
     [theirs] = hooks.create_runs([NewRun(**{**new.__dict__, "error": ".pipeline.toml is invalid:\nx"})])
     reporter = Reporter(conf, daemons)
-    reporter.on_event(Event(mine, "run", "queued"))  # the daemon renders its own run's pages
+    reporter.on_event(Event.of_run(mine, "queued"))  # the daemon renders its own run's pages
     reporter.close()
     site = conf.site_dir
     assert (site / "shop" / "runs" / f"{theirs}.html").is_file()

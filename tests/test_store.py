@@ -6,18 +6,21 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from helpers import ISO_UTC
 
-from gitpipe import intake, settings
+from gitpipe import intake, records, settings
 from gitpipe.errors import TransitionError, UsageError
 from gitpipe.models import (
     ActionSpec,
     ActionStatus,
     ArtifactRecord,
     Event,
+    EventKind,
+    OutputRecord,
     Pipeline,
     RunStatus,
     StageSpec,
@@ -158,15 +161,16 @@ def test_every_change_is_stored_as_an_event_with_its_time(store: Store) -> None:
     store.finish_run(run_id, RunStatus.FAILED, "because")
     events = store.events(run_id)
     lint, pack, unit = (a.id for a in store.actions(run_id)[1:])
-    assert [(e["subject"], e["status"]) for e in events] == [
-        ("run", "queued"), ("run", "running"), (f"action:{wheel.id}", "running"),
-        (f"action:{wheel.id}", "succeeded"),
+    assert events == [
+        Event.of_run(run_id, "queued"), Event.of_run(run_id, "running"), Event.of_action(run_id, wheel.id, "running"),
+        Event.of_action(run_id, wheel.id, "succeeded"),
         # what the run left open ends with it (see test_a_run_that_ends_closes_what_it_left_open)
-        (f"action:{lint}", "skipped"), (f"action:{pack}", "skipped"), (f"action:{unit}", "skipped"),
-        ("stage:0", "skipped"), ("stage:1", "skipped"), ("run", "failed")]
-    assert all(ISO_UTC.match(e["at"]) for e in events)
-    assert [e["at"] for e in events] == sorted(e["at"] for e in events)
-    assert events[-1]["detail"] == "because" and store.run(run_id).error == "because"
+        Event.of_action(run_id, lint, "skipped"), Event.of_action(run_id, pack, "skipped"),
+        Event.of_action(run_id, unit, "skipped"), Event.of_stage(run_id, 0, "skipped"),
+        Event.of_stage(run_id, 1, "skipped"), Event.of_run(run_id, "failed", "because")]
+    assert all(e.at and ISO_UTC.match(e.at) for e in events)
+    assert [e.at for e in events] == sorted(e.at or "" for e in events)
+    assert store.run(run_id).error == "because"
 
 
 @pytest.mark.parametrize("status", [RunStatus.CANCELLED, RunStatus.FAILED])
@@ -210,14 +214,14 @@ def test_listeners_hear_changes_after_commit_and_nothing_of_a_rollback(store: St
     heard: list[Event] = []
     store.listeners.append(heard.append)
     run_id = running_run(store)
-    assert [(e.subject, e.status) for e in heard] == [("run", "queued"), ("run", "running")]
+    assert [(e.kind, e.status) for e in heard] == [(EventKind.RUN, "queued"), (EventKind.RUN, "running")]
     heard.clear()
     with pytest.raises(RuntimeError), store.tx():
         store.finish_run(run_id, RunStatus.SUCCEEDED)
         raise RuntimeError("something failed after the change")
     assert heard == []
     assert store.run(run_id).status is RunStatus.RUNNING
-    assert [e["status"] for e in store.events(run_id)] == ["queued", "running"]
+    assert [e.status for e in store.events(run_id)] == ["queued", "running"]
 
 
 # ---------------------------------------------------------------------------- actions
@@ -277,7 +281,7 @@ def test_cancel_records_who_and_why(store: Store) -> None:
     later = store.request_cancel(running, "carol", None)
     assert later.status is RunStatus.RUNNING and store.cancel_requested(running)
     assert later.cancelled_by == "carol"
-    assert store.events(running)[-1]["status"] == "cancel-requested"
+    assert store.events(running)[-1].status == "cancel-requested"
     with pytest.raises(TransitionError, match="already succeeded"):
         store.request_cancel(done, "dave", None)
     assert store.run(done).cancelled_by is None
@@ -334,7 +338,7 @@ def test_artifacts_and_outputs_round_trip(store: Store) -> None:
     assert store.artifacts(run_id) == [art]
     store.set_outputs(run_id, "wheel", {"version": "1.0", "sha": "abc"})
     store.set_outputs(run_id, "wheel", {"version": "1.1"})
-    assert {(o["key"], o["value"]) for o in store.outputs(run_id)} == {("version", "1.1"), ("sha", "abc")}
+    assert {(o.key, o.value) for o in store.outputs(run_id)} == {("version", "1.1"), ("sha", "abc")}
 
 
 # ---------------------------------------------------------------------------- retry --failed
@@ -355,7 +359,7 @@ def test_a_retry_takes_over_a_result_once_and_only_into_a_pending_action(store: 
     taken = store.action(target.id)
     assert taken.status is ActionStatus.SUCCEEDED and taken.reused_from == first
     assert taken.message == f"reused from #{first}" and taken.finished_at == origin.finished_at
-    assert store.outputs(retry) == [{"action": "wheel", "key": "VERSION", "value": "1.0"}]
+    assert store.outputs(retry) == [OutputRecord("wheel", "VERSION", "1.0")]
     assert store.run(retry).reused == 1 and store.run(retry).retry_of == first
     with pytest.raises(TransitionError, match="cannot take over the result"):
         store.reuse_action(target.id, origin, [], {})
@@ -381,9 +385,12 @@ def test_refused_approvals_are_kept_up_to_a_bound(store: Store) -> None:
     for n in range(REFUSALS_KEPT + 5):
         store.refuse_approval(row, "approve", f"user{n}", "not an approver")
     kept = store.approval_refusals(run_id)
-    assert len(kept) == REFUSALS_KEPT and kept[0]["by_user"] == "user0"
+    assert len(kept) == REFUSALS_KEPT and kept[0].by_user == "user0"
+    assert store.approvals(run_id)[0].refused == tuple(kept)
     assert store.run(run_id).inputs == (("version", "1.0"),)
-    assert store.decide(run_id, "approved", "alice", None, action_id=gate.id)["by_user"] == "alice"
+    assert store.decide(run_id, "approved", "alice", None, action_id=gate.id).by_user == "alice"
+    assert store.approval(gate.id) == replace(row, decision="approved", by_user="alice", at=store.approval(gate.id).at,
+                                             stage=None)
     with pytest.raises(TransitionError):
         store.pending_approval(run_id)
 
@@ -415,10 +422,56 @@ def test_foreign_events_hands_over_what_other_processes_stored(tmp_path: Path) -
         [queued] = command.create_runs([new_run(ref="refs/heads/other")])  # what the hook does
         command.request_cancel(queued, "bob", "not needed")  # what `gitpipe cancel` does
         found, cursor = daemon.foreign_events(cursor)
-        assert [(e.run_id, e.subject, e.status) for e in found] == [(queued, "run", "queued"),
-                                                                     (queued, "run", "cancelled")]
+        assert found == [Event.of_run(queued, "queued"), Event.of_run(queued, "cancelled")]
         assert any(e.run_id == own for e in heard)  # its own went to the listeners at commit, not again
         assert daemon.foreign_events(cursor) == ([], cursor)
     finally:
         daemon.close()
         command.close()
+
+
+# ---------------------------------------------------------------------------- typed events and rows
+
+
+def test_every_event_kind_round_trips_through_its_stored_text() -> None:
+    """encode/decode are the only code that knows the stored subject; the format is migration
+    0001's ("run", "stage:<idx>", "action:<id>", "approval", "release:<env>"), so older databases
+    and the hook's "run" rows read back as the same events."""
+    events = [Event.of_run(3, "queued"), Event.of_stage(3, 2, "running"), Event.of_action(3, 41, "waiting", "Ship?"),
+              Event.of_approval(3, "approved", "alice"), Event.of_release(0, "prod:eu", "rolled-back", "by hand")]
+    assert [records.encode(e) for e in events] == ["run", "stage:2", "action:41", "approval", "release:prod:eu"]
+    assert [records.decode(e.run_id, records.encode(e), e.status, e.detail) for e in events] == events
+    assert {e.kind for e in events} == set(EventKind)  # a new kind gets a line here
+    # a row of a newer gitpipe's kind: still its run's change, so the listeners re-render that run
+    assert records.decode(None, "artifact:9", "kept", None) == Event(0, EventKind.RUN, "kept")
+
+
+def test_events_are_stored_in_the_format_older_databases_hold(store: Store) -> None:
+    run_id = running_run(store)
+    store.add_release("shop", "prod", f"{run_id}-aaaaaaa", "deployed", ["file:///x"], run_id=run_id, by_run=run_id)
+    stored = store.query("SELECT subject, status FROM events WHERE run_id = ? ORDER BY id DESC LIMIT 1", (run_id,))
+    assert stored == [{"subject": "release:prod", "status": "deployed"}]
+    assert store.events(run_id)[-1] == Event.of_release(run_id, "prod", "deployed")
+
+
+def test_rows_leave_the_store_as_records(store: Store) -> None:
+    run_id = running_run(store)
+    store.add_release("shop", "prod", f"{run_id}-aaaaaaa", "deployed", ["ssh://a/srv", "ssh://b/srv"],
+                      run_id=run_id, sha="a" * 40, by="alice", by_run=run_id, strategy="rolling")
+    [rel] = store.releases("shop")
+    assert (rel.environment, rel.release, rel.targets, rel.by_user, rel.strategy, rel.sha) == (
+        "prod", f"{run_id}-aaaaaaa", ("ssh://a/srv", "ssh://b/srv"), "alice", "rolling", "a" * 40)
+    assert store.release_by_run(run_id, "prod") == rel and store.release_by_run(run_id, "qa") is None
+    assert store.has_releases("shop") and store.repos_with_releases() == ["shop"]
+    [wheel, *_] = store.actions(run_id)
+    store.start_deploy(wheel.id, run_id, "shop", "prod", rel.release, list(rel.targets))
+    flight = store.deploy_in_flight(wheel.id)
+    assert flight is not None and (flight.environment, flight.targets, flight.finished_at) == (
+        "prod", rel.targets, None)
+    store.finish_deploy(wheel.id)
+    assert store.deploy_in_flight(wheel.id) is None
+    store.add_repo("shop", "/srv/git/shop.git")
+    assert [(r.name, r.path) for r in store.repos()] == [("shop", "/srv/git/shop.git")]
+    assert store.run_ids("shop") == [run_id] and store.repos_of_runs({run_id, 999}) == {run_id: "shop"}
+    assert store.run_id_range() == (run_id, run_id) and store.runs_after("shop", 0) == (1, run_id)
+    assert not store.pruned(run_id)

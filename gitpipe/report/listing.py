@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gitpipe.models import RunStatus
-from gitpipe.report import charts, data, files
+from gitpipe.report import charts, files
 from gitpipe.report.views import RATE_WINDOW, RECENT, TREND, RunView, point, run_view
 from gitpipe.store import Store
 
@@ -63,10 +63,9 @@ class Counter:
 
     def __call__(self, repo: str) -> int:
         last, n = self._seen.get(repo, (0, 0))
-        row = self.store.query("SELECT COUNT(*) AS n, MAX(id) AS top FROM runs WHERE repo = ? AND id > ?",
-                               (repo, last))[0]
-        if row["n"]:
-            last, n = int(row["top"]), n + int(row["n"])
+        added, top = self.store.runs_after(repo, last)
+        if added:
+            last, n = top, n + added
             self._seen[repo] = (last, n)
         return n
 
@@ -79,8 +78,8 @@ def archived(total: int) -> int:
 def block_of(store: Store, repo: str, run_id: int, total: int) -> int:
     """The block holding a run (1 = the oldest PAGE_SIZE runs of the repo); counts the newer runs,
     few for the runs that change."""
-    newer = store.query("SELECT COUNT(*) AS n FROM runs WHERE repo = ? AND id > ?", (repo, run_id))[0]["n"]
-    return (total - int(newer) - 1) // P + 1
+    newer, _ = store.runs_after(repo, run_id)
+    return (total - newer - 1) // P + 1
 
 
 def repo_index(store: Store, repo: str, total: int) -> RepoPage:
@@ -108,7 +107,7 @@ def _page(store: Store, repo: str, runs: list[RunView], total: int, block: int, 
     chart = charts.bar_chart([point(r, "../") for r in reversed(runs)])
     pipeline = runs[0].pipeline if runs else repo
     return RepoPage(repo, pipeline, tuple(runs), chart, total, block, newer, older, oldest, pages,
-                    data.has_releases(store, repo))
+                    store.has_releases(repo))
 
 
 def pager(repo: str, top: int, edge: int = 3) -> tuple[PageLink, ...]:
@@ -164,7 +163,7 @@ class IndexPage:
 
 def top_index(store: Store, count: Callable[[str], int]) -> IndexPage:
     """Every pipeline with its last run, success rate and trend; the latest runs of the host."""
-    cards = tuple(card(store, r["name"], count(r["name"])) for r in store.repos())
+    cards = tuple(card(store, r.name, count(r.name)) for r in store.repos())
     recent = tuple(run_view(r) for r in store.runs(None, limit=RECENT))
     return IndexPage(cards, recent)
 
@@ -178,4 +177,4 @@ def card(store: Store, repo: str, total: int) -> PipelineCard:
     trend = charts.sparkline([point(r) for r in reversed(runs[:TREND])], TREND)
     active = sum(not r.finished for r in runs)
     return PipelineCard(repo, runs[0].pipeline if runs else repo, runs[0] if runs else None, rate,
-                        len(settled), trend, total, active, data.has_releases(store, repo))
+                        len(settled), trend, total, active, store.has_releases(repo))

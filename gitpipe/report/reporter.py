@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gitpipe import git, trust
 from gitpipe.errors import GitpipeError
-from gitpipe.models import Event, RunRecord, RunStatus, short_ref
+from gitpipe.models import Event, EventKind, RunRecord, RunStatus, short_ref
 from gitpipe.report import badge, data, files, listing, views
 from gitpipe.report.logview import LogReader
 from gitpipe.report.render import Renderer
@@ -30,7 +30,6 @@ LIVE_INTERVAL = 2.0  # seconds between checks of growing logs
 # Without it a run of short actions re-rendered its pages after each one, and the pages cost the
 # daemon more CPU than the actions (measured, issue 11: 55% of its busy samples for 20 `true`s).
 RENDER_GAP = 0.25
-DEPLOY_WORDS = ("deploy", "release", "environment", "rollback", "rolled-back")
 
 
 def run_url(settings: Settings, repo: str, run_id: int) -> str:
@@ -70,7 +69,7 @@ class Reporter:
         try:
             with self._lock:
                 self._dirty.add(event.run_id)
-                if _deployish(event):
+                if event.kind is EventKind.RELEASE:  # the environments page changes too
                     self._deploys.add(event.run_id)
             if self._renderer_thread is not None:
                 self._wake.set()  # a burst of events becomes one render
@@ -123,17 +122,13 @@ class Reporter:
 
     def _repos_of(self, run_ids: set[int]) -> dict[int, str]:
         """The repo of each run that exists (a rollback by hand sends run id 0)."""
-        if not run_ids:
-            return {}
-        marks = ",".join("?" for _ in run_ids)
-        rows = self.store.query(f"SELECT id, repo FROM runs WHERE id IN ({marks})", tuple(run_ids))
-        return {r["id"]: r["repo"] for r in rows}
+        return self.store.repos_of_runs(run_ids)
 
     def _deploy_repos(self, deploys: set[int], repos: dict[int, str]) -> set[str]:
         """Repos whose environments page to render; every deploying repo for an event without a run."""
         found = {repos[i] for i in deploys if i in repos}
-        if any(i not in repos for i in deploys) and data.has_table(self.store, "releases"):
-            found |= {r["repo"] for r in self.store.query("SELECT DISTINCT repo FROM releases")}
+        if any(i not in repos for i in deploys):
+            found |= set(self.store.repos_with_releases())
         return found
 
     # ------------------------------------------------------------------ pages
@@ -212,9 +207,7 @@ class Reporter:
 
     def _render_badges(self, repo: str) -> int:
         """Every branch's badge and the default branch's (`gitpipe report`)."""
-        rows = self.store.query("SELECT DISTINCT ref FROM runs WHERE repo = ? AND ref LIKE 'refs/heads/%'",
-                                (repo,))
-        branches = {r["ref"].removeprefix("refs/heads/") for r in rows}
+        branches = set(self.store.branches_with_runs(repo))
         default = self._default_branch(repo)
         if default:
             branches.add(default)
@@ -270,11 +263,10 @@ class Reporter:
         return written
 
     def _all_repos(self) -> list[str]:
-        rows = self.store.query("SELECT DISTINCT repo FROM runs")
-        return sorted({r["repo"] for r in rows} | {r["name"] for r in self.store.repos()})
+        return sorted(set(self.store.repos_with_runs()) | {r.name for r in self.store.repos()})
 
     def _render_everything_of(self, repo: str) -> int:
-        ids = [r["id"] for r in self.store.query("SELECT id FROM runs WHERE repo = ? ORDER BY id", (repo,))]
+        ids = self.store.run_ids(repo)
         for run_id in ids:
             self._render_run(run_id)
         total = len(ids)
@@ -339,9 +331,3 @@ class Reporter:
             live = self._live
         if live is not None:
             live.join()
-
-
-def _deployish(event: Event) -> bool:
-    """Whether an event may change an environment (the deploy code sends these)."""
-    text = f"{event.subject} {event.status}".lower()
-    return any(word in text for word in DEPLOY_WORDS)

@@ -7,8 +7,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gitpipe import approvals, cache
-from gitpipe.models import ActionRecord, ActionStatus, ArtifactRecord, AttemptRecord, RunRecord, RunStatus
-from gitpipe.report import charts, data, files, fmt
+from gitpipe.models import (
+    ActionRecord,
+    ActionStatus,
+    ApprovalRecord,
+    ArtifactRecord,
+    AttemptRecord,
+    RunRecord,
+    RunStatus,
+)
+from gitpipe.report import charts, files, fmt
 from gitpipe.report.logview import TAIL_LINES, Excerpt, LogReader, write_plain
 from gitpipe.store import Store
 
@@ -163,7 +171,7 @@ class RunPage:
     graph: charts.Graph | None
     artifacts: tuple[ArtifactView, ...]
     outputs: tuple[tuple[str, str, str], ...]
-    approvals: tuple[data.Approval, ...]
+    approvals: tuple[ApprovalRecord, ...]
     waiting: tuple[ActionView, ...]
     pruned: bool  # keep_runs removed its logs and artifacts
     inputs: tuple[tuple[str, str], ...] = ()  # (name, value); reach scripts only as env vars
@@ -176,7 +184,7 @@ def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished
     rec = store.run(run_id)
     run = run_view(rec)
     folder = site / files.run_files(rec.repo, run_id)
-    pruned = bool(store.query("SELECT * FROM runs WHERE id = ?", (run_id,))[0].get("pruned_at"))
+    pruned = store.pruned(run_id)
     if pruned:
         shutil.rmtree(folder, ignore_errors=True)  # the site's links to the pruned files go too
     records = store.actions(run_id)
@@ -195,11 +203,11 @@ def run_page(store: Store, logs: LogReader, site: Path, run_id: int, unpublished
                               None if pruned or unpublished else _published(a, folder, run_id),
                               "pruned" if pruned else unpublished)
                  for a in store.artifacts(run_id))
-    outputs = tuple((o["action"], o["key"], o["value"]) for o in store.outputs(run_id))
+    outputs = tuple((o.action, o.key, o.value) for o in store.outputs(run_id))
     waiting = tuple(a for a in actions if a.status == ActionStatus.WAITING.value)
     deciders = {a.id: who for a in waiting
                 if (who := approvals.approvers_of(store, run_id, a.stage, a.name)) is not None}
-    return RunPage(run, stages, graph(stages), arts, outputs, tuple(data.approvals(store, run_id)),
+    return RunPage(run, stages, graph(stages), arts, outputs, tuple(store.approvals(run_id)),
                    waiting, pruned, rec.inputs, deciders)
 
 
