@@ -1,4 +1,4 @@
-"""The daemon loop: wait for a wake-up (watchdog file events, no polling), recover,
+"""The daemon loop: wait for a wake-up (inotify file events, see `inotify`; no polling), recover,
 claim queued runs, hand them to workers; stop cleanly on SIGTERM.
 
 Shape of rq's worker: a stop flag, a short loop, the first signal lets running
@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gitpipe import executor, follow, queue, retention, space
+from gitpipe import executor, inotify, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
@@ -129,7 +129,7 @@ class Daemon:
             from gitpipe.cluster.dispatch import Cluster
 
             self.host.cluster = Cluster(self.settings, self.settings.cluster)
-        observer = follow.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake, recursive=False)
+        observer = inotify.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake)
         old = self._install_signals()
         log.addFilter(self.repeats)
         hook, threading.excepthook = threading.excepthook, self._thread_died
