@@ -11,7 +11,6 @@ overflow (a lost event must never leave work unseen).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import select
@@ -32,7 +31,7 @@ class Watch:
     """A started watch that sets `event` whenever a file in one of `dirs` changes (see WAKES)."""
 
     def __init__(self, dirs: list[Path], event: threading.Event) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter has loaded
         self.fd = libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK)
         if self.fd < 0:
             code = ctypes.get_errno()
