@@ -395,12 +395,17 @@ class WorktreePool:
     def prepare_next(self, sha: str) -> None:
         """While an action runs, reset another slot to `sha` in the background for the next
         checkout (the next action of the run), so that its reset is off the critical path: the
-        run's actions alternate between two slots. Does nothing once `ahead` is spent."""
+        run's actions alternate between two slots. Does nothing once `ahead` is spent; never
+        raises (the next checkout then takes a slot itself)."""
         with self._next_lock:
             if self.ahead <= 0 or self._next is not None:
                 return
             self.ahead -= 1
-            self._next = _Ahead(self, sha)
+            try:
+                self._next = _Ahead(self, sha)
+            except OSError as exc:
+                log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
+                return
             self._next.thread.start()
 
     def _prepared(self, sha: str) -> Slot | None:
@@ -564,18 +569,18 @@ class _Ahead:
 
     def __init__(self, pool: WorktreePool, sha: str) -> None:
         self.pool, self.sha = pool, sha
+        self.taken = pool._take()  # here, while the caller holds its own: another slot
         self.slot: Slot | None = None
         self.thread = threading.Thread(target=self._run, name="worktree-ahead", daemon=True)
 
     def _run(self) -> None:
-        slot = self.pool._take()
         try:
-            self.pool._ready(slot, self.sha)
-        except Exception as exc:  # the checkout that wanted it resets a slot itself, and says why
-            log.debug("preparing a worktree ahead failed: %s", exc)
-            os.close(slot.lock_fd)
+            self.pool._ready(self.taken, self.sha)
+        except Exception as exc:  # the checkout that wanted it takes and resets a slot itself
+            log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
+            os.close(self.taken.lock_fd)
             return
-        self.slot = slot
+        self.slot = self.taken
 
 
 def _layout_kept(git_dir: Path) -> bool:
