@@ -14,10 +14,10 @@ namespace and forbids further ones); when the daemon is root, bwrap runs as root
 build the mounts and `setpriv` drops to `[sandbox] user` with no capabilities and
 no_new_privs before anything of the user's runs. An action is never uid 0.
 
-Every process joins the attempt's cgroup (see `cgroup`) before it runs anything: bwrap
-is started held (`--block-fd`), says which process is its sandbox (`--info-fd`), and is let go
-once the daemon has written both of its processes into the group's `cgroup.procs` (see
-`Launch.popen`); the script is forked after that, inside. Without bwrap (mode "none") a `sh`
+Every process of the sandbox joins the attempt's cgroup (see `cgroup`) before it runs
+anything: bwrap is started held (`--block-fd`), says which process is its sandbox
+(`--info-fd`), and is let go once the daemon has written that one into the group's
+`cgroup.procs` (see `Launch.popen`); the script is forked after that, inside. Without bwrap (mode "none") a `sh`
 prefix writes 0 into `cgroup.procs`, then execs the rest. Weak spot of the held start: a
 daemon killed in the millisecond between bwrap's start and its admission lets the sandbox go
 on outside the group (its limits unenforced), still confined otherwise; the next daemon
@@ -101,10 +101,12 @@ class Launch:
     held: int | None = None  # where bwrap is in argv: started held, let go once in `group`
 
     def popen(self, **kw: Any) -> subprocess.Popen[bytes]:
-        """Start it (`kw`: Popen's keywords). A held bwrap gets its two processes (its monitor,
-        which is the started one, and the sandbox, whose pid it writes to --info-fd) written into
-        the group, then its --block-fd, and only then forks the script: no exec of a `sh` that
-        joins the group first. Anything going wrong kills both before the block is let go."""
+        """Start it (`kw`: Popen's keywords). A held bwrap gets its sandbox's first process (whose
+        pid it writes to --info-fd) written into the group, then its --block-fd, and only then
+        forks the script: no exec of a `sh` that joins the group first. bwrap's monitor (the
+        started process) stays out: it runs nothing of the job and ends with the sandbox, and
+        each move costs the kernel an RCU grace period (cgroup v1: ~2-5 ms per hierarchy under
+        load). Anything going wrong kills both before the block is let go."""
         if self.held is None or self.group is None:
             return subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, **kw)
         info_r, info_w = os.pipe()
@@ -120,7 +122,8 @@ class Launch:
             child = None
             try:
                 child = _child_pid(info_r)
-                _admit(self.group, [proc.pid] if child is None else [proc.pid, child])
+                if child is not None:  # else bwrap ended before making it (its exit says why)
+                    _admit(self.group, child)
             except BaseException:
                 for pid in ([] if child is None else [child]) + [proc.pid]:
                     try:
@@ -156,16 +159,14 @@ def _child_pid(fd: int) -> int | None:
     return int(json.loads(data)["child-pid"])
 
 
-def _admit(group: cgroup.Group, pids: list[int]) -> None:
-    """Move `pids` into every hierarchy of `group` (one pid per write, as cgroup.procs wants)."""
+def _admit(group: cgroup.Group, pid: int) -> None:
+    """Move the process `pid` into every hierarchy of `group`."""
     for d in group.dirs:
         fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
         try:
-            for pid in pids:
-                try:
-                    os.write(fd, str(pid).encode())
-                except ProcessLookupError:  # bwrap's monitor ended already: it failed; its exit says why
-                    continue
+            os.write(fd, str(pid).encode())
+        except ProcessLookupError:  # it ended already (bwrap failed making it; its stderr says why)
+            return
         finally:
             os.close(fd)
 
@@ -248,6 +249,8 @@ class Sandbox:
     # ------------------------------------------------------------------ one process
     def prepare(self, box: Confine) -> None:
         """Make the HOME and output file fresh and hand the worktree over (before a cache restore)."""
+        if self.tree is not None and box.key:
+            self.tree.warm()  # the cgroup move at launch then waits less (see cgroup.Tree.warm)
         fresh_dir(box.home, self.uid, self.gid)
         if box.output is not None:
             box.output.unlink(missing_ok=True)
