@@ -157,7 +157,7 @@ class Peers:
     def actions(self, src: Path, rounds: int) -> dict[str, list[float]]:
         """Per action, ms, each system once per round: gitpipe (and the "before" one), laminar,
         `bash -c true`, and the sandbox alone (`box`: gitpipe's argv; `bwrap`: without setpriv)."""
-        per: dict[str, list[float]] = {k: [] for k in [*self.bins, "lam", "bash", "box", "bwrap"]}
+        per: dict[str, list[float]] = {k: [] for k in [*self.bins, "lam", "bash", "box", "bwrap", "nocg"]}
         self.cpu: dict[str, list[float]] = {s: [] for s in self.procs}  # daemon CPU ms per action
         floor = Floor(self.root, self.stamp.parent)
         try:
@@ -180,6 +180,7 @@ class Peers:
                 per["bash"].append((time.time() - t0) * 1000 / ACTIONS)
                 per["box"].append(floor.time(ACTIONS, setpriv=True))
                 per["bwrap"].append(floor.time(ACTIONS, setpriv=False))
+                per["nocg"].append(floor.time(ACTIONS, setpriv=True, cgroup=False))
         finally:
             floor.close()
         return per
@@ -247,13 +248,14 @@ class Floor:
                                            output=slot / "output", readonly=(root / "gp.git" / "objects",))
         self.n = 0
 
-    def time(self, count: int, setpriv: bool) -> float:
-        """ms from start to exit of `bash -eo pipefail -c true` in the sandbox, mean of `count`."""
+    def time(self, count: int, setpriv: bool, cgroup: bool = True) -> float:
+        """ms from start to exit of `bash -eo pipefail -c true` in the sandbox, mean of `count`;
+        `cgroup=False`: without the attempt's cgroup (what moving into it costs)."""
         total = 0.0
         for _ in range(count):
             self.n += 1
             launch = self.sandbox.launch(["bash", "-eo", "pipefail", "-c", "true"], {"CI": "true"},
-                                         self.confine(f"f{self.n}"))
+                                         self.confine(f"f{self.n}" if cgroup else ""))
             if not setpriv and "--no-new-privs" in launch.argv:  # bwrap alone: setpriv's words cut
                 at = launch.argv.index("--no-new-privs")
                 del launch.argv[at - 5:at + 1]
@@ -372,8 +374,8 @@ class Results:
             row(f"per action, {ACTIONS} sequential `true` (`bash -c true` alone: {a['bash']:.1f} ms)",
                 {s: a[s] for s in ("gp", "gp0", "lam") if s in a}, "{:.1f} ms", "<= 8 ms")
             empty = " |" * (3 if before else 2)
-            print(f"| the sandbox alone, same rounds: bwrap + setpriv + bash (bwrap + bash: {a['bwrap']:.1f} ms) "
-                  f"| {a['box']:.1f} ms |" + empty + " floor |")
+            print(f"| the sandbox alone, same rounds: bwrap + setpriv + bash (bwrap + bash: {a['bwrap']:.1f} ms; "
+                  f"no cgroup: {a['nocg']:.1f} ms) | {a['box']:.1f} ms |" + empty + " floor |")
             print(f"| per action / the sandbox alone | {a['gp'] / a['box']:.2f}x |"
                   + (f" {a['gp0'] / a['box']:.2f}x |" if "gp0" in a else "") + " | | |")
         if self.fresh:
