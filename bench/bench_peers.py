@@ -1,8 +1,15 @@
 """gitpipe beside laminar 1.4 (the leanest CI daemon, C++) and plain git, in one run, interleaved.
 
-    python bench/bench_peers.py [N]        # N pushes per system (default 20)
+    python bench/bench_peers.py [N] [ROWS]  # N pushes per system (default 20); ROWS: a comma list
+                                            # of push,start,action,idle (default all)
+    GITPIPE_BEFORE=/work/main/.venv/bin python bench/bench_peers.py 20 action,idle
 
-laminar is used when built: `../shared/peers/build-laminar.sh /tmp/laminar-build`, or set
+GITPIPE_BEFORE names the bin folder of another gitpipe install ("before"), measured beside
+this one in the action and idle rows, interleaved. The action row also times the sandbox
+alone, in the same rounds: this checkout's `Sandbox.launch` argument list for a `true` action
+(bwrap, setpriv for a root daemon, bash) and the same bwrap without setpriv, the floor a
+sandboxed action cannot go below. This checkout's daemon runs with the Environment= settings
+of systemd/gitpipe.service (MALLOC_ARENA_MAX), as installed. laminar is used when built: `../shared/peers/build-laminar.sh /tmp/laminar-build`, or set
 $LAMINAR_BUILD to the directory holding laminard and laminarc; without it only gitpipe and
 plain git are measured. Timings are medians in ms and swing with the machine's load: read
 the ratios, measured in the same run. The counts at the end (processes started and fsyncs
@@ -12,7 +19,8 @@ Rows (adapted from ../shared/peers/peer_bench.py, which produced issue 11's tabl
   push      what the post-receive hook adds to `git push` (gitpipe's hook vs `laminarc queue`)
   start     push start -> the first command of the job/action runs (a `date` it writes)
   action    per action: 20 sequential actions in one gitpipe run; 20 laminar jobs, 1 executor
-  idle      daemon RSS with 20 repos (laminar: 20 jobs), after 5 s idle
+  idle      daemon RSS with 20 repos (laminar: 20 jobs), after 5 s idle (after the rows above;
+            with only `idle`, a daemon that has run nothing)
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BIN, cpu_seconds, env_with_home, median, rss_kib, workdir  # noqa: E402
 
 LAM = Path(os.environ.get("LAMINAR_BUILD", "/tmp/laminar-build"))
+BEFORE = Path(os.environ["GITPIPE_BEFORE"]) if os.environ.get("GITPIPE_BEFORE") else None
+ROWS = ("push", "start", "action", "idle")
 GENV = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "b",
         "GIT_COMMITTER_EMAIL": "b@x"}
 ACTIONS = 20
@@ -63,27 +73,31 @@ class Peers:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.stamp = root / "shared" / "stamp"  # a dir every action may write: [sandbox] read_write
-        self.home = root / "gp"
+        self.home = root / "gp"  # this checkout's home; "gp0" (GITPIPE_BEFORE) has root / "gp0"
         self.genv = {**GENV, **env_with_home(self.home)}
         self.laminar = (LAM / "laminard").exists()
         self.systems = ["plain", "gp"] + (["lam"] if self.laminar else [])
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.bins = {"gp": BIN, **({"gp0": BEFORE} if BEFORE else {})}  # gp0: the "before" install
 
-    def gitpipe(self, *args: str) -> str:
-        return sh(str(BIN / "gitpipe"), *args, env=self.genv).stdout
+    def gitpipe(self, *args: str, system: str = "gp") -> str:
+        env = {**GENV, **env_with_home(self.root / system)} if system != "gp" else self.genv
+        return sh(str(self.bins[system] / "gitpipe"), *args, env=env).stdout
 
     def setup(self) -> None:
-        self.gitpipe("init")
         self.stamp.parent.mkdir(mode=0o1777)
         self.stamp.parent.chmod(0o1777)  # the build user writes the stamp
-        with open(self.home / "gitpipe.toml", "a") as f:
-            f.write(f'\n[sandbox]\nread_write = ["{self.stamp.parent}"]\n')
-        self.gitpipe("repo", "add", str(self.root / "gp.git"), "--create")
-        for i in range(ACTIONS - 1):
-            self.gitpipe("repo", "add", str(self.root / f"idle{i}.git"), "--create")
+        for s in self.bins:
+            self.gitpipe("init", system=s)
+            with open(self.root / s / "gitpipe.toml", "a") as f:
+                f.write(f'\n[sandbox]\nread_write = ["{self.stamp.parent}"]\n')
+            self.gitpipe("repo", "add", str(self.root / f"{s}.git"), "--create", system=s)
+            for i in range(ACTIONS - 1):
+                self.gitpipe("repo", "add", str(self.root / f"{s}-idle{i}.git"), "--create", system=s)
+            env = {**GENV, **env_with_home(self.root / s), **(unit_env() if s == "gp" else {})}
+            self.procs[s] = subprocess.Popen([str(self.bins[s] / "gitpipe"), "serve"], env=env,
+                                             stdout=open(self.root / f"{s}.log", "w"), stderr=subprocess.STDOUT)
         sh("git", "init", "-q", "--bare", "-b", "main", str(self.root / "plain.git"))
-        self.procs["gp"] = subprocess.Popen([str(BIN / "gitpipe"), "serve"], env=self.genv,
-                                            stdout=open(self.root / "gp.log", "w"), stderr=subprocess.STDOUT)
         if self.laminar:
             self._setup_laminar()
 
@@ -116,9 +130,9 @@ class Peers:
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    def wait_run(self, run_id: int) -> dict:
+    def wait_run(self, run_id: int, system: str = "gp") -> dict:
         while True:
-            run = json.loads(self.gitpipe("show", str(run_id), "--json"))
+            run = json.loads(self.gitpipe("show", str(run_id), "--json", system=system))
             if run["status"] not in ("queued", "running"):
                 return run
             time.sleep(0.05)
@@ -140,36 +154,44 @@ class Peers:
                     time.sleep(0.3)  # let the job finish
         return push, start
 
-    def actions(self, src: Path, rounds: int) -> tuple[list[float], list[float], list[float]]:
-        per_gp: list[float] = []
-        per_lam: list[float] = []
-        base: list[float] = []
+    def actions(self, src: Path, rounds: int) -> dict[str, list[float]]:
+        """Per action, ms, each system once per round: gitpipe (and the "before" one), laminar,
+        `bash -c true`, and the sandbox alone (`box`: gitpipe's argv; `bwrap`: without setpriv)."""
+        per: dict[str, list[float]] = {k: [] for k in [*self.bins, "lam", "bash", "box", "bwrap", "nocg"]}
         self.cpu: dict[str, list[float]] = {s: [] for s in self.procs}  # daemon CPU ms per action
-        for i in range(rounds):
-            c0 = cpu_seconds(self.procs["gp"].pid)
-            run = self.gp_actions(src, f"acts{i}")
-            self.cpu["gp"].append((cpu_seconds(self.procs["gp"].pid) - c0) * 1000 / ACTIONS)
-            ts = [a for s in run["stages"] for a in s["actions"]]
-            a0, a1 = iso(ts[0]["started_at"]), iso(ts[-1]["finished_at"])
-            per_gp.append((a1 - a0) * 1000 / ACTIONS)
-            if self.laminar:
-                t0, c0 = time.time(), cpu_seconds(self.procs["lam"].pid)
-                sh(str(LAM / "laminarc"), "run", *(["t"] * ACTIONS), env=self.lenv)
-                per_lam.append((time.time() - t0) * 1000 / ACTIONS)
-                self.cpu["lam"].append((cpu_seconds(self.procs["lam"].pid) - c0) * 1000 / ACTIONS)
-            t0 = time.time()
-            for _ in range(ACTIONS):
-                subprocess.run(["bash", "-c", "true"], check=True)
-            base.append((time.time() - t0) * 1000 / ACTIONS)
-        return per_gp, per_lam, base
+        floor = Floor(self.root, self.stamp.parent)
+        try:
+            for i in range(rounds):
+                for s in self.bins:
+                    c0 = cpu_seconds(self.procs[s].pid)
+                    run = self.gp_actions(src, f"acts{i}", s)
+                    self.cpu[s].append((cpu_seconds(self.procs[s].pid) - c0) * 1000 / ACTIONS)
+                    ts = [a for st in run["stages"] for a in st["actions"]]
+                    a0, a1 = iso(ts[0]["started_at"]), iso(ts[-1]["finished_at"])
+                    per[s].append((a1 - a0) * 1000 / ACTIONS)
+                if self.laminar:
+                    t0, c0 = time.time(), cpu_seconds(self.procs["lam"].pid)
+                    sh(str(LAM / "laminarc"), "run", *(["t"] * ACTIONS), env=self.lenv)
+                    per["lam"].append((time.time() - t0) * 1000 / ACTIONS)
+                    self.cpu["lam"].append((cpu_seconds(self.procs["lam"].pid) - c0) * 1000 / ACTIONS)
+                t0 = time.time()
+                for _ in range(ACTIONS):
+                    subprocess.run(["bash", "-c", "true"], check=True)
+                per["bash"].append((time.time() - t0) * 1000 / ACTIONS)
+                per["box"].append(floor.time(ACTIONS, setpriv=True))
+                per["bwrap"].append(floor.time(ACTIONS, setpriv=False))
+                per["nocg"].append(floor.time(ACTIONS, setpriv=True, cgroup=False))
+        finally:
+            floor.close()
+        return per
 
-    def gp_actions(self, src: Path, msg: str) -> dict:
+    def gp_actions(self, src: Path, msg: str, system: str = "gp") -> dict:
         sh("git", "commit", "-q", "--allow-empty", "-m", msg, cwd=src)
-        out = sh("git", "push", str(self.root / "gp.git"), "main", cwd=src).stderr
+        out = sh("git", "push", str(self.root / f"{system}.git"), "main", cwd=src).stderr
         match = re.search(r"run #(\d+)", out)
         if not match:
             raise SystemExit(f"the push named no run: {out}")
-        run = self.wait_run(int(match.group(1)))
+        run = self.wait_run(int(match.group(1)), system)
         if run["status"] != "succeeded":
             raise SystemExit(f"run {match.group(1)}: {run['status']}")
         return run
@@ -179,7 +201,7 @@ class Peers:
         out: dict[str, dict[str, float]] = {}
         if not shutil.which("strace"):
             return out
-        jobs = {"gp": lambda: self.gp_actions(src, "counted")}
+        jobs = {s: (lambda s=s: self.gp_actions(src, "counted", s)) for s in self.bins}
         if self.laminar:
             jobs["lam"] = lambda: sh(str(LAM / "laminarc"), "run", *(["t"] * ACTIONS), env=self.lenv)
         for s, job in jobs.items():
@@ -195,6 +217,60 @@ class Peers:
             calls = strace_counts(log.read_text())
             out[s] = {k: v / ACTIONS for k, v in calls.items()}
         return out
+
+
+def unit_env() -> dict[str, str]:
+    """The Environment= settings of this checkout's systemd unit but the home (MALLOC_ARENA_MAX):
+    gitpipe's daemon as installed; the "before" one runs as its own unit had it (without)."""
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "gitpipe.service"
+    found = dict(line[len("Environment="):].split("=", 1) for line in unit.read_text().splitlines()
+                 if line.startswith("Environment="))
+    found.pop("GITPIPE_HOME", None)
+    return found
+
+
+class Floor:
+    """The sandbox alone: this checkout's `Sandbox.launch` for a `true` action, started and
+    waited for as the executor does (its cgroup made and removed), in a home of its own."""
+
+    def __init__(self, root: Path, shared: Path) -> None:
+        from gitpipe import settings
+        from gitpipe.sandbox import Confine, Sandbox
+
+        home = root / "floor"
+        sh(str(BIN / "gitpipe"), "init", env={**GENV, **env_with_home(home)})
+        with open(home / "gitpipe.toml", "a") as f:
+            f.write(f'\n[sandbox]\nread_write = ["{shared}"]\n')
+        self.sandbox = Sandbox.for_host(settings.load(home))
+        slot = root / "floor-slot"
+        (slot / "tree").mkdir(parents=True)
+        self.confine = lambda key: Confine(key=key, home=slot / "home", tree=slot / "tree", name="gp",
+                                           output=slot / "output", readonly=(root / "gp.git" / "objects",))
+        self.n = 0
+
+    def time(self, count: int, setpriv: bool, cgroup: bool = True) -> float:
+        """ms from start to exit of `bash -eo pipefail -c true` in the sandbox, mean of `count`;
+        `cgroup=False`: without the attempt's cgroup (what moving into it costs)."""
+        total = 0.0
+        for _ in range(count):
+            self.n += 1
+            launch = self.sandbox.launch(["bash", "-eo", "pipefail", "-c", "true"], {"CI": "true"},
+                                         self.confine(f"f{self.n}" if cgroup else ""))
+            if not setpriv and "--no-new-privs" in launch.argv:  # bwrap alone: setpriv's words cut
+                at = launch.argv.index("--no-new-privs")
+                del launch.argv[at - 5:at + 1]
+            t0 = time.perf_counter()
+            proc = launch.popen(stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            code = proc.wait()
+            total += time.perf_counter() - t0
+            if launch.group is not None:
+                launch.group.remove()
+            if code != 0:
+                raise SystemExit(f"the sandbox alone failed: exit {code}")
+        return total * 1000 / count
+
+    def close(self) -> None:
+        self.sandbox.close()
 
 
 def strace_counts(text: str) -> dict[str, int]:
@@ -214,10 +290,16 @@ def iso(text: str) -> float:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    rows = sys.argv[2].split(",") if len(sys.argv) > 2 else list(ROWS)
+    if set(rows) - set(ROWS):
+        raise SystemExit(f"rows are {','.join(ROWS)}; not {','.join(sorted(set(rows) - set(ROWS)))}")
     peers = Peers(workdir())
     peers.setup()
+    out = Results(n, peers.laminar)
     try:
         time.sleep(2)
+        if "idle" in rows:
+            out.fresh = {s: rss_kib(p.pid) / 1024 for s, p in peers.procs.items()}
         src = peers.root / "src"
         sh("git", "init", "-q", "-b", "main", str(src))
         (src / ".pipeline.toml").write_text('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n'
@@ -228,56 +310,84 @@ def main() -> None:
         for s in peers.systems:
             sh("git", "push", "-q", str(peers.root / f"{s}.git"), "main", cwd=src)
         time.sleep(2)
-        push, start = peers.push_and_start(src, n)
-        (src / ".pipeline.toml").write_text("".join(
-            f'\n[[stage]]\nname = "s{k}"\n  [[stage.action]]\n  name = "a{k}"\n  run = "true"\n'
-            for k in range(ACTIONS)))
-        sh("git", "commit", "-qam", "20 actions", cwd=src)
-        per_gp, per_lam, base = peers.actions(src, max(3, n // 4))
-        counts = peers.counts(src)
-        time.sleep(5)
-        cpu0 = {s: cpu_seconds(p.pid) for s, p in peers.procs.items()}
-        time.sleep(5)
-        cpu = {s: (cpu_seconds(p.pid) - cpu0[s]) / 5 * 100 for s, p in peers.procs.items()}
-        rss = {s: rss_kib(p.pid) / 1024 for s, p in peers.procs.items()}
+        if "push" in rows or "start" in rows:
+            out.push, out.start = peers.push_and_start(src, n)
+        if "action" in rows:
+            (src / ".pipeline.toml").write_text("".join(
+                f'\n[[stage]]\nname = "s{k}"\n  [[stage.action]]\n  name = "a{k}"\n  run = "true"\n'
+                for k in range(ACTIONS)))
+            sh("git", "commit", "-qam", "20 actions", cwd=src)
+            out.actions = peers.actions(src, max(3, n // 4))
+            out.counts = peers.counts(src)
+            for s, v in peers.cpu.items():
+                if v:
+                    out.counts.setdefault(s, {})["daemon CPU ms (its own threads, not children)"] = median(v)
+        if "idle" in rows:
+            time.sleep(5)
+            cpu0 = {s: cpu_seconds(p.pid) for s, p in peers.procs.items()}
+            time.sleep(5)
+            out.cpu = {s: (cpu_seconds(p.pid) - cpu0[s]) / 5 * 100 for s, p in peers.procs.items()}
+            out.rss = {s: rss_kib(p.pid) / 1024 for s, p in peers.procs.items()}
     finally:
         peers.close()
-    counts = {s: {**counts.get(s, {}), "daemon CPU ms (its own threads, not children)": median(v)}
-              for s, v in peers.cpu.items() if v}
-    report(n, peers.laminar, push, start, (per_gp, per_lam, base), rss, cpu, counts)
+    out.report()
 
 
-def report(n: int, laminar: bool, push: dict[str, list[float]], start: dict[str, list[float]],
-           actions: tuple[list[float], list[float], list[float]], rss: dict[str, float],
-           cpu: dict[str, float], counts: dict[str, dict[str, float]]) -> None:
-    def lam(x: str) -> str:
-        return x if laminar else "(not built)"
+class Results:
+    """What was measured; prints one table (columns: gitpipe, the "before" one, laminar)."""
 
-    def ratio(g: float, ref: float) -> str:
-        return f"{g / ref:.2f}x" if laminar and ref > 0 else "-"
+    def __init__(self, n: int, laminar: bool) -> None:
+        self.n, self.laminar = n, laminar
+        self.push: dict[str, list[float]] = {}
+        self.start: dict[str, list[float]] = {}
+        self.actions: dict[str, list[float]] = {}
+        self.counts: dict[str, dict[str, float]] = {}
+        self.rss: dict[str, float] = {}
+        self.fresh: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
-    pp, pg = median(push["plain"]), median(push["gp"])
-    pl = median(push["lam"]) if laminar else 0.0
-    sg = median(start["gp"])
-    sl = median(start["lam"]) if laminar else 0.0
-    ag, ab = median(actions[0]), median(actions[2])
-    al = median(actions[1]) if laminar else 0.0
-    print(f"N={n}, medians in ms, measured interleaved in one run (load {os.getloadavg()[0]:.1f}; read the ratios)")
-    print("| measure | gitpipe | laminar 1.4 | gitpipe / laminar | goal |")
-    print("| --- | --- | --- | --- | --- |")
-    print(f"| what the hook adds to `git push` (plain push {pp:.1f} ms) | +{pg - pp:.1f} ms | "
-          f"{lam(f'+{pl - pp:.1f} ms')} | {ratio(pg - pp, pl - pp)} | <= +8 ms |")
-    print(f"| push start -> the first command runs | {sg:.1f} ms | {lam(f'{sl:.1f} ms')} | {ratio(sg, sl)} | <= 30 ms |")
-    print(f"| per action, {ACTIONS} sequential `true` (`bash -c true` alone: {ab:.1f} ms) | {ag:.1f} ms | "
-          f"{lam(f'{al:.1f} ms')} | {ratio(ag, al)} | <= 8 ms |")
-    rl, cl = rss.get("lam", 0.0), cpu.get("lam", 0.0)
-    print(f"| idle daemon RSS, 20 repos | {rss['gp']:.1f} MB | {lam(f'{rl:.1f} MB')} | {ratio(rss['gp'], rl)} | <= 25 MB |")
-    print(f"| idle daemon CPU over 5 s | {cpu['gp']:.2f} % | {lam(f'{cl:.2f} %')} | - | 0 % |")
-    for key in ("processes and threads started", "execve", "fsync + fdatasync",
-                "daemon CPU ms (its own threads, not children)"):
-        if key in counts.get("gp", {}):
-            lc = f"{counts['lam'][key]:.1f}" if key in counts.get("lam", {}) else lam("-")
-            print(f"| {key} per action | {counts['gp'][key]:.1f} | {lc} | - | - |")
+    def report(self) -> None:
+        before = BEFORE is not None
+        print(f"N={self.n}, medians in ms, measured interleaved in one run "
+              f"(load {os.getloadavg()[0]:.1f} at the end; read the ratios)")
+        print("| measure | gitpipe |" + (" before |" if before else "") + " laminar 1.4 | gitpipe / laminar | goal |")
+        print("| --- | --- |" + (" --- |" if before else "") + " --- | --- | --- |")
+
+        def row(name: str, values: dict[str, float], fmt: str, goal: str) -> None:
+            g, lam = values.get("gp"), values.get("lam")
+            cells = [fmt.format(g) if g is not None else "-"]
+            if before:
+                cells.append(fmt.format(values["gp0"]) if "gp0" in values else "-")
+            cells.append(fmt.format(lam) if lam is not None else ("(not built)" if not self.laminar else "-"))
+            cells.append(f"{g / lam:.2f}x" if g is not None and lam else "-")
+            print(f"| {name} | " + " | ".join(cells) + f" | {goal} |")
+
+        if self.push:
+            plain = median(self.push["plain"])
+            row(f"what the hook adds to `git push` (plain push {plain:.1f} ms)",
+                {s: median(v) - plain for s, v in self.push.items() if s != "plain"}, "+{:.1f} ms", "<= +8 ms")
+        if self.start:
+            row("push start -> the first command runs", {s: median(v) for s, v in self.start.items()},
+                "{:.1f} ms", "<= 30 ms")
+        if self.actions:
+            a = {s: median(v) for s, v in self.actions.items() if v}
+            row(f"per action, {ACTIONS} sequential `true` (`bash -c true` alone: {a['bash']:.1f} ms)",
+                {s: a[s] for s in ("gp", "gp0", "lam") if s in a}, "{:.1f} ms", "<= 8 ms")
+            empty = " |" * (3 if before else 2)
+            print(f"| the sandbox alone, same rounds: bwrap + setpriv + bash (bwrap + bash: {a['bwrap']:.1f} ms; "
+                  f"no cgroup: {a['nocg']:.1f} ms) | {a['box']:.1f} ms |" + empty + " floor |")
+            print(f"| per action / the sandbox alone | {a['gp'] / a['box']:.2f}x |"
+                  + (f" {a['gp0'] / a['box']:.2f}x |" if "gp0" in a else "") + " | | |")
+        if self.fresh:
+            row("daemon RSS, 20 repos, before any run", self.fresh, "{:.1f} MB", "<= 25 MB")
+        if self.rss:
+            row("idle daemon RSS, 20 repos, after the rows above", self.rss, "{:.1f} MB", "<= 25 MB")
+            row("idle daemon CPU over 5 s", self.cpu, "{:.2f} %", "0 %")
+        for key in ("processes and threads started", "execve", "fsync + fdatasync",
+                    "daemon CPU ms (its own threads, not children)"):
+            values = {s: c[key] for s, c in self.counts.items() if key in c}
+            if values:
+                row(f"{key} per action", values, "{:.1f}", "-")
 
 
 if __name__ == "__main__":

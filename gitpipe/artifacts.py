@@ -9,12 +9,12 @@ target worktree either.
 from __future__ import annotations
 
 import filecmp
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gitpipe.digest import hashlib  # OpenSSL's, loaded on first use (see digest)
 from gitpipe.errors import ActionError, ArtifactError, UsageError
 from gitpipe.matching import path_regex
 from gitpipe.models import ArtifactRecord

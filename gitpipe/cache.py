@@ -29,7 +29,6 @@ from under its overlay (that attempt may then fail).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gitpipe import cachefs, space
+from gitpipe.digest import hashlib  # OpenSSL's, loaded on first use (see digest)
 from gitpipe.errors import GitpipeError, UsageError
 from gitpipe.intake import now_iso
 from gitpipe.matching import path_regex

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,16 @@ class Tree:
                 _write_limits(d, memory, pids)
         return group
 
+    def warm(self) -> None:
+        """Begin, in the background, the wait the next move into a group will have.
+
+        The kernel's first cgroup migration after a quiet spell waits for an RCU grace period
+        (cgroup_threadgroup_rwsem's rcu_sync: ~5-9 ms on a loaded 2-core VM, measured), and
+        the moves after it, within about one more period, do not. Called a few ms before an
+        attempt's process is moved, this overlaps that wait with the work in between. It
+        writes the daemon's pid into the group it is in already: a move to where it is."""
+        threading.Thread(target=_rewrite_own, name="cgroup-warm", daemon=True).start()
+
     def sweep(self) -> int:
         """Kill and remove the groups a previous daemon left (after a crash); how many."""
         found = 0
@@ -222,6 +233,25 @@ def _v2_tree(own: Path, tag: str) -> tuple[Tree | None, str]:
         return tree, f"cannot enable the memory and pids controllers under {own} ({exc.strerror})"
     tree.limits = True
     return tree, ""
+
+
+def _rewrite_own() -> None:
+    own = own_groups()  # read now: the daemon's group as it is, never an attempt's
+    path = None
+    for c in V1_CONTROLLERS:  # one hierarchy is enough: the lock is the kernel's, global
+        if own.get(c) is not None and (ROOT / c).is_dir():
+            path = ROOT / c / own[c].lstrip("/")
+            break
+    else:
+        mount = _unified_mount()
+        if mount is not None and "" in own:
+            path = mount / own[""].lstrip("/")
+    if path is None:
+        return
+    try:
+        (path / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError:
+        pass
 
 
 def own_groups() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The daemon loop: wait for a wake-up (watchdog file events, no polling), recover,
+"""The daemon loop: wait for a wake-up (inotify file events, see `inotify`; no polling), recover,
 claim queued runs, hand them to workers; stop cleanly on SIGTERM.
 
 Shape of rq's worker: a stop flag, a short loop, the first signal lets running
@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gitpipe import executor, follow, queue, retention, space, triggers
+from gitpipe import executor, inotify, queue, retention, space, triggers
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
@@ -42,6 +43,7 @@ log = logging.getLogger("gitpipe")
 STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
 EVENTS_SEEN = "events_seen"  # state key: the newest event id the daemon passed on (see Daemon._hear_others)
 SAVE_EVERY = 500  # events
+SWITCH_INTERVAL = 0.001  # seconds a thread holds the GIL while others wait (see serve)
 
 
 def daemon_lock(settings: Settings) -> int | None:
@@ -108,6 +110,11 @@ class Daemon:
         for note in sandbox.notes:
             log.warning("%s", note)
         close_home(self.settings.home)
+        # Action threads mostly wait (a process, a pipe); the report thread renders (CPU). With
+        # CPython's 5 ms switch interval a render held an action's every wake-up back by up to
+        # 5 ms; 1 ms made runs of 20 `true` actions 12-47% faster (3 interleaved pairs, load 9).
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self.store = Store(self.settings)
         self.notifier = Notifier(self.settings, self.store, sandbox)
         if self.notify:
@@ -129,7 +136,7 @@ class Daemon:
             from gitpipe.cluster.dispatch import Cluster
 
             self.host.cluster = Cluster(self.settings, self.settings.cluster)
-        observer = follow.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake, recursive=False)
+        observer = inotify.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake)
         old = self._install_signals()
         log.addFilter(self.repeats)
         hook, threading.excepthook = threading.excepthook, self._thread_died
@@ -158,6 +165,7 @@ class Daemon:
             log.removeFilter(self.repeats)
             self.store.close()
             os.close(lock)
+            sys.setswitchinterval(switch)
             log.info("stopped")
 
     def _thread_died(self, args: threading.ExceptHookArgs) -> None:

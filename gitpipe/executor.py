@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -222,8 +222,7 @@ def start(launch: Launch, log: LogWriter, token: str) -> Attempt:
             launch.group.remove()
         raise OSError(log.error.errno, f"its log could not be opened: {log.error.strerror or log.error}")
     try:
-        proc = subprocess.Popen(
-            launch.argv, cwd=launch.cwd, env={**launch.env, TOKEN_VAR: token},
+        proc = replace(launch, env={**launch.env, TOKEN_VAR: token}).popen(
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True,
         )

@@ -1,7 +1,6 @@
 """Following a run from the command line: wake on file events (watchdog), read what is new.
 
-The one user of watchdog: the daemon waits on its wake and spool directories through
-`observe` too.
+The one user of watchdog (the daemon waits on its wake and spool folders with `inotify`).
 """
 
 from __future__ import annotations
@@ -12,45 +11,45 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
+# watchdog (~5 MB resident, 70 modules) is imported on first use: the daemon, which imports
+# this module through the CLI, waits with `inotify` and never loads it.
 
 STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 SAFETY_NET = 1.0  # seconds; the database (status changes) sends no file event we watch
 # What wakes a watcher: a file created, written, closed after writing, or moved (inotify is asked
-# for these alone). Never a deletion (the daemon deletes the wake files it read), and never an
-# open, a read or a close without writing, which watchdog reports too unless told: a follower
-# reading a log woke itself with its own reads, in a loop that took a whole core, and an
-# observer stopped with such an event still queued made watchdog print
-# "InotifyEmitter.queue_events() called when the thread is inactive".
-CHANGES: list[type[FileSystemEvent]] = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
-                                        DirCreatedEvent, DirMovedEvent]
-
-
-class _Set(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        self.event.set()
+# for these alone). Never a deletion, and never an open, a read or a close without writing,
+# which watchdog reports too unless told: a follower reading a log woke itself with its own
+# reads, in a loop that took a whole core, and an observer stopped with such an event still
+# queued made watchdog print "InotifyEmitter.queue_events() called when the thread is inactive".
 
 
 def observe(dirs: list[Path], event: threading.Event, recursive: bool = True) -> BaseObserver:
-    """A started observer that sets `event` whenever a file under `dirs` changes (see CHANGES)."""
+    """A started observer that sets `event` whenever a file under `dirs` changes (see above)."""
+    from watchdog.events import (
+        DirCreatedEvent,
+        DirMovedEvent,
+        FileClosedEvent,
+        FileCreatedEvent,
+        FileModifiedEvent,
+        FileMovedEvent,
+        FileSystemEvent,
+        FileSystemEventHandler,
+    )
+    from watchdog.observers import Observer
+
+    class _Set(FileSystemEventHandler):
+        def on_any_event(self, _event: FileSystemEvent) -> None:
+            event.set()
+
+    changes: list[type[FileSystemEvent]] = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
+                                            DirCreatedEvent, DirMovedEvent]
     observer = Observer()
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-        observer.schedule(_Set(event), str(d), recursive=recursive, event_filter=CHANGES)
+        observer.schedule(_Set(), str(d), recursive=recursive, event_filter=changes)
     observer.start()
     return observer
 

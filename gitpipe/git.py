@@ -19,7 +19,6 @@ read-only (see `sandbox`).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
 
 TYPE_CHECKING = False
@@ -229,7 +229,7 @@ def _loose(git_dir: Path, sha: str) -> tuple[str, bytes] | None:
     raw = inflate.decompress(packed, _LOOSE_MAX + 64)
     if inflate.unconsumed_tail:
         return None
-    digest = hashlib.sha1(raw) if len(sha) == 40 else hashlib.sha256(raw)
+    digest = sha1(raw) if len(sha) == 40 else sha256(raw)
     if digest.hexdigest() != sha:
         raise ValueError(f"loose object {sha} does not match its name")
     header, _, body = raw.partition(b"\0")
@@ -354,28 +354,100 @@ class WorktreePool:
     _digests_lock = threading.Lock()
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path,
-                 settle: Callable[[Path], None] | None = None, protected: bool = False) -> None:
+                 settle: Callable[[Path], None] | None = None, protected: bool = False,
+                 ahead: int = 0) -> None:
         """`settle`: what the sandbox does to a fresh tree (owner, modes) before anything reads it;
-        `protected`: the slots of protected runs, never used by another run."""
+        `protected`: the slots of protected runs, never used by another run; `ahead`: how many
+        checkouts may still follow the first (a run's actions), each prepared while the one
+        before runs (see `prepare_next`). Call `close` when done."""
         self.dir = work_dir / repo_name / "protected" if protected else work_dir / repo_name
         self.objects = Path(repo_path).absolute() / "objects"
         self.settle = settle
+        self.ahead = ahead
+        self._next: _Ahead | None = None
+        self._next_lock = threading.Lock()
 
     @contextmanager
     def checkout(self, sha: str) -> Iterator[Slot]:
         """A worktree at exactly `sha`, held until the block ends."""
-        slot = self._take()
+        slot = self._prepared(sha)
+        if slot is None:
+            slot = self._take()
+            try:
+                self._ready(slot, sha)
+            except BaseException:
+                os.close(slot.lock_fd)
+                raise
         try:
-            self._reset(slot, sha)
-            if _tracked_count(slot.tree) <= CLEAN_IN_PROCESS:
-                # Settled here (the sandbox walks it again at launch, for the inputs restored
-                # into it: twice only for a small tree) so that what is remembered is final.
-                if self.settle is not None:
-                    self.settle(slot.tree)
-                self._seal(slot, sha)
             yield slot
         finally:
             os.close(slot.lock_fd)
+
+    def _ready(self, slot: Slot, sha: str) -> None:
+        self._reset(slot, sha)
+        if _tracked_count(slot.tree) <= CLEAN_IN_PROCESS:
+            # Settled here (the sandbox walks it again at launch, for the inputs restored
+            # into it: twice only for a small tree) so that what is remembered is final.
+            if self.settle is not None:
+                self.settle(slot.tree)
+            self._seal(slot, sha)
+
+    def prepare_next(self, sha: str) -> None:
+        """While an action runs, reset another slot to `sha` in the background for the next
+        checkout (the next action of the run), so that its reset is off the critical path: the
+        run's actions alternate between two slots. Does nothing once `ahead` is spent; never
+        raises (the next checkout then takes a slot itself)."""
+        with self._next_lock:
+            if self.ahead <= 0 or self._next is not None:
+                return
+            self.ahead -= 1
+            try:
+                self._next = _Ahead(self, sha)
+            except OSError as exc:
+                log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
+                return
+            self._next.thread.start()
+
+    def _prepared(self, sha: str) -> Slot | None:
+        """The slot `prepare_next` made ready, checked again: held by this pool since its reset, yet
+        what was in it when it was reset is checked once more (its tracked files by their seal,
+        anything untracked removed); a slot whose tracked files changed is reset again."""
+        with self._next_lock:
+            ahead, self._next = self._next, None
+        if ahead is None:
+            return None
+        ahead.thread.join()
+        slot = ahead.slot
+        if slot is None:  # it failed (a full disk...): the checkout takes a slot as before
+            return None
+        try:
+            if ahead.sha != sha or not self._still(slot, sha):
+                self._ready(slot, sha)
+        except BaseException:
+            os.close(slot.lock_fd)
+            raise
+        return slot
+
+    def _still(self, slot: Slot, sha: str) -> bool:
+        """Whether a prepared slot holds exactly `sha` still (a large tree has no seal: trusted,
+        as it is between any reset and its use); what is untracked is cleaned."""
+        with self._digests_lock:
+            sealed = self._sealed.get(str(slot.root))
+        if sealed is None:
+            return _tracked_count(slot.tree) > CLEAN_IN_PROCESS
+        if sealed[0] != sha or tree_stat(slot.tree) != sealed[1]:
+            return False
+        return clean_untracked(slot.tree)
+
+    def close(self) -> None:
+        """Let go of a slot prepared for a checkout that did not come."""
+        with self._next_lock:
+            ahead, self._next = self._next, None
+            self.ahead = 0
+        if ahead is not None:
+            ahead.thread.join()
+            if ahead.slot is not None:
+                os.close(ahead.slot.lock_fd)
 
     def _take(self) -> Slot:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -490,6 +562,25 @@ class WorktreePool:
     def remove(self) -> None:
         """Delete every slot of this repo (all must be free)."""
         remove_tree(self.dir)
+
+
+class _Ahead:
+    """A slot being reset in the background for the next checkout (see `WorktreePool.prepare_next`)."""
+
+    def __init__(self, pool: WorktreePool, sha: str) -> None:
+        self.pool, self.sha = pool, sha
+        self.taken = pool._take()  # here, while the caller holds its own: another slot
+        self.slot: Slot | None = None
+        self.thread = threading.Thread(target=self._run, name="worktree-ahead", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.pool._ready(self.taken, self.sha)
+        except Exception as exc:  # the checkout that wanted it takes and resets a slot itself
+            log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
+            os.close(self.taken.lock_fd)
+            return
+        self.slot = self.taken
 
 
 def _layout_kept(git_dir: Path) -> bool:
@@ -634,7 +725,7 @@ def tree_stat(tree: Path, racy_ns: int | None = None,
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256(path.read_bytes()).hexdigest()
 
 
 def remove_tree(path: Path) -> None:

@@ -14,8 +14,14 @@ namespace and forbids further ones); when the daemon is root, bwrap runs as root
 build the mounts and `setpriv` drops to `[sandbox] user` with no capabilities and
 no_new_privs before anything of the user's runs. An action is never uid 0.
 
-Every process joins the attempt's cgroup (see `cgroup`) before it runs anything: a
-`sh` prefix writes 0 into the group's `cgroup.procs`, then execs bwrap.
+Every process of the sandbox joins the attempt's cgroup (see `cgroup`) before it runs
+anything: bwrap is started held (`--block-fd`), says which process is its sandbox
+(`--info-fd`), and is let go once the daemon has written that one into the group's
+`cgroup.procs` (see `Launch.popen`); the script is forked after that, inside. Without bwrap (mode "none") a `sh`
+prefix writes 0 into `cgroup.procs`, then execs the rest. Weak spot of the held start: a
+daemon killed in the millisecond between bwrap's start and its admission lets the sandbox go
+on outside the group (its limits unenforced), still confined otherwise; the next daemon
+ends it by its attempt token (`executor.kill_token`).
 Known weak spots, also in the README: the kernel is shared (a kernel bug is a way
 out), the network is open unless a pipeline closes it, and in the root setup the
 build user may still create user namespaces inside the sandbox.
@@ -24,18 +30,22 @@ build user may still create user namespaces inside the sandbox.
 from __future__ import annotations
 
 import errno
-import hashlib
+import json
 import logging
 import os
 import pwd
+import select
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gitpipe import cgroup
+from gitpipe.digest import sha256
 from gitpipe.errors import ConfigError, UsageError
 from gitpipe.settings import SandboxSettings, Settings
 
@@ -88,6 +98,77 @@ class Launch:
     cwd: Path
     group: cgroup.Group | None = None
     spare: bool = False  # the first process is bwrap's monitor: SIGTERM goes to the others
+    held: int | None = None  # where bwrap is in argv: started held, let go once in `group`
+
+    def popen(self, **kw: Any) -> subprocess.Popen[bytes]:
+        """Start it (`kw`: Popen's keywords). A held bwrap gets its sandbox's first process (whose
+        pid it writes to --info-fd) written into the group, then its --block-fd, and only then
+        forks the script: no exec of a `sh` that joins the group first. bwrap's monitor (the
+        started process) stays out: it runs nothing of the job and ends with the sandbox, and
+        each move costs the kernel an RCU grace period (cgroup v1: ~2-5 ms per hierarchy under
+        load). Anything going wrong kills both before the block is let go."""
+        if self.held is None or self.group is None:
+            return subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, **kw)
+        info_r, info_w = os.pipe()
+        block_r, block_w = os.pipe()
+        at = self.held + 1
+        argv = [*self.argv[:at], "--info-fd", str(info_w), "--block-fd", str(block_r), *self.argv[at:]]
+        try:
+            try:
+                proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, pass_fds=(info_w, block_r), **kw)
+            finally:
+                os.close(info_w)
+                os.close(block_r)
+            child = None
+            try:
+                child = _child_pid(info_r)
+                if child is not None:  # else bwrap ended before making it (its exit says why)
+                    _admit(self.group, child)
+            except BaseException:
+                for pid in ([] if child is None else [child]) + [proc.pid]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait()
+                raise
+            os.write(block_w, b"1")
+            return proc
+        finally:
+            os.close(info_r)
+            os.close(block_w)
+
+
+HELD_START = 30.0  # seconds bwrap may take to make its sandbox's process before it is given up
+
+
+def _child_pid(fd: int) -> int | None:
+    """The sandbox's pid that a held bwrap writes to its --info-fd; None when bwrap ended first
+    (it said why on its stderr, and exits non-zero)."""
+    data = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], HELD_START)
+        if not ready:
+            raise OSError(errno.ETIMEDOUT, f"bwrap did not start its sandbox within {HELD_START:.0f}s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    if not data.strip():
+        return None
+    return int(json.loads(data)["child-pid"])
+
+
+def _admit(group: cgroup.Group, pid: int) -> None:
+    """Move the process `pid` into every hierarchy of `group`."""
+    for d in group.dirs:
+        fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(pid).encode())
+        except ProcessLookupError:  # it ended already (bwrap failed making it; its stderr says why)
+            return
+        finally:
+            os.close(fd)
 
 
 @dataclass
@@ -106,7 +187,7 @@ class Sandbox:
     def for_host(cls, settings: Settings) -> Sandbox:
         """Check bwrap, the build user and cgroups now, so `serve` fails at start, not mid-run."""
         conf = settings.sandbox
-        box = cls(conf, hashlib.sha256(str(settings.home).encode()).hexdigest()[:10])
+        box = cls(conf, sha256(str(settings.home).encode()).hexdigest()[:10])
         root = os.geteuid() == 0
         if conf.mode == "none":
             if root:
@@ -168,6 +249,8 @@ class Sandbox:
     # ------------------------------------------------------------------ one process
     def prepare(self, box: Confine) -> None:
         """Make the HOME and output file fresh and hand the worktree over (before a cache restore)."""
+        if self.tree is not None and box.key:
+            self.tree.warm()  # the cgroup move at launch then waits less (see cgroup.Tree.warm)
         fresh_dir(box.home, self.uid, self.gid)
         if box.output is not None:
             box.output.unlink(missing_ok=True)
@@ -182,13 +265,12 @@ class Sandbox:
         if not prepared:
             self.prepare(box)
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
-        join = _join(group)
         full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH}
-        if self.bwrap is None:  # mode "none": the host's paths
+        if self.bwrap is None:  # mode "none": the host's paths; a `sh` joins the group
             full.update(HOME=str(box.home))
             if box.output is not None:
                 full["GITPIPE_OUTPUT"] = str(box.output)
-            return Launch(join + argv, full, box.tree or box.home, group)
+            return Launch(_join(group) + argv, full, box.tree or box.home, group)
         full["HOME"] = INSIDE_HOME
         if box.output is not None:
             full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
@@ -196,18 +278,17 @@ class Sandbox:
         outer = {k: v for k, v in full.items() if not unsecure(k)}
         outer["PATH"] = SYSTEM_PATH  # what finds setpriv; bwrap sets the script's own (--setenv)
         inner = self._bwrap(argv, box, late, script_path=full["PATH"])
-        if box.overlays and self.uid is None:
-            inner = _with_overlays(inner, box.overlays)
-        return Launch(join + inner, outer, Path("/"), group, spare=True)
+        final = _with_overlays(inner, box.overlays) if box.overlays and self.uid is None else inner
+        return Launch(final, outer, Path("/"), group, spare=True,
+                      held=len(final) - len(inner) if group is not None else None)
 
     def run(self, argv: list[str], env: dict[str, str], box: Confine, stdin: bytes,
             timeout: float) -> subprocess.CompletedProcess[bytes]:
         """Run a short confined command to its end (a notify command); killed whole at `timeout`."""
         launch = self.launch(argv, env, box)
         try:
-            proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
+            proc = launch.popen(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
         except BaseException:
             if launch.group is not None:
                 launch.group.remove()
@@ -313,7 +394,7 @@ def _with_overlays(argv: list[str], overlays: tuple[tuple[Path, Path, Path, Path
 
 
 def _join(group: cgroup.Group | None) -> list[str]:
-    """A `sh` prefix that moves itself into the attempt's cgroup, then execs the rest."""
+    """A `sh` prefix that moves itself into the attempt's cgroup, then execs the rest (mode "none")."""
     if group is None:
         return []
     writes = " && ".join(f"echo 0 > {shlex.quote(str(d / 'cgroup.procs'))}" for d in group.dirs)

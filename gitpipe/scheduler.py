@@ -149,9 +149,13 @@ class RunWorker:
             return
         if self.store.cancel_requested(run.id):
             self.cancelled.set()
+        left = sum(1 for a in self.store.actions(run.id) if not a.status.finished and a.type != "approval")
         self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo),
-                                     settle=self.host.sandbox.settle, protected=self._protected())
-        self._stages()
+                                     settle=self.host.sandbox.settle, protected=self._protected(), ahead=left - 1)
+        try:
+            self._stages()
+        finally:
+            self.pool.close()
 
     def _pipeline(self, run: RunRecord) -> Pipeline | None:
         text = self.store.pipeline_text(run.id) or ""
@@ -422,6 +426,7 @@ class RunWorker:
         else:  # a plugin type: run in a process of its own, so timeouts and cancels work the same
             argv, env = plugins.command(spec, env)
         attempt = executor.start(self.host.sandbox.launch(argv, env, box, prepared=True), writer, token)
+        self.pool.prepare_next(self.run.sha)  # the next action's worktree, while this one runs
         with self.lock:
             self.attempts[rec.id] = attempt
         if self.cancelled.is_set():

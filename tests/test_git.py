@@ -431,3 +431,50 @@ def test_a_large_trees_submodule_folder_is_emptied_too(tmp_path: Path) -> None:
     assert (work / "lib" / "left.txt").exists()  # what git itself leaves
     gitmod.empty_gitlinks(work)
     assert list((work / "lib").iterdir()) == [] and (work / "a.txt").exists()
+
+
+# ---------------------------------------------------------------------------- preparing ahead
+
+
+def test_a_run_alternates_between_two_slots_each_reset_while_the_other_is_used(bare: Path, tmp_path: Path) -> None:
+    """prepare_next resets another slot while an action runs; the next checkout gets it, exact."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare, ahead=3)
+    main = sha_of(bare, "main")
+    roots = []
+    for _ in range(4):
+        with pool.checkout(main) as slot:
+            roots.append(slot.root)
+            assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
+            pool.prepare_next(main)  # what the scheduler does once the script runs
+            (slot.tree / "README.md").write_text("changed by the action\n")
+            (slot.tree / "left.txt").write_text("x")
+    pool.close()
+    assert roots[0] == roots[2] and roots[1] == roots[3] and roots[0] != roots[1]
+    assert pool._next is None and pool.ahead == 0
+    with pool.checkout(main) as slot:  # nothing stays held: slot 0 is free again
+        assert slot.root == roots[0]
+
+
+def test_a_prepared_slot_changed_before_its_use_is_reset_again(bare: Path, tmp_path: Path) -> None:
+    """Between its reset and its use the prepared slot is checked once more: a tracked file
+    changed meanwhile (through an open file a leftover process kept) and a new file are gone."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare, ahead=1)
+    main, v1 = sha_of(bare, "main"), sha_of(bare, "v1")
+    with pool.checkout(main) as first:
+        pool.prepare_next(main)
+        ahead = pool._next
+        assert ahead is not None
+        ahead.thread.join()
+        assert ahead.slot is not None and ahead.slot.root != first.root
+        (ahead.slot.tree / "src" / "app.py").write_text("print('planted')\n")
+        (ahead.slot.tree / "planted.txt").write_text("x")
+    with pool.checkout(main) as slot:
+        assert slot.root == ahead.slot.root
+        assert (slot.tree / "src" / "app.py").read_text() == "print('v2')\n"
+        assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare, ahead=1)
+    with pool.checkout(main) as first:
+        pool.prepare_next(main)
+    with pool.checkout(v1) as slot:  # prepared for another commit: reset to the one asked for
+        assert (slot.tree / "src" / "app.py").read_text() == "print('v1')\n"
+        assert tree_state(slot.tree)[1] == ""

@@ -1031,6 +1031,46 @@ def test_allocation_beyond_memory_fails_naming_the_limit(tmp_path: Path) -> None
         assert_concurrent_and_undisturbed(home, run, "hog")
 
 
+def test_a_held_bwrap_runs_nothing_until_all_of_it_is_in_the_cgroup(tmp_path: Path) -> None:
+    """bwrap starts held (--block-fd); the daemon writes its processes into the attempt's group,
+    then lets it go: the script is a member from its first instruction. A group that cannot be
+    joined (gone here) fails the start, and bwrap is killed before its block is released."""
+    if not IS_ROOT:
+        pytest.skip("cgroup hierarchies are root's on this host (see the module's docstring)")
+    from gitpipe import settings
+    from gitpipe.sandbox import Confine, Sandbox
+
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    sandbox = Sandbox.for_host(settings.load(home.home))
+    assert sandbox.tree is not None, "a root daemon gets a cgroup per attempt"
+    slot = tmp_path / "slot"
+    (slot / "tree").mkdir(parents=True)
+    try:
+        box = Confine(key="held", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        launch = sandbox.launch(["bash", "-c", "cat /proc/self/cgroup > own; sleep 0.3"], {}, box)
+        assert launch.group is not None and "/bin/sh" not in launch.argv
+        proc = launch.popen(stdin=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(0.1)
+        members = launch.group.members()
+        assert proc.wait() == 0
+        launch.group.remove()
+        assert proc.pid not in members and len(members) >= 2, members  # the sandbox's init, bash (not bwrap)
+        assert all(line.endswith("/held") for line in (slot / "tree" / "own").read_text().splitlines()
+                   if ":pids:" in line or ":memory:" in line)
+
+        box = Confine(key="gone", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {}, box)
+        assert launch.group is not None
+        launch.group.remove()
+        with pytest.raises(OSError):
+            launch.popen(stdin=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(0.3)
+        assert not (slot / "tree" / "ran").exists()
+    finally:
+        sandbox.close()
+
+
 # ---------------------------------------------------------------------------- network
 
 

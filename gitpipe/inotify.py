@@ -1,0 +1,81 @@
+"""The daemon's wake-up: one inotify descriptor on its wake and spool folders, read by one thread.
+
+watchdog (which `follow` uses for `gitpipe logs --follow`) costs an idle daemon ~5 MB resident,
+70 modules and five threads (an emitter and a reader per folder, a dispatcher) to watch two
+folders non-recursively; this is the same wake-up in one thread and no module beyond ctypes
+(which the sandbox loads anyway). What wakes: a file created, written, closed after writing,
+or moved in (never a deletion: the daemon deletes the wake files it read), and an event queue
+overflow (a lost event must never leave work unseen).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import threading
+from pathlib import Path
+
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_ONLYDIR = 0x01000000
+IN_CLOEXEC = 0o2000000
+IN_NONBLOCK = 0o4000
+WAKES = IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO
+
+
+class Watch:
+    """A started watch that sets `event` whenever a file in one of `dirs` changes (see WAKES)."""
+
+    def __init__(self, dirs: list[Path], event: threading.Event) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter has loaded
+        self.fd = libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK)
+        if self.fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"inotify: {os.strerror(code)}"
+                          + (" (raise fs.inotify.max_user_instances)" if code == errno.EMFILE else ""))
+        try:
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+                if libc.inotify_add_watch(self.fd, os.fsencode(d), WAKES | IN_ONLYDIR) < 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, f"inotify on {d}: {os.strerror(code)}"
+                                  + (" (raise fs.inotify.max_user_watches)" if code == errno.ENOSPC else ""))
+            self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.event = event
+        self.thread = threading.Thread(target=self._read, name="inotify", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([self.fd, self._stop_r], [], [])
+                if self._stop_r in ready:
+                    return
+                try:
+                    while os.read(self.fd, 65536):  # every event (an overflow too) is a reason to look
+                        pass
+                except BlockingIOError:
+                    pass
+                self.event.set()
+        finally:
+            os.close(self.fd)
+            os.close(self._stop_r)
+
+    def stop(self) -> None:
+        os.write(self._stop_w, b"x")
+
+    def join(self) -> None:
+        self.thread.join()
+        os.close(self._stop_w)
+
+
+def observe(dirs: list[Path], event: threading.Event) -> Watch:
+    """Set `event` on every change of a file directly in `dirs` (made when missing)."""
+    return Watch(dirs, event)
