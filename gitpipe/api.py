@@ -13,7 +13,8 @@ from gitpipe import git, queue
 from gitpipe import pipeline as pipeline_mod
 from gitpipe import settings as settings_mod
 from gitpipe.errors import PipelineError, UsageError
-from gitpipe.models import ActionRecord, Pipeline, RunRecord, RunStatus, short_ref
+from gitpipe.models import ActionRecord, Pipeline, RunRecord, RunStatus
+from gitpipe.refs import short_ref
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 

@@ -28,8 +28,9 @@ from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
 from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
-from gitpipe.models import ActionStatus, Event, RunStatus, short_ref
+from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
+from gitpipe.refs import short_ref
 from gitpipe.report import Reporter
 from gitpipe.sandbox import Sandbox
 from gitpipe.scheduler import Host, RunWorker

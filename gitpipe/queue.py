@@ -17,7 +17,8 @@ from gitpipe import intake
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.ansi import visible
 from gitpipe.errors import PipelineError
-from gitpipe.models import RefUpdate, short_ref
+from gitpipe.models import RefUpdate
+from gitpipe.refs import short_ref
 from gitpipe.settings import Settings
 
 PIPELINE_FILE = ".pipeline.toml"

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gitpipe import artifacts, delivery, executor, git, plugins, reuse, space
+from gitpipe import artifacts, delivery, executor, git, lifecycle, plugins, reuse, space
 from gitpipe import cache as cache_mod
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
@@ -32,8 +32,8 @@ from gitpipe.models import (
     Pipeline,
     RunRecord,
     RunStatus,
-    short_ref,
 )
+from gitpipe.refs import branch_of, tag_of
 from gitpipe.sandbox import Confine, Sandbox
 from gitpipe.secrets import Masker
 from gitpipe.settings import Settings
@@ -184,9 +184,8 @@ class RunWorker:
             ok = self._stage(s_idx, acts)
             if self.interrupted.is_set():
                 return  # the next daemon goes on from here
-            status = ActionStatus.SUCCEEDED if ok else (
-                ActionStatus.CANCELLED if self.cancelled.is_set() else ActionStatus.FAILED)
-            self.store.set_stage(self.run.id, s_idx, status)
+            if ok:  # a stage that stopped early was closed by _close_stage (failed or cancelled)
+                self.store.set_stage(self.run.id, s_idx, ActionStatus.SUCCEEDED)
             failed = failed or not ok
         self._finish(failed)
 
@@ -217,7 +216,7 @@ class RunWorker:
         """
         if self.interrupted.is_set():
             return
-        status = ActionStatus.CANCELLED if self.cancelled.is_set() else ActionStatus.SKIPPED
+        status = lifecycle.not_run(self.cancelled.is_set())
         spec_of = self.pipe.stages[s_idx].actions
         for a in acts:
             if a.type == "deploy" and self.store.deploy_in_flight(a.id):
@@ -226,24 +225,14 @@ class RunWorker:
                 self.store.resolve_approval(self.run.id, a.id, ActionStatus.CANCELLED, "run cancelled")
             elif a.status in (ActionStatus.PENDING, ActionStatus.INTERRUPTED):
                 self.store.set_action(a.id, status)
-        stage = self.store.stages(self.run.id)[s_idx]
-        if not stage.status.finished:
-            final = status
-            if status is ActionStatus.SKIPPED and any(
-                    not a.passed for a in self.store.actions_of_stage(self.run.id, s_idx)):
-                final = ActionStatus.FAILED
+        if not self.store.stages(self.run.id)[s_idx].status.finished:
+            final = lifecycle.closed_stage(self.cancelled.is_set(), self.store.actions_of_stage(self.run.id, s_idx))
             self.store.set_stage(self.run.id, s_idx, final)
 
     def _finish(self, failed: bool) -> None:
         if self.interrupted.is_set():
             return
-        acts = self.store.actions(self.run.id)
-        if self.cancelled.is_set():
-            status = RunStatus.CANCELLED
-        elif not failed and all(a.passed for a in acts):
-            status = RunStatus.SUCCEEDED
-        else:
-            status = RunStatus.FAILED
+        status = lifecycle.run_end(self.store.actions(self.run.id), cancelled=self.cancelled.is_set(), failed=failed)
         self.store.finish_run(self.run.id, status)
 
     # ------------------------------------------------------------------ one action
@@ -253,7 +242,7 @@ class RunWorker:
         if skip:
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message=skip)
             return None
-        if not pipeline_mod.when_matches(spec.when, _branch(self.run.ref), _tag(self.run.ref)):
+        if not pipeline_mod.when_matches(spec.when, branch_of(self.run.ref), tag_of(self.run.ref)):
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message="skipped: `when` does not match")
             return
         missing = self._missing_input(spec)
@@ -461,7 +450,7 @@ class RunWorker:
         env.update({
             "CI": "true", "GITPIPE_RUN": str(run.id), "GITPIPE_REPO": run.repo,
             "GITPIPE_PIPELINE": self.pipe.name, "GITPIPE_REF": run.ref,
-            "GITPIPE_BRANCH": _branch(run.ref) or "", "GITPIPE_TAG": _tag(run.ref) or "",
+            "GITPIPE_BRANCH": branch_of(run.ref) or "", "GITPIPE_TAG": tag_of(run.ref) or "",
             "GITPIPE_SHA": run.sha, "GITPIPE_STAGE": spec_stage(self.pipe, spec),
             "GITPIPE_ACTION": spec.name, "GITPIPE_ATTEMPT": str(attempt),
         })
@@ -491,14 +480,6 @@ def spec_stage(pipe: Pipeline, spec: ActionSpec) -> str:
         if any(a is spec for a in stage.actions):
             return stage.name
     return ""
-
-
-def _branch(ref: str) -> str | None:
-    return ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
-
-
-def _tag(ref: str) -> str | None:
-    return ref[len("refs/tags/"):] if ref.startswith("refs/tags/") else None
 
 
 def _safe(name: str) -> str:
@@ -531,4 +512,4 @@ def _read_outputs(path: Path | None) -> dict[str, str]:
     return values
 
 
-__all__ = ["Host", "RunWorker", "short_ref"]
+__all__ = ["Host", "RunWorker"]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from gitpipe import git, pipeline, queue
 from gitpipe.errors import GitpipeError, PipelineError
-from gitpipe.models import ScheduleSpec, short_ref
+from gitpipe.models import ScheduleSpec
+from gitpipe.refs import short_ref
 from gitpipe.store import Store
 
 log = logging.getLogger("gitpipe")

@@ -12,7 +12,7 @@ import pytest
 from helpers import ISO_UTC
 
 from gitpipe import intake, settings
-from gitpipe.errors import TransitionError, UsageError
+from gitpipe.errors import IllegalTransition, TransitionError, UsageError
 from gitpipe.models import (
     ActionSpec,
     ActionStatus,
@@ -123,9 +123,9 @@ def test_two_processes_opening_an_old_database_at_once_both_succeed(tmp_path: Pa
 def test_a_run_goes_through_its_states_and_refuses_the_others(store: Store) -> None:
     [run_id] = store.create_runs([new_run()])
     assert store.run(run_id).status is RunStatus.QUEUED
-    with pytest.raises(TransitionError, match=f"run #{run_id} is queued, it cannot become succeeded"):
+    with pytest.raises(IllegalTransition, match=f"run #{run_id} is queued, it cannot become succeeded"):
         store.finish_run(run_id, RunStatus.SUCCEEDED)
-    with pytest.raises(TransitionError, match=f"run #{run_id} is queued, it cannot become waiting"):
+    with pytest.raises(IllegalTransition, match=f"run #{run_id} is queued, it cannot become waiting"):
         store.set_run_waiting(run_id, True)
     assert store.run(run_id).status is RunStatus.QUEUED and store.run(run_id).finished_at is None
     store.start_run(run_id, PIPE, None, "A <a@example.com>", "the message")
@@ -143,9 +143,9 @@ def test_a_run_goes_through_its_states_and_refuses_the_others(store: Store) -> N
     run = store.run(run_id)
     assert run.status is RunStatus.SUCCEEDED and ISO_UTC.match(run.finished_at or "")
     for status in RunStatus:  # a finished run never changes again
-        with pytest.raises(TransitionError):
+        with pytest.raises(IllegalTransition):
             store.finish_run(run_id, status)
-    with pytest.raises(TransitionError):
+    with pytest.raises(IllegalTransition):
         store.fail_queued_run(run_id, "too late")
     assert store.run(run_id).status is RunStatus.SUCCEEDED
 
@@ -199,7 +199,7 @@ def test_a_refused_change_writes_nothing(store: Store) -> None:
     store.finish_run(run_id, RunStatus.CANCELLED)
     before = store.events(run_id)
     actions = store.actions(run_id)
-    with pytest.raises(TransitionError):
+    with pytest.raises(IllegalTransition):
         store.finish_run(run_id, RunStatus.SUCCEEDED, "nope")
     run = store.run(run_id)
     assert run.status is RunStatus.CANCELLED and run.error is None
@@ -226,7 +226,7 @@ def test_listeners_hear_changes_after_commit_and_nothing_of_a_rollback(store: St
 def test_action_transitions(store: Store) -> None:
     run_id = running_run(store)
     wheel, lint, pack, unit = store.actions(run_id)
-    with pytest.raises(TransitionError, match='action "wheel" .* is pending, it cannot become succeeded'):
+    with pytest.raises(IllegalTransition, match='action "wheel" .* is pending, it cannot become succeeded'):
         store.set_action(wheel.id, ActionStatus.SUCCEEDED)
     store.set_action(wheel.id, ActionStatus.RUNNING)
     started = store.action(wheel.id).started_at
@@ -239,12 +239,12 @@ def test_action_transitions(store: Store) -> None:
     assert act.finished_at and act.finished_at >= started
     for status in ActionStatus:
         if status is not ActionStatus.FAILED:
-            with pytest.raises(TransitionError):
+            with pytest.raises(IllegalTransition):
                 store.set_action(wheel.id, status)
     store.set_action(pack.id, ActionStatus.SKIPPED)
     skipped = store.action(pack.id)
     assert skipped.started_at is None and skipped.finished_at is not None
-    with pytest.raises(TransitionError):
+    with pytest.raises(IllegalTransition):
         store.set_action(pack.id, ActionStatus.RUNNING)
     store.set_action(lint.id, ActionStatus.RUNNING)
     store.set_action(lint.id, ActionStatus.INTERRUPTED)
