@@ -220,6 +220,48 @@ def test_listeners_hear_changes_after_commit_and_nothing_of_a_rollback(store: St
     assert [e["status"] for e in store.events(run_id)] == ["queued", "running"]
 
 
+# ---------------------------------------------------------------------------- status writes checked by lifecycle
+
+
+def test_a_stage_transition_is_checked_and_a_refused_one_writes_nothing(store: Store) -> None:
+    run_id = running_run(store)
+    store.set_stage(run_id, 0, ActionStatus.RUNNING)
+    store.set_stage(run_id, 0, ActionStatus.RUNNING)  # a restarted daemon goes on with it
+    before = store.events(run_id)
+    with pytest.raises(IllegalTransition, match=f'stage "build" of run #{run_id} is running, it cannot become '
+                                                 "skipped"):
+        store.set_stage(run_id, 0, ActionStatus.SKIPPED)
+    store.set_stage(run_id, 0, ActionStatus.FAILED)
+    with pytest.raises(IllegalTransition, match="is failed, it cannot become failed"):
+        store.set_stage(run_id, 0, ActionStatus.FAILED)  # once finished, not even the same status again
+    assert [s.status for s in store.stages(run_id)] == [ActionStatus.FAILED, ActionStatus.PENDING]
+    assert [(e["subject"], e["status"]) for e in store.events(run_id)][len(before):] == [("stage:0", "failed")]
+
+
+def test_a_finished_action_is_not_finished_a_second_time(store: Store) -> None:
+    run_id = running_run(store)
+    wheel = store.actions(run_id)[0]
+    store.set_action(wheel.id, ActionStatus.RUNNING)
+    store.set_action(wheel.id, ActionStatus.SUCCEEDED, exit_code=0)
+    with pytest.raises(IllegalTransition, match="is succeeded, it cannot become succeeded"):
+        store.set_action(wheel.id, ActionStatus.SUCCEEDED, message="again")
+    assert store.action(wheel.id).message is None
+
+
+def test_approvals_flip_the_run_through_the_lifecycle(store: Store) -> None:
+    run_id = running_run(store)
+    _, gate, gate2, _ = store.actions(run_id)  # any action will do: the store does not look at types
+    store.request_approval(run_id, gate.id, "lint", "ok?", 1e12)
+    store.request_approval(run_id, gate2.id, "pack", "ok?", 1e12)
+    assert store.run(run_id).status is RunStatus.WAITING
+    store.resolve_approval(run_id, gate.id, ActionStatus.SUCCEEDED, "approved by alice")
+    assert store.run(run_id).status is RunStatus.WAITING  # gate2 still waits
+    store.resolve_approval(run_id, gate2.id, ActionStatus.FAILED, "rejected by bob")
+    assert store.run(run_id).status is RunStatus.RUNNING
+    statuses = [e["status"] for e in store.events(run_id) if e["subject"] == "run"]
+    assert statuses == ["queued", "running", "waiting", "running"]
+
+
 # ---------------------------------------------------------------------------- actions
 
 
