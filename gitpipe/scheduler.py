@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gitpipe import artifacts, delivery, executor, git, lifecycle, plugins, reuse, space
+from gitpipe import artifacts, attempts, delivery, executor, git, lifecycle, plugins, reuse, space
 from gitpipe import cache as cache_mod
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
@@ -220,7 +220,7 @@ class RunWorker:
         spec_of = self.pipe.stages[s_idx].actions
         for a in acts:
             if a.type == "deploy" and self.store.deploy_in_flight(a.id):
-                self._guarded(a, partial(delivery.run_deploy, self, a, spec_of[a.idx]))
+                self._guarded(a, partial(delivery.run_deploy, self._delivery(), a, spec_of[a.idx]))
             elif a.status is ActionStatus.WAITING:
                 self.store.resolve_approval(self.run.id, a.id, ActionStatus.CANCELLED, "run cancelled")
             elif a.status in (ActionStatus.PENDING, ActionStatus.INTERRUPTED):
@@ -250,7 +250,7 @@ class RunWorker:
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message=missing)
             return
         if spec.type == "approval":  # waits for a person; takes no parallel slot
-            return self._guarded(rec, lambda: delivery.run_approval(self, rec, spec))
+            return self._guarded(rec, lambda: delivery.run_approval(self._delivery(), rec, spec))
         labels = self.host.cluster.place(self.pipe, spec) if self.host.cluster is not None else None
         if labels is not None:  # on a worker host (SPEC section 13): takes no slot here
             remote = partial(self.host.cluster.attempt, self, labels=labels)
@@ -259,8 +259,15 @@ class RunWorker:
             if self.halted:
                 return None
             if spec.type == "deploy":
-                return self._guarded(rec, lambda: delivery.run_deploy(self, rec, spec))
+                return self._guarded(rec, lambda: delivery.run_deploy(self._delivery(), rec, spec))
             return self._guarded(rec, lambda: self._run_action(rec, spec))
+
+    def _delivery(self) -> delivery.RunContext:
+        """What an approval or a deploy sees of this run (nothing else of the worker)."""
+        return delivery.RunContext(
+            run=self.run, pipeline=self.pipe.name, store=self.store, settings=self.host.settings,
+            trust=self.host.trust, pool=self.pool, env_locks=self.host.env_locks, cancelled=self.cancelled,
+            interrupted=self.interrupted, changed=self.changed)
 
     def _missing_input(self, spec: ActionSpec) -> str | None:
         """Why the action is skipped: an input whose producer did not succeed (it failed with
@@ -320,12 +327,10 @@ class RunWorker:
         previous = self.store.attempts(rec.id)
         deadline = self._deadline(spec, previous)
         number = len(previous) + 1
-        logs = self.host.settings.logs_dir / str(self.run.id)
-        log_path = logs / f"{rec.id}-{_safe(rec.name)}.{number}.log"
         token = uuid.uuid4().hex
         env, masker = self._env(spec, number)  # before the attempt starts: may refuse secrets
-        self.store.start_attempt(rec.id, deadline, str(log_path), token)
-        writer = executor.LogWriter(log_path, masker.stream(), self.host.settings.max_log_size)
+        writer = attempts.begin(self.store, self.host.settings, self.run.id, rec.id, rec.name, number, masker,
+                                deadline=deadline, token=token)
         outcome = executor.Outcome(ActionStatus.FAILED, None)
         out_file: Path | None = None
         uses: list[tuple[cache_mod.Plan, CacheUse]] = []
@@ -359,10 +364,7 @@ class RunWorker:
         finally:
             if out_file is not None:
                 out_file.unlink(missing_ok=True)
-            if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and outcome.message:
-                writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
-            writer.close()
-            self.store.finish_attempt(rec.id, number, outcome.status, outcome.exit_code)
+            attempts.end(self.store, rec.id, number, writer, outcome)
         return outcome
 
     # ------------------------------------------------------------------ build caches
@@ -480,10 +482,6 @@ def spec_stage(pipe: Pipeline, spec: ActionSpec) -> str:
         if any(a is spec for a in stage.actions):
             return stage.name
     return ""
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
 
 
 OUTPUT_LIMIT = 1 << 20  # bytes of $GITPIPE_OUTPUT read: small values, as the name says

@@ -454,6 +454,6 @@ class Session:
 
 
 def _safe(name: str) -> str:
-    from gitpipe.scheduler import _safe as safe
+    from gitpipe.attempts import safe_name as safe
 
     return safe(name)
