@@ -34,7 +34,7 @@ from gitpipe.refs import short_ref
 from gitpipe.report import Reporter
 from gitpipe.sandbox import Sandbox
 from gitpipe.scheduler import Host, RunWorker
-from gitpipe.schedules import Scheduler
+from gitpipe.schedules import CronTrigger
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 from gitpipe.trust import Trust
@@ -121,7 +121,7 @@ class Daemon:
         why_not = self.control.start()
         if why_not:
             log.info("%s", why_not)
-        self.schedules = Scheduler(self.store)
+        self.schedules = CronTrigger(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select,
                          caches=Caches(self.settings, self.store, sandbox.uid, sandbox.gid,

@@ -628,7 +628,7 @@ def _schedule(t: _Table) -> tuple[ScheduleSpec, ...]:
 
 def _cron_problem(line: str) -> str | None:
     """Why `line` is not a cron line croniter accepts, or None."""
-    from croniter import croniter  # type: ignore[import-untyped]  # slow; only with a schedule
+    from gitpipe.cron import croniter  # slow (croniter); only with a schedule
 
     try:
         croniter(line)
