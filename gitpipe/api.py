@@ -294,10 +294,6 @@ def repo_list(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def finished(run: RunRecord) -> bool:
-    return run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
-
-
 __all__ = ["asdict"]
 
 

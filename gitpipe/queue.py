@@ -64,15 +64,6 @@ def git_show(git_dir: str, sha: str, path: str) -> str | None:
     return proc.stdout.decode("utf-8", errors="replace")
 
 
-def peel_commit(git_dir: str, sha: str) -> str:
-    """The commit an annotated tag object points to; any other sha is returned as it is."""
-    proc = subprocess.run(
-        ["git", f"--git-dir={git_dir}", "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}"],
-        capture_output=True, check=False,
-    )
-    return proc.stdout.decode().strip() or sha
-
-
 def parse_updates(text: str) -> list[RefUpdate]:
     """The `old new ref` lines git gives a post-receive / pre-receive hook."""
     updates = []
