@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from gitpipe import intake  # noqa: E402 - after the cheap TYPE_CHECKING guard
+from gitpipe.refs import short_ref  # noqa: E402 - imports nothing: cheap for every push
 
 PIPELINE_FILE = ".pipeline.toml"
 CACHE_VERSION = 1
@@ -89,7 +90,7 @@ def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref:
         return None
     info = pipeline_info(home, repo, git_dir, out.decode().strip())
     branch = ref.startswith("refs/heads/")
-    short = _short(ref)
+    short = short_ref(ref)
     if not any(glob_match(p, short) for p in info["branches" if branch else "tags"]):
         return None
     if not branch:  # an annotated tag names a tag object; the run (worktree, GITPIPE_SHA) needs its commit
@@ -200,18 +201,10 @@ def describe(run_id: int, run: dict[str, Any], site_url: str) -> list[str]:
     return [f"gitpipe: run #{run_id} queued for {where}{url}"]
 
 
-def _short(ref: str) -> str:
-    """A branch or tag's name without refs/heads/ or refs/tags/ (importing models would cost every push its enum and dataclasses)."""
-    for prefix in ("refs/heads/", "refs/tags/"):
-        if ref.startswith(prefix):
-            return ref[len(prefix):]
-    return ref
-
-
 def _where(ref: str, sha: str) -> str:
     """`main @ 1a2b3c4`, as the pusher reads it."""
     # git refuses ASCII controls in ref names, but not C1 controls or bidi marks: shown escaped
-    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in _short(ref))
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in short_ref(ref))
     return f"{shown} @ {sha[:7]}"
 
 

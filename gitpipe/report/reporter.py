@@ -215,7 +215,7 @@ class Reporter:
         """Every branch's badge and the default branch's (`gitpipe report`)."""
         rows = self.store.query("SELECT DISTINCT ref FROM runs WHERE repo = ? AND ref LIKE 'refs/heads/%'",
                                 (repo,))
-        branches = {r["ref"].removeprefix("refs/heads/") for r in rows}
+        branches = {short_ref(r["ref"]) for r in rows}
         default = self._default_branch(repo)
         if default:
             branches.add(default)
