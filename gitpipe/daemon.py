@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gitpipe import executor, follow, queue, retention, space
+from gitpipe import executor, follow, lifecycle, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
@@ -382,7 +382,7 @@ class Daemon:
             if self.store.action(attempt.action_id).run_id == run_id:
                 executor.kill_token(attempt.token)
         try:
-            self.store.finish_run(run_id, RunStatus.CANCELLED if cancel else RunStatus.FAILED, None if cancel else
+            self.store.finish_run(run_id, lifecycle.run_end((), cancelled=cancel, failed=True), None if cancel else
                                   f"{why}: the run's progress could not be recorded, so it was ended (not retried)")
         except (GitpipeError, sqlite3.Error) as exc:
             self.backoff.failed(run_id)

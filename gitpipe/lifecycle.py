@@ -51,6 +51,10 @@ ACTION: dict[ActionStatus, frozenset[ActionStatus]] = {
     **{s: frozenset() for s in (A.SUCCEEDED, A.FAILED, A.TIMED_OUT, A.SKIPPED, A.CANCELLED)},
 }
 
+# `retry --failed`: only an action still pending takes over a result of the retried run
+# (store.reuse_action), straight to that result.
+TAKES_OVER = frozenset({A.PENDING})
+
 
 # ---------------------------------------------------------------------------- checks
 def check_run(run_id: int, old: RunStatus, new: RunStatus) -> None:

@@ -350,7 +350,7 @@ class Store:
         """pending -> succeeded without running: the result, artifacts and outputs of `origin`."""
         with self.tx() as db:
             act = self.action(action_id)
-            if act.status is not ActionStatus.PENDING:
+            if act.status not in lifecycle.TAKES_OVER:
                 raise TransitionError(f'action "{act.name}" of run #{act.run_id} is {act.status.value}; '
                                       f"it cannot take over the result of run #{origin.run_id}")
             for art in artifacts:
