@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from markupsafe import Markup, escape
@@ -192,18 +191,6 @@ def _only_sgr(text: str) -> str:
 def _open_tag(style: Style) -> str:
     classes = style.classes()
     return f'<span class="{classes}">' if classes else ""
-
-
-def styled(text: str, style: Style | None = None) -> Iterator[tuple[Style, str]]:
-    """Split text into (style, plain chunk) pairs, after removing what sanitize removes."""
-    current = style or _PLAIN
-    pos = 0
-    clean = _only_sgr(text)
-    for m in _SGR.finditer(clean):
-        yield current, clean[pos:m.start()]
-        current = apply_sgr(current, m.group(1))
-        pos = m.end()
-    yield current, clean[pos:]
 
 
 # --------------------------------------------------------------------------- palette

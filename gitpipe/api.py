@@ -14,7 +14,8 @@ from gitpipe import pipeline as pipeline_mod
 from gitpipe import settings as settings_mod
 from gitpipe.durations import parse_duration
 from gitpipe.errors import PipelineError, UsageError
-from gitpipe.models import ActionRecord, ApprovalRecord, Pipeline, RunRecord, RunStatus, short_ref
+from gitpipe.models import ActionRecord, ApprovalRecord, Pipeline, RunRecord, RunStatus
+from gitpipe.refs import short_ref
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 
@@ -291,10 +292,6 @@ def repo_list(store: Store) -> list[dict[str, Any]]:
         rows.append({"name": r.name, "path": r.path, "added_at": r.added_at,
                      "last_run": run_json(last[0]) if last else None})
     return rows
-
-
-def finished(run: RunRecord) -> bool:
-    return run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
 
 
 __all__ = ["asdict"]

@@ -19,7 +19,8 @@ from typing import Any
 from gitpipe import __version__, ansi, api, follow
 from gitpipe import settings as settings_mod
 from gitpipe.errors import ConfigError, GitpipeError, PipelineError, UsageError
-from gitpipe.models import ReleaseRecord, RunRecord, RunStatus, short_ref
+from gitpipe.models import ReleaseRecord, RunRecord, RunStatus
+from gitpipe.refs import short_ref
 
 
 class Out:

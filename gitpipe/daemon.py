@@ -23,18 +23,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gitpipe import executor, inotify, queue, retention, space, triggers
+from gitpipe import executor, inotify, lifecycle, queue, retention, space, triggers
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
 from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
-from gitpipe.models import ActionStatus, Event, RunStatus, short_ref
+from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
+from gitpipe.refs import short_ref
 from gitpipe.report import Reporter
 from gitpipe.sandbox import Sandbox
 from gitpipe.scheduler import Host, RunWorker
-from gitpipe.schedules import Scheduler
+from gitpipe.schedules import CronTrigger
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 from gitpipe.trust import Trust
@@ -127,7 +128,7 @@ class Daemon:
         why_not = self.control.start()
         if why_not:
             log.info("%s", why_not)
-        self.schedules = Scheduler(self.store)
+        self.schedules = CronTrigger(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select,
                          caches=Caches(self.settings, self.store, sandbox.uid, sandbox.gid,
@@ -389,7 +390,7 @@ class Daemon:
             if self.store.action(attempt.action_id).run_id == run_id:
                 executor.kill_token(attempt.token)
         try:
-            self.store.finish_run(run_id, RunStatus.CANCELLED if cancel else RunStatus.FAILED, None if cancel else
+            self.store.finish_run(run_id, lifecycle.run_end((), cancelled=cancel, failed=True), None if cancel else
                                   f"{why}: the run's progress could not be recorded, so it was ended (not retried)")
         except (GitpipeError, sqlite3.Error) as exc:
             self.backoff.failed(run_id)

@@ -1,6 +1,9 @@
 """The delivery actions of a run: approvals (wait for a person) and deploys.
 
-Called by scheduler.RunWorker for actions of type "approval" and "deploy".
+Called by scheduler.RunWorker for actions of type "approval" and "deploy", with a `RunContext`:
+what of its run an action may see and touch, and nothing else of the worker. This module never
+imports the scheduler. Status changes go through the store (checked by lifecycle.py); an
+attempt is opened and closed by `attempts`, as a script's is.
 """
 
 from __future__ import annotations
@@ -9,35 +12,58 @@ import os
 import socket
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gitpipe import approvals, artifacts, executor
+from gitpipe import approvals, artifacts, attempts, executor
 from gitpipe.durations import format_duration
 from gitpipe.errors import ActionError, GitpipeError
 from gitpipe.intake import now_iso
 from gitpipe.matching import expand, placeholder_values
-from gitpipe.models import ActionRecord, ActionSpec, ActionStatus
+from gitpipe.models import ActionRecord, ActionSpec, ActionStatus, RunRecord
 
 if TYPE_CHECKING:
     from gitpipe import deploy
-    from gitpipe.scheduler import RunWorker
+    from gitpipe.git import WorktreePool
+    from gitpipe.settings import Settings
+    from gitpipe.store import Store
+    from gitpipe.trust import Trust
 
 APPROVAL_RECHECK = 60.0  # seconds; a wake-up normally comes at once through the daemon
 
 
-def placeholders(worker: RunWorker, environment: str = "") -> dict[str, str]:
+@dataclass(frozen=True)
+class RunContext:
+    """What a delivery action sees of its run: the record, where to write, and its signals."""
+
+    run: RunRecord
+    pipeline: str  # the pipeline's name, for placeholders
+    store: Store
+    settings: Settings
+    trust: Trust
+    pool: WorktreePool  # the run's worktrees: a deploy checks out its commit to take `source` from
+    env_locks: dict[tuple[str, str], FifoLock]  # the host's: one per (repo, environment)
+    cancelled: threading.Event
+    interrupted: threading.Event  # the daemon stops: an approval keeps waiting, for the next one
+    changed: threading.Event  # set on every daemon wake-up: an approval looks for its decision again
+
+    @property
+    def halted(self) -> bool:
+        return self.cancelled.is_set() or self.interrupted.is_set()
+
+
+def placeholders(worker: RunContext, environment: str = "") -> dict[str, str]:
     run = worker.run
-    return placeholder_values(run.id, worker.pipe.name, run.repo, run.ref, run.sha, environment)
+    return placeholder_values(run.id, worker.pipeline, run.repo, run.ref, run.sha, environment)
 
 
 # ---------------------------------------------------------------------------- approvals
-def run_approval(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
+def run_approval(worker: RunContext, rec: ActionRecord, spec: ActionSpec) -> None:
     """Wait for `gitpipe approve/reject`, the timeout, or a cancel; survives daemon restarts."""
     store = worker.store
     if store.approval(rec.id) is None:
-        message = expand(spec.message or f'Approve "{spec.name}" of {worker.pipe.name} '
+        message = expand(spec.message or f'Approve "{spec.name}" of {worker.pipeline} '
                          f"{{short_sha}}?", placeholders(worker))
         store.request_approval(worker.run.id, rec.id, spec.name, message, time.time() + spec.timeout)
         missing = approvals.unknown(spec.approvers or ())
@@ -100,47 +126,44 @@ class _Held:
             self.lock.cond.notify_all()
 
 
-def run_deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec) -> None:
+def run_deploy(worker: RunContext, rec: ActionRecord, spec: ActionSpec) -> None:
     """Deploy the action's source to its targets; record the release; never re-run blindly."""
     from gitpipe import deploy  # paramiko and friends: loaded when a deploy runs, not at start
 
-    run, store, host = worker.run, worker.store, worker.host
+    run, store, settings = worker.run, worker.store, worker.settings
     repo_path = store.repo_path(run.repo)
-    host.trust.require(run.repo, repo_path, run.ref, "deploy")
+    worker.trust.require(run.repo, repo_path, run.ref, "deploy")
     env = spec.environment or ""
     values = placeholders(worker, env)
     targets = [expand(t, values) for t in spec.targets]
-    lock = host.env_locks.setdefault((run.repo, env), FifoLock())
+    lock = worker.env_locks.setdefault((run.repo, env), FifoLock())
     with lock(run.id):
         in_flight = store.deploy_in_flight(rec.id)
         if worker.halted and not in_flight:
             return  # cancelled or stopping while it waited for the environment: never deploy now
         number = len(store.attempts(rec.id)) + 1
-        log_path = host.settings.logs_dir / str(run.id) / f"{rec.id}-deploy.{number}.log"
-        store.start_attempt(rec.id, None, str(log_path), "deploy")
-        _, masker = host.trust.for_action(run.repo, repo_path, run.ref, ())
-        writer = executor.LogWriter(log_path, masker.stream())
-        status, message = ActionStatus.FAILED, "deploy did not finish"
+        _, masker = worker.trust.for_action(run.repo, repo_path, run.ref, ())
+        writer = attempts.begin(store, settings, run.id, rec.id, "deploy", number, masker, deadline=None,
+                                token="deploy")
+        outcome = executor.Outcome(ActionStatus.FAILED, None, "deploy did not finish")
         try:
             ctx = deploy.DeployContext(
                 run_id=run.id, sha=run.sha, short_sha=run.sha[:7], environment=env,
-                known_hosts=host.settings.known_hosts, identity=host.settings.identity, log=writer.line,
+                known_hosts=settings.known_hosts, identity=settings.identity, log=writer.line,
                 holder=f"run #{run.id} on {socket.gethostname()} pid {os.getpid()} at {now_iso()}")
             if in_flight:
-                status, message = _after_crash(worker, rec, targets, ctx)
+                outcome = _after_crash(worker, rec, targets, ctx)
             else:
-                status, message = _deploy(worker, rec, spec, targets, ctx, values)
+                outcome = _deploy(worker, rec, spec, targets, ctx, values)
         except GitpipeError as exc:  # a refused source, an unreachable target after a crash, ...
-            message = str(exc)
-            writer.line(f"gitpipe: {message}")
+            outcome = executor.Outcome(ActionStatus.FAILED, None, str(exc))
         finally:
-            writer.close()
-            store.finish_attempt(rec.id, number, status, None)
-            store.set_action(rec.id, status, message=masker.mask(message))
+            attempts.end(store, rec.id, number, writer, outcome)  # the failure's reason ends the log
+            store.set_action(rec.id, outcome.status, message=masker.mask(outcome.message or ""))
 
 
-def _deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: list[str],
-            ctx: deploy.DeployContext, values: dict[str, str]) -> tuple[ActionStatus, str]:
+def _deploy(worker: RunContext, rec: ActionRecord, spec: ActionSpec, targets: list[str],
+            ctx: deploy.DeployContext, values: dict[str, str]) -> executor.Outcome:
     from gitpipe import deploy
 
     run, store = worker.run, worker.store
@@ -152,8 +175,8 @@ def _deploy(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: lis
         store.finish_deploy(rec.id)
     _record(worker, rec, spec, targets, result, ctx.environment)
     if result.status == deploy.DEPLOYED:
-        return ActionStatus.SUCCEEDED, f"deployed {result.release} to {ctx.environment}"
-    return ActionStatus.FAILED, result.message
+        return executor.Outcome(ActionStatus.SUCCEEDED, None, f"deployed {result.release} to {ctx.environment}")
+    return executor.Outcome(ActionStatus.FAILED, None, result.message)
 
 
 def _source(tree: Path, source: str) -> Path:
@@ -166,7 +189,7 @@ def _source(tree: Path, source: str) -> Path:
     return path
 
 
-def _record(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: list[str],
+def _record(worker: RunContext, rec: ActionRecord, spec: ActionSpec, targets: list[str],
             result: deploy.DeployResult, environment: str) -> None:
     """The release rows of a deploy: each names its release's own run and sha.
 
@@ -197,8 +220,8 @@ def _record(worker: RunWorker, rec: ActionRecord, spec: ActionSpec, targets: lis
                           message=result.message, **common)
 
 
-def _after_crash(worker: RunWorker, rec: ActionRecord, targets: list[str],
-                 ctx: deploy.DeployContext) -> tuple[ActionStatus, str]:
+def _after_crash(worker: RunContext, rec: ActionRecord, targets: list[str],
+                 ctx: deploy.DeployContext) -> executor.Outcome:
     """The daemon stopped mid-deploy: read `current` on each target and record what happened."""
     from gitpipe import deploy
 
@@ -210,10 +233,11 @@ def _after_crash(worker: RunWorker, rec: ActionRecord, targets: list[str],
         store.add_release(worker.run.repo, ctx.environment, ctx.release, deploy.DEPLOYED, targets,
                           run_id=worker.run.id, action_id=rec.id, sha=worker.run.sha, by=worker.run.pusher,
                           by_run=worker.run.id, message="the deploy finished before the daemon stopped")
-        return ActionStatus.SUCCEEDED, f"the daemon stopped mid-deploy; {ctx.release} is current everywhere"
+        return executor.Outcome(ActionStatus.SUCCEEDED, None,
+                                f"the daemon stopped mid-deploy; {ctx.release} is current everywhere")
     message = (f"the daemon stopped mid-deploy and the deploy was not run again; current is {where}; "
                "retry the run to deploy again")
     store.add_release(worker.run.repo, ctx.environment, ctx.release, deploy.FAILED, targets,
                       run_id=worker.run.id, action_id=rec.id, sha=worker.run.sha, by_run=worker.run.id,
                       message=message)
-    return ActionStatus.FAILED, message
+    return executor.Outcome(ActionStatus.FAILED, None, message)

@@ -21,6 +21,11 @@ and an exit status, never a traceback.
                     attempt is recorded; exit 1.
 - `ArtifactError`   a stored artifact does not match its recorded sha256 (or is gone), so
                     `gitpipe artifacts` refuses it and leaves nothing at the destination; exit 1.
+
+Outside the tree on purpose: `IllegalTransition`, a status change that `lifecycle.py` does not
+allow. No user can cause one (a user's own request, e.g. cancelling a finished run, is a
+`TransitionError` said first), so it is a bug: a traceback in the CLI, and the run it hits ends
+failed with "internal error: ...".
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ class UsageError(GitpipeError):
 
 class TransitionError(UsageError):
     """A state change the state machine does not allow."""
+
+
+class IllegalTransition(Exception):
+    """A run, stage or action status change lifecycle.py forbids: a bug in gitpipe, not a GitpipeError."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
+from gitpipe.refs import short_ref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -130,13 +131,13 @@ def default_branch(repo: pygit2.Repository) -> str:
     """The branch HEAD names (also when it has no commit yet)."""
     target = repo.references["HEAD"].target
     name = target if isinstance(target, str) else "refs/heads/main"
-    return name.removeprefix("refs/heads/")
+    return short_ref(name)
 
 
 def default_branch_of(git_dir: str | Path) -> str:
     """The branch HEAD names, from the repository's files; pygit2 only when they cannot tell."""
     head = branch_head(git_dir)
-    return head[0].removeprefix("refs/heads/") if head else default_branch(open_repo(str(git_dir)))
+    return short_ref(head[0]) if head else default_branch(open_repo(str(git_dir)))
 
 
 def branch_head(git_dir: str | Path) -> tuple[str, str | None] | None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from gitpipe import intake, triggers  # noqa: E402 - after the cheap TYPE_CHECKING guard
+from gitpipe.refs import short_ref  # noqa: E402 - imports nothing: cheap for every push
 
 PIPELINE_FILE = ".pipeline.toml"
 CACHE_VERSION = 1
@@ -198,18 +199,10 @@ def describe(run_id: int, run: dict[str, Any], site_url: str) -> list[str]:
     return [f"gitpipe: run #{run_id} queued for {where}{url}"]
 
 
-def _short(ref: str) -> str:
-    """A branch or tag's name without refs/heads/ or refs/tags/ (importing models would cost every push its enum and dataclasses)."""
-    for prefix in ("refs/heads/", "refs/tags/"):
-        if ref.startswith(prefix):
-            return ref[len(prefix):]
-    return ref
-
-
 def _where(ref: str, sha: str) -> str:
     """`main @ 1a2b3c4`, as the pusher reads it."""
     # git refuses ASCII controls in ref names, but not C1 controls or bidi marks: shown escaped
-    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in _short(ref))
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in short_ref(ref))
     return f"{shown} @ {sha[:7]}"
 
 

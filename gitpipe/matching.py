@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 
 from gitpipe.models import Pipeline, When
+from gitpipe.refs import branch_of
 from gitpipe.tomlcheck import suggest
 
 PLACEHOLDERS = frozenset({"run", "pipeline", "repo", "ref", "sha", "short_sha", "branch", "environment"})
@@ -75,7 +76,7 @@ def _any_glob(patterns: Iterable[str], name: str) -> bool:
 def placeholder_values(run_id: int, pipeline: str, repo: str, ref: str, sha: str,
                        environment: str = "") -> dict[str, str]:
     """The value of each of PLACEHOLDERS for one run (`branch` is empty for a tag)."""
-    branch = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else ""
+    branch = branch_of(ref) or ""
     return {"run": str(run_id), "pipeline": pipeline, "repo": repo, "ref": ref, "sha": sha,
             "short_sha": sha[:7], "branch": branch, "environment": environment}
 

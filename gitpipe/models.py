@@ -1,6 +1,7 @@
-"""States, allowed transitions and the frozen records everything else passes around.
+"""States and the frozen records everything else passes around.
 
-No I/O here: this module is imported by every other one, including the git hook.
+Which state may follow which is lifecycle.py's to say. No I/O here: this module is imported
+by every other one, including the git hook.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from gitpipe.refs import branch_of, tag_of
 
 
 class RunStatus(str, enum.Enum):
@@ -48,13 +51,6 @@ class ActionStatus(str, enum.Enum):
         return self in (ActionStatus.FAILED, ActionStatus.TIMED_OUT)
 
 
-class Trigger(str, enum.Enum):
-    PUSH = "push"
-    MANUAL = "manual"
-    SCHEDULE = "schedule"
-    RETRY = "retry"
-
-
 FINISHED_RUN = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
 FINISHED_ACTION = frozenset(
     {
@@ -65,54 +61,6 @@ FINISHED_ACTION = frozenset(
         ActionStatus.CANCELLED,
     }
 )
-
-# Allowed transitions. A run goes back from waiting to running after an approval,
-# and a running run stays "running" across a daemon restart (its actions are
-# marked interrupted and started again).
-RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
-    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED}),
-    RunStatus.RUNNING: frozenset(
-        {RunStatus.WAITING, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
-    ),
-    RunStatus.WAITING: frozenset({RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED}),
-    RunStatus.SUCCEEDED: frozenset(),
-    RunStatus.FAILED: frozenset(),
-    RunStatus.CANCELLED: frozenset(),
-}
-
-ACTION_TRANSITIONS: dict[ActionStatus, frozenset[ActionStatus]] = {
-    ActionStatus.PENDING: frozenset(
-        {ActionStatus.RUNNING, ActionStatus.WAITING, ActionStatus.SKIPPED, ActionStatus.CANCELLED,
-         ActionStatus.FAILED}
-    ),
-    ActionStatus.RUNNING: frozenset(
-        {ActionStatus.SUCCEEDED, ActionStatus.FAILED, ActionStatus.TIMED_OUT, ActionStatus.CANCELLED,
-         ActionStatus.INTERRUPTED, ActionStatus.PENDING}
-    ),
-    ActionStatus.WAITING: frozenset(
-        {ActionStatus.SUCCEEDED, ActionStatus.FAILED, ActionStatus.TIMED_OUT, ActionStatus.CANCELLED,
-         ActionStatus.INTERRUPTED}
-    ),
-    # An interrupted attempt is started again when the daemon comes back.
-    ActionStatus.INTERRUPTED: frozenset(
-        {ActionStatus.RUNNING, ActionStatus.WAITING, ActionStatus.PENDING, ActionStatus.CANCELLED,
-         ActionStatus.FAILED, ActionStatus.SUCCEEDED, ActionStatus.SKIPPED, ActionStatus.TIMED_OUT}
-    ),
-    ActionStatus.SUCCEEDED: frozenset(),
-    ActionStatus.FAILED: frozenset(),
-    ActionStatus.TIMED_OUT: frozenset(),
-    ActionStatus.SKIPPED: frozenset(),
-    ActionStatus.CANCELLED: frozenset(),
-}
-
-
-def run_transition_allowed(old: RunStatus, new: RunStatus) -> bool:
-    return new in RUN_TRANSITIONS[old]
-
-
-def action_transition_allowed(old: ActionStatus, new: ActionStatus) -> bool:
-    return new in ACTION_TRANSITIONS[old]
-
 
 # --------------------------------------------------------------------------- pipeline
 
@@ -266,18 +214,11 @@ class RefUpdate:
 
     @property
     def branch(self) -> str | None:
-        return self.ref[len("refs/heads/"):] if self.ref.startswith("refs/heads/") else None
+        return branch_of(self.ref)
 
     @property
     def tag(self) -> str | None:
-        return self.ref[len("refs/tags/"):] if self.ref.startswith("refs/tags/") else None
-
-
-def short_ref(ref: str) -> str:
-    for prefix in ("refs/heads/", "refs/tags/"):
-        if ref.startswith(prefix):
-            return ref[len(prefix):]
-    return ref
+        return tag_of(self.ref)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from gitpipe import records
 from gitpipe.models import ReleaseRecord
+from gitpipe.refs import short_ref
 from gitpipe.sqlrows import Rows
 
 
@@ -59,7 +60,7 @@ class Queries:
         """The branches (short names) a repo has runs of."""
         rows = self.query("SELECT DISTINCT ref FROM runs WHERE repo = ? AND ref LIKE 'refs/heads/%' ORDER BY ref",
                           (repo,))
-        return [r["ref"].removeprefix("refs/heads/") for r in rows]
+        return [short_ref(r["ref"]) for r in rows]
 
     def pruned(self, run_id: int) -> bool:
         """Whether keep_runs removed the run's files (its row stays)."""

@@ -17,7 +17,8 @@ from gitpipe import intake
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.ansi import visible
 from gitpipe.errors import PipelineError
-from gitpipe.models import RefUpdate, short_ref
+from gitpipe.models import RefUpdate
+from gitpipe.refs import short_ref
 from gitpipe.settings import Settings
 
 PIPELINE_FILE = ".pipeline.toml"
@@ -61,15 +62,6 @@ def git_show(git_dir: str, sha: str, path: str) -> str | None:
     if proc.returncode != 0:
         return None
     return proc.stdout.decode("utf-8", errors="replace")
-
-
-def peel_commit(git_dir: str, sha: str) -> str:
-    """The commit an annotated tag object points to; any other sha is returned as it is."""
-    proc = subprocess.run(
-        ["git", f"--git-dir={git_dir}", "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}"],
-        capture_output=True, check=False,
-    )
-    return proc.stdout.decode().strip() or sha
 
 
 def parse_updates(text: str) -> list[RefUpdate]:

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gitpipe import artifacts, delivery, executor, git, matching, plugins, reuse, space
+from gitpipe import artifacts, attempts, delivery, executor, git, lifecycle, matching, plugins, reuse, space
 from gitpipe import cache as cache_mod
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
@@ -32,8 +32,8 @@ from gitpipe.models import (
     Pipeline,
     RunRecord,
     RunStatus,
-    short_ref,
 )
+from gitpipe.refs import branch_of, tag_of
 from gitpipe.sandbox import Confine, Sandbox
 from gitpipe.secrets import Masker
 from gitpipe.settings import Settings
@@ -188,9 +188,8 @@ class RunWorker:
             ok = self._stage(s_idx, acts)
             if self.interrupted.is_set():
                 return  # the next daemon goes on from here
-            status = ActionStatus.SUCCEEDED if ok else (
-                ActionStatus.CANCELLED if self.cancelled.is_set() else ActionStatus.FAILED)
-            self.store.set_stage(self.run.id, s_idx, status)
+            if ok:  # a stage that stopped early was closed by _close_stage (failed or cancelled)
+                self.store.set_stage(self.run.id, s_idx, ActionStatus.SUCCEEDED)
             failed = failed or not ok
         self._finish(failed)
 
@@ -221,33 +220,23 @@ class RunWorker:
         """
         if self.interrupted.is_set():
             return
-        status = ActionStatus.CANCELLED if self.cancelled.is_set() else ActionStatus.SKIPPED
+        status = lifecycle.not_run(self.cancelled.is_set())
         spec_of = self.pipe.stages[s_idx].actions
         for a in acts:
             if a.type == "deploy" and self.store.deploy_in_flight(a.id):
-                self._guarded(a, partial(delivery.run_deploy, self, a, spec_of[a.idx]))
+                self._guarded(a, partial(delivery.run_deploy, self._delivery(), a, spec_of[a.idx]))
             elif a.status is ActionStatus.WAITING:
                 self.store.resolve_approval(self.run.id, a.id, ActionStatus.CANCELLED, "run cancelled")
             elif a.status in (ActionStatus.PENDING, ActionStatus.INTERRUPTED):
                 self.store.set_action(a.id, status)
-        stage = self.store.stages(self.run.id)[s_idx]
-        if not stage.status.finished:
-            final = status
-            if status is ActionStatus.SKIPPED and any(
-                    not a.passed for a in self.store.actions_of_stage(self.run.id, s_idx)):
-                final = ActionStatus.FAILED
+        if not self.store.stages(self.run.id)[s_idx].status.finished:
+            final = lifecycle.closed_stage(self.cancelled.is_set(), self.store.actions_of_stage(self.run.id, s_idx))
             self.store.set_stage(self.run.id, s_idx, final)
 
     def _finish(self, failed: bool) -> None:
         if self.interrupted.is_set():
             return
-        acts = self.store.actions(self.run.id)
-        if self.cancelled.is_set():
-            status = RunStatus.CANCELLED
-        elif not failed and all(a.passed for a in acts):
-            status = RunStatus.SUCCEEDED
-        else:
-            status = RunStatus.FAILED
+        status = lifecycle.run_end(self.store.actions(self.run.id), cancelled=self.cancelled.is_set(), failed=failed)
         self.store.finish_run(self.run.id, status)
 
     # ------------------------------------------------------------------ one action
@@ -257,7 +246,7 @@ class RunWorker:
         if skip:
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message=skip)
             return None
-        if not matching.when_matches(spec.when, _branch(self.run.ref), _tag(self.run.ref)):
+        if not matching.when_matches(spec.when, branch_of(self.run.ref), tag_of(self.run.ref)):
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message="skipped: `when` does not match")
             return
         missing = self._missing_input(spec)
@@ -265,7 +254,7 @@ class RunWorker:
             self.store.set_action(rec.id, ActionStatus.SKIPPED, message=missing)
             return
         if spec.type == "approval":  # waits for a person; takes no parallel slot
-            return self._guarded(rec, lambda: delivery.run_approval(self, rec, spec))
+            return self._guarded(rec, lambda: delivery.run_approval(self._delivery(), rec, spec))
         labels = self.host.cluster.place(self.pipe, spec) if self.host.cluster is not None else None
         if labels is not None:  # on a worker host (SPEC section 13): takes no slot here
             remote = partial(self.host.cluster.attempt, self, labels=labels)
@@ -274,8 +263,15 @@ class RunWorker:
             if self.halted:
                 return None
             if spec.type == "deploy":
-                return self._guarded(rec, lambda: delivery.run_deploy(self, rec, spec))
+                return self._guarded(rec, lambda: delivery.run_deploy(self._delivery(), rec, spec))
             return self._guarded(rec, lambda: self._run_action(rec, spec))
+
+    def _delivery(self) -> delivery.RunContext:
+        """What an approval or a deploy sees of this run (nothing else of the worker)."""
+        return delivery.RunContext(
+            run=self.run, pipeline=self.pipe.name, store=self.store, settings=self.host.settings,
+            trust=self.host.trust, pool=self.pool, env_locks=self.host.env_locks, cancelled=self.cancelled,
+            interrupted=self.interrupted, changed=self.changed)
 
     def _missing_input(self, spec: ActionSpec) -> str | None:
         """Why the action is skipped: an input whose producer did not succeed (it failed with
@@ -335,12 +331,10 @@ class RunWorker:
         previous = self.store.attempts(rec.id)
         deadline = self._deadline(spec, previous)
         number = len(previous) + 1
-        logs = self.host.settings.logs_dir / str(self.run.id)
-        log_path = logs / f"{rec.id}-{_safe(rec.name)}.{number}.log"
         token = uuid.uuid4().hex
         env, masker = self._env(spec, number)  # before the attempt starts: may refuse secrets
-        self.store.start_attempt(rec.id, deadline, str(log_path), token)
-        writer = executor.LogWriter(log_path, masker.stream(), self.host.settings.max_log_size)
+        writer = attempts.begin(self.store, self.host.settings, self.run.id, rec.id, rec.name, number, masker,
+                                deadline=deadline, token=token)
         outcome = executor.Outcome(ActionStatus.FAILED, None)
         out_file: Path | None = None
         uses: list[tuple[cache_mod.Plan, CacheUse]] = []
@@ -374,10 +368,7 @@ class RunWorker:
         finally:
             if out_file is not None:
                 out_file.unlink(missing_ok=True)
-            if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and outcome.message:
-                writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
-            writer.close()
-            self.store.finish_attempt(rec.id, number, outcome.status, outcome.exit_code)
+            attempts.end(self.store, rec.id, number, writer, outcome)
         return outcome
 
     # ------------------------------------------------------------------ build caches
@@ -466,7 +457,7 @@ class RunWorker:
         env.update({
             "CI": "true", "GITPIPE_RUN": str(run.id), "GITPIPE_REPO": run.repo,
             "GITPIPE_PIPELINE": self.pipe.name, "GITPIPE_REF": run.ref,
-            "GITPIPE_BRANCH": _branch(run.ref) or "", "GITPIPE_TAG": _tag(run.ref) or "",
+            "GITPIPE_BRANCH": branch_of(run.ref) or "", "GITPIPE_TAG": tag_of(run.ref) or "",
             "GITPIPE_SHA": run.sha, "GITPIPE_STAGE": spec_stage(self.pipe, spec),
             "GITPIPE_ACTION": spec.name, "GITPIPE_ATTEMPT": str(attempt),
         })
@@ -498,18 +489,6 @@ def spec_stage(pipe: Pipeline, spec: ActionSpec) -> str:
     return ""
 
 
-def _branch(ref: str) -> str | None:
-    return ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
-
-
-def _tag(ref: str) -> str | None:
-    return ref[len("refs/tags/"):] if ref.startswith("refs/tags/") else None
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
-
-
 OUTPUT_LIMIT = 1 << 20  # bytes of $GITPIPE_OUTPUT read: small values, as the name says
 
 
@@ -536,4 +515,4 @@ def _read_outputs(path: Path | None) -> dict[str, str]:
     return values
 
 
-__all__ = ["Host", "RunWorker", "short_ref"]
+__all__ = ["Host", "RunWorker"]

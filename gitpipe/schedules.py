@@ -14,9 +14,10 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from gitpipe import git, pipeline, queue, triggers
+from gitpipe import cron, git, pipeline, queue, triggers
 from gitpipe.errors import GitpipeError, PipelineError
-from gitpipe.models import ScheduleSpec, short_ref
+from gitpipe.models import ScheduleSpec
+from gitpipe.refs import short_ref
 from gitpipe.store import Store
 
 log = logging.getLogger("gitpipe")
@@ -37,8 +38,8 @@ def _utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
 
 
-class Scheduler:
-    """Knows every repo's cron lines (read from its default branch's head) and fires due slots."""
+class CronTrigger:
+    """The `schedule` trigger: knows every repo's cron lines (read from its default branch's head) and fires due slots."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -121,7 +122,7 @@ class Scheduler:
         fired, next_due = [], None
         for s in self.schedules():
             key = f"schedule:{s.repo}:{s.line}"
-            slot = _croniter()(s.cron, _utc(now)).get_prev(float)
+            slot = cron.croniter(s.cron, _utc(now)).get_prev(float)
             last = self.store.get_state(key)
             if last is None:
                 self.store.set_state(key, str(slot))  # a new schedule starts from now, not the past
@@ -131,13 +132,7 @@ class Scheduler:
                                    pipeline_text=s.text, pusher=triggers.KINDS[triggers.SCHEDULE].pusher)
                 fired += self.store.create_runs([new])
                 log.info("schedule %r of %s: run #%s queued", s.line, s.repo, fired[-1])
-            due = _croniter()(s.cron, _utc(now)).get_next(float)
+            due = cron.croniter(s.cron, _utc(now)).get_next(float)
             next_due = due if next_due is None else min(next_due, due)
         return fired, next_due
 
-
-def _croniter():  # type: ignore[no-untyped-def]
-    """croniter's class, imported on the first schedule (~5 MB an idle daemon without one never pays)."""
-    from croniter import croniter  # type: ignore[import-untyped]
-
-    return croniter

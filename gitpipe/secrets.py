@@ -18,6 +18,7 @@ from typing import Any
 
 from gitpipe.errors import ConfigError
 from gitpipe.masking import MASK, Masker, MaskStream, masked_forms
+from gitpipe.refs import short_ref
 from gitpipe.tomllines import key_lines, line_of
 
 __all__ = ["MASK", "Masker", "MaskStream", "load_secrets", "masked_forms", "ref_protected", "secrets_for"]
@@ -126,9 +127,5 @@ def secrets_for(
 
 def ref_protected(patterns: tuple[str, ...], ref: str) -> bool:
     """Whether a full ref (refs/heads/main, refs/tags/v1.2) matches a pattern on its short name."""
-    short = ref
-    for prefix in ("refs/heads/", "refs/tags/"):
-        if ref.startswith(prefix):
-            short = ref[len(prefix) :]
-            break
+    short = short_ref(ref)
     return any(fnmatchcase(short, pattern) for pattern in patterns)

@@ -2,8 +2,9 @@
 
 The only user of sqlite-utils. Every change of a run, stage or action goes through
 one named function here, inside one transaction, checked against the allowed
-transitions in models.py, and written together with an `events` row; listeners
-(the report, notifications) hear of it after the commit.
+transitions in lifecycle.py (which also says what status follows what), and written
+together with an `events` row; listeners (the report, notifications) hear of it after
+the commit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from gitpipe import intake, queue, records, space
+from gitpipe import intake, lifecycle, queue, records, space
 from gitpipe.errors import DiskFullError, TransitionError, UsageError
 from gitpipe.intake import now_iso
 from gitpipe.models import (
@@ -37,8 +38,6 @@ from gitpipe.models import (
     RunRecord,
     RunStatus,
     StageRecord,
-    action_transition_allowed,
-    run_transition_allowed,
 )
 from gitpipe.queries import Queries
 from gitpipe.queue import NewRun
@@ -357,7 +356,7 @@ class Store(Queries):
         """pending -> succeeded without running: the result, artifacts and outputs of `origin`."""
         with self.tx() as db:
             act = self.action(action_id)
-            if act.status is not ActionStatus.PENDING:
+            if act.status not in lifecycle.TAKES_OVER:
                 raise TransitionError(f'action "{act.name}" of run #{act.run_id} is {act.status.value}; '
                                       f"it cannot take over the result of run #{origin.run_id}")
             for art in artifacts:
@@ -422,8 +421,7 @@ class Store(Queries):
 
     def _set_run(self, run_id: int, new: RunStatus, **fields: Any) -> RunRecord:
         run = self.run(run_id)
-        if not run_transition_allowed(run.status, new):
-            raise TransitionError(f"run #{run_id} is {run.status.value}, it cannot become {new.value}")
+        lifecycle.check_run(run_id, run.status, new)
         self.db.table("runs").update(run_id, {"status": new.value, **fields})
         self._event(Event.of_run(run_id, new.value, fields.get("error") or fields.get("cancel_reason")))
         return run
@@ -475,22 +473,18 @@ class Store(Queries):
             self._set_run(run_id, status, **fields)
 
     def _close_open(self, db: Rows, run_id: int, status: RunStatus, error: str | None) -> None:
-        cancelled = status is RunStatus.CANCELLED
-        why = "the run was cancelled" if cancelled else error or f"the run {status.value}"
+        why = "the run was cancelled" if status is RunStatus.CANCELLED else error or f"the run {status.value}"
         for act in self.actions(run_id):
-            if act.status is ActionStatus.PENDING:
-                self.set_action(act.id, ActionStatus.CANCELLED if cancelled else ActionStatus.SKIPPED)
-            elif not act.status.finished:  # running, waiting or interrupted: it started
-                self.set_action(act.id, ActionStatus.CANCELLED if cancelled else ActionStatus.FAILED,
-                                message=f"not finished: {why}")
+            new = lifecycle.left_open(act.status, status)
+            if new is not None:  # one that started (running, waiting, interrupted) says why it ended
+                said = {} if act.status is ActionStatus.PENDING else {"message": f"not finished: {why}"}
+                self.set_action(act.id, new, **said)
         db.execute("UPDATE attempts SET status = ?, finished_at = ? WHERE status = 'running' AND action_id IN "
-                   "(SELECT id FROM actions WHERE run_id = ?)",
-                   ["cancelled" if cancelled else "failed", now_iso(), run_id])
+                   "(SELECT id FROM actions WHERE run_id = ?)", [lifecycle.cut_short(status).value, now_iso(), run_id])
         for stage in self.stages(run_id):
-            if stage.status is ActionStatus.PENDING:
-                self.set_stage(run_id, stage.idx, ActionStatus.CANCELLED if cancelled else ActionStatus.SKIPPED)
-            elif not stage.status.finished:
-                self.set_stage(run_id, stage.idx, ActionStatus.CANCELLED if cancelled else ActionStatus.FAILED)
+            new = lifecycle.left_open(stage.status, status)
+            if new is not None:
+                self.set_stage(run_id, stage.idx, new)
 
     def request_cancel(self, run_id: int, by: str, reason: str | None) -> RunRecord:
         """Record who cancels and why; a queued run is cancelled at once, a running one by the daemon."""
@@ -500,7 +494,7 @@ class Store(Queries):
                 raise TransitionError(f"run #{run_id} is already {run.status.value}; nothing to cancel")
             db.table("runs").update(run_id, {"cancel_requested_at": now_iso(), "cancelled_by": by,
                                        "cancel_reason": reason})
-            if run.status is RunStatus.QUEUED:
+            if lifecycle.cancels_at_once(run.status):
                 self._set_run(run_id, RunStatus.CANCELLED, finished_at=now_iso())
             else:
                 self._event(Event.of_run(run_id, "cancel-requested", reason))
@@ -525,6 +519,8 @@ class Store(Queries):
         """Not synced: the stage's first action starting, or the next synced commit, makes it durable
         (and recovery derives a stage's status from its actions again)."""
         with self.tx(synced=False) as db:
+            [row] = self.query("SELECT name, status FROM stages WHERE run_id = ? AND idx = ?", (run_id, idx))
+            lifecycle.check_stage(run_id, row["name"], ActionStatus(row["status"]), status)
             fields: dict[str, Any] = {"status": status.value}
             if status is ActionStatus.RUNNING:
                 fields["started_at"] = now_iso()
@@ -545,12 +541,10 @@ class Store(Queries):
         return records.action(self.query("SELECT * FROM actions WHERE id = ?", (action_id,))[0])
 
     def set_action(self, action_id: int, new: ActionStatus, **fields: Any) -> None:
-        """Change an action's status, checked against the allowed transitions."""
+        """Change an action's status, checked against the allowed transitions (lifecycle.ACTION)."""
         with self.tx() as db:
             act = self.action(action_id)
-            if act.status is not new and not action_transition_allowed(act.status, new):
-                raise TransitionError(f'action "{act.name}" of run #{act.run_id} is {act.status.value}, '
-                                      f"it cannot become {new.value}")
+            lifecycle.check_action(act.run_id, act.name, act.status, new)
             if new is ActionStatus.RUNNING and act.started_at is None:
                 fields.setdefault("started_at", now_iso())
             if new.finished:
@@ -659,8 +653,7 @@ class Store(Queries):
                 db.table("approvals").insert({"run_id": run_id, "action_id": action_id, "action": name,
                                         "message": message, "requested_at": now_iso(), "deadline": deadline})
             self.set_action(action_id, ActionStatus.WAITING, message=message)
-            if self.run(run_id).status is RunStatus.RUNNING:
-                self._set_run(run_id, RunStatus.WAITING)
+            self._settle_run(run_id)
 
     def approval(self, action_id: int) -> ApprovalRecord | None:
         rows = self.query("SELECT * FROM approvals WHERE action_id = ?", (action_id,))
@@ -732,12 +725,19 @@ class Store(Queries):
             return True
 
     def resolve_approval(self, run_id: int, action_id: int, status: ActionStatus, message: str) -> None:
-        """The waiting approval ends: action -> succeeded/failed/timed-out, run back to running."""
+        """The waiting approval ends: action -> succeeded/failed/timed-out/cancelled, and the run
+        back to running when no other approval waits."""
         with self.tx():
             self.set_action(action_id, status, message=message)
-            if self.run(run_id).status is RunStatus.WAITING and not self.query(
-                    "SELECT 1 FROM actions WHERE run_id = ? AND status = 'waiting'", (run_id,)):
-                self._set_run(run_id, RunStatus.RUNNING)
+            self._settle_run(run_id)
+
+    def _settle_run(self, run_id: int) -> None:
+        """An active run is waiting while one of its approvals waits, else running (lifecycle.while_active)."""
+        run = self.run(run_id)
+        waiting = bool(self.query("SELECT 1 FROM actions WHERE run_id = ? AND status = 'waiting'", (run_id,)))
+        new = lifecycle.while_active(run.status, waiting)
+        if new is not run.status:
+            self._set_run(run_id, new)
 
     # ------------------------------------------------------------------ environments and releases
     def add_release(self, repo: str, environment: str, release: str, status: str, targets: list[str],

@@ -120,10 +120,11 @@ def hook_fields(trigger: TriggerSpec) -> dict[str, list[str]]:
 def push_starts(fields: dict[str, Any], ref: str) -> bool:
     """Whether a push to `ref` matches the branch or tag globs of `hook_fields` (`paths` aside:
     the hook asks git for the changed paths only when the ref matches)."""
-    for prefix, key in (("refs/heads/", "branches"), ("refs/tags/", "tags")):
-        if ref.startswith(prefix):
-            return any(glob_match(p, ref[len(prefix):]) for p in fields.get(key, ()))
-    return False
+    from gitpipe import refs  # imports nothing
+
+    kind, short = refs.kind_of(ref)
+    key = {"branch": "branches", "tag": "tags"}.get(kind)
+    return key is not None and any(glob_match(p, short) for p in fields.get(key, ()))
 
 
 def glob_match(pattern: str, name: str) -> bool:
@@ -206,7 +207,7 @@ def _schedule(t: Table) -> tuple[Any, ...]:
 
 def _cron_problem(line: str) -> str | None:
     """Why `line` is not a cron line croniter accepts, or None."""
-    from croniter import croniter  # type: ignore[import-untyped]  # slow; only with a schedule
+    from gitpipe.cron import croniter  # slow (croniter); only with a schedule
 
     try:
         croniter(line)

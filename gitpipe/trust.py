@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gitpipe import git
 from gitpipe.errors import ActionError
-from gitpipe.models import short_ref
+from gitpipe.refs import short_ref
 from gitpipe.secrets import Masker, load_secrets, ref_protected, secrets_for
 from gitpipe.settings import Settings
 

@@ -105,6 +105,9 @@ def test_failed_healthcheck_rolls_back_every_target_and_notifies(home: Home, tmp
     good_rel = f"releases/{good['id']}-{good['sha'][:7]}"
     assert current(a) == current(b) == good_rel
     assert "switched back" in home.action(bad, "deploy-staging")["message"]
+    [deploy_log] = [p for p in home.log_files(bad["id"]) if "-deploy." in p.name]
+    last = deploy_log.read_text().splitlines()[-1]  # a deploy's log ends with why, as a script's does
+    assert "gitpipe: attempt 1 failed: " in last and "switched back" in last, last
     ran = marks.read_text().split()
     assert ran[-1].endswith(good_rel.split("/")[1]), ran  # after_switch ran again for the restored release
     events = [(e["event"], e["run"]) for e in received]

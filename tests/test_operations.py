@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gitpipe import settings
-from gitpipe.schedules import Scheduler
+from gitpipe.schedules import CronTrigger
 from gitpipe.store import Store
 from tests.helpers import GITPIPE, Home, base_env, git, one_line_error, pipeline, wait_for, working_copy
 from tests.webhook import webhook_server  # noqa: F401  (the `webhook` fixture)
@@ -34,7 +34,7 @@ def test_a_missed_schedule_slot_runs_once_not_once_per_slot(tmp_path: Path) -> N
     store = Store(settings.load(home.home))
     try:
         start = time.time()
-        sched = Scheduler(store)
+        sched = CronTrigger(store)
         before = {r.id for r in store.runs(limit=100)}
         fired, due = sched.fire_due(start)
         assert fired == [] and due is not None and due > start  # a new schedule starts from now
@@ -65,7 +65,7 @@ def test_a_schedule_entry_can_name_the_branch_it_runs(tmp_path: Path) -> None:
     store = Store(settings.load(home.home))
     try:
         start = time.time()
-        sched = Scheduler(store)
+        sched = CronTrigger(store)
         assert sched.fire_due(start)[0] == []
         fired, _ = sched.fire_due(start + 86400)
         runs = {store.run(i).ref: store.run(i) for i in fired}

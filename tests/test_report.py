@@ -103,10 +103,11 @@ class History:
     def _stage(self, run_id: int, s_idx: int, acts: list[Act], records: list[Any]) -> None:
         if all(a.status == "pending" for a in acts):
             return
-        self.store.set_stage(run_id, s_idx, ActionStatus.RUNNING)
+        finals = [ActionStatus(a.status) for a in acts]
+        if not all(f is ActionStatus.SKIPPED for f in finals):  # one closed after a failure never ran
+            self.store.set_stage(run_id, s_idx, ActionStatus.RUNNING)
         for act, rec in zip(acts, records):
             self._action(run_id, act, rec.id)
-        finals = [ActionStatus(a.status) for a in acts]
         if all(f is ActionStatus.SKIPPED for f in finals):
             self.store.set_stage(run_id, s_idx, ActionStatus.SKIPPED)
         elif all(f.finished for f in finals):

@@ -13,7 +13,7 @@ import pytest
 from helpers import ISO_UTC
 
 from gitpipe import intake, records, settings
-from gitpipe.errors import TransitionError, UsageError
+from gitpipe.errors import IllegalTransition, TransitionError, UsageError
 from gitpipe.models import (
     ActionSpec,
     ActionStatus,
@@ -126,9 +126,9 @@ def test_two_processes_opening_an_old_database_at_once_both_succeed(tmp_path: Pa
 def test_a_run_goes_through_its_states_and_refuses_the_others(store: Store) -> None:
     [run_id] = store.create_runs([new_run()])
     assert store.run(run_id).status is RunStatus.QUEUED
-    with pytest.raises(TransitionError, match=f"run #{run_id} is queued, it cannot become succeeded"):
+    with pytest.raises(IllegalTransition, match=f"run #{run_id} is queued, it cannot become succeeded"):
         store.finish_run(run_id, RunStatus.SUCCEEDED)
-    with pytest.raises(TransitionError, match=f"run #{run_id} is queued, it cannot become waiting"):
+    with pytest.raises(IllegalTransition, match=f"run #{run_id} is queued, it cannot become waiting"):
         store.set_run_waiting(run_id, True)
     assert store.run(run_id).status is RunStatus.QUEUED and store.run(run_id).finished_at is None
     store.start_run(run_id, PIPE, None, "A <a@example.com>", "the message")
@@ -146,9 +146,9 @@ def test_a_run_goes_through_its_states_and_refuses_the_others(store: Store) -> N
     run = store.run(run_id)
     assert run.status is RunStatus.SUCCEEDED and ISO_UTC.match(run.finished_at or "")
     for status in RunStatus:  # a finished run never changes again
-        with pytest.raises(TransitionError):
+        with pytest.raises(IllegalTransition):
             store.finish_run(run_id, status)
-    with pytest.raises(TransitionError):
+    with pytest.raises(IllegalTransition):
         store.fail_queued_run(run_id, "too late")
     assert store.run(run_id).status is RunStatus.SUCCEEDED
 
@@ -203,7 +203,7 @@ def test_a_refused_change_writes_nothing(store: Store) -> None:
     store.finish_run(run_id, RunStatus.CANCELLED)
     before = store.events(run_id)
     actions = store.actions(run_id)
-    with pytest.raises(TransitionError):
+    with pytest.raises(IllegalTransition):
         store.finish_run(run_id, RunStatus.SUCCEEDED, "nope")
     run = store.run(run_id)
     assert run.status is RunStatus.CANCELLED and run.error is None
@@ -224,13 +224,55 @@ def test_listeners_hear_changes_after_commit_and_nothing_of_a_rollback(store: St
     assert [e.status for e in store.events(run_id)] == ["queued", "running"]
 
 
+# ---------------------------------------------------------------------------- status writes checked by lifecycle
+
+
+def test_a_stage_transition_is_checked_and_a_refused_one_writes_nothing(store: Store) -> None:
+    run_id = running_run(store)
+    store.set_stage(run_id, 0, ActionStatus.RUNNING)
+    store.set_stage(run_id, 0, ActionStatus.RUNNING)  # a restarted daemon goes on with it
+    before = store.events(run_id)
+    with pytest.raises(IllegalTransition, match=f'stage "build" of run #{run_id} is running, it cannot become '
+                                                 "skipped"):
+        store.set_stage(run_id, 0, ActionStatus.SKIPPED)
+    store.set_stage(run_id, 0, ActionStatus.FAILED)
+    with pytest.raises(IllegalTransition, match="is failed, it cannot become failed"):
+        store.set_stage(run_id, 0, ActionStatus.FAILED)  # once finished, not even the same status again
+    assert [s.status for s in store.stages(run_id)] == [ActionStatus.FAILED, ActionStatus.PENDING]
+    assert [(e["subject"], e["status"]) for e in store.events(run_id)][len(before):] == [("stage:0", "failed")]
+
+
+def test_a_finished_action_is_not_finished_a_second_time(store: Store) -> None:
+    run_id = running_run(store)
+    wheel = store.actions(run_id)[0]
+    store.set_action(wheel.id, ActionStatus.RUNNING)
+    store.set_action(wheel.id, ActionStatus.SUCCEEDED, exit_code=0)
+    with pytest.raises(IllegalTransition, match="is succeeded, it cannot become succeeded"):
+        store.set_action(wheel.id, ActionStatus.SUCCEEDED, message="again")
+    assert store.action(wheel.id).message is None
+
+
+def test_approvals_flip_the_run_through_the_lifecycle(store: Store) -> None:
+    run_id = running_run(store)
+    _, gate, gate2, _ = store.actions(run_id)  # any action will do: the store does not look at types
+    store.request_approval(run_id, gate.id, "lint", "ok?", 1e12)
+    store.request_approval(run_id, gate2.id, "pack", "ok?", 1e12)
+    assert store.run(run_id).status is RunStatus.WAITING
+    store.resolve_approval(run_id, gate.id, ActionStatus.SUCCEEDED, "approved by alice")
+    assert store.run(run_id).status is RunStatus.WAITING  # gate2 still waits
+    store.resolve_approval(run_id, gate2.id, ActionStatus.FAILED, "rejected by bob")
+    assert store.run(run_id).status is RunStatus.RUNNING
+    statuses = [e["status"] for e in store.events(run_id) if e["subject"] == "run"]
+    assert statuses == ["queued", "running", "waiting", "running"]
+
+
 # ---------------------------------------------------------------------------- actions
 
 
 def test_action_transitions(store: Store) -> None:
     run_id = running_run(store)
     wheel, lint, pack, unit = store.actions(run_id)
-    with pytest.raises(TransitionError, match='action "wheel" .* is pending, it cannot become succeeded'):
+    with pytest.raises(IllegalTransition, match='action "wheel" .* is pending, it cannot become succeeded'):
         store.set_action(wheel.id, ActionStatus.SUCCEEDED)
     store.set_action(wheel.id, ActionStatus.RUNNING)
     started = store.action(wheel.id).started_at
@@ -243,12 +285,12 @@ def test_action_transitions(store: Store) -> None:
     assert act.finished_at and act.finished_at >= started
     for status in ActionStatus:
         if status is not ActionStatus.FAILED:
-            with pytest.raises(TransitionError):
+            with pytest.raises(IllegalTransition):
                 store.set_action(wheel.id, status)
     store.set_action(pack.id, ActionStatus.SKIPPED)
     skipped = store.action(pack.id)
     assert skipped.started_at is None and skipped.finished_at is not None
-    with pytest.raises(TransitionError):
+    with pytest.raises(IllegalTransition):
         store.set_action(pack.id, ActionStatus.RUNNING)
     store.set_action(lint.id, ActionStatus.RUNNING)
     store.set_action(lint.id, ActionStatus.INTERRUPTED)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from gitpipe import artifacts, executor
+from gitpipe import artifacts, attempts, executor
 from gitpipe.cluster import channel
 from gitpipe.cluster.worker import make_app
 from gitpipe.errors import GitpipeError
@@ -142,7 +142,7 @@ class Cluster:
         else:
             deadline = rw._deadline(spec, previous) or time.time() + spec.timeout
             number = len(previous) + 1
-            log_path = self.settings.logs_dir / str(run.id) / f"{rec.id}-{_safe(rec.name)}.{number}.log"
+            log_path = attempts.log_path(self.settings, run.id, rec.id, rec.name, number)
             aid, mac, adopted = f"{rec.id}.{number}.{secrets_mod.token_hex(8)}", os.urandom(32), False
             # The result key is kept in the database (the coordinator's alone) for a restart's sake.
             store.start_attempt(rec.id, deadline, str(log_path), f"{REMOTE}{aid}:{mac.hex()}")
@@ -451,9 +451,3 @@ class Session:
         self.c.r.rpush(reply, channel.seal(public, json.dumps(bundle).encode()))
         self.c.r.expire(reply, 60)
         self.say(f"running on worker {name}")
-
-
-def _safe(name: str) -> str:
-    from gitpipe.scheduler import _safe as safe
-
-    return safe(name)

@@ -29,11 +29,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import paramiko  # type: ignore[import-untyped]  # no stubs in the test extras
-
 from gitpipe.deploy.context import DeployContext
 from gitpipe.deploy.manifest import COMPLETE, MANIFEST, UploadPlan
-from gitpipe.deploy.sshconn import Peer, connect
+from gitpipe.deploy.sshconn import Channel, Peer, SFTPClient, SSHException, connect
 from gitpipe.deploy.targets import (
     OUTPUT_GRACE,
     RELEASE_NAME,
@@ -66,7 +64,7 @@ class SshTarget(Target):
         self.url, self.user, self.host, self.port, self.root = url, user, host, port, root
         self.ctx = ctx
         self.log = log
-        self._sftp: paramiko.SFTPClient | None = None
+        self._sftp: SFTPClient | None = None
         self._manifests: dict[str, bytes] = {}  # read in passing by read_state
         self._dead: str | None = None  # why we closed the transport ourselves
         self._client = connect(Peer(url, user, host, port), ctx, log)
@@ -95,7 +93,7 @@ class SshTarget(Target):
         """Check that the server still answers: opening a channel needs its reply."""
         try:
             self._transport.open_session(timeout=IO_TIMEOUT).close()
-        except (paramiko.SSHException, OSError, EOFError) as e:
+        except (SSHException, OSError, EOFError) as e:
             self._give_up(f"no answer from {self.host} for {IO_TIMEOUT:.0f}s while {what}: the link looks dead")
             raise EOFError(self._dead) from e
 
@@ -106,7 +104,7 @@ class SshTarget(Target):
             yield
         except DeployError:
             raise
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except (OSError, EOFError, SSHException) as e:
             if self._dead:
                 raise DeployError(f"{self.url}: {self._dead}",
                                   hint=f"check the network to {self.host} and its sshd, then deploy again") from e
@@ -118,7 +116,7 @@ class SshTarget(Target):
 
     # ------------------------------------------------------------------ commands
 
-    def _open(self, script: str, combine: bool = False) -> paramiko.Channel:
+    def _open(self, script: str, combine: bool = False) -> Channel:
         # exec_command waits for the server's reply without a timeout: hence the watchdog.
         with _Watchdog(self, f"no answer from {self.host} for {IO_TIMEOUT:.0f}s when starting a command"):
             ch = self._transport.open_session(window_size=WINDOW, max_packet_size=PACKET, timeout=IO_TIMEOUT)
@@ -128,7 +126,7 @@ class SshTarget(Target):
             ch.exec_command("sh -c " + q(script))
         return ch
 
-    def _collect(self, ch: paramiko.Channel, on_data: Callable[[bytes], None], what: str,
+    def _collect(self, ch: Channel, on_data: Callable[[bytes], None], what: str,
                  timeout: float | None = None) -> tuple[int, bytes]:
         """Read output until the command exits; return (exit status, stderr). 124 on `timeout`."""
         ch.settimeout(POLL)
@@ -206,7 +204,7 @@ class SshTarget(Target):
                 except FileNotFoundError:
                     self._mkdir(sftp, path)
 
-    def _mkdir(self, sftp: paramiko.SFTPClient, path: str) -> None:
+    def _mkdir(self, sftp: SFTPClient, path: str) -> None:
         try:
             sftp.mkdir(path)
         except OSError as e:
@@ -359,7 +357,7 @@ class SshTarget(Target):
 
     # ------------------------------------------------------------------ lock primitives
 
-    def _sftp_client(self) -> paramiko.SFTPClient:
+    def _sftp_client(self) -> SFTPClient:
         if self._sftp is None:
             self._sftp = self._client.open_sftp()
             self._sftp.get_channel().settimeout(IO_TIMEOUT)

@@ -11,12 +11,18 @@ import base64
 import hashlib
 import socket
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import paramiko  # type: ignore[import-untyped]  # no stubs in the test extras
 
 from gitpipe.deploy.context import DeployContext
 from gitpipe.deploy.targets import Log
 from gitpipe.errors import DeployError
+
+# The one home of paramiko: ssh.py takes the names it needs from here.
+Channel: TypeAlias = paramiko.Channel
+SFTPClient: TypeAlias = paramiko.SFTPClient
+SSHException: TypeAlias = paramiko.SSHException
 
 TCP_USER_TIMEOUT_MS = 20_000  # unacknowledged data this long: the kernel drops the connection
 # AES-GCM needs no separate MAC pass: about 20% more upload throughput than paramiko's default

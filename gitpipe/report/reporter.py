@@ -17,7 +17,8 @@ from pathlib import Path
 
 from gitpipe import git, trust
 from gitpipe.errors import GitpipeError
-from gitpipe.models import Event, EventKind, RunRecord, RunStatus, short_ref
+from gitpipe.models import Event, EventKind, RunRecord, RunStatus
+from gitpipe.refs import short_ref
 from gitpipe.report import badge, data, files, listing, views
 from gitpipe.report.logview import LogReader
 from gitpipe.report.render import Renderer

@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gitpipe import approvals, cache
+from gitpipe import approvals, cache, refs
 from gitpipe.models import (
     ActionRecord,
     ActionStatus,
@@ -80,10 +80,7 @@ def run_view(r: RunRecord) -> RunView:
 
 def ref_parts(ref: str) -> tuple[str, str]:
     """("branch", "main") for refs/heads/main, ("tag", "v1") for refs/tags/v1."""
-    for prefix, kind in (("refs/heads/", "branch"), ("refs/tags/", "tag")):
-        if ref.startswith(prefix):
-            return kind, ref[len(prefix):]
-    return "ref", ref
+    return refs.kind_of(ref)
 
 
 def point(run: RunView, root: str = "") -> charts.Point:
