@@ -239,7 +239,8 @@ def test_a_stage_transition_is_checked_and_a_refused_one_writes_nothing(store: S
     with pytest.raises(IllegalTransition, match="is failed, it cannot become failed"):
         store.set_stage(run_id, 0, ActionStatus.FAILED)  # once finished, not even the same status again
     assert [s.status for s in store.stages(run_id)] == [ActionStatus.FAILED, ActionStatus.PENDING]
-    assert [(e["subject"], e["status"]) for e in store.events(run_id)][len(before):] == [("stage:0", "failed")]
+    assert [(e.kind, e.stage, e.status) for e in store.events(run_id)][len(before):] == [
+        (EventKind.STAGE, 0, "failed")]
 
 
 def test_a_finished_action_is_not_finished_a_second_time(store: Store) -> None:
@@ -262,7 +263,7 @@ def test_approvals_flip_the_run_through_the_lifecycle(store: Store) -> None:
     assert store.run(run_id).status is RunStatus.WAITING  # gate2 still waits
     store.resolve_approval(run_id, gate2.id, ActionStatus.FAILED, "rejected by bob")
     assert store.run(run_id).status is RunStatus.RUNNING
-    statuses = [e["status"] for e in store.events(run_id) if e["subject"] == "run"]
+    statuses = [e.status for e in store.events(run_id) if e.kind is EventKind.RUN]
     assert statuses == ["queued", "running", "waiting", "running"]
 
 
