@@ -22,12 +22,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gitpipe import executor, follow, queue, retention, space
+from gitpipe import executor, follow, intake, queue, retention, space
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
 from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
+from gitpipe.intakeserver import IntakeServer
 from gitpipe.models import ActionStatus, Event, RunStatus, short_ref
 from gitpipe.notify import Notifier
 from gitpipe.report import Reporter
@@ -120,6 +121,10 @@ class Daemon:
         why_not = self.control.start()
         if why_not:
             log.info("%s", why_not)
+        self.intake = IntakeServer(self.settings, self.wake.set)  # the hooks hand it pushes
+        why_not = self.intake.start()
+        if why_not:
+            log.warning("%s", why_not)
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select,
@@ -143,6 +148,7 @@ class Daemon:
             self._loop()
         finally:
             notify_systemd("STOPPING=1")
+            self.intake.close()  # pushes from now on: recorded by the hook, which says the daemon is down
             self.control.close()
             self._shutdown()
             observer.stop()
@@ -405,8 +411,12 @@ class Daemon:
             return
         for path in sorted(self.settings.spool_dir.glob("*.json")):
             runs = [self._spooled(queue.NewRun(**r)) for r in json.loads(path.read_text())]
+            key = f"{intake.KEY_PREFIX}spool:{path.name}"
             try:
-                self.store.create_runs(runs)
+                with self.store.tx():  # the entry's key with its runs: a crash before the unlink below
+                    if self.store.get_state(key) is None:  # makes no second copy of them
+                        ids = self.store.create_runs(runs)
+                        self.store.set_state(key, f"{int(time.time())} {','.join(map(str, ids))}")
             except GitpipeError as exc:  # a full disk: the file stays, and is read again later
                 self.backoff.failed("spool")
                 log.warning("the runs kept in %s wait: %s", path, exc)

@@ -474,7 +474,10 @@ def test_a_push_while_the_daemon_is_down_runs_when_it_starts(home: Home) -> None
     repo = home.add_repo("later")
     push = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
     assert push.returncode == 0
-    assert push.gitpipe_lines == [f"remote: gitpipe: run #{push.run_ids[0]} queued for main @ {push.sha[:7]}"]
+    # The hook records it itself (the daemon's socket is not there), names it, and says why it waits
+    assert push.gitpipe_lines == [f"remote: gitpipe: run #{push.run_ids[0]} queued for main @ {push.sha[:7]}",
+                                  "remote: gitpipe: the daemon is not running: the run starts when it does "
+                                  "(gitpipe serve)"]
     run_id = push.run_ids[0]
     queued = home.show(run_id)
     assert queued["status"] == "queued"
