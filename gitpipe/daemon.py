@@ -28,7 +28,7 @@ from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
 from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
-from gitpipe.intakeserver import IntakeServer
+from gitpipe.intakeserver import IntakeServer, older_hooks, record_once
 from gitpipe.models import ActionStatus, Event, RunStatus, short_ref
 from gitpipe.notify import Notifier
 from gitpipe.report import Reporter
@@ -121,10 +121,14 @@ class Daemon:
         why_not = self.control.start()
         if why_not:
             log.info("%s", why_not)
-        self.intake = IntakeServer(self.settings, self.wake.set)  # the hooks hand it pushes
+        self.intake = IntakeServer(self.settings, self.store, self.wake.set)  # the hooks hand it pushes
         why_not = self.intake.start()
         if why_not:
             log.warning("%s", why_not)
+        older = older_hooks(self.store)
+        if older:
+            log.info("repos with the hook of an older gitpipe (a Python start per push): %s; "
+                     "`gitpipe repo add PATH` again installs the current one", ", ".join(older))
         self.schedules = Scheduler(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select,
@@ -221,13 +225,15 @@ class Daemon:
     def _step(self) -> None:
         """One look at everything: wake files, the spool, schedules, cancels, the queue, retention."""
         self._clear_wake_files()
-        self._hear_others()
         self._ingest_spool()
         self._supersede()
         self._cancel_requested()
         for worker in list(self.workers.values()):
             worker.changed.set()  # approvals decided, cancels requested: let workers look
         self._claim()
+        # After the claim: what hooks and commands changed reaches the report, and how far that
+        # got is saved (a synced commit), without delaying the start of a run just queued.
+        self._hear_others()
         # After the claim: a push moved a head, and reading its pipeline for cron lines (a git
         # process) must not delay the run that push queued.
         if self.run_schedules:
@@ -411,12 +417,8 @@ class Daemon:
             return
         for path in sorted(self.settings.spool_dir.glob("*.json")):
             runs = [self._spooled(queue.NewRun(**r)) for r in json.loads(path.read_text())]
-            key = f"{intake.KEY_PREFIX}spool:{path.name}"
-            try:
-                with self.store.tx():  # the entry's key with its runs: a crash before the unlink below
-                    if self.store.get_state(key) is None:  # makes no second copy of them
-                        ids = self.store.create_runs(runs)
-                        self.store.set_state(key, f"{int(time.time())} {','.join(map(str, ids))}")
+            try:  # under the entry's key: a crash before the unlink below makes no second copy
+                record_once(self.store, f"{intake.KEY_PREFIX}spool:{path.name}", runs)
             except GitpipeError as exc:  # a full disk: the file stays, and is read again later
                 self.backoff.failed("spool")
                 log.warning("the runs kept in %s wait: %s", path, exc)

@@ -85,17 +85,26 @@ def record_on(conn: sqlite3.Connection, runs: list[dict[str, Any]], key: str | N
         row = None if key is None else conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         if row is not None:
             conn.execute("ROLLBACK")
-            return [int(x) for x in str(row[0]).partition(" ")[2].split(",") if x]
+            return recorded_ids(row[0])
         ids = [insert_run(conn, r) for r in runs]
         if key is not None:
-            conn.execute("INSERT INTO state (key, value) VALUES (?, ?)",
-                         (key, f"{int(time.time())} {','.join(map(str, ids))}"))
+            conn.execute("INSERT INTO state (key, value) VALUES (?, ?)", (key, key_value(ids)))
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
     return ids
+
+
+def key_value(ids: list[int]) -> str:
+    """What a key's state row holds: when (for prune_keys), and the ids of the runs recorded."""
+    return f"{int(time.time())} {','.join(map(str, ids))}"
+
+
+def recorded_ids(value: str) -> list[int]:
+    """The run ids of a key's state row (key_value)."""
+    return [int(x) for x in str(value).partition(" ")[2].split(",") if x]
 
 
 def push_key(repo: str, receive_pack: int, hook: int, text: str) -> str:

@@ -4,8 +4,9 @@ hooks/post-receive is `sh`: a Python start alone costs a push 7-15 ms, more than
 of its work. The hook hands git's ref lines to a client of ~20 lines of Perl (perl-base is
 Essential on Debian; the client uses only builtins: ~1.5 ms) which connects to `intake.sock`
 in the home. Here the daemon plans the push exactly as the Python hook does (hookmain.plan:
-the same rules, reading the pushed objects in this process), records its runs in one synced
-commit, answers the lines the pusher reads, and wakes its loop, which starts them at once.
+the same rules, reading the pushed objects in this process), records its runs through its
+store in one synced commit, answers the lines the pusher reads, and wakes its loop, which
+starts them at once.
 
 Protocol, one push per connection (the client writes, shuts its side down, reads to the end):
     request  "gitpipe-push 1 REPO RECEIVE_PACK_PID HOOK_PID PUSHER_HEX\\n", then git's ref lines
@@ -33,9 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gitpipe import git, hookmain, intake
+from gitpipe import git, hookmain, intake, queue
 from gitpipe.control import peer_uid
+from gitpipe.errors import UsageError
 from gitpipe.settings import Settings
+from gitpipe.store import Store
 
 log = logging.getLogger("gitpipe")
 SOCKET = "intake.sock"  # in the home; named in hooks/post-receive too
@@ -56,15 +59,15 @@ class Refused(Exception):
 class IntakeServer:
     """Listens on <home>/intake.sock; each connection is one push (see the module's docstring)."""
 
-    def __init__(self, settings: Settings, on_recorded: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, store: Store, on_recorded: Callable[[], None]) -> None:
         self.settings = settings
+        self.store = store
         self.on_recorded = on_recorded
         self.sock: socket.socket | None = None
         self.thread: threading.Thread | None = None
         self.slots = threading.BoundedSemaphore(CONNECTIONS)
-        self.lock = threading.Lock()  # the connection below is used by one push at a time
-        self.conn = intake.connect(settings.db_path, setup=False)
         self.pipelines: dict[tuple[str, str], dict[str, Any]] = {}
+        self.lock = threading.Lock()  # of the two above, shared by the connections' threads
         self.recorded = 0
 
     @property
@@ -97,8 +100,6 @@ class IntakeServer:
             if self.thread is not None:
                 self.thread.join(5)
             self.sock = None
-        with self.lock:
-            self.conn.close()
 
     def _accept(self) -> None:
         assert self.sock is not None
@@ -114,74 +115,102 @@ class IntakeServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             with conn:
-                ok, lines = self._answer(conn)
+                ok, lines, started = self._answer(conn)
                 conn.settimeout(READ_TIMEOUT)
                 conn.sendall(("recorded\n" if ok else "refused\n").encode() + "".join(f"{x}\n" for x in lines).encode())
         except OSError:
             pass  # the hook went away (its own timeout): it recorded the push itself, under the same key
         finally:
             self.slots.release()
+        if started:  # the loop claims them now (no wake file, no inotify); after the answer, so
+            self.on_recorded()  # that its claim does not hold the GIL while the push waits
 
-    def _answer(self, conn: socket.socket) -> tuple[bool, list[str]]:
-        """(recorded, the lines for the pusher) for one connection."""
+    def _answer(self, conn: socket.socket) -> tuple[bool, list[str], bool]:
+        """(recorded, the lines for the pusher, whether runs were queued) for one connection."""
         try:
             uid = peer_uid(conn)
             if uid not in (os.geteuid(), 0):
                 raise Refused(f"a process of uid {uid} is not the daemon's user")
-            push = parse(_read_all(conn))
-            return True, self.take(*push)
+            lines, queued = self.take(*parse(_read_all(conn)))
+            return True, lines, queued
         except Refused as exc:
             log.warning("intake: refused a push: %s", exc)
-            return False, [f"gitpipe: the daemon refused the push ({exc}); recording it here"]
+            return False, [f"gitpipe: the daemon refused the push ({exc}); recording it here"], False
         except Exception as exc:  # the database (a full disk), a bug: the Python hook records it
             log.warning("intake: could not record a push: %s", exc, exc_info=not isinstance(exc, OSError))
-            return False, [f"gitpipe: the daemon could not record the push ({exc}); recording it here"]
+            return False, [f"gitpipe: the daemon could not record the push ({exc}); recording it here"], False
 
-    def take(self, repo: str, receive_pack: int, hook: int, who: str, text: str) -> list[str]:
-        """Plan and record one push; the lines the pusher reads."""
+    def take(self, repo: str, receive_pack: int, hook: int, who: str, text: str) -> tuple[list[str], bool]:
+        """Plan and record one push; the lines the pusher reads, and whether it queued runs."""
         git_dir = self._repo_path(repo)
         runs, notes = hookmain.plan(DaemonReader(self, repo, git_dir), repo, who, text)
         lines: list[str] = []
         if runs:
             key = intake.push_key(repo, receive_pack, hook, text)
-            with self.lock:
-                ids = intake.record_on(self.conn, runs, key)
-            self.on_recorded()  # the loop claims them now: no wake file, no inotify round trip
+            ids = record_once(self.store, key, [queue.NewRun(**run) for run in runs])
             for run_id, run in zip(ids, runs):
                 lines += hookmain.describe(run_id, run, self.settings.site_url)
-            self.recorded += 1
-            if self.recorded % PRUNE_EVERY == 0:
+            with self.lock:
+                self.recorded += 1
+                prune = self.recorded % PRUNE_EVERY == 0
+            if prune:
                 self._prune()
         try:  # the room hooks/pre-receive reserved for this push (see hookmain._reservation)
             os.unlink(self.settings.spool_dir / "pending" / str(receive_pack))
         except OSError:
             pass
-        return lines + notes
+        return lines + notes, bool(runs)
 
     def _repo_path(self, repo: str) -> str:
-        with self.lock:
-            row = self.conn.execute("SELECT path FROM repos WHERE name = ? AND removed_at IS NULL", (repo,)).fetchone()
-        if row is None:
-            raise Refused(f'repo "{repo}" is not registered')
-        return str(row[0])
+        try:
+            return self.store.repo_path(repo)
+        except UsageError:
+            raise Refused(f'repo "{repo}" is not registered') from None
 
     def _prune(self) -> None:
         try:
-            with self.lock:
-                intake.prune_keys(self.conn, time.time() - KEYS_KEPT)
+            with self.store.lock:  # the store's connection, between its transactions
+                intake.prune_keys(self.store.conn, time.time() - KEYS_KEPT)
         except Exception as exc:  # kept for the next time: a few rows more
             log.warning("intake: could not forget old push keys: %s", exc)
 
     def validated(self, repo: str, text: str) -> dict[str, Any]:
         """hookmain.validate, kept in memory for a text that validated (an error may go away: a plugin)."""
-        info = self.pipelines.get((repo, text))
+        with self.lock:
+            info = self.pipelines.get((repo, text))
         if info is None:
             info = hookmain.validate(text, repo)
             if info["error"] is None:
-                if len(self.pipelines) >= PIPELINES_KEPT:
-                    self.pipelines.pop(next(iter(self.pipelines)))
-                self.pipelines[(repo, text)] = info
+                with self.lock:
+                    if len(self.pipelines) >= PIPELINES_KEPT:
+                        self.pipelines.pop(next(iter(self.pipelines)))
+                    self.pipelines[(repo, text)] = info
         return info
+
+
+def older_hooks(store: Store) -> list[str]:
+    """The repos whose post-receive is gitpipe's from before this socket (each push starts Python)."""
+    older = []
+    for repo in store.repos():
+        try:
+            text = Path(repo["path"], "hooks", "post-receive").read_text(errors="replace")
+        except OSError:
+            continue
+        if "gitpipe post-receive hook" in text and SOCKET not in text:
+            older.append(str(repo["name"]))
+    return older
+
+
+def record_once(store: Store, key: str, runs: list[queue.NewRun]) -> list[int]:
+    """Record runs under `key` (see intake.record_on), through the daemon's store: their events
+    reach its listeners (the report) at once, as its own, with nothing to catch up on later."""
+    with store.tx():
+        known = store.get_state(key)
+        if known is not None:
+            return intake.recorded_ids(known)
+        ids = store.create_runs(runs)
+        store.set_state(key, intake.key_value(ids))
+    return ids
 
 
 class DaemonReader(hookmain.Reader):
