@@ -86,8 +86,8 @@ def daemon_note(daemon: str, runs: list[dict[str, Any]]) -> list[str]:
     if daemon == "down":
         return ["gitpipe: the daemon is not running: the run starts when it does (gitpipe serve)"]
     if daemon == "silent":
-        return ["gitpipe: warning: the daemon took the push but did not answer (it stopped, or was busy); "
-                "the run above is recorded once, and starts when the daemon looks at its queue"]
+        return ["gitpipe: warning: the daemon took the push but did not answer (it stopped, or was busy): "
+                "recorded here, once all the same"]
     return []
 
 

@@ -13,6 +13,7 @@ import itertools
 import queue
 import re
 import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -991,10 +992,56 @@ def test_an_existing_post_receive_hook_is_kept_and_chained(home: Home, tmp_path:
     assert push.stderr.count("remote: legacy pre-receive ran") == 1
     assert push.stderr.count(f"remote: legacy post-receive saw: {'0' * 40} {push.sha} refs/heads/main") == 1
     assert len(push.run_ids) == 1
+    with home.daemon():  # the daemon answers for gitpipe's hook (the sh hook runs the chained one)
+        up = home.push(path, {"a.txt": "a"})
+        assert up.returncode == 0 and len(up.run_ids) == 1, up.stderr
+        assert up.stderr.count(f"remote: legacy post-receive saw: {push.sha} {up.sha} refs/heads/main") == 1
+        home.wait_run(up.run_ids[0])
     home.gitpipe("repo", "remove", "legacy", check=True)
     assert (path / "hooks" / "post-receive").read_text() == legacy_post
     again = home.push(path, {"b.txt": "b"})
     assert "legacy post-receive saw" in again.stderr and again.run_ids == []
+
+
+def without_python_fallback(repo: Path) -> None:
+    """Make the installed post-receive's Python fallback fail loudly: what the push prints can
+    only come from the daemon's answer then."""
+    hook = repo / "hooks" / "post-receive"
+    text = hook.read_text()
+    assert sys.executable in text
+    hook.write_text(text.replace(sys.executable, "/nonexistent/python"))
+
+
+def test_the_daemon_answers_the_push_in_the_hook_s_own_words(home: Home, tmp_path: Path) -> None:
+    """With the daemon up the push is recorded and answered by it (no Python in the hook): the
+    run named, an invalid pipeline's every error, a ref without a pipeline, an odd ref name."""
+    (tmp_path / ".pipeline.toml").write_text(INVALID)
+    problems = home.gitpipe("validate", ".pipeline.toml", cwd=tmp_path).stderr.strip().splitlines()
+    repo = home.add_repo("answered")
+    without_python_fallback(repo)
+    odd = "feature/a\u00a0b\u2028c"  # a no-break space and a line separator: git takes both
+    with home.daemon() as daemon:
+        push = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+        assert push.gitpipe_lines == [f"remote: gitpipe: run #{push.run_ids[0]} queued for main @ {push.sha[:7]}"]
+        invalid = home.push(repo, {".pipeline.toml": INVALID}, branch="broken")
+        [failed] = invalid.run_ids
+        assert f"remote: gitpipe: run #{failed} for broken @ {invalid.sha[:7]} failed" in invalid.stderr
+        for problem in problems:
+            assert f"remote: gitpipe:   {problem}" in invalid.stderr
+        bare = home.push(repo, {".pipeline.toml": None, "x": "x"}, branch="bare")
+        assert len(bare.gitpipe_lines) == 1 and "no .pipeline.toml in bare @" in bare.gitpipe_lines[0], bare.stderr
+        named = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)}, branch=odd)
+        assert named.returncode == 0 and len(named.run_ids) == 1, named.stderr
+        for run_id in (push.run_ids[0], named.run_ids[0]):
+            home.expect(home.wait_run(run_id))
+        assert "python" not in daemon.log.lower()  # the fallback never ran (it would have failed)
+    run = home.show(failed)
+    assert run["status"] == "failed" and run["started_at"] is None
+    assert run["commit"]["author"] == "Test Author <author@example.com>" and run["commit"]["message"]
+    assert all(p in run["error"] for p in problems)
+    assert home.show(named.run_ids[0])["ref"] == f"refs/heads/{odd}"
+    assert sorted(r["id"] for r in home.runs()) == sorted([push.run_ids[0], failed, named.run_ids[0]])
+    assert list((home.home / "spool" / "pending").iterdir()) == []  # the daemon gave the room back
 
 
 def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) -> None:
