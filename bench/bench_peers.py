@@ -9,7 +9,8 @@ the ratios, measured in the same run. The counts at the end (processes started a
 per action, seen by strace on the daemon) do not depend on the load.
 
 Rows (adapted from ../shared/peers/peer_bench.py, which produced issue 11's table):
-  push      what the post-receive hook adds to `git push` (gitpipe's hook vs `laminarc queue`)
+  push      what the post-receive hook adds to `git push` (gitpipe's hook vs `laminarc queue`);
+            also gitpipe's with its daemon down (the Python hook records the push itself)
   start     push start -> the first command of the job/action runs (a `date` it writes)
   action    per action: 20 sequential actions in one gitpipe run; 20 laminar jobs, 1 executor
   idle      daemon RSS with 20 repos (laminar: 20 jobs), after 5 s idle
@@ -66,7 +67,8 @@ class Peers:
         self.home = root / "gp"
         self.genv = {**GENV, **env_with_home(self.home)}
         self.laminar = (LAM / "laminard").exists()
-        self.systems = ["plain", "gp"] + (["lam"] if self.laminar else [])
+        self.systems = ["plain", "gp", "gpdown"] + (["lam"] if self.laminar else [])
+        self.down = root / "gp-down"  # a home whose daemon is not running
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def gitpipe(self, *args: str) -> str:
@@ -81,6 +83,9 @@ class Peers:
         self.gitpipe("repo", "add", str(self.root / "gp.git"), "--create")
         for i in range(ACTIONS - 1):
             self.gitpipe("repo", "add", str(self.root / f"idle{i}.git"), "--create")
+        denv = {**GENV, **env_with_home(self.down)}
+        sh(str(BIN / "gitpipe"), "init", env=denv)
+        sh(str(BIN / "gitpipe"), "repo", "add", str(self.root / "gpdown.git"), "--create", env=denv)
         sh("git", "init", "-q", "--bare", "-b", "main", str(self.root / "plain.git"))
         self.procs["gp"] = subprocess.Popen([str(BIN / "gitpipe"), "serve"], env=self.genv,
                                             stdout=open(self.root / "gp.log", "w"), stderr=subprocess.STDOUT)
@@ -126,7 +131,7 @@ class Peers:
     # ------------------------------------------------------------------ measures
     def push_and_start(self, src: Path, n: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
         push: dict[str, list[float]] = {s: [] for s in self.systems}
-        start: dict[str, list[float]] = {s: [] for s in self.systems if s != "plain"}
+        start: dict[str, list[float]] = {s: [] for s in self.systems if s not in ("plain", "gpdown")}
         for i in range(n):
             for s in self.systems:  # interleaved: each round measures every system once
                 (src / "n").write_text(f"{s}{i}\n")
@@ -135,7 +140,7 @@ class Peers:
                 t0 = time.time()
                 sh("git", "push", "-q", str(self.root / f"{s}.git"), "main", cwd=src)
                 push[s].append((time.time() - t0) * 1000)
-                if s != "plain":
+                if s in start:
                     start[s].append((wait_stamp(self.stamp) - t0) * 1000)
                     time.sleep(0.3)  # let the job finish
         return push, start
@@ -267,6 +272,8 @@ def report(n: int, laminar: bool, push: dict[str, list[float]], start: dict[str,
     print("| --- | --- | --- | --- | --- |")
     print(f"| what the hook adds to `git push` (plain push {pp:.1f} ms) | +{pg - pp:.1f} ms | "
           f"{lam(f'+{pl - pp:.1f} ms')} | {ratio(pg - pp, pl - pp)} | <= +8 ms |")
+    pd = median(push["gpdown"])
+    print(f"| the same, gitpipe's daemon down (the Python hook records the push) | +{pd - pp:.1f} ms | - | - | - |")
     print(f"| push start -> the first command runs | {sg:.1f} ms | {lam(f'{sl:.1f} ms')} | {ratio(sg, sl)} | <= 30 ms |")
     print(f"| per action, {ACTIONS} sequential `true` (`bash -c true` alone: {ab:.1f} ms) | {ag:.1f} ms | "
           f"{lam(f'{al:.1f} ms')} | {ratio(ag, al)} | <= 8 ms |")

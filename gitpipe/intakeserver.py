@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,19 @@ HEX = frozenset("0123456789abcdef")
 
 class Refused(Exception):
     """A request this daemon does not take; the hook records the push itself."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the daemon says to one push, and what it does once it said it."""
+
+    recorded: bool  # False: the hook records the push itself
+    lines: list[str]  # for the pusher
+    receive_pack: int | None = None  # the push's git process: its disk reservation is given back
+    queued: bool = False  # runs to start
+
+    def text(self) -> bytes:
+        return ("recorded\n" if self.recorded else "refused\n").encode() + "".join(f"{x}\n" for x in self.lines).encode()
 
 
 class IntakeServer:
@@ -113,35 +127,40 @@ class IntakeServer:
             threading.Thread(target=self._serve, args=(conn,), name="intake-push", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        answer = Answer(False, [])
         try:
             with conn:
-                ok, lines, started = self._answer(conn)
+                answer = self._answer(conn)
                 conn.settimeout(READ_TIMEOUT)
-                conn.sendall(("recorded\n" if ok else "refused\n").encode() + "".join(f"{x}\n" for x in lines).encode())
+                conn.sendall(answer.text())
         except OSError:
-            pass  # the hook went away (its own timeout): it recorded the push itself, under the same key
+            pass  # the hook went away (its own timeout): it records the push itself, under the same key
         finally:
             self.slots.release()
-        if started:  # the loop claims them now (no wake file, no inotify); after the answer, so
-            self.on_recorded()  # that its claim does not hold the GIL while the push waits
+        # After the answer, whatever can wait: the push waits for nothing that is not its record.
+        if answer.receive_pack is not None:  # the room hooks/pre-receive reserved (hookmain._reservation)
+            try:
+                os.unlink(self.settings.spool_dir / "pending" / str(answer.receive_pack))
+            except OSError:
+                pass
+        if answer.queued:  # the loop claims them now: no wake file, no inotify round trip
+            self.on_recorded()
 
-    def _answer(self, conn: socket.socket) -> tuple[bool, list[str], bool]:
-        """(recorded, the lines for the pusher, whether runs were queued) for one connection."""
+    def _answer(self, conn: socket.socket) -> Answer:
         try:
             uid = peer_uid(conn)
             if uid not in (os.geteuid(), 0):
                 raise Refused(f"a process of uid {uid} is not the daemon's user")
-            lines, queued = self.take(*parse(_read_all(conn)))
-            return True, lines, queued
+            return self.take(*parse(_read_all(conn)))
         except Refused as exc:
             log.warning("intake: refused a push: %s", exc)
-            return False, [f"gitpipe: the daemon refused the push ({exc}); recording it here"], False
+            return Answer(False, [f"gitpipe: the daemon refused the push ({exc}); recording it here"])
         except Exception as exc:  # the database (a full disk), a bug: the Python hook records it
             log.warning("intake: could not record a push: %s", exc, exc_info=not isinstance(exc, OSError))
-            return False, [f"gitpipe: the daemon could not record the push ({exc}); recording it here"], False
+            return Answer(False, [f"gitpipe: the daemon could not record the push ({exc}); recording it here"])
 
-    def take(self, repo: str, receive_pack: int, hook: int, who: str, text: str) -> tuple[list[str], bool]:
-        """Plan and record one push; the lines the pusher reads, and whether it queued runs."""
+    def take(self, repo: str, receive_pack: int, hook: int, who: str, text: str) -> Answer:
+        """Plan and record one push: the lines the pusher reads."""
         git_dir = self._repo_path(repo)
         runs, notes = hookmain.plan(DaemonReader(self, repo, git_dir), repo, who, text)
         lines: list[str] = []
@@ -155,11 +174,7 @@ class IntakeServer:
                 prune = self.recorded % PRUNE_EVERY == 0
             if prune:
                 self._prune()
-        try:  # the room hooks/pre-receive reserved for this push (see hookmain._reservation)
-            os.unlink(self.settings.spool_dir / "pending" / str(receive_pack))
-        except OSError:
-            pass
-        return lines + notes, bool(runs)
+        return Answer(True, lines + notes, receive_pack, bool(runs))
 
     def _repo_path(self, repo: str) -> str:
         try:
