@@ -24,12 +24,13 @@ from common import BIN, clone_with, env_with_home, git, gitpipe, median, workdir
 PIPELINE = '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n'
 
 
-def timed_ms(argv: list[str], n: int, **kw: object) -> float:
+def timed_ms(argv: list[str], n: int, pause: float = 0.0, **kw: object) -> float:
     times = []
     for _ in range(n):
         t = time.perf_counter()
         subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
         times.append((time.perf_counter() - t) * 1000)
+        time.sleep(pause)  # the run a post-receive queued runs meanwhile, not during the next one
     return median(times)
 
 
@@ -78,6 +79,7 @@ def main() -> None:
         head = subprocess.run(["git", "--git-dir", str(root / "up.git"), "rev-parse", "main"], capture_output=True,
                               text=True, check=True).stdout.strip()
         line = f"{'0' * 40} {head} refs/heads/bench\n".encode()
+        tag = f"{'0' * 40} {head} refs/tags/v1\n".encode()  # the trigger runs no tag: nothing recorded
         env = {**os.environ, "GIT_DIR": "."}
         parts = {
             "`sh -c :`": timed_ms(["sh", "-c", ":"], n * 4),
@@ -86,8 +88,10 @@ def main() -> None:
             "a synced SQLite commit (WAL, synchronous=FULL) on the home's disk": synced_commit_ms(root / "sync.db", n * 4),
             "pre-receive alone (sh; grep for reject_invalid; the 64 KiB reservation)":
                 timed_ms([str(hooks / "pre-receive")], n * 2, input=line, cwd=root / "up.git", env=env),
-            "post-receive alone, daemon up (sh, perl, the daemon's plan + synced commit)":
-                timed_ms([str(hooks / "post-receive")], n * 2, input=line, cwd=root / "up.git", env=env),
+            "post-receive alone, daemon up, a push that starts no run (sh, perl, the daemon's plan)":
+                timed_ms([str(hooks / "post-receive")], n * 2, input=tag, cwd=root / "up.git", env=env),
+            "post-receive alone, daemon up (sh, perl, the daemon's plan and synced commit)":
+                timed_ms([str(hooks / "post-receive")], n, 0.3, input=line, cwd=root / "up.git", env=env),
         }
     finally:
         daemon.terminate()
