@@ -1044,6 +1044,43 @@ def test_the_daemon_answers_the_push_in_the_hook_s_own_words(home: Home, tmp_pat
     assert list((home.home / "spool" / "pending").iterdir()) == []  # the daemon gave the room back
 
 
+# The post-receive `gitpipe repo add` installed before the hook went through the daemon.
+PYTHON_HOOK = """#!{python} -IS
+# gitpipe post-receive hook, installed by `gitpipe repo add`. It only queues runs;
+# the daemon runs them.
+import sys
+sys.path[:0] = {libdir!r}.split(':')
+from gitpipe.hookmain import main
+code = main("post-receive", home={home!r}, repo={repo!r})
+sys.stdout.flush()
+import os
+os._exit(code)
+"""
+
+
+def test_a_repo_with_an_older_hook_keeps_working_and_repo_add_upgrades_it(home: Home) -> None:
+    repo = home.add_repo("old")
+    hook = repo / "hooks" / "post-receive"
+    import site
+
+    import gitpipe
+
+    libdir = ":".join([str(Path(gitpipe.__file__).resolve().parent.parent), *site.getsitepackages()])
+    hook.write_text(PYTHON_HOOK.format(python=sys.executable, libdir=libdir, home=str(home.home), repo="old"))
+    with home.daemon() as daemon:
+        wait_for(lambda: "hook of an older gitpipe" in daemon.log, 30, what="the daemon to name the older hook")
+        assert "old;" in daemon.log.split("hook of an older gitpipe")[1].splitlines()[0]
+        before = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})  # through the Python hook
+        assert before.returncode == 0 and len(before.run_ids) == 1, before.stderr
+        home.gitpipe("repo", "add", str(repo), check=True)  # the upgrade
+        assert "intake.sock" in hook.read_text() and hook.read_text().startswith("#!/bin/sh\n")
+        assert not (repo / "hooks" / "post-receive.chained").exists()  # ours is replaced, not chained
+        after = home.push(repo, {"a.txt": "a"})
+        assert after.gitpipe_lines == [f"remote: gitpipe: run #{after.run_ids[0]} queued for main @ {after.sha[:7]}"]
+        home.wait_runs([before.run_ids[0], after.run_ids[0]])
+    assert sorted(r["id"] for r in home.runs()) == sorted([before.run_ids[0], after.run_ids[0]])
+
+
 def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) -> None:
     path = tmp_path / "guarded.git"
     git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(path))
