@@ -68,15 +68,20 @@ def post_receive(home: str, repo: str, git_dir: str, text: str, *, key: str | No
     except Exception as exc:  # database locked past the timeout, disk full, ...
         return _spool(home, runs, exc)
     warning = _wake(home, "push")
-    try:  # after recording: a mistake in gitpipe.toml must not lose the push
-        site_url = host_settings(home)["site_url"]
-    except Exception as exc:
-        site_url = ""
-        warning.append(f"gitpipe: warning: {exc}")
+    site_url, problem = site_url_of(home)
     lines: list[str] = []
     for run_id, run in zip(ids, runs):
         lines += describe(run_id, run, site_url)
-    return lines + notes + warning + daemon_note(daemon, runs)
+    return lines + notes + warning + problem + daemon_note(daemon, runs)
+
+
+def site_url_of(home: str) -> tuple[str, list[str]]:
+    """The site_url the pusher's lines link to (gitpipe.toml as it is now), and a warning line
+    when gitpipe.toml cannot be read: read after recording, a mistake there loses no push."""
+    try:
+        return host_settings(home)["site_url"], []
+    except Exception as exc:
+        return "", [f"gitpipe: warning: {exc}"]
 
 
 def daemon_note(daemon: str, runs: list[dict[str, Any]]) -> list[str]:

@@ -167,8 +167,10 @@ class IntakeServer:
         if runs:
             key = intake.push_key(repo, receive_pack, hook, text)
             ids = record_once(self.store, key, [queue.NewRun(**run) for run in runs])
+            site_url, problem = hookmain.site_url_of(str(self.settings.home))  # as the Python hook: as it is now
             for run_id, run in zip(ids, runs):
-                lines += hookmain.describe(run_id, run, self.settings.site_url)
+                lines += hookmain.describe(run_id, run, site_url)
+            notes += problem
             with self.lock:
                 self.recorded += 1
                 prune = self.recorded % PRUNE_EVERY == 0

@@ -1023,6 +1023,11 @@ def test_the_daemon_answers_the_push_in_the_hook_s_own_words(home: Home, tmp_pat
     with home.daemon() as daemon:
         push = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
         assert push.gitpipe_lines == [f"remote: gitpipe: run #{push.run_ids[0]} queued for main @ {push.sha[:7]}"]
+        home.configure('site_url = "https://ci.example.com"\n')  # read at each push, as the Python hook does
+        linked = home.push(repo, {"z": "z"})
+        [linked_id] = linked.run_ids
+        assert linked.gitpipe_lines == [f"remote: gitpipe: run #{linked_id} queued for main @ {linked.sha[:7]} "
+                                        f"https://ci.example.com/answered/runs/{linked_id}.html"]
         invalid = home.push(repo, {".pipeline.toml": INVALID}, branch="broken")
         [failed] = invalid.run_ids
         assert f"remote: gitpipe: run #{failed} for broken @ {invalid.sha[:7]} failed" in invalid.stderr
@@ -1032,7 +1037,7 @@ def test_the_daemon_answers_the_push_in_the_hook_s_own_words(home: Home, tmp_pat
         assert len(bare.gitpipe_lines) == 1 and "no .pipeline.toml in bare @" in bare.gitpipe_lines[0], bare.stderr
         named = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)}, branch=odd)
         assert named.returncode == 0 and len(named.run_ids) == 1, named.stderr
-        for run_id in (push.run_ids[0], named.run_ids[0]):
+        for run_id in (push.run_ids[0], linked_id, named.run_ids[0]):
             home.expect(home.wait_run(run_id))
         assert "python" not in daemon.log.lower()  # the fallback never ran (it would have failed)
     run = home.show(failed)
@@ -1040,7 +1045,7 @@ def test_the_daemon_answers_the_push_in_the_hook_s_own_words(home: Home, tmp_pat
     assert run["commit"]["author"] == "Test Author <author@example.com>" and run["commit"]["message"]
     assert all(p in run["error"] for p in problems)
     assert home.show(named.run_ids[0])["ref"] == f"refs/heads/{odd}"
-    assert sorted(r["id"] for r in home.runs()) == sorted([push.run_ids[0], failed, named.run_ids[0]])
+    assert sorted(r["id"] for r in home.runs()) == sorted([push.run_ids[0], linked_id, failed, named.run_ids[0]])
     assert list((home.home / "spool" / "pending").iterdir()) == []  # the daemon gave the room back
 
 
