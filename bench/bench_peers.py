@@ -16,7 +16,8 @@ the ratios, measured in the same run. The counts at the end (processes started a
 per action, seen by strace on the daemon) do not depend on the load.
 
 Rows (adapted from ../shared/peers/peer_bench.py, which produced issue 11's table):
-  push      what the post-receive hook adds to `git push` (gitpipe's hook vs `laminarc queue`)
+  push      what the post-receive hook adds to `git push` (gitpipe's hook vs `laminarc queue`);
+            also gitpipe's with its daemon down (the Python hook records the push itself)
   start     push start -> the first command of the job/action runs (a `date` it writes)
   action    per action: 20 sequential actions in one gitpipe run; 20 laminar jobs, 1 executor
   idle      daemon RSS with 20 repos (laminar: 20 jobs), after 5 s idle (after the rows above;
@@ -76,7 +77,8 @@ class Peers:
         self.home = root / "gp"  # this checkout's home; "gp0" (GITPIPE_BEFORE) has root / "gp0"
         self.genv = {**GENV, **env_with_home(self.home)}
         self.laminar = (LAM / "laminard").exists()
-        self.systems = ["plain", "gp"] + (["lam"] if self.laminar else [])
+        self.systems = ["plain", "gp", "gpdown"] + (["lam"] if self.laminar else [])
+        self.down = root / "gp-down"  # a home whose daemon is not running
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.bins = {"gp": BIN, **({"gp0": BEFORE} if BEFORE else {})}  # gp0: the "before" install
 
@@ -97,6 +99,9 @@ class Peers:
             env = {**GENV, **env_with_home(self.root / s), **(unit_env() if s == "gp" else {})}
             self.procs[s] = subprocess.Popen([str(self.bins[s] / "gitpipe"), "serve"], env=env,
                                              stdout=open(self.root / f"{s}.log", "w"), stderr=subprocess.STDOUT)
+        denv = {**GENV, **env_with_home(self.down)}
+        sh(str(BIN / "gitpipe"), "init", env=denv)
+        sh(str(BIN / "gitpipe"), "repo", "add", str(self.root / "gpdown.git"), "--create", env=denv)
         sh("git", "init", "-q", "--bare", "-b", "main", str(self.root / "plain.git"))
         if self.laminar:
             self._setup_laminar()
@@ -140,7 +145,7 @@ class Peers:
     # ------------------------------------------------------------------ measures
     def push_and_start(self, src: Path, n: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
         push: dict[str, list[float]] = {s: [] for s in self.systems}
-        start: dict[str, list[float]] = {s: [] for s in self.systems if s != "plain"}
+        start: dict[str, list[float]] = {s: [] for s in self.systems if s not in ("plain", "gpdown")}
         for i in range(n):
             for s in self.systems:  # interleaved: each round measures every system once
                 (src / "n").write_text(f"{s}{i}\n")
@@ -149,7 +154,7 @@ class Peers:
                 t0 = time.time()
                 sh("git", "push", "-q", str(self.root / f"{s}.git"), "main", cwd=src)
                 push[s].append((time.time() - t0) * 1000)
-                if s != "plain":
+                if s in start:
                     start[s].append((wait_stamp(self.stamp) - t0) * 1000)
                     time.sleep(0.3)  # let the job finish
         return push, start
@@ -365,7 +370,10 @@ class Results:
         if self.push:
             plain = median(self.push["plain"])
             row(f"what the hook adds to `git push` (plain push {plain:.1f} ms)",
-                {s: median(v) - plain for s, v in self.push.items() if s != "plain"}, "+{:.1f} ms", "<= +8 ms")
+                {s: median(v) - plain for s, v in self.push.items() if s not in ("plain", "gpdown")}, "+{:.1f} ms", "<= +8 ms")
+            if self.push.get("gpdown"):
+                row("the same, gitpipe's daemon down (the Python hook records the push)",
+                    {"gp": median(self.push["gpdown"]) - plain}, "+{:.1f} ms", "-")
         if self.start:
             row("push start -> the first command runs", {s: median(v) for s, v in self.start.items()},
                 "{:.1f} ms", "<= 30 ms")

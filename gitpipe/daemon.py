@@ -23,12 +23,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gitpipe import executor, inotify, lifecycle, queue, retention, space, triggers
+from gitpipe import executor, inotify, intake, lifecycle, queue, retention, space, triggers
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
 from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
+from gitpipe.intakeserver import IntakeServer, older_hooks, record_once
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
 from gitpipe.refs import short_ref
@@ -128,6 +129,14 @@ class Daemon:
         why_not = self.control.start()
         if why_not:
             log.info("%s", why_not)
+        self.intake = IntakeServer(self.settings, self.store, self.wake.set)  # the hooks hand it pushes
+        why_not = self.intake.start()
+        if why_not:
+            log.warning("%s", why_not)
+        older = older_hooks(self.store)
+        if older:
+            log.info("repos with the hook of an older gitpipe (a Python start per push): %s; "
+                     "`gitpipe repo add PATH` again installs the current one", ", ".join(older))
         self.schedules = CronTrigger(self.store)
         self.host = Host(self.settings, self.store, threading.BoundedSemaphore(self.settings.max_parallel),
                          trust, sandbox, select=self.select,
@@ -151,6 +160,7 @@ class Daemon:
             self._loop()
         finally:
             notify_systemd("STOPPING=1")
+            self.intake.close()  # pushes from now on: recorded by the hook, which says the daemon is down
             self.control.close()
             self._shutdown()
             observer.stop()
@@ -224,13 +234,15 @@ class Daemon:
     def _step(self) -> None:
         """One look at everything: wake files, the spool, schedules, cancels, the queue, retention."""
         self._clear_wake_files()
-        self._hear_others()
         self._ingest_spool()
         self._supersede()
         self._cancel_requested()
         for worker in list(self.workers.values()):
             worker.changed.set()  # approvals decided, cancels requested: let workers look
         self._claim()
+        # After the claim: what hooks and commands changed reaches the report, and how far that
+        # got is saved (a synced commit), without delaying the start of a run just queued.
+        self._hear_others()
         # After the claim: a push moved a head, and reading its pipeline for cron lines (a git
         # process) must not delay the run that push queued.
         if self.run_schedules:
@@ -414,8 +426,8 @@ class Daemon:
             return
         for path in sorted(self.settings.spool_dir.glob("*.json")):
             runs = [self._spooled(queue.NewRun(**r)) for r in json.loads(path.read_text())]
-            try:
-                self.store.create_runs(runs)
+            try:  # under the entry's key: a crash before the unlink below makes no second copy
+                record_once(self.store, f"{intake.KEY_PREFIX}spool:{path.name}", runs)
             except GitpipeError as exc:  # a full disk: the file stays, and is read again later
                 self.backoff.failed("spool")
                 log.warning("the runs kept in %s wait: %s", path, exc)

@@ -31,14 +31,24 @@ CACHE_VERSION = 1
 MAX_NOTES = 5  # lines about refs that start no run
 
 
-def main(name: str, *, home: str, repo: str) -> int:
-    """Run hook `name` for `repo` with the gitpipe home it was installed from."""
+def main(name: str, *, home: str, repo: str, daemon: str = "") -> int:
+    """Run hook `name` for `repo` with the gitpipe home it was installed from.
+
+    `daemon`: why hooks/post-receive (sh) came here rather than the daemon's answer: "down"
+    (nothing listens on its socket), "silent" (it took the push but did not answer), "refused"
+    (it answered that it could not record the push, and said why), "" (no client for its socket,
+    or a hook installed by an older gitpipe).
+    """
     data = sys.stdin.buffer.read()
     git_dir = os.environ.get("GIT_DIR", ".")
     if name == "pre-receive":
         return _pre_receive(home, repo, git_dir, data)
+    text = data.decode("utf-8", "replace")
     try:
-        _print(post_receive(home, repo, git_dir, data.decode("utf-8", "replace")))
+        # git starts the hook (this process, exec'd by the sh hook) under receive-pack: the
+        # key the daemon recorded the push under if it took it (intakeserver.py)
+        key = intake.push_key(repo, os.getppid(), os.getpid(), text)
+        _print(post_receive(home, repo, git_dir, text, key=key, daemon=daemon))
     except Exception as exc:  # the push is in; never hide why its runs were not queued
         _print([f"gitpipe: ERROR: runs not queued: {exc}",
                 f"gitpipe: start them by hand once fixed: gitpipe run {repo} --ref REF"])
@@ -48,61 +58,121 @@ def main(name: str, *, home: str, repo: str) -> int:
     return 0
 
 
-def post_receive(home: str, repo: str, git_dir: str, text: str) -> list[str]:
+def post_receive(home: str, repo: str, git_dir: str, text: str, *, key: str | None = None,
+                 daemon: str = "") -> list[str]:
     """Record the runs this push starts; the lines to show the pusher."""
-    runs = []
-    notes: list[str] = []  # why a pushed ref starts no run, where the pusher could not guess it
-    who = pusher()
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 3:
-            run = _plan(home, repo, git_dir, who, *parts, notes=notes)
-            if run:
-                runs.append(run)
-    if len(notes) > MAX_NOTES:  # a mirror push of many branches: not a screenful of the same line
-        notes[MAX_NOTES - 1:] = [f"gitpipe: and {len(notes) - MAX_NOTES + 1} more refs without {PIPELINE_FILE}"]
+    runs, notes = plan(Reader(home, repo, git_dir), repo, pusher(), text)
     if not runs:
         return notes
     try:
-        ids = intake.record(os.path.join(home, "gitpipe.db"), runs)
+        ids = intake.record(os.path.join(home, "gitpipe.db"), runs, key)
     except Exception as exc:  # database locked past the timeout, disk full, ...
         return _spool(home, runs, exc)
     warning = _wake(home, "push")
-    try:  # after recording: a mistake in gitpipe.toml must not lose the push
-        site_url = host_settings(home)["site_url"]
-    except Exception as exc:
-        site_url = ""
-        warning.append(f"gitpipe: warning: {exc}")
+    site_url, problem = site_url_of(home)
     lines: list[str] = []
     for run_id, run in zip(ids, runs):
         lines += describe(run_id, run, site_url)
-    return lines + notes + warning
+    return lines + notes + warning + problem + daemon_note(daemon, runs)
 
 
-def _plan(home: str, repo: str, git_dir: str, who: str, old: str, new: str, ref: str, *,
+def site_url_of(home: str) -> tuple[str, list[str]]:
+    """The site_url the pusher's lines link to (gitpipe.toml as it is now), and a warning line
+    when gitpipe.toml cannot be read: read after recording, a mistake there loses no push."""
+    try:
+        return host_settings(home)["site_url"], []
+    except Exception as exc:
+        return "", [f"gitpipe: warning: {exc}"]
+
+
+def daemon_note(daemon: str, runs: list[dict[str, Any]]) -> list[str]:
+    """Why the hook recorded the push itself, when the pusher should know."""
+    if all(run.get("error") for run in runs):  # runs that failed at once: nothing to start
+        return []
+    if daemon == "down":
+        return ["gitpipe: the daemon is not running: the run starts when it does (gitpipe serve)"]
+    if daemon == "silent":
+        return ["gitpipe: warning: the daemon took the push but did not answer (it stopped, or was busy): "
+                "recorded here, once all the same"]
+    return []
+
+
+def plan(reader: Reader, repo: str, who: str, text: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs a push's ref lines start, and why the others start none (where the pusher could not guess it)."""
+    runs = []
+    notes: list[str] = []
+    for parts in updates(text):
+        run = _plan(reader, repo, who, *parts, notes=notes)
+        if run:
+            runs.append(run)
+    if len(notes) > MAX_NOTES:  # a mirror push of many branches: not a screenful of the same line
+        notes[MAX_NOTES - 1:] = [f"gitpipe: and {len(notes) - MAX_NOTES + 1} more refs without {PIPELINE_FILE}"]
+    return runs, notes
+
+
+def updates(text: str) -> list[tuple[str, str, str]]:
+    """git's `old new ref` lines. Split on "\n" and " " only: a ref name may hold other
+    whitespace (a no-break space, U+2028) that str.split() and splitlines() would cut at."""
+    found = []
+    for line in text.split("\n"):
+        parts = line.split(" ")
+        if len(parts) == 3:
+            found.append((parts[0], parts[1], parts[2]))
+    return found
+
+
+class Reader:
+    """What planning a push reads from its repository. This one, the hook's, asks `git` and keeps
+    what the validator said about a pipeline file in <home>/cache/ by its blob id; the daemon's
+    (intakeserver.DaemonReader) reads the pushed objects in its own process."""
+
+    def __init__(self, home: str, repo: str, git_dir: str) -> None:
+        self.home, self.repo, self.git_dir = home, repo, git_dir
+
+    def pipeline(self, sha: str) -> dict[str, Any] | None:
+        """What the validator says about the pipeline file at commit (or tag) `sha`; None without one."""
+        code, out = git(self.git_dir, "rev-parse", "--verify", "-q", f"{sha}:{PIPELINE_FILE}")
+        if code != 0:
+            return None
+        return pipeline_info(self.home, self.repo, self.git_dir, out.decode().strip())
+
+    def peel(self, sha: str) -> str:
+        """The commit an annotated tag names (the run's worktree and GITPIPE_SHA need it)."""
+        code, out = git(self.git_dir, "rev-parse", "--verify", "-q", f"{sha}^{{commit}}")
+        return out.decode().strip() if code == 0 and out.strip() else sha
+
+    def paths_changed(self, patterns: list[str], old: str, new: str) -> bool:
+        from gitpipe.matching import paths_match
+
+        _, out = git(self.git_dir, "diff", "--name-only", "-z", "--no-renames", old, new)
+        return paths_match(tuple(patterns), [p for p in out.decode("utf-8", "replace").split("\0") if p])
+
+    def commit_info(self, sha: str) -> tuple[str | None, str | None]:
+        return commit_info(self.git_dir, sha)
+
+
+def _plan(reader: Reader, repo: str, who: str, old: str, new: str, ref: str, *,
           notes: list[str]) -> dict | None:
     if not new.strip("0") or not ref.startswith(("refs/heads/", "refs/tags/")):
         return None  # a deletion, or a ref that is neither a branch nor a tag
-    code, out = git(git_dir, "rev-parse", "--verify", "-q", f"{new}:{PIPELINE_FILE}")
-    if code != 0:
+    info = reader.pipeline(new)
+    if info is None:
         notes.append(f"gitpipe: no {PIPELINE_FILE} in {_where(ref, new)}: nothing to run. Add one at the top of "
                      f"the repository (check it with `gitpipe validate`) and push again")
         return None
-    info = pipeline_info(home, repo, git_dir, out.decode().strip())
     branch = ref.startswith("refs/heads/")
     if not triggers.push_starts(info, ref):
         return None
     if not branch:  # an annotated tag names a tag object; the run (worktree, GITPIPE_SHA) needs its commit
-        code, out = git(git_dir, "rev-parse", "--verify", "-q", f"{new}^{{commit}}")
-        new = out.decode().strip() if code == 0 and out.strip() else new
+        new = reader.peel(new)
     created = not old.strip("0")
-    if info["paths"] and not created and not _paths_changed(git_dir, info["paths"], old, new):
+    if info["paths"] and not created and not reader.paths_changed(info["paths"], old, new):
         return None
     run = {"repo": repo, "pipeline": info["name"], "ref": ref, "sha": new, "trigger": triggers.PUSH,
            "before_sha": None if created else old, "pusher": who, "error": info["error"],
            "pipeline_text": info["text"]}
     if info["error"]:  # it ends here, never reaching the daemon, which records the commit of the others
-        run["commit_author"], run["commit_message"] = commit_info(git_dir, new)
+        run["commit_author"], run["commit_message"] = reader.commit_info(new)
     return run
 
 
@@ -116,13 +186,6 @@ def commit_info(git_dir: str, sha: str) -> tuple[str | None, str | None]:
     return (author.rsplit(" ", 2)[0] if author else None), message
 
 
-def _paths_changed(git_dir: str, patterns: list[str], old: str, new: str) -> bool:
-    from gitpipe.matching import paths_match
-
-    _, out = git(git_dir, "diff", "--name-only", "-z", "--no-renames", old, new)
-    return paths_match(tuple(patterns), [p for p in out.decode("utf-8", "replace").split("\0") if p])
-
-
 def pipeline_info(home: str, repo: str, git_dir: str, blob: str) -> dict[str, Any]:
     """What the validator says about a pipeline blob, cached by blob id (blobs never change)."""
     path = os.path.join(home, "cache", "pipelines", f"{repo}-{blob}")
@@ -130,7 +193,14 @@ def pipeline_info(home: str, repo: str, git_dir: str, blob: str) -> dict[str, An
     if cached is not None:
         return cached
     _, raw = git(git_dir, "cat-file", "blob", blob)
-    text = raw.decode("utf-8", "replace")
+    info = validate(raw.decode("utf-8", "replace"), repo)
+    if info["error"] is None:  # an error may go away without a new blob (a plugin installed later)
+        _save(path, info)
+    return info
+
+
+def validate(text: str, repo: str) -> dict[str, Any]:
+    """What the planner needs of a pipeline file: its name, trigger globs, errors (all of them) and text."""
     from gitpipe import pipeline
     from gitpipe.errors import PipelineError
     from gitpipe.models import TriggerSpec
@@ -141,10 +211,7 @@ def pipeline_info(home: str, repo: str, git_dir: str, blob: str) -> dict[str, An
     except PipelineError as exc:
         trigger = triggers.read_trigger(text) or TriggerSpec()
         name, error = repo, f"{PIPELINE_FILE} is invalid:\n{exc}"
-    info = {"name": name, **triggers.hook_fields(trigger), "error": error, "text": text}
-    if error is None:  # an error may go away without a new blob (a plugin installed later)
-        _save(path, info)
-    return info
+    return {"name": name, **triggers.hook_fields(trigger), "error": error, "text": text}
 
 
 def host_settings(home: str) -> dict[str, Any]:
@@ -204,50 +271,6 @@ def _where(ref: str, sha: str) -> str:
     # git refuses ASCII controls in ref names, but not C1 controls or bidi marks: shown escaped
     shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in short_ref(ref))
     return f"{shown} @ {sha[:7]}"
-
-
-def glob_match(pattern: str, name: str) -> bool:
-    """fnmatch.fnmatchcase without importing `re` (*, ?, [seq], [!seq]; `*` matches `/`)."""
-    p = s = 0
-    star, mark = -1, 0
-    while s < len(name):
-        if p < len(pattern) and pattern[p] == "*":
-            star, mark, p = p, s, p + 1
-            continue
-        if p < len(pattern):
-            ok, nxt = _one(pattern, p, name[s])
-            if ok:
-                p, s = nxt, s + 1
-                continue
-        if star < 0:
-            return False
-        p, mark = star + 1, mark + 1
-        s = mark
-    while p < len(pattern) and pattern[p] == "*":
-        p += 1
-    return p == len(pattern)
-
-
-def _one(pattern: str, p: int, c: str) -> tuple[bool, int]:
-    """Does the pattern item at p match character c; and where the next item starts."""
-    if pattern[p] == "?":
-        return True, p + 1
-    if pattern[p] == "[":
-        end = pattern.find("]", p + 2)
-        if end > 0:
-            body = pattern[p + 1:end]
-            negate = body[:1] in ("!",)
-            body = body[1:] if negate else body
-            hit, i = False, 0
-            while i < len(body):
-                if i + 2 < len(body) and body[i + 1] == "-":
-                    hit = hit or body[i] <= c <= body[i + 2]
-                    i += 3
-                else:
-                    hit = hit or body[i] == c
-                    i += 1
-            return hit != negate, end + 1
-    return pattern[p] == c, p + 1
 
 
 def git(git_dir: str, *args: str) -> tuple[int, bytes]:

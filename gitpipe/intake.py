@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 BUSY_TIMEOUT_MS = 30_000
+KEY_PREFIX = "recorded:"  # state rows naming a push (or spool entry) already recorded: see record_on
 RUN_FIELDS = ("repo", "pipeline", "ref", "sha", "before_sha", "trigger", "pusher", "error",
               "pipeline_text", "retry_of", "commit_author", "commit_message")
 
@@ -62,20 +63,74 @@ def insert_run(conn: sqlite3.Connection, run: dict[str, Any]) -> int:
     return run_id
 
 
-def record(db_path: str | os.PathLike[str], runs: list[dict[str, Any]]) -> list[int]:
-    """Insert runs in one durable transaction; returns their ids."""
+def record(db_path: str | os.PathLike[str], runs: list[dict[str, Any]], key: str | None = None) -> list[int]:
+    """Insert runs in one durable transaction; returns their ids. See record_on for `key`."""
     conn = connect(db_path, setup=False)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            ids = [insert_run(conn, r) for r in runs]
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return ids
+        return record_on(conn, runs, key)
     finally:
         conn.close()
+
+
+def record_on(conn: sqlite3.Connection, runs: list[dict[str, Any]], key: str | None = None) -> list[int]:
+    """Insert runs in one durable transaction on `conn`; returns their ids.
+
+    With `key` (push_key), a push is recorded once however many try: the key is written in the
+    same transaction as the runs, and a second try under the same key (the hook's own fallback
+    after the daemon took the push but died before answering, or answered too late) gets the
+    ids recorded the first time, and writes nothing.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = None if key is None else conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            conn.execute("ROLLBACK")
+            return recorded_ids(row[0])
+        ids = [insert_run(conn, r) for r in runs]
+        if key is not None:
+            conn.execute("INSERT INTO state (key, value) VALUES (?, ?)", (key, key_value(ids)))
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return ids
+
+
+def key_value(ids: list[int]) -> str:
+    """What a key's state row holds: when (for prune_keys), and the ids of the runs recorded."""
+    return f"{int(time.time())} {','.join(map(str, ids))}"
+
+
+def recorded_ids(value: str) -> list[int]:
+    """The run ids of a key's state row (key_value)."""
+    return [int(x) for x in str(value).partition(" ")[2].split(",") if x]
+
+
+def push_key(repo: str, receive_pack: int, hook: int, text: str) -> str:
+    """The key a push is recorded under (see record_on): its repo, the pids of git's receive-pack
+    and of the post-receive hook (both alive for the whole push, so no two pushes share them at
+    once), and a digest of its ref lines (so a pid pair used again later is another push)."""
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]  # hashlib's import costs ~20 ms
+    except ImportError:
+        from hashlib import sha256
+    lines = "\n".join(line for line in text.split("\n") if line.count(" ") == 2)
+    digest = sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return f"{KEY_PREFIX}push:{repo}:{receive_pack}:{hook}:{digest}"
+
+
+def prune_keys(conn: sqlite3.Connection, before: float) -> int:
+    """Forget the keys of pushes (and spool entries) recorded before `before` (a Unix time); how many."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = conn.execute("DELETE FROM state WHERE key >= ? AND key < ? AND CAST(value AS INTEGER) < ?",
+                           (KEY_PREFIX, KEY_PREFIX[:-1] + chr(ord(KEY_PREFIX[-1]) + 1), int(before)))
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return cur.rowcount
 
 
 def wake(home: str, name: str = "wake") -> None:

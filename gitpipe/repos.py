@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import site
 import sys
 from pathlib import Path
@@ -63,7 +64,10 @@ def install_hooks(settings: Settings, git_dir: Path, name: str) -> None:
             raise UsageError(f"the Python path {python} is too long for a hook's #! line",
                              hint="install gitpipe in a venv with a shorter path")
         text = text.replace("#!@PYTHON@", "#!" + python)
-        values = {"PYTHON": python, "LIBDIR": libdir, "HOME": str(settings.home), "REPO": name}
+        # perl (Essential on Debian) is hooks/post-receive's client of the daemon's socket;
+        # without it the hook starts Python for each push
+        values = {"PYTHON": python, "LIBDIR": libdir, "HOME": str(settings.home), "REPO": name,
+                  "PERL": shutil.which("perl") or ""}
         for key, value in values.items():
             text = text.replace(f"@{key}_Q@", shlex.quote(value)).replace(f"@{key}@", repr(value))
         tmp = hooks_dir / f".{hook}.gitpipe-tmp"

@@ -282,3 +282,72 @@ def test_stopping_does_not_wait_for_a_pending_approval(tmp_path: Path) -> None:
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0  # well inside the 60 s grace: nothing was running
     assert home.status(run_id) == "waiting"
+
+
+QUICK = pipeline("""
+    [[stage]]
+    name = "s"
+      [[stage.action]]
+      name = "a"
+      run = "echo once"
+    """)
+
+
+@pytest.mark.timeout(180)
+def test_a_daemon_killed_between_recording_a_push_and_answering_it_makes_one_run(tmp_path: Path) -> None:
+    """kill -9 at the worst moment of the hook's path: the daemon's synced commit of the push is
+    on disk, its answer never left. The hook's fallback finds the push recorded under its key."""
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    daemon = start(home)
+    wait_for(lambda: (home.home / "intake.sock").exists(), 60, what="the daemon to listen for pushes")
+    # strace turns the daemon's first sendto (its answer to the hook) into a SIGKILL: exactly
+    # between the commit and the answer, every time
+    tracer = subprocess.Popen(["strace", "-f", "-p", str(daemon.pid), "-o", os.devnull, "-e", "trace=sendto",
+                               "-e", "inject=sendto:signal=SIGKILL"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "attached" in (tracer.stderr.readline() if tracer.stderr else ""), "strace did not attach"
+        push = home.push(repo, {".pipeline.toml": QUICK})
+        assert daemon.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        tracer.kill()
+        tracer.wait()
+        daemon.kill()
+    assert push.returncode == 0, push.stderr
+    [run_id] = push.run_ids
+    assert f"remote: gitpipe: run #{run_id} queued for main @ {push.sha[:7]}" in push.stderr
+    assert "the daemon took the push but did not answer" in push.stderr
+    assert [r["id"] for r in home.runs()] == [run_id]
+    with home.daemon():
+        home.expect(home.wait_run(run_id))
+    assert [r["id"] for r in home.runs()] == [run_id]
+    assert list((home.home / "spool" / "pending").iterdir()) == []
+
+
+@pytest.mark.timeout(180)
+def test_a_spooled_push_is_queued_once_when_the_daemon_died_before_removing_its_entry(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.init()
+    repo = home.add_repo("shop")
+    db = home.home / "gitpipe.db"
+    aside = home.root / "db-aside"
+    aside.mkdir()
+    for f in home.home.glob("gitpipe.db*"):
+        f.rename(aside / f.name)
+    db.mkdir()  # sqlite cannot open a directory: the hook keeps the push in spool/
+    push = home.push(repo, {".pipeline.toml": QUICK})
+    assert push.returncode == 0 and "the daemon will queue it" in push.stderr, push.stderr
+    [entry] = (home.home / "spool").glob("*.json")
+    kept = entry.read_bytes()
+    db.rmdir()
+    for f in aside.iterdir():
+        f.rename(home.home / f.name)
+    assert home.gitpipe("serve", "--burst", timeout=120).returncode == 0
+    [run] = home.runs()
+    assert run["sha"] == push.sha and run["status"] == "succeeded" and not entry.exists()
+    # What a daemon killed after recording the entry's runs but before removing it leaves: the entry
+    entry.write_bytes(kept)
+    assert home.gitpipe("serve", "--burst", timeout=120).returncode == 0
+    assert [r["id"] for r in home.runs()] == [run["id"]]
+    assert not entry.exists()

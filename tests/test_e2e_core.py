@@ -13,6 +13,7 @@ import itertools
 import queue
 import re
 import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -474,7 +475,10 @@ def test_a_push_while_the_daemon_is_down_runs_when_it_starts(home: Home) -> None
     repo = home.add_repo("later")
     push = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
     assert push.returncode == 0
-    assert push.gitpipe_lines == [f"remote: gitpipe: run #{push.run_ids[0]} queued for main @ {push.sha[:7]}"]
+    # The hook records it itself (the daemon's socket is not there), names it, and says why it waits
+    assert push.gitpipe_lines == [f"remote: gitpipe: run #{push.run_ids[0]} queued for main @ {push.sha[:7]}",
+                                  "remote: gitpipe: the daemon is not running: the run starts when it does "
+                                  "(gitpipe serve)"]
     run_id = push.run_ids[0]
     queued = home.show(run_id)
     assert queued["status"] == "queued"
@@ -988,10 +992,98 @@ def test_an_existing_post_receive_hook_is_kept_and_chained(home: Home, tmp_path:
     assert push.stderr.count("remote: legacy pre-receive ran") == 1
     assert push.stderr.count(f"remote: legacy post-receive saw: {'0' * 40} {push.sha} refs/heads/main") == 1
     assert len(push.run_ids) == 1
+    with home.daemon():  # the daemon answers for gitpipe's hook (the sh hook runs the chained one)
+        up = home.push(path, {"a.txt": "a"})
+        assert up.returncode == 0 and len(up.run_ids) == 1, up.stderr
+        assert up.stderr.count(f"remote: legacy post-receive saw: {push.sha} {up.sha} refs/heads/main") == 1
+        home.wait_run(up.run_ids[0])
     home.gitpipe("repo", "remove", "legacy", check=True)
     assert (path / "hooks" / "post-receive").read_text() == legacy_post
     again = home.push(path, {"b.txt": "b"})
     assert "legacy post-receive saw" in again.stderr and again.run_ids == []
+
+
+def without_python_fallback(repo: Path) -> None:
+    """Make the installed post-receive's Python fallback fail loudly: what the push prints can
+    only come from the daemon's answer then."""
+    hook = repo / "hooks" / "post-receive"
+    text = hook.read_text()
+    assert sys.executable in text
+    hook.write_text(text.replace(sys.executable, "/nonexistent/python"))
+
+
+def test_the_daemon_answers_the_push_in_the_hook_s_own_words(home: Home, tmp_path: Path) -> None:
+    """With the daemon up the push is recorded and answered by it (no Python in the hook): the
+    run named, an invalid pipeline's every error, a ref without a pipeline, an odd ref name."""
+    (tmp_path / ".pipeline.toml").write_text(INVALID)
+    problems = home.gitpipe("validate", ".pipeline.toml", cwd=tmp_path).stderr.strip().splitlines()
+    repo = home.add_repo("answered")
+    without_python_fallback(repo)
+    odd = "feature/a\u00a0b\u2028c"  # a no-break space and a line separator: git takes both
+    with home.daemon() as daemon:
+        push = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+        assert push.gitpipe_lines == [f"remote: gitpipe: run #{push.run_ids[0]} queued for main @ {push.sha[:7]}"]
+        home.configure('site_url = "https://ci.example.com"\n')  # read at each push, as the Python hook does
+        linked = home.push(repo, {"z": "z"})
+        [linked_id] = linked.run_ids
+        assert linked.gitpipe_lines == [f"remote: gitpipe: run #{linked_id} queued for main @ {linked.sha[:7]} "
+                                        f"https://ci.example.com/answered/runs/{linked_id}.html"]
+        invalid = home.push(repo, {".pipeline.toml": INVALID}, branch="broken")
+        [failed] = invalid.run_ids
+        assert f"remote: gitpipe: run #{failed} for broken @ {invalid.sha[:7]} failed" in invalid.stderr
+        for problem in problems:
+            assert f"remote: gitpipe:   {problem}" in invalid.stderr
+        bare = home.push(repo, {".pipeline.toml": None, "x": "x"}, branch="bare")
+        assert len(bare.gitpipe_lines) == 1 and "no .pipeline.toml in bare @" in bare.gitpipe_lines[0], bare.stderr
+        named = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)}, branch=odd)
+        assert named.returncode == 0 and len(named.run_ids) == 1, named.stderr
+        for run_id in (push.run_ids[0], linked_id, named.run_ids[0]):
+            home.expect(home.wait_run(run_id))
+        assert "python" not in daemon.log.lower()  # the fallback never ran (it would have failed)
+    run = home.show(failed)
+    assert run["status"] == "failed" and run["started_at"] is None
+    assert run["commit"]["author"] == "Test Author <author@example.com>" and run["commit"]["message"]
+    assert all(p in run["error"] for p in problems)
+    assert home.show(named.run_ids[0])["ref"] == f"refs/heads/{odd}"
+    assert sorted(r["id"] for r in home.runs()) == sorted([push.run_ids[0], linked_id, failed, named.run_ids[0]])
+    assert list((home.home / "spool" / "pending").iterdir()) == []  # the daemon gave the room back
+
+
+# The post-receive `gitpipe repo add` installed before the hook went through the daemon.
+PYTHON_HOOK = """#!{python} -IS
+# gitpipe post-receive hook, installed by `gitpipe repo add`. It only queues runs;
+# the daemon runs them.
+import sys
+sys.path[:0] = {libdir!r}.split(':')
+from gitpipe.hookmain import main
+code = main("post-receive", home={home!r}, repo={repo!r})
+sys.stdout.flush()
+import os
+os._exit(code)
+"""
+
+
+def test_a_repo_with_an_older_hook_keeps_working_and_repo_add_upgrades_it(home: Home) -> None:
+    repo = home.add_repo("old")
+    hook = repo / "hooks" / "post-receive"
+    import site
+
+    import gitpipe
+
+    libdir = ":".join([str(Path(gitpipe.__file__).resolve().parent.parent), *site.getsitepackages()])
+    hook.write_text(PYTHON_HOOK.format(python=sys.executable, libdir=libdir, home=str(home.home), repo="old"))
+    with home.daemon() as daemon:
+        wait_for(lambda: "hook of an older gitpipe" in daemon.log, 30, what="the daemon to name the older hook")
+        assert "old;" in daemon.log.split("hook of an older gitpipe")[1].splitlines()[0]
+        before = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})  # through the Python hook
+        assert before.returncode == 0 and len(before.run_ids) == 1, before.stderr
+        home.gitpipe("repo", "add", str(repo), check=True)  # the upgrade
+        assert "intake.sock" in hook.read_text() and hook.read_text().startswith("#!/bin/sh\n")
+        assert not (repo / "hooks" / "post-receive.chained").exists()  # ours is replaced, not chained
+        after = home.push(repo, {"a.txt": "a"})
+        assert after.gitpipe_lines == [f"remote: gitpipe: run #{after.run_ids[0]} queued for main @ {after.sha[:7]}"]
+        home.wait_runs([before.run_ids[0], after.run_ids[0]])
+    assert sorted(r["id"] for r in home.runs()) == sorted([before.run_ids[0], after.run_ids[0]])
 
 
 def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Home, git
+from helpers import RUN_ID, Home, git
 
 from gitpipe import git as gitpipe_git
 from gitpipe.sqlrows import Rows
@@ -175,3 +175,22 @@ def test_an_action_starts_the_sandbox_and_no_git_process_on_an_unchanged_tree(ho
     assert more_of("/sh") == 0
     assert more_of("/git") <= 1  # one when git wrote the files and index in the same clock tick
     assert len(more) - len(base) == 9 * 3 + more_of("/git"), (base, more)
+
+
+def test_a_push_to_a_running_daemon_starts_no_python(home: Home, tmp_path: Path) -> None:
+    """The hooks are sh; the daemon records the push and answers: git, the two hooks' sh and
+    the socket's perl client are all a push runs (a Python start alone costs more, 7-15 ms)."""
+    repo = home.add_repo("app")
+    trace = tmp_path / "push.strace"
+    with home.daemon():
+        sha = home.commit(repo, {".pipeline.toml": _serial(1)})
+        push = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=execve", "-e", "status=successful",
+                               "git", "push", str(repo), f"{sha}:refs/heads/main"], cwd=home.clone_of(repo),
+                              env=home.env(), capture_output=True, text=True, timeout=120, check=True)
+        [run_id] = RUN_ID.findall(push.stderr)
+        assert home.wait_run(int(run_id))["status"] == "succeeded"
+    programs = [line.split('execve("', 1)[1].split('"', 1)[0] for line in trace.read_text().splitlines()
+                if 'execve("' in line]
+    assert not [p for p in programs if "python" in Path(p).name], programs
+    assert sum(Path(p).name == "perl" for p in programs) == 1, programs
+    assert sum(p.endswith(("/pre-receive", "/post-receive")) for p in programs) == 2, programs

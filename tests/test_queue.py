@@ -4,8 +4,10 @@ planner), what the pusher reads, the pre-receive check, the spool."""
 from __future__ import annotations
 
 import fnmatch
+import os
 import random
 import shutil
+import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import Home, git, pipeline
 
-from gitpipe import hookmain, queue, settings, triggers
+from gitpipe import hookmain, intake, queue, settings, triggers
 from gitpipe.store import Store
 
 ZERO = "0" * 40
@@ -241,3 +243,80 @@ def test_a_push_the_database_refuses_is_spooled_and_queued_by_the_daemon(home: H
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT count(*) FROM runs").fetchone() == (1,)
     conn.close()
+
+
+# ---------------------------------------------------------------------------- the daemon's socket
+
+def ask(home: Home, request: bytes) -> bytes:
+    """One request to the daemon's intake socket (through /proc: a test home's path may be longer
+    than a socket address), as the hook's client makes it: send, shut down, read to the end."""
+    fd = os.open(home.home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(60)
+            sock.connect(f"/proc/self/fd/{fd}/intake.sock")
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def test_the_daemon_takes_only_well_formed_pushes_of_registered_repos(home: Home) -> None:
+    repo = home.add_repo("shop")
+    push = home.push(repo, {".pipeline.toml": pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        """)})
+    [pushed] = push.run_ids
+    who = "eve".encode().hex()
+    line = f"{ZERO} {push.sha} refs/heads/main\n".encode()
+    forged = [
+        b"GET / HTTP/1.0\r\n\r\n",
+        f"gitpipe-push 1 elsewhere 1 2 {who}\n".encode() + line,  # not a registered repo
+        f"gitpipe-push 1 shop x 2 {who}\n".encode() + line,  # not a pid
+        f"gitpipe-push 1 shop 1 2 {who}\n{ZERO} {'g' * 40} refs/heads/main\n".encode(),  # not an object id
+        f"gitpipe-push 1 shop 1 2 {who}\n{ZERO} {push.sha} refs/heads/a\x1bb\n".encode(),  # a control in a ref
+        f"gitpipe-push 1 shop 1 2 {who}\n{ZERO} {push.sha} main extra\n".encode(),  # not `old new ref`
+    ]
+    with home.daemon() as daemon:
+        for request in forged:
+            answer = ask(home, request)
+            assert answer.startswith(b"refused\ngitpipe: the daemon refused the push ("), (request, answer)
+        assert [r["id"] for r in home.runs()] == [pushed]  # nothing recorded
+        assert daemon.log.count("intake: refused a push") == len(forged)
+        # a well-formed one is taken, once however often it is sent (the hook's fallback sends it again)
+        good = f"gitpipe-push 1 shop 7 8 {who}\n".encode() + line
+        first, again = ask(home, good), ask(home, good)
+        assert first == again and first.startswith(b"recorded\ngitpipe: run #"), first
+        run_id = int(first.split(b"#")[1].split()[0])
+        assert run_id != pushed and home.wait_run(run_id)["pusher"] == "eve"
+    assert sorted(r["id"] for r in home.runs()) == [pushed, run_id]
+
+
+def test_a_push_is_recorded_once_under_its_key(home: Home) -> None:
+    """What the hook's fallback and the daemon share: a push key recorded with its runs."""
+    repo = home.add_repo("shop")
+    sha = home.push(repo, {".pipeline.toml": pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        """)}).sha
+    text = f"{ZERO} {sha} refs/heads/main\n"
+    key = intake.push_key("shop", 10, 11, text)
+    assert key == intake.push_key("shop", 10, 11, text.rstrip("\n") + "\n\n")  # the same lines
+    assert key != intake.push_key("shop", 10, 12, text) != intake.push_key("shop", 10, 11, text.replace("main", "dev"))
+    run = {"repo": "shop", "pipeline": "shop", "ref": "refs/heads/main", "sha": sha, "trigger": "push",
+           "pipeline_text": ""}
+    db = str(home.home / "gitpipe.db")
+    first = intake.record(db, [run], key)
+    assert intake.record(db, [run, run], key) == first
+    assert len(home.runs()) == 2  # the push's own run, and this one: once

@@ -1,0 +1,112 @@
+"""What the hooks add to `git push`, and the floor of each part (issue 11's hook row).
+
+    python bench/bench_hook.py [N]        # N rounds (default 30)
+
+Pushes to a bare repo without hooks, to a gitpipe repo whose daemon runs (the sh hook hands
+the push to it), and to one whose daemon is down (the Python hook records the push itself),
+interleaved; then each part of the hooks' path alone, so that the floor is visible. Medians in
+ms; they move with the machine's load (printed): compare within one run.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BIN, clone_with, env_with_home, git, gitpipe, median, workdir  # noqa: E402
+
+PIPELINE = '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n'
+
+
+def timed_ms(argv: list[str], n: int, pause: float = 0.0, **kw: object) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+        times.append((time.perf_counter() - t) * 1000)
+        time.sleep(pause)  # the run a post-receive queued runs meanwhile, not during the next one
+    return median(times)
+
+
+def synced_commit_ms(db: Path, n: int) -> float:
+    """One small insert committed as the daemon commits (WAL, synchronous=FULL), on the home's disk."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x TEXT)")
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t VALUES (?)", (str(i),))
+        conn.execute("COMMIT")
+        times.append((time.perf_counter() - t) * 1000)
+    conn.close()
+    return median(times)
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    root = workdir()
+    up, down = root / "up", root / "down"
+    for home in (up, down):
+        gitpipe(home, "init")
+        gitpipe(home, "repo", "add", str(root / f"{home.name}.git"), "--create")
+    git("init", "-q", "--bare", "-b", "main", str(root / "plain.git"))
+    daemon = subprocess.Popen([str(BIN / "gitpipe"), "serve"], env=env_with_home(up),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (up / "intake.sock").exists():
+            time.sleep(0.05)
+        src = clone_with(root, "src", {".pipeline.toml": PIPELINE})
+        for target in ("plain", "up", "down"):
+            git("push", "-q", str(root / f"{target}.git"), "main", cwd=src)
+        pushes: dict[str, list[float]] = {"plain": [], "up": [], "down": []}
+        for i in range(n):
+            for target in pushes:
+                git("commit", "-q", "--allow-empty", "-m", f"{target}{i}", cwd=src)
+                t = time.perf_counter()
+                git("push", "-q", str(root / f"{target}.git"), "main", cwd=src)
+                pushes[target].append((time.perf_counter() - t) * 1000)
+            time.sleep(0.3)  # the daemon runs the run the push queued (`true`) meanwhile
+        hooks = root / "up.git" / "hooks"
+        head = subprocess.run(["git", "--git-dir", str(root / "up.git"), "rev-parse", "main"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        line = f"{'0' * 40} {head} refs/heads/bench\n".encode()
+        tag = f"{'0' * 40} {head} refs/tags/v1\n".encode()  # the trigger runs no tag: nothing recorded
+        env = {**os.environ, "GIT_DIR": "."}
+        parts = {
+            "`sh -c :`": timed_ms(["sh", "-c", ":"], n * 4),
+            "`perl -e 1` (the socket client's interpreter)": timed_ms(["perl", "-e", "1"], n * 4),
+            "`python3 -IS -c pass` (what the hook no longer starts)": timed_ms([sys.executable, "-IS", "-c", "pass"], n * 4),
+            "a synced SQLite commit (WAL, synchronous=FULL) on the home's disk": synced_commit_ms(root / "sync.db", n * 4),
+            "pre-receive alone (sh; grep for reject_invalid; the 64 KiB reservation)":
+                timed_ms([str(hooks / "pre-receive")], n * 2, input=line, cwd=root / "up.git", env=env),
+            "post-receive alone, daemon up, a push that starts no run (sh, perl, the daemon's plan)":
+                timed_ms([str(hooks / "post-receive")], n * 2, input=tag, cwd=root / "up.git", env=env),
+            "post-receive alone, daemon up (sh, perl, the daemon's plan and synced commit)":
+                timed_ms([str(hooks / "post-receive")], n, 0.3, input=line, cwd=root / "up.git", env=env),
+        }
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    plain = median(pushes["plain"])
+    print(f"N={n}, medians in ms (load {os.getloadavg()[0]:.1f})")
+    print("| measure | ms |")
+    print("| --- | --- |")
+    print(f"| `git push`, no hooks | {plain:.1f} |")
+    print(f"| what gitpipe's hooks add, daemon up | +{median(pushes['up']) - plain:.1f} |")
+    print(f"| what gitpipe's hooks add, daemon down (the Python hook records the push) | "
+          f"+{median(pushes['down']) - plain:.1f} |")
+    for name, value in parts.items():
+        print(f"| {name} | {value:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

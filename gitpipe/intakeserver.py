@@ -1,0 +1,319 @@
+"""The daemon's end of the post-receive hook: a push's runs recorded and started without a Python start.
+
+hooks/post-receive is `sh`: a Python start alone costs a push 7-15 ms, more than all the rest
+of its work. The hook hands git's ref lines to a client of ~20 lines of Perl (perl-base is
+Essential on Debian; the client uses only builtins: ~1.5 ms) which connects to `intake.sock`
+in the home. Here the daemon plans the push exactly as the Python hook does (hookmain.plan:
+the same rules, reading the pushed objects in this process), records its runs through its
+store in one synced commit, answers the lines the pusher reads, and wakes its loop, which
+starts them at once.
+
+Protocol, one push per connection (the client writes, shuts its side down, reads to the end):
+    request  "gitpipe-push 1 REPO RECEIVE_PACK_PID HOOK_PID PUSHER_HEX\\n", then git's ref lines
+    answer   "recorded\\n" or "refused\\n", then the lines for the pusher
+"refused" (or no answer at all) sends the hook to the Python hook, which records the push
+itself: a push is never lost to this path. Both ends record under one key (intake.push_key)
+in the transaction that writes the runs, so a daemon killed between its commit and its answer,
+or an answer later than the client waits, never makes a second run of a push.
+
+Trust: the socket is in the home (mode 0700, the daemon's), and only a peer running as the
+daemon's user or root is heard (SO_PEERCRED). Everything in a request is checked: the repo
+must be registered and is read at its registered path (not where the hook says it runs),
+pids are numbers, every ref line is `old new ref` with hex object ids and a ref name without
+controls; a request that fails a check is refused whole (and the Python hook deals with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gitpipe import git, hookmain, intake, queue
+from gitpipe.control import peer_uid
+from gitpipe.errors import UsageError
+from gitpipe.settings import Settings
+from gitpipe.store import Store
+
+log = logging.getLogger("gitpipe")
+SOCKET = "intake.sock"  # in the home; named in hooks/post-receive too
+MAGIC = b"gitpipe-push 1 "
+MAX_REQUEST = 8 << 20  # bytes: a mirror push of ~50,000 refs
+READ_TIMEOUT = 5.0  # seconds the client has to send its request (it sends it at once)
+CONNECTIONS = 4  # pushes planned at once; more wait in the listen backlog
+KEYS_KEPT = 86400.0  # seconds a push's key is kept (its hook ended long before)
+PRUNE_EVERY = 1000  # pushes
+PIPELINES_KEPT = 64  # validated pipeline texts kept in memory
+HEX = frozenset("0123456789abcdef")
+
+
+class Refused(Exception):
+    """A request this daemon does not take; the hook records the push itself."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the daemon says to one push, and what it does once it said it."""
+
+    recorded: bool  # False: the hook records the push itself
+    lines: list[str]  # for the pusher
+    receive_pack: int | None = None  # the push's git process: its disk reservation is given back
+    queued: bool = False  # runs to start
+
+    def text(self) -> bytes:
+        return ("recorded\n" if self.recorded else "refused\n").encode() + "".join(f"{x}\n" for x in self.lines).encode()
+
+
+class IntakeServer:
+    """Listens on <home>/intake.sock; each connection is one push (see the module's docstring)."""
+
+    def __init__(self, settings: Settings, store: Store, on_recorded: Callable[[], None]) -> None:
+        self.settings = settings
+        self.store = store
+        self.on_recorded = on_recorded
+        self.sock: socket.socket | None = None
+        self.thread: threading.Thread | None = None
+        self.slots = threading.BoundedSemaphore(CONNECTIONS)
+        self.pipelines: dict[tuple[str, str], dict[str, Any]] = {}
+        self.lock = threading.Lock()  # of the two above, shared by the connections' threads
+        self.recorded = 0
+
+    @property
+    def path(self) -> Path:
+        return self.settings.home / SOCKET
+
+    def start(self) -> str | None:
+        """Listen; None when listening, else why not (pushes then go through the Python hook)."""
+        try:
+            self.sock = _listen(self.settings.home, SOCKET)
+        except OSError as exc:
+            return f"no intake socket at {self.path} ({exc}): each push starts Python to record its runs"
+        self._prune()
+        self.thread = threading.Thread(target=self._accept, name="intake", daemon=True)
+        self.thread.start()
+        return None
+
+    def close(self) -> None:
+        """Stop listening: from now on pushes are recorded by the Python hook (it says the daemon is down)."""
+        if self.sock is not None:
+            try:
+                os.unlink(self.path)  # first: a push connecting now is refused at once, not left waiting
+            except OSError:
+                pass
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the intake thread
+            except OSError:
+                pass
+            self.sock.close()
+            if self.thread is not None:
+                self.thread.join(5)
+            self.sock = None
+
+    def _accept(self) -> None:
+        assert self.sock is not None
+        while True:
+            self.slots.acquire()
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed: the daemon stops
+                self.slots.release()
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="intake-push", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        answer = Answer(False, [])
+        try:
+            with conn:
+                answer = self._answer(conn)
+                conn.settimeout(READ_TIMEOUT)
+                conn.sendall(answer.text())
+        except OSError:
+            pass  # the hook went away (its own timeout): it records the push itself, under the same key
+        finally:
+            self.slots.release()
+        # After the answer, whatever can wait: the push waits for nothing that is not its record.
+        if answer.receive_pack is not None:  # the room hooks/pre-receive reserved (hookmain._reservation)
+            try:
+                os.unlink(self.settings.spool_dir / "pending" / str(answer.receive_pack))
+            except OSError:
+                pass
+        if answer.queued:  # the loop claims them now: no wake file, no inotify round trip
+            self.on_recorded()
+
+    def _answer(self, conn: socket.socket) -> Answer:
+        try:
+            uid = peer_uid(conn)
+            if uid not in (os.geteuid(), 0):
+                raise Refused(f"a process of uid {uid} is not the daemon's user")
+            return self.take(*parse(_read_all(conn)))
+        except Refused as exc:
+            log.warning("intake: refused a push: %s", exc)
+            return Answer(False, [f"gitpipe: the daemon refused the push ({exc}); recording it here"])
+        except Exception as exc:  # the database (a full disk), a bug: the Python hook records it
+            log.warning("intake: could not record a push: %s", exc, exc_info=not isinstance(exc, OSError))
+            return Answer(False, [f"gitpipe: the daemon could not record the push ({exc}); recording it here"])
+
+    def take(self, repo: str, receive_pack: int, hook: int, who: str, text: str) -> Answer:
+        """Plan and record one push: the lines the pusher reads."""
+        git_dir = self._repo_path(repo)
+        runs, notes = hookmain.plan(DaemonReader(self, repo, git_dir), repo, who, text)
+        lines: list[str] = []
+        if runs:
+            key = intake.push_key(repo, receive_pack, hook, text)
+            ids = record_once(self.store, key, [queue.NewRun(**run) for run in runs])
+            site_url, problem = hookmain.site_url_of(str(self.settings.home))  # as the Python hook: as it is now
+            for run_id, run in zip(ids, runs):
+                lines += hookmain.describe(run_id, run, site_url)
+            notes += problem
+            with self.lock:
+                self.recorded += 1
+                prune = self.recorded % PRUNE_EVERY == 0
+            if prune:
+                self._prune()
+        return Answer(True, lines + notes, receive_pack, bool(runs))
+
+    def _repo_path(self, repo: str) -> str:
+        try:
+            return self.store.repo_path(repo)
+        except UsageError:
+            raise Refused(f'repo "{repo}" is not registered') from None
+
+    def _prune(self) -> None:
+        try:
+            with self.store.lock:  # the store's connection, between its transactions
+                intake.prune_keys(self.store.conn, time.time() - KEYS_KEPT)
+        except Exception as exc:  # kept for the next time: a few rows more
+            log.warning("intake: could not forget old push keys: %s", exc)
+
+    def validated(self, repo: str, text: str) -> dict[str, Any]:
+        """hookmain.validate, kept in memory for a text that validated (an error may go away: a plugin)."""
+        with self.lock:
+            info = self.pipelines.get((repo, text))
+        if info is None:
+            info = hookmain.validate(text, repo)
+            if info["error"] is None:
+                with self.lock:
+                    if len(self.pipelines) >= PIPELINES_KEPT:
+                        self.pipelines.pop(next(iter(self.pipelines)))
+                    self.pipelines[(repo, text)] = info
+        return info
+
+
+def older_hooks(store: Store) -> list[str]:
+    """The repos whose post-receive is gitpipe's from before this socket (each push starts Python)."""
+    older = []
+    for repo in store.repos():
+        try:
+            text = Path(repo["path"], "hooks", "post-receive").read_text(errors="replace")
+        except OSError:
+            continue
+        if "gitpipe post-receive hook" in text and SOCKET not in text:
+            older.append(str(repo["name"]))
+    return older
+
+
+def record_once(store: Store, key: str, runs: list[queue.NewRun]) -> list[int]:
+    """Record runs under `key` (see intake.record_on), through the daemon's store: their events
+    reach its listeners (the report) at once, as its own, with nothing to catch up on later."""
+    with store.tx():
+        known = store.get_state(key)
+        if known is not None:
+            return intake.recorded_ids(known)
+        ids = store.create_runs(runs)
+        store.set_state(key, intake.key_value(ids))
+    return ids
+
+
+class DaemonReader(hookmain.Reader):
+    """The planner's reads in the daemon: the pipeline file and commit from the pushed loose
+    objects, in this process (git.show; `git cat-file` for packed ones), validated once per text."""
+
+    def __init__(self, server: IntakeServer, repo: str, git_dir: str) -> None:
+        super().__init__(str(server.settings.home), repo, git_dir)
+        self.server = server
+
+    def pipeline(self, sha: str) -> dict[str, Any] | None:
+        text = git.show(self.git_dir, sha, hookmain.PIPELINE_FILE)
+        return None if text is None else self.server.validated(self.repo, text)
+
+    def commit_info(self, sha: str) -> tuple[str | None, str | None]:
+        found = git.commit_of(self.git_dir, sha)
+        return found if found is not None else (None, None)
+
+
+def parse(data: bytes) -> tuple[str, int, int, str, str]:
+    """(repo, receive-pack pid, hook pid, pusher, ref lines) of a request; Refused when it is not one."""
+    head, newline, body = data.partition(b"\n")
+    if not newline or not head.startswith(MAGIC):
+        raise Refused("not a gitpipe-push request")
+    fields = head[len(MAGIC):].split(b" ")
+    if len(fields) != 4 or not fields[1].isdigit() or not fields[2].isdigit():
+        raise Refused("a malformed request line")
+    try:
+        repo = fields[0].decode("ascii")
+        who = bytes.fromhex(fields[3].decode("ascii")).decode("utf-8", "replace")[:200]
+    except ValueError:
+        raise Refused("a malformed request line") from None
+    text = body.decode("utf-8", "replace")
+    for line in text.split("\n"):
+        if line:
+            _check_update(line)
+    return repo, int(fields[1]), int(fields[2]), who, text
+
+
+def _check_update(line: str) -> None:
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise Refused(f"not an `old new ref` line: {line[:100]!r}")
+    old, new, ref = parts
+    for sha in (old, new):
+        if len(sha) not in (40, 64) or not set(sha) <= HEX:
+            raise Refused(f"not an object id: {sha[:70]!r}")
+    if not ref.startswith("refs/") or any(ord(c) < 0x20 or c == "\x7f" for c in ref):
+        raise Refused(f"not a ref name: {ref[:100]!r}")
+
+
+def _read_all(conn: socket.socket) -> bytes:
+    deadline = time.monotonic() + READ_TIMEOUT
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Refused(f"no whole request within {READ_TIMEOUT:g} s")
+        conn.settimeout(left)
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_REQUEST:
+            raise Refused(f"a request longer than {MAX_REQUEST} bytes")
+
+
+def _listen(home: Path, name: str) -> socket.socket:
+    """Bind `name` in the home. The daemon holds the home's lock, so a socket file already there
+    is a dead daemon's: replaced. Bound through /proc/self/fd when the home's path is longer than
+    a socket address may be (108 bytes); the client connects from inside the home."""
+    path = home / name
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    dir_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path) if len(os.fsencode(path)) < 100 else f"/proc/self/fd/{dir_fd}/{name}")
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.close(dir_fd)
+    return sock
