@@ -210,11 +210,11 @@ def older_hooks(store: Store) -> list[str]:
     older = []
     for repo in store.repos():
         try:
-            text = Path(repo["path"], "hooks", "post-receive").read_text(errors="replace")
+            text = Path(repo.path, "hooks", "post-receive").read_text(errors="replace")
         except OSError:
             continue
         if "gitpipe post-receive hook" in text and SOCKET not in text:
-            older.append(str(repo["name"]))
+            older.append(repo.name)
     return older
 
 
