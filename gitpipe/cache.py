@@ -137,12 +137,12 @@ class Caches:
     """The build caches of this host, shared by the daemon's actions."""
 
     def __init__(self, settings: Settings, store: Store, uid: int | None = None, gid: int | None = None,
-                 userns: bool = False) -> None:
+                 userns: bool = False, host: str | None = None) -> None:
         self.settings, self.store = settings, store
         self.uid, self.gid = uid, gid  # the build user's, when the daemon is root
         self.userns = userns  # unprivileged, in bwrap: an attempt may mount overlays in a namespace of its own
         self.dir = settings.cache_dir
-        self.host = socket.gethostname()
+        self.host = host or socket.gethostname()  # a worker host: its name under [cluster.workers]
         self.lock = threading.Lock()
         self.in_use: Counter[str] = Counter()  # entries restored by a running attempt: never evicted
         self.overlay: bool | None = None  # restore directories as overlays (a root daemon); probed once
@@ -181,18 +181,18 @@ class Caches:
                     say(f"gitpipe: {label}: {plan.spec.paths[i]} not restored: {why}")
                     refused.append(f"{plan.spec.paths[i]} not restored: {why}")
                     continue
-                self._make_parents(plan.bases[i], target)
                 made.append(target)
                 if src.is_dir() and self.use_overlay():
-                    self._mount(src, target, held, f"{plan.idx}.{i}")
+                    self._mount(src, plan.bases[i], target, held, f"{plan.idx}.{i}")
                     how.add("as an overlay")
                 else:
-                    cachefs.copy(src, target)
+                    cachefs.restore_copy(src, plan.bases[i], target, self.uid, self.gid)
                     how.add("by copy")
         except (OSError, subprocess.CalledProcessError, GitpipeError) as exc:
             self._unmount(held, made)
-            for target in made:
-                cachefs.remove(target)
+            for i, target in enumerate(plan.targets):
+                if target in made:
+                    cachefs.remove_under(plan.bases[i], target)
             say(f"gitpipe: {label}: could not restore entry {entry.id[:12]} ({_why(exc)}); going on without it")
             return replace(use, note=f"restore failed: {_why(exc)}")
         took = time.monotonic() - start
@@ -218,7 +218,7 @@ class Caches:
                             self.dir)
         return self.overlay
 
-    def _mount(self, src: Path, target: Path, held: Held, name: str) -> None:
+    def _mount(self, src: Path, base: Path, target: Path, held: Held, name: str) -> None:
         """`target` becomes an overlay: `src` (the entry) below, read-only, never changed; what the
         action writes goes to an upper directory beside the worktree, dropped at `release`."""
         upper, work = held.scratch / name / "upper", held.scratch / name / "work"
@@ -226,7 +226,7 @@ class Caches:
             d.mkdir(parents=True, mode=0o700)
         st = src.stat()
         os.chmod(upper, st.st_mode & 0o7777)
-        target.mkdir(mode=0o755)
+        cachefs.make_dir_under(base, target, self.uid, self.gid)  # by descriptors: never through a link
         if self.uid is None:  # the attempt mounts it, in its own namespace (sandbox.Confine.overlays)
             held.overlays.append((src, upper, work, target))
             return
@@ -234,7 +234,6 @@ class Caches:
         merged.mkdir(mode=0o700)
         if self.gid is not None:
             os.lchown(upper, self.uid, self.gid)
-            os.lchown(target, self.uid, self.gid)
         cachefs.run(["mount", "-t", "overlay", "overlay", "-o",
                      f"lowerdir={cachefs.mount_option(src)},upperdir={cachefs.mount_option(upper)},"
                      f"workdir={cachefs.mount_option(work)}", str(merged)])
@@ -256,17 +255,6 @@ class Caches:
                 self.in_use[entry_id] -= 1
         held.entries.clear()
 
-    def _make_parents(self, base: Path, target: Path) -> None:
-        missing = []
-        p = target.parent
-        while p != base and not p.exists():
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            d.mkdir(mode=0o755)
-            if self.uid is not None and self.gid is not None:
-                os.lchown(d, self.uid, self.gid)
-
     # ------------------------------------------------------------------ save
     def save(self, plan: Plan, use: CacheUse, run_id: int, protected: bool, secrets: bool, held: Held,
              say: Callable[[str], None]) -> CacheUse:
@@ -282,9 +270,14 @@ class Caches:
             if why:
                 say(f"gitpipe: {label}: not saved: {plan.spec.paths[i]} {why}")
                 return replace(use, note=f"not saved: {plan.spec.paths[i]} {why}")
-            if os.path.lexists(target):
-                s, n = cachefs.tree_size(next((m for m, at in held.mounts if at == target), target))
-                size, files = size + s, files + n
+            view = next((m for m, at in held.mounts if at == target), None)
+            try:
+                found = cachefs.tree_size(view) if view is not None else cachefs.size_under(plan.bases[i], target)
+            except OSError as exc:  # a link or a swap on the way: never followed
+                say(f"gitpipe: {label}: not saved: {plan.spec.paths[i]}: {_why(exc)}")
+                return replace(use, note=f"not saved: {plan.spec.paths[i]}: {_why(exc)}")
+            if found is not None:
+                size, files = size + found[0], files + found[1]
                 present.append((i, target))
         if not present:
             say(f"gitpipe: {label}: not saved: none of {', '.join(plan.spec.paths)} exists after the script")
@@ -301,17 +294,20 @@ class Caches:
         try:
             tmp.mkdir(parents=True, mode=0o700)
             for i, target in present:
-                # The attempt's processes are all gone and its worktree is reset (its files
-                # unlinked) before anyone uses the slot again: its files can become the entry's
-                # as they are, by hard links. An overlay's merged view cannot be linked: copied.
+                # The attempt's processes are all gone (its PID namespace ended with its
+                # script) and its worktree is reset (its files unlinked) before anyone uses the
+                # slot again: its files can become the entry's by hard links. Every copy walks
+                # folder descriptors (`cachefs.copy_at`): a descriptor another attempt holds
+                # may still swap a folder for a link while it runs, and nothing is followed.
+                # An overlay's merged view cannot be linked: copied.
                 merged = next(((lo, up) for lo, up, _wk, at in held.overlays if at == target), None)
                 view = next((m for m, at in held.mounts if at == target), None)
                 if merged:  # mounted only in the attempt's namespace: its view is made again to copy it
                     cachefs.copy_merged(merged[1], merged[0], tmp / f"p{i}")
-                elif view is not None:  # still mounted on the host, out of every attempt's reach
+                elif view is not None:  # still mounted on the host, beside the worktree
                     cachefs.copy(view, tmp / f"p{i}")
                 else:
-                    cachefs.copy(target, tmp / f"p{i}", link=True)
+                    cachefs.save_copy(plan.bases[i], target, tmp / f"p{i}", link=True)
             cachefs.syncfs(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
@@ -393,6 +389,29 @@ def entry_json(e: CacheEntry) -> dict[str, Any]:
     return {"id": e.id, "repo": e.repo, "action": e.action, "key": e.key, "paths": list(e.paths),
             "protected": e.protected, "host": e.host, "size": e.size, "files": e.files,
             "created_at": e.created_at, "last_used_at": e.last_used_at, "run": e.run_id}
+
+
+def use_fields(u: CacheUse) -> dict[str, Any]:
+    """A worker's cache use as its result carries it (the build host records it with `use_from`)."""
+    return {k: (list(v) if k == "paths" else v) for k, v in u.__dict__.items() if k not in ("action_id", "attempt")}
+
+
+def use_from(d: dict[str, Any], action_id: int, attempt: int) -> CacheUse:
+    """A cache use a worker reported, its values checked for their types (None where one is wrong)."""
+    def num(key: str) -> float | None:
+        v = d.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def text(key: str) -> str | None:
+        v = d.get(key)
+        return v[:500] if isinstance(v, str) else None
+
+    size, saved = num("restored_size"), num("saved_size")
+    paths = tuple(str(p)[:500] for p in d.get("paths", []) if isinstance(p, str))
+    match = d.get("match") if d.get("match") in ("exact", "warm", "none") else "none"
+    return CacheUse(action_id, attempt, int(num("idx") or 0), paths, str(match), text("entry"),
+                    None if size is None else int(size), num("restore_seconds"), text("saved_entry"),
+                    None if saved is None else int(saved), num("save_seconds"), text("note"))
 
 
 def use_json(u: CacheUse) -> dict[str, Any]:

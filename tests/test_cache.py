@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -556,3 +557,77 @@ def test_a_held_worktree_folder_cannot_turn_a_cache_mount_onto_a_host_path(tmp_p
         assert "restored" in log, log
         assert seen == [], "a feature branch's cache entry was mounted over a host directory"
         assert sorted(p.name for p in host_dir.iterdir()) == ["host.txt"]
+
+
+# ---------------------------------------------------------------------------- copies under attack
+# A real process swaps folders of the tree for links (to a host folder) as fast as it can while
+# the daemon's copies run: what a process of another attempt holding a folder of the slot open
+# can do at any moment. Every copy must walk only what is the tree's, never what a link reaches.
+SWAPPER = r'''
+import os, sys, time
+root, outside, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+names = sys.argv[4:]
+while not os.path.exists(stop):
+    for name in names:
+        try:
+            os.rename(name, name + ".x", src_dir_fd=fd, dst_dir_fd=fd)
+            os.symlink(outside, name, dir_fd=fd)
+            os.unlink(name, dir_fd=fd)
+            os.rename(name + ".x", name, src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError:
+            pass
+'''
+
+
+def _files(top: Path) -> list[str]:
+    found = []
+    for d, dirs, names in os.walk(top):  # links not followed
+        found += [os.path.join(d, n) for n in names + dirs]
+    return found
+
+
+def test_copies_never_follow_a_folder_swapped_for_a_link_while_they_run(tmp_path: Path) -> None:
+    from gitpipe import cachefs
+
+    tree, host, stop = tmp_path / "tree", tmp_path / "host", tmp_path / "stop"
+    host.mkdir()
+    (host / "host-secret.txt").write_text("secret\n")
+    venv = tree / ".venv"
+    names = [f"d{i}" for i in range(20)]
+    for name in names:
+        (venv / name / "sub").mkdir(parents=True)
+        for j in range(20):
+            (venv / name / "sub" / f"f{j}").write_text(f"{name} {j}\n")
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "p0").mkdir()
+    for name in names:
+        (entry / "p0" / name).mkdir()
+        (entry / "p0" / name / "f").write_text("from the entry\n")
+    racer = subprocess.Popen([sys.executable, "-c", SWAPPER, str(venv), str(host), str(stop), *names])
+    restore_racer = subprocess.Popen([sys.executable, "-c", SWAPPER, str(tree), str(host), str(stop), "a"])
+    copies, failed = tmp_path / "copies", 0
+    copies.mkdir()
+    try:
+        for n in range(30):
+            try:  # a save of the tree's .venv (linked and copied), and its size
+                cachefs.save_copy(tree, venv, copies / f"s{n}", link=n % 2 == 0)
+                cachefs.size_under(tree, venv)
+            except OSError:
+                failed += 1  # a swap caught mid-walk fails the save: nothing was followed
+            (tree / "a").mkdir(exist_ok=True)
+            try:  # a restore into a folder another process swaps for a link to the host
+                cachefs.restore_copy(entry / "p0", tree, tree / "a" / "b" / f"r{n}")
+            except OSError:
+                failed += 1
+    finally:
+        stop.touch()
+        racer.wait(30)
+        restore_racer.wait(30)
+    copied = _files(copies)
+    assert copied, "nothing was copied at all"
+    assert not [f for f in copied if "host-secret" in f], "a save read a host folder through a swapped link"
+    assert sorted(os.listdir(host)) == ["host-secret.txt"], "a restore wrote into a host folder through a link"
+    assert (host / "host-secret.txt").read_text() == "secret\n"
+    assert failed < 60  # some copies got through whole while the swaps ran
