@@ -7,24 +7,30 @@ How an entry is kept safe:
   the worktree taking the action's writes, dropped when the attempt ends. A root daemon
   mounts it on the host; an unprivileged one cannot, so its attempt mounts it in a user
   namespace of its own before bwrap starts (`sandbox.Confine.overlays`). Where overlays do
-  not mount, and for cached files, entries are copied (`cp -a`). Hard links were measured
-  too (fast) and rejected for restores: a script could write through them. A save does
-  link the finished attempt's files into the entry (its processes are gone, and the slot's
-  reset unlinks them before the slot is used again).
+  not mount, and for cached files, entries are copied. Hard links were measured too (fast)
+  and rejected for restores: a script could write through them. A save does link the
+  finished attempt's files into the entry (`Sandbox.ended` first waits until none of its
+  processes is left, and the slot's reset unlinks them before the slot is used again).
 - Saved atomically: copied into `build-cache/tmp/<id>`, flushed (syncfs), renamed into
   `build-cache/entries/<id>`, and only then recorded; a restore picks entries from the
   database, so a crash at any point leaves nothing it could pick. `sweep` removes the
   leftovers (and the overlays of a killed daemon) at start.
 - Never through a symlink: a pushed commit or script controls every file, so a cached path
   (or a directory on its way) that is a symlink is neither restored into nor saved from, and
-  `cp -a` copies links inside a cached tree as links, never what they point to.
+  links inside a cached tree are copied as links. Every copy, link, mkdir and size walks
+  folder descriptors (`cachefs.copy_at`, `open_under`), never a path: a process of another
+  attempt holding a folder of the slot open can swap a folder for a link at any moment.
 - Trust: a protected run restores only entries saved by protected runs; other runs also
   restore those, unless the attempt that saved them had secrets (`Store.cache_candidates`).
 
-Known weak spots: where overlays do not mount, copying costs seconds per 300 MB; a cp forked
-in the instant the daemon is killed can outlive it (its files are set aside and removed at
-the next start); `gitpipe cache clear` while an attempt has an entry mounted removes files
-from under its overlay (that attempt may then fail).
+Worker hosts (`cluster.worker`) keep caches of their own with this same class, in their
+--dir, their entries named by the worker's name.
+
+Known weak spots: where overlays do not mount, copying costs seconds per 300 MB; a copier
+forked in the instant the daemon is killed can outlive it (its files are set aside and
+removed at the next start); `gitpipe cache clear` while an attempt has an entry mounted
+removes files from under its overlay (that attempt may then fail); a holder of a slot's
+folder can change an unprotected entry's linked files after its save (that run's own files).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -106,27 +113,48 @@ def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home
 
 def key_files(tree: Path, glob: str) -> list[tuple[str, bytes]]:
     """(relative path, sha256 of the content) of the files `glob` matches, sorted; a symlink counts
-    as its target's text, never what it points to (a key must not read the host through a link)."""
+    as its target's text, never what it points to (a key must not read the host through a link).
+    Walked by folder descriptors (`os.fwalk`), each file opened O_NOFOLLOW under its folder's: a
+    folder swapped for a link meanwhile is never followed, a fifo swapped in never blocks."""
     regex = path_regex(glob)
     found: list[tuple[str, bytes]] = []
     seen = 0
-    for top, dirs, names in os.walk(tree):  # followlinks=False
+    for top, dirs, names, dir_fd in os.fwalk(tree):  # follow_symlinks=False
         rel_top = os.path.relpath(top, tree)
         if rel_top == ".":
             dirs[:] = [d for d in dirs if d != ".git"]
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+        links = [d for d in dirs if _is_link(dir_fd, d)]  # fwalk lists links to folders as folders
+        for name in names + links:
             seen += 1
             if seen > WALK_LIMIT:
                 return sorted(found)
             rel = name if rel_top == "." else f"{rel_top}/{name}"
             if regex.fullmatch(rel):
-                path = os.path.join(top, name)
-                if os.path.islink(path):
-                    found.append((rel, hashlib.sha256(b"link:" + os.readlink(path).encode()).digest()))
-                elif os.path.isfile(path):
-                    with open(path, "rb") as f:
-                        found.append((rel, hashlib.file_digest(f, "sha256").digest()))
+                digest = _file_digest(dir_fd, name)
+                if digest is not None:
+                    found.append((rel, digest))
     return sorted(found)
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _file_digest(dir_fd: int, name: str) -> bytes | None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            return hashlib.sha256(b"link:" + os.readlink(name, dir_fd=dir_fd).encode()).digest()
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None  # gone, or swapped for a link since it was listed
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return hashlib.file_digest(f, "sha256").digest()
 
 
 def _hash(data: bytes) -> str:

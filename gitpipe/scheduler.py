@@ -359,7 +359,7 @@ class RunWorker:
                     if outcome.status is ActionStatus.SUCCEEDED:
                         outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
                     if outcome.status is ActionStatus.SUCCEEDED:
-                        uses = self._save_caches(spec, uses, held, writer)
+                        uses = self._save_caches(spec, uses, held, writer, box)
                     self._record_caches(rec.id, number, uses)
                 finally:
                     if self.host.caches is not None:
@@ -392,10 +392,11 @@ class RunWorker:
                 for plan in cache_mod.plans(spec.cache, self.run.repo, action, tree, home)]
 
     def _save_caches(self, spec: ActionSpec, uses: list[tuple[cache_mod.Plan, CacheUse]], held: cache_mod.Held,
-                     writer: executor.LogWriter) -> list[tuple[cache_mod.Plan, CacheUse]]:
-        """After a success: each cache without an exact entry is saved."""
+                     writer: executor.LogWriter, box: Confine) -> list[tuple[cache_mod.Plan, CacheUse]]:
+        """After a success: each cache without an exact entry is saved, once no process of the attempt is left."""
         if self.host.caches is None or not uses:
             return uses
+        self.host.sandbox.ended(box)
         protected = self._protected()
         return [(plan, self.host.caches.save(plan, use, self.run.id, protected, bool(spec.secrets), held,
                                              writer.line))

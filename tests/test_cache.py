@@ -372,10 +372,12 @@ def test_cache_list_and_clear(home: Home, shop: Path) -> None:
     assert {e["repo"] for e in listed} == {"shop", "other"}
     e = listed[0]
     assert set(e) == {"id", "repo", "action", "key", "paths", "protected", "host", "size", "files", "created_at",
-                      "last_used_at", "run"}
+                      "last_used_at", "run", "where"}
     assert e["action"] == "build/deps" and e["paths"] == [".venv"] and e["size"] == 400000 and e["host"]
+    assert e["where"] == "build host"
     text = home.gitpipe("cache", "list", check=True).stdout
     assert "build/deps" in text and "0.4 MB" in text and "protected" in text
+    assert f"on build host ({e['host']})" in text
 
     proc = home.gitpipe("cache", "clear", "nosuch")
     assert proc.returncode == 2 and 'no repo named "nosuch"' in proc.stderr
@@ -631,3 +633,48 @@ def test_copies_never_follow_a_folder_swapped_for_a_link_while_they_run(tmp_path
     assert sorted(os.listdir(host)) == ["host-secret.txt"], "a restore wrote into a host folder through a link"
     assert (host / "host-secret.txt").read_text() == "secret\n"
     assert failed < 60  # some copies got through whole while the swaps ran
+
+
+def test_a_backgrounded_swapper_never_gets_a_host_folder_into_an_entry(home: Home, shop: Path) -> None:
+    """The script leaves a process behind that swaps a cached folder for a link to /etc (or to
+    another repo's entries) in a loop: it must be gone before the save, and whatever state it
+    left, no file of /etc or of another entry is copied into this one."""
+    other = home.home / "build-cache" / "entries"
+    body = pipeline(f'''
+        [[stage]]
+        name = "build"
+          [[stage.action]]
+          name = "deps"
+          cache = [{{ key = ["n"], paths = [".venv"] }}]
+          run = """
+          rm -rf .venv/lib .venv/lib.x && mkdir -p .venv/lib && echo mine > .venv/lib/own.txt
+          python3 - <<'PY' &
+        import os
+        fd = os.open(".venv", os.O_RDONLY | os.O_DIRECTORY)
+        while True:
+            for where in ("/etc", "{other}"):
+                try:
+                    os.rename("lib", "lib.x", src_dir_fd=fd, dst_dir_fd=fd)
+                    os.symlink(where, "lib", dir_fd=fd)
+                    os.unlink("lib", dir_fd=fd)
+                    os.rename("lib.x", "lib", src_dir_fd=fd, dst_dir_fd=fd)
+                except OSError:
+                    pass
+        PY
+          sleep 0.5
+          """
+        ''')
+    with home.daemon():
+        for n in range(3):
+            run_id, log = run_of(home, shop, {".pipeline.toml": body, "n": str(n)}, "feature")
+            assert "saved entry" in log or "not saved" in log, log
+            assert n == 0 or "restored warm" in log, log
+    top = home.home / "build-cache" / "entries"
+    ids = set(os.listdir(top))
+    saved = list(top.rglob("*"))  # never follows a link
+    assert saved, "nothing was saved at all"
+    assert not [p for p in saved if p.name in ("passwd", "shadow", "hostname", "os-release")], saved
+    assert not [p for p in saved if ids & set(p.relative_to(top).parts[1:])], "another entry was copied into one"
+    for p in saved:  # every file is the action's own, or a link copied as a link
+        if p.is_file() and not p.is_symlink():
+            assert p.read_text() == "mine\n", p
