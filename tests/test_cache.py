@@ -678,3 +678,106 @@ def test_a_backgrounded_swapper_never_gets_a_host_folder_into_an_entry(home: Hom
     for p in saved:  # every file is the action's own, or a link copied as a link
         if p.is_file() and not p.is_symlink():
             assert p.read_text() == "mine\n", p
+
+
+# The holder of a slot's folder (see DIR_GRAB) waits until the next run's script has made its
+# .venv (d0..d29, with "go" last), then watches each folder: the moment the daemon's save
+# opens a file in one, or opens it a second time (the first: the size walk), it swaps that
+# folder for a link to a host folder
+# holding files of the same names, so the rest of that folder's files come from the host to
+# a copy that goes by path (as `cp -a` and `cp -al` did).
+SWAP_HOLD = r'''
+import ctypes, os, select, socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1])
+s.listen(1)
+c, _ = s.accept()
+_msg, (tree,), _flags, _addr = socket.recv_fds(c, 1, 1)
+c.send(b"k")
+libc = ctypes.CDLL(None, use_errno=True)
+end = time.monotonic() + 45
+while time.monotonic() < end:
+    if not os.path.exists(f"/proc/self/fd/{tree}/.venv/go"):
+        time.sleep(0.005)
+        continue
+    venv = os.open(".venv", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=tree)
+    watch = libc.inotify_init()
+    wds = {}
+    for i in range(30):
+        wd = libc.inotify_add_watch(watch, f"/proc/self/fd/{venv}/d{i}".encode(), 0x20 | 0x4)  # IN_OPEN, IN_ATTRIB
+        if wd >= 0:
+            wds[wd] = f"d{i}"
+    swapped, opened = set(), {}
+    while time.monotonic() < end and os.path.exists(f"/proc/self/fd/{venv}/go"):
+        if not select.select([watch], [], [], 0.2)[0]:
+            continue
+        data = os.read(watch, 65536)
+        while data:
+            wd, _mask, _cookie, size = struct.unpack_from("iIII", data)
+            name, data = data[16:16 + size].rstrip(b"\0"), data[16 + size:]
+            if wd not in wds or wds[wd] in swapped:
+                continue
+            opened[wd] = opened.get(wd, 0) + (0 if name else 1)
+            if name or opened[wd] >= 2:  # a file in it opened, or the folder opened by a second walk
+                swapped.add(wds[wd])
+                try:
+                    os.rename(wds[wd], wds[wd] + ".x", src_dir_fd=venv, dst_dir_fd=venv)
+                    os.symlink(sys.argv[2], wds[wd], dir_fd=venv)
+                except OSError:
+                    pass
+    os.close(watch)
+    os.close(venv)
+'''
+
+
+def test_a_held_worktree_folder_swapping_links_during_a_save_never_copies_the_host(tmp_path: Path) -> None:
+    """A feature branch's attempt holds the folder of a slot the next run takes, and swaps the
+    folders of its .venv for links to a host folder while the daemon (root) saves them."""
+    from test_sandbox import make_world
+
+    with make_world("root", tmp_path) as world:
+        home, repo = world.home, world.repo
+        host_dir = home.root / "host-dir"
+        host_dir.mkdir()
+        (host_dir / "host-secret.txt").write_text("host\n")
+        for j in range(1, 41):  # the names the venv's folders hold: a copy through a link finds them all
+            (host_dir / f"f{j}").write_text("host\n")
+        name = f"gp-swap-{os.getpid()}-{tmp_path.name[-6:]}"
+        venv = pipeline('''
+            [[stage]]
+            name = "c"
+              [[stage.action]]
+              name = "venv"
+              cache = [{ key = ["k.txt"], paths = [".venv"] }]
+              run = "for i in $(seq 0 29); do mkdir -p .venv/d$i; for j in $(seq 1 40); do echo $i > .venv/d$i/f$j; done; done; touch .venv/go; sleep 1"
+            ''')
+        attack = pipeline(f'''
+            [[stage]]
+            name = "s"
+              [[stage.action]]
+              name = "grab"
+              run = "python3 grab.py {name}"
+              [[stage.action]]
+              name = "hold"
+              timeout = "60s"
+              run = "python3 hold.py {name} {host_dir}"
+            ''')
+        with home.daemon():
+            holder = home.push_run(repo, {".pipeline.toml": attack, "grab.py": DIR_GRAB, "hold.py": SWAP_HOLD},
+                                   "feature")
+            wait_for(lambda: home.action(home.show(holder), "grab")["status"] in ("succeeded", "failed"),
+                     60, 0.5, "the grab action to end")
+            victim = home.push_run(repo, {".pipeline.toml": venv, "k.txt": "1\n"}, "other")
+            home.wait_run(victim, timeout=120)
+            logs = [home.logs(victim)]
+            home.wait_run(holder, timeout=90)
+        top = home.home / "build-cache" / "entries"
+        copied = [p for p in top.rglob("*")] if top.is_dir() else []  # never follows a link
+        assert not [p for p in copied if p.name == "host-secret.txt"], "a save copied a host folder"
+        assert not [p for p in copied if p.is_file() and not p.is_symlink() and p.read_text() == "host\n"], \
+            "a save copied host files"
+        assert sorted(os.listdir(host_dir)) == sorted(["host-secret.txt", *(f"f{j}" for j in range(1, 41))])
+        # The walk held each folder it entered: the save went through whole, with the run's own files.
+        assert "saved entry" in logs[0] and "1201 files" in logs[0], logs[0]
+        assert sorted({p.read_text() for p in copied if p.is_file() and p.name != "go"}) == [f"{i}\n" for i in
+                                                                                           sorted(range(30), key=str)]
