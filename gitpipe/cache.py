@@ -281,7 +281,14 @@ class Caches:
         with self.lock:
             for entry_id in held.entries:
                 self.in_use[entry_id] -= 1
-        held.entries.clear()
+        freed, held.entries[:] = bool(held.entries), []
+        if freed:  # an entry in use was skipped by a save's eviction: it may go now
+            try:
+                for e in self.evict():
+                    log.info("cache: evicted entry %s of %s %s (%s) to stay within [cache] max_size",
+                             e.id[:12], e.repo, e.action, _mb(e.size))
+            except GitpipeError as exc:  # a full disk: the next save evicts again
+                log.warning("cache: eviction failed: %s", exc)
 
     # ------------------------------------------------------------------ save
     def save(self, plan: Plan, use: CacheUse, run_id: int, protected: bool, secrets: bool, held: Held,
@@ -350,14 +357,16 @@ class Caches:
             return replace(use, note=f"not saved: {_why(exc)}")
         took = time.monotonic() - start
         say(f"gitpipe: {label}: saved entry {entry_id[:12]} ({_mb(size)}, {files} files) in {took:.2f}s")
-        self.evict(say)
+        self.evict(say, keep=entry_id)
         return replace(use, saved_entry=entry_id, saved_size=size, save_seconds=round(took, 3))
 
     # ------------------------------------------------------------------ housekeeping
-    def evict(self, say: Callable[[str], None] | None = None) -> list[CacheEntry]:
-        """Remove least recently used entries of this host until they fit in [cache] max_size."""
-        entries = [e for e in self.store.cache_entries() if e.host == self.host]
-        total = sum(e.size for e in entries)
+    def evict(self, say: Callable[[str], None] | None = None, keep: str | None = None) -> list[CacheEntry]:
+        """Remove least recently used entries of this host until they fit in [cache] max_size; never
+        `keep` (the entry just saved) nor one in use (removed when its attempt releases it)."""
+        every = [e for e in self.store.cache_entries() if e.host == self.host]
+        entries = [e for e in every if e.id != keep]
+        total = sum(e.size for e in every)
         gone = []
         for e in entries:
             if total <= self.settings.cache_max_size:

@@ -710,3 +710,30 @@ def test_cache_errors_of_workers_say_what_and_where(home: Home, tmp_path: Path) 
     assert json.loads(listed.stdout) == []
     assert "warning: the workers' entries are not listed: the broker redis://127.0.0.1:1/0 cannot be reached" \
         in listed.stderr
+
+
+def test_a_worker_evicts_its_least_recently_used_entries_beyond_its_cache_max_size(home: Home, tmp_path: Path) -> None:
+    body = pipeline('''
+        [[stage]]
+        name = "build"
+        [[stage.action]]
+        name = "deps"
+        runs_on = ["linux"]
+        cache = [{ key = ["req.txt"], paths = [".venv"] }]
+        run = "mkdir -p .venv && head -c 300000 /dev/zero > .venv/blob"
+    ''')
+    with cluster(home, tmp_path, {"w1": "linux"}, local=False, args=("--cache-max-size", "500K")) as c, \
+            home.daemon():
+        repo = home.add_repo("app")
+        saved = []
+        for n in range(2):
+            run_id = home.push_run(repo, {".pipeline.toml": body, "req.txt": f"{n}\n"}, "feature")
+            [use] = home.action(home.expect(home.wait_run(run_id, timeout=180)), "deps")["caches"]
+            saved.append(use["saved"]["entry"])
+        # The second run restored the first entry (warm), so it went when that attempt let it go.
+        assert "restored warm" in home.logs(run_id, "deps")
+        held = sorted(p.name for p in (c.workers["w1"].dir / "build-cache" / "entries").iterdir())
+        assert held == [saved[1]]
+        listed = wait_for(lambda: [r["id"] for r in json.loads(home.gitpipe("cache", "list", "--json").stdout)
+                                   if r["where"] == "worker"] == [saved[1]], timeout=30, what="the eviction listed")
+        assert listed
