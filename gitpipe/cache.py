@@ -104,6 +104,9 @@ def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home
                 digest.update(b"\0" + rel.encode() + b"\0" + file_digest)
         targets, bases = [], []
         for path in spec.paths:
+            rel = Path(path[2:] if path.startswith("~/") else path)
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts:  # pipeline.py refuses these: a worker's
+                raise GitpipeError(f'cache path "{path}" is not inside the worktree or ~')  # job is checked too
             base = home if path.startswith("~/") else tree
             targets.append(base / (path[2:] if path.startswith("~/") else path))
             bases.append(base)

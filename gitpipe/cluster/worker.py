@@ -47,7 +47,7 @@ LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # as runs_on takes them (pi
 SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 SEAL_WAIT = 30  # seconds a claimed attempt waits for its sealed secrets
 END_WAIT = 600  # seconds a finished attempt keeps trying to send its result to a broker that is away
-CACHE_LISTED = 1000  # cache entries a heartbeat lists (most recently used first)
+CACHE_LISTED = 1000  # cache entries a heartbeat lists (the most recently used)
 
 
 def make_app(broker: str) -> Celery:
