@@ -241,7 +241,10 @@ def restore_copy(src: Path, base: Path, target: Path, uid: int | None = None, gi
 
 def size_under(base: Path, target: Path) -> tuple[int, int] | None:
     """(bytes, files) of `target` under `base` (None: there is nothing there), never through a link."""
-    fd = open_under(base, target.relative_to(base).parts[:-1])
+    try:
+        fd = open_under(base, target.relative_to(base).parts[:-1])
+    except FileNotFoundError:
+        return None  # a folder on its way is missing: nothing to save
     try:
         return size_at(fd, target.name)
     except FileNotFoundError:

@@ -589,6 +589,20 @@ def _files(top: Path) -> list[str]:
     return found
 
 
+def test_a_cached_path_whose_folder_is_missing_is_nothing_to_save_and_a_link_on_the_way_refuses(
+        tmp_path: Path) -> None:
+    from gitpipe import cachefs
+
+    home = tmp_path / "home"
+    home.mkdir()
+    assert cachefs.size_under(home, home / ".cache" / "pip") is None  # ~/.cache never made: not an error
+    (home / "outside").mkdir()
+    (home / "outside" / "f").write_text("x")
+    (home / ".cache").symlink_to(home / "outside")
+    with pytest.raises(OSError):
+        cachefs.size_under(home, home / ".cache" / "f")
+
+
 def test_copies_never_follow_a_folder_swapped_for_a_link_while_they_run(tmp_path: Path) -> None:
     from gitpipe import cachefs
 
