@@ -506,6 +506,21 @@ while time.monotonic() < end:
 '''
 
 
+def holding_pipeline(name: str, host_dir: Path) -> str:
+    """A feature branch's pipeline: "grab" hands its worktree's folder to "hold" (running on)."""
+    return pipeline(f'''
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "grab"
+          run = "python3 grab.py {name}"
+          [[stage.action]]
+          name = "hold"
+          timeout = "60s"
+          run = "python3 hold.py {name} {host_dir}"
+        ''')
+
+
 def test_a_held_worktree_folder_cannot_turn_a_cache_mount_onto_a_host_path(tmp_path: Path) -> None:
     """The root daemon mounts restored overlays on the host: a mount point swapped for a link put
     a branch's cache entry over any host directory (as root: /etc, say)."""
@@ -525,17 +540,7 @@ def test_a_held_worktree_folder_cannot_turn_a_cache_mount_onto_a_host_path(tmp_p
               cache = [{ key = ["k.txt"], paths = [".venv"] }]
               run = "mkdir -p .venv && echo entry > .venv/marker; sleep 4"
             ''')
-        attack = pipeline(f'''
-            [[stage]]
-            name = "s"
-              [[stage.action]]
-              name = "grab"
-              run = "python3 grab.py {name}"
-              [[stage.action]]
-              name = "hold"
-              timeout = "60s"
-              run = "python3 hold.py {name} {host_dir}"
-            ''')
+        attack = holding_pipeline(name, host_dir)
         files = {"k.txt": "1\n", "grab.py": DIR_GRAB, "hold.py": DIR_HOLD}
         seen: list[str] = []
         try:
@@ -556,7 +561,9 @@ def test_a_held_worktree_folder_cannot_turn_a_cache_mount_onto_a_host_path(tmp_p
                 home.wait_run(holder, timeout=90)
         finally:
             subprocess.run(["umount", "-l", str(host_dir)], capture_output=True, check=False)
-        assert "restored" in log, log
+        # Restored, or refused: the mount point is made and opened through descriptors, so one
+        # swapped for a link in that instant fails the restore (the run goes on without it).
+        assert "restored" in log or "could not restore entry" in log, log
         assert seen == [], "a feature branch's cache entry was mounted over a host directory"
         assert sorted(p.name for p in host_dir.iterdir()) == ["host.txt"]
 
@@ -765,17 +772,7 @@ def test_a_held_worktree_folder_swapping_links_during_a_save_never_copies_the_ho
               cache = [{ key = ["k.txt"], paths = [".venv"] }]
               run = "for i in $(seq 0 29); do mkdir -p .venv/d$i; for j in $(seq 1 40); do echo $i > .venv/d$i/f$j; done; done; touch .venv/go; sleep 1"
             ''')
-        attack = pipeline(f'''
-            [[stage]]
-            name = "s"
-              [[stage.action]]
-              name = "grab"
-              run = "python3 grab.py {name}"
-              [[stage.action]]
-              name = "hold"
-              timeout = "60s"
-              run = "python3 hold.py {name} {host_dir}"
-            ''')
+        attack = holding_pipeline(name, host_dir)
         with home.daemon():
             holder = home.push_run(repo, {".pipeline.toml": attack, "grab.py": DIR_GRAB, "hold.py": SWAP_HOLD},
                                    "feature")
