@@ -104,11 +104,11 @@ def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home
                 digest.update(b"\0" + rel.encode() + b"\0" + file_digest)
         targets, bases = [], []
         for path in spec.paths:
-            rel = Path(path[2:] if path.startswith("~/") else path)
-            if rel.is_absolute() or ".." in rel.parts or not rel.parts:  # pipeline.py refuses these: a worker's
-                raise GitpipeError(f'cache path "{path}" is not inside the worktree or ~')  # job is checked too
+            inside = Path(path[2:] if path.startswith("~/") else path)
+            if inside.is_absolute() or ".." in inside.parts or not inside.parts:  # pipeline.py refuses these;
+                raise GitpipeError(f'cache path "{path}" is not inside the worktree or ~')  # a worker's job too
             base = home if path.startswith("~/") else tree
-            targets.append(base / (path[2:] if path.startswith("~/") else path))
+            targets.append(base / inside)
             bases.append(base)
         out.append(Plan(idx, spec, repo, action, slot, digest.hexdigest(), tuple(targets), tuple(bases)))
     return out

@@ -35,7 +35,7 @@ def workers(broker: str) -> list[dict[str, Any]]:
 def worker_caches(broker: str, repo: str | None = None) -> list[dict[str, Any]]:
     """The build cache entries the live workers hold (each lists its own in its heartbeat), as
     `gitpipe cache list --json` shows them, `where` = "worker"; least recently used first per worker."""
-    fields = {"id": str, "repo": str, "action": str, "key": str, "paths": list, "protected": bool, "host": str,
+    fields: dict[str, type | tuple[type, ...]] = {"id": str, "repo": str, "action": str, "key": str, "paths": list, "protected": bool, "host": str,
               "size": int, "files": int, "created_at": str, "last_used_at": str, "run": (int, type(None))}
     try:
         r = channel.connect(broker)
