@@ -7,24 +7,30 @@ How an entry is kept safe:
   the worktree taking the action's writes, dropped when the attempt ends. A root daemon
   mounts it on the host; an unprivileged one cannot, so its attempt mounts it in a user
   namespace of its own before bwrap starts (`sandbox.Confine.overlays`). Where overlays do
-  not mount, and for cached files, entries are copied (`cp -a`). Hard links were measured
-  too (fast) and rejected for restores: a script could write through them. A save does
-  link the finished attempt's files into the entry (its processes are gone, and the slot's
-  reset unlinks them before the slot is used again).
+  not mount, and for cached files, entries are copied. Hard links were measured too (fast)
+  and rejected for restores: a script could write through them. A save does link the
+  finished attempt's files into the entry (`Sandbox.ended` first waits until none of its
+  processes is left, and the slot's reset unlinks them before the slot is used again).
 - Saved atomically: copied into `build-cache/tmp/<id>`, flushed (syncfs), renamed into
   `build-cache/entries/<id>`, and only then recorded; a restore picks entries from the
   database, so a crash at any point leaves nothing it could pick. `sweep` removes the
   leftovers (and the overlays of a killed daemon) at start.
 - Never through a symlink: a pushed commit or script controls every file, so a cached path
   (or a directory on its way) that is a symlink is neither restored into nor saved from, and
-  `cp -a` copies links inside a cached tree as links, never what they point to.
+  links inside a cached tree are copied as links. Every copy, link, mkdir and size walks
+  folder descriptors (`cachefs.copy_at`, `open_under`), never a path: a process of another
+  attempt holding a folder of the slot open can swap a folder for a link at any moment.
 - Trust: a protected run restores only entries saved by protected runs; other runs also
   restore those, unless the attempt that saved them had secrets (`Store.cache_candidates`).
 
-Known weak spots: where overlays do not mount, copying costs seconds per 300 MB; a cp forked
-in the instant the daemon is killed can outlive it (its files are set aside and removed at
-the next start); `gitpipe cache clear` while an attempt has an entry mounted removes files
-from under its overlay (that attempt may then fail).
+Worker hosts (`cluster.worker`) keep caches of their own with this same class, in their
+--dir, their entries named by the worker's name.
+
+Known weak spots: where overlays do not mount, copying costs seconds per 300 MB; a copier
+forked in the instant the daemon is killed can outlive it (its files are set aside and
+removed at the next start); `gitpipe cache clear` while an attempt has an entry mounted
+removes files from under its overlay (that attempt may then fail); a holder of a slot's
+folder can change an unprotected entry's linked files after its save (that run's own files).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -97,8 +104,11 @@ def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home
                 digest.update(b"\0" + rel.encode() + b"\0" + file_digest)
         targets, bases = [], []
         for path in spec.paths:
+            inside = Path(path[2:] if path.startswith("~/") else path)
+            if inside.is_absolute() or ".." in inside.parts or not inside.parts:  # pipeline.py refuses these;
+                raise GitpipeError(f'cache path "{path}" is not inside the worktree or ~')  # a worker's job too
             base = home if path.startswith("~/") else tree
-            targets.append(base / (path[2:] if path.startswith("~/") else path))
+            targets.append(base / inside)
             bases.append(base)
         out.append(Plan(idx, spec, repo, action, slot, digest.hexdigest(), tuple(targets), tuple(bases)))
     return out
@@ -106,27 +116,48 @@ def plans(specs: tuple[CacheSpec, ...], repo: str, action: str, tree: Path, home
 
 def key_files(tree: Path, glob: str) -> list[tuple[str, bytes]]:
     """(relative path, sha256 of the content) of the files `glob` matches, sorted; a symlink counts
-    as its target's text, never what it points to (a key must not read the host through a link)."""
+    as its target's text, never what it points to (a key must not read the host through a link).
+    Walked by folder descriptors (`os.fwalk`), each file opened O_NOFOLLOW under its folder's: a
+    folder swapped for a link meanwhile is never followed, a fifo swapped in never blocks."""
     regex = path_regex(glob)
     found: list[tuple[str, bytes]] = []
     seen = 0
-    for top, dirs, names in os.walk(tree):  # followlinks=False
+    for top, dirs, names, dir_fd in os.fwalk(tree):  # follow_symlinks=False
         rel_top = os.path.relpath(top, tree)
         if rel_top == ".":
             dirs[:] = [d for d in dirs if d != ".git"]
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+        links = [d for d in dirs if _is_link(dir_fd, d)]  # fwalk lists links to folders as folders
+        for name in names + links:
             seen += 1
             if seen > WALK_LIMIT:
                 return sorted(found)
             rel = name if rel_top == "." else f"{rel_top}/{name}"
             if regex.fullmatch(rel):
-                path = os.path.join(top, name)
-                if os.path.islink(path):
-                    found.append((rel, hashlib.sha256(b"link:" + os.readlink(path).encode()).digest()))
-                elif os.path.isfile(path):
-                    with open(path, "rb") as f:
-                        found.append((rel, hashlib.file_digest(f, "sha256").digest()))
+                digest = _file_digest(dir_fd, name)
+                if digest is not None:
+                    found.append((rel, digest))
     return sorted(found)
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _file_digest(dir_fd: int, name: str) -> bytes | None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            return hashlib.sha256(b"link:" + os.readlink(name, dir_fd=dir_fd).encode()).digest()
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None  # gone, or swapped for a link since it was listed
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return hashlib.file_digest(f, "sha256").digest()
 
 
 def _hash(data: bytes) -> str:
@@ -137,12 +168,12 @@ class Caches:
     """The build caches of this host, shared by the daemon's actions."""
 
     def __init__(self, settings: Settings, store: Store, uid: int | None = None, gid: int | None = None,
-                 userns: bool = False) -> None:
+                 userns: bool = False, host: str | None = None) -> None:
         self.settings, self.store = settings, store
         self.uid, self.gid = uid, gid  # the build user's, when the daemon is root
         self.userns = userns  # unprivileged, in bwrap: an attempt may mount overlays in a namespace of its own
         self.dir = settings.cache_dir
-        self.host = socket.gethostname()
+        self.host = host or socket.gethostname()  # a worker host: its name under [cluster.workers]
         self.lock = threading.Lock()
         self.in_use: Counter[str] = Counter()  # entries restored by a running attempt: never evicted
         self.overlay: bool | None = None  # restore directories as overlays (a root daemon); probed once
@@ -181,18 +212,18 @@ class Caches:
                     say(f"gitpipe: {label}: {plan.spec.paths[i]} not restored: {why}")
                     refused.append(f"{plan.spec.paths[i]} not restored: {why}")
                     continue
-                self._make_parents(plan.bases[i], target)
                 made.append(target)
                 if src.is_dir() and self.use_overlay():
-                    self._mount(src, target, held, f"{plan.idx}.{i}")
+                    self._mount(src, plan.bases[i], target, held, f"{plan.idx}.{i}")
                     how.add("as an overlay")
                 else:
-                    cachefs.copy(src, target)
+                    cachefs.restore_copy(src, plan.bases[i], target, self.uid, self.gid)
                     how.add("by copy")
         except (OSError, subprocess.CalledProcessError, GitpipeError) as exc:
             self._unmount(held, made)
-            for target in made:
-                cachefs.remove(target)
+            for i, target in enumerate(plan.targets):
+                if target in made:
+                    cachefs.remove_under(plan.bases[i], target)
             say(f"gitpipe: {label}: could not restore entry {entry.id[:12]} ({_why(exc)}); going on without it")
             return replace(use, note=f"restore failed: {_why(exc)}")
         took = time.monotonic() - start
@@ -218,7 +249,7 @@ class Caches:
                             self.dir)
         return self.overlay
 
-    def _mount(self, src: Path, target: Path, held: Held, name: str) -> None:
+    def _mount(self, src: Path, base: Path, target: Path, held: Held, name: str) -> None:
         """`target` becomes an overlay: `src` (the entry) below, read-only, never changed; what the
         action writes goes to an upper directory beside the worktree, dropped at `release`."""
         upper, work = held.scratch / name / "upper", held.scratch / name / "work"
@@ -226,7 +257,7 @@ class Caches:
             d.mkdir(parents=True, mode=0o700)
         st = src.stat()
         os.chmod(upper, st.st_mode & 0o7777)
-        target.mkdir(mode=0o755)
+        cachefs.make_dir_under(base, target, self.uid, self.gid)  # by descriptors: never through a link
         if self.uid is None:  # the attempt mounts it, in its own namespace (sandbox.Confine.overlays)
             held.overlays.append((src, upper, work, target))
             return
@@ -234,7 +265,6 @@ class Caches:
         merged.mkdir(mode=0o700)
         if self.gid is not None:
             os.lchown(upper, self.uid, self.gid)
-            os.lchown(target, self.uid, self.gid)
         cachefs.run(["mount", "-t", "overlay", "overlay", "-o",
                      f"lowerdir={cachefs.mount_option(src)},upperdir={cachefs.mount_option(upper)},"
                      f"workdir={cachefs.mount_option(work)}", str(merged)])
@@ -254,18 +284,14 @@ class Caches:
         with self.lock:
             for entry_id in held.entries:
                 self.in_use[entry_id] -= 1
-        held.entries.clear()
-
-    def _make_parents(self, base: Path, target: Path) -> None:
-        missing = []
-        p = target.parent
-        while p != base and not p.exists():
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            d.mkdir(mode=0o755)
-            if self.uid is not None and self.gid is not None:
-                os.lchown(d, self.uid, self.gid)
+        freed, held.entries[:] = bool(held.entries), []
+        if freed:  # an entry in use was skipped by a save's eviction: it may go now
+            try:
+                for e in self.evict():
+                    log.info("cache: evicted entry %s of %s %s (%s) to stay within [cache] max_size",
+                             e.id[:12], e.repo, e.action, _mb(e.size))
+            except GitpipeError as exc:  # a full disk: the next save evicts again
+                log.warning("cache: eviction failed: %s", exc)
 
     # ------------------------------------------------------------------ save
     def save(self, plan: Plan, use: CacheUse, run_id: int, protected: bool, secrets: bool, held: Held,
@@ -282,9 +308,14 @@ class Caches:
             if why:
                 say(f"gitpipe: {label}: not saved: {plan.spec.paths[i]} {why}")
                 return replace(use, note=f"not saved: {plan.spec.paths[i]} {why}")
-            if os.path.lexists(target):
-                s, n = cachefs.tree_size(next((m for m, at in held.mounts if at == target), target))
-                size, files = size + s, files + n
+            view = next((m for m, at in held.mounts if at == target), None)
+            try:
+                found = cachefs.tree_size(view) if view is not None else cachefs.size_under(plan.bases[i], target)
+            except OSError as exc:  # a link or a swap on the way: never followed
+                say(f"gitpipe: {label}: not saved: {plan.spec.paths[i]}: {_why(exc)}")
+                return replace(use, note=f"not saved: {plan.spec.paths[i]}: {_why(exc)}")
+            if found is not None:
+                size, files = size + found[0], files + found[1]
                 present.append((i, target))
         if not present:
             say(f"gitpipe: {label}: not saved: none of {', '.join(plan.spec.paths)} exists after the script")
@@ -301,17 +332,20 @@ class Caches:
         try:
             tmp.mkdir(parents=True, mode=0o700)
             for i, target in present:
-                # The attempt's processes are all gone and its worktree is reset (its files
-                # unlinked) before anyone uses the slot again: its files can become the entry's
-                # as they are, by hard links. An overlay's merged view cannot be linked: copied.
+                # The attempt's processes are all gone (its PID namespace ended with its
+                # script) and its worktree is reset (its files unlinked) before anyone uses the
+                # slot again: its files can become the entry's by hard links. Every copy walks
+                # folder descriptors (`cachefs.copy_at`): a descriptor another attempt holds
+                # may still swap a folder for a link while it runs, and nothing is followed.
+                # An overlay's merged view cannot be linked: copied.
                 merged = next(((lo, up) for lo, up, _wk, at in held.overlays if at == target), None)
                 view = next((m for m, at in held.mounts if at == target), None)
                 if merged:  # mounted only in the attempt's namespace: its view is made again to copy it
                     cachefs.copy_merged(merged[1], merged[0], tmp / f"p{i}")
-                elif view is not None:  # still mounted on the host, out of every attempt's reach
+                elif view is not None:  # still mounted on the host, beside the worktree
                     cachefs.copy(view, tmp / f"p{i}")
                 else:
-                    cachefs.copy(target, tmp / f"p{i}", link=True)
+                    cachefs.save_copy(plan.bases[i], target, tmp / f"p{i}", link=True)
             cachefs.syncfs(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
@@ -326,14 +360,16 @@ class Caches:
             return replace(use, note=f"not saved: {_why(exc)}")
         took = time.monotonic() - start
         say(f"gitpipe: {label}: saved entry {entry_id[:12]} ({_mb(size)}, {files} files) in {took:.2f}s")
-        self.evict(say)
+        self.evict(say, keep=entry_id)
         return replace(use, saved_entry=entry_id, saved_size=size, save_seconds=round(took, 3))
 
     # ------------------------------------------------------------------ housekeeping
-    def evict(self, say: Callable[[str], None] | None = None) -> list[CacheEntry]:
-        """Remove least recently used entries of this host until they fit in [cache] max_size."""
-        entries = [e for e in self.store.cache_entries() if e.host == self.host]
-        total = sum(e.size for e in entries)
+    def evict(self, say: Callable[[str], None] | None = None, keep: str | None = None) -> list[CacheEntry]:
+        """Remove least recently used entries of this host until they fit in [cache] max_size; never
+        `keep` (the entry just saved) nor one in use (removed when its attempt releases it)."""
+        every = [e for e in self.store.cache_entries() if e.host == self.host]
+        entries = [e for e in every if e.id != keep]
+        total = sum(e.size for e in every)
         gone = []
         for e in entries:
             if total <= self.settings.cache_max_size:
@@ -393,6 +429,29 @@ def entry_json(e: CacheEntry) -> dict[str, Any]:
     return {"id": e.id, "repo": e.repo, "action": e.action, "key": e.key, "paths": list(e.paths),
             "protected": e.protected, "host": e.host, "size": e.size, "files": e.files,
             "created_at": e.created_at, "last_used_at": e.last_used_at, "run": e.run_id}
+
+
+def use_fields(u: CacheUse) -> dict[str, Any]:
+    """A worker's cache use as its result carries it (the build host records it with `use_from`)."""
+    return {k: (list(v) if k == "paths" else v) for k, v in u.__dict__.items() if k not in ("action_id", "attempt")}
+
+
+def use_from(d: dict[str, Any], action_id: int, attempt: int) -> CacheUse:
+    """A cache use a worker reported, its values checked for their types (None where one is wrong)."""
+    def num(key: str) -> float | None:
+        v = d.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def text(key: str) -> str | None:
+        v = d.get(key)
+        return v[:500] if isinstance(v, str) else None
+
+    size, saved = num("restored_size"), num("saved_size")
+    paths = tuple(str(p)[:500] for p in d.get("paths", []) if isinstance(p, str))
+    match = d.get("match") if d.get("match") in ("exact", "warm", "none") else "none"
+    return CacheUse(action_id, attempt, int(num("idx") or 0), paths, str(match), text("entry"),
+                    None if size is None else int(size), num("restore_seconds"), text("saved_entry"),
+                    None if saved is None else int(saved), num("save_seconds"), text("note"))
 
 
 def use_json(u: CacheUse) -> dict[str, Any]:

@@ -264,17 +264,28 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_cache_list(args: argparse.Namespace) -> int:
     from gitpipe import cache
 
-    _, store = _store(args)
-    entries = store.cache_entries(args.repo)
+    conf, store = _store(args)
+    rows = [{**cache.entry_json(e), "where": "build host"} for e in store.cache_entries(args.repo)]
+    unreachable = None
+    if conf.cluster is not None:  # each worker keeps its own entries and lists them in its heartbeat
+        from gitpipe.cluster import status
+
+        try:
+            rows += status.worker_caches(conf.cluster.broker, args.repo)
+        except UsageError as exc:
+            unreachable = f"warning: the workers' entries are not listed: {exc}"
+    if unreachable:
+        print(unreachable, file=sys.stderr)
     if args.json:
-        print_json([cache.entry_json(e) for e in entries])
+        print_json(rows)
         return 0
-    if not entries:
+    if not rows:
         say("no cache entries" + (f" of {args.repo}" if args.repo else ""))
-    for e in reversed(entries):  # most recently used first
-        trust = "protected" if e.protected else "unprotected"
-        say(f"{e.id[:12]}  {e.repo}  {e.action}  {', '.join(e.paths)}  {e.size / 1e6:.1f} MB  {e.files} files  "
-            f"{trust}  on {e.host}  last used {e.last_used_at}")
+    for e in sorted(rows, key=lambda e: e["last_used_at"], reverse=True):  # most recently used first
+        trust = "protected" if e["protected"] else "unprotected"
+        where = f"build host ({e['host']})" if e["where"] == "build host" else f"worker {e['host']}"
+        say(f"{e['id'][:12]}  {e['repo']}  {e['action']}  {', '.join(e['paths'])}  {e['size'] / 1e6:.1f} MB  "
+            f"{e['files']} files  {trust}  on {where}  last used {e['last_used_at']}")
     return 0
 
 
@@ -454,7 +465,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="gitpipe worker: %(message)s", stream=sys.stderr)
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     directory = Path(args.dir).expanduser().absolute() if args.dir else settings_mod.resolve_home(None) / "worker"
-    worker.serve(args.broker, labels, args.slots, args.name, directory, args.coordinator_key)
+    max_size = None
+    if args.cache_max_size is not None:
+        try:
+            max_size = settings_mod.parse_size(args.cache_max_size)
+        except ValueError as exc:
+            raise UsageError(f"--cache-max-size: {exc}") from None
+    worker.serve(args.broker, labels, args.slots, args.name, directory, args.coordinator_key, max_size)
     return 0
 
 
@@ -616,7 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="", help="comma-separated labels pipelines ask for with runs_on")
     p.add_argument("--slots", type=int, default=1, help="actions this worker runs at once (default 1)")
     p.add_argument("--name", help="this worker's name in [cluster.workers] (default: the host name)")
-    p.add_argument("--dir", help="its key, repo mirrors and worktrees (default: <home>/worker)")
+    p.add_argument("--dir", help="its key, repo mirrors, worktrees and build caches (default: <home>/worker)")
+    p.add_argument("--cache-max-size", help='the size its build caches may take, least recently used removed '
+                                            'first (as [cache] max_size: "20G"; default: [cache] max_size of '
+                                            '<dir>/gitpipe.toml, else 20G)')
     p.add_argument("--coordinator-key", default=os.environ.get("GITPIPE_COORDINATOR_KEY"),
                    help="the build host's public key, which signs every job (`gitpipe workers --coordinator-key` "
                         "prints it there; default: $GITPIPE_COORDINATOR_KEY); required")

@@ -192,6 +192,13 @@ class Pipeline:
                         return a
         raise KeyError(f"{stage}/{name}")
 
+    def stage_of(self, spec: ActionSpec) -> str:
+        """The name of the stage that holds this very action spec ("" if none does)."""
+        for s in self.stages:
+            if any(a is spec for a in s.actions):
+                return s.name
+        return ""
+
 
 # --------------------------------------------------------------------------- refs
 

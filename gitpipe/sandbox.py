@@ -260,6 +260,14 @@ class Sandbox:
         if box.tree is not None:
             hand_over(box.tree, self.uid, self.gid)
 
+    def ended(self, box: Confine) -> None:
+        """Kill what is left of the attempt `box` and wait until none of its processes is (before a
+        cache save reads its tree: its PID namespace ends with its script, but asynchronously)."""
+        if self.tree is not None and box.key:
+            for base in self.tree.bases:
+                if (base / box.key).is_dir():
+                    cgroup.Group((base / box.key,), None, None).kill()
+
     def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False) -> Launch:
         """The confined form of `argv`: its cgroup made, its HOME and output file fresh (unless `prepared`)."""
         if not prepared:

@@ -357,7 +357,7 @@ class RunWorker:
                     if outcome.status is ActionStatus.SUCCEEDED:
                         outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
                     if outcome.status is ActionStatus.SUCCEEDED:
-                        uses = self._save_caches(spec, uses, held, writer)
+                        uses = self._save_caches(spec, uses, held, writer, box)
                     self._record_caches(rec.id, number, uses)
                 finally:
                     if self.host.caches is not None:
@@ -381,16 +381,17 @@ class RunWorker:
         caches = self.host.caches
         if caches is None or not spec.cache:
             return []
-        action = f"{spec_stage(self.pipe, spec)}/{spec.name}"
+        action = f"{self.pipe.stage_of(spec)}/{spec.name}"
         protected = self._protected()
         return [(plan, caches.restore(plan, protected, held, writer.line))
                 for plan in cache_mod.plans(spec.cache, self.run.repo, action, tree, home)]
 
     def _save_caches(self, spec: ActionSpec, uses: list[tuple[cache_mod.Plan, CacheUse]], held: cache_mod.Held,
-                     writer: executor.LogWriter) -> list[tuple[cache_mod.Plan, CacheUse]]:
-        """After a success: each cache without an exact entry is saved."""
+                     writer: executor.LogWriter, box: Confine) -> list[tuple[cache_mod.Plan, CacheUse]]:
+        """After a success: each cache without an exact entry is saved, once no process of the attempt is left."""
         if self.host.caches is None or not uses:
             return uses
+        self.host.sandbox.ended(box)
         protected = self._protected()
         return [(plan, self.host.caches.save(plan, use, self.run.id, protected, bool(spec.secrets), held,
                                              writer.line))
@@ -458,7 +459,7 @@ class RunWorker:
             "CI": "true", "GITPIPE_RUN": str(run.id), "GITPIPE_REPO": run.repo,
             "GITPIPE_PIPELINE": self.pipe.name, "GITPIPE_REF": run.ref,
             "GITPIPE_BRANCH": branch_of(run.ref) or "", "GITPIPE_TAG": tag_of(run.ref) or "",
-            "GITPIPE_SHA": run.sha, "GITPIPE_STAGE": spec_stage(self.pipe, spec),
+            "GITPIPE_SHA": run.sha, "GITPIPE_STAGE": self.pipe.stage_of(spec),
             "GITPIPE_ACTION": spec.name, "GITPIPE_ATTEMPT": str(attempt),
         })
         for row in self.store.outputs(run.id):
@@ -480,13 +481,6 @@ def _not_retried(outcome: executor.Outcome, why: str, run_id: int) -> executor.O
     return executor.Outcome(outcome.status, outcome.exit_code,
                             f"{outcome.message or outcome.status.value}; not retried: {why} "
                             f"(free space there, then `gitpipe retry {run_id}`)")
-
-
-def spec_stage(pipe: Pipeline, spec: ActionSpec) -> str:
-    for stage in pipe.stages:
-        if any(a is spec for a in stage.actions):
-            return stage.name
-    return ""
 
 
 OUTPUT_LIMIT = 1 << 20  # bytes of $GITPIPE_OUTPUT read: small values, as the name says

@@ -136,6 +136,7 @@ class Worker:
     labels: str
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()  # more `gitpipe worker` options
 
     def log(self) -> str:
         return (self.dir / "worker.log").read_text(errors="replace")
@@ -149,7 +150,7 @@ class Cluster:
         self.redis = Redis(root / "redis")
         self.workers: dict[str, Worker] = {}
 
-    def add(self, name: str, labels: str) -> Worker:
+    def add(self, name: str, labels: str, *args: str) -> Worker:
         """A worker's dir, key and sandbox settings; trusted by the coordinator (call before configure)."""
         from gitpipe.cluster import channel
 
@@ -157,7 +158,7 @@ class Cluster:
         d.mkdir(parents=True)
         if self.share is not None:
             (d / "gitpipe.toml").write_text(f'[sandbox]\nread_write = ["{self.share}"]\n')
-        self.workers[name] = Worker(name, labels, d)
+        self.workers[name] = Worker(name, labels, d, args=args)
         channel.load_private(d / "worker.key")
         return self.workers[name]
 
@@ -174,7 +175,7 @@ class Cluster:
         log = open(w.dir / "worker.log", "ab")  # noqa: SIM115 - the worker holds it
         w.proc = subprocess.Popen(
             [GITPIPE, "worker", "--broker", self.redis.url, "--labels", w.labels, "--name", name,
-             "--dir", str(w.dir), "--slots", "1", "--home", str(self.home.home)],
+             "--dir", str(w.dir), "--slots", "1", "--home", str(self.home.home), *w.args],
             env={**base_env(), "GITPIPE_COORDINATOR_KEY": self.coordinator_key()}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         wait_for(lambda: name in self.live(), timeout=60, what=f"worker {name} to beat")
@@ -214,14 +215,14 @@ class Cluster:
 
 @contextmanager
 def cluster(home: Home, root: Path, workers: dict[str, str], share: Path | None = None,
-            local: bool = True, tls: bool = False) -> Iterator[Cluster]:
+            local: bool = True, tls: bool = False, args: tuple[str, ...] = ()) -> Iterator[Cluster]:
     need_redis()
     c = Cluster(home, root, share)
     c.redis.tls = tls
     c.redis.start()
     try:
         for name, labels in workers.items():
-            c.add(name, labels)
+            c.add(name, labels, *args)
         c.configure(local)
         for name in workers:
             c.start(name)

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -371,10 +372,12 @@ def test_cache_list_and_clear(home: Home, shop: Path) -> None:
     assert {e["repo"] for e in listed} == {"shop", "other"}
     e = listed[0]
     assert set(e) == {"id", "repo", "action", "key", "paths", "protected", "host", "size", "files", "created_at",
-                      "last_used_at", "run"}
+                      "last_used_at", "run", "where"}
     assert e["action"] == "build/deps" and e["paths"] == [".venv"] and e["size"] == 400000 and e["host"]
+    assert e["where"] == "build host"
     text = home.gitpipe("cache", "list", check=True).stdout
     assert "build/deps" in text and "0.4 MB" in text and "protected" in text
+    assert f"on build host ({e['host']})" in text
 
     proc = home.gitpipe("cache", "clear", "nosuch")
     assert proc.returncode == 2 and 'no repo named "nosuch"' in proc.stderr
@@ -503,6 +506,21 @@ while time.monotonic() < end:
 '''
 
 
+def holding_pipeline(name: str, host_dir: Path) -> str:
+    """A feature branch's pipeline: "grab" hands its worktree's folder to "hold" (running on)."""
+    return pipeline(f'''
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "grab"
+          run = "python3 grab.py {name}"
+          [[stage.action]]
+          name = "hold"
+          timeout = "60s"
+          run = "python3 hold.py {name} {host_dir}"
+        ''')
+
+
 def test_a_held_worktree_folder_cannot_turn_a_cache_mount_onto_a_host_path(tmp_path: Path) -> None:
     """The root daemon mounts restored overlays on the host: a mount point swapped for a link put
     a branch's cache entry over any host directory (as root: /etc, say)."""
@@ -522,17 +540,7 @@ def test_a_held_worktree_folder_cannot_turn_a_cache_mount_onto_a_host_path(tmp_p
               cache = [{ key = ["k.txt"], paths = [".venv"] }]
               run = "mkdir -p .venv && echo entry > .venv/marker; sleep 4"
             ''')
-        attack = pipeline(f'''
-            [[stage]]
-            name = "s"
-              [[stage.action]]
-              name = "grab"
-              run = "python3 grab.py {name}"
-              [[stage.action]]
-              name = "hold"
-              timeout = "60s"
-              run = "python3 hold.py {name} {host_dir}"
-            ''')
+        attack = holding_pipeline(name, host_dir)
         files = {"k.txt": "1\n", "grab.py": DIR_GRAB, "hold.py": DIR_HOLD}
         seen: list[str] = []
         try:
@@ -553,6 +561,234 @@ def test_a_held_worktree_folder_cannot_turn_a_cache_mount_onto_a_host_path(tmp_p
                 home.wait_run(holder, timeout=90)
         finally:
             subprocess.run(["umount", "-l", str(host_dir)], capture_output=True, check=False)
-        assert "restored" in log, log
+        # Restored, or refused: the mount point is made and opened through descriptors, so one
+        # swapped for a link in that instant fails the restore (the run goes on without it).
+        assert "restored" in log or "could not restore entry" in log, log
         assert seen == [], "a feature branch's cache entry was mounted over a host directory"
         assert sorted(p.name for p in host_dir.iterdir()) == ["host.txt"]
+
+
+# ---------------------------------------------------------------------------- copies under attack
+# A real process swaps folders of the tree for links (to a host folder) as fast as it can while
+# the daemon's copies run: what a process of another attempt holding a folder of the slot open
+# can do at any moment. Every copy must walk only what is the tree's, never what a link reaches.
+SWAPPER = r'''
+import os, sys, time
+root, outside, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+names = sys.argv[4:]
+while not os.path.exists(stop):
+    for name in names:
+        try:
+            os.rename(name, name + ".x", src_dir_fd=fd, dst_dir_fd=fd)
+            os.symlink(outside, name, dir_fd=fd)
+            os.unlink(name, dir_fd=fd)
+            os.rename(name + ".x", name, src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError:
+            pass
+'''
+
+
+def _files(top: Path) -> list[str]:
+    found = []
+    for d, dirs, names in os.walk(top):  # links not followed
+        found += [os.path.join(d, n) for n in names + dirs]
+    return found
+
+
+def test_a_cached_path_whose_folder_is_missing_is_nothing_to_save_and_a_link_on_the_way_refuses(
+        tmp_path: Path) -> None:
+    from gitpipe import cachefs
+
+    home = tmp_path / "home"
+    home.mkdir()
+    assert cachefs.size_under(home, home / ".cache" / "pip") is None  # ~/.cache never made: not an error
+    (home / "outside").mkdir()
+    (home / "outside" / "f").write_text("x")
+    (home / ".cache").symlink_to(home / "outside")
+    with pytest.raises(OSError):
+        cachefs.size_under(home, home / ".cache" / "f")
+
+
+def test_copies_never_follow_a_folder_swapped_for_a_link_while_they_run(tmp_path: Path) -> None:
+    from gitpipe import cachefs
+
+    tree, host, stop = tmp_path / "tree", tmp_path / "host", tmp_path / "stop"
+    host.mkdir()
+    (host / "host-secret.txt").write_text("secret\n")
+    venv = tree / ".venv"
+    names = [f"d{i}" for i in range(20)]
+    for name in names:
+        (venv / name / "sub").mkdir(parents=True)
+        for j in range(20):
+            (venv / name / "sub" / f"f{j}").write_text(f"{name} {j}\n")
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "p0").mkdir()
+    for name in names:
+        (entry / "p0" / name).mkdir()
+        (entry / "p0" / name / "f").write_text("from the entry\n")
+    racer = subprocess.Popen([sys.executable, "-c", SWAPPER, str(venv), str(host), str(stop), *names])
+    restore_racer = subprocess.Popen([sys.executable, "-c", SWAPPER, str(tree), str(host), str(stop), "a"])
+    copies, failed = tmp_path / "copies", 0
+    copies.mkdir()
+    try:
+        for n in range(30):
+            try:  # a save of the tree's .venv (linked and copied), and its size
+                cachefs.save_copy(tree, venv, copies / f"s{n}", link=n % 2 == 0)
+                cachefs.size_under(tree, venv)
+            except OSError:
+                failed += 1  # a swap caught mid-walk fails the save: nothing was followed
+            (tree / "a").mkdir(exist_ok=True)
+            try:  # a restore into a folder another process swaps for a link to the host
+                cachefs.restore_copy(entry / "p0", tree, tree / "a" / "b" / f"r{n}")
+            except OSError:
+                failed += 1
+    finally:
+        stop.touch()
+        racer.wait(30)
+        restore_racer.wait(30)
+    copied = _files(copies)
+    assert copied, "nothing was copied at all"
+    assert not [f for f in copied if "host-secret" in f], "a save read a host folder through a swapped link"
+    assert sorted(os.listdir(host)) == ["host-secret.txt"], "a restore wrote into a host folder through a link"
+    assert (host / "host-secret.txt").read_text() == "secret\n"
+    assert failed < 60  # some copies got through whole while the swaps ran
+
+
+def test_a_backgrounded_swapper_never_gets_a_host_folder_into_an_entry(home: Home, shop: Path) -> None:
+    """The script leaves a process behind that swaps a cached folder for a link to /etc (or to
+    another repo's entries) in a loop: it must be gone before the save, and whatever state it
+    left, no file of /etc or of another entry is copied into this one."""
+    other = home.home / "build-cache" / "entries"
+    body = pipeline(f'''
+        [[stage]]
+        name = "build"
+          [[stage.action]]
+          name = "deps"
+          cache = [{{ key = ["n"], paths = [".venv"] }}]
+          run = """
+          rm -rf .venv/lib .venv/lib.x && mkdir -p .venv/lib && echo mine > .venv/lib/own.txt
+          python3 - <<'PY' &
+        import os
+        fd = os.open(".venv", os.O_RDONLY | os.O_DIRECTORY)
+        while True:
+            for where in ("/etc", "{other}"):
+                try:
+                    os.rename("lib", "lib.x", src_dir_fd=fd, dst_dir_fd=fd)
+                    os.symlink(where, "lib", dir_fd=fd)
+                    os.unlink("lib", dir_fd=fd)
+                    os.rename("lib.x", "lib", src_dir_fd=fd, dst_dir_fd=fd)
+                except OSError:
+                    pass
+        PY
+          sleep 0.5
+          """
+        ''')
+    with home.daemon():
+        for n in range(3):
+            run_id, log = run_of(home, shop, {".pipeline.toml": body, "n": str(n)}, "feature")
+            assert "saved entry" in log or "not saved" in log, log
+            assert n == 0 or "restored warm" in log, log
+    top = home.home / "build-cache" / "entries"
+    ids = set(os.listdir(top))
+    saved = list(top.rglob("*"))  # never follows a link
+    assert saved, "nothing was saved at all"
+    assert not [p for p in saved if p.name in ("passwd", "shadow", "hostname", "os-release")], saved
+    assert not [p for p in saved if ids & set(p.relative_to(top).parts[1:])], "another entry was copied into one"
+    for p in saved:  # every file is the action's own, or a link copied as a link
+        if p.is_file() and not p.is_symlink():
+            assert p.read_text() == "mine\n", p
+
+
+# The holder of a slot's folder (see DIR_GRAB) waits until the next run's script has made its
+# .venv (d0..d29, with "go" last), then watches each folder: the moment the daemon's save
+# opens a file in one, or opens it a second time (the first: the size walk), it swaps that
+# folder for a link to a host folder
+# holding files of the same names, so the rest of that folder's files come from the host to
+# a copy that goes by path (as `cp -a` and `cp -al` did).
+SWAP_HOLD = r'''
+import ctypes, os, select, socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1])
+s.listen(1)
+c, _ = s.accept()
+_msg, (tree,), _flags, _addr = socket.recv_fds(c, 1, 1)
+c.send(b"k")
+libc = ctypes.CDLL(None, use_errno=True)
+end = time.monotonic() + 45
+while time.monotonic() < end:
+    if not os.path.exists(f"/proc/self/fd/{tree}/.venv/go"):
+        time.sleep(0.005)
+        continue
+    venv = os.open(".venv", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=tree)
+    watch = libc.inotify_init()
+    wds = {}
+    for i in range(30):
+        wd = libc.inotify_add_watch(watch, f"/proc/self/fd/{venv}/d{i}".encode(), 0x20 | 0x4)  # IN_OPEN, IN_ATTRIB
+        if wd >= 0:
+            wds[wd] = f"d{i}"
+    swapped, opened = set(), {}
+    while time.monotonic() < end and os.path.exists(f"/proc/self/fd/{venv}/go"):
+        if not select.select([watch], [], [], 0.2)[0]:
+            continue
+        data = os.read(watch, 65536)
+        while data:
+            wd, _mask, _cookie, size = struct.unpack_from("iIII", data)
+            name, data = data[16:16 + size].rstrip(b"\0"), data[16 + size:]
+            if wd not in wds or wds[wd] in swapped:
+                continue
+            opened[wd] = opened.get(wd, 0) + (0 if name else 1)
+            if name or opened[wd] >= 2:  # a file in it opened, or the folder opened by a second walk
+                swapped.add(wds[wd])
+                try:
+                    os.rename(wds[wd], wds[wd] + ".x", src_dir_fd=venv, dst_dir_fd=venv)
+                    os.symlink(sys.argv[2], wds[wd], dir_fd=venv)
+                except OSError:
+                    pass
+    os.close(watch)
+    os.close(venv)
+'''
+
+
+def test_a_held_worktree_folder_swapping_links_during_a_save_never_copies_the_host(tmp_path: Path) -> None:
+    """A feature branch's attempt holds the folder of a slot the next run takes, and swaps the
+    folders of its .venv for links to a host folder while the daemon (root) saves them."""
+    from test_sandbox import make_world
+
+    with make_world("root", tmp_path) as world:
+        home, repo = world.home, world.repo
+        host_dir = home.root / "host-dir"
+        host_dir.mkdir()
+        (host_dir / "host-secret.txt").write_text("host\n")
+        for j in range(1, 41):  # the names the venv's folders hold: a copy through a link finds them all
+            (host_dir / f"f{j}").write_text("host\n")
+        name = f"gp-swap-{os.getpid()}-{tmp_path.name[-6:]}"
+        venv = pipeline('''
+            [[stage]]
+            name = "c"
+              [[stage.action]]
+              name = "venv"
+              cache = [{ key = ["k.txt"], paths = [".venv"] }]
+              run = "for i in $(seq 0 29); do mkdir -p .venv/d$i; for j in $(seq 1 40); do echo $i > .venv/d$i/f$j; done; done; touch .venv/go; sleep 1"
+            ''')
+        attack = holding_pipeline(name, host_dir)
+        with home.daemon():
+            holder = home.push_run(repo, {".pipeline.toml": attack, "grab.py": DIR_GRAB, "hold.py": SWAP_HOLD},
+                                   "feature")
+            wait_for(lambda: home.action(home.show(holder), "grab")["status"] in ("succeeded", "failed"),
+                     60, 0.5, "the grab action to end")
+            victim = home.push_run(repo, {".pipeline.toml": venv, "k.txt": "1\n"}, "other")
+            home.wait_run(victim, timeout=120)
+            logs = [home.logs(victim)]
+            home.wait_run(holder, timeout=90)
+        top = home.home / "build-cache" / "entries"
+        copied = [p for p in top.rglob("*")] if top.is_dir() else []  # never follows a link
+        assert not [p for p in copied if p.name == "host-secret.txt"], "a save copied a host folder"
+        assert not [p for p in copied if p.is_file() and not p.is_symlink() and p.read_text() == "host\n"], \
+            "a save copied host files"
+        assert sorted(os.listdir(host_dir)) == sorted(["host-secret.txt", *(f"f{j}" for j in range(1, 41))])
+        # The walk held each folder it entered: the save went through whole, with the run's own files.
+        assert "saved entry" in logs[0] and "1201 files" in logs[0], logs[0]
+        assert sorted({p.read_text() for p in copied if p.is_file() and p.name != "go"}) == [f"{i}\n" for i in
+                                                                                           sorted(range(30), key=str)]

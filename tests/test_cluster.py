@@ -632,3 +632,108 @@ def test_a_worker_runs_a_signed_grant_once_only_for_itself_and_before_it_expires
         _granted(c, late, "w1", expired)
         wait_for(lambda: "has expired" in (_end_message(c, late["aid"]) or ""), timeout=90, what="an expired grant refused")
     assert (out / "count").read_text() == "once\n"
+
+
+CACHED = pipeline('''
+    [[stage]]
+    name = "build"
+    [[stage.action]]
+    name = "deps"
+    runs_on = ["linux"]
+    cache = [{ key = ["req.txt"], paths = [".venv", "~/.cache/tool"] }]
+    run = """
+    if [ -f .venv/from ]; then echo "found venv of $(cat .venv/from)"; else echo "cold venv"; fi
+    mkdir -p .venv ~/.cache/tool && echo "$GITPIPE_REF" > .venv/from && echo x > ~/.cache/tool/f
+    """
+''')
+
+
+def test_a_worker_keeps_its_own_caches_by_the_build_hosts_rules(home: Home, tmp_path: Path) -> None:
+    """Restored exact on the second run on the same worker; a protected run never restores what a
+    feature branch saved there; `show` says what was restored and saved; `cache list` says which
+    host holds each entry (the worker's, listed through its heartbeat)."""
+    home.configure('[repos.app]\nprotected = ["main"]\n')
+    with cluster(home, tmp_path, {"w1": "linux"}, local=False) as c, home.daemon():
+        repo = home.add_repo("app")
+
+        ids: list[int] = []
+
+        def run(files: dict[str, str | None], branch: str) -> tuple[dict[str, Any], str]:
+            ids.append(home.push_run(repo, files, branch))
+            done = home.expect(home.wait_run(ids[-1], timeout=180))
+            return home.action(done, "deps"), home.logs(ids[-1], "deps")
+
+        first, log = run({".pipeline.toml": CACHED, "req.txt": "1\n"}, "feature")
+        assert "running on worker w1" in log and "cold venv" in log and "nothing to restore" in log
+        [use] = first["caches"]
+        assert use["match"] == "none" and use["restored"] is None and use["saved"]["size"] > 0
+        second, log = run({"README": "again\n"}, "feature")
+        assert "found venv of refs/heads/feature" in log, log
+        [use] = second["caches"]
+        assert use["match"] == "exact" and use["restored"]["entry"] == first["caches"][0]["saved"]["entry"]
+        assert use["saved"] is None  # an exact match saves nothing
+        assert "restored exact" in home.gitpipe("show", str(ids[-1])).stdout
+        # The same key on a protected ref: the feature branch's entry is never restored there.
+        protected, log = run({".pipeline.toml": CACHED, "req.txt": "1\n"}, "main")
+        assert "cold venv" in log and "nothing to restore (no entry yet saved by a protected run)" in log
+        [use] = protected["caches"]
+        assert use["match"] == "none" and use["saved"] is not None
+
+        def listed() -> list[dict[str, Any]]:
+            out = home.gitpipe("cache", "list", "--json")
+            assert out.returncode == 0, out.stderr
+            rows = json.loads(out.stdout)
+            return rows if len(rows) == 2 else []
+
+        rows = wait_for(listed, timeout=30, what="the worker's entries in cache list")
+        assert {(r["where"], r["host"], r["protected"]) for r in rows} == {("worker", "w1", False),
+                                                                          ("worker", "w1", True)}
+        assert {r["id"] for r in rows} == {first["caches"][0]["saved"]["entry"], protected["caches"][0]["saved"]["entry"]}
+        text = home.gitpipe("cache", "list").stdout
+        assert text.count("on worker w1") == 2
+        # Their files are the worker's, in its --dir; the build host keeps none.
+        held = sorted(p.name for p in (c.workers["w1"].dir / "build-cache" / "entries").iterdir())
+        assert held == sorted(r["id"] for r in rows)
+        assert not list((home.home / "build-cache").rglob("p0"))
+
+
+def test_cache_errors_of_workers_say_what_and_where(home: Home, tmp_path: Path) -> None:
+    """A bad --cache-max-size is refused at start; `cache list` with the broker away still lists
+    the build host's entries and says the workers' are missing, and why."""
+    proc = home.gitpipe("worker", "--broker", "redis://127.0.0.1:1/0", "--cache-max-size", "12Q",
+                        "--coordinator-key", "x", "--dir", str(tmp_path / "w"))
+    assert proc.returncode != 0
+    assert '--cache-max-size: bad size "12Q"' in proc.stderr and "Traceback" not in proc.stderr
+    home.configure('[cluster]\nbroker = "redis://127.0.0.1:1/0"\n')
+    listed = home.gitpipe("cache", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+    assert "warning: the workers' entries are not listed: the broker redis://127.0.0.1:1/0 cannot be reached" \
+        in listed.stderr
+
+
+def test_a_worker_evicts_its_least_recently_used_entries_beyond_its_cache_max_size(home: Home, tmp_path: Path) -> None:
+    body = pipeline('''
+        [[stage]]
+        name = "build"
+        [[stage.action]]
+        name = "deps"
+        runs_on = ["linux"]
+        cache = [{ key = ["req.txt"], paths = [".venv"] }]
+        run = "mkdir -p .venv && head -c 300000 /dev/zero > .venv/blob"
+    ''')
+    with cluster(home, tmp_path, {"w1": "linux"}, local=False, args=("--cache-max-size", "500K")) as c, \
+            home.daemon():
+        repo = home.add_repo("app")
+        saved = []
+        for n in range(2):
+            run_id = home.push_run(repo, {".pipeline.toml": body, "req.txt": f"{n}\n"}, "feature")
+            [use] = home.action(home.expect(home.wait_run(run_id, timeout=180)), "deps")["caches"]
+            saved.append(use["saved"]["entry"])
+        # The second run restored the first entry (warm), so it went when that attempt let it go.
+        assert "restored warm" in home.logs(run_id, "deps")
+        held = sorted(p.name for p in (c.workers["w1"].dir / "build-cache" / "entries").iterdir())
+        assert held == [saved[1]]
+        listed = wait_for(lambda: [r["id"] for r in json.loads(home.gitpipe("cache", "list", "--json").stdout)
+                                   if r["where"] == "worker"] == [saved[1]], timeout=30, what="the eviction listed")
+        assert listed

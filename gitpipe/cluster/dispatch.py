@@ -154,6 +154,7 @@ class Cluster:
         session = Session(self, rw, rec, spec, labels, aid, deadline, env, secret_env, writer, handle, mac)
         try:
             outcome = session.adopt() if adopted else session.run()
+            self._record_caches(rw, rec.id, number, getattr(outcome, "result", {}))
             if outcome.status is ActionStatus.SUCCEEDED:
                 outcome = self._collect(rw, rec, spec, aid, outcome, writer, masker)
         except (GitpipeError, OSError, redis.RedisError) as exc:
@@ -195,6 +196,18 @@ class Cluster:
         if values:
             rw.store.set_outputs(rw.run.id, rec.name, {masker.mask(k): masker.mask(v) for k, v in values.items()})
         return executor.Outcome(ActionStatus.SUCCEEDED, 0)
+
+    def _record_caches(self, rw: RunWorker, action_id: int, number: int, result: dict[str, Any]) -> None:
+        """What the worker restored and saved, shown as a local action's caches are (show, the run page)."""
+        from gitpipe.cache import use_from
+
+        reported = result.get("caches")
+        for d in reported if isinstance(reported, list) else []:
+            if isinstance(d, dict):
+                try:
+                    rw.store.record_cache_use(use_from(d, action_id, number))
+                except GitpipeError as exc:  # a full disk: the action's result matters more
+                    log.warning("run #%s: could not record a cache use: %s", rw.run.id, exc)
 
     def _clean(self, aid: str, spec: ActionSpec) -> None:
         try:
@@ -306,7 +319,10 @@ class Session:
             "outputs": [[name, list(globs)] for name, globs in self.spec.outputs],
             "timeout": max(1.0, self.deadline - time.time()),
             "network": self.rw.host.sandbox.network(self.rw.pipe.network, self.spec.network),
-            "protected": self.rw._protected(),  # its slots: never those of a feature branch (git.WorktreePool)
+            "protected": self.rw._protected(),  # its slots and caches: never a feature branch's
+            "run": self.rw.run.id, "action": f"{self.rw.pipe.stage_of(self.spec)}/{self.spec.name}",
+            "cache": [{"key": list(c.key), "paths": list(c.paths)} for c in self.spec.cache],
+            "secrets": bool(self.spec.secrets),  # an entry saved with secrets is never restored by a feature branch
         }
 
     def _follow(self, job: dict[str, Any]) -> executor.Outcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis
@@ -29,3 +30,29 @@ def workers(broker: str) -> list[dict[str, Any]]:
                          hint="is redis-server running there, and are the URL and password right?") from None
 
 
+
+
+def worker_caches(broker: str, repo: str | None = None) -> list[dict[str, Any]]:
+    """The build cache entries the live workers hold (each lists its own in its heartbeat), as
+    `gitpipe cache list --json` shows them, `where` = "worker"; least recently used first per worker."""
+    fields: dict[str, type | tuple[type, ...]] = {"id": str, "repo": str, "action": str, "key": str, "paths": list, "protected": bool, "host": str,
+              "size": int, "files": int, "created_at": str, "last_used_at": str, "run": (int, type(None))}
+    try:
+        r = channel.connect(broker)
+        names = [w.name for w in live_workers(r)]
+        raws = r.mget([channel.key("caches", n) for n in names]) if names else []
+    except redis.RedisError as exc:
+        raise UsageError(f"the broker {redact(broker)} cannot be reached: {exc}",
+                         hint="is redis-server running there, and are the URL and password right?") from None
+    out = []
+    for name, raw in zip(names, raws):
+        try:
+            listed = json.loads(raw) if raw else []
+        except ValueError:
+            continue
+        for d in listed if isinstance(listed, list) else []:
+            if not isinstance(d, dict) or not all(isinstance(d.get(k), t) for k, t in fields.items()):
+                continue  # not what a worker writes: left out
+            if repo is None or d["repo"] == repo:
+                out.append({**{k: d[k] for k in fields}, "host": name, "where": "worker"})
+    return out

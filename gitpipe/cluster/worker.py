@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +30,24 @@ import redis
 from celery import Celery
 
 from gitpipe import artifacts, executor, git, repos
+from gitpipe import cache as cache_mod
 from gitpipe import settings as settings_mod
 from gitpipe.cluster import channel
 from gitpipe.cluster.channel import redact
 from gitpipe.errors import GitpipeError, UsageError
 from gitpipe.intake import now_iso
 from gitpipe.masking import Masker
-from gitpipe.models import ActionStatus
+from gitpipe.models import ActionStatus, CacheSpec
 from gitpipe.sandbox import Confine, Sandbox
 from gitpipe.scheduler import _read_outputs
+from gitpipe.store import Store
 
 log = logging.getLogger("gitpipe")
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # as runs_on takes them (pipeline.py)
 SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 SEAL_WAIT = 30  # seconds a claimed attempt waits for its sealed secrets
 END_WAIT = 600  # seconds a finished attempt keeps trying to send its result to a broker that is away
+CACHE_LISTED = 1000  # cache entries a heartbeat lists (the most recently used)
 
 
 def make_app(broker: str) -> Celery:
@@ -107,12 +110,22 @@ class StreamLog:
 
 class WorkerHost:
     def __init__(self, broker: str, labels: list[str], slots: int, name: str, directory: Path,
-                 coordinator: str) -> None:
+                 coordinator: str, cache_max_size: int | None = None) -> None:
         self.coordinator = channel.coordinator_key(coordinator)
         self.ran = directory / "ran"  # `<aid> <expiry>` of every granted attempt run here: no replay
         self.broker, self.labels, self.slots, self.name, self.dir = broker, sorted(set(labels)), slots, name, directory
-        self.settings = settings_mod.load(directory, must_exist=False)  # its own [sandbox], if any
+        self.settings = settings_mod.load(directory, must_exist=False)  # its own [sandbox] and [cache], if any
+        if cache_max_size is not None:
+            self.settings = replace(self.settings, cache_max_size=cache_max_size)
         self.sandbox = Sandbox.for_host(self.settings)
+        # Its own build caches (SPEC section 14), kept in --dir and indexed in its own database
+        # there, under the same rules as the build host's: exact/warm/none, a protected run
+        # restores only what protected runs saved (the job's sealed `protected`), atomic saves, LRU.
+        self.store = Store(self.settings)
+        self.caches = cache_mod.Caches(self.settings, self.store, self.sandbox.uid, self.sandbox.gid,
+                                       userns=self.sandbox.bwrap is not None and self.sandbox.uid is None,
+                                       host=name)
+        self.caches.sweep()
         self.private = channel.load_private(directory / "worker.key")
         self.r = channel.connect(broker)
         self.running: dict[str, _Running] = {}
@@ -136,11 +149,13 @@ class WorkerHost:
             aids = list(self.running)
         info = {"name": self.name, "labels": self.labels, "slots": self.slots, "running": aids,
                 "heartbeat": now_iso(), "host": socket.gethostname(), "pid": os.getpid()}
+        held = [cache_mod.entry_json(e) for e in self.store.cache_entries()[-CACHE_LISTED:]]  # LRU first
         pipe = self.r.pipeline()
         pipe.set(channel.key("worker", self.name), json.dumps(info), ex=channel.HEARTBEAT_TTL)
+        pipe.set(channel.key("caches", self.name), json.dumps(held), ex=channel.HEARTBEAT_TTL)
         for aid in aids:
             pipe.get(channel.key("stop", aid))
-        stops = pipe.execute()[1:]
+        stops = pipe.execute()[2:]
         for aid, stop in zip(aids, stops):
             if stop:
                 self._stop(aid, ActionStatus(stop.decode()), "stopped by the coordinator")
@@ -254,24 +269,47 @@ class WorkerHost:
                 out_file = slot.root / "output"
                 box = Confine(key=f"w{aid}", home=slot.root / "home", tree=slot.tree, name=job["repo"],
                               output=out_file, readonly=(pool.objects,), network=job["network"])
-                token = uuid.uuid4().hex
-                launch = self.sandbox.launch(executor.bash(job["script"]), {**job["env"], **secrets}, box)
-                attempt = executor.start(launch, out, token)  # type: ignore[arg-type]
-                with self.lock:
-                    self.running[aid].attempt = attempt
-                    stop = self.running[aid].stop
-                if stop:
-                    attempt.stop(ActionStatus(stop), "stopped by the coordinator")
-                outcome = executor.wait(attempt, deadline)
-                result.update(status=outcome.status.value, exit_code=outcome.exit_code, message=outcome.message)
-                if outcome.status is ActionStatus.SUCCEEDED:
-                    result["outputs"] = self._upload(aid, job, slot.tree)
-                    result["values"] = {masker.mask(k): masker.mask(v) for k, v in _read_outputs(out_file).items()}
+                held = cache_mod.Held(slot.root / "overlay")
+                uses: list[tuple[cache_mod.Plan, Any]] = []
+                try:
+                    self.sandbox.prepare(box)  # before a restore: HOME made fresh, the tree handed over
+                    uses = self._restore(job, slot.tree, box.home, held, out)
+                    box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
+                    token = uuid.uuid4().hex
+                    launch = self.sandbox.launch(executor.bash(job["script"]), {**job["env"], **secrets}, box,
+                                                 prepared=True)
+                    attempt = executor.start(launch, out, token)  # type: ignore[arg-type]
+                    with self.lock:
+                        self.running[aid].attempt = attempt
+                        stop = self.running[aid].stop
+                    if stop:
+                        attempt.stop(ActionStatus(stop), "stopped by the coordinator")
+                    outcome = executor.wait(attempt, deadline)
+                    result.update(status=outcome.status.value, exit_code=outcome.exit_code, message=outcome.message)
+                    if outcome.status is ActionStatus.SUCCEEDED:
+                        result["outputs"] = self._upload(aid, job, slot.tree)
+                        result["values"] = {masker.mask(k): masker.mask(v) for k, v in _read_outputs(out_file).items()}
+                        self.sandbox.ended(box)  # no process of the attempt is left while its tree is saved
+                        protected, with_secrets = bool(job.get("protected")), bool(job.get("secrets"))
+                        uses = [(plan, self.caches.save(plan, use, int(job.get("run") or 0), protected, with_secrets,
+                                                        held, out.line)) for plan, use in uses]
+                finally:
+                    result["caches"] = [cache_mod.use_fields(use) for _plan, use in uses]
+                    self.caches.release(held)  # before the slot is free: its overlays go
                 out_file.unlink(missing_ok=True)
         except (GitpipeError, OSError, subprocess.CalledProcessError, redis.RedisError) as exc:
             result.update(status="failed", message=masker.mask(f"on worker {self.name}: {exc}"))
         out.close()
         return result
+
+    def _restore(self, job: dict[str, Any], tree: Path, home: Path, held: cache_mod.Held,
+                 out: StreamLog) -> list[tuple[cache_mod.Plan, Any]]:
+        """The job's caches restored from this worker's entries, as the build host restores its own."""
+        specs = tuple(CacheSpec(tuple(c["key"]), tuple(c["paths"])) for c in job.get("cache", []))
+        if not specs:
+            return []
+        plans = cache_mod.plans(specs, job["repo"], str(job.get("action")), tree, home)
+        return [(plan, self.caches.restore(plan, bool(job.get("protected")), held, out.line)) for plan in plans]
 
     def _fetch(self, job: dict[str, Any]) -> Path:
         """A bare mirror of the repo here, holding the run's commit (fetched with git when missing)."""
@@ -308,7 +346,7 @@ class WorkerHost:
 
 
 def serve(broker: str, labels: list[str], slots: int, name: str | None, directory: Path,
-          coordinator: str | None) -> None:
+          coordinator: str | None, cache_max_size: int | None = None) -> None:
     """Run the worker until SIGTERM (Celery's warm shutdown: running attempts finish)."""
     name = name or socket.gethostname()
     if slots < 1:
@@ -323,7 +361,7 @@ def serve(broker: str, labels: list[str], slots: int, name: str | None, director
                          hint="pass --coordinator-key KEY or set GITPIPE_COORDINATOR_KEY to what "
                               "`gitpipe workers --coordinator-key` prints on the build host")
     channel.coordinator_key(coordinator)  # not a key: said now
-    host = WorkerHost(broker, labels, slots, name, directory, coordinator)
+    host = WorkerHost(broker, labels, slots, name, directory, coordinator, cache_max_size)
     try:
         host.beat()
     except redis.RedisError as exc:
