@@ -146,3 +146,8 @@ class ArtifactError(GitpipeError):
     """A stored artifact cannot be handed out as recorded (corrupted or gone)."""
 
     exit_code = 1
+
+
+class IntakeRefused(Exception):
+    """A push the daemon's intake socket does not take (malformed, or of a repo it does not know);
+    never shown to a user: the hook then records the push itself, as without a daemon."""

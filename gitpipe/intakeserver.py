@@ -37,7 +37,7 @@ from typing import Any
 
 from gitpipe import git, hookmain, intake, queue
 from gitpipe.control import peer_uid
-from gitpipe.errors import UsageError
+from gitpipe.errors import IntakeRefused, UsageError
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 
@@ -51,10 +51,6 @@ KEYS_KEPT = 86400.0  # seconds a push's key is kept (its hook ended long before)
 PRUNE_EVERY = 1000  # pushes
 PIPELINES_KEPT = 64  # validated pipeline texts kept in memory
 HEX = frozenset("0123456789abcdef")
-
-
-class Refused(Exception):
-    """A request this daemon does not take; the hook records the push itself."""
 
 
 @dataclass(frozen=True)
@@ -150,9 +146,9 @@ class IntakeServer:
         try:
             uid = peer_uid(conn)
             if uid not in (os.geteuid(), 0):
-                raise Refused(f"a process of uid {uid} is not the daemon's user")
+                raise IntakeRefused(f"a process of uid {uid} is not the daemon's user")
             return self.take(*parse(_read_all(conn)))
-        except Refused as exc:
+        except IntakeRefused as exc:
             log.warning("intake: refused a push: %s", exc)
             return Answer(False, [f"gitpipe: the daemon refused the push ({exc}); recording it here"])
         except Exception as exc:  # the database (a full disk), a bug: the Python hook records it
@@ -182,7 +178,7 @@ class IntakeServer:
         try:
             return self.store.repo_path(repo)
         except UsageError:
-            raise Refused(f'repo "{repo}" is not registered') from None
+            raise IntakeRefused(f'repo "{repo}" is not registered') from None
 
     def _prune(self) -> None:
         try:
@@ -248,18 +244,18 @@ class DaemonReader(hookmain.Reader):
 
 
 def parse(data: bytes) -> tuple[str, int, int, str, str]:
-    """(repo, receive-pack pid, hook pid, pusher, ref lines) of a request; Refused when it is not one."""
+    """(repo, receive-pack pid, hook pid, pusher, ref lines) of a request; IntakeRefused when it is not one."""
     head, newline, body = data.partition(b"\n")
     if not newline or not head.startswith(MAGIC):
-        raise Refused("not a gitpipe-push request")
+        raise IntakeRefused("not a gitpipe-push request")
     fields = head[len(MAGIC):].split(b" ")
     if len(fields) != 4 or not fields[1].isdigit() or not fields[2].isdigit():
-        raise Refused("a malformed request line")
+        raise IntakeRefused("a malformed request line")
     try:
         repo = fields[0].decode("ascii")
         who = bytes.fromhex(fields[3].decode("ascii")).decode("utf-8", "replace")[:200]
     except ValueError:
-        raise Refused("a malformed request line") from None
+        raise IntakeRefused("a malformed request line") from None
     text = body.decode("utf-8", "replace")
     for line in text.split("\n"):
         if line:
@@ -270,13 +266,13 @@ def parse(data: bytes) -> tuple[str, int, int, str, str]:
 def _check_update(line: str) -> None:
     parts = line.split(" ")
     if len(parts) != 3:
-        raise Refused(f"not an `old new ref` line: {line[:100]!r}")
+        raise IntakeRefused(f"not an `old new ref` line: {line[:100]!r}")
     old, new, ref = parts
     for sha in (old, new):
         if len(sha) not in (40, 64) or not set(sha) <= HEX:
-            raise Refused(f"not an object id: {sha[:70]!r}")
+            raise IntakeRefused(f"not an object id: {sha[:70]!r}")
     if not ref.startswith("refs/") or any(ord(c) < 0x20 or c == "\x7f" for c in ref):
-        raise Refused(f"not a ref name: {ref[:100]!r}")
+        raise IntakeRefused(f"not a ref name: {ref[:100]!r}")
 
 
 def _read_all(conn: socket.socket) -> bytes:
@@ -286,7 +282,7 @@ def _read_all(conn: socket.socket) -> bytes:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise Refused(f"no whole request within {READ_TIMEOUT:g} s")
+            raise IntakeRefused(f"no whole request within {READ_TIMEOUT:g} s")
         conn.settimeout(left)
         chunk = conn.recv(65536)
         if not chunk:
@@ -294,7 +290,7 @@ def _read_all(conn: socket.socket) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
         if size > MAX_REQUEST:
-            raise Refused(f"a request longer than {MAX_REQUEST} bytes")
+            raise IntakeRefused(f"a request longer than {MAX_REQUEST} bytes")
 
 
 def _listen(home: Path, name: str) -> socket.socket:
