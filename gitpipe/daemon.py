@@ -31,7 +31,7 @@ from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
 from gitpipe.models import ActionStatus, Event, RunStatus, short_ref
 from gitpipe.notify import Notifier
-from gitpipe.report import Reporter
+from gitpipe.report.child import ChildReporter
 from gitpipe.sandbox import Sandbox
 from gitpipe.scheduler import Host, RunWorker
 from gitpipe.schedules import Scheduler
@@ -119,7 +119,7 @@ class Daemon:
         self.notifier = Notifier(self.settings, self.store, sandbox)
         if self.notify:
             self.store.listeners.append(self.notifier.on_event)
-        self.reporter = Reporter(self.settings, self.store, background=True)
+        self.reporter = ChildReporter(self.settings, self.store)  # renders in a child: no jinja2 when idle
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
         self.events_seen = self.events_saved = self._events_seen_before()

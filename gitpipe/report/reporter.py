@@ -63,13 +63,15 @@ def _changes_listings(event: Event) -> bool:
 class Reporter:
     """Renders the static report site under `settings.site_dir` from the store."""
 
-    def __init__(self, settings: Settings, store: Store, *, background: bool = False) -> None:
+    def __init__(self, settings: Settings, store: Store, *, background: bool = False,
+                 compiled: Path | None = None) -> None:
         """`background`: render in a thread of the reporter's own, so the thread that changed a
-        run's state (an action finishing) never waits for pages (the daemon uses this)."""
+        run's state (an action finishing) never waits for pages (the daemon uses this).
+        `compiled`: where to keep the compiled templates between processes (see Renderer)."""
         self.settings = settings
         self.store = store
         self.site = Path(settings.site_dir)
-        self.renderer = Renderer()
+        self.renderer = Renderer(compiled)
         self.logs = LogReader()
         self.count = listing.Counter(store)
         self._lock = threading.Lock()  # guards the dirty marks and the live thread handle
