@@ -36,6 +36,7 @@ log = logging.getLogger("gitpipe")
 # Seconds without an event and without a running run before the child is let go: runs a few
 # seconds apart share one child (a child per run of 20 `true` actions cost 9 ms per action).
 QUIET = 10.0
+STOP_WAIT = 30  # seconds the daemon waits, when it stops, for the child's last pages
 COMPILED = "report-templates"  # in the home: the compiled templates, kept for the next child
 
 
@@ -113,7 +114,12 @@ class ChildReporter:
             self._child = self._ending = None
         for child in children:
             _close(child)
-            child.wait()
+            try:
+                child.wait(timeout=STOP_WAIT)
+            except subprocess.TimeoutExpired:  # stuck (a site on a hung mount): `gitpipe report` redoes it
+                log.warning("report: the rendering process did not end in %d s; stopped it", STOP_WAIT)
+                child.kill()
+                child.wait()
 
 
 def _close(child: subprocess.Popen[bytes]) -> None:
