@@ -10,10 +10,12 @@ The daemon closes the pipe once QUIET seconds pass with no event and no run runn
 the child renders what is still marked and exits.
 
 Measured (issue 11): jinja2, the compiled templates and what rendering leaves allocated
-kept 6-8 MB in the daemon for good after its first run. The cost: each busy spell starts
-a child (about 0.1 s of CPU to import, 0.1 s to compile the templates on the first page),
-and the first page of a spell appears that much later. Rendering also leaves the daemon's
-GIL, so it no longer delays the action threads.
+kept ~10 MB in the daemon for good after its first run (34 MB idle; 24 MB now). The cost:
+each busy spell starts a child (0.15-0.25 s of CPU: the imports, and the compiled templates
+read from COMPILED in the home), the first page of a spell appears that much later, and
+while the child lives it holds ~31 MB of its own. Rendering also leaves the daemon's GIL.
+A weak spot: the child's start (a fork and exec, a few ms) happens in the thread whose
+event comes first after a quiet spell, usually the daemon's loop hearing of a push.
 """
 
 from __future__ import annotations
