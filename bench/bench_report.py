@@ -1,7 +1,7 @@
 """Report site benchmarks (issue: the static report site). Prints comparison tables.
 
     python bench/bench_report.py            # everything (a few minutes)
-    python bench/bench_report.py update     # one part: update | full | biglog
+    python bench/bench_report.py update     # one part: update | full | biglog | events | child
 
 - update: the site's update after one more run finishes (Reporter.on_event of the final
           event: its run page, the repo index, the top index, an archived page when a
@@ -10,6 +10,12 @@
 - full:   `gitpipe report` (Reporter.render_all) of a 10,000-run history, per 1,000 runs.
 - biglog: the run page of an action whose log has 200,000 lines (about 20 MB): page size
           (goal: under 1 MB) and render time, first and again.
+- events: what the events of one run of 20 one-action stages cost the report (issue 11), each
+          event rendered as it comes (no coalescing: the daemon's window only lowers this):
+          CPU ms and pages written per action.
+- child:  the daemon's rendering process (report.child): from the first event of a quiet
+          daemon to its run page on disk, and the child's CPU for that run, median of 5 (each
+          a new child); beside it the same run rendered in this process once warm.
 
 The histories are written straight into the database (one transaction, like many runs
 of a four-action pipeline had passed), each attempt with a 30-line log file.
@@ -35,7 +41,7 @@ from gitpipe import api  # noqa: E402
 from gitpipe import settings as settings_mod
 from gitpipe.models import ActionSpec, ActionStatus, Event, Pipeline, RunStatus, StageSpec, TriggerSpec  # noqa: E402
 from gitpipe.queue import NewRun  # noqa: E402
-from gitpipe.report import Reporter  # noqa: E402
+from gitpipe.report import Reporter, files  # noqa: E402
 from gitpipe.store import Store  # noqa: E402
 
 REPEAT = 20
@@ -177,11 +183,119 @@ def bench_biglog() -> None:
           ])
 
 
+ACTIONS = 20
+
+
+def twenty_actions(conf: settings_mod.Settings, store: Store) -> int:
+    """A run of ACTIONS one-action stages through the store's transitions (each sends its events)."""
+    run_id = store.create_runs([NewRun("shop", "shop", "refs/heads/main", uuid.uuid4().hex, "push", "")])[0]
+    pipe = Pipeline("shop", None, TriggerSpec(), (), tuple(
+        StageSpec(f"s{k}", 1, (ActionSpec(f"a{k}", 1, run="true"),)) for k in range(ACTIONS)))
+    store.start_run(run_id, pipe, None, "Alice <alice@example.com>", "Twenty actions")
+    for s_idx in range(ACTIONS):
+        store.set_stage(run_id, s_idx, ActionStatus.RUNNING)
+        [act] = store.actions_of_stage(run_id, s_idx)
+        path = conf.logs_dir / str(run_id) / f"{act.id}-{act.name}.1.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.start_attempt(act.id, None, str(path), "t")
+        path.write_text(LOG)
+        store.finish_attempt(act.id, 1, ActionStatus.SUCCEEDED, 0)
+        store.set_action(act.id, ActionStatus.SUCCEEDED, exit_code=0)
+        store.set_stage(run_id, s_idx, ActionStatus.SUCCEEDED)
+    store.finish_run(run_id, RunStatus.SUCCEEDED)
+    return run_id
+
+
+def bench_events() -> None:
+    """The report's CPU and page writes for a run's events: every page on every event (as before
+    issue 11), only the pages an event changes (now), and the store's transitions alone."""
+    from gitpipe.report import reporter as reporter_mod
+
+    changes = reporter_mod._changes_listings
+    written = [0]
+    write = files.write_atomic
+
+    def counted(path: Path, text: str) -> None:
+        written[0] += 1
+        write(path, text)
+
+    files.write_atomic = counted  # type: ignore[assignment]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, listen, every in (("store alone (no report)", False, False),
+                                    ("every page on every event (before)", True, True),
+                                    ("the pages an event changes (now)", True, False)):
+            conf, store = home(Path(tmp) / name.split()[0])
+            fill(conf, store, 100)
+            reporter = Reporter(conf, store)
+            reporter.render_all()
+            reporter_mod._changes_listings = (lambda e: True) if every else changes  # type: ignore[assignment]
+            if listen:
+                store.listeners.append(reporter.on_event)
+            cpu, pages = [], []
+            for _ in range(5):
+                written[0] = 0
+                t = time.thread_time()
+                twenty_actions(conf, store)
+                cpu.append((time.thread_time() - t) / ACTIONS)
+                pages.append(written[0] / ACTIONS)
+            rows.append((name, ms(median(cpu)), f"{median(pages):.1f}", ""))
+            reporter.close()
+            store.close()
+    reporter_mod._changes_listings = changes  # type: ignore[assignment]
+    files.write_atomic = write  # type: ignore[assignment]
+    print(f"\na run of {ACTIONS} one-action stages, each event rendered as it comes (no coalescing), median of 5 runs")
+    print("| the report renders | CPU per action | pages written per action |\n| --- | --- | --- |")
+    for name, cpu_ms, per, _ in rows:
+        print(f"| {name} | {cpu_ms} | {per} |")
+
+
+def bench_child() -> None:
+    import resource
+
+    from gitpipe.report import child
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conf, store = home(Path(tmp))
+        fill(conf, store, 100)
+        Reporter(conf, store).render_all()
+        waits, cpus = [], []
+        for _ in range(5):
+            sender = child.ChildReporter(conf, store)
+            store.listeners.append(sender.on_event)
+            used = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            run_id = store.create_runs([NewRun("shop", "shop", "refs/heads/main", uuid.uuid4().hex, "push", "")])[0]
+            page = conf.site_dir / "shop" / "runs" / f"{run_id}.html"
+            while not page.exists():
+                time.sleep(0.001)
+            waits.append(time.perf_counter() - t)
+            sender.close()
+            store.listeners.remove(sender.on_event)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus.append(after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime)
+        warm = Reporter(conf, store)
+        warm.render_all()
+        run_id = store.create_runs([NewRun("shop", "shop", "refs/heads/main", uuid.uuid4().hex, "push", "")])[0]
+        inside = timed(lambda: warm.on_event(Event(run_id, "run", "queued")))
+        warm.close()
+        store.close()
+    table("a quiet daemon's first event: the run page on disk (median of 5, a new child each)", [
+        ("in a new child (start, imports, compiled templates read)", ms(median(waits)), ms(inside),
+         f"{median(waits) / inside:.1f} (baseline: in-process, warm)"),
+        ("the child's CPU (its whole life)", ms(median(cpus)), "", ""),
+    ])
+
+
 def main(argv: list[str]) -> None:
-    parts = set(argv or ["update", "full", "biglog"])
-    unknown = parts - {"update", "full", "biglog"}
+    parts = set(argv or ["update", "full", "biglog", "events", "child"])
+    unknown = parts - {"update", "full", "biglog", "events", "child"}
     if unknown:
-        sys.exit(f"unknown part(s): {', '.join(sorted(unknown))} (parts: update, full, biglog)")
+        sys.exit(f"unknown part(s): {', '.join(sorted(unknown))} (parts: update, full, biglog, events, child)")
+    if "events" in parts:
+        bench_events()
+    if "child" in parts:
+        bench_child()
     if parts & {"update", "full"}:
         bench_update_and_full(parts)
     if "biglog" in parts:

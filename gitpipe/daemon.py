@@ -33,7 +33,7 @@ from gitpipe.intakeserver import IntakeServer, older_hooks, record_once
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
 from gitpipe.refs import short_ref
-from gitpipe.report import Reporter
+from gitpipe.report.child import ChildReporter
 from gitpipe.sandbox import Sandbox
 from gitpipe.scheduler import Host, RunWorker
 from gitpipe.schedules import CronTrigger
@@ -121,7 +121,7 @@ class Daemon:
         self.notifier = Notifier(self.settings, self.store, sandbox)
         if self.notify:
             self.store.listeners.append(self.notifier.on_event)
-        self.reporter = Reporter(self.settings, self.store, background=True)
+        self.reporter = ChildReporter(self.settings, self.store)  # renders in a child: no jinja2 when idle
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
         self.events_seen = self.events_saved = self._events_seen_before()

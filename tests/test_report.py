@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,10 +33,11 @@ from gitpipe.models import (
     TriggerSpec,
 )
 from gitpipe.queue import NewRun
-from gitpipe.report import Reporter, charts, data, files, listing, logview, render, run_url
+from gitpipe.report import Reporter, charts, child, data, files, listing, logview, render, run_url
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 from tests import browser as chromium
+from tests.helpers import Home, wait_for
 
 HOSTILE = "<img src=x onerror=\"document.title='PWNED'\"><script>document.title='PWNED'</script>"
 HOSTILE_BRANCH = "feature/<svg onload=document.title='PWNED'>"
@@ -421,6 +425,79 @@ def test_on_event_renders_only_what_changed(history: History) -> None:
     assert archived.stat().st_mtime_ns != before[archived]
     assert not list(site.rglob(".*.tmp"))  # atomic writes leave no temporary files
     rep.close()
+
+
+def test_an_action_changes_its_run_page_and_not_the_listings(history: History) -> None:
+    rep = reporter_for(history)
+    run_id = history.run("shop", [("build", [Act("wheel"), Act("lint", "failed")])], "running")
+    rep.on_event(Event.of_run(run_id, "running"))
+    site = history.settings.site_dir
+    page, listings = site / "shop" / "runs" / f"{run_id}.html", [site / "index.html", site / "shop" / "index.html"]
+    before = {p: p.stat().st_ino for p in [page, *listings]}  # each write renames a new file in
+    wheel, lint = history.store.actions(run_id)
+    rep.on_event(Event.of_action(run_id, wheel.id, "succeeded"))
+    assert page.stat().st_ino != before[page]
+    assert [p.stat().st_ino for p in listings] == [before[p] for p in listings]
+    rep.on_event(Event.of_action(run_id, lint.id, "failed"))  # the listings count allowed failures
+    assert all(p.stat().st_ino != before[p] for p in listings)
+    rep.close()
+
+
+def test_the_daemon_renders_in_a_child_that_ends_when_quiet(history: History,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(child, "QUIET", 0.2)
+    sender = child.ChildReporter(history.settings, history.store)
+    history.store.listeners.append(sender.on_event)
+    first = history.run("shop", [("build", [Act("wheel")])])  # its events go down the pipe
+    page = history.settings.site_dir / "shop" / "runs" / f"{first}.html"
+    wait_for(page.exists, 60, what="the run page, rendered by the child")
+    proc = sender._child or sender._ending
+    assert proc is not None and proc.args[1:3] == ["-m", "gitpipe.report.child"]
+    wait_for(lambda: proc.poll() is not None, 60, what="the child to end once quiet")
+    assert proc.returncode == 0 and sender._child is None
+    assert (history.settings.home / child.COMPILED).is_dir()  # the templates, compiled once
+    second = history.run("shop", [("build", [Act("wheel", "failed")])], "failed")  # a new child
+    index = history.settings.site_dir / "shop" / "index.html"
+    wait_for(lambda: f"runs/{second}.html" in index.read_text(), 60, what="the repo page to list the new run")
+    sender.close()
+    assert sender._child is None and all(p.poll() is not None for p in [proc])
+
+
+def test_a_killed_rendering_child_is_started_again(history: History) -> None:
+    sender = child.ChildReporter(history.settings, history.store)
+    history.store.listeners.append(sender.on_event)
+    first = history.run("shop", [("build", [Act("wheel")])])
+    wait_for((history.settings.site_dir / "shop" / "runs" / f"{first}.html").exists, 60, what="the first run page")
+    proc = sender._child
+    assert proc is not None
+    proc.kill()
+    proc.wait()
+    second = history.run("shop", [("build", [Act("wheel")])])
+    wait_for((history.settings.site_dir / "shop" / "runs" / f"{second}.html").exists, 60, what="the second run page")
+    assert sender._child is not None and sender._child.pid != proc.pid
+    sender.close()
+
+
+BURST_DAEMON = """
+import json, sys
+from gitpipe import settings
+from gitpipe.daemon import Daemon
+Daemon(settings.load(sys.argv[1]), burst=True).serve()
+print(json.dumps(sorted(m for m in ("jinja2", "_hashlib") if m in sys.modules)))
+"""
+
+
+def test_a_daemon_that_ran_a_pipeline_holds_no_jinja2(home: Home) -> None:
+    """The pages of the run are there when the daemon stops, rendered by its child process."""
+    repo = home.add_repo("app")
+    home.push(repo, {".pipeline.toml": '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n'})
+    out = subprocess.run([sys.executable, "-c", BURST_DAEMON, str(home.home)], env=home.env(),
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    [run] = home.runs()
+    assert run["status"] == "succeeded"
+    page = home.home / "site" / "app" / "runs" / f"{run['id']}.html"
+    assert "succeeded" in page.read_text() and f"runs/{run['id']}.html" in (home.home / "site" / "index.html").read_text()
 
 
 def test_a_filling_block_becomes_an_archived_page(history: History) -> None:

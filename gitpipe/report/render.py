@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from markupsafe import Markup
@@ -18,15 +19,21 @@ CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; script-src '
 REFRESH = 5  # seconds between reloads of a page that shows unfinished runs
 
 
-def environment() -> jinja2.Environment:
+def environment(compiled: Path | None = None) -> jinja2.Environment:
     """The template environment: autoescape for every template, undefined names are errors, and
-    every value printed without its escape sequences and control characters (`_plain`)."""
+    every value printed without its escape sequences and control characters (`_plain`).
+    `compiled`: a folder keeping the compiled templates between processes (jinja2 checks each
+    against its source), for the daemon's short-lived rendering process (report.child)."""
     import jinja2  # ~10 MB and ~17 ms: loaded when the first page is rendered, not by an idle daemon
 
+    cache = None
+    if compiled is not None:
+        compiled.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cache = jinja2.FileSystemBytecodeCache(str(compiled))  # first page 90 -> 20 ms (issue 11)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resources.folder("templates"))),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-        finalize=_plain)
+        finalize=_plain, bytecode_cache=cache)
     env.filters.update(duration=fmt.duration, when=fmt.when, size=fmt.size)
     env.globals.update(csp=CSP, refresh=REFRESH, version=__version__)
     return env
@@ -44,13 +51,14 @@ def _plain(value: Any) -> Any:
 class Renderer:
     """Renders the named templates; one per Reporter (jinja caches the compiled templates)."""
 
-    def __init__(self) -> None:
+    def __init__(self, compiled: Path | None = None) -> None:
         self._env: jinja2.Environment | None = None
+        self._compiled = compiled
 
     @property
     def env(self) -> jinja2.Environment:
         if self._env is None:
-            self._env = environment()
+            self._env = environment(self._compiled)
         return self._env
 
     def page(self, template: str, root: str, **context: Any) -> str:

@@ -2,10 +2,19 @@
 
 `on_event` is a store listener: it runs on the thread that changed the state, so it
 only marks the run dirty and, unless another thread is rendering already (that one
-will pick the mark up), renders the dirty runs' pages: the run's page, its repo's
-index (and the archived page holding it, if any), the top index, and the
-environments page when the run deploys. Logs grow without state changes, so while
-runs are active a small thread re-renders the pages whose logs grew.
+will pick the mark up), renders the pages the event changed. Every event changes the
+run's page; only a run's own change of status (queued, running, waiting, finished), a
+decision on an approval, a release, or an action failing (the listings count allowed
+failures) changes the listings too: the repo's index (and the archived page holding
+the run), the top index, the branch's badge, and the environments page when the run
+deploys. Logs grow without state changes, so while runs are active a small thread
+re-renders the pages whose logs grew.
+
+In the daemon (`background=True`) a thread of the reporter's own renders, and it
+coalesces: a run's change of status is rendered at once, but actions and stages
+starting and finishing are rendered at most once per LIVE_GAP. A live run's page reloads
+itself every render.REFRESH seconds, longer than that window, so what a reader sees is
+the same; a run of short actions no longer pays for a render after each one.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from gitpipe import git, trust
@@ -31,6 +41,12 @@ LIVE_INTERVAL = 2.0  # seconds between checks of growing logs
 # Without it a run of short actions re-rendered its pages after each one, and the pages cost the
 # daemon more CPU than the actions (measured, issue 11: 55% of its busy samples for 20 `true`s).
 RENDER_GAP = 0.25
+# Seconds at least between two renders of what actions and stages changed (a run's page): shorter
+# than render.REFRESH, the period a live run page reloads itself at, so a reader sees no difference.
+# The renders of 20 `true` actions fell from about 8 to 3 per run (issue 11).
+LIVE_GAP = 1.0
+# Action statuses that change the listings too (their count of allowed failures).
+LISTED_ACTION = frozenset({"failed", "timed-out"})
 
 
 def run_url(settings: Settings, repo: str, run_id: int) -> str:
@@ -38,27 +54,39 @@ def run_url(settings: Settings, repo: str, run_id: int) -> str:
     return files.run_href(repo, run_id)
 
 
+def _changes_listings(event: Event) -> bool:
+    """Whether the event changes what the listings show of its run (else only its own page)."""
+    if event.kind in (EventKind.STAGE, EventKind.ACTION):
+        return event.kind is EventKind.ACTION and event.status in LISTED_ACTION
+    return True
+
+
 class Reporter:
     """Renders the static report site under `settings.site_dir` from the store."""
 
-    def __init__(self, settings: Settings, store: Store, *, background: bool = False) -> None:
+    def __init__(self, settings: Settings, store: Store, *, background: bool = False,
+                 compiled: Path | None = None) -> None:
         """`background`: render in a thread of the reporter's own, so the thread that changed a
-        run's state (an action finishing) never waits for pages (the daemon uses this)."""
+        run's state (an action finishing) never waits for pages (the daemon uses this).
+        `compiled`: where to keep the compiled templates between processes (see Renderer)."""
         self.settings = settings
         self.store = store
         self.site = Path(settings.site_dir)
-        self.renderer = Renderer()
+        self.renderer = Renderer(compiled)
         self.logs = LogReader()
         self.count = listing.Counter(store)
         self._lock = threading.Lock()  # guards the dirty marks and the live thread handle
         self._busy = threading.Lock()  # held by the thread that renders
-        self._dirty: set[int] = set()
+        self._dirty: set[int] = set()  # runs whose page to render
+        self._listed: set[int] = set()  # runs whose listings (repo pages, index, badge) to render too
         self._deploys: set[int] = set()
         self._assets = False
         self._live: threading.Thread | None = None
         self._stop = threading.Event()
         self._seen: dict[int, int] = {}  # run id -> bytes of its logs when its page was rendered
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # something is marked
+        self._urgent = threading.Event()  # a run's status is among the marks: render now
+        self._last = 0.0  # time.monotonic() of the last render of the rendering thread
         self._renderer_thread: threading.Thread | None = None
         if background:
             self._renderer_thread = threading.Thread(target=self._render_loop, name="report", daemon=True)
@@ -68,11 +96,16 @@ class Reporter:
     def on_event(self, event: Event) -> None:
         """Mark the event's run dirty and render what changed (never raises)."""
         try:
+            listed = _changes_listings(event)
             with self._lock:
                 self._dirty.add(event.run_id)
+                if listed:
+                    self._listed.add(event.run_id)
                 if event.kind is EventKind.RELEASE:  # the environments page changes too
                     self._deploys.add(event.run_id)
             if self._renderer_thread is not None:
+                if listed:
+                    self._urgent.set()
                 self._wake.set()  # a burst of events becomes one render
             else:
                 self._drain()
@@ -92,21 +125,24 @@ class Reporter:
                 if not self._dirty:
                     return
 
-    def _take(self) -> tuple[set[int], set[int]] | None:
+    def _take(self) -> tuple[set[int], set[int], set[int]] | None:
         with self._lock:
             if not self._dirty:
                 return None
-            batch = (self._dirty, self._deploys)
-            self._dirty, self._deploys = set(), set()
+            batch = (self._dirty, self._listed, self._deploys)
+            self._dirty, self._listed, self._deploys = set(), set(), set()
             return batch
 
-    def _update(self, run_ids: set[int], deploys: set[int]) -> None:
+    def _update(self, run_ids: set[int], listed: set[int], deploys: set[int]) -> None:
+        """Render the pages of `run_ids`; the listings only for `listed` and `deploys`."""
         self._ensure_assets()
         repos = self._repos_of(run_ids | deploys)
         touched: dict[str, list[int]] = {}
         badges: set[tuple[str, str]] = set()
         for run_id in sorted(i for i in run_ids if i in repos):
             page = self._render_run(run_id)
+            if run_id not in listed:
+                continue  # an action or a stage changed: the run's page shows it, the listings do not
             touched.setdefault(page.run.repo, []).append(run_id)
             if any(a.type == "deploy" for s in page.stages for a in s.actions):
                 deploys.add(run_id)
@@ -118,7 +154,8 @@ class Reporter:
             self._render_repo(repo, ids)
         for repo in self._deploy_repos(deploys, repos):
             self._render_environments(repo)
-        self._render_index()
+        if touched or deploys:
+            self._render_index()
         self._start_live()
 
     def _repos_of(self, run_ids: set[int]) -> dict[int, str]:
@@ -202,9 +239,9 @@ class Reporter:
         last = self.store.last_finished(repo, f"refs/heads/{branch}")
         svg = self.renderer.page("badge.svg", "", b=badge.badge(last.pipeline if last else repo,
                                                                last.status.value if last else None))
-        files.write_atomic(self.site / badge.href(repo, branch), svg)
+        files.write_if_changed(self.site / badge.href(repo, branch), svg)  # most runs keep the colour
         if branch == self._default_branch(repo):
-            files.write_atomic(self.site / badge.href(repo, None), svg)
+            files.write_if_changed(self.site / badge.href(repo, None), svg)
 
     def _render_badges(self, repo: str) -> int:
         """Every branch's badge and the default branch's (`gitpipe report`)."""
@@ -311,11 +348,19 @@ class Reporter:
     def _render_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait()
+            # Actions and stages wait for the window to close; a run's change of status does not.
+            while not self._stop.is_set() and not self._urgent.is_set():
+                left = self._last + LIVE_GAP - time.monotonic()
+                if left <= 0:
+                    break
+                self._urgent.wait(left)
             self._wake.clear()
+            self._urgent.clear()
             try:
                 self._drain()
             except Exception:  # the report must never take the daemon down
                 log.exception("report: could not render pages")
+            self._last = time.monotonic()
             self._stop.wait(RENDER_GAP)
 
     def close(self) -> None:
@@ -323,6 +368,7 @@ class Reporter:
         self._stop.set()
         if self._renderer_thread is not None:
             self._wake.set()
+            self._urgent.set()
             self._renderer_thread.join()
             try:
                 self._drain()
