@@ -346,11 +346,22 @@ def terminate(cage: Cage, grace: float, spare: int | None) -> None:
 
 
 def kill_token(token: str) -> int:
-    """After a crash: kill every leftover process of an attempt; returns how many there were."""
-    pids = processes_of(-1, token)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return len(pids)
+    """After a crash: kill every leftover process of an attempt; returns how many there were.
+
+    A process in the middle of an execve shows an empty environment for a moment, so one scan
+    can miss it: the scans go on, 10 ms apart, until two in a row find nothing new.
+    """
+    killed: set[int] = set()
+    quiet = 0
+    while quiet < 2:
+        pids = processes_of(-1, token) - killed
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        killed |= pids
+        quiet = 0 if pids else quiet + 1
+        if quiet < 2:
+            time.sleep(0.01)
+    return len(killed)
