@@ -660,6 +660,48 @@ def test_a_feature_branch_cannot_approve_cancel_or_start_runs(world: World) -> N
     assert (world.out / "shipped").exists()
 
 
+# ---------------------------------------------------------------------------- attack: the intake socket
+
+INTAKE_FORGER = r"""
+[[stage]]
+name = "attack"
+  [[stage.action]]
+  name = "forge"
+  run = '''
+    set +e +o pipefail
+    sha=$(git rev-parse HEAD)
+    req=$(printf 'gitpipe-push 1 shop 1 1 %s\n%s %s refs/heads/main\n' 6576696c 0000000000000000000000000000000000000000 "$sha")
+    {
+      ls -la "$GP_HOME" "$GP_HOME/intake.sock"
+      find / -xdev -name intake.sock 2>/dev/null
+      for sock in "$GP_HOME/intake.sock" "/proc/$DAEMON_PID/root$GP_HOME/intake.sock" "/proc/$DAEMON_PID/cwd/intake.sock"; do
+        python3 -c "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode() + b'\n'); s.shutdown(1); print('ANSWER', s.recv(4096))" "$sock" "$req"
+      done
+      # The abstract namespace (the host's when the network is open): the daemon never listens there.
+      python3 -c "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect('\0' + sys.argv[1]); print('ANSWER abstract')" "$GP_HOME/intake.sock"
+    } > "$OUT/intake.txt" 2>&1
+    touch "$OUT/intake-done"
+  '''
+"""
+
+
+@users
+def test_a_feature_branch_cannot_reach_the_intake_socket(world: World) -> None:
+    """A pushed script tries the daemon's intake.sock (by the home's path, through /proc of the daemon,
+    in the abstract namespace) with a forged push of main at its own commit: no run is recorded."""
+    home = world.home
+    with home.daemon() as daemon:
+        main_id = world.push('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n', "main")
+        home.wait_run(main_id)
+        assert (home.home / "intake.sock").exists(), "the daemon listens on its intake socket"
+        attack_id = world.push(INTAKE_FORGER, "feature", DAEMON_PID=daemon.pid)
+        wait_for(lambda: (world.out / "intake-done").exists(), 60, 0.1, "the attack to run")
+        home.wait_run(attack_id)
+        said = (world.out / "intake.txt").read_text()
+        assert "ANSWER" not in said, said
+        assert [r[0] for r in runs_in_db(home)] == [main_id, attack_id], said  # no forged run of main
+
+
 # ---------------------------------------------------------------------------- attack: HOME dotfiles
 
 PLANTER = r"""
