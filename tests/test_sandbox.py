@@ -32,6 +32,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import site
 import socket
 import sqlite3
@@ -1111,6 +1112,54 @@ def test_a_held_bwrap_runs_nothing_until_all_of_it_is_in_the_cgroup(tmp_path: Pa
         assert not (slot / "tree" / "ran").exists()
     finally:
         sandbox.close()
+
+
+CRASHED_DAEMON = r"""
+import json, os, signal, subprocess, sys
+from pathlib import Path
+from gitpipe import sandbox as sandbox_module, settings
+
+home, slot = sys.argv[1], Path(sys.argv[2])
+
+
+def crash(group, pid):  # the daemon dies between bwrap's start and the cgroup move
+    ppid = [line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("PPid:")]
+    (slot / "pids").write_text(json.dumps([pid, int(ppid[0])]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+sandbox_module._admit = crash
+sandbox = sandbox_module.Sandbox.for_host(settings.load(home))
+box = sandbox_module.Confine(key="crash", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+script = "touch ran; setsid sh -c '(sleep 2; touch escaped) &' ; sleep 2; touch waited"
+sandbox.launch(["bash", "-c", script], {}, box).popen(stdin=subprocess.DEVNULL)
+"""
+
+
+def test_a_daemon_killed_before_the_cgroup_move_leaves_no_sandbox_running(tmp_path: Path) -> None:
+    """The crash window of the held start: the daemon is SIGKILLed after bwrap made its sandbox's
+    process and before moving it into the attempt's group. bwrap takes an EOF on its block-fd for a
+    go (and outlives its parent here): the script, a setsid'd grandchild with it, then ran to its end
+    outside the group. It holds the write end too now, so it stays blocked and runs nothing."""
+    if not IS_ROOT:
+        pytest.skip("cgroup hierarchies are root's on this host (see the module's docstring)")
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    slot = tmp_path / "slot"
+    (slot / "tree").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-c", CRASHED_DAEMON, str(home.home), str(slot)], check=False,
+                          stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    pids = json.loads((slot / "pids").read_text())
+    try:
+        time.sleep(3)  # what the script (and its setsid'd grandchild) would have written by now
+        assert sorted(p.name for p in (slot / "tree").iterdir()) == []  # it never ran
+    finally:
+        for pid in pids:  # what the next daemon kills by the attempt's token (executor.kill_token)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # ---------------------------------------------------------------------------- network
