@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import Home, git, pipeline
 
-from gitpipe import hookmain, intake, queue, settings, triggers
+from gitpipe import hookmain, intake, intakeserver, queue, settings, triggers
 from gitpipe.store import Store
 
 ZERO = "0" * 40
@@ -320,3 +320,34 @@ def test_a_push_is_recorded_once_under_its_key(home: Home) -> None:
     first = intake.record(db, [run], key)
     assert intake.record(db, [run, run], key) == first
     assert len(home.runs()) == 2  # the push's own run, and this one: once
+
+
+def test_idle_connections_to_the_intake_do_not_lose_or_double_a_push(home: Home) -> None:
+    """Slowloris on the intake: more idle connections than it serves at once (each says nothing).
+    Each is given up after its read timeout; a push meanwhile is recorded once, by the daemon
+    or, if the hook gave up waiting, by the Python hook under the same key."""
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        """)
+    with home.daemon() as daemon:
+        fd = os.open(home.home, os.O_RDONLY | os.O_DIRECTORY)
+        idle = []
+        try:
+            for _ in range(intakeserver.CONNECTIONS + 4):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(f"/proc/self/fd/{fd}/intake.sock")
+                idle.append(sock)
+            push = home.push(repo, {".pipeline.toml": text})
+        finally:
+            for sock in idle:
+                sock.close()
+            os.close(fd)
+        [run_id] = push.run_ids
+        home.wait_run(run_id)
+        assert [r["id"] for r in home.runs()] == [run_id]
+        assert "no whole request within" in daemon.log
