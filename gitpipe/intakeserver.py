@@ -281,10 +281,13 @@ def _read_all(conn: socket.socket) -> bytes:
     size = 0
     while True:
         left = deadline - time.monotonic()
-        if left <= 0:
-            raise IntakeRefused(f"no whole request within {READ_TIMEOUT:g} s")
-        conn.settimeout(left)
-        chunk = conn.recv(65536)
+        try:
+            if left <= 0:
+                raise TimeoutError
+            conn.settimeout(left)
+            chunk = conn.recv(65536)
+        except TimeoutError:  # a client that connects and says nothing (or dribbles) loses its place
+            raise IntakeRefused(f"no whole request within {READ_TIMEOUT:g} s") from None
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)

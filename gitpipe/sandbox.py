@@ -18,10 +18,11 @@ Every process of the sandbox joins the attempt's cgroup (see `cgroup`) before it
 anything: bwrap is started held (`--block-fd`), says which process is its sandbox
 (`--info-fd`), and is let go once the daemon has written that one into the group's
 `cgroup.procs` (see `Launch.popen`); the script is forked after that, inside. Without bwrap (mode "none") a `sh`
-prefix writes 0 into `cgroup.procs`, then execs the rest. Weak spot of the held start: a
-daemon killed in the millisecond between bwrap's start and its admission lets the sandbox go
-on outside the group (its limits unenforced), still confined otherwise; the next daemon
-ends it by its attempt token (`executor.kill_token`).
+prefix writes 0 into `cgroup.procs`, then execs the rest. A daemon killed between bwrap's
+start and its admission leaves that bwrap blocked (it holds its block-fd's write end too: the
+EOF does not let it go, and it does not die with its parent), having run nothing; the next
+daemon ends it by its attempt token (`executor.kill_token`), which nothing of the user's
+could have taken out of its environment.
 Known weak spots, also in the README: the kernel is shared (a kernel bug is a way
 out), the network is open unless a pipeline closes it, and in the root setup the
 build user may still create user namespaces inside the sandbox.
@@ -115,7 +116,11 @@ class Launch:
         argv = [*self.argv[:at], "--info-fd", str(info_w), "--block-fd", str(block_r), *self.argv[at:]]
         try:
             try:
-                proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, pass_fds=(info_w, block_r), **kw)
+                # bwrap reads its --block-fd once and goes on at EOF too: a daemon killed before the
+                # move would let the sandbox run outside the group. So bwrap holds the write end as
+                # well: only the daemon's byte releases it; after a crash it stays blocked until
+                # the next daemon kills it by its token, having run nothing.
+                proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, pass_fds=(info_w, block_r, block_w), **kw)
             finally:
                 os.close(info_w)
                 os.close(block_r)

@@ -9,6 +9,7 @@ import random
 import shutil
 import socket
 import sqlite3
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import Home, git, pipeline
 
-from gitpipe import hookmain, intake, queue, settings, triggers
+from gitpipe import hookmain, intake, intakeserver, queue, settings, triggers
 from gitpipe.store import Store
 
 ZERO = "0" * 40
@@ -320,3 +321,89 @@ def test_a_push_is_recorded_once_under_its_key(home: Home) -> None:
     first = intake.record(db, [run], key)
     assert intake.record(db, [run, run], key) == first
     assert len(home.runs()) == 2  # the push's own run, and this one: once
+
+
+def test_idle_connections_to_the_intake_do_not_lose_or_double_a_push(home: Home) -> None:
+    """Slowloris on the intake: more idle connections than it serves at once (each says nothing).
+    Each is given up after its read timeout; a push meanwhile is recorded once, by the daemon
+    or, if the hook gave up waiting, by the Python hook under the same key."""
+    repo = home.add_repo("shop")
+    text = pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        """)
+    with home.daemon() as daemon:
+        fd = os.open(home.home, os.O_RDONLY | os.O_DIRECTORY)
+        idle = []
+        try:
+            for _ in range(intakeserver.CONNECTIONS + 4):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(f"/proc/self/fd/{fd}/intake.sock")
+                idle.append(sock)
+            push = home.push(repo, {".pipeline.toml": text})
+        finally:
+            for sock in idle:
+                sock.close()
+            os.close(fd)
+        [run_id] = push.run_ids
+        home.wait_run(run_id)
+        assert [r["id"] for r in home.runs()] == [run_id]
+        assert "no whole request within" in daemon.log
+
+
+def test_another_local_account_cannot_push_through_the_intake(home: Home) -> None:
+    """A local account that is not the daemon's: the home (0700) keeps it from the socket, and were
+    the home opened to it, the daemon hears only its own uid or root (SO_PEERCRED): refused."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another account needs root")
+    repo = home.add_repo("shop")
+    push = home.push(repo, {".pipeline.toml": pipeline("""
+        [[stage]]
+        name = "s"
+          [[stage.action]]
+          name = "a"
+          run = "true"
+        """)})
+    [pushed] = push.run_ids
+    request = f"gitpipe-push 1 shop 7 8 {b'mallory'.hex()}\n{ZERO} {push.sha} refs/heads/main\n".encode()
+
+    def as_nobody() -> str:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: another account, then the request
+            said = b""
+            try:
+                fd = os.open(home.home, os.O_RDONLY | os.O_DIRECTORY)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(30)
+                    sock.connect(f"/proc/self/fd/{fd}/intake.sock")
+                    sock.sendall(request)
+                    sock.shutdown(socket.SHUT_WR)
+                    while chunk := sock.recv(65536):
+                        said += chunk
+            except OSError as exc:
+                said = f"{type(exc).__name__}: {exc}".encode()
+            finally:
+                os.write(write, said)
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            said = f.read()
+        os.waitpid(pid, 0)
+        return said.decode()
+
+    with home.daemon() as daemon:
+        assert stat.S_IMODE(home.home.stat().st_mode) & 0o077 == 0, "the home is the daemon's alone"
+        assert as_nobody().startswith("PermissionError"), "the home keeps another account from the socket"
+        home.home.chmod(0o755)
+        (home.home / "intake.sock").chmod(0o777)
+        said = as_nobody()  # refused before its request is read: the answer, or a reset when it was unread
+        assert said.startswith(("refused\n", "ConnectionResetError")), said
+        assert "a process of uid 65534 is not the daemon's user" in daemon.log
+    assert [r["id"] for r in home.runs()] == [pushed]  # nothing recorded for it

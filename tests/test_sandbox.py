@@ -32,6 +32,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import site
 import socket
 import sqlite3
@@ -660,6 +661,48 @@ def test_a_feature_branch_cannot_approve_cancel_or_start_runs(world: World) -> N
     assert (world.out / "shipped").exists()
 
 
+# ---------------------------------------------------------------------------- attack: the intake socket
+
+INTAKE_FORGER = r"""
+[[stage]]
+name = "attack"
+  [[stage.action]]
+  name = "forge"
+  run = '''
+    set +e +o pipefail
+    sha=$(git rev-parse HEAD)
+    req=$(printf 'gitpipe-push 1 shop 1 1 %s\n%s %s refs/heads/main\n' 6576696c 0000000000000000000000000000000000000000 "$sha")
+    {
+      ls -la "$GP_HOME" "$GP_HOME/intake.sock"
+      find / -xdev -name intake.sock 2>/dev/null
+      for sock in "$GP_HOME/intake.sock" "/proc/$DAEMON_PID/root$GP_HOME/intake.sock" "/proc/$DAEMON_PID/cwd/intake.sock"; do
+        python3 -c "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode() + b'\n'); s.shutdown(1); print('ANSWER', s.recv(4096))" "$sock" "$req"
+      done
+      # The abstract namespace (the host's when the network is open): the daemon never listens there.
+      python3 -c "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect('\0' + sys.argv[1]); print('ANSWER abstract')" "$GP_HOME/intake.sock"
+    } > "$OUT/intake.txt" 2>&1
+    touch "$OUT/intake-done"
+  '''
+"""
+
+
+@users
+def test_a_feature_branch_cannot_reach_the_intake_socket(world: World) -> None:
+    """A pushed script tries the daemon's intake.sock (by the home's path, through /proc of the daemon,
+    in the abstract namespace) with a forged push of main at its own commit: no run is recorded."""
+    home = world.home
+    with home.daemon() as daemon:
+        main_id = world.push('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n', "main")
+        home.wait_run(main_id)
+        assert (home.home / "intake.sock").exists(), "the daemon listens on its intake socket"
+        attack_id = world.push(INTAKE_FORGER, "feature", DAEMON_PID=daemon.pid)
+        wait_for(lambda: (world.out / "intake-done").exists(), 60, 0.1, "the attack to run")
+        home.wait_run(attack_id)
+        said = (world.out / "intake.txt").read_text()
+        assert "ANSWER" not in said, said
+        assert [r[0] for r in runs_in_db(home)] == [main_id, attack_id], said  # no forged run of main
+
+
 # ---------------------------------------------------------------------------- attack: HOME dotfiles
 
 PLANTER = r"""
@@ -1069,6 +1112,54 @@ def test_a_held_bwrap_runs_nothing_until_all_of_it_is_in_the_cgroup(tmp_path: Pa
         assert not (slot / "tree" / "ran").exists()
     finally:
         sandbox.close()
+
+
+CRASHED_DAEMON = r"""
+import json, os, signal, subprocess, sys
+from pathlib import Path
+from gitpipe import sandbox as sandbox_module, settings
+
+home, slot = sys.argv[1], Path(sys.argv[2])
+
+
+def crash(group, pid):  # the daemon dies between bwrap's start and the cgroup move
+    ppid = [line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("PPid:")]
+    (slot / "pids").write_text(json.dumps([pid, int(ppid[0])]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+sandbox_module._admit = crash
+sandbox = sandbox_module.Sandbox.for_host(settings.load(home))
+box = sandbox_module.Confine(key="crash", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+script = "touch ran; setsid sh -c '(sleep 2; touch escaped) &' ; sleep 2; touch waited"
+sandbox.launch(["bash", "-c", script], {}, box).popen(stdin=subprocess.DEVNULL)
+"""
+
+
+def test_a_daemon_killed_before_the_cgroup_move_leaves_no_sandbox_running(tmp_path: Path) -> None:
+    """The crash window of the held start: the daemon is SIGKILLed after bwrap made its sandbox's
+    process and before moving it into the attempt's group. bwrap takes an EOF on its block-fd for a
+    go (and outlives its parent here): the script, a setsid'd grandchild with it, then ran to its end
+    outside the group. It holds the write end too now, so it stays blocked and runs nothing."""
+    if not IS_ROOT:
+        pytest.skip("cgroup hierarchies are root's on this host (see the module's docstring)")
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    slot = tmp_path / "slot"
+    (slot / "tree").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-c", CRASHED_DAEMON, str(home.home), str(slot)], check=False,
+                          stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    pids = json.loads((slot / "pids").read_text())
+    try:
+        time.sleep(3)  # what the script (and its setsid'd grandchild) would have written by now
+        assert sorted(p.name for p in (slot / "tree").iterdir()) == []  # it never ran
+    finally:
+        for pid in pids:  # what the next daemon kills by the attempt's token (executor.kill_token)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # ---------------------------------------------------------------------------- network
