@@ -77,7 +77,7 @@ class Peers:
         self.home = root / "gp"  # this checkout's home; "gp0" (GITPIPE_BEFORE) has root / "gp0"
         self.genv = {**GENV, **env_with_home(self.home)}
         self.laminar = (LAM / "laminard").exists()
-        self.systems = ["plain", "gp", "gpdown"] + (["lam"] if self.laminar else [])
+        self.systems = ["plain", "gp", "gpdown"] + (["gp0"] if BEFORE else []) + (["lam"] if self.laminar else [])
         self.down = root / "gp-down"  # a home whose daemon is not running
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.bins = {"gp": BIN, **({"gp0": BEFORE} if BEFORE else {})}  # gp0: the "before" install

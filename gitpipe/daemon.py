@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gitpipe import executor, inotify, intake, lifecycle, queue, retention, space, triggers
+from gitpipe import executor, git, inotify, intake, lifecycle, queue, retention, space, triggers
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
@@ -79,6 +79,8 @@ class Daemon:
         self.stopping = threading.Event()
         self.signals = 0
         self.workers: dict[int, RunWorker] = {}
+        self.early: dict[int, git.WorktreePool] = {}  # run id -> its first worktree, reset since its push
+        self.early_lock = threading.Lock()
         self.listeners: list[Callable[[Event], None]] = []
         self.prune_due = True
         self.trust_factory: Callable[[Settings], Trust] = Trust
@@ -129,7 +131,7 @@ class Daemon:
         why_not = self.control.start()
         if why_not:
             log.info("%s", why_not)
-        self.intake = IntakeServer(self.settings, self.store, self.wake.set)  # the hooks hand it pushes
+        self.intake = IntakeServer(self.settings, self.store, self.wake.set, self._prepare_early)  # the hooks hand it pushes
         why_not = self.intake.start()
         if why_not:
             log.warning("%s", why_not)
@@ -304,6 +306,12 @@ class Daemon:
     # ------------------------------------------------------------------ work
     def _claim(self) -> None:
         """Go on with running runs; start queued ones (oldest first) while there is capacity."""
+        try:
+            self._claim_queued()
+        finally:
+            self._drop_early()
+
+    def _claim_queued(self) -> None:
         for run in self.store.runs_with_status(RunStatus.RUNNING, RunStatus.WAITING):
             if run.id in self.workers or self.backoff.waiting(run.id):
                 continue
@@ -361,8 +369,34 @@ class Daemon:
                 self._policies[run_id] = "queue"
         return self._policies[run_id]
 
+    def _prepare_early(self, run_id: int, repo: str, ref: str, sha: str) -> None:
+        """Called by the intake once a push's run is recorded (its thread): reset the worktree of
+        the run's first action now, while the loop wakes, claims and plans it (see RunWorker.pool)."""
+        host = getattr(self, "host", None)  # the intake listens a moment before the host is made
+        if host is None or len(self.workers) >= self.settings.max_parallel:
+            return  # it waits: its worktree would only hold a slot
+        if host.sandbox.tree is not None:  # the first cgroup move's wait, from now on (cgroup.Tree.warm)
+            host.sandbox.tree.warm()
+        path = self.store.repo_path(repo)
+        pool = git.WorktreePool(self.settings.work_dir, repo, path, settle=host.sandbox.settle,
+                                protected=host.trust.is_protected(repo, path, ref), ahead=1)
+        pool.prepare_next(sha)
+        with self.early_lock:
+            self.early[run_id] = pool
+
+    def _drop_early(self) -> None:
+        """Let go of the worktrees prepared for runs that did not start (they wait, or were taken
+        by a claim before their pool was made): their runs reset one when they start."""
+        with self.early_lock:
+            stale = [run_id for run_id in self.early if run_id not in self.workers]
+            pools = [self.early.pop(run_id) for run_id in stale]
+        for pool in pools:
+            pool.close()
+
     def _start_worker(self, run) -> None:  # type: ignore[no-untyped-def]
-        worker = RunWorker(self.host, run)
+        with self.early_lock:
+            pool = self.early.pop(run.id, None)
+        worker = RunWorker(self.host, run, pool)
         worker.on_done = self._worker_done
         log.info("run #%s: %s %s @ %s (%s)", run.id, run.repo, run.ref, run.sha[:7],
                  "resumed" if run.status is not RunStatus.QUEUED else "started")

@@ -409,6 +409,11 @@ class WorktreePool:
                 return
             self._next.thread.start()
 
+    def ahead_more(self, count: int) -> None:
+        """`count` more checkouts may be prepared ahead (known once the run is planned)."""
+        with self._next_lock:
+            self.ahead += max(0, count)
+
     def _prepared(self, sha: str) -> Slot | None:
         """The slot `prepare_next` made ready, checked again: held by this pool since its reset, yet
         what was in it when it was reset is checked once more (its tracked files by their seal,

@@ -61,6 +61,7 @@ class Answer:
     lines: list[str]  # for the pusher
     receive_pack: int | None = None  # the push's git process: its disk reservation is given back
     queued: bool = False  # runs to start
+    first: tuple[int, str, str, str] | None = None  # (run id, repo, ref, sha) of the first run recorded
 
     def text(self) -> bytes:
         return ("recorded\n" if self.recorded else "refused\n").encode() + "".join(f"{x}\n" for x in self.lines).encode()
@@ -69,10 +70,14 @@ class Answer:
 class IntakeServer:
     """Listens on <home>/intake.sock; each connection is one push (see the module's docstring)."""
 
-    def __init__(self, settings: Settings, store: Store, on_recorded: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, store: Store, on_recorded: Callable[[], None],
+                 on_first: Callable[[int, str, str, str], None] | None = None) -> None:
+        """`on_recorded`: wakes the daemon's loop; `on_first(run id, repo, ref, sha)`: called with
+        the push's first run once the pusher has its answer, before the wake (its worktree)."""
         self.settings = settings
         self.store = store
         self.on_recorded = on_recorded
+        self.on_first = on_first
         self.sock: socket.socket | None = None
         self.thread: threading.Thread | None = None
         self.slots = threading.BoundedSemaphore(CONNECTIONS)
@@ -139,6 +144,11 @@ class IntakeServer:
                 os.unlink(self.settings.spool_dir / "pending" / str(answer.receive_pack))
             except OSError:
                 pass
+        if answer.first is not None and self.on_first is not None:
+            try:
+                self.on_first(*answer.first)
+            except Exception as exc:  # only a head start lost: the run resets its worktree itself
+                log.warning("intake: could not prepare run #%s's worktree ahead: %s", answer.first[0], exc)
         if answer.queued:  # the loop claims them now: no wake file, no inotify round trip
             self.on_recorded()
 
@@ -160,19 +170,21 @@ class IntakeServer:
         git_dir = self._repo_path(repo)
         runs, notes = hookmain.plan(DaemonReader(self, repo, git_dir), repo, who, text)
         lines: list[str] = []
+        first = None
         if runs:
             key = intake.push_key(repo, receive_pack, hook, text)
             ids = record_once(self.store, key, [queue.NewRun(**run) for run in runs])
             site_url, problem = hookmain.site_url_of(str(self.settings.home))  # as the Python hook: as it is now
             for run_id, run in zip(ids, runs):
                 lines += hookmain.describe(run_id, run, site_url)
+            first = (ids[0], repo, runs[0]["ref"], runs[0]["sha"])
             notes += problem
             with self.lock:
                 self.recorded += 1
                 prune = self.recorded % PRUNE_EVERY == 0
             if prune:
                 self._prune()
-        return Answer(True, lines + notes, receive_pack, bool(runs))
+        return Answer(True, lines + notes, receive_pack, bool(runs), first)
 
     def _repo_path(self, repo: str) -> str:
         try:

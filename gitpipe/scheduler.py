@@ -67,8 +67,11 @@ def env_name(text: str) -> str:
 class RunWorker:
     """Runs one run to the end (or until cancelled or interrupted)."""
 
-    def __init__(self, host: Host, run: RunRecord) -> None:
+    def __init__(self, host: Host, run: RunRecord, pool: git.WorktreePool | None = None) -> None:
+        """`pool`: the run's worktree pool, its first worktree being reset since the push was
+        recorded (the daemon's intake); else made when the run starts."""
         self.host = host
+        self.early = pool
         self.store = host.store
         self.run = run
         self.attempts: dict[int, executor.Attempt] = {}
@@ -121,6 +124,18 @@ class RunWorker:
                 self.on_done(self)
 
     def _walk(self) -> None:
+        # The first action's worktree is reset now, in the background, while the run is read,
+        # planned and started and its first attempt recorded: off the path from push to exec.
+        self.pool = self.early or git.WorktreePool(
+            self.host.settings.work_dir, self.run.repo, self.store.repo_path(self.run.repo),
+            settle=self.host.sandbox.settle, protected=self._protected(), ahead=1)
+        self.pool.prepare_next(self.run.sha)  # nothing when the intake did
+        try:
+            self._walk_pooled()
+        finally:
+            self.pool.close()
+
+    def _walk_pooled(self) -> None:
         run = self.store.run(self.run.id)
         pipe = self._pipeline(run)
         if pipe is None:
@@ -150,12 +165,8 @@ class RunWorker:
         if self.store.cancel_requested(run.id):
             self.cancelled.set()
         left = sum(1 for a in self.store.actions(run.id) if not a.status.finished and a.type != "approval")
-        self.pool = git.WorktreePool(self.host.settings.work_dir, run.repo, self.store.repo_path(run.repo),
-                                     settle=self.host.sandbox.settle, protected=self._protected(), ahead=left - 1)
-        try:
-            self._stages()
-        finally:
-            self.pool.close()
+        self.pool.ahead_more(left - 1)  # the first one is being prepared
+        self._stages()
 
     def _pipeline(self, run: RunRecord) -> Pipeline | None:
         text = self.store.pipeline_text(run.id) or ""
@@ -328,6 +339,8 @@ class RunWorker:
             return
 
     def _attempt(self, rec: ActionRecord, spec: ActionSpec) -> executor.Outcome:
+        if self.host.sandbox.tree is not None:  # its wait (an RCU grace period) behind the checkout's
+            self.host.sandbox.tree.warm()
         previous = self.store.attempts(rec.id)
         deadline = self._deadline(spec, previous)
         number = len(previous) + 1

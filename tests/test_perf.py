@@ -194,3 +194,22 @@ def test_a_push_to_a_running_daemon_starts_no_python(home: Home, tmp_path: Path)
     assert not [p for p in programs if "python" in Path(p).name], programs
     assert sum(Path(p).name == "perl" for p in programs) == 1, programs
     assert sum(p.endswith(("/pre-receive", "/post-receive")) for p in programs) == 2, programs
+
+
+def test_a_run_that_waits_after_its_push_gets_its_own_commits_tree(home: Home) -> None:
+    """The intake resets a pushed run's first worktree at once; a run that cannot start then
+    (the daemon is paused) lets that worktree go, and gets exactly its commit's files when it
+    starts, as does the push after it, which moved the branch meanwhile."""
+    repo = home.add_repo("app")
+    pipe = '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "cat f"\n'
+    with home.daemon():
+        home.gitpipe("pause", check=True)
+        first = home.push_run(repo, {".pipeline.toml": pipe, "f": "one\n"})
+        second = home.push_run(repo, {"f": "two\n"})
+        assert home.status(first) == "queued" and home.status(second) == "queued"
+        home.gitpipe("resume", check=True)
+        home.wait_runs([first, second])
+    home.expect(home.show(first))
+    home.expect(home.show(second))
+    assert "one" in home.logs(first) and "two" not in home.logs(first)
+    assert "two" in home.logs(second) and "one" not in home.logs(second)
