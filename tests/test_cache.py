@@ -639,8 +639,8 @@ def test_copies_never_follow_a_folder_swapped_for_a_link_while_they_run(tmp_path
                 cachefs.size_under(tree, venv)
             except OSError:
                 failed += 1  # a swap caught mid-walk fails the save: nothing was followed
-            (tree / "a").mkdir(exist_ok=True)
             try:  # a restore into a folder another process swaps for a link to the host
+                (tree / "a").mkdir(exist_ok=True)  # (FileExistsError when it is mid-swap)
                 cachefs.restore_copy(entry / "p0", tree, tree / "a" / "b" / f"r{n}")
             except OSError:
                 failed += 1
