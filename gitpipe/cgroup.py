@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gitpipe.settings import format_size
@@ -117,6 +117,7 @@ class Tree:
 
     bases: tuple[Path, ...]
     limits: bool  # whether memory and pids limits can be set there
+    warming: threading.Thread | None = field(default=None, repr=False, compare=False)  # see warm
 
     @classmethod
     def find(cls, tag: str) -> tuple[Tree | None, str]:
@@ -153,8 +154,13 @@ class Tree:
         (cgroup_threadgroup_rwsem's rcu_sync: ~5-9 ms on a loaded 2-core VM, measured), and
         the moves after it, within about one more period, do not. Called a few ms before an
         attempt's process is moved, this overlaps that wait with the work in between. It
-        writes the daemon's pid into the group it is in already: a move to where it is."""
-        threading.Thread(target=_rewrite_own, name="cgroup-warm", daemon=True).start()
+        writes the daemon's pid into the group it is in already: a move to where it is.
+        One already under way serves every caller (the scheduler and the sandbox both ask, a
+        few ms apart, for the same attempt)."""
+        if self.warming is not None and self.warming.is_alive():
+            return
+        self.warming = threading.Thread(target=_rewrite_own, name="cgroup-warm", daemon=True)
+        self.warming.start()
 
     def sweep(self) -> int:
         """Kill and remove the groups a previous daemon left (after a crash); how many."""
