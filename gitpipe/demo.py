@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -103,10 +104,17 @@ def run_demo() -> int:
     store = Store(conf)
     _, bare = repos.add(conf, store, str(root / "shop.git"), "shop", create=True)
     say(f"registered the bare repo {bare}; its hooks queue a run on every push")
+    ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # sd_notify, as systemd waits for it
+    address = f"gitpipe-demo-{os.getpid()}-{time.monotonic_ns()}"
+    ready.bind("\0" + address)
     with open(root / "daemon.log", "wb") as daemon_log:
         daemon = subprocess.Popen([sys.executable, "-m", "gitpipe", "serve", "--home", str(home)],
+                                  env={**os.environ, "NOTIFY_SOCKET": "@" + address},
                                   stdout=subprocess.DEVNULL, stderr=daemon_log, start_new_session=True)
     try:
+        if not _ready(ready, daemon):  # a push before it listens would be told "the daemon is not running"
+            say(f"the daemon did not get ready: see {root / 'daemon.log'}")
+            return 1
         say(f"daemon started (pid {daemon.pid})")
         ok = first_push(root, bare, conf, store) and second_push(root, bare, conf, store)
     finally:
@@ -121,6 +129,22 @@ def run_demo() -> int:
         say(f"report: {index}")
     say(f"everything is in {root} (delete it when done)")
     return 0 if ok else 1
+
+
+def _ready(sock: socket.socket, daemon: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
+    """Wait for the daemon's READY=1 (it then listens for pushes); False if it exits or is silent."""
+    deadline = time.monotonic() + timeout
+    try:
+        while daemon.poll() is None and time.monotonic() < deadline:
+            sock.settimeout(0.5)
+            try:
+                if b"READY=1" in sock.recv(4096).split(b"\n"):
+                    return True
+            except TimeoutError:
+                continue
+        return False
+    finally:
+        sock.close()
 
 
 def first_push(root: Path, bare: Path, conf: settings_mod.Settings, store: Store) -> bool:

@@ -27,6 +27,7 @@ def test_demo_runs_the_whole_tour_and_leaves_nothing_running() -> None:
                          "healthcheck failed", "run #2 failed", "daemon stopped",
                          "environment production: current release 1-", "environment staging: current release 1-"):
             assert expected in out, f"{expected!r} missing from:\n{out}"
+        assert "daemon is not running" not in out, out  # the demo pushes once its daemon listens
         daemon_pid = int(re.search(r"daemon started \(pid (\d+)\)", out).group(1))
         assert not Path(f"/proc/{daemon_pid}").exists() or "zombie" in Path(f"/proc/{daemon_pid}/status").read_text()
         leftovers = [t for t in _tokens(root / "home" / "gitpipe.db") if processes_of(-1, t)]
