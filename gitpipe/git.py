@@ -367,11 +367,13 @@ class WorktreePool:
         self.ahead = ahead
         self._next: _Ahead | None = None
         self._next_lock = threading.Lock()
+        self.first = True  # no checkout was handed out yet: the run's first action (see _seal)
 
     @contextmanager
     def checkout(self, sha: str) -> Iterator[Slot]:
         """A worktree at exactly `sha`, held until the block ends."""
         slot = self._prepared(sha)
+        self.first = False
         if slot is None:
             slot = self._take()
             try:
@@ -384,14 +386,17 @@ class WorktreePool:
         finally:
             os.close(slot.lock_fd)
 
-    def _ready(self, slot: Slot, sha: str) -> None:
+    def _ready(self, slot: Slot, sha: str, wanted: threading.Event | None = None) -> bool:
+        """Reset `slot` to `sha` and seal it; `wanted`: set once an action waits for this slot.
+        True when the seal gave way to that action (see `_seal`): the slot goes to it at once."""
         self._reset(slot, sha)
         if _tracked_count(slot.tree) <= CLEAN_IN_PROCESS:
             # Settled here (the sandbox walks it again at launch, for the inputs restored
             # into it: twice only for a small tree) so that what is remembered is final.
             if self.settle is not None:
                 self.settle(slot.tree)
-            self._seal(slot, sha)
+            return self._seal(slot, sha, wanted)
+        return False
 
     def prepare_next(self, sha: str) -> None:
         """While an action runs, reset another slot to `sha` in the background for the next
@@ -422,12 +427,16 @@ class WorktreePool:
             ahead, self._next = self._next, None
         if ahead is None:
             return None
+        if self.first:  # the run's first action waits for it now: no tick is waited for its seal
+            ahead.wanted.set()
+        self.first = False
         ahead.thread.join()
         slot = ahead.slot
         if slot is None:  # it failed (a full disk...): the checkout takes a slot as before
             return None
         try:
-            if ahead.sha != sha or not self._still(slot, sha):
+            # A slot whose seal gave way was reset for this very wait: handed over as it is.
+            if ahead.sha != sha or not (ahead.handed or self._still(slot, sha)):
                 self._ready(slot, sha)
         except BaseException:
             os.close(slot.lock_fd)
@@ -500,23 +509,38 @@ class WorktreePool:
         with self._digests_lock:
             self._digests[str(slot.root)] = _sha256(saved)
 
-    def _seal(self, slot: Slot, sha: str) -> None:
+    def _seal(self, slot: Slot, sha: str, wanted: threading.Event | None = None) -> bool:
         """Remember the stat data of the tracked files as the slot is handed out: exactly `sha`'s.
 
         A change by the action changes a file's ctime, which no unprivileged process can set
         back; one made in the same clock tick as this look could keep it, so files changed at or
-        after the kernel's time now (read from a new file's ctime) are not remembered."""
+        after the kernel's time now (read from a new file's ctime) are not remembered.
+
+        `wanted`: set when a run's first action already waits for the slot (a push's first
+        action, its slot reset at intake time). The tick is then not waited for: the slot goes
+        unsealed, and its next reset runs `git checkout` instead of trusting the seal (a process
+        later, off the path from push to exec, rather than a tick now on it). Later actions
+        keep waiting the tick: each slot is then sealed once, and never runs git again for
+        the same commit. The slot is handed over as it is,
+        like one reset by the checkout itself: True."""
         found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
+        gave_way = False
         if found is None and tree_stat(slot.tree) is not None:
             # Only racy: the reset and settle wrote in this clock tick. One tick later every
             # file is older than "now", and the next action in the slot may skip the checkout.
-            time.sleep(CLOCK_TICK)
-            found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
+            if wanted is None:
+                time.sleep(CLOCK_TICK)
+                found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
+            elif not wanted.wait(CLOCK_TICK):  # no action asked for the slot within the tick
+                found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
+            else:
+                gave_way = True
         with self._digests_lock:
             if found is None:
                 self._sealed.pop(str(slot.root), None)
             else:
                 self._sealed[str(slot.root)] = (sha, found)
+        return gave_way
 
     def _unchanged(self, slot: Slot, sha: str) -> bool:
         """Whether the slot still holds the files of `sha` exactly, as handed out last time (no
@@ -577,11 +601,13 @@ class _Ahead:
         self.pool, self.sha = pool, sha
         self.taken = pool._take()  # here, while the caller holds its own: another slot
         self.slot: Slot | None = None
+        self.wanted = threading.Event()  # an action waits for this slot (see WorktreePool._seal)
+        self.handed = False  # reset while that action waited: no seal to check it against
         self.thread = threading.Thread(target=self._run, name="worktree-ahead", daemon=True)
 
     def _run(self) -> None:
         try:
-            self.pool._ready(self.taken, self.sha)
+            self.handed = self.pool._ready(self.taken, self.sha, self.wanted)
         except Exception as exc:  # the checkout that wanted it takes and resets a slot itself
             log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
             os.close(self.taken.lock_fd)

@@ -173,7 +173,9 @@ def test_an_action_starts_the_sandbox_and_no_git_process_on_an_unchanged_tree(ho
     assert more_of("/bash") == 9 and more_of("/bwrap") == 9 and more_of("/setpriv") == 9
     assert more_of("/env") == 0  # only a pipeline that sets loader variables pays for `env` (UNSECURE_ENV)
     assert more_of("/sh") == 0
-    assert more_of("/git") <= 1  # one when git wrote the files and index in the same clock tick
+    # One per slot at most: a reset whose files were written in the clock tick the slot was handed
+    # out in cannot be sealed; the first action's slot, wanted at once, is not kept a tick for its seal.
+    assert more_of("/git") <= 2
     assert len(more) - len(base) == 9 * 3 + more_of("/git"), (base, more)
 
 
