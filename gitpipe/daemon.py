@@ -375,8 +375,7 @@ class Daemon:
         host = getattr(self, "host", None)  # the intake listens a moment before the host is made
         if host is None or len(self.workers) >= self.settings.max_parallel:
             return  # it waits: its worktree would only hold a slot
-        if host.sandbox.tree is not None:  # the first cgroup move's wait, from now on (cgroup.Tree.warm)
-            host.sandbox.tree.warm()
+        host.sandbox.warm()  # the first cgroup move's wait, from now on, unless a launcher is parked
         path = self.store.repo_path(repo)
         pool = git.WorktreePool(self.settings.work_dir, repo, path, settle=host.sandbox.settle,
                                 protected=host.trust.is_protected(repo, path, ref), ahead=1)
@@ -499,6 +498,7 @@ class Daemon:
         swept = self.host.sandbox.sweep()
         if swept:
             log.info("killed the processes of %d attempt(s) a previous daemon left running", swept)
+        self.host.sandbox.park()  # after the sweep, which removes every group of this home
         if self.host.caches is not None and self.host.caches.sweep():
             log.info("cache: removed what a save interrupted by a previous daemon left behind")
         for attempt in self.store.open_attempts():

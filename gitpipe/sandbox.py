@@ -41,6 +41,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from typing import Any
 from gitpipe import cgroup
 from gitpipe.digest import sha256
 from gitpipe.errors import ConfigError, UsageError
+from gitpipe.launcher import Launchers, Parked
 from gitpipe.settings import SandboxSettings, Settings
 
 log = logging.getLogger("gitpipe")
@@ -100,6 +102,7 @@ class Launch:
     group: cgroup.Group | None = None
     spare: bool = False  # the first process is bwrap's monitor: SIGTERM goes to the others
     held: int | None = None  # where bwrap is in argv: started held, let go once in `group`
+    parked: Parked | None = None  # a launcher in `group` already: it becomes argv (see launcher.py)
 
     def popen(self, **kw: Any) -> subprocess.Popen[bytes]:
         """Start it (`kw`: Popen's keywords). A held bwrap gets its sandbox's first process (whose
@@ -107,7 +110,13 @@ class Launch:
         forks the script: no exec of a `sh` that joins the group first. bwrap's monitor (the
         started process) stays out: it runs nothing of the job and ends with the sandbox, and
         each move costs the kernel an RCU grace period (cgroup v1: ~2-5 ms per hierarchy under
-        load). Anything going wrong kills both before the block is let go."""
+        load). Anything going wrong kills both before the block is let go.
+
+        A parked launcher (taken with `Sandbox.launch(parked=True)`) already is in `group`, with
+        the output pipe as stdout and stderr (what executor.start asks for): it execs argv."""
+        if self.parked is not None:
+            assert kw.get("stdout") == subprocess.PIPE and kw.get("stderr") == subprocess.STDOUT, kw
+            return self.parked.exec(self.argv, self.env, self.cwd)
         if self.held is None or self.group is None:
             return subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, **kw)
         info_r, info_w = os.pipe()
@@ -187,6 +196,9 @@ class Sandbox:
     gid: int | None = None
     tree: cgroup.Tree | None = None
     notes: list[str] = field(default_factory=list)
+    launchers: Launchers | None = None  # see `park`
+    # attempt key -> its group (a parked launcher's is not named by the key)
+    groups: weakref.WeakValueDictionary[str, cgroup.Group] = field(default_factory=weakref.WeakValueDictionary)
 
     @classmethod
     def for_host(cls, settings: Settings) -> Sandbox:
@@ -242,8 +254,26 @@ class Sandbox:
         """Kill what a previous daemon's attempts left behind (after a crash)."""
         return self.tree.sweep() if self.tree is not None else 0
 
+    def park(self) -> None:
+        """Keep a launcher parked in a group of its own from now on (the daemon calls it once its
+        sweep is done): an attempt that takes one moves nothing into a cgroup (see launcher.py)."""
+        if self.tree is None or self.bwrap is None:
+            return
+        if self.launchers is None:
+            self.launchers = Launchers(self.tree, self.conf.memory if self.tree.limits else None,
+                                       self.conf.pids if self.tree.limits else None)
+        self.launchers.park()
+
+    def warm(self) -> None:
+        """Begin the next cgroup move's wait now (cgroup.Tree.warm), unless a parked launcher
+        makes that move unneeded."""
+        if self.tree is not None and not (self.launchers is not None and self.launchers.waiting):
+            self.tree.warm()
+
     def close(self) -> None:
-        """The daemon stops: remove its cgroup bases."""
+        """The daemon stops: its parked launcher ends; remove its cgroup bases."""
+        if self.launchers is not None:
+            self.launchers.close()
         if self.tree is not None:
             self.tree.close()
 
@@ -254,8 +284,8 @@ class Sandbox:
     # ------------------------------------------------------------------ one process
     def prepare(self, box: Confine) -> None:
         """Make the HOME and output file fresh and hand the worktree over (before a cache restore)."""
-        if self.tree is not None and box.key:
-            self.tree.warm()  # the cgroup move at launch then waits less (see cgroup.Tree.warm)
+        if box.key:
+            self.warm()  # the cgroup move at launch then waits less (see cgroup.Tree.warm)
         fresh_dir(box.home, self.uid, self.gid)
         if box.output is not None:
             box.output.unlink(missing_ok=True)
@@ -269,15 +299,27 @@ class Sandbox:
         """Kill what is left of the attempt `box` and wait until none of its processes is (before a
         cache save reads its tree: its PID namespace ends with its script, but asynchronously)."""
         if self.tree is not None and box.key:
+            group = self.groups.get(box.key)
+            if group is not None:
+                group.kill()
             for base in self.tree.bases:
                 if (base / box.key).is_dir():
                     cgroup.Group((base / box.key,), None, None).kill()
 
-    def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False) -> Launch:
-        """The confined form of `argv`: its cgroup made, its HOME and output file fresh (unless `prepared`)."""
+    def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False,
+               parked: bool = False) -> Launch:
+        """The confined form of `argv`: its cgroup made, its HOME and output file fresh (unless
+        `prepared`); `parked`: started by a parked launcher when one is ready (its output on one
+        pipe, as executor.start has it), in that launcher's group."""
         if not prepared:
             self.prepare(box)
-        group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
+        launcher = self.launchers.take() if parked and self.launchers is not None and box.key else None
+        if launcher is not None:
+            group: cgroup.Group | None = launcher.group
+        else:
+            group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
+        if group is not None:
+            self.groups[box.key] = group
         full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH}
         if self.bwrap is None:  # mode "none": the host's paths; a `sh` joins the group
             full.update(HOME=str(box.home))
@@ -293,7 +335,7 @@ class Sandbox:
         inner = self._bwrap(argv, box, late, script_path=full["PATH"])
         final = _with_overlays(inner, box.overlays) if box.overlays and self.uid is None else inner
         return Launch(final, outer, Path("/"), group, spare=True,
-                      held=len(final) - len(inner) if group is not None else None)
+                      held=len(final) - len(inner) if group is not None else None, parked=launcher)
 
     def run(self, argv: list[str], env: dict[str, str], box: Confine, stdin: bytes,
             timeout: float) -> subprocess.CompletedProcess[bytes]:

@@ -339,8 +339,7 @@ class RunWorker:
             return
 
     def _attempt(self, rec: ActionRecord, spec: ActionSpec) -> executor.Outcome:
-        if self.host.sandbox.tree is not None:  # its wait (an RCU grace period) behind the checkout's
-            self.host.sandbox.tree.warm()
+        self.host.sandbox.warm()  # its wait (an RCU grace period) behind the checkout's
         previous = self.store.attempts(rec.id)
         deadline = self._deadline(spec, previous)
         number = len(previous) + 1
@@ -430,7 +429,8 @@ class RunWorker:
             argv = executor.bash(spec.run or "")
         else:  # a plugin type: run in a process of its own, so timeouts and cancels work the same
             argv, env = plugins.command(spec, env)
-        attempt = executor.start(self.host.sandbox.launch(argv, env, box, prepared=True), writer, token)
+        attempt = executor.start(self.host.sandbox.launch(argv, env, box, prepared=True, parked=True), writer,
+                                token)
         self.pool.prepare_next(self.run.sha)  # the next action's worktree, while this one runs
         with self.lock:
             self.attempts[rec.id] = attempt

@@ -1,0 +1,193 @@
+"""Parked launchers: an attempt's first process, started before the attempt is known and already
+in a cgroup of its own, so that starting the attempt moves nothing into a cgroup.
+
+Moving a process into a cgroup makes the kernel wait for an RCU grace period when no move
+happened within the last one (cgroup_threadgroup_rwsem's rcu_sync): 5-20 ms on a 2-core VM,
+measured, holding cgroup_mutex meanwhile, so that even making the attempt's group waited. A
+push's first action paid it on the way from push to exec however early the wait was begun.
+
+A parked launcher is a few lines of Perl (perl-base is Essential on Debian, as for the hook's
+client): started by the daemon with the attempt's output pipe as its stdout and stderr, in a
+session of its own, then moved into a fresh group with the attempt limits set, all while the
+daemon has nothing better to do (after start, and in the background after each take). The
+attempt that takes it writes its command line, environment and folder down the launcher's order
+pipe and closes it; the launcher execs bwrap there, in the group it is already in. What it
+reads is the daemon's alone (the pipe's other end never leaves the daemon), and it runs as the
+daemon's user, as the bwrap it becomes does anyway.
+
+A daemon that dies closes the order pipe: a parked launcher reads an empty order and exits,
+having run nothing; the next daemon's sweep removes its group. Without perl, or without a
+cgroup per attempt, nothing is parked and bwrap starts held as before (sandbox.Launch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+from gitpipe import cgroup
+
+log = logging.getLogger("gitpipe")
+
+# Reads the whole order from the fd named by its argument (NUL-separated: folder, argc, argv..., then name, value pairs),
+# then becomes argv[0] with exactly that environment. An empty order (the daemon let it go, or
+# died) ends it. Exit 126/127: the order could not be followed (the folder, the exec).
+PERL = r"""
+open(my $in, "<&=", $ARGV[0]) or exit 126;
+binmode $in;
+my $m = do { local $/; <$in> };
+close $in;
+exit 0 unless defined $m && length $m;
+my @f = split /\0/, $m, -1;
+my ($dir, $argc) = splice(@f, 0, 2);
+my @argv = splice(@f, 0, $argc);
+%ENV = ();
+while (@f >= 2) { my $k = shift @f; $ENV{$k} = shift @f; }
+chdir $dir or exit 126;
+exec { $argv[0] } @argv;
+exit 127;
+"""
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass
+class Parked:
+    """One launcher waiting in its group: `proc`'s stdout is the attempt's output."""
+
+    proc: subprocess.Popen[bytes]
+    orders: int  # the write end of its order pipe
+    group: cgroup.Group
+
+    def exec(self, argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+        """Make it `argv` (in `cwd`, with exactly `env`); the Popen is the process it becomes."""
+        fields = [str(cwd), str(len(argv)), *argv]
+        for key, value in env.items():
+            fields += [key, value]
+        if any("\0" in f for f in fields):  # as execve refuses it
+            os.close(self.orders)
+            raise ValueError("embedded null byte in an argument or the environment")
+        data = b"\0".join(os.fsencode(f) for f in fields)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.orders, view):]
+        finally:
+            os.close(self.orders)
+        return self.proc
+
+    def discard(self) -> None:
+        """Let it go unused: its empty order ends it; its group goes with it."""
+        try:
+            os.close(self.orders)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.group.remove()
+
+
+class Launchers:
+    """Keeps one launcher parked for the next attempt (see the module's docstring)."""
+
+    def __init__(self, tree: cgroup.Tree, memory: int | None, pids: int | None) -> None:
+        self.tree, self.memory, self.pids = tree, memory, pids
+        self.perl = shutil.which("perl", path=SYSTEM_PATH)
+        self.names = count(1)
+        self.lock = threading.Lock()
+        self.ready: Parked | None = None
+        self.parking: threading.Thread | None = None
+        self.closed = False
+
+    def park(self) -> None:
+        """Park one in the background, unless one is parked or being parked."""
+        with self.lock:
+            if self.perl is None or self.closed or self.ready is not None or (
+                    self.parking is not None and self.parking.is_alive()):
+                return
+            self.parking = threading.Thread(target=self._park, name="launcher-park", daemon=True)
+            self.parking.start()
+
+    def take(self) -> Parked | None:
+        """The parked launcher, if one is ready (another is parked meanwhile); else None."""
+        with self.lock:
+            parked, self.ready = self.ready, None
+        if parked is not None and parked.proc.poll() is not None:  # killed from outside
+            parked.discard()
+            parked = None
+        self.park()
+        return parked
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a launcher is parked now (its group's move long done)."""
+        return self.ready is not None
+
+    def close(self) -> None:
+        """The daemon stops: the parked launcher ends, having run nothing."""
+        with self.lock:
+            self.closed = True
+            parked, self.ready = self.ready, None
+            parking = self.parking
+        if parking is not None:
+            parking.join(30)
+        with self.lock:
+            parked = parked or self.ready
+            self.ready = None
+        if parked is not None:
+            parked.discard()
+
+    def _park(self) -> None:
+        try:
+            parked = self._start()
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("sandbox: could not park a launcher (%s): attempts start bwrap held", exc)
+            return
+        with self.lock:
+            if self.closed or self.ready is not None:
+                parked_extra = parked
+            else:
+                self.ready, parked_extra = parked, None
+        if parked_extra is not None:
+            parked_extra.discard()
+
+    def _start(self) -> Parked:
+        assert self.perl is not None
+        group = self.tree.group(f"parked-{os.getpid()}-{next(self.names)}", self.memory, self.pids)
+        try:
+            read, write = os.pipe()
+            try:
+                proc = subprocess.Popen(
+                    [self.perl, "-e", PERL, str(read)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(read,),
+                    cwd="/", env={"PATH": SYSTEM_PATH})
+            except BaseException:
+                os.close(write)
+                raise
+            finally:
+                os.close(read)
+        except BaseException:
+            group.remove()
+            raise
+        parked = Parked(proc, write, group)
+        try:
+            for d in group.dirs:  # the move, and the kernel's wait: here, before any attempt needs it
+                fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, str(proc.pid).encode())
+                finally:
+                    os.close(fd)
+        except BaseException:
+            parked.discard()
+            raise
+        return parked

@@ -1,0 +1,172 @@
+"""Parked launchers (gitpipe/launcher.py): an attempt's first process waits in its cgroup before
+the attempt is known, so that starting it moves nothing into a cgroup. Real perl, real bwrap,
+real cgroups (root's on this host), real daemons killed for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Home, pipeline, wait_for
+
+from gitpipe import settings
+from gitpipe.sandbox import Confine, Sandbox
+
+pytestmark = pytest.mark.timeout(120)
+IS_ROOT = os.geteuid() == 0
+
+
+def _needs_root() -> None:
+    if not IS_ROOT:
+        pytest.skip("cgroup hierarchies are root's on this host (see test_sandbox's docstring)")
+
+
+def _sandbox(tmp_path: Path) -> tuple[Sandbox, Path]:
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    sandbox = Sandbox.for_host(settings.load(home.home))
+    assert sandbox.tree is not None, "a root daemon gets a cgroup per attempt"
+    slot = tmp_path / "slot"
+    (slot / "tree").mkdir(parents=True)
+    return sandbox, slot
+
+
+def _parked(sandbox: Sandbox) -> None:
+    sandbox.park()
+    assert sandbox.launchers is not None
+    wait_for(lambda: sandbox.launchers.waiting, what="a parked launcher")
+
+
+def _children(pid: int) -> set[int]:
+    """The live children of `pid` (its own world: never a scan of every process)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found |= {int(p) for p in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return found
+
+
+def _is_perl(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/exe").resolve().name.startswith("perl")
+    except OSError:
+        return False
+
+
+def test_an_attempt_from_a_parked_launcher_runs_in_its_group_with_exactly_its_environment(tmp_path: Path) -> None:
+    """The launcher is in the group before the attempt exists; it becomes bwrap there: the
+    script is a member from its first instruction, its output comes down the launcher's pipe,
+    its environment is what the daemon gave (nothing of Perl's), and its exit status is kept."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        _parked(sandbox)
+        parked = sandbox.launchers.ready
+        assert parked is not None and parked.proc.pid in parked.group.members()
+        box = Confine(key="a1.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        script = "cat /proc/self/cgroup > own; env | sort > env; echo out; echo err >&2; sleep 0.3; exit 3"
+        launch = sandbox.launch(["bash", "-c", script], {"ONE": "1", "SPACED": "a b\tc"}, box, parked=True)
+        assert launch.parked is parked and launch.group is parked.group
+        assert sandbox.groups["a1.1"] is parked.group  # what Sandbox.ended finds it by
+        proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+        assert proc.pid == parked.proc.pid  # the launcher became bwrap: the same process
+        time.sleep(0.15)
+        members = launch.group.members()
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        assert proc.wait() == 3
+        assert out.split() == [b"out", b"err"]
+        assert proc.pid in members and len(members) >= 3, members  # bwrap, the sandbox's init, bash
+        env = (slot / "tree" / "env").read_text().splitlines()
+        assert "ONE=1" in env and "SPACED=a b\tc" in env
+        assert not [line for line in env if line.startswith("PERL")]
+        # It started inside the group and made its cgroup namespace there: the group is its root.
+        assert all(line.endswith(":/") for line in (slot / "tree" / "own").read_text().splitlines()
+                   if ":pids:" in line or ":memory:" in line)
+        launch.group.remove()
+        _parked(sandbox)  # another one was parked meanwhile
+        assert sandbox.launchers.ready is not parked
+    finally:
+        sandbox.close()
+    assert sandbox.launchers.ready is None
+
+
+def test_without_a_parked_launcher_an_attempt_starts_held_as_before(tmp_path: Path) -> None:
+    """A launcher killed from outside is not used (nor is its group left behind): the attempt
+    starts bwrap held, in a group named by its key, and a new launcher is parked."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        _parked(sandbox)
+        dead = sandbox.launchers.ready
+        assert dead is not None
+        os.kill(dead.proc.pid, signal.SIGKILL)
+        dead.proc.wait()
+        box = Confine(key="a2.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        launch = sandbox.launch(["bash", "-c", "echo held"], {}, box, parked=True)
+        assert launch.parked is None and launch.group is not None
+        assert launch.group.dirs[0].name == "a2.1"
+        assert not any(d.exists() for d in dead.group.dirs)
+        proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+        assert proc.stdout is not None and proc.stdout.read() == b"held\n" and proc.wait() == 0
+        launch.group.remove()
+        _parked(sandbox)
+    finally:
+        sandbox.close()
+
+
+def test_a_daemon_killed_with_a_launcher_parked_leaves_nothing_running(tmp_path: Path) -> None:
+    """The daemon parks a launcher once it is up. Killed with -9, it closes the order pipe by
+    dying: the launcher reads an empty order and exits, having run nothing. The next daemon's
+    sweep removes its group; a stopped daemon takes its launcher along."""
+    _needs_root()
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    sandbox = Sandbox.for_host(settings.load(home.home))
+    assert sandbox.tree is not None
+    bases = sandbox.tree.bases
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as out:
+        killed = subprocess.Popen(home.argv("serve"), env=home.env(), stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        launcher = wait_for(lambda: next((p for p in _children(killed.pid) if _is_perl(p)), None),
+                            what="a launcher parked by the daemon")
+        wait_for(lambda: any(str(launcher) in (d / "cgroup.procs").read_text().split()
+                             for base in bases for d in base.iterdir() if d.name.startswith("parked-")),
+                 what="the launcher in its group")
+    finally:
+        killed.kill()
+        killed.wait()
+    wait_for(lambda: not Path(f"/proc/{launcher}").exists() or _zombie(launcher),
+             what="the launcher to end with its daemon")
+    left = [d for base in bases if base.exists() for d in base.iterdir() if d.is_dir()]
+    with home.daemon() as daemon:
+        wait_for(lambda: not any(d.exists() for d in left), what="the sweep of the dead daemon's groups")
+        repo = home.add_repo("app")
+        run = home.push_run(repo, {".pipeline.toml": pipeline("""
+            [[stage]]
+            name = "build"
+              [[stage.action]]
+              name = "build"
+              run = "echo built"
+            """)})
+        assert home.wait_run(run)["status"] == "succeeded"
+        launcher = wait_for(lambda: next((p for p in _children(daemon.pid) if _is_perl(p)), None),
+                            what="the next launcher parked")
+    assert not Path(f"/proc/{launcher}").exists() or _zombie(launcher), "a stopped daemon left its launcher"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
