@@ -69,9 +69,9 @@ class Parked:
         fields = [str(cwd), str(len(argv)), *argv]
         for key, value in env.items():
             fields += [key, value]
-        if any("\0" in f for f in fields):  # as execve refuses it
-            os.close(self.orders)
-            raise ValueError("embedded null byte in an argument or the environment")
+        if any("\0" in f for f in fields) or any(not key or "=" in key for key in env):
+            os.close(self.orders)  # what subprocess refuses too; the launcher ends on its empty order
+            raise ValueError("an argument or environment variable that execve cannot take")
         data = b"\0".join(os.fsencode(f) for f in fields)
         try:
             view = memoryview(data)
