@@ -278,6 +278,25 @@ class Floor:
         self.sandbox.close()
 
 
+def children_rss(pid: int) -> tuple[float, float]:
+    """(RSS, anonymous RSS) in KiB of a daemon's live child processes, summed (its own world only)."""
+    rss = anon = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                fields = dict(line.split(":", 1) for line in Path(f"/proc/{kid}/status").read_text().splitlines()
+                              if ":" in line)
+            except OSError:
+                continue
+            rss += float(fields.get("VmRSS", "0 kB").split()[0])
+            anon += float(fields.get("RssAnon", "0 kB").split()[0])
+    return rss, anon
+
+
 def strace_counts(text: str) -> dict[str, int]:
     calls: dict[str, int] = {}
     for line in text.splitlines():
@@ -333,6 +352,7 @@ def main() -> None:
             time.sleep(5)
             out.cpu = {s: (cpu_seconds(p.pid) - cpu0[s]) / 5 * 100 for s, p in peers.procs.items()}
             out.rss = {s: rss_kib(p.pid) / 1024 for s, p in peers.procs.items()}
+            out.children = {s: tuple(x / 1024 for x in children_rss(p.pid)) for s, p in peers.procs.items()}
     finally:
         peers.close()
     out.report()
@@ -349,6 +369,7 @@ class Results:
         self.counts: dict[str, dict[str, float]] = {}
         self.rss: dict[str, float] = {}
         self.fresh: dict[str, float] = {}
+        self.children: dict[str, tuple[float, float]] = {}
         self.cpu: dict[str, float] = {}
 
     def report(self) -> None:
@@ -391,6 +412,10 @@ class Results:
         if self.rss:
             row("idle daemon RSS, 20 repos, after the rows above", self.rss, "{:.1f} MB", "<= 25 MB")
             row("idle daemon CPU over 5 s", self.cpu, "{:.2f} %", "0 %")
+            kids = {s: rss for s, (rss, _) in self.children.items()}
+            own = {s: anon for s, (_, anon) in self.children.items()}
+            row("its idle child processes (gitpipe: the parked launcher), RSS", kids, "{:.1f} MB", "-")
+            row("the same, private (anonymous) memory only", own, "{:.1f} MB", "-")
         for key in ("processes and threads started", "execve", "fsync + fdatasync",
                     "daemon CPU ms (its own threads, not children)"):
             values = {s: c[key] for s, c in self.counts.items() if key in c}
