@@ -76,6 +76,8 @@ class Daemon:
         self.settings = settings
         self.burst = burst
         self.wake = threading.Event()
+        self.foreign = threading.Event()  # another process wrote (a wake file): see _step
+        self.foreign.set()  # the start hears what happened while no daemon ran
         self.stopping = threading.Event()
         self.signals = 0
         self.workers: dict[int, RunWorker] = {}
@@ -127,7 +129,7 @@ class Daemon:
         self.store.listeners.append(self.reporter.on_event)
         self.store.listeners.extend(self.listeners)
         self.events_seen = self.events_saved = self._events_seen_before()
-        self.control = ControlServer(self.settings, self.store, self.wake.set)
+        self.control = ControlServer(self.settings, self.store, self._heard)
         why_not = self.control.start()
         if why_not:
             log.info("%s", why_not)
@@ -148,7 +150,7 @@ class Daemon:
             from gitpipe.cluster.dispatch import Cluster
 
             self.host.cluster = Cluster(self.settings, self.settings.cluster)
-        observer = inotify.observe([self.settings.wake_dir, self.settings.spool_dir], self.wake)
+        observer = inotify.observe([self.settings.wake_dir, self.settings.spool_dir], self._heard)
         old = self._install_signals()
         log.addFilter(self.repeats)
         hook, threading.excepthook = threading.excepthook, self._thread_died
@@ -204,6 +206,12 @@ class Daemon:
         if self.signals > 1:  # second signal: do not wait for the grace period
             threading.Thread(target=self._interrupt_all, args=(0.0,), daemon=True).start()
 
+    def _heard(self) -> None:
+        """A wake file or spool entry appeared, or a command came over the control socket: look
+        at everything, what other processes wrote included (only the intake wakes without it)."""
+        self.foreign.set()
+        self.wake.set()
+
     def stop(self) -> None:
         """Ask the loop to stop (what SIGTERM does)."""
         self.stopping.set()
@@ -214,7 +222,8 @@ class Daemon:
         while True:
             due = self.next_due and max(0.0, self.next_due - time.time())
             waits = [x for x in (ping, due, self.backoff.next_in(), self.repeats.next_flush()) if x is not None]
-            self.wake.wait(min(waits) if waits else None)
+            if not self.wake.wait(min(waits) if waits else None):
+                self.foreign.set()  # a timer: look at everything, as a wake file would have it
             self.wake.clear()
             if ping:
                 notify_systemd("WATCHDOG=1")
@@ -243,8 +252,13 @@ class Daemon:
             worker.changed.set()  # approvals decided, cancels requested: let workers look
         self._claim()
         # After the claim: what hooks and commands changed reaches the report, and how far that
-        # got is saved (a synced commit), without delaying the start of a run just queued.
-        self._hear_others()
+        # got is saved (a synced commit), without delaying the start of a run just queued. Not
+        # when only the intake woke the loop: a push through it wrote with this daemon's own
+        # store (its events reached the listeners as it did), and looking took the store from
+        # the run that push just started; the next look of any other kind catches up.
+        if self.foreign.is_set():
+            self.foreign.clear()
+            self._hear_others()
         # After the claim: a push moved a head, and reading its pipeline for cron lines (a git
         # process) must not delay the run that push queued.
         if self.run_schedules:

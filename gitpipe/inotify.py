@@ -15,6 +15,7 @@ import errno
 import os
 import select
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 IN_MODIFY = 0x00000002
@@ -28,9 +29,9 @@ WAKES = IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO
 
 
 class Watch:
-    """A started watch that sets `event` whenever a file in one of `dirs` changes (see WAKES)."""
+    """A started watch that calls `on_change` whenever a file in one of `dirs` changes (see WAKES)."""
 
-    def __init__(self, dirs: list[Path], event: threading.Event) -> None:
+    def __init__(self, dirs: list[Path], on_change: Callable[[], object]) -> None:
         libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter has loaded
         self.fd = libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK)
         if self.fd < 0:
@@ -48,7 +49,7 @@ class Watch:
         except BaseException:
             os.close(self.fd)
             raise
-        self.event = event
+        self.on_change = on_change
         self.thread = threading.Thread(target=self._read, name="inotify", daemon=True)
         self.thread.start()
 
@@ -63,7 +64,7 @@ class Watch:
                         pass
                 except BlockingIOError:
                     pass
-                self.event.set()
+                self.on_change()
         finally:
             os.close(self.fd)
             os.close(self._stop_r)
@@ -76,6 +77,7 @@ class Watch:
         os.close(self._stop_w)
 
 
-def observe(dirs: list[Path], event: threading.Event) -> Watch:
-    """Set `event` on every change of a file directly in `dirs` (made when missing)."""
-    return Watch(dirs, event)
+def observe(dirs: list[Path], on_change: Callable[[], object]) -> Watch:
+    """Call `on_change` (from the watch's thread) on every change of a file directly in `dirs`
+    (made when missing)."""
+    return Watch(dirs, on_change)
