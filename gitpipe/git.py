@@ -32,10 +32,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
 from gitpipe.refs import short_ref
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -412,7 +416,7 @@ class WorktreePool:
             except OSError as exc:
                 log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
                 return
-            self._next.thread.start()
+            self._next.start()
 
     def ahead_more(self, count: int) -> None:
         """`count` more checkouts may be prepared ahead (known once the run is planned)."""
@@ -430,7 +434,7 @@ class WorktreePool:
         if self.first:  # the run's first action waits for it now: no tick is waited for its seal
             ahead.wanted.set()
         self.first = False
-        ahead.thread.join()
+        ahead.wait()
         slot = ahead.slot
         if slot is None:  # it failed (a full disk...): the checkout takes a slot as before
             return None
@@ -460,7 +464,7 @@ class WorktreePool:
             ahead, self._next = self._next, None
             self.ahead = 0
         if ahead is not None:
-            ahead.thread.join()
+            ahead.wait()
             if ahead.slot is not None:
                 os.close(ahead.slot.lock_fd)
 
@@ -603,7 +607,17 @@ class _Ahead:
         self.slot: Slot | None = None
         self.wanted = threading.Event()  # an action waits for this slot (see WorktreePool._seal)
         self.handed = False  # reset while that action waited: no seal to check it against
-        self.thread = threading.Thread(target=self._run, name="worktree-ahead", daemon=True)
+        self.job: Future[None] | None = None
+
+    def start(self) -> None:
+        from gitpipe import background  # the daemon's: not loaded by the Python hook
+
+        self.job = background.submit(self._run)
+
+    def wait(self) -> None:
+        """Until the reset is over (its failure is kept in `slot` being None)."""
+        if self.job is not None:
+            self.job.exception()  # waits; _run handles its own errors
 
     def _run(self) -> None:
         try:

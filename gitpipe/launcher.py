@@ -27,11 +27,13 @@ import os
 import shutil
 import subprocess
 import threading
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from gitpipe import cgroup
+from gitpipe import background, cgroup
 
 log = logging.getLogger("gitpipe")
 
@@ -106,17 +108,16 @@ class Launchers:
         self.names = count(1)
         self.lock = threading.Lock()
         self.ready: Parked | None = None
-        self.parking: threading.Thread | None = None
+        self.parking: Future[None] | None = None
         self.closed = False
 
     def park(self) -> None:
         """Park one in the background, unless one is parked or being parked."""
         with self.lock:
             if self.perl is None or self.closed or self.ready is not None or (
-                    self.parking is not None and self.parking.is_alive()):
+                    self.parking is not None and not self.parking.done()):
                 return
-            self.parking = threading.Thread(target=self._park, name="launcher-park", daemon=True)
-            self.parking.start()
+            self.parking = background.submit(self._park)  # no thread start to wait for
 
     def take(self) -> Parked | None:
         """The parked launcher, if one is ready (another is parked meanwhile); else None."""
@@ -140,7 +141,7 @@ class Launchers:
             parked, self.ready = self.ready, None
             parking = self.parking
         if parking is not None:
-            parking.join(30)
+            futures.wait([parking], timeout=30)
         with self.lock:
             parked = parked or self.ready
             self.ready = None

@@ -464,7 +464,7 @@ def test_a_prepared_slot_changed_before_its_use_is_reset_again(bare: Path, tmp_p
         pool.prepare_next(main)
         ahead = pool._next
         assert ahead is not None
-        ahead.thread.join()
+        ahead.wait()
         assert ahead.slot is not None and ahead.slot.root != first.root
         (ahead.slot.tree / "src" / "app.py").write_text("print('planted')\n")
         (ahead.slot.tree / "planted.txt").write_text("x")
