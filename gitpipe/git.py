@@ -32,17 +32,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
 from gitpipe.refs import short_ref
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
     import pygit2
 # pygit2 (~20 MB resident, ~35 ms to import) is imported by the functions that use it: an idle
 # daemon, and a run whose worktree is already there, never load it.
