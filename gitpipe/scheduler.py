@@ -28,6 +28,7 @@ from gitpipe.models import (
     ActionRecord,
     ActionSpec,
     ActionStatus,
+    AttemptRecord,
     CacheUse,
     Pipeline,
     RunRecord,
@@ -287,6 +288,8 @@ class RunWorker:
     def _missing_input(self, spec: ActionSpec) -> str | None:
         """Why the action is skipped: an input whose producer did not succeed (it failed with
         allow_failure, or was itself skipped), so the artifact does not exist; else None."""
+        if not spec.inputs:  # most actions: nothing to read
+            return None
         have = {a.name for a in self.store.artifacts(self.run.id)}
         records = {(a.stage, a.name): a for a in self.store.actions(self.run.id)}
         for name in spec.inputs:
@@ -319,29 +322,40 @@ class RunWorker:
 
     def _run_action(self, rec: ActionRecord, spec: ActionSpec,
                     attempt: Callable[[ActionRecord, ActionSpec], executor.Outcome] | None = None) -> None:
-        failures = sum(1 for a in self.store.attempts(rec.id)
-                       if a.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT))
+        """Attempts until one ends the action (retries); `attempt`: a worker host's instead of a local one."""
+        previous = self.store.attempts(rec.id) if rec.attempts else []  # none yet: nothing to read
+        failures = sum(1 for a in previous if a.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT))
         while True:
-            outcome = (attempt or self._attempt)(rec, spec)
-            if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT):
-                failures += 1
-                if failures <= spec.retries:
-                    full = space.full(self.host.settings.home)
-                    if full:  # a retry would fail the same way, or fill the disk again (a log flood)
-                        outcome = _not_retried(outcome, full, self.run.id)
-                    elif not self.halted:
-                        continue
-                    elif self.interrupted.is_set():  # its retry belongs to the next daemon
-                        outcome = executor.Outcome(ActionStatus.INTERRUPTED, outcome.exit_code,
-                                                   "daemon stopped before its retry")
-            fields = {"exit_code": outcome.exit_code, "message": outcome.message}
-            self.store.set_action(rec.id, outcome.status, **fields)
-            return
+            if attempt is None:  # the action's end is recorded with its last attempt's, in one transaction
+                final = self._attempt(rec, spec, previous, failures)
+            else:  # a worker host's attempt recorded its own end; the action's is recorded here
+                final = self._verdict(spec, attempt(rec, spec), failures)
+                if final is not None:
+                    self.store.set_action(rec.id, final.status, exit_code=final.exit_code, message=final.message)
+            if final is not None:
+                return
+            failures += 1
+            previous = self.store.attempts(rec.id)
 
-    def _attempt(self, rec: ActionRecord, spec: ActionSpec) -> executor.Outcome:
+    def _verdict(self, spec: ActionSpec, outcome: executor.Outcome, failures: int) -> executor.Outcome | None:
+        """What the action ends with after an attempt's `outcome` (`failures`: its failed attempts
+        before this one); None: it is tried again."""
+        if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and failures + 1 <= spec.retries:
+            full = space.full(self.host.settings.home)
+            if full:  # a retry would fail the same way, or fill the disk again (a log flood)
+                return _not_retried(outcome, full, self.run.id)
+            if not self.halted:
+                return None
+            if self.interrupted.is_set():  # its retry belongs to the next daemon
+                return executor.Outcome(ActionStatus.INTERRUPTED, outcome.exit_code, "daemon stopped before its retry")
+        return outcome
+
+    def _attempt(self, rec: ActionRecord, spec: ActionSpec, previous: list[AttemptRecord],
+                 failures: int) -> executor.Outcome | None:
+        """One local attempt; what the action ends with (recorded with the attempt's end), or None
+        when it is tried again (see `_verdict`)."""
         if self.host.sandbox.tree is not None:  # its wait (an RCU grace period) behind the checkout's
             self.host.sandbox.tree.warm()
-        previous = self.store.attempts(rec.id)
         deadline = self._deadline(spec, previous)
         number = len(previous) + 1
         token = uuid.uuid4().hex
@@ -349,11 +363,13 @@ class RunWorker:
         writer = attempts.begin(self.store, self.host.settings, self.run.id, rec.id, rec.name, number, masker,
                                 deadline=deadline, token=token)
         outcome = executor.Outcome(ActionStatus.FAILED, None)
+        final: executor.Outcome | None = None
         out_file: Path | None = None
         uses: list[tuple[cache_mod.Plan, CacheUse]] = []
         try:
             with self.pool.checkout(self.run.sha) as slot:
-                artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
+                if spec.inputs:
+                    artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
                 out_file = slot.root / "output"  # read, then removed: it may hold secrets
                 box = Confine(key=f"a{rec.id}.{number}", home=slot.root / "home", tree=slot.tree,
                               name=self.run.repo, output=out_file, readonly=self._readonly(spec),
@@ -375,14 +391,17 @@ class RunWorker:
                 finally:
                     if self.host.caches is not None:
                         self.host.caches.release(held)  # before the slot is free: its overlays go
+            final = self._verdict(spec, outcome, failures)
         except (GitpipeError, OSError) as exc:  # an output glob, a full disk while storing artifacts
             writer.line(f"gitpipe: {exc}")
             outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
+            final = self._verdict(spec, outcome, failures)
         finally:
             if out_file is not None:
                 out_file.unlink(missing_ok=True)
-            attempts.end(self.store, rec.id, number, writer, outcome)
-        return outcome
+            # Anything else raised (a bug): the attempt's end alone; _guarded fails the action, saying why.
+            attempts.end(self.store, rec.id, number, writer, outcome, final)
+        return final
 
     # ------------------------------------------------------------------ build caches
     def _protected(self) -> bool:
@@ -413,7 +432,7 @@ class RunWorker:
     def _record_caches(self, action_id: int, number: int, uses: list[tuple[cache_mod.Plan, CacheUse]]) -> None:
         for _plan, use in uses:
             try:
-                self.store.record_cache_use(replace(use, action_id=action_id, attempt=number))
+                self.store.record_cache_use(replace(use, action_id=action_id, attempt=number), synced=False)
             except GitpipeError as exc:  # a full disk: the action's result matters more
                 log.warning("run #%s: could not record a cache use: %s", self.run.id, exc)
 
