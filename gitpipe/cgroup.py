@@ -28,6 +28,7 @@ from gitpipe.settings import format_size
 log = logging.getLogger("gitpipe")
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("pids", "memory")
+_HELPER_LOCK = threading.Lock()
 KILL_ROUNDS = 200  # v1 has no cgroup.kill: SIGKILL what is listed until nothing is (bounded)
 
 
@@ -136,11 +137,8 @@ class Tree:
         """A new, empty group for one attempt, with its limits set: the one made ahead (see
         `warm`), renamed, when there is one, else made now."""
         memory, pids = (memory, pids) if self.limits else (None, None)
-        if self.helper is not None:
-            group = self.helper.take_spare(self, key, memory, pids)
-            if group is not None:
-                return group
-        return self._make_group(key, memory, pids)
+        group = self._helper().take_spare(key, memory, pids)
+        return group if group is not None else self._make_group(key, memory, pids)
 
     def _make_group(self, key: str, memory: int | None, pids: int | None) -> Group:
         dirs = []
@@ -171,9 +169,13 @@ class Tree:
         The group made ahead (mkdir and its limits, ~0.25 ms with a migration's lock held
         elsewhere) is taken by `group` with a rename (cgroup v1; v2 cannot rename a group,
         and there each group is made when asked for)."""
-        if self.helper is None:
-            self.helper = _Helper(self.bases)
-        self.helper.request()
+        self._helper().request()
+
+    def _helper(self) -> _Helper:
+        with _HELPER_LOCK:  # the actions of a group ask at once: one helper
+            if self.helper is None:
+                self.helper = _Helper(self.bases)
+            return self.helper
     def sweep(self) -> int:
         """Kill and remove the groups a previous daemon left (after a crash); how many."""
         found = 0
@@ -219,7 +221,7 @@ class _Helper:
             self.asked = True
             self.cond.notify()
 
-    def take_spare(self, tree: Tree, key: str, memory: int | None, pids: int | None) -> Group | None:
+    def take_spare(self, key: str, memory: int | None, pids: int | None) -> Group | None:
         """The group made ahead, renamed to `key`, when it has these limits; else None."""
         with self.cond:
             spare, self.spare = self.spare, None
