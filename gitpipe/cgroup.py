@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -103,6 +104,30 @@ class Group:
                     break
                 except OSError:
                     time.sleep(0.01)
+
+
+    def remove_later(self) -> None:
+        """`remove` on the one lasting thread that removes the groups of ended attempts, in order:
+        a thread started per attempt cost the action's thread ~0.1 ms (Thread.start waits for it)."""
+        global _janitor
+        with _HELPER_LOCK:
+            if _janitor is None:
+                _janitor = threading.Thread(target=_remove_queued, name="cgroup-remove", daemon=True)
+                _janitor.start()
+        _removals.put(self)
+
+
+_removals: queue.SimpleQueue[Group] = queue.SimpleQueue()
+_janitor: threading.Thread | None = None
+
+
+def _remove_queued() -> None:
+    while True:
+        group = _removals.get()
+        try:
+            group.remove()
+        except Exception:  # never ends the thread: the next start sweeps what is left
+            log.exception("cgroup: could not remove %s", group.dirs[0])
 
 
 def _kill(pid: int, sig: signal.Signals) -> None:

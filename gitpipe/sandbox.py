@@ -430,14 +430,23 @@ def _join(group: cgroup.Group | None) -> list[str]:
 
 def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
     """An empty directory (mode 0700) owned by the build user when there is one."""
+    try:
+        os.rmdir(path)  # what most attempts leave: an empty one (never follows a link)
+    except FileNotFoundError:
+        pass
+    except OSError:  # not empty, or not a directory
+        _remove_any(path)
+    path.mkdir(mode=0o700, parents=True)
+    _chown(path, uid, gid)
+
+
+def _remove_any(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
         from gitpipe.git import remove_tree
 
         remove_tree(path)
-    path.mkdir(mode=0o700, parents=True)
-    _chown(path, uid, gid)
 
 
 def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:
