@@ -41,14 +41,16 @@ def begin(store: Store, settings: Settings, run_id: int, action_id: int, label: 
 
 
 def end(store: Store, action_id: int, number: int, writer: executor.LogWriter,
-        outcome: executor.Outcome, final: executor.Outcome | None = None) -> None:
+        outcome: executor.Outcome, final: executor.Outcome | None = None, *, stage_ends: bool = False,
+        next_stage: bool = False) -> None:
     """Close an attempt: a failure's reason as its log's last line, the log closed, its row ended;
-    with `final`, the action's end too, in the same (synced) transaction."""
+    with `final`, the action's end too, in the same (synced) transaction (and the stage change
+    that follows it: see `Store.finish_attempt`)."""
     if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and outcome.message:
         writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
     writer.close()
     if final is None:
         store.finish_attempt(action_id, number, outcome.status, outcome.exit_code)
     else:
-        store.finish_attempt(action_id, number, outcome.status, outcome.exit_code,
-                             ends=final.status, message=final.message)
+        store.finish_attempt(action_id, number, outcome.status, outcome.exit_code, ends=final.status,
+                             message=final.message, stage_ends=stage_ends, next_stage=next_stage)

@@ -82,6 +82,11 @@ class RunWorker:
         self.changed = threading.Event()  # set by the daemon on every wake-up (approvals wait on it)
         self.thread = threading.Thread(target=self._main, name=f"run-{run.id}", daemon=True)
         self.on_done: Callable[[RunWorker], None] | None = None
+        # Stage changes recorded with an action's end (see _stage_change), by the action's thread:
+        # the stages it ended (succeeded) and the ones it started; read by the run's thread after join.
+        self.records: dict[tuple[int, int], ActionRecord] = {}
+        self.ended_stages: set[int] = set()
+        self.begun_stages: set[int] = set()
 
     # ------------------------------------------------------------------ control from other threads
     def cancel(self) -> None:
@@ -181,7 +186,7 @@ class RunWorker:
             return None
 
     def _stages(self) -> None:
-        records = {(a.stage_idx, a.idx): a for a in self.store.actions(self.run.id)}
+        records = self.records = {(a.stage_idx, a.idx): a for a in self.store.actions(self.run.id)}
         failed = False
         for s_idx, stage in enumerate(self.pipe.stages):
             acts = [records[(s_idx, i)] for i in range(len(stage.actions))]
@@ -196,11 +201,12 @@ class RunWorker:
             if failed or self.halted:
                 self._close_stage(s_idx, acts)
                 continue
-            self.store.set_stage(self.run.id, s_idx, ActionStatus.RUNNING)
+            if s_idx not in self.begun_stages:  # else started with the end of the stage before
+                self.store.set_stage(self.run.id, s_idx, ActionStatus.RUNNING)
             ok = self._stage(s_idx, acts)
             if self.interrupted.is_set():
                 return  # the next daemon goes on from here
-            if ok:  # a stage that stopped early was closed by _close_stage (failed or cancelled)
+            if ok and s_idx not in self.ended_stages:  # one that stopped early was closed by _close_stage
                 self.store.set_stage(self.run.id, s_idx, ActionStatus.SUCCEEDED)
             failed = failed or not ok
         self._finish(failed)
@@ -218,6 +224,8 @@ class RunWorker:
             if self.halted:
                 self._close_stage(s_idx, self.store.actions_of_stage(self.run.id, s_idx))
                 return False
+            if s_idx in self.ended_stages:  # its last action passed, and ended it
+                return True
             if not all(self.store.action(a.id).passed for a in acts if a.run_order == order):
                 self._close_stage(s_idx, self.store.actions_of_stage(self.run.id, s_idx))
                 return False
@@ -400,8 +408,30 @@ class RunWorker:
             if out_file is not None:
                 out_file.unlink(missing_ok=True)
             # Anything else raised (a bug): the attempt's end alone; _guarded fails the action, saying why.
-            attempts.end(self.store, rec.id, number, writer, outcome, final)
+            ends, begins = self._stage_change(rec, final)
+            attempts.end(self.store, rec.id, number, writer, outcome, final, stage_ends=ends, next_stage=begins)
+        if ends:
+            self.ended_stages.add(rec.stage_idx)
+        if begins:
+            self.begun_stages.add(rec.stage_idx + 1)
         return final
+
+    def _stage_change(self, rec: ActionRecord, final: executor.Outcome | None) -> tuple[bool, bool]:
+        """Whether an action's end also ends its stage, and starts the next one, in its transaction.
+
+        Only for the stage's last action, alone in its run_order group (the groups before it
+        passed, or it would not run) and passing: the stage then succeeds, as _stage would
+        find. The next stage starts when it has something to run and the run goes on."""
+        if final is None or self.halted or not replace(rec, status=final.status).passed:
+            return False, False
+        stage = [a for (s, _), a in self.records.items() if s == rec.stage_idx]
+        if not stage:  # not walked by _stages
+            return False, False
+        last = max(a.run_order for a in stage)
+        if rec.run_order != last or [a.id for a in stage if a.run_order == last] != [rec.id]:
+            return False, False
+        after = [a for (s, _), a in self.records.items() if s == rec.stage_idx + 1]
+        return True, bool(after) and not all(a.status.finished for a in after)
 
     # ------------------------------------------------------------------ build caches
     def _protected(self) -> bool:
