@@ -110,24 +110,38 @@ class Group:
         """`remove` on the one lasting thread that removes the groups of ended attempts, in order:
         a thread started per attempt cost the action's thread ~0.1 ms (Thread.start waits for it)."""
         global _janitor
+        global _queued
         with _HELPER_LOCK:
             if _janitor is None:
                 _janitor = threading.Thread(target=_remove_queued, name="cgroup-remove", daemon=True)
                 _janitor.start()
+            _queued += 1
         _removals.put(self)
 
 
 _removals: queue.SimpleQueue[Group] = queue.SimpleQueue()
 _janitor: threading.Thread | None = None
+_queued = 0  # groups given to remove_later and not removed yet
+_removed = threading.Condition(_HELPER_LOCK)
 
 
 def _remove_queued() -> None:
+    global _queued
     while True:
         group = _removals.get()
         try:
             group.remove()
         except Exception:  # never ends the thread: the next start sweeps what is left
             log.exception("cgroup: could not remove %s", group.dirs[0])
+        with _removed:
+            _queued -= 1
+            _removed.notify_all()
+
+
+def wait_removed(timeout: float) -> None:
+    """Wait (at most `timeout` seconds) until the groups given to `remove_later` are gone."""
+    with _removed:
+        _removed.wait_for(lambda: _queued == 0, timeout)
 
 
 def _kill(pid: int, sig: signal.Signals) -> None:
@@ -216,6 +230,7 @@ class Tree:
         """The daemon stops: remove its (empty) bases, so a host keeps no stale groups."""
         if self.helper is not None:
             self.helper.stop()
+        wait_removed(5.0)  # the groups of the last attempts, being removed
         for base in self.bases:
             try:
                 base.rmdir()

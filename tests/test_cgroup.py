@@ -117,6 +117,16 @@ def test_a_group_made_ahead_goes_when_the_daemon_stops() -> None:
     assert not any(base.exists() for base in tree.bases)
 
 
+def test_an_ended_attempts_group_is_removed_later_with_what_is_left_in_it(tree: cgroup.Tree) -> None:
+    group = tree.group("a8.1", None, None)
+    proc = join(group, "sleep 300")
+    wait_members(group, 1)
+    group.remove_later()  # what the executor does once a sandbox's script ended
+    cgroup.wait_removed(20)
+    proc.wait(10)
+    assert not any(d.exists() for d in group.dirs)
+
+
 def wait_spares(tree: cgroup.Tree) -> list[Path]:
     """The group the tree made ahead (named spare-<n> until an attempt takes it)."""
     deadline = time.monotonic() + 10
