@@ -3,7 +3,8 @@
 A script's attempt (scheduler), a deploy's (delivery) and, for its log's name, a worker host's
 (cluster) all open an attempt with `begin` and close it with `end`: the attempt row and the
 action's "running" in one transaction, the log masked and bounded by max_log_size, a failure's
-reason as the log's last line, then the attempt row's end.
+reason as the log's last line, then the attempt row's end (and, when it is the last attempt, the
+action's end in the same transaction: one synced commit to start an action, one to end it).
 """
 
 from __future__ import annotations
@@ -40,9 +41,16 @@ def begin(store: Store, settings: Settings, run_id: int, action_id: int, label: 
 
 
 def end(store: Store, action_id: int, number: int, writer: executor.LogWriter,
-        outcome: executor.Outcome) -> None:
-    """Close an attempt: a failure's reason as its log's last line, the log closed, its row ended."""
+        outcome: executor.Outcome, final: executor.Outcome | None = None, *, stage_ends: bool = False,
+        next_stage: bool = False) -> None:
+    """Close an attempt: a failure's reason as its log's last line, the log closed, its row ended;
+    with `final`, the action's end too, in the same (synced) transaction (and the stage change
+    that follows it: see `Store.finish_attempt`)."""
     if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and outcome.message:
         writer.line(f"gitpipe: attempt {number} {outcome.status.value}: {outcome.message}")
     writer.close()
-    store.finish_attempt(action_id, number, outcome.status, outcome.exit_code)
+    if final is None:
+        store.finish_attempt(action_id, number, outcome.status, outcome.exit_code)
+    else:
+        store.finish_attempt(action_id, number, outcome.status, outcome.exit_code, ends=final.status,
+                             message=final.message, stage_ends=stage_ends, next_stage=next_stage)

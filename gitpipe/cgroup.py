@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -28,6 +29,7 @@ from gitpipe.settings import format_size
 log = logging.getLogger("gitpipe")
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("pids", "memory")
+_HELPER_LOCK = threading.Lock()
 KILL_ROUNDS = 200  # v1 has no cgroup.kill: SIGKILL what is listed until nothing is (bounded)
 
 
@@ -104,6 +106,44 @@ class Group:
                     time.sleep(0.01)
 
 
+    def remove_later(self) -> None:
+        """`remove` on the one lasting thread that removes the groups of ended attempts, in order:
+        a thread started per attempt cost the action's thread ~0.1 ms (Thread.start waits for it)."""
+        global _janitor
+        global _queued
+        with _HELPER_LOCK:
+            if _janitor is None:
+                _janitor = threading.Thread(target=_remove_queued, name="cgroup-remove", daemon=True)
+                _janitor.start()
+            _queued += 1
+        _removals.put(self)
+
+
+_removals: queue.SimpleQueue[Group] = queue.SimpleQueue()
+_janitor: threading.Thread | None = None
+_queued = 0  # groups given to remove_later and not removed yet
+_removed = threading.Condition(_HELPER_LOCK)
+
+
+def _remove_queued() -> None:
+    global _queued
+    while True:
+        group = _removals.get()
+        try:
+            group.remove()
+        except Exception:  # never ends the thread: the next start sweeps what is left
+            log.exception("cgroup: could not remove %s", group.dirs[0])
+        with _removed:
+            _queued -= 1
+            _removed.notify_all()
+
+
+def wait_removed(timeout: float) -> None:
+    """Wait (at most `timeout` seconds) until the groups given to `remove_later` are gone."""
+    with _removed:
+        _removed.wait_for(lambda: _queued == 0, timeout)
+
+
 def _kill(pid: int, sig: signal.Signals) -> None:
     try:
         os.kill(pid, sig)
@@ -117,7 +157,7 @@ class Tree:
 
     bases: tuple[Path, ...]
     limits: bool  # whether memory and pids limits can be set there
-    warming: threading.Thread | None = field(default=None, repr=False, compare=False)  # see warm
+    helper: _Helper | None = field(default=None, repr=False, compare=False)  # see warm
 
     @classmethod
     def find(cls, tag: str) -> tuple[Tree | None, str]:
@@ -133,7 +173,13 @@ class Tree:
         return _v2_tree(mount / unified.lstrip("/"), tag)
 
     def group(self, key: str, memory: int | None, pids: int | None) -> Group:
-        """A new, empty group for one attempt, with its limits set."""
+        """A new, empty group for one attempt, with its limits set: the one made ahead (see
+        `warm`), renamed, when there is one, else made now."""
+        memory, pids = (memory, pids) if self.limits else (None, None)
+        group = self._helper().take_spare(key, memory, pids)
+        return group if group is not None else self._make_group(key, memory, pids)
+
+    def _make_group(self, key: str, memory: int | None, pids: int | None) -> Group:
         dirs = []
         for base in self.bases:
             d = base / key
@@ -141,14 +187,14 @@ class Tree:
                 Group((d,), None, None).remove()
             d.mkdir()
             dirs.append(d)
-        group = Group(tuple(dirs), memory if self.limits else None, pids if self.limits else None)
-        if self.limits:
-            for d in dirs:
-                _write_limits(d, memory, pids)
+        group = Group(tuple(dirs), memory, pids)
+        for d in dirs:
+            _write_limits(d, memory, pids)
         return group
 
     def warm(self) -> None:
-        """Begin, in the background, the wait the next move into a group will have.
+        """Begin, in the background, the wait the next move into a group will have, and make
+        the next attempt's group ahead (with the limits `group` was last asked for).
 
         The kernel's first cgroup migration after a quiet spell waits for an RCU grace period
         (cgroup_threadgroup_rwsem's rcu_sync: ~5-9 ms on a loaded 2-core VM, measured), and
@@ -156,12 +202,19 @@ class Tree:
         attempt's process is moved, this overlaps that wait with the work in between. It
         writes the daemon's pid into the group it is in already: a move to where it is.
         One already under way serves every caller (the scheduler and the sandbox both ask, a
-        few ms apart, for the same attempt)."""
-        if self.warming is not None and self.warming.is_alive():
-            return
-        self.warming = threading.Thread(target=_rewrite_own, name="cgroup-warm", daemon=True)
-        self.warming.start()
+        few ms apart, for the same attempt). It runs on one lasting thread of the tree: a
+        thread started per call cost the action ~0.1 ms each time.
 
+        The group made ahead (mkdir and its limits, ~0.25 ms with a migration's lock held
+        elsewhere) is taken by `group` with a rename (cgroup v1; v2 cannot rename a group,
+        and there each group is made when asked for)."""
+        self._helper().request()
+
+    def _helper(self) -> _Helper:
+        with _HELPER_LOCK:  # the actions of a group ask at once: one helper
+            if self.helper is None:
+                self.helper = _Helper(self.bases)
+            return self.helper
     def sweep(self) -> int:
         """Kill and remove the groups a previous daemon left (after a crash); how many."""
         found = 0
@@ -175,11 +228,108 @@ class Tree:
 
     def close(self) -> None:
         """The daemon stops: remove its (empty) bases, so a host keeps no stale groups."""
+        if self.helper is not None:
+            self.helper.stop()
+        wait_removed(5.0)  # the groups of the last attempts, being removed
         for base in self.bases:
             try:
                 base.rmdir()
             except OSError:  # still holds an attempt's group: the next start sweeps it
                 pass
+
+
+class _Helper:
+    """The tree's lasting background thread: the warm-up migration, then the next group ahead."""
+
+    def __init__(self, bases: tuple[Path, ...]) -> None:
+        self.bases = bases
+        self.cond = threading.Condition()
+        self.asked = False
+        self.limits: tuple[int | None, int | None] | None = None  # what `group` was last asked for
+        self.busy = False
+        self.stopped = False
+        self.spare: Group | None = None  # made ahead, named spare-<n>, not yet given out
+        self.renames = True  # False once a rename failed (cgroup v2): no more groups made ahead
+        self.made = 0
+        self.thread = threading.Thread(target=self._loop, name="cgroup-warm", daemon=True)
+        self.thread.start()
+
+    def request(self) -> None:
+        with self.cond:
+            if self.busy or self.stopped:
+                return
+            self.asked = True
+            self.cond.notify()
+
+    def take_spare(self, key: str, memory: int | None, pids: int | None) -> Group | None:
+        """The group made ahead, renamed to `key`, when it has these limits; else None."""
+        with self.cond:
+            spare, self.spare = self.spare, None
+            self.limits = (memory, pids)
+        if spare is None:
+            return None
+        if (spare.memory, spare.pids) == (memory, pids) and self.renames:
+            done: list[tuple[Path, Path]] = []
+            try:
+                for d in spare.dirs:
+                    if (d.parent / key).exists():  # a leftover of a crash with the same key
+                        Group((d.parent / key,), None, None).remove()
+                    d.rename(d.parent / key)
+                    done.append((d, d.parent / key))
+                return Group(tuple(new for _, new in done), memory, pids)
+            except OSError as exc:
+                self.renames = False
+                log.debug("cgroup: a group cannot be renamed here (%s): each is made when asked for", exc)
+                spare = Group(tuple(new for _, new in done) + spare.dirs[len(done):], None, None)
+        threading.Thread(target=spare.remove, name="cgroup-remove", daemon=True).start()
+        return None
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        self.thread.join(5)
+        with self.cond:
+            spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.remove()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.asked and not self.stopped:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+                self.asked, self.busy, limits = False, True, self.limits
+            try:
+                _rewrite_own()
+                if self.spare is None and self.renames and limits is not None:
+                    self._make_spare(*limits)
+            finally:
+                with self.cond:
+                    self.busy = False
+
+    def _make_spare(self, memory: int | None, pids: int | None) -> None:
+        self.made += 1
+        dirs: list[Path] = []
+        try:
+            for base in self.bases:
+                d = base / f"spare-{self.made}"
+                d.mkdir()
+                dirs.append(d)
+                _write_limits(d, memory, pids)
+        except OSError as exc:  # the next attempt makes its own
+            log.debug("cgroup: could not make a group ahead: %s", exc)
+            Group(tuple(dirs), None, None).remove()
+            return
+        with self.cond:
+            if self.stopped:
+                spare = Group(tuple(dirs), None, None)
+            else:
+                self.spare, spare = Group(tuple(dirs), memory, pids), None
+        if spare is not None:
+            spare.remove()
 
 
 def _write_limits(d: Path, memory: int | None, pids: int | None) -> None:

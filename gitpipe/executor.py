@@ -49,6 +49,7 @@ class Cage(Protocol):
     def kill(self) -> None: ...
     def limit_hit(self) -> str | None: ...
     def remove(self) -> None: ...
+    def remove_later(self) -> None: ...
 
 
 class TokenCage:
@@ -80,6 +81,9 @@ class TokenCage:
 
     def remove(self) -> None:
         self.kill()
+
+    def remove_later(self) -> None:
+        threading.Thread(target=self.remove, name="token-remove", daemon=True).start()
 
 
 class _PassThrough:
@@ -264,7 +268,7 @@ def wait(attempt: Attempt, deadline: float | None, on_start: Callable[[], None] 
         attempt.cage.signal(signal.SIGKILL)
         attempt.reader.join()
         limit = attempt.cage.limit_hit()
-        threading.Thread(target=attempt.cage.remove, name="cgroup-remove", daemon=True).start()
+        attempt.cage.remove_later()
     else:
         # Background children still holding the log pipe: the action is over, end them.
         if attempt.cage.members():

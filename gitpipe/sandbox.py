@@ -31,6 +31,7 @@ build user may still create user namespaces inside the sandbox.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -380,12 +381,7 @@ class Sandbox:
                 out.append("--share-net")
         if root and not box.network:
             out.append("--unshare-net")
-        out += ["--hostname", "gitpipe", "--ro-bind", "/usr", "/usr"]
-        for link in SYSTEM_LINKS:
-            if os.path.islink(link):
-                out += ["--symlink", os.readlink(link), link]
-            elif os.path.isdir(link):
-                out += ["--ro-bind", link, link]
+        out += ["--hostname", "gitpipe", "--ro-bind", "/usr", "/usr", *_system_links()]
         # /tmp and /dev/shm world-writable and sticky, /var traversable: as root, bwrap makes
         # them root's (0755, /var 0700), which the build user could not use (mktemp failed).
         out += ["--ro-bind", "/etc", "/etc", "--proc", "/proc", "--dev", "/dev",
@@ -413,12 +409,30 @@ class Sandbox:
             out += ["--setenv", "PATH", script_path]
         out.append("--")
         if root:
-            setpriv = shutil.which("setpriv", path=SYSTEM_PATH) or "/usr/bin/setpriv"
-            out += [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+            out += [_system_tool("setpriv"), f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                     "--inh-caps=-all", "--no-new-privs"]
         if env and not probing:
-            out += [shutil.which("env", path=SYSTEM_PATH) or "/usr/bin/env", *(f"{k}={v}" for k, v in env.items())]
+            out += [_system_tool("env"), *(f"{k}={v}" for k, v in env.items())]
         return out + argv
+
+
+@functools.cache
+def _system_links() -> tuple[str, ...]:
+    """The /bin, /lib... of the host as the sandbox shows them (links, or read-only binds);
+    looked at once per daemon, not per attempt."""
+    out: list[str] = []
+    for link in SYSTEM_LINKS:
+        if os.path.islink(link):
+            out += ["--symlink", os.readlink(link), link]
+        elif os.path.isdir(link):
+            out += ["--ro-bind", link, link]
+    return tuple(out)
+
+
+@functools.cache
+def _system_tool(name: str) -> str:
+    """A system program's path (never the pipeline's PATH); looked up once per daemon."""
+    return shutil.which(name, path=SYSTEM_PATH) or f"/usr/bin/{name}"
 
 
 def _dirs(path: Path, made: set[str]) -> list[str]:
@@ -458,14 +472,23 @@ def _join(group: cgroup.Group | None) -> list[str]:
 
 def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
     """An empty directory (mode 0700) owned by the build user when there is one."""
+    try:
+        os.rmdir(path)  # what most attempts leave: an empty one (never follows a link)
+    except FileNotFoundError:
+        pass
+    except OSError:  # not empty, or not a directory
+        _remove_any(path)
+    path.mkdir(mode=0o700, parents=True)
+    _chown(path, uid, gid)
+
+
+def _remove_any(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
         from gitpipe.git import remove_tree
 
         remove_tree(path)
-    path.mkdir(mode=0o700, parents=True)
-    _chown(path, uid, gid)
 
 
 def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:

@@ -28,6 +28,7 @@ from gitpipe.models import (
     ActionRecord,
     ActionSpec,
     ActionStatus,
+    AttemptRecord,
     CacheUse,
     Pipeline,
     RunRecord,
@@ -81,6 +82,11 @@ class RunWorker:
         self.changed = threading.Event()  # set by the daemon on every wake-up (approvals wait on it)
         self.thread = threading.Thread(target=self._main, name=f"run-{run.id}", daemon=True)
         self.on_done: Callable[[RunWorker], None] | None = None
+        # Stage changes recorded with an action's end (see _stage_change), by the action's thread:
+        # the stages it ended (succeeded) and the ones it started; read by the run's thread after join.
+        self.records: dict[tuple[int, int], ActionRecord] = {}
+        self.ended_stages: set[int] = set()
+        self.begun_stages: set[int] = set()
 
     # ------------------------------------------------------------------ control from other threads
     def cancel(self) -> None:
@@ -180,7 +186,7 @@ class RunWorker:
             return None
 
     def _stages(self) -> None:
-        records = {(a.stage_idx, a.idx): a for a in self.store.actions(self.run.id)}
+        records = self.records = {(a.stage_idx, a.idx): a for a in self.store.actions(self.run.id)}
         failed = False
         for s_idx, stage in enumerate(self.pipe.stages):
             acts = [records[(s_idx, i)] for i in range(len(stage.actions))]
@@ -195,11 +201,12 @@ class RunWorker:
             if failed or self.halted:
                 self._close_stage(s_idx, acts)
                 continue
-            self.store.set_stage(self.run.id, s_idx, ActionStatus.RUNNING)
+            if s_idx not in self.begun_stages:  # else started with the end of the stage before
+                self.store.set_stage(self.run.id, s_idx, ActionStatus.RUNNING)
             ok = self._stage(s_idx, acts)
             if self.interrupted.is_set():
                 return  # the next daemon goes on from here
-            if ok:  # a stage that stopped early was closed by _close_stage (failed or cancelled)
+            if ok and s_idx not in self.ended_stages:  # one that stopped early was closed by _close_stage
                 self.store.set_stage(self.run.id, s_idx, ActionStatus.SUCCEEDED)
             failed = failed or not ok
         self._finish(failed)
@@ -208,8 +215,10 @@ class RunWorker:
         """Run a stage's run_order groups; False as soon as a group fails."""
         for order in sorted({a.run_order for a in acts}):
             group = [a for a in acts if a.run_order == order and not a.status.finished]
+            if len(group) == 1:  # alone: in this thread (a thread's start and join cost ~0.1 ms)
+                self._action_here(s_idx, group[0])
             threads = [threading.Thread(target=self._action, args=(s_idx, a), name=f"action-{a.id}")
-                       for a in group]
+                       for a in group] if len(group) > 1 else []
             for t in threads:
                 t.start()
             for t in threads:
@@ -217,6 +226,8 @@ class RunWorker:
             if self.halted:
                 self._close_stage(s_idx, self.store.actions_of_stage(self.run.id, s_idx))
                 return False
+            if s_idx in self.ended_stages:  # its last action passed, and ended it
+                return True
             if not all(self.store.action(a.id).passed for a in acts if a.run_order == order):
                 self._close_stage(s_idx, self.store.actions_of_stage(self.run.id, s_idx))
                 return False
@@ -277,6 +288,14 @@ class RunWorker:
                 return self._guarded(rec, lambda: delivery.run_deploy(self._delivery(), rec, spec))
             return self._guarded(rec, lambda: self._run_action(rec, spec))
 
+    def _action_here(self, s_idx: int, rec: ActionRecord) -> None:
+        """`_action` in the run's thread, an error in it ending as in a thread of its own: logged,
+        and the action's status (not passed) decides what follows."""
+        try:
+            self._action(s_idx, rec)
+        except Exception:
+            log.exception("run #%s action %s crashed", self.run.id, rec.name)
+
     def _delivery(self) -> delivery.RunContext:
         """What an approval or a deploy sees of this run (nothing else of the worker)."""
         return delivery.RunContext(
@@ -287,6 +306,8 @@ class RunWorker:
     def _missing_input(self, spec: ActionSpec) -> str | None:
         """Why the action is skipped: an input whose producer did not succeed (it failed with
         allow_failure, or was itself skipped), so the artifact does not exist; else None."""
+        if not spec.inputs:  # most actions: nothing to read
+            return None
         have = {a.name for a in self.store.artifacts(self.run.id)}
         records = {(a.stage, a.name): a for a in self.store.actions(self.run.id)}
         for name in spec.inputs:
@@ -319,28 +340,39 @@ class RunWorker:
 
     def _run_action(self, rec: ActionRecord, spec: ActionSpec,
                     attempt: Callable[[ActionRecord, ActionSpec], executor.Outcome] | None = None) -> None:
-        failures = sum(1 for a in self.store.attempts(rec.id)
-                       if a.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT))
+        """Attempts until one ends the action (retries); `attempt`: a worker host's instead of a local one."""
+        previous = self.store.attempts(rec.id) if rec.attempts else []  # none yet: nothing to read
+        failures = sum(1 for a in previous if a.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT))
         while True:
-            outcome = (attempt or self._attempt)(rec, spec)
-            if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT):
-                failures += 1
-                if failures <= spec.retries:
-                    full = space.full(self.host.settings.home)
-                    if full:  # a retry would fail the same way, or fill the disk again (a log flood)
-                        outcome = _not_retried(outcome, full, self.run.id)
-                    elif not self.halted:
-                        continue
-                    elif self.interrupted.is_set():  # its retry belongs to the next daemon
-                        outcome = executor.Outcome(ActionStatus.INTERRUPTED, outcome.exit_code,
-                                                   "daemon stopped before its retry")
-            fields = {"exit_code": outcome.exit_code, "message": outcome.message}
-            self.store.set_action(rec.id, outcome.status, **fields)
-            return
+            if attempt is None:  # the action's end is recorded with its last attempt's, in one transaction
+                final = self._attempt(rec, spec, previous, failures)
+            else:  # a worker host's attempt recorded its own end; the action's is recorded here
+                final = self._verdict(spec, attempt(rec, spec), failures)
+                if final is not None:
+                    self.store.set_action(rec.id, final.status, exit_code=final.exit_code, message=final.message)
+            if final is not None:
+                return
+            failures += 1
+            previous = self.store.attempts(rec.id)
 
-    def _attempt(self, rec: ActionRecord, spec: ActionSpec) -> executor.Outcome:
-        self.host.sandbox.warm()  # its wait (an RCU grace period) behind the checkout's
-        previous = self.store.attempts(rec.id)
+    def _verdict(self, spec: ActionSpec, outcome: executor.Outcome, failures: int) -> executor.Outcome | None:
+        """What the action ends with after an attempt's `outcome` (`failures`: its failed attempts
+        before this one); None: it is tried again."""
+        if outcome.status in (ActionStatus.FAILED, ActionStatus.TIMED_OUT) and failures + 1 <= spec.retries:
+            full = space.full(self.host.settings.home)
+            if full:  # a retry would fail the same way, or fill the disk again (a log flood)
+                return _not_retried(outcome, full, self.run.id)
+            if not self.halted:
+                return None
+            if self.interrupted.is_set():  # its retry belongs to the next daemon
+                return executor.Outcome(ActionStatus.INTERRUPTED, outcome.exit_code, "daemon stopped before its retry")
+        return outcome
+
+    def _attempt(self, rec: ActionRecord, spec: ActionSpec, previous: list[AttemptRecord],
+                 failures: int) -> executor.Outcome | None:
+        """One local attempt; what the action ends with (recorded with the attempt's end), or None
+        when it is tried again (see `_verdict`)."""
+        self.host.sandbox.warm()  # its wait (an RCU grace period) behind the checkout's, unless a launcher is parked
         deadline = self._deadline(spec, previous)
         number = len(previous) + 1
         token = uuid.uuid4().hex
@@ -348,11 +380,13 @@ class RunWorker:
         writer = attempts.begin(self.store, self.host.settings, self.run.id, rec.id, rec.name, number, masker,
                                 deadline=deadline, token=token)
         outcome = executor.Outcome(ActionStatus.FAILED, None)
+        final: executor.Outcome | None = None
         out_file: Path | None = None
         uses: list[tuple[cache_mod.Plan, CacheUse]] = []
         try:
             with self.pool.checkout(self.run.sha) as slot:
-                artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
+                if spec.inputs:
+                    artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
                 out_file = slot.root / "output"  # read, then removed: it may hold secrets
                 box = Confine(key=f"a{rec.id}.{number}", home=slot.root / "home", tree=slot.tree,
                               name=self.run.repo, output=out_file, readonly=self._readonly(spec),
@@ -374,14 +408,39 @@ class RunWorker:
                 finally:
                     if self.host.caches is not None:
                         self.host.caches.release(held)  # before the slot is free: its overlays go
+            final = self._verdict(spec, outcome, failures)
         except (GitpipeError, OSError) as exc:  # an output glob, a full disk while storing artifacts
             writer.line(f"gitpipe: {exc}")
             outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
+            final = self._verdict(spec, outcome, failures)
         finally:
             if out_file is not None:
                 out_file.unlink(missing_ok=True)
-            attempts.end(self.store, rec.id, number, writer, outcome)
-        return outcome
+            # Anything else raised (a bug): the attempt's end alone; _guarded fails the action, saying why.
+            ends, begins = self._stage_change(rec, final)
+            attempts.end(self.store, rec.id, number, writer, outcome, final, stage_ends=ends, next_stage=begins)
+        if ends:
+            self.ended_stages.add(rec.stage_idx)
+        if begins:
+            self.begun_stages.add(rec.stage_idx + 1)
+        return final
+
+    def _stage_change(self, rec: ActionRecord, final: executor.Outcome | None) -> tuple[bool, bool]:
+        """Whether an action's end also ends its stage, and starts the next one, in its transaction.
+
+        Only for the stage's last action, alone in its run_order group (the groups before it
+        passed, or it would not run) and passing: the stage then succeeds, as _stage would
+        find. The next stage starts when it has something to run and the run goes on."""
+        if final is None or self.halted or not replace(rec, status=final.status).passed:
+            return False, False
+        stage = [a for (s, _), a in self.records.items() if s == rec.stage_idx]
+        if not stage:  # not walked by _stages
+            return False, False
+        last = max(a.run_order for a in stage)
+        if rec.run_order != last or [a.id for a in stage if a.run_order == last] != [rec.id]:
+            return False, False
+        after = [a for (s, _), a in self.records.items() if s == rec.stage_idx + 1]
+        return True, bool(after) and not all(a.status.finished for a in after)
 
     # ------------------------------------------------------------------ build caches
     def _protected(self) -> bool:
@@ -412,7 +471,7 @@ class RunWorker:
     def _record_caches(self, action_id: int, number: int, uses: list[tuple[cache_mod.Plan, CacheUse]]) -> None:
         for _plan, use in uses:
             try:
-                self.store.record_cache_use(replace(use, action_id=action_id, attempt=number))
+                self.store.record_cache_use(replace(use, action_id=action_id, attempt=number), synced=False)
             except GitpipeError as exc:  # a full disk: the action's result matters more
                 log.warning("run #%s: could not record a cache use: %s", self.run.id, exc)
 

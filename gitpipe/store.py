@@ -518,17 +518,20 @@ class Store(Queries):
     def set_stage(self, run_id: int, idx: int, status: ActionStatus) -> None:
         """Not synced: the stage's first action starting, or the next synced commit, makes it durable
         (and recovery derives a stage's status from its actions again)."""
-        with self.tx(synced=False) as db:
-            [row] = self.query("SELECT name, status FROM stages WHERE run_id = ? AND idx = ?", (run_id, idx))
-            lifecycle.check_stage(run_id, row["name"], ActionStatus(row["status"]), status)
-            fields: dict[str, Any] = {"status": status.value}
-            if status is ActionStatus.RUNNING:
-                fields["started_at"] = now_iso()
-                fields["finished_at"] = None
-            elif status.finished:
-                fields["finished_at"] = now_iso()
-            db.table("stages").update((run_id, idx), fields)
-            self._event(Event.of_stage(run_id, idx, status.value))
+        with self.tx(synced=False):
+            self._set_stage(run_id, idx, status)
+
+    def _set_stage(self, run_id: int, idx: int, status: ActionStatus) -> None:
+        [row] = self.query("SELECT name, status FROM stages WHERE run_id = ? AND idx = ?", (run_id, idx))
+        lifecycle.check_stage(run_id, row["name"], ActionStatus(row["status"]), status)
+        fields: dict[str, Any] = {"status": status.value}
+        if status is ActionStatus.RUNNING:
+            fields["started_at"] = now_iso()
+            fields["finished_at"] = None
+        elif status.finished:
+            fields["finished_at"] = now_iso()
+        self.db.table("stages").update((run_id, idx), fields)
+        self._event(Event.of_stage(run_id, idx, status.value))
 
     def actions(self, run_id: int) -> list[ActionRecord]:
         rows = self.query("SELECT * FROM actions WHERE run_id = ? ORDER BY stage_idx, idx", (run_id,))
@@ -542,15 +545,18 @@ class Store(Queries):
 
     def set_action(self, action_id: int, new: ActionStatus, **fields: Any) -> None:
         """Change an action's status, checked against the allowed transitions (lifecycle.ACTION)."""
-        with self.tx() as db:
-            act = self.action(action_id)
-            lifecycle.check_action(act.run_id, act.name, act.status, new)
-            if new is ActionStatus.RUNNING and act.started_at is None:
-                fields.setdefault("started_at", now_iso())
-            if new.finished:
-                fields.setdefault("finished_at", now_iso())
-            db.table("actions").update(action_id, {"status": new.value, **fields})
-            self._event(Event.of_action(act.run_id, action_id, new.value, fields.get("message")))
+        with self.tx():
+            self._set_action(self.action(action_id), new, fields)
+
+    def _set_action(self, act: ActionRecord, new: ActionStatus, fields: dict[str, Any]) -> None:
+        """set_action of an action row just read, inside the caller's transaction."""
+        lifecycle.check_action(act.run_id, act.name, act.status, new)
+        if new is ActionStatus.RUNNING and act.started_at is None:
+            fields.setdefault("started_at", now_iso())
+        if new.finished:
+            fields.setdefault("finished_at", now_iso())
+        self.db.table("actions").update(act.id, {"status": new.value, **fields})
+        self._event(Event.of_action(act.run_id, act.id, new.value, fields.get("message")))
 
     def start_attempt(self, action_id: int, deadline: float | None, log_path: str, token: str) -> int:
         """Start the next attempt of an action (action -> running); returns its number."""
@@ -560,17 +566,30 @@ class Store(Queries):
             db.table("attempts").insert({"action_id": action_id, "number": number, "status": "running",
                                    "started_at": now_iso(), "deadline": deadline,
                                    "log_path": log_path, "token": token})
-            fields: dict[str, Any] = {"attempts": number, "exit_code": None, "message": None}
-            self.set_action(action_id, ActionStatus.RUNNING, **fields)
+            self._set_action(act, ActionStatus.RUNNING, {"attempts": number, "exit_code": None, "message": None})
             return number
 
-    def finish_attempt(self, action_id: int, number: int, status: ActionStatus,
-                       exit_code: int | None) -> None:
-        """Not synced: the action's end (or its next attempt) follows at once, synced."""
-        with self.tx(synced=False) as db:
+    def finish_attempt(self, action_id: int, number: int, status: ActionStatus, exit_code: int | None,
+                       *, ends: ActionStatus | None = None, message: str | None = None,
+                       stage_ends: bool = False, next_stage: bool = False) -> None:
+        """An attempt ends. With `ends`, its action ends too (that status, the attempt's exit code and
+        `message`), in the same synced transaction: one commit, one fsync, for an action's end.
+        Without, not synced: the action's end (or its next attempt) follows at once, synced.
+
+        `stage_ends`: the action was its stage's last and passed, so the stage succeeds with it;
+        `next_stage`: and the stage after it starts. The scheduler's stage change then costs no
+        transaction of its own (a sequential pipeline's every action ends a stage)."""
+        with self.tx(synced=ends is not None) as db:
             db.execute("UPDATE attempts SET status = ?, exit_code = ?, finished_at = ? "
                        "WHERE action_id = ? AND number = ?",
                        [status.value, exit_code, now_iso(), action_id, number])
+            if ends is not None:
+                act = self.action(action_id)
+                self._set_action(act, ends, {"exit_code": exit_code, "message": message})
+                if stage_ends:
+                    self._set_stage(act.run_id, act.stage_idx, ActionStatus.SUCCEEDED)
+                    if next_stage:
+                        self._set_stage(act.run_id, act.stage_idx + 1, ActionStatus.RUNNING)
 
     def attempts(self, action_id: int) -> list[AttemptRecord]:
         rows = self.query("SELECT * FROM attempts WHERE action_id = ? ORDER BY number", (action_id,))
@@ -631,8 +650,9 @@ class Store(Queries):
         rows = self.query(f"SELECT * FROM cache_entries {where} ORDER BY last_used_at, rowid", params)
         return [records.cache_entry(r) for r in rows]
 
-    def record_cache_use(self, use: CacheUse) -> None:
-        with self.tx() as db:
+    def record_cache_use(self, use: CacheUse, *, synced: bool = True) -> None:
+        """`synced=False`: the attempt's end follows at once, synced (the scheduler's)."""
+        with self.tx(synced=synced) as db:
             db.table("cache_uses").upsert({**use.__dict__, "paths": json.dumps(use.paths)},
                                           pk=("action_id", "attempt", "idx"))
 

@@ -86,6 +86,58 @@ def test_sweep_kills_what_a_crashed_daemon_left(tree: cgroup.Tree) -> None:
     assert not any(d.exists() for d in group.dirs)
 
 
+def test_the_next_attempts_group_is_made_ahead_with_its_limits(tree: cgroup.Tree) -> None:
+    first = tree.group("a6.1", None, 16)  # the limits the next one is made ahead with
+    first.remove()
+    tree.warm()
+    spares = wait_spares(tree)
+    group = tree.group("a6.2", None, 16)
+    assert [d.name for d in group.dirs] == ["a6.2"] * len(tree.bases)
+    assert not any(d.exists() for d in spares)  # the one made ahead, renamed (cgroup v1)
+    if tree.limits:
+        pids = [d / "pids.max" for d in group.dirs if (d / "pids.max").exists()]
+        assert pids and all(f.read_text().strip() == "16" for f in pids)
+    proc = join(group, "sleep 300")
+    assert proc.pid in wait_members(group, 1)
+    group.remove()
+    proc.wait(10)
+    other = tree.group("a6.3", None, 32)  # other limits than the group made ahead: made now
+    assert [d.name for d in other.dirs] == ["a6.3"] * len(tree.bases)
+    other.remove()
+
+
+def test_a_group_made_ahead_goes_when_the_daemon_stops() -> None:
+    need_root()
+    tree, why = cgroup.Tree.find(f"test-{uuid.uuid4().hex[:8]}")
+    assert tree is not None, why
+    tree.group("a7.1", None, None).remove()
+    tree.warm()
+    wait_spares(tree)
+    tree.close()
+    assert not any(base.exists() for base in tree.bases)
+
+
+def test_an_ended_attempts_group_is_removed_later_with_what_is_left_in_it(tree: cgroup.Tree) -> None:
+    group = tree.group("a8.1", None, None)
+    proc = join(group, "sleep 300")
+    wait_members(group, 1)
+    group.remove_later()  # what the executor does once a sandbox's script ended
+    cgroup.wait_removed(20)
+    proc.wait(10)
+    assert not any(d.exists() for d in group.dirs)
+
+
+def wait_spares(tree: cgroup.Tree) -> list[Path]:
+    """The group the tree made ahead (named spare-<n> until an attempt takes it)."""
+    deadline = time.monotonic() + 10
+    while True:
+        spares = [d for base in tree.bases for d in base.glob("spare-*")]
+        if len(spares) == len(tree.bases) and tree.helper is not None and tree.helper.spare is not None:
+            return spares
+        assert time.monotonic() < deadline, "no group was made ahead"
+        time.sleep(0.01)
+
+
 def test_the_unified_hierarchy_without_controllers_still_tracks_and_kills() -> None:
     """cgroup v2 as found here (no controllers delegated): kill works, limits are said to be off."""
     need_root()

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import queue
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1272,3 +1273,72 @@ def test_a_file_name_with_a_newline_keeps_the_manifest_checkable(home: Home) -> 
                            check=False)
     assert check.returncode == 0, (manifest.read_text(), check.stdout, check.stderr)
     assert len(manifest.read_text().splitlines()) == 3
+
+
+STAGES = r"""
+[[stage]]
+name = "build"
+  [[stage.action]]
+  name = "compile"
+  run = "true"
+[[stage]]
+name = "check"
+  [[stage.action]]
+  name = "lint"
+  run = "true"
+  [[stage.action]]
+  name = "flaky"
+  run = "exit 2"
+  allow_failure = true
+[[stage]]
+name = "warn"
+  [[stage.action]]
+  name = "soft"
+  run = "exit 3"
+  allow_failure = true
+[[stage]]
+name = "ship"
+  [[stage.action]]
+  name = "last"
+  run = "true"
+"""
+
+
+def stored_events(home: Home, run_id: int) -> list[tuple[str, str]]:
+    """(subject, status) of a run's events, in the order they were recorded; an action's subject
+    is action:<its name>."""
+    conn = sqlite3.connect(f"file:{home.home / 'gitpipe.db'}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT subject, status FROM events WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+        names = dict(conn.execute("SELECT 'action:' || id, 'action:' || name FROM actions WHERE run_id = ?",
+                                  (run_id,)).fetchall())
+    finally:
+        conn.close()
+    return [(names.get(s, s), st) for s, st in rows]
+
+
+def test_stage_changes_are_recorded_in_order_with_the_actions_ends(home: Home) -> None:
+    """A stage's last action ends it, and starts the next, in one transaction: the events and
+    the stages' statuses are those of one step after the other, whatever their group's shape."""
+    repo = home.add_repo("stages")
+    with home.daemon():
+        good = home.push_run(repo, {".pipeline.toml": STAGES})
+        home.expect(home.wait_run(good))
+        bad = home.push_run(repo, {".pipeline.toml": STAGES.replace('run = "exit 3"\n  allow_failure = true',
+                                                                    'run = "exit 3"')})
+        failed = home.expect(home.wait_run(bad), "failed")
+    run = home.show(good)
+    assert [(s["name"], s["status"]) for s in run["stages"]] == [
+        ("build", "succeeded"), ("check", "succeeded"), ("warn", "succeeded"), ("ship", "succeeded")]
+    for before, after in itertools.pairwise(run["stages"]):
+        assert at(before["finished_at"]) <= at(after["started_at"])
+    events = [e for e in stored_events(home, good) if e[0] != "run"]
+    assert events[:5] == [("stage:0", "running"), ("action:compile", "running"), ("action:compile", "succeeded"),
+                          ("stage:0", "succeeded"), ("stage:1", "running")]
+    assert events[-9:] == [("stage:1", "succeeded"), ("stage:2", "running"), ("action:soft", "running"),
+                           ("action:soft", "failed"), ("stage:2", "succeeded"), ("stage:3", "running"),
+                           ("action:last", "running"), ("action:last", "succeeded"), ("stage:3", "succeeded")]
+    # A stage's last action failing (not allowed): the stage fails, the next is skipped.
+    assert [(s["name"], s["status"]) for s in failed["stages"]] == [
+        ("build", "succeeded"), ("check", "succeeded"), ("warn", "failed"), ("ship", "skipped")]
+    assert home.action(failed, "last")["status"] == "skipped"

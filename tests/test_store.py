@@ -313,6 +313,29 @@ def test_attempts_are_numbered_and_open_ones_are_found(store: Store, tmp_path: P
     assert [(a.action_id, a.number, a.token) for a in store.open_attempts()] == [(wheel.id, 2, "tok2")]
 
 
+def test_an_actions_end_is_recorded_with_its_last_attempts_in_one_transaction(store: Store,
+                                                                               tmp_path: Path) -> None:
+    run_id = running_run(store)
+    wheel = store.actions(run_id)[0]
+    store.start_attempt(wheel.id, None, str(tmp_path / "1.log"), "tok1")
+    heard: list[Event] = []
+    store.listeners.append(heard.append)
+    store.finish_attempt(wheel.id, 1, ActionStatus.FAILED, 3, ends=ActionStatus.FAILED, message="exit status 3")
+    act, [attempt] = store.action(wheel.id), store.attempts(wheel.id)
+    assert (act.status, act.exit_code, act.message) == (ActionStatus.FAILED, 3, "exit status 3")
+    assert act.finished_at and (attempt.status, attempt.exit_code) == (ActionStatus.FAILED, 3)
+    assert [(e.kind, e.action_id, e.status, e.detail) for e in heard] == [
+        (EventKind.ACTION, wheel.id, "failed", "exit status 3")]
+    # A transition the lifecycle forbids records neither: the attempt is still open.
+    other = store.actions(run_id)[1]
+    store.start_attempt(other.id, None, str(tmp_path / "2.log"), "tok2")
+    store.set_action(other.id, ActionStatus.CANCELLED)
+    with pytest.raises(IllegalTransition):
+        store.finish_attempt(other.id, 1, ActionStatus.SUCCEEDED, 0, ends=ActionStatus.SUCCEEDED)
+    assert [(a.action_id, a.number) for a in store.open_attempts()] == [(other.id, 1)]
+    assert store.action(other.id).status is ActionStatus.CANCELLED
+
+
 def test_cancel_records_who_and_why(store: Store) -> None:
     [queued, running, done] = store.create_runs([new_run(), new_run(), new_run()])
     store.start_run(running, PIPE, None, None, None)
