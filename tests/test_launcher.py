@@ -14,6 +14,7 @@ import pytest
 from helpers import Home, pipeline, wait_for
 
 from gitpipe import settings
+from gitpipe.launcher import Parked
 from gitpipe.sandbox import Confine, Sandbox
 
 pytestmark = pytest.mark.timeout(120)
@@ -170,3 +171,31 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return True
+
+
+def test_a_launcher_whose_order_ends_early_runs_nothing(tmp_path: Path) -> None:
+    """A daemon killed in the middle of writing an order (one larger than the pipe holds goes in
+    several writes) closes the pipe by dying: the launcher then holds the first part of an order.
+    It must run nothing of it: not a bwrap without the last variables, nor a script cut short."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        _parked(sandbox)
+        box = Confine(key="a3.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {"ONE": "1", "LAST": "x" * 100}, box, parked=True)
+        assert launch.parked is not None
+        read, write = os.pipe()  # the order, exactly as the daemon writes it
+        Parked(launch.parked.proc, write, launch.parked.group).exec(launch.argv, launch.env, launch.cwd)
+        with os.fdopen(read, "rb") as whole:
+            order = whole.read()
+        os.write(launch.parked.orders, order[:-50])  # the daemon dies here: its pipe closes
+        os.close(launch.parked.orders)
+        proc = launch.parked.proc
+        proc.wait(30)
+        assert proc.stdout is not None
+        said = proc.stdout.read()
+        proc.stdout.close()
+        assert not (slot / "tree" / "ran").exists(), f"a cut order was run: {said!r}"
+        launch.group.remove()
+    finally:
+        sandbox.close()
