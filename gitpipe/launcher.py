@@ -35,15 +35,17 @@ from gitpipe import cgroup
 
 log = logging.getLogger("gitpipe")
 
-# Reads the whole order from the fd named by its argument (NUL-separated: folder, argc, argv..., then name, value pairs),
-# then becomes argv[0] with exactly that environment. An empty order (the daemon let it go, or
-# died) ends it. Exit 126/127: the order could not be followed (the folder, the exec).
+# Reads the whole order from the fd named by its argument (its length in bytes, then NUL-separated:
+# folder, argc, argv..., then name, value pairs), then becomes argv[0] with exactly that
+# environment. An empty order (the daemon let it go, or died) ends it, and so does one shorter
+# than its length says (a daemon killed mid-write: never a command or environment cut short).
+# Exit 126/127: the order could not be followed (the folder, the exec).
 PERL = r"""
 open(my $in, "<&=", $ARGV[0]) or exit 126;
 binmode $in;
 my $m = do { local $/; <$in> };
 close $in;
-exit 0 unless defined $m && length $m;
+exit 0 unless defined $m && $m =~ s/\A([0-9]+)\0//s && length($m) == $1;
 my @f = split /\0/, $m, -1;
 my ($dir, $argc) = splice(@f, 0, 2);
 my @argv = splice(@f, 0, $argc);
@@ -72,7 +74,8 @@ class Parked:
         if any("\0" in f for f in fields) or any(not key or "=" in key for key in env):
             os.close(self.orders)  # what subprocess refuses too; the launcher ends on its empty order
             raise ValueError("an argument or environment variable that execve cannot take")
-        data = b"\0".join(os.fsencode(f) for f in fields)
+        body = b"\0".join(os.fsencode(f) for f in fields)
+        data = b"%d\0" % len(body) + body  # the launcher runs it only whole (see PERL)
         try:
             view = memoryview(data)
             while view:
