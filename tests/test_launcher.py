@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from helpers import Home, pipeline, wait_for
 
-from gitpipe import settings
+from gitpipe import cgroup, settings
 from gitpipe.launcher import Parked
 from gitpipe.sandbox import Confine, Sandbox
 
@@ -196,6 +198,75 @@ def test_a_launcher_whose_order_ends_early_runs_nothing(tmp_path: Path) -> None:
         said = proc.stdout.read()
         proc.stdout.close()
         assert not (slot / "tree" / "ran").exists(), f"a cut order was run: {said!r}"
+        launch.group.remove()
+    finally:
+        sandbox.close()
+
+
+KILLED_AFTER_ORDER = """
+import os, subprocess, sys
+from pathlib import Path
+from gitpipe import cgroup, settings
+from gitpipe.sandbox import Confine, Sandbox
+home, slot = Path(sys.argv[1]), Path(sys.argv[2])
+sandbox = Sandbox.for_host(settings.load(home))
+sandbox.park()
+while not sandbox.launchers.waiting:
+    pass
+box = Confine(key="a4.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+launch = sandbox.launch(["bash", "-c", "touch started; sleep 1; touch ran"], {}, box, parked=True)
+(slot / "group").write_text("\\n".join(str(d) for d in launch.group.dirs))
+launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+os.kill(os.getpid(), 9)  # the order is written: killed before the launcher has become bwrap
+"""
+
+
+def test_a_daemon_killed_right_after_an_order_leaves_no_script_running(tmp_path: Path) -> None:
+    """kill -9 of the daemon the moment it has written an attempt's order (the launcher has not
+    become bwrap yet): the sandbox must end with the daemon (the README's promise for kill -9),
+    not run its script to the end unsupervised (no deadline, no log) until a next daemon's
+    sweep. bwrap's --die-with-parent binds it to a parent that is gone by then."""
+    _needs_root()
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    slot = tmp_path / "slot"
+    (slot / "tree").mkdir(parents=True)
+    daemon = subprocess.run([sys.executable, "-c", KILLED_AFTER_ORDER, str(home.home), str(slot)],
+                            env=home.env(), capture_output=True, timeout=60, check=False)
+    assert daemon.returncode == -signal.SIGKILL, daemon.stderr.decode()
+    group = cgroup.Group(tuple(Path(d) for d in (slot / "group").read_text().split()), None, None)
+    try:
+        wait_for(lambda: not group.members(), what="the sandbox to end")
+        assert not (slot / "tree" / "ran").exists(), "the script ran on after its daemon was killed"
+    finally:
+        group.remove()
+        Sandbox.for_host(settings.load(home.home)).close()
+
+
+def test_an_attempt_outlives_the_thread_that_parked_its_launcher(tmp_path: Path) -> None:
+    """bwrap's --die-with-parent binds the sandbox to the thread that forked its first process
+    (prctl(2): the parent is a thread). A launcher parked by a thread that ends a moment after
+    (a busy daemon's GIL can make that moment last for milliseconds) must not take the attempt
+    with it: the thread's end is held back here, as such a daemon does, until the script runs."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        sandbox.park()
+        assert sandbox.launchers is not None
+        threading._active_limbo_lock.acquire()  # type: ignore[attr-defined]  # a thread's end waits for it
+        try:
+            wait_for(lambda: sandbox.launchers.waiting, what="a parked launcher")
+            box = Confine(key="a5.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+            launch = sandbox.launch(["bash", "-c", "touch started; sleep 0.5; echo done"], {}, box, parked=True)
+            proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+            wait_for(lambda: (slot / "tree" / "started").exists(), what="the script")
+        finally:
+            threading._active_limbo_lock.release()  # type: ignore[attr-defined]
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.stdout.close()
+        assert (proc.wait(), out) == (0, b"done\n")
         launch.group.remove()
     finally:
         sandbox.close()
