@@ -15,8 +15,13 @@ pipe and closes it; the launcher execs bwrap there, in the group it is already i
 reads is the daemon's alone (the pipe's other end never leaves the daemon), and it runs as the
 daemon's user, as the bwrap it becomes does anyway.
 
-A daemon that dies closes the order pipe: a parked launcher reads an empty order and exits,
-having run nothing; the next daemon's sweep removes its group. Without perl, or without a
+A launcher is bound to its daemon from its first instruction (prctl PR_SET_PDEATHSIG, then a
+look that its parent is still the daemon): a daemon killed with a launcher parked, or the moment
+after writing an order, takes the launcher (or the bwrap it became) along; a daemon that dies
+also closes the order pipe, and an order cut short is never followed. The next daemon's sweep
+removes its group. The parent death signal names the *thread* that forked the process (see
+prctl(2)): every launcher is forked by one thread that lives as long as the daemon, never by a
+short one whose end would kill the attempt the launcher became. Without perl, or without a
 cgroup per attempt, nothing is parked and bwrap starts held as before (sandbox.Launch).
 """
 
@@ -41,6 +46,8 @@ log = logging.getLogger("gitpipe")
 # than its length says (a daemon killed mid-write: never a command or environment cut short).
 # Exit 126/127: the order could not be followed (the folder, the exec).
 PERL = r"""
+if ($ARGV[1]) { syscall($ARGV[1] + 0, 1, 9) == 0 or exit 126; }  # prctl(PR_SET_PDEATHSIG, SIGKILL)
+exit 0 if getppid() != $ARGV[2];  # the daemon died before that
 open(my $in, "<&=", $ARGV[0]) or exit 126;
 binmode $in;
 my $m = do { local $/; <$in> };
@@ -56,6 +63,7 @@ exec { $argv[0] } @argv;
 exit 127;
 """
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+PRCTL = {"x86_64": 157, "aarch64": 167}  # the prctl syscall's number (elsewhere: no death signal)
 
 
 @dataclass
@@ -108,18 +116,22 @@ class Launchers:
         self.perl = shutil.which("perl", path=SYSTEM_PATH)
         self.names = count(1)
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.ready: Parked | None = None
-        self.parking: threading.Thread | None = None
+        self.wanted = False
+        self.parker: threading.Thread | None = None  # forks every launcher (see the module's docstring)
         self.closed = False
 
     def park(self) -> None:
         """Park one in the background, unless one is parked or being parked."""
         with self.lock:
-            if self.perl is None or self.closed or self.ready is not None or (
-                    self.parking is not None and self.parking.is_alive()):
+            if self.perl is None or self.closed:
                 return
-            self.parking = threading.Thread(target=self._park, name="launcher-park", daemon=True)
-            self.parking.start()
+            self.wanted = True
+            if self.parker is None:
+                self.parker = threading.Thread(target=self._parker, name="launcher-park", daemon=True)
+                self.parker.start()
+            self.changed.notify()
 
     def take(self) -> Parked | None:
         """The parked launcher, if one is ready (another is parked meanwhile); else None."""
@@ -137,32 +149,38 @@ class Launchers:
         return self.ready is not None
 
     def close(self) -> None:
-        """The daemon stops: the parked launcher ends, having run nothing."""
+        """The daemon stops (its attempts have ended): the parked launcher ends, having run nothing."""
         with self.lock:
             self.closed = True
             parked, self.ready = self.ready, None
-            parking = self.parking
-        if parking is not None:
-            parking.join(30)
-        with self.lock:
-            parked = parked or self.ready
-            self.ready = None
+            parker = self.parker
+            self.changed.notify_all()
         if parked is not None:
             parked.discard()
+        if parker is not None:
+            parker.join(30)
 
-    def _park(self) -> None:
-        try:
-            parked = self._start()
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("sandbox: could not park a launcher (%s): attempts start bwrap held", exc)
-            return
-        with self.lock:
-            if self.closed or self.ready is not None:
-                parked_extra = parked
-            else:
-                self.ready, parked_extra = parked, None
-        if parked_extra is not None:
-            parked_extra.discard()
+    def _parker(self) -> None:
+        """Park a launcher whenever one is wanted, until the daemon stops. This thread forks them
+        all and never ends before: a launcher's death signal goes with the thread that forked it."""
+        while True:
+            with self.lock:
+                while not self.closed and not (self.wanted and self.ready is None):
+                    self.changed.wait()
+                if self.closed:
+                    return
+                self.wanted = False
+            try:
+                parked = self._start()
+            except Exception as exc:  # never ends the thread: the launchers it forked would die with it
+                log.warning("sandbox: could not park a launcher (%s): attempts start bwrap held", exc)
+                continue
+            with self.lock:
+                keep = not self.closed and self.ready is None
+                if keep:
+                    self.ready = parked
+            if not keep:
+                parked.discard()
 
     def _start(self) -> Parked:
         assert self.perl is not None
@@ -171,7 +189,8 @@ class Launchers:
             read, write = os.pipe()
             try:
                 proc = subprocess.Popen(
-                    [self.perl, "-e", PERL, str(read)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    [self.perl, "-e", PERL, str(read), str(PRCTL.get(os.uname().machine, 0)), str(os.getpid())],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(read,),
                     cwd="/", env={"PATH": SYSTEM_PATH})
             except BaseException:
