@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import Home, pipeline, wait_for
 
-from gitpipe import cgroup, settings
+from gitpipe import cgroup, executor, settings
 from gitpipe.launcher import Parked
 from gitpipe.sandbox import Confine, Sandbox
 
@@ -206,7 +206,7 @@ def test_a_launcher_whose_order_ends_early_runs_nothing(tmp_path: Path) -> None:
 KILLED_AFTER_ORDER = """
 import os, subprocess, sys
 from pathlib import Path
-from gitpipe import cgroup, settings
+from gitpipe import cgroup, executor, settings
 from gitpipe.sandbox import Confine, Sandbox
 home, slot = Path(sys.argv[1]), Path(sys.argv[2])
 sandbox = Sandbox.for_host(settings.load(home))
@@ -268,5 +268,33 @@ def test_an_attempt_outlives_the_thread_that_parked_its_launcher(tmp_path: Path)
         proc.stdout.close()
         assert (proc.wait(), out) == (0, b"done\n")
         launch.group.remove()
+    finally:
+        sandbox.close()
+
+
+def test_an_attempt_whose_log_cannot_be_opened_lets_its_launcher_go(tmp_path: Path) -> None:
+    """A log that cannot be opened (a full disk) stops the attempt before it starts: the launcher
+    it took ends with its group, and the daemon keeps neither its order pipe nor its process
+    (one descriptor leaked per such attempt, for as long as the daemon runs)."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        _parked(sandbox)
+        box = Confine(key="a6.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {}, box, parked=True)
+        parked = launch.parked
+        assert parked is not None
+        pipe = os.fstat(parked.orders).st_ino
+        (tmp_path / "file").write_text("")
+        writer = executor.LogWriter(tmp_path / "file" / "log")  # under a file: it cannot be opened
+        with pytest.raises(OSError, match="its log could not be opened"):
+            executor.start(launch, writer, "token")
+        try:
+            still = os.fstat(parked.orders).st_ino == pipe
+        except OSError:
+            still = False
+        assert not still, "the launcher's order pipe stayed open in the daemon"
+        assert parked.proc.returncode is not None, "the launcher was never waited for"
+        assert not (slot / "tree" / "ran").exists()
     finally:
         sandbox.close()
