@@ -204,9 +204,9 @@ def test_a_launcher_whose_order_ends_early_runs_nothing(tmp_path: Path) -> None:
 
 
 KILLED_AFTER_ORDER = """
-import os, subprocess, sys
+import os, signal, subprocess, sys
 from pathlib import Path
-from gitpipe import cgroup, executor, settings
+from gitpipe import settings
 from gitpipe.sandbox import Confine, Sandbox
 home, slot = Path(sys.argv[1]), Path(sys.argv[2])
 sandbox = Sandbox.for_host(settings.load(home))
@@ -214,18 +214,20 @@ sandbox.park()
 while not sandbox.launchers.waiting:
     pass
 box = Confine(key="a4.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
-launch = sandbox.launch(["bash", "-c", "touch started; sleep 1; touch ran"], {}, box, parked=True)
+launch = sandbox.launch(["bash", "-c", "touch ran"], {}, box, parked=True)
 (slot / "group").write_text("\\n".join(str(d) for d in launch.group.dirs))
+(slot / "launcher").write_text(str(launch.parked.proc.pid))
+os.kill(launch.parked.proc.pid, signal.SIGSTOP)  # not scheduled yet when its daemon dies
 launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-os.kill(os.getpid(), 9)  # the order is written: killed before the launcher has become bwrap
+os.kill(os.getpid(), signal.SIGKILL)  # the order is written
 """
 
 
 def test_a_daemon_killed_right_after_an_order_leaves_no_script_running(tmp_path: Path) -> None:
-    """kill -9 of the daemon the moment it has written an attempt's order (the launcher has not
-    become bwrap yet): the sandbox must end with the daemon (the README's promise for kill -9),
-    not run its script to the end unsupervised (no deadline, no log) until a next daemon's
-    sweep. bwrap's --die-with-parent binds it to a parent that is gone by then."""
+    """kill -9 of the daemon the moment it has written an attempt's order, before the launcher
+    ran again (it is stopped meanwhile, as an unscheduled process is): the launcher must die
+    with its daemon, not become a bwrap whose --die-with-parent binds it to nobody and run the
+    script to its end unsupervised (no deadline, no log) until a next daemon's sweep."""
     _needs_root()
     home = Home(tmp_path / "w")
     home.gitpipe("init", check=True)
@@ -236,7 +238,11 @@ def test_a_daemon_killed_right_after_an_order_leaves_no_script_running(tmp_path:
     assert daemon.returncode == -signal.SIGKILL, daemon.stderr.decode()
     group = cgroup.Group(tuple(Path(d) for d in (slot / "group").read_text().split()), None, None)
     try:
-        wait_for(lambda: not group.members(), what="the sandbox to end")
+        try:
+            os.kill(int((slot / "launcher").read_text()), signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        wait_for(lambda: not group.members(), what="the launcher to end")
         assert not (slot / "tree" / "ran").exists(), "the script ran on after its daemon was killed"
     finally:
         group.remove()
