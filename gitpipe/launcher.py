@@ -17,9 +17,9 @@ daemon's user, as the bwrap it becomes does anyway.
 
 A launcher is bound to its daemon from its first instruction (prctl PR_SET_PDEATHSIG, then a
 look that its parent is still the daemon): a daemon killed with a launcher parked, or the moment
-after writing an order, takes the launcher (or the bwrap it became) along; a daemon that dies
-also closes the order pipe, and an order cut short is never followed. The next daemon's sweep
-removes its group. The parent death signal names the *thread* that forked the process (see
+after writing an order, takes the launcher along (bwrap's own windows once it runs: the README's
+"What remains"). A daemon that dies also closes the order pipe, and an order cut short is never
+followed. The next daemon's sweep removes its group. The parent death signal names the *thread* that forked the process (see
 prctl(2)): every launcher is forked by one thread that lives as long as the daemon, never by a
 short one whose end would kill the attempt the launcher became. Without perl, or without a
 cgroup per attempt, nothing is parked and bwrap starts held as before (sandbox.Launch).
@@ -40,7 +40,8 @@ from gitpipe import cgroup
 
 log = logging.getLogger("gitpipe")
 
-# Reads the whole order from the fd named by its argument (its length in bytes, then NUL-separated:
+# Arguments: the order pipe's fd, prctl's syscall number (0: none known), the daemon's pid. Binds
+# itself to the daemon, then reads the whole order (its length in bytes, then NUL-separated:
 # folder, argc, argv..., then name, value pairs), then becomes argv[0] with exactly that
 # environment. An empty order (the daemon let it go, or died) ends it, and so does one shorter
 # than its length says (a daemon killed mid-write: never a command or environment cut short).
