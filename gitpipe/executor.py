@@ -222,8 +222,7 @@ def bash(script: str) -> list[str]:
 def start(launch: Launch, log: LogWriter, token: str) -> Attempt:
     """Start a confined command (see `sandbox.Sandbox.launch`) in a new session, stdin on /dev/null."""
     if log.error is not None:  # its log could not even be opened (a full disk): do not start
-        if launch.group is not None:
-            launch.group.remove()
+        launch.abandon()
         raise OSError(log.error.errno, f"its log could not be opened: {log.error.strerror or log.error}")
     try:
         proc = replace(launch, env={**launch.env, TOKEN_VAR: token}).popen(
@@ -231,8 +230,7 @@ def start(launch: Launch, log: LogWriter, token: str) -> Attempt:
             start_new_session=True, close_fds=True,
         )
     except BaseException:
-        if launch.group is not None:
-            launch.group.remove()
+        launch.abandon()
         raise
     assert proc.stdout is not None
     fd = proc.stdout.fileno()

@@ -15,8 +15,13 @@ pipe and closes it; the launcher execs bwrap there, in the group it is already i
 reads is the daemon's alone (the pipe's other end never leaves the daemon), and it runs as the
 daemon's user, as the bwrap it becomes does anyway.
 
-A daemon that dies closes the order pipe: a parked launcher reads an empty order and exits,
-having run nothing; the next daemon's sweep removes its group. Without perl, or without a
+A launcher is bound to its daemon from its first instruction (prctl PR_SET_PDEATHSIG, then a
+look that its parent is still the daemon): a daemon killed with a launcher parked, or the moment
+after writing an order, takes the launcher along (bwrap's own windows once it runs: the README's
+"What remains"). A daemon that dies also closes the order pipe, and an order cut short is never
+followed. The next daemon's sweep removes its group. The parent death signal names the *thread* that forked the process (see
+prctl(2)): every launcher is forked by one thread that lives as long as the daemon, never by a
+short one whose end would kill the attempt the launcher became. Without perl, or without a
 cgroup per attempt, nothing is parked and bwrap starts held as before (sandbox.Launch).
 """
 
@@ -27,25 +32,28 @@ import os
 import shutil
 import subprocess
 import threading
-from concurrent import futures
-from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from gitpipe import background, cgroup
+from gitpipe import cgroup
 
 log = logging.getLogger("gitpipe")
 
-# Reads the whole order from the fd named by its argument (NUL-separated: folder, argc, argv..., then name, value pairs),
-# then becomes argv[0] with exactly that environment. An empty order (the daemon let it go, or
-# died) ends it. Exit 126/127: the order could not be followed (the folder, the exec).
+# Arguments: the order pipe's fd, prctl's syscall number (0: none known), the daemon's pid. Binds
+# itself to the daemon, then reads the whole order (its length in bytes, then NUL-separated:
+# folder, argc, argv..., then name, value pairs), then becomes argv[0] with exactly that
+# environment. An empty order (the daemon let it go, or died) ends it, and so does one shorter
+# than its length says (a daemon killed mid-write: never a command or environment cut short).
+# Exit 126/127: the order could not be followed (the folder, the exec).
 PERL = r"""
+if ($ARGV[1]) { syscall($ARGV[1] + 0, 1, 9) == 0 or exit 126; }  # prctl(PR_SET_PDEATHSIG, SIGKILL)
+exit 0 if getppid() != $ARGV[2];  # the daemon died before that
 open(my $in, "<&=", $ARGV[0]) or exit 126;
 binmode $in;
 my $m = do { local $/; <$in> };
 close $in;
-exit 0 unless defined $m && length $m;
+exit 0 unless defined $m && $m =~ s/\A([0-9]+)\0//s && length($m) == $1;
 my @f = split /\0/, $m, -1;
 my ($dir, $argc) = splice(@f, 0, 2);
 my @argv = splice(@f, 0, $argc);
@@ -56,6 +64,7 @@ exec { $argv[0] } @argv;
 exit 127;
 """
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+PRCTL = {"x86_64": 157, "aarch64": 167}  # the prctl syscall's number (elsewhere: no death signal)
 
 
 @dataclass
@@ -74,7 +83,8 @@ class Parked:
         if any("\0" in f for f in fields) or any(not key or "=" in key for key in env):
             os.close(self.orders)  # what subprocess refuses too; the launcher ends on its empty order
             raise ValueError("an argument or environment variable that execve cannot take")
-        data = b"\0".join(os.fsencode(f) for f in fields)
+        body = b"\0".join(os.fsencode(f) for f in fields)
+        data = b"%d\0" % len(body) + body  # the launcher runs it only whole (see PERL)
         try:
             view = memoryview(data)
             while view:
@@ -107,17 +117,22 @@ class Launchers:
         self.perl = shutil.which("perl", path=SYSTEM_PATH)
         self.names = count(1)
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.ready: Parked | None = None
-        self.parking: Future[None] | None = None
+        self.wanted = False
+        self.parker: threading.Thread | None = None  # forks every launcher (see the module's docstring)
         self.closed = False
 
     def park(self) -> None:
         """Park one in the background, unless one is parked or being parked."""
         with self.lock:
-            if self.perl is None or self.closed or self.ready is not None or (
-                    self.parking is not None and not self.parking.done()):
+            if self.perl is None or self.closed:
                 return
-            self.parking = background.submit(self._park)  # no thread start to wait for
+            self.wanted = True
+            if self.parker is None:
+                self.parker = threading.Thread(target=self._parker, name="launcher-park", daemon=True)
+                self.parker.start()
+            self.changed.notify()
 
     def take(self) -> Parked | None:
         """The parked launcher, if one is ready (another is parked meanwhile); else None."""
@@ -135,32 +150,38 @@ class Launchers:
         return self.ready is not None
 
     def close(self) -> None:
-        """The daemon stops: the parked launcher ends, having run nothing."""
+        """The daemon stops (its attempts have ended): the parked launcher ends, having run nothing."""
         with self.lock:
             self.closed = True
             parked, self.ready = self.ready, None
-            parking = self.parking
-        if parking is not None:
-            futures.wait([parking], timeout=30)
-        with self.lock:
-            parked = parked or self.ready
-            self.ready = None
+            parker = self.parker
+            self.changed.notify_all()
         if parked is not None:
             parked.discard()
+        if parker is not None:
+            parker.join(30)
 
-    def _park(self) -> None:
-        try:
-            parked = self._start()
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("sandbox: could not park a launcher (%s): attempts start bwrap held", exc)
-            return
-        with self.lock:
-            if self.closed or self.ready is not None:
-                parked_extra = parked
-            else:
-                self.ready, parked_extra = parked, None
-        if parked_extra is not None:
-            parked_extra.discard()
+    def _parker(self) -> None:
+        """Park a launcher whenever one is wanted, until the daemon stops. This thread forks them
+        all and never ends before: a launcher's death signal goes with the thread that forked it."""
+        while True:
+            with self.lock:
+                while not self.closed and not (self.wanted and self.ready is None):
+                    self.changed.wait()
+                if self.closed:
+                    return
+                self.wanted = False
+            try:
+                parked = self._start()
+            except Exception as exc:  # never ends the thread: the launchers it forked would die with it
+                log.warning("sandbox: could not park a launcher (%s): attempts start bwrap held", exc)
+                continue
+            with self.lock:
+                keep = not self.closed and self.ready is None
+                if keep:
+                    self.ready = parked
+            if not keep:
+                parked.discard()
 
     def _start(self) -> Parked:
         assert self.perl is not None
@@ -169,7 +190,8 @@ class Launchers:
             read, write = os.pipe()
             try:
                 proc = subprocess.Popen(
-                    [self.perl, "-e", PERL, str(read)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    [self.perl, "-e", PERL, str(read), str(PRCTL.get(os.uname().machine, 0)), str(os.getpid())],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(read,),
                     cwd="/", env={"PATH": SYSTEM_PATH})
             except BaseException:

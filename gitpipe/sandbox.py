@@ -153,6 +153,14 @@ class Launch:
             os.close(info_r)
             os.close(block_w)
 
+    def abandon(self) -> None:
+        """It will not be started (or its start failed): a parked launcher ends having run nothing
+        (its order pipe closed, its process waited for); the group is removed with what is in it."""
+        if self.parked is not None:
+            self.parked.discard()
+        elif self.group is not None:
+            self.group.remove()
+
 
 HELD_START = 30.0  # seconds bwrap may take to make its sandbox's process before it is given up
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from helpers import Home, pipeline, wait_for
 
-from gitpipe import settings
+from gitpipe import cgroup, executor, settings
+from gitpipe.launcher import Parked
 from gitpipe.sandbox import Confine, Sandbox
 
 pytestmark = pytest.mark.timeout(120)
@@ -170,3 +173,134 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return True
+
+
+def test_a_launcher_whose_order_ends_early_runs_nothing(tmp_path: Path) -> None:
+    """A daemon killed in the middle of writing an order (one larger than the pipe holds goes in
+    several writes) closes the pipe by dying: the launcher then holds the first part of an order.
+    It must run nothing of it: not a bwrap without the last variables, nor a script cut short."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        _parked(sandbox)
+        box = Confine(key="a3.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {"ONE": "1", "LAST": "x" * 100}, box, parked=True)
+        assert launch.parked is not None
+        read, write = os.pipe()  # the order, exactly as the daemon writes it
+        Parked(launch.parked.proc, write, launch.parked.group).exec(launch.argv, launch.env, launch.cwd)
+        with os.fdopen(read, "rb") as whole:
+            order = whole.read()
+        os.write(launch.parked.orders, order[:-50])  # the daemon dies here: its pipe closes
+        os.close(launch.parked.orders)
+        proc = launch.parked.proc
+        proc.wait(30)
+        assert proc.stdout is not None
+        said = proc.stdout.read()
+        proc.stdout.close()
+        assert not (slot / "tree" / "ran").exists(), f"a cut order was run: {said!r}"
+        launch.group.remove()
+    finally:
+        sandbox.close()
+
+
+KILLED_AFTER_ORDER = """
+import os, signal, subprocess, sys
+from pathlib import Path
+from gitpipe import settings
+from gitpipe.sandbox import Confine, Sandbox
+home, slot = Path(sys.argv[1]), Path(sys.argv[2])
+sandbox = Sandbox.for_host(settings.load(home))
+sandbox.park()
+while not sandbox.launchers.waiting:
+    pass
+box = Confine(key="a4.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+launch = sandbox.launch(["bash", "-c", "touch ran"], {}, box, parked=True)
+(slot / "group").write_text("\\n".join(str(d) for d in launch.group.dirs))
+(slot / "launcher").write_text(str(launch.parked.proc.pid))
+os.kill(launch.parked.proc.pid, signal.SIGSTOP)  # not scheduled yet when its daemon dies
+launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the order is written
+"""
+
+
+def test_a_daemon_killed_right_after_an_order_leaves_no_script_running(tmp_path: Path) -> None:
+    """kill -9 of the daemon the moment it has written an attempt's order, before the launcher
+    ran again (it is stopped meanwhile, as an unscheduled process is): the launcher must die
+    with its daemon, not become a bwrap whose --die-with-parent binds it to nobody and run the
+    script to its end unsupervised (no deadline, no log) until a next daemon's sweep."""
+    _needs_root()
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    slot = tmp_path / "slot"
+    (slot / "tree").mkdir(parents=True)
+    daemon = subprocess.run([sys.executable, "-c", KILLED_AFTER_ORDER, str(home.home), str(slot)],
+                            env=home.env(), capture_output=True, timeout=60, check=False)
+    assert daemon.returncode == -signal.SIGKILL, daemon.stderr.decode()
+    group = cgroup.Group(tuple(Path(d) for d in (slot / "group").read_text().split()), None, None)
+    try:
+        try:
+            os.kill(int((slot / "launcher").read_text()), signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        wait_for(lambda: not group.members(), what="the launcher to end")
+        assert not (slot / "tree" / "ran").exists(), "the script ran on after its daemon was killed"
+    finally:
+        group.remove()
+        Sandbox.for_host(settings.load(home.home)).close()
+
+
+def test_an_attempt_outlives_the_thread_that_parked_its_launcher(tmp_path: Path) -> None:
+    """bwrap's --die-with-parent binds the sandbox to the thread that forked its first process
+    (prctl(2): the parent is a thread). A launcher parked by a thread that ends a moment after
+    (a busy daemon's GIL can make that moment last for milliseconds) must not take the attempt
+    with it: the thread's end is held back here, as such a daemon does, until the script runs."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        sandbox.park()
+        assert sandbox.launchers is not None
+        threading._active_limbo_lock.acquire()  # type: ignore[attr-defined]  # a thread's end waits for it
+        try:
+            wait_for(lambda: sandbox.launchers.waiting, what="a parked launcher")
+            box = Confine(key="a5.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+            launch = sandbox.launch(["bash", "-c", "touch started; sleep 0.5; echo done"], {}, box, parked=True)
+            proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+            wait_for(lambda: (slot / "tree" / "started").exists(), what="the script")
+        finally:
+            threading._active_limbo_lock.release()  # type: ignore[attr-defined]
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.stdout.close()
+        assert (proc.wait(), out) == (0, b"done\n")
+        launch.group.remove()
+    finally:
+        sandbox.close()
+
+
+def test_an_attempt_whose_log_cannot_be_opened_lets_its_launcher_go(tmp_path: Path) -> None:
+    """A log that cannot be opened (a full disk) stops the attempt before it starts: the launcher
+    it took ends with its group, and the daemon keeps neither its order pipe nor its process
+    (one descriptor leaked per such attempt, for as long as the daemon runs)."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        _parked(sandbox)
+        box = Confine(key="a6.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {}, box, parked=True)
+        parked = launch.parked
+        assert parked is not None
+        pipe = os.fstat(parked.orders).st_ino
+        (tmp_path / "file").write_text("")
+        writer = executor.LogWriter(tmp_path / "file" / "log")  # under a file: it cannot be opened
+        with pytest.raises(OSError, match="its log could not be opened"):
+            executor.start(launch, writer, "token")
+        try:
+            still = os.fstat(parked.orders).st_ino == pipe
+        except OSError:
+            still = False
+        assert not still, "the launcher's order pipe stayed open in the daemon"
+        assert parked.proc.returncode is not None, "the launcher was never waited for"
+        assert not (slot / "tree" / "ran").exists()
+    finally:
+        sandbox.close()
