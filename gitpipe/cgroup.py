@@ -177,9 +177,11 @@ class Tree:
         `warm`), renamed, when there is one, else made now."""
         memory, pids = (memory, pids) if self.limits else (None, None)
         group = self._helper().take_spare(key, memory, pids)
-        return group if group is not None else self._make_group(key, memory, pids)
+        return group if group is not None else self.make(key, memory, pids)
 
-    def _make_group(self, key: str, memory: int | None, pids: int | None) -> Group:
+    def make(self, key: str, memory: int | None, pids: int | None) -> Group:
+        """A new, empty group made now, with its limits set (`group` without the one made ahead:
+        for a caller already in the background, as the launcher that parks in it)."""
         dirs = []
         for base in self.bases:
             d = base / key
@@ -215,6 +217,7 @@ class Tree:
             if self.helper is None:
                 self.helper = _Helper(self.bases)
             return self.helper
+
     def sweep(self) -> int:
         """Kill and remove the groups a previous daemon left (after a crash); how many."""
         found = 0
@@ -224,7 +227,6 @@ class Tree:
                     found += 1
                     Group((d,), None, None).remove()
         return found
-
 
     def close(self) -> None:
         """The daemon stops: remove its (empty) bases, so a host keeps no stale groups."""

@@ -185,7 +185,7 @@ class Launchers:
 
     def _start(self) -> Parked:
         assert self.perl is not None
-        group = self.tree.group(f"parked-{os.getpid()}-{next(self.names)}", self.memory, self.pids)
+        group = self.tree.make(f"parked-{os.getpid()}-{next(self.names)}", self.memory, self.pids)
         try:
             read, write = os.pipe()
             try:
