@@ -10,6 +10,7 @@ starts them at once.
 
 Protocol, one push per connection (the client writes, shuts its side down, reads to the end):
     request  "gitpipe-push 1 REPO RECEIVE_PACK_PID HOOK_PID PUSHER_HEX\\n", then git's ref lines
+             (PUSHER_HEX empty: the pusher is the Unix user of the peer, named here from SO_PEERCRED)
     answer   "recorded\\n" or "refused\\n", then the lines for the pusher
 "refused" (or no answer at all) sends the hook to the Python hook, which records the push
 itself: a push is never lost to this path. Both ends record under one key (intake.push_key)
@@ -46,7 +47,7 @@ SOCKET = "intake.sock"  # in the home; named in hooks/post-receive too
 MAGIC = b"gitpipe-push 1 "
 MAX_REQUEST = 8 << 20  # bytes: a mirror push of ~50,000 refs
 READ_TIMEOUT = 5.0  # seconds the client has to send its request (it sends it at once)
-CONNECTIONS = 4  # pushes planned at once; more wait in the listen backlog
+CONNECTIONS = 4  # pushes planned at once (threads waiting in accept); more wait in the listen backlog
 KEYS_KEPT = 86400.0  # seconds a push's key is kept (its hook ended long before)
 PRUNE_EVERY = 1000  # pushes
 PIPELINES_KEPT = 64  # validated pipeline texts kept in memory
@@ -79,8 +80,7 @@ class IntakeServer:
         self.on_recorded = on_recorded
         self.on_first = on_first
         self.sock: socket.socket | None = None
-        self.thread: threading.Thread | None = None
-        self.slots = threading.BoundedSemaphore(CONNECTIONS)
+        self.threads: list[threading.Thread] = []
         self.pipelines: dict[tuple[str, str], dict[str, Any]] = {}
         self.lock = threading.Lock()  # of the two above, shared by the connections' threads
         self.recorded = 0
@@ -96,8 +96,12 @@ class IntakeServer:
         except OSError as exc:
             return f"no intake socket at {self.path} ({exc}): each push starts Python to record its runs"
         self._prune()
-        self.thread = threading.Thread(target=self._accept, name="intake", daemon=True)
-        self.thread.start()
+        # Threads started now, each taking the next connection itself: a push waits for no
+        # thread to start nor for a hand-over between two of them (~0.1-0.2 ms on a busy host).
+        self.threads = [threading.Thread(target=self._accept, name=f"intake-{i}", daemon=True)
+                        for i in range(CONNECTIONS)]
+        for thread in self.threads:
+            thread.start()
         return None
 
     def close(self) -> None:
@@ -108,24 +112,28 @@ class IntakeServer:
             except OSError:
                 pass
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the intake thread
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of every intake thread
             except OSError:
                 pass
             self.sock.close()
-            if self.thread is not None:
-                self.thread.join(5)
+            deadline = time.monotonic() + 5
+            for thread in self.threads:  # each ends once the push it serves has its answer
+                thread.join(max(0.0, deadline - time.monotonic()))
+            self.threads = []
             self.sock = None
 
     def _accept(self) -> None:
-        assert self.sock is not None
+        sock = self.sock
+        assert sock is not None
         while True:
-            self.slots.acquire()
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except OSError:  # closed: the daemon stops
-                self.slots.release()
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="intake-push", daemon=True).start()
+            try:
+                self._serve(conn)
+            except Exception:  # a bug after the answer: this thread keeps taking pushes
+                log.exception("intake: after answering a push")
 
     def _serve(self, conn: socket.socket) -> None:
         answer = Answer(False, [])
@@ -136,8 +144,6 @@ class IntakeServer:
                 conn.sendall(answer.text())
         except OSError:
             pass  # the hook went away (its own timeout): it records the push itself, under the same key
-        finally:
-            self.slots.release()
         # After the answer, whatever can wait: the push waits for nothing that is not its record.
         if answer.receive_pack is not None:  # the room hooks/pre-receive reserved (hookmain._reservation)
             try:
@@ -157,7 +163,8 @@ class IntakeServer:
             uid = peer_uid(conn)
             if uid not in (os.geteuid(), 0):
                 raise IntakeRefused(f"a process of uid {uid} is not the daemon's user")
-            return self.take(*parse(_read_all(conn)))
+            repo, receive_pack, hook, who, text = parse(_read_all(conn))
+            return self.take(repo, receive_pack, hook, who or user_name(uid), text)
         except IntakeRefused as exc:
             log.warning("intake: refused a push: %s", exc)
             return Answer(False, [f"gitpipe: the daemon refused the push ({exc}); recording it here"])
@@ -211,6 +218,23 @@ class IntakeServer:
                         self.pipelines.pop(next(iter(self.pipelines)))
                     self.pipelines[(repo, text)] = info
         return info
+
+
+def user_name(uid: int) -> str:
+    """The name of a Unix user (as hookmain.pusher names it when no front end does), else its uid."""
+    name = _USER_NAMES.get(uid)
+    if name is None:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        _USER_NAMES[uid] = name  # the daemon's user or root: asked once, not on each push
+    return name
+
+
+_USER_NAMES: dict[int, str] = {}
 
 
 def older_hooks(store: Store) -> list[str]:
