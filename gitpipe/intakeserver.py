@@ -1,9 +1,8 @@
 """The daemon's end of the post-receive hook: a push's runs recorded and started without a Python start.
 
-hooks/post-receive is `sh`: a Python start alone costs a push 7-15 ms, more than all the rest
-of its work. The hook hands git's ref lines to a client of ~20 lines of Perl (perl-base is
-Essential on Debian; the client uses only builtins: ~1.5 ms) which connects to `intake.sock`
-in the home. Here the daemon plans the push exactly as the Python hook does (hookmain.plan:
+hooks/post-receive is a Perl script of builtins only (perl-base is Essential on Debian; ~1.5 ms):
+a Python start alone costs a push 7-15 ms, more than all the rest of its work. The hook sends
+git's ref lines to `intake.sock` in the home. Here the daemon plans the push exactly as the Python hook does (hookmain.plan:
 the same rules, reading the pushed objects in this process), records its runs through its
 store in one synced commit, answers the lines the pusher reads, and wakes its loop, which
 starts them at once.

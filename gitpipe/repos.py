@@ -50,6 +50,9 @@ def install_hooks(settings: Settings, git_dir: Path, name: str) -> None:
     hooks_dir.mkdir(exist_ok=True)
     # gitpipe's own folder first, then site-packages (plugins' action types are validated in the hook)
     libdir = ":".join(dict.fromkeys([str(Path(__file__).resolve().parent.parent), *site.getsitepackages()]))
+    perl = shutil.which("perl")
+    if perl and (len(perl) > 120 or not perl.isprintable() or " " in perl):  # a #! line: cut at 127 bytes, split at spaces
+        perl = None
     for hook in HOOKS:
         target = hooks_dir / hook
         if target.exists() and not _ours(target):
@@ -58,22 +61,24 @@ def install_hooks(settings: Settings, git_dir: Path, name: str) -> None:
                 raise UsageError(f"{target} exists and so does {chained}",
                                  hint="merge them into one hook by hand, then run `gitpipe repo add` again")
             target.rename(chained)
-        text = (resources.folder("hooks") / hook).read_text()
-        python = sys.executable
-        if len(python) > 120:  # the kernel cuts #! lines at 127 bytes
-            raise UsageError(f"the Python path {python} is too long for a hook's #! line",
-                             hint="install gitpipe in a venv with a shorter path")
-        text = text.replace("#!@PYTHON@", "#!" + python)
-        # perl (Essential on Debian) is hooks/post-receive's client of the daemon's socket;
-        # without it the hook starts Python for each push
-        values = {"PYTHON": python, "LIBDIR": libdir, "HOME": str(settings.home), "REPO": name,
-                  "PERL": shutil.which("perl") or ""}
+        # perl (Essential on Debian) runs hooks/post-receive, the client of the daemon's socket;
+        # without it the sh hook starts Python for each push
+        source = f"{hook}-sh" if hook == "post-receive" and not perl else hook
+        text = (resources.folder("hooks") / source).read_text()
+        values = {"PYTHON": sys.executable, "LIBDIR": libdir, "HOME": str(settings.home), "REPO": name,
+                  "PERL": perl or ""}
         for key, value in values.items():
-            text = text.replace(f"@{key}_Q@", shlex.quote(value)).replace(f"@{key}@", repr(value))
+            text = (text.replace(f"@{key}_Q@", shlex.quote(value)).replace(f"@{key}_PL@", _perl_quote(value))
+                    .replace(f"@{key}@", value))
         tmp = hooks_dir / f".{hook}.gitpipe-tmp"
         tmp.write_text(text)
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
+
+
+def _perl_quote(value: str) -> str:
+    """A Perl string literal of `value` (single quotes: nothing in it is interpolated)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _ours(path: Path) -> bool:

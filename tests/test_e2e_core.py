@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import pytest
 from helpers import (
     GITPIPE,
     ISO_UTC,
+    RUN_ID,
     STAMP,
     Home,
     Push,
@@ -992,7 +994,7 @@ def test_an_existing_post_receive_hook_is_kept_and_chained(home: Home, tmp_path:
     assert push.stderr.count("remote: legacy pre-receive ran") == 1
     assert push.stderr.count(f"remote: legacy post-receive saw: {'0' * 40} {push.sha} refs/heads/main") == 1
     assert len(push.run_ids) == 1
-    with home.daemon():  # the daemon answers for gitpipe's hook (the sh hook runs the chained one)
+    with home.daemon():  # the daemon answers for gitpipe's hook (which then runs the chained one)
         up = home.push(path, {"a.txt": "a"})
         assert up.returncode == 0 and len(up.run_ids) == 1, up.stderr
         assert up.stderr.count(f"remote: legacy post-receive saw: {push.sha} {up.sha} refs/heads/main") == 1
@@ -1078,12 +1080,59 @@ def test_a_repo_with_an_older_hook_keeps_working_and_repo_add_upgrades_it(home: 
         before = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})  # through the Python hook
         assert before.returncode == 0 and len(before.run_ids) == 1, before.stderr
         home.gitpipe("repo", "add", str(repo), check=True)  # the upgrade
-        assert "intake.sock" in hook.read_text() and hook.read_text().startswith("#!/bin/sh\n")
+        assert "intake.sock" in hook.read_text() and hook.read_text().startswith(f"#!{shutil.which('perl')} -t\n")
         assert not (repo / "hooks" / "post-receive.chained").exists()  # ours is replaced, not chained
         after = home.push(repo, {"a.txt": "a"})
         assert after.gitpipe_lines == [f"remote: gitpipe: run #{after.run_ids[0]} queued for main @ {after.sha[:7]}"]
         home.wait_runs([before.run_ids[0], after.run_ids[0]])
     assert sorted(r["id"] for r in home.runs()) == sorted([before.run_ids[0], after.run_ids[0]])
+
+
+def test_the_perl_hook_loads_no_module_the_environment_names(home: Home, tmp_path: Path) -> None:
+    """PERL5OPT and PERL5LIB in a pusher's environment (a local::lib in a profile, a module that
+    is not there, one that would print): the hook runs with -t, which ignores both, and the
+    daemon still answers the push (its Python fallback is broken here: only the daemon speaks)."""
+    repo = home.add_repo("perlenv")
+    without_python_fallback(repo)
+    lib = tmp_path / "perl5"
+    (lib / "Loud.pm").parent.mkdir()
+    (lib / "Loud.pm").write_text('print "LOUD WAS LOADED\\n"; 1;\n')
+    with home.daemon():
+        sha = home.commit(repo, {".pipeline.toml": pipeline(SIMPLE)})
+        for extra in ({"PERL5OPT": "-MNo::Such::Module"}, {"PERL5OPT": "-MLoud", "PERL5LIB": str(lib)}):
+            proc = subprocess.run(["git", "push", "--force", str(repo), f"{sha}:refs/heads/{len(extra)}"],
+                                  cwd=home.clone_of(repo), env={**home.env(), **extra}, capture_output=True,
+                                  text=True, timeout=120, check=False)
+            assert proc.returncode == 0, proc.stderr
+            assert "LOUD" not in proc.stderr and "Can't locate" not in proc.stderr, proc.stderr
+            [run_id] = RUN_ID.findall(proc.stderr)
+            home.expect(home.wait_run(int(run_id)))
+
+
+def test_without_perl_the_python_hook_records_every_push(home: Home, tmp_path: Path) -> None:
+    """A host without perl when `gitpipe repo add` runs: post-receive is an sh hook that starts
+    the Python hook, which records the push with the daemon up or down, and runs a chained hook."""
+    bin_dir = tmp_path / "bin"  # git, and no perl
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    path = tmp_path / "noperl.git"
+    git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(path))
+    chained = path / "hooks" / "post-receive"
+    chained.write_text('#!/bin/sh\necho "chained saw: $(cat)"\n')
+    chained.chmod(0o755)
+    home.gitpipe("repo", "add", str(path), check=True, env=home.env({"PATH": str(bin_dir)}))
+    hook = (path / "hooks" / "post-receive").read_text()
+    assert hook.startswith("#!/bin/sh\n") and "perl" not in hook.split("\n", 1)[0], hook
+    down = home.push(path, {".pipeline.toml": pipeline(SIMPLE)})
+    assert down.returncode == 0 and len(down.run_ids) == 1, down.stderr
+    assert f"remote: chained saw: {'0' * 40} {down.sha} refs/heads/main" in down.stderr
+    with home.daemon():
+        up = home.push(path, {"a.txt": "a"})
+        assert up.returncode == 0 and len(up.run_ids) == 1, up.stderr
+        assert f"remote: chained saw: {down.sha} {up.sha} refs/heads/main" in up.stderr
+        home.wait_runs([down.run_ids[0], up.run_ids[0]])
+    assert sorted(r["id"] for r in home.runs()) == sorted([down.run_ids[0], up.run_ids[0]])
+    assert all(r["status"] == "succeeded" for r in home.runs())
 
 
 def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) -> None:
