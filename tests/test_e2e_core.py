@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import itertools
+import os
 import queue
 import re
 import shutil
@@ -1133,6 +1134,34 @@ def test_without_perl_the_python_hook_records_every_push(home: Home, tmp_path: P
         home.wait_runs([down.run_ids[0], up.run_ids[0]])
     assert sorted(r["id"] for r in home.runs()) == sorted([down.run_ids[0], up.run_ids[0]])
     assert all(r["status"] == "succeeded" for r in home.runs())
+
+
+def test_a_push_is_refused_when_the_perl_of_its_hook_is_gone(home: Home, tmp_path: Path) -> None:
+    """perl removed after `gitpipe repo add`: post-receive could not run, so pre-receive refuses
+    the push (git keeps nothing) and says how to fix it; `repo add` again, without perl, installs
+    the sh hook, and the push goes through."""
+    repo = home.add_repo("perlgone")
+    gone = str(tmp_path / "perl")  # where perl was: a copy, then removed
+    shutil.copy(shutil.which("perl"), gone)
+    for name in ("pre-receive", "post-receive"):
+        hook = repo / "hooks" / name
+        hook.write_text(hook.read_text().replace(shutil.which("perl"), gone))
+    first = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+    assert first.returncode == 0 and len(first.run_ids) == 1, first.stderr  # through the copy
+    os.unlink(gone)
+    refused = home.push(repo, {"a.txt": "a"})
+    assert refused.returncode != 0 and refused.run_ids == []
+    assert f"remote: gitpipe: push refused: {gone}, which runs this repo's post-receive hook, is gone" in refused.stderr
+    assert f"run `gitpipe repo add {repo}`" in refused.stderr
+    assert git(repo, "rev-parse", "refs/heads/main").stdout.strip() == first.sha  # git kept nothing
+    assert list((home.home / "spool" / "pending").iterdir()) == []
+    bin_dir = tmp_path / "bin"  # the host as it is now: git, and no perl
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    home.gitpipe("repo", "add", str(repo), check=True, env=home.env({"PATH": str(bin_dir)}))
+    again = home.push(repo, {"a.txt": "a"})
+    assert again.returncode == 0 and len(again.run_ids) == 1, again.stderr
+    assert sorted(r["id"] for r in home.runs()) == sorted([first.run_ids[0], again.run_ids[0]])
 
 
 def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) -> None:
