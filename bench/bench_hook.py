@@ -3,9 +3,10 @@
     python bench/bench_hook.py [N]        # N rounds (default 30)
     GITPIPE_BEFORE=/work/main/.venv/bin python bench/bench_hook.py 30   # and another install beside
 
-Pushes to a bare repo without hooks, to a gitpipe repo whose daemon runs (the sh hook hands
-the push to it), and to one whose daemon is down (the Python hook records the push itself),
-interleaved; with GITPIPE_BEFORE (the bin folder of another gitpipe install), to a repo of that
+Pushes to a bare repo without hooks (and one with receive.autogc off, as `gitpipe repo add`
+leaves a repo: the daemon runs `git gc --auto` after the push), to a gitpipe repo whose daemon
+runs (the Perl hook hands the push to it), and to one whose daemon is down (the Python hook
+records the push itself), interleaved; with GITPIPE_BEFORE (the bin folder of another gitpipe install), to a repo of that
 install too, in the same rounds. Then each part of the hooks' path alone, so that the floor is
 visible. Medians in ms; they move with the machine's load (printed): compare within one run.
 """
@@ -64,6 +65,8 @@ def main() -> None:
         subprocess.run([str(bin_dir / "gitpipe"), "repo", "add", str(root / f"{name}.git"), "--create"],
                        env=env_with_home(home), capture_output=True, check=True)
     git("init", "-q", "--bare", "-b", "main", str(root / "plain.git"))
+    git("init", "-q", "--bare", "-b", "main", str(root / "nogc.git"))  # as `repo add` leaves a repo
+    git("--git-dir", str(root / "nogc.git"), "config", "receive.autogc", "false")
     daemons = [subprocess.Popen([str(bins[name] / "gitpipe"), "serve"], env=env_with_home(root / name),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in bins if name != "down"]
     try:
@@ -71,7 +74,7 @@ def main() -> None:
             while name != "down" and not (root / name / "intake.sock").exists():
                 time.sleep(0.05)
         src = clone_with(root, "src", {".pipeline.toml": PIPELINE})
-        pushes: dict[str, list[float]] = {name: [] for name in ("plain", *bins)}
+        pushes: dict[str, list[float]] = {name: [] for name in ("plain", "nogc", *bins)}
         for target in pushes:
             git("push", "-q", str(root / f"{target}.git"), "main", cwd=src)
         for i in range(n):
@@ -98,9 +101,9 @@ def main() -> None:
             parts |= {
                 f"pre-receive alone{of} (sh; the reject_invalid check; the 64 KiB reservation)":
                     timed_ms([str(repo / "hooks" / "pre-receive")], n * 2, input=line, cwd=repo, env=env),
-                f"post-receive alone{of}, daemon up, a push that starts no run (sh, perl, the daemon's plan)":
+                f"post-receive alone{of}, daemon up, a push that starts no run (the hook, the daemon's plan)":
                     timed_ms([str(repo / "hooks" / "post-receive")], n * 2, input=tag, cwd=repo, env=env),
-                f"post-receive alone{of}, daemon up (sh, perl, the daemon's plan and synced commit)":
+                f"post-receive alone{of}, daemon up (the hook, the daemon's plan and synced commit)":
                     timed_ms([str(repo / "hooks" / "post-receive")], n, 0.3, input=line, cwd=repo, env=env),
             }
     finally:
@@ -112,6 +115,8 @@ def main() -> None:
     print("| measure | ms |")
     print("| --- | --- |")
     print(f"| `git push`, no hooks | {plain:.1f} |")
+    print(f"| `git push`, no hooks, receive.autogc = false (no `git gc --auto` after the push) | "
+          f"{median(pushes['nogc']):.1f} |")
     print(f"| what gitpipe's hooks add, daemon up | +{median(pushes['up']) - plain:.1f} |")
     if BEFORE:
         print(f"| what the hooks of {BEFORE} add, daemon up | +{median(pushes['before']) - plain:.1f} |")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ KEYS_KEPT = 86400.0  # seconds a push's key is kept (its hook ended long before)
 PRUNE_EVERY = 1000  # pushes
 PIPELINES_KEPT = 64  # validated pipeline texts kept in memory
 HEX = frozenset("0123456789abcdef")
+GC_DELAY = 1.0  # seconds from a push to its repo's `git gc --auto` (repos._gc_by_daemon): after the push's end
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Answer:
     receive_pack: int | None = None  # the push's git process: its disk reservation is given back
     queued: bool = False  # runs to start
     first: tuple[int, str, str, str] | None = None  # (run id, repo, ref, sha) of the first run recorded
+    git_dir: str | None = None  # the repo pushed to: its `git gc --auto` is due
 
     def text(self) -> bytes:
         return ("recorded\n" if self.recorded else "refused\n").encode() + "".join(f"{x}\n" for x in self.lines).encode()
@@ -81,7 +84,8 @@ class IntakeServer:
         self.sock: socket.socket | None = None
         self.threads: list[threading.Thread] = []
         self.pipelines: dict[tuple[str, str], dict[str, Any]] = {}
-        self.lock = threading.Lock()  # of the two above, shared by the connections' threads
+        self.gc_due: set[str] = set()  # repos whose `git gc --auto` waits for its GC_DELAY
+        self.lock = threading.Lock()  # of the three above, shared by the connections' threads
         self.recorded = 0
 
     @property
@@ -156,6 +160,29 @@ class IntakeServer:
                 log.warning("intake: could not prepare run #%s's worktree ahead: %s", answer.first[0], exc)
         if answer.queued:  # the loop claims them now: no wake file, no inotify round trip
             self.on_recorded()
+        if answer.git_dir is not None:
+            self._gc_later(answer.git_dir)
+
+    def _gc_later(self, git_dir: str) -> None:
+        """`git gc --auto` in the repo GC_DELAY from now (once for a burst of pushes): what
+        receive-pack would have run after the push's hooks, had repos._gc_by_daemon not turned
+        it off. Later, the push's own end and its run's start are not kept waiting for it."""
+        with self.lock:
+            if git_dir in self.gc_due:
+                return
+            self.gc_due.add(git_dir)
+        timer = threading.Timer(GC_DELAY, self._gc, (git_dir,))
+        timer.name, timer.daemon = "intake-gc", True
+        timer.start()
+
+    def _gc(self, git_dir: str) -> None:
+        with self.lock:
+            self.gc_due.discard(git_dir)
+        try:  # git decides whether there is anything to do (gc.auto), and collects in the background
+            subprocess.run(["git", f"--git-dir={git_dir}", "gc", "--auto", "--quiet"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        except OSError as exc:
+            log.warning("intake: could not start `git gc --auto` in %s: %s", git_dir, exc)
 
     def _answer(self, conn: socket.socket) -> Answer:
         try:
@@ -190,7 +217,7 @@ class IntakeServer:
                 prune = self.recorded % PRUNE_EVERY == 0
             if prune:
                 self._prune()
-        return Answer(True, lines + notes, receive_pack, bool(runs), first)
+        return Answer(True, lines + notes, receive_pack, bool(runs), first, git_dir)
 
     def _repo_path(self, repo: str) -> str:
         try:

@@ -1164,6 +1164,42 @@ def test_a_push_is_refused_when_the_perl_of_its_hook_is_gone(home: Home, tmp_pat
     assert sorted(r["id"] for r in home.runs()) == sorted([first.run_ids[0], again.run_ids[0]])
 
 
+def test_the_daemon_runs_git_gc_auto_after_a_push_not_the_push(home: Home, tmp_path: Path) -> None:
+    """`repo add` turns receive.autogc off (receive-pack's `git gc --auto` made every push wait
+    for it); the daemon runs it a moment after each push it takes. `repo remove` turns it back;
+    a value set by hand is left as it is."""
+    repo = home.add_repo("gc")
+
+    def config(path: Path, key: str) -> str | None:
+        got = git(path, "config", "--local", "--get", key, check=False)
+        return got.stdout.strip() if got.returncode == 0 else None
+
+    def packs() -> int:
+        return len(list((repo / "objects" / "pack").glob("*.pack")))
+
+    assert config(repo, "receive.autogc") == "false" and config(repo, "gitpipe.autogc") == "daemon"
+    # each push's objects kept as a pack; more than one pack is work for `git gc --auto`
+    for key, value in (("receive.unpackLimit", "1"), ("gc.autoPackLimit", "1"), ("gc.autoDetach", "false")):
+        git(repo, "config", key, value)
+    home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+    home.push(repo, {"a.txt": "a"})
+    assert packs() == 2  # the daemon is down, and the push itself collects nothing
+    with home.daemon():
+        up = home.push(repo, {"b.txt": "b"})
+        assert up.returncode == 0 and len(up.run_ids) == 1, up.stderr
+        wait_for(lambda: packs() == 1, 60, what="the daemon's `git gc --auto` to pack the repo's packs into one")
+        home.wait_runs([r["id"] for r in home.runs()])
+    home.gitpipe("repo", "remove", "gc", check=True)
+    assert config(repo, "receive.autogc") is None and config(repo, "gitpipe.autogc") is None
+    mine = tmp_path / "mine.git"
+    git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(mine))
+    git(mine, "config", "receive.autogc", "true")
+    home.gitpipe("repo", "add", str(mine), check=True)
+    assert config(mine, "receive.autogc") == "true" and config(mine, "gitpipe.autogc") is None
+    home.gitpipe("repo", "remove", "mine", check=True)
+    assert config(mine, "receive.autogc") == "true"
+
+
 def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) -> None:
     path = tmp_path / "guarded.git"
     git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(path))
