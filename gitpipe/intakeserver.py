@@ -53,6 +53,7 @@ PRUNE_EVERY = 1000  # pushes
 PIPELINES_KEPT = 64  # validated pipeline texts kept in memory
 HEX = frozenset("0123456789abcdef")
 GC_DELAY = 1.0  # seconds from a push to its repo's `git gc --auto` (repos._gc_by_daemon): after the push's end
+GC_EVERY = 60.0  # seconds: at most one `git gc --auto` a repo in that time, however often it is pushed to
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ class IntakeServer:
         self.sock: socket.socket | None = None
         self.threads: list[threading.Thread] = []
         self.pipelines: dict[tuple[str, str], dict[str, Any]] = {}
-        self.gc_due: set[str] = set()  # repos whose `git gc --auto` waits for its GC_DELAY
-        self.lock = threading.Lock()  # of the three above, shared by the connections' threads
+        self.gc_due: set[str] = set()  # repos whose `git gc --auto` is waited for
+        self.gc_last: dict[str, float] = {}  # repo -> when its last `git gc --auto` started (monotonic)
+        self.lock = threading.Lock()  # of the four above, shared by the connections' threads
         self.recorded = 0
 
     @property
@@ -164,20 +166,24 @@ class IntakeServer:
             self._gc_later(answer.git_dir)
 
     def _gc_later(self, git_dir: str) -> None:
-        """`git gc --auto` in the repo GC_DELAY from now (once for a burst of pushes): what
-        receive-pack would have run after the push's hooks, had repos._gc_by_daemon not turned
-        it off. Later, the push's own end and its run's start are not kept waiting for it."""
+        """`git gc --auto` in the repo GC_DELAY from now, or GC_EVERY after its last one: what
+        receive-pack would have run after each push's hooks, had repos._gc_by_daemon not turned
+        it off. Later, the push's own end and its run's start are not kept waiting for it, and
+        a burst of pushes is collected once."""
         with self.lock:
             if git_dir in self.gc_due:
                 return
             self.gc_due.add(git_dir)
-        timer = threading.Timer(GC_DELAY, self._gc, (git_dir,))
+            last = self.gc_last.get(git_dir)
+        delay = GC_DELAY if last is None else max(GC_DELAY, last + GC_EVERY - time.monotonic())
+        timer = threading.Timer(delay, self._gc, (git_dir,))
         timer.name, timer.daemon = "intake-gc", True
         timer.start()
 
     def _gc(self, git_dir: str) -> None:
         with self.lock:
             self.gc_due.discard(git_dir)
+            self.gc_last[git_dir] = time.monotonic()
         try:  # git decides whether there is anything to do (gc.auto), and collects in the background
             subprocess.run(["git", f"--git-dir={git_dir}", "gc", "--auto", "--quiet"], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
