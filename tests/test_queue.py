@@ -35,6 +35,7 @@ PIPE = pipeline("""
       name = "a"
       run = "true"
     """)
+TRUE_PIPE = '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n'  # every push runs it
 INVALID_MAIN_ONLY = '[trigger]\nbranches = ["main"]\n\n[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  shell = "x"\n'
 BROKEN_TOML = "[trigger\nbranches = [\n"
 
@@ -330,13 +331,7 @@ def test_the_pusher_is_named_alike_by_the_daemon_and_the_python_hook(home: Home)
     client sends no name and the daemon names the Unix user of the socket's peer, as the Python
     hook names itself when the daemon is down. A front end's name still wins."""
     repo = home.add_repo("shop")
-    text = pipeline("""
-        [[stage]]
-        name = "s"
-          [[stage.action]]
-          name = "a"
-          run = "true"
-        """)
+    text = TRUE_PIPE
     names = ("GITPIPE_PUSHER", "REMOTE_USER", "GL_USERNAME", "GITEA_PUSHER_NAME", "USER", "LOGNAME")
     nameless = {k: v for k, v in home.env().items() if k not in names}
     me = pwd.getpwuid(os.geteuid()).pw_name
@@ -367,13 +362,7 @@ def test_idle_connections_to_the_intake_do_not_lose_or_double_a_push(home: Home)
     Each is given up after its read timeout; a push meanwhile is recorded once, by the daemon
     or, if the hook gave up waiting, by the Python hook under the same key."""
     repo = home.add_repo("shop")
-    text = pipeline("""
-        [[stage]]
-        name = "s"
-          [[stage.action]]
-          name = "a"
-          run = "true"
-        """)
+    text = TRUE_PIPE
     with home.daemon() as daemon:
         fd = os.open(home.home, os.O_RDONLY | os.O_DIRECTORY)
         idle = []
