@@ -2,10 +2,11 @@
 
 hooks/post-receive is a Perl script of builtins only (perl-base is Essential on Debian; ~1.5 ms):
 a Python start alone costs a push 7-15 ms, more than all the rest of its work. The hook sends
-git's ref lines to `intake.sock` in the home. Here the daemon plans the push exactly as the Python hook does (hookmain.plan:
-the same rules, reading the pushed objects in this process), records its runs through its
-store in one synced commit, answers the lines the pusher reads, and wakes its loop, which
-starts them at once.
+git's ref lines to `intake.sock` in the home. Here the daemon plans the push exactly as the
+Python hook does (hookmain.plan: the same rules, reading the pushed objects in this process),
+records its runs through its store in one synced commit, answers the lines the pusher reads,
+and wakes its loop, which starts them at once. A second later (at most once a minute a repo)
+it runs the `git gc --auto` that receive-pack no longer runs in the push (repos._gc_by_daemon).
 
 Protocol, one push per connection (the client writes, shuts its side down, reads to the end):
     request  "gitpipe-push 1 REPO RECEIVE_PACK_PID HOOK_PID PUSHER_HEX\\n", then git's ref lines
