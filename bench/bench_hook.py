@@ -64,6 +64,10 @@ def main() -> None:
         subprocess.run([str(bin_dir / "gitpipe"), "init"], env=env_with_home(home), capture_output=True, check=True)
         subprocess.run([str(bin_dir / "gitpipe"), "repo", "add", str(root / f"{name}.git"), "--create"],
                        env=env_with_home(home), capture_output=True, check=True)
+    # a second repo of the running daemon, with git's own `gc --auto` in the push as before
+    subprocess.run([str(BIN / "gitpipe"), "repo", "add", str(root / "upgc.git"), "--create"],
+                   env=env_with_home(root / "up"), capture_output=True, check=True)
+    git("--git-dir", str(root / "upgc.git"), "config", "receive.autogc", "true")
     git("init", "-q", "--bare", "-b", "main", str(root / "plain.git"))
     git("init", "-q", "--bare", "-b", "main", str(root / "nogc.git"))  # as `repo add` leaves a repo
     git("--git-dir", str(root / "nogc.git"), "config", "receive.autogc", "false")
@@ -74,7 +78,7 @@ def main() -> None:
             while name != "down" and not (root / name / "intake.sock").exists():
                 time.sleep(0.05)
         src = clone_with(root, "src", {".pipeline.toml": PIPELINE})
-        pushes: dict[str, list[float]] = {name: [] for name in ("plain", "nogc", *bins)}
+        pushes: dict[str, list[float]] = {name: [] for name in ("plain", "nogc", "upgc", *bins)}
         for target in pushes:
             git("push", "-q", str(root / f"{target}.git"), "main", cwd=src)
         for i in range(n):
@@ -83,7 +87,7 @@ def main() -> None:
                 t = time.perf_counter()
                 git("push", "-q", str(root / f"{target}.git"), "main", cwd=src)
                 pushes[target].append((time.perf_counter() - t) * 1000)
-            time.sleep(0.3)  # the daemon runs the run the push queued (`true`) meanwhile
+                time.sleep(0.3)  # the run this push queued (`true`) runs now, not during the next push
         env = {**os.environ, "GIT_DIR": "."}
         parts = {
             "`sh -c :`": timed_ms(["sh", "-c", ":"], n * 4),
@@ -118,6 +122,8 @@ def main() -> None:
     print(f"| `git push`, no hooks, receive.autogc = false (no `git gc --auto` after the push) | "
           f"{median(pushes['nogc']):.1f} |")
     print(f"| what gitpipe's hooks add, daemon up | +{median(pushes['up']) - plain:.1f} |")
+    print(f"| the same, receive.autogc = true (git's `gc --auto` in the push, as before) | "
+          f"+{median(pushes['upgc']) - plain:.1f} |")
     if BEFORE:
         print(f"| what the hooks of {BEFORE} add, daemon up | +{median(pushes['before']) - plain:.1f} |")
     print(f"| what gitpipe's hooks add, daemon down (the Python hook records the push) | "
