@@ -179,7 +179,8 @@ def test_an_action_starts_the_sandbox_and_no_git_process_on_an_unchanged_tree(ho
 
 def test_a_push_to_a_running_daemon_starts_no_python(home: Home, tmp_path: Path) -> None:
     """pre-receive is sh, post-receive the socket's Perl client; the daemon records the push and
-    answers: git and the two hooks are all a push runs (a Python start alone costs 7-15 ms)."""
+    answers: git and the two hooks are all a push runs (a Python start alone costs 7-15 ms), and
+    no `git gc --auto` after them."""
     repo = home.add_repo("app")
     trace = tmp_path / "push.strace"
     with home.daemon():
@@ -193,6 +194,7 @@ def test_a_push_to_a_running_daemon_starts_no_python(home: Home, tmp_path: Path)
                 if 'execve("' in line]
     assert not [p for p in programs if "python" in Path(p).name], programs
     assert not [p for p in programs if Path(p).name == "perl"], programs  # the hook is perl, it starts none
+    assert '"gc", "--auto"' not in trace.read_text()  # the daemon runs it after the push (receive.autogc off)
     assert sum(p.endswith(("/pre-receive", "/post-receive")) for p in programs) == 2, programs
 
 
