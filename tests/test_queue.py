@@ -437,3 +437,14 @@ def test_another_local_account_cannot_push_through_the_intake(home: Home) -> Non
         assert said.startswith(("refused\n", "ConnectionResetError", "BrokenPipeError")), said
         assert "a process of uid 65534 is not the daemon's user" in daemon.log
     assert [r["id"] for r in home.runs()] == [pushed]  # nothing recorded for it
+
+
+def test_a_value_is_written_into_the_perl_hook_as_it_is() -> None:
+    """The home, repo, Python and libdir paths are Perl string literals in hooks/post-receive:
+    quotes, backslashes, `$` and `@` stay what they are (nothing is interpolated)."""
+    from gitpipe import repos
+
+    for value in ("/srv/it's here", "C:\\back\\slash\\", "$HOME @ARGV ${x}", "'", "\\", "\n\t"):
+        code = f"print {repos._perl_quote(value)}"
+        out = subprocess.run(["perl", "-e", code], capture_output=True, check=True).stdout
+        assert out.decode() == value, (value, code)
