@@ -1,15 +1,16 @@
 """The daemon's end of the post-receive hook: a push's runs recorded and started without a Python start.
 
-hooks/post-receive is `sh`: a Python start alone costs a push 7-15 ms, more than all the rest
-of its work. The hook hands git's ref lines to a client of ~20 lines of Perl (perl-base is
-Essential on Debian; the client uses only builtins: ~1.5 ms) which connects to `intake.sock`
-in the home. Here the daemon plans the push exactly as the Python hook does (hookmain.plan:
-the same rules, reading the pushed objects in this process), records its runs through its
-store in one synced commit, answers the lines the pusher reads, and wakes its loop, which
-starts them at once.
+hooks/post-receive is a Perl script of builtins only (perl-base is Essential on Debian; ~1.5 ms):
+a Python start alone costs a push 7-15 ms, more than all the rest of its work. The hook sends
+git's ref lines to `intake.sock` in the home. Here the daemon plans the push exactly as the
+Python hook does (hookmain.plan: the same rules, reading the pushed objects in this process),
+records its runs through its store in one synced commit, answers the lines the pusher reads,
+and wakes its loop, which starts them at once. A second later (at most once a minute a repo)
+it runs the `git gc --auto` that receive-pack no longer runs in the push (repos._gc_by_daemon).
 
 Protocol, one push per connection (the client writes, shuts its side down, reads to the end):
     request  "gitpipe-push 1 REPO RECEIVE_PACK_PID HOOK_PID PUSHER_HEX\\n", then git's ref lines
+             (PUSHER_HEX empty: the pusher is the Unix user of the peer, named here from SO_PEERCRED)
     answer   "recorded\\n" or "refused\\n", then the lines for the pusher
 "refused" (or no answer at all) sends the hook to the Python hook, which records the push
 itself: a push is never lost to this path. Both ends record under one key (intake.push_key)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -46,11 +48,13 @@ SOCKET = "intake.sock"  # in the home; named in hooks/post-receive too
 MAGIC = b"gitpipe-push 1 "
 MAX_REQUEST = 8 << 20  # bytes: a mirror push of ~50,000 refs
 READ_TIMEOUT = 5.0  # seconds the client has to send its request (it sends it at once)
-CONNECTIONS = 4  # pushes planned at once; more wait in the listen backlog
+CONNECTIONS = 4  # pushes planned at once (threads waiting in accept); more wait in the listen backlog
 KEYS_KEPT = 86400.0  # seconds a push's key is kept (its hook ended long before)
 PRUNE_EVERY = 1000  # pushes
 PIPELINES_KEPT = 64  # validated pipeline texts kept in memory
 HEX = frozenset("0123456789abcdef")
+GC_DELAY = 1.0  # seconds from a push to its repo's `git gc --auto` (repos._gc_by_daemon): after the push's end
+GC_EVERY = 60.0  # seconds: at most one `git gc --auto` a repo in that time, however often it is pushed to
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Answer:
     receive_pack: int | None = None  # the push's git process: its disk reservation is given back
     queued: bool = False  # runs to start
     first: tuple[int, str, str, str] | None = None  # (run id, repo, ref, sha) of the first run recorded
+    git_dir: str | None = None  # the repo pushed to: its `git gc --auto` is due
 
     def text(self) -> bytes:
         return ("recorded\n" if self.recorded else "refused\n").encode() + "".join(f"{x}\n" for x in self.lines).encode()
@@ -79,10 +84,11 @@ class IntakeServer:
         self.on_recorded = on_recorded
         self.on_first = on_first
         self.sock: socket.socket | None = None
-        self.thread: threading.Thread | None = None
-        self.slots = threading.BoundedSemaphore(CONNECTIONS)
+        self.threads: list[threading.Thread] = []
         self.pipelines: dict[tuple[str, str], dict[str, Any]] = {}
-        self.lock = threading.Lock()  # of the two above, shared by the connections' threads
+        self.gc_due: set[str] = set()  # repos whose `git gc --auto` is waited for
+        self.gc_last: dict[str, float] = {}  # repo -> when its last `git gc --auto` started (monotonic)
+        self.lock = threading.Lock()  # of the four above, shared by the connections' threads
         self.recorded = 0
 
     @property
@@ -96,8 +102,12 @@ class IntakeServer:
         except OSError as exc:
             return f"no intake socket at {self.path} ({exc}): each push starts Python to record its runs"
         self._prune()
-        self.thread = threading.Thread(target=self._accept, name="intake", daemon=True)
-        self.thread.start()
+        # Threads started now, each taking the next connection itself: a push waits for no
+        # thread to start nor for a hand-over between two of them (~0.1-0.2 ms on a busy host).
+        self.threads = [threading.Thread(target=self._accept, name=f"intake-{i}", daemon=True)
+                        for i in range(CONNECTIONS)]
+        for thread in self.threads:
+            thread.start()
         return None
 
     def close(self) -> None:
@@ -108,24 +118,28 @@ class IntakeServer:
             except OSError:
                 pass
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the intake thread
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of every intake thread
             except OSError:
                 pass
             self.sock.close()
-            if self.thread is not None:
-                self.thread.join(5)
+            deadline = time.monotonic() + 5
+            for thread in self.threads:  # each ends once the push it serves has its answer
+                thread.join(max(0.0, deadline - time.monotonic()))
+            self.threads = []
             self.sock = None
 
     def _accept(self) -> None:
-        assert self.sock is not None
+        sock = self.sock
+        assert sock is not None
         while True:
-            self.slots.acquire()
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except OSError:  # closed: the daemon stops
-                self.slots.release()
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="intake-push", daemon=True).start()
+            try:
+                self._serve(conn)
+            except Exception:  # a bug after the answer: this thread keeps taking pushes
+                log.exception("intake: after answering a push")
 
     def _serve(self, conn: socket.socket) -> None:
         answer = Answer(False, [])
@@ -136,8 +150,6 @@ class IntakeServer:
                 conn.sendall(answer.text())
         except OSError:
             pass  # the hook went away (its own timeout): it records the push itself, under the same key
-        finally:
-            self.slots.release()
         # After the answer, whatever can wait: the push waits for nothing that is not its record.
         if answer.receive_pack is not None:  # the room hooks/pre-receive reserved (hookmain._reservation)
             try:
@@ -151,13 +163,41 @@ class IntakeServer:
                 log.warning("intake: could not prepare run #%s's worktree ahead: %s", answer.first[0], exc)
         if answer.queued:  # the loop claims them now: no wake file, no inotify round trip
             self.on_recorded()
+        if answer.git_dir is not None:
+            self._gc_later(answer.git_dir)
+
+    def _gc_later(self, git_dir: str) -> None:
+        """`git gc --auto` in the repo GC_DELAY from now, or GC_EVERY after its last one: what
+        receive-pack would have run after each push's hooks, had repos._gc_by_daemon not turned
+        it off. Later, the push's own end and its run's start are not kept waiting for it, and
+        a burst of pushes is collected once."""
+        with self.lock:
+            if git_dir in self.gc_due:
+                return
+            self.gc_due.add(git_dir)
+            last = self.gc_last.get(git_dir)
+        delay = GC_DELAY if last is None else max(GC_DELAY, last + GC_EVERY - time.monotonic())
+        timer = threading.Timer(delay, self._gc, (git_dir,))
+        timer.name, timer.daemon = "intake-gc", True
+        timer.start()
+
+    def _gc(self, git_dir: str) -> None:
+        with self.lock:
+            self.gc_due.discard(git_dir)
+            self.gc_last[git_dir] = time.monotonic()
+        try:  # git decides whether there is anything to do (gc.auto), and collects in the background
+            subprocess.run(["git", f"--git-dir={git_dir}", "gc", "--auto", "--quiet"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        except OSError as exc:
+            log.warning("intake: could not start `git gc --auto` in %s: %s", git_dir, exc)
 
     def _answer(self, conn: socket.socket) -> Answer:
         try:
             uid = peer_uid(conn)
             if uid not in (os.geteuid(), 0):
                 raise IntakeRefused(f"a process of uid {uid} is not the daemon's user")
-            return self.take(*parse(_read_all(conn)))
+            repo, receive_pack, hook, who, text = parse(_read_all(conn))
+            return self.take(repo, receive_pack, hook, who or user_name(uid), text)
         except IntakeRefused as exc:
             log.warning("intake: refused a push: %s", exc)
             return Answer(False, [f"gitpipe: the daemon refused the push ({exc}); recording it here"])
@@ -184,7 +224,7 @@ class IntakeServer:
                 prune = self.recorded % PRUNE_EVERY == 0
             if prune:
                 self._prune()
-        return Answer(True, lines + notes, receive_pack, bool(runs), first)
+        return Answer(True, lines + notes, receive_pack, bool(runs), first, git_dir)
 
     def _repo_path(self, repo: str) -> str:
         try:
@@ -211,6 +251,23 @@ class IntakeServer:
                         self.pipelines.pop(next(iter(self.pipelines)))
                     self.pipelines[(repo, text)] = info
         return info
+
+
+def user_name(uid: int) -> str:
+    """The name of a Unix user (as hookmain.pusher names it when no front end does), else its uid."""
+    name = _USER_NAMES.get(uid)
+    if name is None:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        _USER_NAMES[uid] = name  # the daemon's user or root: asked once, not on each push
+    return name
+
+
+_USER_NAMES: dict[int, str] = {}
 
 
 def older_hooks(store: Store) -> list[str]:

@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import site
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from gitpipe.store import Store
 
 HOOKS = ("post-receive", "pre-receive")
 MARKER = "gitpipe"  # our hooks mention it on their first comment line
+GC_MARK = "gitpipe.autogc"  # "daemon": gitpipe turned receive.autogc off, `repo remove` turns it back
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -40,6 +42,7 @@ def add(settings: Settings, store: Store, path: str, name: str | None, create: b
                          hint="pass --name to choose another name")
     repo = git.create_bare(p) if create else git.open_bare(p)
     install_hooks(settings, Path(repo.path), chosen)
+    _gc_by_daemon(Path(repo.path))
     store.add_repo(chosen, str(p))
     return chosen, p
 
@@ -50,6 +53,9 @@ def install_hooks(settings: Settings, git_dir: Path, name: str) -> None:
     hooks_dir.mkdir(exist_ok=True)
     # gitpipe's own folder first, then site-packages (plugins' action types are validated in the hook)
     libdir = ":".join(dict.fromkeys([str(Path(__file__).resolve().parent.parent), *site.getsitepackages()]))
+    perl = shutil.which("perl")
+    if perl and (len(perl) > 120 or not perl.isprintable() or " " in perl):  # a #! line: cut at 127 bytes, split at spaces
+        perl = None
     for hook in HOOKS:
         target = hooks_dir / hook
         if target.exists() and not _ours(target):
@@ -58,22 +64,41 @@ def install_hooks(settings: Settings, git_dir: Path, name: str) -> None:
                 raise UsageError(f"{target} exists and so does {chained}",
                                  hint="merge them into one hook by hand, then run `gitpipe repo add` again")
             target.rename(chained)
-        text = (resources.folder("hooks") / hook).read_text()
-        python = sys.executable
-        if len(python) > 120:  # the kernel cuts #! lines at 127 bytes
-            raise UsageError(f"the Python path {python} is too long for a hook's #! line",
-                             hint="install gitpipe in a venv with a shorter path")
-        text = text.replace("#!@PYTHON@", "#!" + python)
-        # perl (Essential on Debian) is hooks/post-receive's client of the daemon's socket;
-        # without it the hook starts Python for each push
-        values = {"PYTHON": python, "LIBDIR": libdir, "HOME": str(settings.home), "REPO": name,
-                  "PERL": shutil.which("perl") or ""}
+        # perl (Essential on Debian) runs hooks/post-receive, the client of the daemon's socket;
+        # without it the sh hook starts Python for each push
+        source = f"{hook}-sh" if hook == "post-receive" and not perl else hook
+        text = (resources.folder("hooks") / source).read_text()
+        values = {"PYTHON": sys.executable, "LIBDIR": libdir, "HOME": str(settings.home), "REPO": name,
+                  "PERL": perl or ""}
         for key, value in values.items():
-            text = text.replace(f"@{key}_Q@", shlex.quote(value)).replace(f"@{key}@", repr(value))
+            text = (text.replace(f"@{key}_Q@", shlex.quote(value)).replace(f"@{key}_PL@", _perl_quote(value))
+                    .replace(f"@{key}@", value))
         tmp = hooks_dir / f".{hook}.gitpipe-tmp"
         tmp.write_text(text)
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
+
+
+def _gc_by_daemon(git_dir: Path) -> None:
+    """Turn receive.autogc off: the `git gc --auto` that receive-pack starts after the hooks of
+    every push (2-4 ms it waits for, most pushes for nothing to do) is started by the daemon a
+    moment after the push instead (intakeserver.py), off the push's path. A value set by hand is
+    kept. While the daemon is down nothing collects; the next push it takes does."""
+    if _git_config(git_dir, "--get", "receive.autogc").returncode == 0:
+        return  # set by hand, or by an earlier `repo add`
+    for key, value in (("receive.autogc", "false"), (GC_MARK, "daemon")):
+        if _git_config(git_dir, key, value).returncode != 0:
+            raise UsageError(f"could not set {key} in {git_dir / 'config'}", hint="check that file, then run `gitpipe repo add` again")
+
+
+def _git_config(git_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", f"--git-dir={git_dir}", "config", "--local", *args], capture_output=True,
+                          text=True, check=False)
+
+
+def _perl_quote(value: str) -> str:
+    """A Perl string literal of `value` (single quotes: nothing in it is interpolated)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _ours(path: Path) -> bool:
@@ -88,6 +113,9 @@ def remove(store: Store, name: str) -> None:
     """Unregister a repo (its history is kept); its hooks are taken out, chained ones restored."""
     path = Path(store.repo_path(name))
     store.remove_repo(name)
+    if _git_config(path, "--get", GC_MARK).stdout.strip() == "daemon":  # git's own gc after each push again
+        _git_config(path, "--unset", "receive.autogc")
+        _git_config(path, "--unset", GC_MARK)
     for hook in HOOKS:
         target = path / "hooks" / hook
         if target.exists() and _ours(target):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import getpass
 import hashlib
 import itertools
+import os
 import queue
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +28,7 @@ import pytest
 from helpers import (
     GITPIPE,
     ISO_UTC,
+    RUN_ID,
     STAMP,
     Home,
     Push,
@@ -993,7 +996,7 @@ def test_an_existing_post_receive_hook_is_kept_and_chained(home: Home, tmp_path:
     assert push.stderr.count("remote: legacy pre-receive ran") == 1
     assert push.stderr.count(f"remote: legacy post-receive saw: {'0' * 40} {push.sha} refs/heads/main") == 1
     assert len(push.run_ids) == 1
-    with home.daemon():  # the daemon answers for gitpipe's hook (the sh hook runs the chained one)
+    with home.daemon():  # the daemon answers for gitpipe's hook (which then runs the chained one)
         up = home.push(path, {"a.txt": "a"})
         assert up.returncode == 0 and len(up.run_ids) == 1, up.stderr
         assert up.stderr.count(f"remote: legacy post-receive saw: {push.sha} {up.sha} refs/heads/main") == 1
@@ -1079,12 +1082,123 @@ def test_a_repo_with_an_older_hook_keeps_working_and_repo_add_upgrades_it(home: 
         before = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})  # through the Python hook
         assert before.returncode == 0 and len(before.run_ids) == 1, before.stderr
         home.gitpipe("repo", "add", str(repo), check=True)  # the upgrade
-        assert "intake.sock" in hook.read_text() and hook.read_text().startswith("#!/bin/sh\n")
+        assert "intake.sock" in hook.read_text() and hook.read_text().startswith(f"#!{shutil.which('perl')} -t\n")
         assert not (repo / "hooks" / "post-receive.chained").exists()  # ours is replaced, not chained
         after = home.push(repo, {"a.txt": "a"})
         assert after.gitpipe_lines == [f"remote: gitpipe: run #{after.run_ids[0]} queued for main @ {after.sha[:7]}"]
         home.wait_runs([before.run_ids[0], after.run_ids[0]])
     assert sorted(r["id"] for r in home.runs()) == sorted([before.run_ids[0], after.run_ids[0]])
+
+
+def test_the_perl_hook_loads_no_module_the_environment_names(home: Home, tmp_path: Path) -> None:
+    """PERL5OPT and PERL5LIB in a pusher's environment (a local::lib in a profile, a module that
+    is not there, one that would print): the hook runs with -t, which ignores both, and the
+    daemon still answers the push (its Python fallback is broken here: only the daemon speaks)."""
+    repo = home.add_repo("perlenv")
+    without_python_fallback(repo)
+    lib = tmp_path / "perl5"
+    (lib / "Loud.pm").parent.mkdir()
+    (lib / "Loud.pm").write_text('print "LOUD WAS LOADED\\n"; 1;\n')
+    with home.daemon():
+        sha = home.commit(repo, {".pipeline.toml": pipeline(SIMPLE)})
+        for extra in ({"PERL5OPT": "-MNo::Such::Module"}, {"PERL5OPT": "-MLoud", "PERL5LIB": str(lib)}):
+            proc = subprocess.run(["git", "push", "--force", str(repo), f"{sha}:refs/heads/{len(extra)}"],
+                                  cwd=home.clone_of(repo), env={**home.env(), **extra}, capture_output=True,
+                                  text=True, timeout=120, check=False)
+            assert proc.returncode == 0, proc.stderr
+            assert "LOUD" not in proc.stderr and "Can't locate" not in proc.stderr, proc.stderr
+            [run_id] = RUN_ID.findall(proc.stderr)
+            home.expect(home.wait_run(int(run_id)))
+
+
+def test_without_perl_the_python_hook_records_every_push(home: Home, tmp_path: Path) -> None:
+    """A host without perl when `gitpipe repo add` runs: post-receive is an sh hook that starts
+    the Python hook, which records the push with the daemon up or down, and runs a chained hook."""
+    bin_dir = tmp_path / "bin"  # git, and no perl
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    path = tmp_path / "noperl.git"
+    git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(path))
+    chained = path / "hooks" / "post-receive"
+    chained.write_text('#!/bin/sh\necho "chained saw: $(cat)"\n')
+    chained.chmod(0o755)
+    home.gitpipe("repo", "add", str(path), check=True, env=home.env({"PATH": str(bin_dir)}))
+    hook = (path / "hooks" / "post-receive").read_text()
+    assert hook.startswith("#!/bin/sh\n") and "perl" not in hook.split("\n", 1)[0], hook
+    down = home.push(path, {".pipeline.toml": pipeline(SIMPLE)})
+    assert down.returncode == 0 and len(down.run_ids) == 1, down.stderr
+    assert f"remote: chained saw: {'0' * 40} {down.sha} refs/heads/main" in down.stderr
+    with home.daemon():
+        up = home.push(path, {"a.txt": "a"})
+        assert up.returncode == 0 and len(up.run_ids) == 1, up.stderr
+        assert f"remote: chained saw: {down.sha} {up.sha} refs/heads/main" in up.stderr
+        home.wait_runs([down.run_ids[0], up.run_ids[0]])
+    assert sorted(r["id"] for r in home.runs()) == sorted([down.run_ids[0], up.run_ids[0]])
+    assert all(r["status"] == "succeeded" for r in home.runs())
+
+
+def test_a_push_is_refused_when_the_perl_of_its_hook_is_gone(home: Home, tmp_path: Path) -> None:
+    """perl removed after `gitpipe repo add`: post-receive could not run, so pre-receive refuses
+    the push (git keeps nothing) and says how to fix it; `repo add` again, without perl, installs
+    the sh hook, and the push goes through."""
+    repo = home.add_repo("perlgone")
+    gone = str(tmp_path / "perl")  # where perl was: a copy, then removed
+    shutil.copy(shutil.which("perl"), gone)
+    for name in ("pre-receive", "post-receive"):
+        hook = repo / "hooks" / name
+        hook.write_text(hook.read_text().replace(shutil.which("perl"), gone))
+    first = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+    assert first.returncode == 0 and len(first.run_ids) == 1, first.stderr  # through the copy
+    os.unlink(gone)
+    refused = home.push(repo, {"a.txt": "a"})
+    assert refused.returncode != 0 and refused.run_ids == []
+    assert f"remote: gitpipe: push refused: {gone}, which runs this repo's post-receive hook, is gone" in refused.stderr
+    assert f"run `gitpipe repo add {repo}`" in refused.stderr
+    assert git(repo, "rev-parse", "refs/heads/main").stdout.strip() == first.sha  # git kept nothing
+    assert list((home.home / "spool" / "pending").iterdir()) == []
+    bin_dir = tmp_path / "bin"  # the host as it is now: git, and no perl
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    home.gitpipe("repo", "add", str(repo), check=True, env=home.env({"PATH": str(bin_dir)}))
+    again = home.push(repo, {"a.txt": "a"})
+    assert again.returncode == 0 and len(again.run_ids) == 1, again.stderr
+    assert sorted(r["id"] for r in home.runs()) == sorted([first.run_ids[0], again.run_ids[0]])
+
+
+def test_the_daemon_runs_git_gc_auto_after_a_push_not_the_push(home: Home, tmp_path: Path) -> None:
+    """`repo add` turns receive.autogc off (receive-pack's `git gc --auto` made every push wait
+    for it); the daemon runs it a moment after each push it takes. `repo remove` turns it back;
+    a value set by hand is left as it is."""
+    repo = home.add_repo("gc")
+
+    def config(path: Path, key: str) -> str | None:
+        got = git(path, "config", "--local", "--get", key, check=False)
+        return got.stdout.strip() if got.returncode == 0 else None
+
+    def packs() -> int:
+        return len(list((repo / "objects" / "pack").glob("*.pack")))
+
+    assert config(repo, "receive.autogc") == "false" and config(repo, "gitpipe.autogc") == "daemon"
+    # each push's objects kept as a pack; more than one pack is work for `git gc --auto`
+    for key, value in (("receive.unpackLimit", "1"), ("gc.autoPackLimit", "1"), ("gc.autoDetach", "false")):
+        git(repo, "config", key, value)
+    home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+    home.push(repo, {"a.txt": "a"})
+    assert packs() == 2  # the daemon is down, and the push itself collects nothing
+    with home.daemon():
+        up = home.push(repo, {"b.txt": "b"})
+        assert up.returncode == 0 and len(up.run_ids) == 1, up.stderr
+        wait_for(lambda: packs() == 1, 60, what="the daemon's `git gc --auto` to pack the repo's packs into one")
+        home.wait_runs([r["id"] for r in home.runs()])
+    home.gitpipe("repo", "remove", "gc", check=True)
+    assert config(repo, "receive.autogc") is None and config(repo, "gitpipe.autogc") is None
+    mine = tmp_path / "mine.git"
+    git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(mine))
+    git(mine, "config", "receive.autogc", "true")
+    home.gitpipe("repo", "add", str(mine), check=True)
+    assert config(mine, "receive.autogc") == "true" and config(mine, "gitpipe.autogc") is None
+    home.gitpipe("repo", "remove", "mine", check=True)
+    assert config(mine, "receive.autogc") == "true"
 
 
 def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) -> None:

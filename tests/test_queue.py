@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import pwd
 import random
 import shutil
 import socket
 import sqlite3
 import stat
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Home, git, pipeline
+from helpers import RUN_ID, Home, git, pipeline
 
 from gitpipe import hookmain, intake, intakeserver, queue, settings, triggers
 from gitpipe.store import Store
@@ -33,6 +35,7 @@ PIPE = pipeline("""
       name = "a"
       run = "true"
     """)
+TRUE_PIPE = '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n'  # every push runs it
 INVALID_MAIN_ONLY = '[trigger]\nbranches = ["main"]\n\n[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  shell = "x"\n'
 BROKEN_TOML = "[trigger\nbranches = [\n"
 
@@ -323,18 +326,43 @@ def test_a_push_is_recorded_once_under_its_key(home: Home) -> None:
     assert len(home.runs()) == 2  # the push's own run, and this one: once
 
 
+def test_the_pusher_is_named_alike_by_the_daemon_and_the_python_hook(home: Home) -> None:
+    """A push whose environment names nobody (no USER, LOGNAME, REMOTE_USER...): the hook's
+    client sends no name and the daemon names the Unix user of the socket's peer, as the Python
+    hook names itself when the daemon is down. A front end's name still wins."""
+    repo = home.add_repo("shop")
+    text = TRUE_PIPE
+    names = ("GITPIPE_PUSHER", "REMOTE_USER", "GL_USERNAME", "GITEA_PUSHER_NAME", "USER", "LOGNAME")
+    nameless = {k: v for k, v in home.env().items() if k not in names}
+    me = pwd.getpwuid(os.geteuid()).pw_name
+
+    def push(env: dict[str, str]) -> int:
+        sha = home.commit(repo, {".pipeline.toml": text, "n": str(len(home.runs()))})
+        proc = subprocess.run(["git", "push", str(repo), f"{sha}:refs/heads/main"], cwd=home.clone_of(repo),
+                              env=env, capture_output=True, text=True, timeout=120, check=True)
+        [run_id] = RUN_ID.findall(proc.stderr)
+        return int(run_id)
+
+    with home.daemon():
+        by_daemon = push(nameless)
+        by_front_end = push({**nameless, "REMOTE_USER": "carol"})
+        assert home.wait_run(by_daemon)["pusher"] == me
+        assert home.wait_run(by_front_end)["pusher"] == "carol"
+        # the request with an empty name, as the client sends it (of a commit the repo has)
+        sha = home.show(by_daemon)["sha"]
+        answer = ask(home, f"gitpipe-push 1 shop 7 8 \n{ZERO} {sha} refs/heads/other\n".encode())
+        assert answer.startswith(b"recorded\ngitpipe: run #"), answer
+        assert home.wait_run(int(answer.split(b"#")[1].split()[0]))["pusher"] == me
+    by_hook = push(nameless)  # the daemon is down: the Python hook records it
+    assert home.show(by_hook)["pusher"] == me
+
+
 def test_idle_connections_to_the_intake_do_not_lose_or_double_a_push(home: Home) -> None:
     """Slowloris on the intake: more idle connections than it serves at once (each says nothing).
     Each is given up after its read timeout; a push meanwhile is recorded once, by the daemon
     or, if the hook gave up waiting, by the Python hook under the same key."""
     repo = home.add_repo("shop")
-    text = pipeline("""
-        [[stage]]
-        name = "s"
-          [[stage.action]]
-          name = "a"
-          run = "true"
-        """)
+    text = TRUE_PIPE
     with home.daemon() as daemon:
         fd = os.open(home.home, os.O_RDONLY | os.O_DIRECTORY)
         idle = []
@@ -403,7 +431,20 @@ def test_another_local_account_cannot_push_through_the_intake(home: Home) -> Non
         assert as_nobody().startswith("PermissionError"), "the home keeps another account from the socket"
         home.home.chmod(0o755)
         (home.home / "intake.sock").chmod(0o777)
-        said = as_nobody()  # refused before its request is read: the answer, or a reset when it was unread
-        assert said.startswith(("refused\n", "ConnectionResetError")), said
+        # refused before its request is read: the answer, or a reset or broken pipe when the
+        # daemon closed the connection before the request was read or written whole
+        said = as_nobody()
+        assert said.startswith(("refused\n", "ConnectionResetError", "BrokenPipeError")), said
         assert "a process of uid 65534 is not the daemon's user" in daemon.log
     assert [r["id"] for r in home.runs()] == [pushed]  # nothing recorded for it
+
+
+def test_a_value_is_written_into_the_perl_hook_as_it_is() -> None:
+    """The home, repo, Python and libdir paths are Perl string literals in hooks/post-receive:
+    quotes, backslashes, `$` and `@` stay what they are (nothing is interpolated)."""
+    from gitpipe import repos
+
+    for value in ("/srv/it's here", "C:\\back\\slash\\", "$HOME @ARGV ${x}", "'", "\\", "\n\t"):
+        code = f"print {repos._perl_quote(value)}"
+        out = subprocess.run(["perl", "-e", code], capture_output=True, check=True).stdout
+        assert out.decode() == value, (value, code)
