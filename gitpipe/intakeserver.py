@@ -186,10 +186,16 @@ class IntakeServer:
             self.gc_due.discard(git_dir)
             self.gc_last[git_dir] = time.monotonic()
         try:  # git decides whether there is anything to do (gc.auto), and collects in the background
-            subprocess.run(["git", f"--git-dir={git_dir}", "gc", "--auto", "--quiet"], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            done = subprocess.run(["git", f"--git-dir={git_dir}", "gc", "--auto", "--quiet"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
         except OSError as exc:
             log.warning("intake: could not start `git gc --auto` in %s: %s", git_dir, exc)
+            return
+        if done.returncode != 0:  # receive-pack no longer collects there: say so, or it grows unseen
+            why = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            log.warning("intake: `git gc --auto` failed in %s (%s): its loose objects are not packed; "
+                        "make the repo writable by the daemon's user, or run `git config receive.autogc "
+                        "true` there to let each push collect", git_dir, why[0])
 
     def _answer(self, conn: socket.socket) -> Answer:
         try:

@@ -1201,6 +1201,21 @@ def test_the_daemon_runs_git_gc_auto_after_a_push_not_the_push(home: Home, tmp_p
     assert config(mine, "receive.autogc") == "true"
 
 
+def test_a_git_gc_that_fails_in_the_daemon_is_said_with_how_to_fix_it(home: Home) -> None:
+    """Pushes no longer collect the repo themselves: a `git gc --auto` of the daemon's that fails
+    (here a bad gc setting; a repo the daemon's user cannot write does the same) is logged with
+    the repo and what to do, rather than leaving its loose objects to grow unseen."""
+    repo = home.add_repo("badgc")
+    git(repo, "config", "gc.auto", "lots")  # not a number: `git gc --auto` exits 128 at once
+    with home.daemon() as daemon:
+        push = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+        assert push.returncode == 0 and len(push.run_ids) == 1, push.stderr
+        line = wait_for(lambda: next((x for x in daemon.log.splitlines() if "git gc --auto` failed" in x), None),
+                        30, what="the daemon to say its gc failed")
+        home.wait_runs(push.run_ids)
+    assert str(repo) in line and "gc.auto" in line and "receive.autogc true" in line, line
+
+
 def test_a_rejecting_pre_receive_hook_still_rejects(home: Home, tmp_path: Path) -> None:
     path = tmp_path / "guarded.git"
     git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(path))
