@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -136,11 +137,18 @@ class Peers:
                 p.kill()
 
     def wait_run(self, run_id: int, system: str = "gp") -> dict:
-        while True:
-            run = json.loads(self.gitpipe("show", str(run_id), "--json", system=system))
-            if run["status"] not in ("queued", "running"):
-                return run
-            time.sleep(0.05)
+        """The run once it ended. Its status is read from the database until then (a `gitpipe show`
+        every 50 ms was a CLI start competing with the run on 2 cores; laminarc just blocks)."""
+        db = sqlite3.connect(f"file:{self.root / system / 'gitpipe.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            while True:
+                row = db.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is not None and row[0] not in ("queued", "running"):
+                    break
+                time.sleep(0.05)
+        finally:
+            db.close()
+        return json.loads(self.gitpipe("show", str(run_id), "--json", system=system))
 
     # ------------------------------------------------------------------ measures
     def push_and_start(self, src: Path, n: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
