@@ -48,6 +48,10 @@ SAVE_EVERY = 500  # events
 SWITCH_INTERVAL = 0.001  # seconds a thread holds the GIL while others wait (see serve)
 
 
+def _heard_elsewhere(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler of SIGTERM/SIGINT: nothing (Daemon._signals acts on them)."""
+
+
 def daemon_lock(settings: Settings) -> int | None:
     """Take the one-daemon-per-home lock; None when another daemon holds it."""
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -76,6 +80,8 @@ class Daemon:
         self.settings = settings
         self.burst = burst
         self.wake = threading.Event()
+        self._wakeup: tuple[int, int, int] | None = None  # signals: read end, write end, the previous wakeup fd
+        self._signal_thread: threading.Thread | None = None
         self.foreign = threading.Event()  # another process wrote (a wake file): see _step
         self.foreign.set()  # the start hears what happened while no daemon ran
         self.stopping = threading.Event()
@@ -173,8 +179,7 @@ class Daemon:
             self.notifier.close()
             self.reporter.close()
             sandbox.close()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+            self._uninstall_signals(old)
             threading.excepthook = hook
             self.repeats.flush(force=True)
             log.removeFilter(self.repeats)
@@ -190,19 +195,48 @@ class Daemon:
                   exc_info=(args.exc_type, args.exc_value, args.exc_traceback))  # type: ignore[arg-type]
 
     def _install_signals(self) -> dict[signal.Signals, Any]:
+        """SIGTERM and SIGINT are heard by a thread of their own, through the signal wakeup fd.
+
+        A Python handler runs only in the main thread, between bytecodes; the kernel may give a
+        process's signal to any of its threads, and one given to another thread (say, one
+        forking a launcher) did not wake the main thread out of its wait on `wake`: the first
+        SIGTERM after a start was lost now and then, and the daemon did not stop. CPython's C
+        handler writes every signal to the wakeup fd whichever thread it runs in."""
         if threading.current_thread() is not threading.main_thread():
             return {}
         old: dict[signal.Signals, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, self._on_signal)
+            old[sig] = signal.signal(sig, _heard_elsewhere)
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._wakeup = (read, write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+        self._signal_thread = threading.Thread(target=self._signals, args=(read,), name="signals", daemon=True)
+        self._signal_thread.start()
         return old
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # A signal handler runs in the main thread, possibly inside `self.wake.wait()` while
-        # that holds the event's lock: setting an Event here can deadlock (it did: a stopped
-        # demo hung). So the handler only starts a thread, which sets the events.
+    def _uninstall_signals(self, old: dict[signal.Signals, Any]) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if self._wakeup is not None:
+            read, write, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write)  # the signals thread reads its end and stops
+            if self._signal_thread is not None:
+                self._signal_thread.join(5)
+            os.close(read)
+            self._wakeup = None
+
+    def _signals(self, fd: int) -> None:
+        """The signals thread: each SIGTERM/SIGINT byte read from the wakeup fd."""
+        while data := os.read(fd, 64):
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        """The first signal stops the daemon (runs get its grace period); a second one does not wait."""
         self.signals += 1
-        threading.Thread(target=self.stop, name="signal", daemon=True).start()
+        self.stop()
         if self.signals > 1:  # second signal: do not wait for the grace period
             threading.Thread(target=self._interrupt_all, args=(0.0,), daemon=True).start()
 

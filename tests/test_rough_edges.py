@@ -3,6 +3,7 @@ a real push, a real daemon, a real pipe."""
 
 from __future__ import annotations
 
+import ctypes
 import html
 import html.parser
 import json
@@ -263,6 +264,23 @@ def test_serve_says_when_it_is_ready_and_when_it_stops(home: Home) -> None:
     assert len(ready) == 1, daemon.log
     assert str(home.home) in ready[0] and "2 repos" in ready[0] and str(home.home / "site") in ready[0]
     assert lines[-1].startswith("gitpipe: stopped"), daemon.log
+
+
+def test_a_sigterm_the_kernel_gives_to_another_thread_stops_the_daemon(home: Home) -> None:
+    """The kernel may give a process's SIGTERM to any of its threads (one forking a launcher,
+    say). Given to one that is not the main thread, it used not to wake the main thread's wait:
+    the daemon went on, and only a second SIGTERM stopped it. Here it is sent to each other
+    thread in turn (tgkill) until the daemon stops; the first must do."""
+    home.add_repo("shop")
+    libc = ctypes.CDLL(None, use_errno=True)
+    with home.daemon() as daemon:
+        wait_for(lambda: "ready" in daemon.log, 10, 0.05, "the ready line")
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{daemon.pid}/task") if int(t) != daemon.pid)
+        assert tids, "the daemon has threads besides its main one"
+        time.sleep(1)  # the start's own work done: the loop waits for the next event, untimed
+        assert libc.tgkill(daemon.pid, tids[0], signal.SIGTERM) == 0, ctypes.get_errno()
+        assert daemon.proc.wait(timeout=30) == 0, daemon.log
+    assert daemon.log.rstrip().splitlines()[-1].startswith("gitpipe: stopped"), daemon.log
 
 
 # ---------------------------------------------------------------------------- 8. odd inputs
