@@ -1,6 +1,8 @@
 """Where the time goes between `git push` and the first command of its run: a timeline.
 
     python bench/bench_start_trace.py [N]   # N pushes (default 15); medians in ms from the push's start
+    BENCH_PAUSE=1.5 BENCH_IDLE_REPOS=19 python bench/bench_start_trace.py   # seconds between pushes
+                                            # (default 0.5); idle repos registered beside (default 0)
 
 The daemon runs in a Python of its own with perf_counter spans wrapped around the functions on
 the way (nothing else changes in it); each push writes a commit whose one action runs
@@ -92,6 +94,8 @@ def main() -> None:
     with open(home / "gitpipe.toml", "a") as f:
         f.write(f'\n[sandbox]\nread_write = ["{stamp}"]\n')
     run(str(BIN / "gitpipe"), "repo", "add", str(root / "r.git"), "--create")
+    for i in range(int(os.environ.get("BENCH_IDLE_REPOS", "0"))):
+        run(str(BIN / "gitpipe"), "repo", "add", str(root / f"idle{i}.git"), "--create")
     src = root / "src"
     run("git", "init", "-q", "-b", "main", str(src))
     (src / ".pipeline.toml").write_text('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n'
@@ -117,7 +121,7 @@ def main() -> None:
             while not (stamp / "t").exists() or not (stamp / "t").read_text().strip():
                 time.sleep(0.0005)
             pushes.append((t0, t1, float((stamp / "t").read_text())))
-            time.sleep(0.5)
+            time.sleep(float(os.environ.get("BENCH_PAUSE", "0.5")))
     finally:
         daemon.terminate()
         daemon.wait(30)
