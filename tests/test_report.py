@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
 import subprocess
 import sys
@@ -453,6 +454,11 @@ def test_the_daemon_renders_in_a_child_that_ends_when_quiet(history: History,
     wait_for(page.exists, 60, what="the run page, rendered by the child")
     proc = sender._child or sender._ending
     assert proc is not None and proc.args[1:3] == ["-m", "gitpipe.report.child"]
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    try:  # pages are background work: the child renders below the daemon's CPU priority
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(own + child.NICENESS, 19)
+    except ProcessLookupError:  # ended already (quiet): nothing left to look at
+        pass
     wait_for(lambda: proc.poll() is not None, 60, what="the child to end once quiet")
     assert proc.returncode == 0 and sender._child is None
     assert (history.settings.home / child.COMPILED).is_dir()  # the templates, compiled once

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ log = logging.getLogger("gitpipe")
 # seconds apart share one child (a child per run of 20 `true` actions cost 9 ms per action).
 QUIET = 10.0
 STOP_WAIT = 30  # seconds the daemon waits, when it stops, for the child's last pages
+NICENESS = 10  # the child's CPU priority below the daemon's (nice(2)): see main
 COMPILED = "report-templates"  # in the home: the compiled templates, kept for the next child
 
 
@@ -141,6 +143,9 @@ def main(argv: list[str]) -> int:
     # the daemon (the terminal signals the whole group) must not lose the pages of its last events.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Pages are background work: a run started meanwhile (a push's, on a 2-core build host) goes
+    # first. Rendering is coalesced to once a second while a run is live, and met the next push.
+    os.nice(NICENESS)
     logging.basicConfig(level=logging.INFO, format="gitpipe: %(message)s", stream=sys.stderr)
     conf = settings.load(argv[0])
     store = Store(conf)
