@@ -273,10 +273,10 @@ class Sandbox:
                                        self.conf.pids if self.tree.limits else None)
         self.launchers.park()
 
-    def warm(self) -> None:
+    def warm(self, held: bool = False) -> None:
         """Begin the next cgroup move's wait now (cgroup.Tree.warm), unless a parked launcher
-        makes that move unneeded."""
-        if self.tree is not None and not (self.launchers is not None and self.launchers.waiting):
+        makes that move unneeded; `held`: the next attempt starts held whatever is parked."""
+        if self.tree is not None and (held or not (self.launchers is not None and self.launchers.waiting)):
             self.tree.warm()
 
     def close(self) -> None:

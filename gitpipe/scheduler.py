@@ -80,6 +80,7 @@ class RunWorker:
         self.cancelled = threading.Event()
         self.interrupted = threading.Event()
         self.changed = threading.Event()  # set by the daemon on every wake-up (approvals wait on it)
+        self.launched = False  # an attempt of this run was started (see _execute)
         self.thread = threading.Thread(target=self._main, name=f"run-{run.id}", daemon=True)
         self.on_done: Callable[[RunWorker], None] | None = None
         # Stage changes recorded with an action's end (see _stage_change), by the action's thread:
@@ -372,7 +373,8 @@ class RunWorker:
                  failures: int) -> executor.Outcome | None:
         """One local attempt; what the action ends with (recorded with the attempt's end), or None
         when it is tried again (see `_verdict`)."""
-        self.host.sandbox.warm()  # its wait (an RCU grace period) behind the checkout's, unless a launcher is parked
+        # its wait (an RCU grace period) behind the checkout's, unless a launcher starts it (see _execute)
+        self.host.sandbox.warm(held=self.launched)
         deadline = self._deadline(spec, previous)
         number = len(previous) + 1
         token = uuid.uuid4().hex
@@ -488,8 +490,13 @@ class RunWorker:
             argv = executor.bash(spec.run or "")
         else:  # a plugin type: run in a process of its own, so timeouts and cancels work the same
             argv, env = plugins.command(spec, env)
-        attempt = executor.start(self.host.sandbox.launch(argv, env, box, prepared=True, parked=True), writer,
-                                token)
+        # The run's first attempt, the one its push waits for, starts from a parked launcher: no
+        # cgroup move, whose wait is longest after a quiet spell. The later ones start held: their
+        # moves come a few ms apart and do not wait, while parking a launcher per attempt (a
+        # fork, a perl start) cost more than it saved (10.35 against 9.95 ms per action, A/B).
+        parked, self.launched = not self.launched, True
+        attempt = executor.start(self.host.sandbox.launch(argv, env, box, prepared=True, parked=parked), writer,
+                                 token)
         self.pool.prepare_next(self.run.sha)  # the next action's worktree, while this one runs
         with self.lock:
             self.attempts[rec.id] = attempt
