@@ -41,6 +41,15 @@ class Group:
     memory: int | None
     pids: int | None
 
+    def admit(self, pid: int) -> None:
+        """Move the process `pid` into every hierarchy of the group (ProcessLookupError: it ended)."""
+        for d in self.dirs:
+            fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, str(pid).encode())
+            finally:
+                os.close(fd)
+
     def members(self) -> set[int]:
         found: set[int] = set()
         for d in self.dirs:

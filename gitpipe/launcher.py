@@ -204,12 +204,7 @@ class Launchers:
             raise
         parked = Parked(proc, write, group)
         try:
-            for d in group.dirs:  # the move, and the kernel's wait: here, before any attempt needs it
-                fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.write(fd, str(proc.pid).encode())
-                finally:
-                    os.close(fd)
+            group.admit(proc.pid)  # the move, and the kernel's wait: here, before any attempt needs it
         except BaseException:
             parked.discard()
             raise

@@ -184,14 +184,10 @@ def _child_pid(fd: int) -> int | None:
 
 def _admit(group: cgroup.Group, pid: int) -> None:
     """Move the process `pid` into every hierarchy of `group`."""
-    for d in group.dirs:
-        fd = os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, str(pid).encode())
-        except ProcessLookupError:  # it ended already (bwrap failed making it; its stderr says why)
-            return
-        finally:
-            os.close(fd)
+    try:
+        group.admit(pid)
+    except ProcessLookupError:  # it ended already (bwrap failed making it; its stderr says why)
+        return
 
 
 @dataclass
@@ -307,13 +303,11 @@ class Sandbox:
     def ended(self, box: Confine) -> None:
         """Kill what is left of the attempt `box` and wait until none of its processes is (before a
         cache save reads its tree: its PID namespace ends with its script, but asynchronously)."""
-        if self.tree is not None and box.key:
-            group = self.groups.get(box.key)
-            if group is not None:
-                group.kill()
-            for base in self.tree.bases:
-                if (base / box.key).is_dir():
-                    cgroup.Group((base / box.key,), None, None).kill()
+        # Every group launch made is here while anything holds it; one nothing holds any more has
+        # been removed (its processes killed) by whoever let it go (executor.wait, Launch.abandon).
+        group = self.groups.get(box.key) if box.key else None
+        if group is not None:
+            group.kill()
 
     def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False,
                parked: bool = False) -> Launch:
