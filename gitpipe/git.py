@@ -431,7 +431,6 @@ class WorktreePool:
             return None
         if self.first:  # the run's first action waits for it now: no tick is waited for its seal
             ahead.wanted.set()
-        self.first = False
         ahead.wait()
         slot = ahead.slot
         if slot is None:  # it failed (a full disk...): the checkout takes a slot as before
