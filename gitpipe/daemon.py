@@ -424,9 +424,7 @@ class Daemon:
         if host is None or len(self.workers) >= self.settings.max_parallel:
             return  # it waits: its worktree would only hold a slot
         host.sandbox.warm()  # the first cgroup move's wait, from now on, unless a launcher is parked
-        path = self.store.repo_path(repo)
-        pool = git.WorktreePool(self.settings.work_dir, repo, path, settle=host.sandbox.settle,
-                                protected=host.trust.is_protected(repo, path, ref), ahead=1)
+        pool = host.pool(repo, ref)
         pool.prepare_next(sha)
         with self.early_lock:
             self.early[run_id] = pool

@@ -60,6 +60,13 @@ class Host:
     caches: cache_mod.Caches | None = None  # build caches (SPEC section 14); None: not kept
     cluster: Any = None  # gitpipe.cluster.dispatch.Cluster when gitpipe.toml has [cluster] (never imported else)
 
+    def pool(self, repo: str, ref: str) -> git.WorktreePool:
+        """The worktree slots of a run of `repo` at `ref` (protected refs have slots of their own),
+        the first checkout to be prepared ahead (by the intake, or by the run as it starts)."""
+        path = self.store.repo_path(repo)
+        return git.WorktreePool(self.settings.work_dir, repo, path, settle=self.sandbox.settle,
+                                protected=self.trust.is_protected(repo, path, ref), ahead=1)
+
 
 def env_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", text).upper()
@@ -133,9 +140,7 @@ class RunWorker:
     def _walk(self) -> None:
         # The first action's worktree is reset now, in the background, while the run is read,
         # planned and started and its first attempt recorded: off the path from push to exec.
-        self.pool = self.early or git.WorktreePool(
-            self.host.settings.work_dir, self.run.repo, self.store.repo_path(self.run.repo),
-            settle=self.host.sandbox.settle, protected=self._protected(), ahead=1)
+        self.pool = self.early or self.host.pool(self.run.repo, self.run.ref)
         self.pool.prepare_next(self.run.sha)  # nothing when the intake did
         try:
             self._walk_pooled()
