@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
@@ -329,6 +330,9 @@ class Slot:
 
     root: Path
     lock_fd: int
+    # What `prepare_next`'s `then` made for this slot after its reset (a sandbox made ahead):
+    # the checkout's holder takes it (sets None), or it is discarded with the slot.
+    ahead: Discardable | None = None
 
     @property
     def tree(self) -> Path:
@@ -386,7 +390,7 @@ class WorktreePool:
         try:
             yield slot
         finally:
-            os.close(slot.lock_fd)
+            _let_go(slot)
 
     def _ready(self, slot: Slot, sha: str, wanted: threading.Event | None = None) -> bool:
         """Reset `slot` to `sha` and seal it; `wanted`: set once an action waits for this slot.
@@ -400,17 +404,18 @@ class WorktreePool:
             return self._seal(slot, sha, wanted)
         return False
 
-    def prepare_next(self, sha: str) -> None:
+    def prepare_next(self, sha: str, then: Callable[[Slot], Discardable | None] | None = None) -> None:
         """While an action runs, reset another slot to `sha` in the background for the next
         checkout (the next action of the run), so that its reset is off the critical path: the
-        run's actions alternate between two slots. Does nothing once `ahead` is spent; never
-        raises (the next checkout then takes a slot itself)."""
+        run's actions alternate between two slots. `then`: run on the slot once it is reset, in
+        the same background job; what it returns is the slot's `ahead`. Does nothing once
+        `ahead` is spent; never raises (the next checkout then takes a slot itself)."""
         with self._next_lock:
             if self.ahead <= 0 or self._next is not None:
                 return
             self.ahead -= 1
             try:
-                self._next = _Ahead(self, sha)
+                self._next = _Ahead(self, sha, then)
             except OSError as exc:
                 log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
                 return
@@ -438,9 +443,10 @@ class WorktreePool:
         try:
             # A slot whose seal gave way was reset for this very wait: handed over as it is.
             if ahead.sha != sha or not (ahead.handed or self._still(slot, sha)):
+                _discard(slot)  # made for what the reset below removes (what is beside the tree)
                 self._ready(slot, sha)
         except BaseException:
-            os.close(slot.lock_fd)
+            _let_go(slot)
             raise
         return slot
 
@@ -463,7 +469,7 @@ class WorktreePool:
         if ahead is not None:
             ahead.wait()
             if ahead.slot is not None:
-                os.close(ahead.slot.lock_fd)
+                _let_go(ahead.slot)
 
     def _take(self) -> Slot:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -598,8 +604,8 @@ class WorktreePool:
 class _Ahead:
     """A slot being reset in the background for the next checkout (see `WorktreePool.prepare_next`)."""
 
-    def __init__(self, pool: WorktreePool, sha: str) -> None:
-        self.pool, self.sha = pool, sha
+    def __init__(self, pool: WorktreePool, sha: str, then: Callable[[Slot], Discardable | None] | None = None) -> None:
+        self.pool, self.sha, self.then = pool, sha, then
         self.taken = pool._take()  # here, while the caller holds its own: another slot
         self.slot: Slot | None = None
         self.wanted = threading.Event()  # an action waits for this slot (see WorktreePool._seal)
@@ -623,7 +629,31 @@ class _Ahead:
             log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
             os.close(self.taken.lock_fd)
             return
+        if self.then is not None:
+            try:
+                self.taken.ahead = self.then(self.taken)
+            except Exception as exc:  # the next action starts as if nothing was made ahead
+                log.warning("could not prepare the next action ahead (%s): it starts as usual", exc)
         self.slot = self.taken
+
+
+class Discardable(Protocol):
+    def discard(self) -> None: ...
+
+
+def _discard(slot: Slot) -> None:
+    """Let go of what was made ahead for `slot` and not taken."""
+    made, slot.ahead = slot.ahead, None
+    if made is not None:
+        made.discard()
+
+
+def _let_go(slot: Slot) -> None:
+    """The slot is free again: what was made ahead for it and not taken first goes."""
+    try:
+        _discard(slot)
+    finally:
+        os.close(slot.lock_fd)
 
 
 def _layout_kept(git_dir: Path) -> bool:

@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -40,7 +41,8 @@ from gitpipe import cgroup
 
 log = logging.getLogger("gitpipe")
 
-# Arguments: the order pipe's fd, prctl's syscall number (0: none known), the daemon's pid. Binds
+# Arguments: the order pipe's fd, prctl's syscall number (0: none known), the daemon's pid (0: none,
+# in a sandbox made ahead, which bwrap's --die-with-parent binds to the daemon; see sandbox.ready). Binds
 # itself to the daemon, then reads the whole order (its length in bytes, then NUL-separated:
 # folder, argc, argv..., then name, value pairs), then becomes argv[0] with exactly that
 # environment. An empty order (the daemon let it go, or died) ends it, and so does one shorter
@@ -48,7 +50,7 @@ log = logging.getLogger("gitpipe")
 # Exit 126/127: the order could not be followed (the folder, the exec).
 PERL = r"""
 if ($ARGV[1]) { syscall($ARGV[1] + 0, 1, 9) == 0 or exit 126; }  # prctl(PR_SET_PDEATHSIG, SIGKILL)
-exit 0 if getppid() != $ARGV[2];  # the daemon died before that
+exit 0 if $ARGV[2] && getppid() != $ARGV[2];  # the daemon died before that (0: in a sandbox)
 open(my $in, "<&=", $ARGV[0]) or exit 126;
 binmode $in;
 my $m = do { local $/; <$in> };
@@ -184,28 +186,43 @@ class Launchers:
                 parked.discard()
 
     def _start(self) -> Parked:
-        assert self.perl is not None
+        perl = self.perl
+        assert perl is not None
         group = self.tree.make(f"parked-{os.getpid()}-{next(self.names)}", self.memory, self.pids)
+        parked = started(group, lambda fd: subprocess.Popen(
+            command(perl, fd, bound=True), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(fd,), cwd="/",
+            env={"PATH": SYSTEM_PATH}))
         try:
-            read, write = os.pipe()
-            try:
-                proc = subprocess.Popen(
-                    [self.perl, "-e", PERL, str(read), str(PRCTL.get(os.uname().machine, 0)), str(os.getpid())],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(read,),
-                    cwd="/", env={"PATH": SYSTEM_PATH})
-            except BaseException:
-                os.close(write)
-                raise
-            finally:
-                os.close(read)
-        except BaseException:
-            group.remove()
-            raise
-        parked = Parked(proc, write, group)
-        try:
-            group.admit(proc.pid)  # the move, and the kernel's wait: here, before any attempt needs it
+            group.admit(parked.proc.pid)  # the move, and the kernel's wait: here, before any attempt needs it
         except BaseException:
             parked.discard()
             raise
         return parked
+
+
+def command(perl: str, fd: int, bound: bool) -> list[str]:
+    """A launcher's command line, its order pipe's read end `fd`; `bound`: to this daemon (its death
+    signal and parent check), else in a sandbox that bwrap binds to the daemon (Sandbox.ready)."""
+    if bound:
+        return [perl, "-e", PERL, str(fd), str(PRCTL.get(os.uname().machine, 0)), str(os.getpid())]
+    return [perl, "-e", PERL, str(fd), "0", "0"]
+
+
+def started(group: cgroup.Group, start: Callable[[int], subprocess.Popen[bytes]]) -> Parked:
+    """The launcher that `start(fd)` starts with its order pipe's read end `fd` (and its output as
+    its Popen's stdout), waiting in `group`. Should `start` fail, nothing is left: the pipe closed,
+    the group removed."""
+    try:
+        read, write = os.pipe()
+        try:
+            proc = start(read)
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+    except BaseException:
+        group.remove()
+        raise
+    return Parked(proc, write, group)

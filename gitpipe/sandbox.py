@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gitpipe import cgroup
+from gitpipe import cgroup, launcher
 from gitpipe.digest import sha256
 from gitpipe.errors import ConfigError, UsageError
 from gitpipe.launcher import Launchers, Parked
@@ -130,7 +130,8 @@ class Launch:
                 # move would let the sandbox run outside the group. So bwrap holds the write end as
                 # well: only the daemon's byte releases it; after a crash it stays blocked until
                 # the next daemon kills it by its token, having run nothing.
-                proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, pass_fds=(info_w, block_r, block_w), **kw)
+                proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env,
+                                        pass_fds=(info_w, block_r, block_w, *kw.pop("pass_fds", ())), **kw)
             finally:
                 os.close(info_w)
                 os.close(block_r)
@@ -309,16 +310,45 @@ class Sandbox:
         if group is not None:
             group.kill()
 
+    def ready(self, box: Confine) -> Parked | None:
+        """The sandbox of `box` made before its attempt is known to run (the next action's, while
+        the one before runs): bwrap started held, moved into the attempt's group, let go, its
+        mounts made and its user dropped, then waiting in a launcher (launcher.PERL, run as the
+        build user inside) for the command and environment that `launch(ready=...)` writes to it.
+        Its output is one pipe, as executor.start has it. None where it cannot be made so (no
+        bwrap, no cgroup per attempt, no perl, overlays). HOME and the output file are made fresh
+        now: nothing touches them before the order. Discard it (`Parked.discard`) if not taken;
+        its fd is the daemon's alone, and it ends with the daemon (bwrap's --die-with-parent,
+        and an empty order)."""
+        perl = _perl()
+        if self.bwrap is None or self.tree is None or not box.key or box.overlays or box.binds or perl is None:
+            return None
+        self.prepare(box)
+        group = self.tree.group(box.key, self.conf.memory, self.conf.pids)
+        return launcher.started(group, lambda fd: Launch(
+            self._bwrap(launcher.command(perl, fd, bound=False), box, {}, script_path=SYSTEM_PATH),
+            {"PATH": SYSTEM_PATH}, Path("/"), group, spare=True, held=0,
+        ).popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                close_fds=True, pass_fds=(fd,)))
+
     def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False,
-               parked: bool = False) -> Launch:
+               parked: bool = False, ready: Parked | None = None) -> Launch:
         """The confined form of `argv`: its cgroup made, its HOME and output file fresh (unless
         `prepared`); `parked`: started by a parked launcher when one is ready (its output on one
-        pipe, as executor.start has it), in that launcher's group."""
+        pipe, as executor.start has it), in that launcher's group; `ready`: the sandbox
+        `ready(box)` made ahead for this very `box` (it becomes argv)."""
+        if ready is not None:
+            self.groups[box.key] = ready.group
+            full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH, "HOME": INSIDE_HOME}
+            if box.output is not None:
+                full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
+            inside = INSIDE_BUILD / box.name if box.tree is not None else Path(INSIDE_HOME)
+            return Launch(argv, full, inside, ready.group, spare=True, parked=ready)
         if not prepared:
             self.prepare(box)
-        launcher = self.launchers.take() if parked and self.launchers is not None and box.key else None
-        if launcher is not None:
-            group: cgroup.Group | None = launcher.group
+        taken = self.launchers.take() if parked and self.launchers is not None and box.key else None
+        if taken is not None:
+            group: cgroup.Group | None = taken.group
         else:
             group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
         if group is not None:
@@ -338,7 +368,7 @@ class Sandbox:
         inner = self._bwrap(argv, box, late, script_path=full["PATH"])
         final = _with_overlays(inner, box.overlays) if box.overlays and self.uid is None else inner
         return Launch(final, outer, Path("/"), group, spare=True,
-                      held=len(final) - len(inner) if group is not None else None, parked=launcher)
+                      held=len(final) - len(inner) if group is not None else None, parked=taken)
 
     def run(self, argv: list[str], env: dict[str, str], box: Confine, stdin: bytes,
             timeout: float) -> subprocess.CompletedProcess[bytes]:
@@ -429,6 +459,11 @@ def _system_links() -> tuple[str, ...]:
         elif os.path.isdir(link):
             out += ["--ro-bind", link, link]
     return tuple(out)
+
+
+@functools.cache
+def _perl() -> str | None:
+    return shutil.which("perl", path=SYSTEM_PATH)
 
 
 @functools.cache

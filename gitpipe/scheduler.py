@@ -24,6 +24,7 @@ from gitpipe import artifacts, attempts, delivery, executor, git, lifecycle, mat
 from gitpipe import cache as cache_mod
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.errors import GitpipeError, PipelineError
+from gitpipe.launcher import Parked
 from gitpipe.models import (
     ActionRecord,
     ActionSpec,
@@ -395,18 +396,18 @@ class RunWorker:
                 if spec.inputs:
                     artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
                 out_file = slot.root / "output"  # read, then removed: it may hold secrets
-                box = Confine(key=f"a{rec.id}.{number}", home=slot.root / "home", tree=slot.tree,
-                              name=self.run.repo, output=out_file, readonly=self._readonly(spec),
-                              network=self.host.sandbox.network(self.pipe.network, spec.network))
+                box = self._box(rec.id, number, spec, slot)
                 held = cache_mod.Held(slot.root / "overlay")
                 try:
                     if deadline is not None and time.time() >= deadline:
                         outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
                     else:
-                        self.host.sandbox.prepare(box)
+                        ready = _made_for(slot, box)
+                        if ready is None:
+                            self.host.sandbox.prepare(box)
                         uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
                         box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
-                        outcome = self._execute(rec, spec, box, env, writer, token, deadline)
+                        outcome = self._execute(rec, spec, box, env, writer, token, deadline, ready)
                     if outcome.status is ActionStatus.SUCCEEDED:
                         outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
                     if outcome.status is ActionStatus.SUCCEEDED:
@@ -482,6 +483,46 @@ class RunWorker:
             except GitpipeError as exc:  # a full disk: the action's result matters more
                 log.warning("run #%s: could not record a cache use: %s", self.run.id, exc)
 
+    def _box(self, action_id: int, number: int, spec: ActionSpec, slot: git.Slot) -> Confine:
+        """What attempt `number` of an action sees, in `slot`."""
+        return Confine(key=f"a{action_id}.{number}", home=slot.root / "home", tree=slot.tree,
+                       name=self.run.repo, output=slot.root / "output", readonly=self._readonly(spec),
+                       network=self.host.sandbox.network(self.pipe.network, spec.network))
+
+    def _ahead(self, rec: ActionRecord) -> Callable[[git.Slot], _Made | None] | None:
+        """What makes the sandbox of the action that follows `rec` in the slot reset for it, while
+        `rec` runs; None unless that action is known and plain: alone in the next run_order group
+        (of this stage or the next), a first attempt of a `run` script on this host, no cache to
+        mount nor inputs to restore, its `when` matching. It is only made ahead: it runs nothing
+        before its attempt is recorded and writes its order (and is discarded when none comes)."""
+        nxt = self._following(rec)
+        if nxt is None or nxt.status.finished or nxt.attempts:
+            return None
+        spec = self.pipe.stages[nxt.stage_idx].actions[nxt.idx]
+        if (spec.type != "run" or spec.cache or spec.inputs or self.host.cluster is not None
+                or self.host.select is not None
+                or not matching.when_matches(spec.when, branch_of(self.run.ref), tag_of(self.run.ref))):
+            return None
+
+        def make(slot: git.Slot) -> _Made | None:
+            if self.halted:
+                return None
+            box = self._box(nxt.id, 1, spec, slot)
+            ready = self.host.sandbox.ready(box)
+            return None if ready is None else _Made(box, ready)
+
+        return make
+
+    def _following(self, rec: ActionRecord) -> ActionRecord | None:
+        """The action alone in the run_order group after `rec`'s, in its stage or the next."""
+        for stage in (rec.stage_idx, rec.stage_idx + 1):
+            acts = [a for (s, _), a in self.records.items() if s == stage]
+            orders = sorted({a.run_order for a in acts if stage != rec.stage_idx or a.run_order > rec.run_order})
+            if orders:
+                group = [a for a in acts if a.run_order == orders[0]]
+                return group[0] if len(group) == 1 else None
+        return None
+
     def _readonly(self, spec: ActionSpec) -> tuple[Path, ...]:
         """What an attempt sees read-only: the repo's objects; a plugin also its interpreter."""
         paths: tuple[Path, ...] = (self.pool.objects,)
@@ -490,19 +531,21 @@ class RunWorker:
         return paths
 
     def _execute(self, rec: ActionRecord, spec: ActionSpec, box: Confine, env: dict[str, str],
-                 writer: executor.LogWriter, token: str, deadline: float | None) -> executor.Outcome:
+                 writer: executor.LogWriter, token: str, deadline: float | None,
+                 ready: Parked | None = None) -> executor.Outcome:
+        """`ready`: the sandbox made ahead for `box` (see `_ahead`), which becomes the script."""
         if spec.type == "run":
             argv = executor.bash(spec.run or "")
         else:  # a plugin type: run in a process of its own, so timeouts and cancels work the same
             argv, env = plugins.command(spec, env)
         # The run's first attempt, the one its push waits for, starts from a parked launcher: no
-        # cgroup move, whose wait is longest after a quiet spell. The later ones start held: their
-        # moves come a few ms apart and do not wait, while parking a launcher per attempt (a
-        # fork, a perl start) cost more than it saved (10.35 against 9.95 ms per action, A/B).
-        parked, self.launched = not self.launched, True
-        attempt = executor.start(self.host.sandbox.launch(argv, env, box, prepared=True, parked=parked), writer,
-                                 token)
-        self.pool.prepare_next(self.run.sha)  # the next action's worktree, while this one runs
+        # cgroup move, whose wait is longest after a quiet spell. The later ones start in the
+        # sandbox made for them while the action before ran, else held.
+        parked, self.launched = not self.launched and ready is None, True
+        attempt = executor.start(self.host.sandbox.launch(argv, env, box, prepared=True, parked=parked, ready=ready),
+                                 writer, token)
+        # the next action's worktree, and its sandbox, while this one runs
+        self.pool.prepare_next(self.run.sha, self._ahead(rec))
         with self.lock:
             self.attempts[rec.id] = attempt
         if self.cancelled.is_set():
@@ -559,6 +602,27 @@ class RunWorker:
                                                     spec.secrets)
         env.update(values)
         return env, masker
+
+
+@dataclass
+class _Made:
+    """A sandbox made ahead for `box` (see RunWorker._ahead): a slot's `ahead`."""
+
+    box: Confine
+    ready: Parked
+
+    def discard(self) -> None:
+        self.ready.discard()
+
+
+def _made_for(slot: git.Slot, box: Confine) -> Parked | None:
+    """The sandbox made ahead in `slot` for exactly `box`, taken; any other is discarded."""
+    made, slot.ahead = slot.ahead, None
+    if isinstance(made, _Made) and made.box == box:
+        return made.ready
+    if made is not None:
+        made.discard()
+    return None
 
 
 def _not_retried(outcome: executor.Outcome, why: str, run_id: int) -> executor.Outcome:

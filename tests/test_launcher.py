@@ -304,3 +304,180 @@ def test_an_attempt_whose_log_cannot_be_opened_lets_its_launcher_go(tmp_path: Pa
         assert not (slot / "tree" / "ran").exists()
     finally:
         sandbox.close()
+
+
+# ---------------------------------------------------------------- sandboxes made ahead (Sandbox.ready)
+def _descendants(pid: int) -> set[int]:
+    """`pid`'s live descendants (its own tree: never a scan of every process)."""
+    found, todo = set(), [pid]
+    while todo:
+        kids = _children(todo.pop()) - found
+        found |= kids
+        todo += kids
+    return found
+
+
+def _status(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def _waiting_inside(pids: set[int], uid: int) -> list[int]:
+    """The launchers among `pids` that wait inside a sandbox: perl, as the build user, no_new_privs."""
+    return [p for p in pids if _is_perl(p) and _status(p).get("Uid", "").split()[:1] == [str(uid)]
+            and _status(p).get("NoNewPrivs", "").strip() == "1"]
+
+
+def test_a_sandbox_made_ahead_runs_its_script_as_the_build_user_with_exactly_its_environment(tmp_path: Path) -> None:
+    """The next action's sandbox is made while the action before runs: bwrap in the attempt's
+    group, mounts made, the user dropped, a launcher waiting inside. Nothing of the script runs
+    before its order; then it runs in /build/<repo> as the build user with exactly the environment
+    given at that moment (a loader variable too, which reaches only the script), its output down
+    the pipe and its exit status kept."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        box = Confine(key="a3.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        ready = sandbox.ready(box)
+        assert ready is not None
+        uid = sandbox.uid if sandbox.uid is not None else os.getuid()
+        waiting = wait_for(lambda: _waiting_inside(ready.group.members(), uid), what="the launcher inside")
+        # bwrap's monitor stays out of the group (see sandbox.Launch.popen); its init and the launcher are in
+        assert len(waiting) == 1 and ready.proc.pid not in ready.group.members()
+        assert list((slot / "tree").iterdir()) == [], "something ran before the order"
+        script = ('id -u > uid; pwd > pwd; env | sort > env; echo k=v >> "$GITPIPE_OUTPUT"; echo out; '
+                  "echo err >&2; exit 3")
+        launch = sandbox.launch(["bash", "-c", script], {"ONE": "1", "LD_BIND_NOW": "1"}, box, prepared=True,
+                                ready=ready)
+        assert launch.parked is ready and sandbox.groups["a3.1"] is ready.group
+        proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+        assert proc.pid == ready.proc.pid  # bwrap's monitor, started ahead
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.stdout.close()
+        assert (proc.wait(), out.split()) == (3, [b"out", b"err"])
+        tree = slot / "tree"
+        assert (tree / "uid").read_text().strip() == str(uid) and (tree / "pwd").read_text().strip() == "/build/r"
+        env = (tree / "env").read_text().splitlines()
+        assert {"ONE=1", "LD_BIND_NOW=1", "HOME=/home/build", "GITPIPE_OUTPUT=/run/gitpipe/output"} <= set(env)
+        assert not [line for line in env if line.startswith("PERL")]
+        assert (slot / "output").read_text() == "k=v\n"
+        launch.group.remove()
+    finally:
+        sandbox.close()
+
+
+def test_a_sandbox_made_ahead_and_not_taken_runs_nothing_and_leaves_nothing(tmp_path: Path) -> None:
+    """Discarded (the action before failed, the run was cancelled, its slot was reset again): its
+    launcher reads an empty order and ends, bwrap with it, and its group goes."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        box = Confine(key="a4.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        uid = sandbox.uid if sandbox.uid is not None else os.getuid()
+        ready = sandbox.ready(box)
+        assert ready is not None
+        members = wait_for(lambda: _waiting_inside(ready.group.members(), uid) and ready.group.members(),
+                           what="the sandbox's init and its launcher")
+        ready.discard()
+        assert ready.proc.returncode == 0
+        assert not any(d.exists() for d in ready.group.dirs)
+        assert not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in {*members, ready.proc.pid})
+        assert list((slot / "tree").iterdir()) == []
+    finally:
+        sandbox.close()
+
+
+AHEAD = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "a"
+  run = '''echo v=from-a >> "$GITPIPE_OUTPUT"; cat /proc/[0-9]*/cmdline | tr '\\0' ' ' > seen; sleep 2'''
+[[stage]]
+name = "two"
+  [[stage.action]]
+  name = "b"
+  run = '''test "$GITPIPE_OUT_A_V" = from-a; test "$GITPIPE_ATTEMPT" = 1; test ! -e seen; echo b-ran; sleep 2; exit 1'''
+[[stage]]
+name = "three"
+  [[stage.action]]
+  name = "c"
+  run = "echo c-ran"
+"""
+
+
+def test_the_next_action_waits_in_a_sandbox_made_ahead_that_the_one_before_cannot_see(home: Home) -> None:
+    """While an action runs, the next one's sandbox waits for it, made in the other worktree: the
+    running script cannot see it (its /proc is its own), and the next one still gets what the
+    first left for it (its outputs, read when it starts), in a fresh tree. When that one fails,
+    the sandbox made for the action after it is let go: nothing of it is left."""
+    _needs_root()
+    sandbox = Sandbox.for_host(settings.load(home.home))
+    assert sandbox.tree is not None
+    uid = sandbox.uid if sandbox.uid is not None else os.getuid()
+    repo = home.add_repo("app")
+    with home.daemon() as daemon:
+        run = home.push_run(repo, {".pipeline.toml": AHEAD})
+        waiting = wait_for(lambda: _waiting_inside(_descendants(daemon.pid), uid), timeout=30,
+                           what="the next action's sandbox, made while the first runs")
+        ahead = wait_for(lambda: [p for p in _waiting_inside(_descendants(daemon.pid), uid) if p not in waiting],
+                         timeout=30, what="the third action's sandbox, made while the second runs")
+        # the second action's script is the launcher that waited for it (it became its bash)
+        assert [Path(f"/proc/{p}/exe").resolve().name for p in waiting] == ["bash"]
+        result = home.wait_run(run)
+        assert result["status"] == "failed"
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in ahead),
+                 what="the unused sandbox to end")
+        assert not _waiting_inside(_descendants(daemon.pid), uid)
+        groups = [d.name for base in sandbox.tree.bases if base.exists() for d in base.iterdir() if d.is_dir()]
+        assert not [g for g in groups if g.startswith("a")], groups
+    logs = home.logs(run)
+    assert "b-ran" in logs and "c-ran" not in logs
+    seen = (home.home / "work").glob("app/*/tree/seen")
+    assert all("perl" not in p.read_text() for p in seen)
+    statuses = {a["name"]: a["status"] for s in result["stages"] for a in s["actions"]}
+    assert statuses == {"a": "succeeded", "b": "failed", "c": "skipped"}, statuses
+
+
+def test_a_daemon_killed_while_a_sandbox_waits_ahead_takes_it_along(home: Home, tmp_path: Path) -> None:
+    """kill -9 of the daemon while the next action's sandbox waits: bwrap dies with the daemon
+    (--die-with-parent, forked by a thread that lives as long as the daemon), the launcher inside
+    with it, having run nothing; the next daemon's sweep removes its group."""
+    _needs_root()
+    sandbox = Sandbox.for_host(settings.load(home.home))
+    assert sandbox.tree is not None
+    uid = sandbox.uid if sandbox.uid is not None else os.getuid()
+    repo = home.add_repo("app")
+    with open(tmp_path / "killed.log", "wb") as out:
+        killed = subprocess.Popen(home.argv("serve"), env=home.env(), stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        home.push_run(repo, {".pipeline.toml": pipeline("""
+            [[stage]]
+            name = "one"
+              [[stage.action]]
+              name = "a"
+              run = "sleep 60"
+            [[stage]]
+            name = "two"
+              [[stage.action]]
+              name = "b"
+              run = "echo b-ran"
+            """)})
+        waiting = wait_for(lambda: _waiting_inside(_descendants(killed.pid), uid), timeout=30,
+                           what="the second action's sandbox, made ahead")
+        inside = {p for p in _descendants(killed.pid)}
+    finally:
+        killed.kill()
+        killed.wait()
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in inside),
+             what="every process of the killed daemon's sandboxes to end")
+    assert waiting
+    left = [d for base in sandbox.tree.bases if base.exists() for d in base.iterdir() if d.is_dir()]
+    with home.daemon():
+        wait_for(lambda: not any(d.exists() for d in left), what="the sweep of the dead daemon's groups")
