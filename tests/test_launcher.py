@@ -4,6 +4,7 @@ real cgroups (root's on this host), real daemons killed for real."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -481,3 +482,54 @@ def test_a_daemon_killed_while_a_sandbox_waits_ahead_takes_it_along(home: Home, 
     left = [d for base in sandbox.tree.bases if base.exists() for d in base.iterdir() if d.is_dir()]
     with home.daemon():
         wait_for(lambda: not any(d.exists() for d in left), what="the sweep of the dead daemon's groups")
+
+
+KILLED_MAKING_AHEAD = r"""
+import json, os, signal, sys
+from pathlib import Path
+from gitpipe import sandbox as sandbox_module, settings
+
+home, slot = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+def crash(group, pid):  # the daemon dies between bwrap's start and the cgroup move
+    ppid = [line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("PPid:")]
+    (slot / "pids").write_text(json.dumps([pid, int(ppid[0])]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+sandbox_module._admit = crash
+sandbox = sandbox_module.Sandbox.for_host(settings.load(home))
+box = sandbox_module.Confine(key="a7.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+sandbox.ready(box)
+"""
+
+
+def test_a_daemon_killed_while_making_a_sandbox_ahead_leaves_nothing_behind(tmp_path: Path) -> None:
+    """kill -9 of the daemon between the start of a sandbox made ahead and its cgroup move. A
+    held start's bwrap then stays blocked until the next daemon kills it by its attempt's token;
+    one made ahead has no attempt yet, so no token: nothing would ever end it (a root process
+    with the slot's mounts, on every such crash). It runs nothing but its launcher, which runs
+    nothing without an order from the (dead) daemon: so it may go on, and ends by itself."""
+    _needs_root()
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    slot = tmp_path / "slot"
+    (slot / "tree").mkdir(parents=True)
+    daemon = subprocess.run([sys.executable, "-c", KILLED_MAKING_AHEAD, str(home.home), str(slot)],
+                            env=home.env(), capture_output=True, timeout=60, check=False)
+    assert daemon.returncode == -signal.SIGKILL, daemon.stderr.decode()
+    pids = [int(p) for p in json.loads((slot / "pids").read_text())]
+    try:
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids), timeout=20,
+                 what="the sandbox made ahead to end with its daemon")
+        assert list((slot / "tree").iterdir()) == []
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        after = Sandbox.for_host(settings.load(home.home))
+        after.sweep()  # the next daemon's: its group
+        after.close()
