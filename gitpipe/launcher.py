@@ -83,7 +83,7 @@ class Parked:
         for key, value in env.items():
             fields += [key, value]
         if any("\0" in f for f in fields) or any(not key or "=" in key for key in env):
-            os.close(self.orders)  # what subprocess refuses too; the launcher ends on its empty order
+            self._close()  # what subprocess refuses too; the launcher ends on its empty order
             raise ValueError("an argument or environment variable that execve cannot take")
         body = b"\0".join(os.fsencode(f) for f in fields)
         data = b"%d\0" % len(body) + body  # the launcher runs it only whole (see PERL)
@@ -92,13 +92,13 @@ class Parked:
             while view:
                 view = view[os.write(self.orders, view):]
         finally:
-            os.close(self.orders)
+            self._close()
         return self.proc
 
     def discard(self) -> None:
         """Let it go unused: its empty order ends it; its group goes with it."""
         try:
-            os.close(self.orders)
+            self._close()
         except OSError:
             pass
         try:
@@ -109,6 +109,13 @@ class Parked:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.group.remove()
+
+    def _close(self) -> None:
+        """Close the order pipe, once: an exec that failed closed it, and the discard after it must
+        not close that number again (another thread may have opened a file under it meanwhile)."""
+        fd, self.orders = self.orders, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class Launchers:

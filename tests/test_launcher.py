@@ -533,3 +533,39 @@ def test_a_daemon_killed_while_making_a_sandbox_ahead_leaves_nothing_behind(tmp_
         after = Sandbox.for_host(settings.load(home.home))
         after.sweep()  # the next daemon's: its group
         after.close()
+
+
+def test_an_order_that_cannot_be_written_closes_the_order_pipe_once(tmp_path: Path) -> None:
+    """A variable execve cannot take (a NUL in an output value of the action before, which its
+    script chose) ends the launcher made ahead unused. Its order pipe is closed where that is
+    found, and must not be closed again when the attempt is let go (executor.start's abandon):
+    by then the number may be another file's of the daemon (a log, the database), opened by
+    another thread meanwhile, which that second close would take from under it."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        box = Confine(key="a8.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        ready = sandbox.ready(box)
+        assert ready is not None
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {"GITPIPE_OUT_A_V": "a\0b"}, box, prepared=True,
+                                ready=ready)
+        number = ready.orders
+        with pytest.raises(ValueError, match="execve cannot take"):
+            launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+        other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if other != number:  # the number is free again: the lowest one, unless another was
+                os.dup2(other, number)
+                os.close(other)
+            launch.abandon()  # what executor.start does with an attempt whose start failed
+            assert os.fstat(number).st_ino == (tmp_path / "other").stat().st_ino, "another file's fd was closed"
+        finally:
+            try:
+                os.close(number)
+            except OSError:
+                pass
+        assert ready.proc.returncode is not None and not any(d.exists() for d in ready.group.dirs)
+        assert not (slot / "tree" / "ran").exists()
+    finally:
+        sandbox.close()
