@@ -47,7 +47,8 @@ log = logging.getLogger("gitpipe")
 # folder, argc, argv..., then name, value pairs), then becomes argv[0] with exactly that
 # environment. An empty order (the daemon let it go, or died) ends it, and so does one shorter
 # than its length says (a daemon killed mid-write: never a command or environment cut short).
-# Exit 126/127: the order could not be followed (the folder, the exec).
+# Exit 126/127: the order could not be followed (the folder, the exec; said on its output, which
+# is the attempt's log: a held start's Popen raises the same error).
 PERL = r"""
 if ($ARGV[1]) { syscall($ARGV[1] + 0, 1, 9) == 0 or exit 126; }  # prctl(PR_SET_PDEATHSIG, SIGKILL)
 exit 0 if $ARGV[2] && getppid() != $ARGV[2];  # the daemon died before that (0: in a sandbox)
@@ -61,8 +62,9 @@ my ($dir, $argc) = splice(@f, 0, 2);
 my @argv = splice(@f, 0, $argc);
 %ENV = ();
 while (@f >= 2) { my $k = shift @f; $ENV{$k} = shift @f; }
-chdir $dir or exit 126;
+chdir $dir or do { print STDERR "gitpipe: could not enter $dir: $!\n"; exit 126 };
 exec { $argv[0] } @argv;
+print STDERR "gitpipe: could not start $argv[0]: $!\n";  # E2BIG: a value over 128 KiB
 exit 127;
 """
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -569,3 +569,29 @@ def test_an_order_that_cannot_be_written_closes_the_order_pipe_once(tmp_path: Pa
         assert not (slot / "tree" / "ran").exists()
     finally:
         sandbox.close()
+
+
+def test_a_script_its_launcher_cannot_start_says_why(tmp_path: Path) -> None:
+    """An environment the kernel refuses (one value over 128 KiB: an output of the action before,
+    as long as its script chose) fails the attempt; a held start says so ("Argument list too
+    long", from Popen), and so must the launcher made ahead, which alone sees the exec fail:
+    not a bare exit status 127, which reads as a command not found."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        box = Confine(key="a9.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        ready = sandbox.ready(box)
+        assert ready is not None
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {"GITPIPE_OUT_A_V": "x" * 200_000}, box, prepared=True,
+                                ready=ready)
+        proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.stdout.close()
+        assert proc.wait() == 127
+        assert b"could not start bash: Argument list too long" in out, out
+        assert not (slot / "tree" / "ran").exists()
+        launch.group.remove()
+    finally:
+        sandbox.close()
