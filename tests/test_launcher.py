@@ -595,3 +595,35 @@ def test_a_script_its_launcher_cannot_start_says_why(tmp_path: Path) -> None:
         launch.group.remove()
     finally:
         sandbox.close()
+
+
+def test_a_sandbox_made_ahead_that_died_before_its_order_is_not_used(home: Home) -> None:
+    """A sandbox made ahead that ended before its action came (the OOM killer's pick, an admin's
+    kill -9) is let go, and the action starts held, as one whose parked launcher was killed
+    does (Launchers.take): its order is not written into a dead pipe, failing the action with
+    "Broken pipe" for a sandbox that no pushed script could even see."""
+    _needs_root()
+    sandbox = Sandbox.for_host(settings.load(home.home))
+    uid = sandbox.uid if sandbox.uid is not None else os.getuid()
+    repo = home.add_repo("app")
+    with home.daemon() as daemon:
+        run = home.push_run(repo, {".pipeline.toml": pipeline("""
+            [[stage]]
+            name = "one"
+              [[stage.action]]
+              name = "a"
+              run = "sleep 3"
+            [[stage]]
+            name = "two"
+              [[stage.action]]
+              name = "b"
+              run = "echo b-ran"
+            """)})
+        waiting = wait_for(lambda: _waiting_inside(_descendants(daemon.pid), uid), timeout=30,
+                           what="the second action's sandbox, made ahead")
+        for pid in waiting:
+            os.kill(pid, signal.SIGKILL)
+        result = home.wait_run(run)
+    statuses = {a["name"]: (a["status"], a.get("message")) for s in result["stages"] for a in s["actions"]}
+    assert statuses["b"] == ("succeeded", None), statuses
+    assert "b-ran" in home.logs(run)
