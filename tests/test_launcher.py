@@ -578,6 +578,7 @@ def test_a_script_its_launcher_cannot_start_says_why(tmp_path: Path) -> None:
     not a bare exit status 127, which reads as a command not found."""
     _needs_root()
     sandbox, slot = _sandbox(tmp_path)
+    ready = None
     try:
         box = Confine(key="a9.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
         ready = sandbox.ready(box)
@@ -592,8 +593,9 @@ def test_a_script_its_launcher_cannot_start_says_why(tmp_path: Path) -> None:
         assert proc.wait() == 127
         assert b"could not start bash: Argument list too long" in out, out
         assert not (slot / "tree" / "ran").exists()
-        launch.group.remove()
     finally:
+        if ready is not None:
+            ready.group.remove()
         sandbox.close()
 
 
