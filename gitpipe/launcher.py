@@ -47,7 +47,8 @@ log = logging.getLogger("gitpipe")
 # folder, argc, argv..., then name, value pairs), then becomes argv[0] with exactly that
 # environment. An empty order (the daemon let it go, or died) ends it, and so does one shorter
 # than its length says (a daemon killed mid-write: never a command or environment cut short).
-# Exit 126/127: the order could not be followed (the folder, the exec).
+# Exit 126/127: the order could not be followed (the folder, the exec; said on its output, which
+# is the attempt's log: a held start's Popen raises the same error).
 PERL = r"""
 if ($ARGV[1]) { syscall($ARGV[1] + 0, 1, 9) == 0 or exit 126; }  # prctl(PR_SET_PDEATHSIG, SIGKILL)
 exit 0 if $ARGV[2] && getppid() != $ARGV[2];  # the daemon died before that (0: in a sandbox)
@@ -61,8 +62,9 @@ my ($dir, $argc) = splice(@f, 0, 2);
 my @argv = splice(@f, 0, $argc);
 %ENV = ();
 while (@f >= 2) { my $k = shift @f; $ENV{$k} = shift @f; }
-chdir $dir or exit 126;
+chdir $dir or do { print STDERR "gitpipe: could not enter $dir: $!\n"; exit 126 };
 exec { $argv[0] } @argv;
+print STDERR "gitpipe: could not start $argv[0]: $!\n";  # E2BIG: a value over 128 KiB
 exit 127;
 """
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -83,7 +85,7 @@ class Parked:
         for key, value in env.items():
             fields += [key, value]
         if any("\0" in f for f in fields) or any(not key or "=" in key for key in env):
-            os.close(self.orders)  # what subprocess refuses too; the launcher ends on its empty order
+            self._close()  # what subprocess refuses too; the launcher ends on its empty order
             raise ValueError("an argument or environment variable that execve cannot take")
         body = b"\0".join(os.fsencode(f) for f in fields)
         data = b"%d\0" % len(body) + body  # the launcher runs it only whole (see PERL)
@@ -92,13 +94,13 @@ class Parked:
             while view:
                 view = view[os.write(self.orders, view):]
         finally:
-            os.close(self.orders)
+            self._close()
         return self.proc
 
     def discard(self) -> None:
         """Let it go unused: its empty order ends it; its group goes with it."""
         try:
-            os.close(self.orders)
+            self._close()
         except OSError:
             pass
         try:
@@ -109,6 +111,13 @@ class Parked:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.group.remove()
+
+    def _close(self) -> None:
+        """Close the order pipe, once: an exec that failed closed it, and the discard after it must
+        not close that number again (another thread may have opened a file under it meanwhile)."""
+        fd, self.orders = self.orders, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class Launchers:

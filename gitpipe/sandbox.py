@@ -104,6 +104,10 @@ class Launch:
     spare: bool = False  # the first process is bwrap's monitor: SIGTERM goes to the others
     held: int | None = None  # where bwrap is in argv: started held, let go once in `group`
     parked: Parked | None = None  # a launcher in `group` already: it becomes argv (see launcher.py)
+    # A held bwrap holds its block's write end too: only the daemon's byte lets it go (see popen).
+    # Not one that runs only a launcher (Sandbox.ready), which runs nothing without the daemon's
+    # order: after a crash its EOF lets it go, to end at once, as nothing else would end it.
+    hold: bool = True
 
     def popen(self, **kw: Any) -> subprocess.Popen[bytes]:
         """Start it (`kw`: Popen's keywords). A held bwrap gets its sandbox's first process (whose
@@ -130,8 +134,9 @@ class Launch:
                 # move would let the sandbox run outside the group. So bwrap holds the write end as
                 # well: only the daemon's byte releases it; after a crash it stays blocked until
                 # the next daemon kills it by its token, having run nothing.
-                proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env,
-                                        pass_fds=(info_w, block_r, block_w, *kw.pop("pass_fds", ())), **kw)
+                held = (info_w, block_r, block_w) if self.hold else (info_w, block_r)
+                proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, pass_fds=(*held, *kw.pop("pass_fds", ())),
+                                        **kw)
             finally:
                 os.close(info_w)
                 os.close(block_r)
@@ -327,7 +332,7 @@ class Sandbox:
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids)
         return launcher.started(group, lambda fd: Launch(
             self._bwrap(launcher.command(perl, fd, bound=False), box, {}, script_path=SYSTEM_PATH),
-            {"PATH": SYSTEM_PATH}, Path("/"), group, spare=True, held=0,
+            {"PATH": SYSTEM_PATH}, Path("/"), group, spare=True, held=0, hold=False,
         ).popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, pass_fds=(fd,)))
 

@@ -616,9 +616,10 @@ class _Made:
 
 
 def _made_for(slot: git.Slot, box: Confine) -> Parked | None:
-    """The sandbox made ahead in `slot` for exactly `box`, taken; any other is discarded."""
+    """The sandbox made ahead in `slot` for exactly `box`, taken; any other is discarded, and so
+    is one that ended meanwhile (killed from outside: its order would go into a dead pipe)."""
     made, slot.ahead = slot.ahead, None
-    if isinstance(made, _Made) and made.box == box:
+    if isinstance(made, _Made) and made.box == box and made.ready.proc.poll() is None:
         return made.ready
     if made is not None:
         made.discard()

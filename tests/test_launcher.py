@@ -4,6 +4,7 @@ real cgroups (root's on this host), real daemons killed for real."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -481,3 +482,150 @@ def test_a_daemon_killed_while_a_sandbox_waits_ahead_takes_it_along(home: Home, 
     left = [d for base in sandbox.tree.bases if base.exists() for d in base.iterdir() if d.is_dir()]
     with home.daemon():
         wait_for(lambda: not any(d.exists() for d in left), what="the sweep of the dead daemon's groups")
+
+
+KILLED_MAKING_AHEAD = r"""
+import json, os, signal, sys
+from pathlib import Path
+from gitpipe import sandbox as sandbox_module, settings
+
+home, slot = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+def crash(group, pid):  # the daemon dies between bwrap's start and the cgroup move
+    ppid = [line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("PPid:")]
+    (slot / "pids").write_text(json.dumps([pid, int(ppid[0])]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+sandbox_module._admit = crash
+sandbox = sandbox_module.Sandbox.for_host(settings.load(home))
+box = sandbox_module.Confine(key="a7.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+sandbox.ready(box)
+"""
+
+
+def test_a_daemon_killed_while_making_a_sandbox_ahead_leaves_nothing_behind(tmp_path: Path) -> None:
+    """kill -9 of the daemon between the start of a sandbox made ahead and its cgroup move. A
+    held start's bwrap then stays blocked until the next daemon kills it by its attempt's token;
+    one made ahead has no attempt yet, so no token: nothing would ever end it (a root process
+    with the slot's mounts, on every such crash). It runs nothing but its launcher, which runs
+    nothing without an order from the (dead) daemon: so it may go on, and ends by itself."""
+    _needs_root()
+    home = Home(tmp_path / "w")
+    home.gitpipe("init", check=True)
+    slot = tmp_path / "slot"
+    (slot / "tree").mkdir(parents=True)
+    daemon = subprocess.run([sys.executable, "-c", KILLED_MAKING_AHEAD, str(home.home), str(slot)],
+                            env=home.env(), capture_output=True, timeout=60, check=False)
+    assert daemon.returncode == -signal.SIGKILL, daemon.stderr.decode()
+    pids = [int(p) for p in json.loads((slot / "pids").read_text())]
+    try:
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids), timeout=20,
+                 what="the sandbox made ahead to end with its daemon")
+        assert list((slot / "tree").iterdir()) == []
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        after = Sandbox.for_host(settings.load(home.home))
+        after.sweep()  # the next daemon's: its group
+        after.close()
+
+
+def test_an_order_that_cannot_be_written_closes_the_order_pipe_once(tmp_path: Path) -> None:
+    """A variable execve cannot take (a NUL in an output value of the action before, which its
+    script chose) ends the launcher made ahead unused. Its order pipe is closed where that is
+    found, and must not be closed again when the attempt is let go (executor.start's abandon):
+    by then the number may be another file's of the daemon (a log, the database), opened by
+    another thread meanwhile, which that second close would take from under it."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    try:
+        box = Confine(key="a8.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        ready = sandbox.ready(box)
+        assert ready is not None
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {"GITPIPE_OUT_A_V": "a\0b"}, box, prepared=True,
+                                ready=ready)
+        number = ready.orders
+        with pytest.raises(ValueError, match="execve cannot take"):
+            launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+        other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if other != number:  # the number is free again: the lowest one, unless another was
+                os.dup2(other, number)
+                os.close(other)
+            launch.abandon()  # what executor.start does with an attempt whose start failed
+            assert os.fstat(number).st_ino == (tmp_path / "other").stat().st_ino, "another file's fd was closed"
+        finally:
+            try:
+                os.close(number)
+            except OSError:
+                pass
+        assert ready.proc.returncode is not None and not any(d.exists() for d in ready.group.dirs)
+        assert not (slot / "tree" / "ran").exists()
+    finally:
+        sandbox.close()
+
+
+def test_a_script_its_launcher_cannot_start_says_why(tmp_path: Path) -> None:
+    """An environment the kernel refuses (one value over 128 KiB: an output of the action before,
+    as long as its script chose) fails the attempt; a held start says so ("Argument list too
+    long", from Popen), and so must the launcher made ahead, which alone sees the exec fail:
+    not a bare exit status 127, which reads as a command not found."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    ready = None
+    try:
+        box = Confine(key="a9.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+        ready = sandbox.ready(box)
+        assert ready is not None
+        launch = sandbox.launch(["bash", "-c", "touch ran"], {"GITPIPE_OUT_A_V": "x" * 200_000}, box, prepared=True,
+                                ready=ready)
+        proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.stdout.close()
+        assert proc.wait() == 127
+        assert b"could not start bash: Argument list too long" in out, out
+        assert not (slot / "tree" / "ran").exists()
+    finally:
+        if ready is not None:
+            ready.group.remove()
+        sandbox.close()
+
+
+def test_a_sandbox_made_ahead_that_died_before_its_order_is_not_used(home: Home) -> None:
+    """A sandbox made ahead that ended before its action came (the OOM killer's pick, an admin's
+    kill -9) is let go, and the action starts held, as one whose parked launcher was killed
+    does (Launchers.take): its order is not written into a dead pipe, failing the action with
+    "Broken pipe" for a sandbox that no pushed script could even see."""
+    _needs_root()
+    sandbox = Sandbox.for_host(settings.load(home.home))
+    uid = sandbox.uid if sandbox.uid is not None else os.getuid()
+    repo = home.add_repo("app")
+    with home.daemon() as daemon:
+        run = home.push_run(repo, {".pipeline.toml": pipeline("""
+            [[stage]]
+            name = "one"
+              [[stage.action]]
+              name = "a"
+              run = "sleep 3"
+            [[stage]]
+            name = "two"
+              [[stage.action]]
+              name = "b"
+              run = "echo b-ran"
+            """)})
+        waiting = wait_for(lambda: _waiting_inside(_descendants(daemon.pid), uid), timeout=30,
+                           what="the second action's sandbox, made ahead")
+        for pid in waiting:
+            os.kill(pid, signal.SIGKILL)
+        result = home.wait_run(run)
+    statuses = {a["name"]: (a["status"], a.get("message")) for s in result["stages"] for a in s["actions"]}
+    assert statuses["b"] == ("succeeded", None), statuses
+    assert "b-ran" in home.logs(run)
