@@ -574,6 +574,10 @@ class RunWorker:
             self.store.add_artifact(art)
             writer.line(f"gitpipe: artifact {name}: {art.files} file(s), {art.size} bytes, sha256 {art.sha256}")
         values = _read_outputs(out_file)
+        for key in [k for k, v in values.items() if "\0" in v]:  # no environment variable can hold it
+            writer.line(f"gitpipe: output {key} is not kept: its value holds a NUL byte, which the environment "
+                        "of later actions cannot carry (write text, or base64 for binary data)")
+            del values[key]
         if values:
             # A secret may be the key too (`echo "$TOKEN=x" >> $GITPIPE_OUTPUT`).
             self.store.set_outputs(self.run.id, rec.name, {masker.mask(k): masker.mask(v) for k, v in values.items()})

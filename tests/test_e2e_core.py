@@ -917,6 +917,30 @@ def test_output_values_reach_later_actions_and_show(home: Home, out: Path) -> No
     assert "make-it.version = 1.2.3" in shown
 
 
+def test_an_output_value_with_a_nul_byte_is_left_out_saying_why(home: Home, out: Path) -> None:
+    """No environment variable can carry a NUL byte: the value is not kept (the action's log says
+    so and how to write it), and the later actions run with the other values, as usual."""
+    repo = home.add_repo("nul")
+    text = fill(r"""
+        [[stage]]
+        name = "one"
+          [[stage.action]]
+          name = "make"
+          run = '''printf 'bad=a\0b\ngood=yes\n' >> "$GITPIPE_OUTPUT"'''
+        [[stage]]
+        name = "two"
+          [[stage.action]]
+          name = "use"
+          run = 'printf "%s|%s" "${GITPIPE_OUT_MAKE_BAD-unset}" "$GITPIPE_OUT_MAKE_GOOD" > "@OUT@/got"'
+        """, OUT=out)
+    with home.daemon():
+        run = home.wait_run(home.push_run(repo, {".pipeline.toml": text}))
+    home.expect(run)
+    assert (out / "got").read_text() == "unset|yes"
+    assert {(o["action"], o["key"]) for o in run["outputs"]} == {("make", "good")}
+    assert "gitpipe: output bad is not kept: its value holds a NUL byte" in home.logs(run["id"])
+
+
 def test_an_output_glob_matching_nothing_fails_naming_the_glob(home: Home) -> None:
     repo = home.add_repo("noglob")
     text = pipeline("""
