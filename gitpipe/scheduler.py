@@ -514,7 +514,10 @@ class RunWorker:
         return make
 
     def _following(self, rec: ActionRecord) -> ActionRecord | None:
-        """The action alone in the run_order group after `rec`'s, in its stage or the next."""
+        """The action alone in the run_order group after `rec`'s, in its stage or the next, when
+        `rec` is alone in its own (a sibling's checkout could take the slot made ready for it)."""
+        if sum(1 for (s, _), a in self.records.items() if s == rec.stage_idx and a.run_order == rec.run_order) != 1:
+            return None
         for stage in (rec.stage_idx, rec.stage_idx + 1):
             acts = [a for (s, _), a in self.records.items() if s == stage]
             orders = sorted({a.run_order for a in acts if stage != rec.stage_idx or a.run_order > rec.run_order})
