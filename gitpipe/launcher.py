@@ -23,6 +23,11 @@ followed. The next daemon's sweep removes its group. The parent death signal nam
 prctl(2)): every launcher is forked by one thread that lives as long as the daemon, never by a
 short one whose end would kill the attempt the launcher became. Without perl, or without a
 cgroup per attempt, nothing is parked and bwrap starts held as before (sandbox.Launch).
+
+The same launcher also waits *inside* a sandbox made ahead for a run's next action
+(sandbox.Sandbox.ready): bwrap runs it as the build user once the mounts are made, unbound (no
+death signal of its own, no parent check: bwrap's --die-with-parent binds the sandbox to the
+daemon, and the daemon's death empties its order), and the order it reads is the script's.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ no_new_privs before anything of the user's runs. An action is never uid 0.
 Every process of the sandbox joins the attempt's cgroup (see `cgroup`) before it runs
 anything: bwrap is started held (`--block-fd`), says which process is its sandbox
 (`--info-fd`), and is let go once the daemon has written that one into the group's
-`cgroup.procs` (see `Launch.popen`); the script is forked after that, inside. Without bwrap (mode "none") a `sh`
+`cgroup.procs` (see `Launch.popen`); the script is forked after that, inside. A run's first
+attempt starts from a launcher parked in its group beforehand (see `launcher`), and a later one
+from the sandbox made for it while the action before ran (`Sandbox.ready`). Without bwrap (mode "none") a `sh`
 prefix writes 0 into `cgroup.procs`, then execs the rest. A daemon killed between bwrap's
 start and its admission leaves that bwrap blocked (it holds its block-fd's write end too: the
 EOF does not let it go, and it does not die with its parent), having run nothing; the next
