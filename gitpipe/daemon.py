@@ -35,7 +35,7 @@ from gitpipe.notify import Notifier
 from gitpipe.refs import short_ref
 from gitpipe.report.child import ChildReporter
 from gitpipe.sandbox import Sandbox
-from gitpipe.scheduler import Host, RunWorker
+from gitpipe.scheduler import Host, RunWorker, first_ahead
 from gitpipe.schedules import CronTrigger
 from gitpipe.settings import Settings
 from gitpipe.store import Store
@@ -417,15 +417,17 @@ class Daemon:
                 self._policies[run_id] = "queue"
         return self._policies[run_id]
 
-    def _prepare_early(self, run_id: int, repo: str, ref: str, sha: str) -> None:
+    def _prepare_early(self, run_id: int, repo: str, ref: str, sha: str, text: str) -> None:
         """Called by the intake once a push's run is recorded (its thread): reset the worktree of
-        the run's first action now, while the loop wakes, claims and plans it (see RunWorker.pool)."""
+        the run's first action now, while the loop wakes, claims and plans it (see RunWorker.pool),
+        and make that action's sandbox meanwhile from the parked launcher (scheduler.first_ahead;
+        `text`: the run's pipeline)."""
         host = getattr(self, "host", None)  # the intake listens a moment before the host is made
         if host is None or len(self.workers) >= self.settings.max_parallel:
             return  # it waits: its worktree would only hold a slot
         host.sandbox.warm()  # the first cgroup move's wait, from now on, unless a launcher is parked
         pool = host.pool(repo, ref)
-        pool.prepare_next(sha)
+        pool.prepare_next(sha, during=first_ahead(host, pool, repo, ref, text))
         with self.early_lock:
             self.early[run_id] = pool
 

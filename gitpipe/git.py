@@ -392,10 +392,12 @@ class WorktreePool:
         finally:
             _let_go(slot)
 
-    def _ready(self, slot: Slot, sha: str, wanted: threading.Event | None = None) -> bool:
+    def _ready(self, slot: Slot, sha: str, wanted: threading.Event | None = None,
+               during: Callable[[Slot], Discardable | None] | None = None) -> bool:
         """Reset `slot` to `sha` and seal it; `wanted`: set once an action waits for this slot.
-        True when the seal gave way to that action (see `_seal`): the slot goes to it at once."""
-        self._reset(slot, sha)
+        True when the seal gave way to that action (see `_seal`): the slot goes to it at once.
+        `during`: see `prepare_next`."""
+        self._reset(slot, sha, during)
         if _tracked_count(slot.tree) <= CLEAN_IN_PROCESS:
             # Settled here (the sandbox walks it again at launch, for the inputs restored
             # into it: twice only for a small tree) so that what is remembered is final.
@@ -404,18 +406,21 @@ class WorktreePool:
             return self._seal(slot, sha, wanted)
         return False
 
-    def prepare_next(self, sha: str, then: Callable[[Slot], Discardable | None] | None = None) -> None:
+    def prepare_next(self, sha: str, then: Callable[[Slot], Discardable | None] | None = None,
+                     during: Callable[[Slot], Discardable | None] | None = None) -> None:
         """While an action runs, reset another slot to `sha` in the background for the next
         checkout (the next action of the run), so that its reset is off the critical path: the
         run's actions alternate between two slots. `then`: run on the slot once it is reset, in
-        the same background job; what it returns is the slot's `ahead`. Does nothing once
-        `ahead` is spent; never raises (the next checkout then takes a slot itself)."""
+        the same background job; `during`: the same, but as soon as what was beside its tree is
+        removed, while git resets the tree (a slot with a tree already). What either returns is
+        the slot's `ahead`. Does nothing once `ahead` is spent; never raises (the next checkout
+        then takes a slot itself)."""
         with self._next_lock:
             if self.ahead <= 0 or self._next is not None:
                 return
             self.ahead -= 1
             try:
-                self._next = _Ahead(self, sha, then)
+                self._next = _Ahead(self, sha, then, during)
             except OSError as exc:
                 log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
                 return
@@ -484,7 +489,7 @@ class WorktreePool:
                 continue
             return Slot(self.dir / str(n), fd)
 
-    def _reset(self, slot: Slot, sha: str) -> None:
+    def _reset(self, slot: Slot, sha: str, during: Callable[[Slot], Discardable | None] | None = None) -> None:
         # An action may have replaced its slot or tree by a symlink (to another slot, or to
         # files elsewhere that the reset would then clean): never follow one.
         for path in (slot.root, slot.tree):
@@ -495,6 +500,8 @@ class WorktreePool:
             for entry in slot.root.iterdir():
                 if entry.name not in ("tree", "index"):
                     remove_tree(entry)
+        if during is not None and slot.tree.is_dir():
+            slot.ahead = _made(during, slot)
         try:
             self._prepare_git_dir(slot, sha)
             if not self._unchanged(slot, sha):  # else the files are those of sha: no git process
@@ -604,8 +611,9 @@ class WorktreePool:
 class _Ahead:
     """A slot being reset in the background for the next checkout (see `WorktreePool.prepare_next`)."""
 
-    def __init__(self, pool: WorktreePool, sha: str, then: Callable[[Slot], Discardable | None] | None = None) -> None:
-        self.pool, self.sha, self.then = pool, sha, then
+    def __init__(self, pool: WorktreePool, sha: str, then: Callable[[Slot], Discardable | None] | None = None,
+                 during: Callable[[Slot], Discardable | None] | None = None) -> None:
+        self.pool, self.sha, self.then, self.during = pool, sha, then, during
         self.taken = pool._take()  # here, while the caller holds its own: another slot
         self.slot: Slot | None = None
         self.wanted = threading.Event()  # an action waits for this slot (see WorktreePool._seal)
@@ -624,21 +632,27 @@ class _Ahead:
 
     def _run(self) -> None:
         try:
-            self.handed = self.pool._ready(self.taken, self.sha, self.wanted)
+            self.handed = self.pool._ready(self.taken, self.sha, self.wanted, self.during)
         except Exception as exc:  # the checkout that wanted it takes and resets a slot itself
             log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
-            os.close(self.taken.lock_fd)
+            _let_go(self.taken)
             return
-        if self.then is not None:
-            try:
-                self.taken.ahead = self.then(self.taken)
-            except Exception as exc:  # the next action starts as if nothing was made ahead
-                log.warning("could not prepare the next action ahead (%s): it starts as usual", exc)
+        if self.then is not None and self.taken.ahead is None:
+            self.taken.ahead = _made(self.then, self.taken)
         self.slot = self.taken
 
 
 class Discardable(Protocol):
     def discard(self) -> None: ...
+
+
+def _made(make: Callable[[Slot], Discardable | None], slot: Slot) -> Discardable | None:
+    """What `make` makes for `slot`; None when it fails (the action starts as if nothing was)."""
+    try:
+        return make(slot)
+    except Exception as exc:
+        log.warning("could not prepare the next action ahead (%s): it starts as usual", exc)
+        return None
 
 
 def _discard(slot: Slot) -> None:

@@ -65,7 +65,7 @@ class Answer:
     lines: list[str]  # for the pusher
     receive_pack: int | None = None  # the push's git process: its disk reservation is given back
     queued: bool = False  # runs to start
-    first: tuple[int, str, str, str] | None = None  # (run id, repo, ref, sha) of the first run recorded
+    first: tuple[int, str, str, str, str] | None = None  # (run id, repo, ref, sha, pipeline) of the first run recorded
     git_dir: str | None = None  # the repo pushed to: its `git gc --auto` is due
 
     def text(self) -> bytes:
@@ -76,8 +76,8 @@ class IntakeServer:
     """Listens on <home>/intake.sock; each connection is one push (see the module's docstring)."""
 
     def __init__(self, settings: Settings, store: Store, on_recorded: Callable[[], None],
-                 on_first: Callable[[int, str, str, str], None] | None = None) -> None:
-        """`on_recorded`: wakes the daemon's loop; `on_first(run id, repo, ref, sha)`: called with
+                 on_first: Callable[[int, str, str, str, str], None] | None = None) -> None:
+        """`on_recorded`: wakes the daemon's loop; `on_first(run id, repo, ref, sha, pipeline text)`: called with
         the push's first run once the pusher has its answer, before the wake (its worktree)."""
         self.settings = settings
         self.store = store
@@ -223,7 +223,7 @@ class IntakeServer:
             site_url, problem = hookmain.site_url_of(str(self.settings.home))  # as the Python hook: as it is now
             for run_id, run in zip(ids, runs):
                 lines += hookmain.describe(run_id, run, site_url)
-            first = (ids[0], repo, runs[0]["ref"], runs[0]["sha"])
+            first = (ids[0], repo, runs[0]["ref"], runs[0]["sha"], runs[0].get("pipeline_text") or "")
             notes += problem
             with self.lock:
                 self.recorded += 1

@@ -49,8 +49,9 @@ log = logging.getLogger("gitpipe")
 # Arguments: the order pipe's fd, prctl's syscall number (0: none known), the daemon's pid (0: none,
 # in a sandbox made ahead, which bwrap's --die-with-parent binds to the daemon; see sandbox.ready). Binds
 # itself to the daemon, then reads the whole order (its length in bytes, then NUL-separated:
-# folder, argc, argv..., then name, value pairs), then becomes argv[0] with exactly that
-# environment. An empty order (the daemon let it go, or died) ends it, and so does one shorter
+# whether to keep its stdin (1: a bwrap whose launcher inside reads its order there; else
+# /dev/null), folder, argc, argv..., then name, value pairs), then becomes argv[0] with exactly
+# that environment. An empty order (the daemon let it go, or died) ends it, and so does one shorter
 # than its length says (a daemon killed mid-write: never a command or environment cut short).
 # Exit 126/127: the order could not be followed (the folder, the exec; said on its output, which
 # is the attempt's log: a held start's Popen raises the same error).
@@ -63,8 +64,9 @@ my $m = do { local $/; <$in> };
 close $in;
 exit 0 unless defined $m && $m =~ s/\A([0-9]+)\0//s && length($m) == $1;
 my @f = split /\0/, $m, -1;
-my ($dir, $argc) = splice(@f, 0, 2);
+my ($keep, $dir, $argc) = splice(@f, 0, 3);
 my @argv = splice(@f, 0, $argc);
+unless ($keep) { open(STDIN, "<", "/dev/null") or exit 126; }
 %ENV = ();
 while (@f >= 2) { my $k = shift @f; $ENV{$k} = shift @f; }
 chdir $dir or do { print STDERR "gitpipe: could not enter $dir: $!\n"; exit 126 };
@@ -83,10 +85,32 @@ class Parked:
     proc: subprocess.Popen[bytes]
     orders: int  # the write end of its order pipe
     group: cgroup.Group
+    feed: int = -1  # the write end of its stdin, a parked launcher's (see hand_on); -1: none
 
     def exec(self, argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-        """Make it `argv` (in `cwd`, with exactly `env`); the Popen is the process it becomes."""
-        fields = [str(cwd), str(len(argv)), *argv]
+        """Make it `argv` (in `cwd`, with exactly `env`, stdin on /dev/null); the Popen is the
+        process it becomes."""
+        try:
+            self._order(argv, env, cwd, keep=False)
+        finally:
+            self._close_feed()
+        return self.proc
+
+    def hand_on(self, argv: list[str], env: dict[str, str], cwd: Path) -> Parked:
+        """Make a parked launcher `argv` keeping its stdin: a bwrap whose own launcher, inside the
+        sandbox, reads its order there (see sandbox.Sandbox.ready); that launcher (the same
+        process, in the same group), whose orders go down this one's stdin."""
+        feed, self.feed = self.feed, -1
+        assert feed >= 0, "only a parked launcher has a stdin to hand on"
+        try:
+            self._order(argv, env, cwd, keep=True)
+        except BaseException:
+            os.close(feed)
+            raise
+        return Parked(self.proc, feed, self.group)
+
+    def _order(self, argv: list[str], env: dict[str, str], cwd: Path, keep: bool) -> None:
+        fields = ["1" if keep else "0", str(cwd), str(len(argv)), *argv]
         for key, value in env.items():
             fields += [key, value]
         if any("\0" in f for f in fields) or any(not key or "=" in key for key in env):
@@ -100,12 +124,12 @@ class Parked:
                 view = view[os.write(self.orders, view):]
         finally:
             self._close()
-        return self.proc
 
     def discard(self) -> None:
         """Let it go unused: its empty order ends it; its group goes with it."""
         try:
             self._close()
+            self._close_feed()
         except OSError:
             pass
         try:
@@ -121,6 +145,11 @@ class Parked:
         """Close the order pipe, once: an exec that failed closed it, and the discard after it must
         not close that number again (another thread may have opened a file under it meanwhile)."""
         fd, self.orders = self.orders, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _close_feed(self) -> None:
+        fd, self.feed = self.feed, -1
         if fd >= 0:
             os.close(fd)
 
@@ -203,10 +232,18 @@ class Launchers:
         perl = self.perl
         assert perl is not None
         group = self.tree.make(f"parked-{os.getpid()}-{next(self.names)}", self.memory, self.pids)
-        parked = started(group, lambda fd: subprocess.Popen(
-            command(perl, fd, bound=True), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(fd,), cwd="/",
-            env={"PATH": SYSTEM_PATH}))
+        feed_r, feed_w = os.pipe()  # its stdin: the order of a launcher inside, if it becomes a sandbox
+        try:
+            parked = started(group, lambda fd: subprocess.Popen(
+                command(perl, fd, bound=True), stdin=feed_r, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(fd,), cwd="/",
+                env={"PATH": SYSTEM_PATH}))
+        except BaseException:
+            os.close(feed_w)
+            raise
+        finally:
+            os.close(feed_r)
+        parked.feed = feed_w
         try:
             group.admit(parked.proc.pid)  # the move, and the kernel's wait: here, before any attempt needs it
         except BaseException:

@@ -299,14 +299,18 @@ class Sandbox:
         """Make the HOME and output file fresh and hand the worktree over (before a cache restore)."""
         if box.key:
             self.warm()  # the cgroup move at launch then waits less (see cgroup.Tree.warm)
+        self._fresh(box)
+        if box.tree is not None:
+            hand_over(box.tree, self.uid, self.gid)
+
+    def _fresh(self, box: Confine) -> None:
+        """An empty HOME and output file for `box`."""
         fresh_dir(box.home, self.uid, self.gid)
         if box.output is not None:
             box.output.unlink(missing_ok=True)
             fd = os.open(box.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             os.close(fd)
             _chown(box.output, self.uid, self.gid)
-        if box.tree is not None:
-            hand_over(box.tree, self.uid, self.gid)
 
     def ended(self, box: Confine) -> None:
         """Kill what is left of the attempt `box` and wait until none of its processes is (before a
@@ -317,7 +321,7 @@ class Sandbox:
         if group is not None:
             group.kill()
 
-    def ready(self, box: Confine) -> Parked | None:
+    def ready(self, box: Confine, parked: bool = False) -> Parked | None:
         """The sandbox of `box` made before its attempt is known to run (the next action's, while
         the one before runs): bwrap started held, moved into the attempt's group, let go, its
         mounts made and its user dropped, then waiting in a launcher (launcher.PERL, run as the
@@ -326,10 +330,26 @@ class Sandbox:
         bwrap, no cgroup per attempt, no perl, overlays). HOME and the output file are made fresh
         now: nothing touches them before the order. Discard it (`Parked.discard`) if not taken;
         its fd is the daemon's alone, and it ends with the daemon (bwrap's --die-with-parent,
-        and an empty order)."""
+        and an empty order).
+
+        `parked`: made from the parked launcher, if one waits (None if not), which becomes this
+        bwrap in its own group (no cgroup move: a run's first action, see launcher.py), the launcher
+        inside reading its order on the stdin they share; made while the tree is being reset, so
+        it is not handed over here (`settle` it before the order)."""
         perl = _perl()
         if self.bwrap is None or self.tree is None or not box.key or box.overlays or box.binds or perl is None:
             return None
+        if parked:
+            taken = self.launchers.take() if self.launchers is not None else None
+            if taken is None:
+                return None
+            try:
+                self._fresh(box)
+                return taken.hand_on(self._bwrap(launcher.command(perl, 0, bound=False), box, {},
+                                                 script_path=SYSTEM_PATH), {"PATH": SYSTEM_PATH}, Path("/"))
+            except BaseException:
+                taken.discard()
+                raise
         self.prepare(box)
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids)
         return launcher.started(group, lambda fd: Launch(

@@ -402,9 +402,12 @@ class RunWorker:
                     if deadline is not None and time.time() >= deadline:
                         outcome = executor.Outcome(ActionStatus.TIMED_OUT, None, "timed out")
                     else:
-                        ready = _made_for(slot, box)
-                        if ready is None:
+                        made = _made_for(slot, box)
+                        ready = made.ready if made is not None else None
+                        if made is None:
                             self.host.sandbox.prepare(box)
+                        elif not made.settled:  # made while its tree was reset
+                            self.host.sandbox.settle(slot.tree)
                         uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
                         box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
                         outcome = self._execute(rec, spec, box, env, writer, token, deadline, ready)
@@ -485,9 +488,7 @@ class RunWorker:
 
     def _box(self, action_id: int, number: int, spec: ActionSpec, slot: git.Slot) -> Confine:
         """What attempt `number` of an action sees, in `slot`."""
-        return Confine(key=f"a{action_id}.{number}", home=slot.root / "home", tree=slot.tree,
-                       name=self.run.repo, output=slot.root / "output", readonly=self._readonly(spec),
-                       network=self.host.sandbox.network(self.pipe.network, spec.network))
+        return confine(self.host, self.pipe, spec, self.run.repo, self._readonly(spec), slot, f"a{action_id}.{number}")
 
     def _ahead(self, rec: ActionRecord) -> Callable[[git.Slot], _Made | None] | None:
         """What makes the sandbox of the action that follows `rec` in the slot reset for it, while
@@ -499,17 +500,14 @@ class RunWorker:
         if nxt is None or nxt.status.finished or nxt.attempts:
             return None
         spec = self.pipe.stages[nxt.stage_idx].actions[nxt.idx]
-        if (spec.type != "run" or spec.cache or spec.inputs or self.host.cluster is not None
-                or self.host.select is not None
-                or not matching.when_matches(spec.when, branch_of(self.run.ref), tag_of(self.run.ref))):
+        if not plain(self.host, spec, self.run.ref):
             return None
 
         def make(slot: git.Slot) -> _Made | None:
             if self.halted:
                 return None
             box = self._box(nxt.id, 1, spec, slot)
-            ready = self.host.sandbox.ready(box)
-            return None if ready is None else _Made(box, ready)
+            return _Made.of(box, self.host.sandbox.ready(box), settled=True)
 
         return make
 
@@ -611,23 +609,82 @@ class RunWorker:
         return env, masker
 
 
+def plain(host: Host, spec: ActionSpec, ref: str) -> bool:
+    """Whether an action's sandbox may be made before its attempt is recorded (see RunWorker._ahead
+    and `first_ahead`): a `run` script on this host, no cache to mount nor inputs to restore, its
+    `when` matching."""
+    return (spec.type == "run" and not spec.cache and not spec.inputs and host.cluster is None
+            and host.select is None and matching.when_matches(spec.when, branch_of(ref), tag_of(ref)))
+
+
+def confine(host: Host, pipe: Pipeline, spec: ActionSpec, repo: str, readonly: tuple[Path, ...], slot: git.Slot,
+            key: str) -> Confine:
+    """What an attempt of `spec` sees in `slot` (`key`: names its cgroup)."""
+    return Confine(key=key, home=slot.root / "home", tree=slot.tree, name=repo, output=slot.root / "output",
+                   readonly=readonly, network=host.sandbox.network(pipe.network, spec.network))
+
+
+def first_ahead(host: Host, pool: git.WorktreePool, repo: str, ref: str,
+                text: str) -> Callable[[git.Slot], _Made | None] | None:
+    """What makes the sandbox of a pushed run's first action from the parked launcher while its
+    first worktree is reset (`pool.prepare_next(during=...)`, from the intake): the path from push
+    to exec then waits for neither bwrap's mounts nor a cgroup move. None unless that action is
+    known and plain (see `plain`): alone in the first run_order group of the first stage."""
+    try:
+        pipe = pipeline_mod.parse(text, default_name=repo)
+    except PipelineError:
+        return None
+    acts = pipe.stages[0].actions if pipe.stages else []
+    first = [a for a in acts if a.run_order == min((b.run_order for b in acts), default=0)]
+    if len(first) != 1 or not plain(host, first[0], ref):
+        return None
+    spec = first[0]
+
+    def make(slot: git.Slot) -> _Made | None:
+        box = confine(host, pipe, spec, repo, (pool.objects,), slot, "first")
+        return _Made.of(box, host.sandbox.ready(box, parked=True), settled=False)
+
+    return make
+
+
 @dataclass
 class _Made:
-    """A sandbox made ahead for `box` (see RunWorker._ahead): a slot's `ahead`."""
+    """A sandbox made ahead for `box` (see RunWorker._ahead, `first_ahead`): a slot's `ahead`.
+    `settled`: its tree was handed over after its reset; `tree`: the tree's (device, inode)."""
 
     box: Confine
     ready: Parked
+    settled: bool
+    tree: tuple[int, int]
+
+    @classmethod
+    def of(cls, box: Confine, ready: Parked | None, settled: bool) -> _Made | None:
+        if ready is None:
+            return None
+        try:
+            st = os.stat(box.tree or box.home)
+        except BaseException:
+            ready.discard()
+            raise
+        return cls(box, ready, settled, (st.st_dev, st.st_ino))
 
     def discard(self) -> None:
         self.ready.discard()
 
 
-def _made_for(slot: git.Slot, box: Confine) -> Parked | None:
-    """The sandbox made ahead in `slot` for exactly `box`, taken; any other is discarded, and so
-    is one that ended meanwhile (killed from outside: its order would go into a dead pipe)."""
+def _made_for(slot: git.Slot, box: Confine) -> _Made | None:
+    """The sandbox made ahead in `slot` for `box` (its cgroup's name aside: the first action's is
+    made before its id is known), taken; any other is discarded, and so is one that ended meanwhile
+    (killed from outside: its order would go into a dead pipe) or whose tree is not the slot's any
+    more (its bind would show the old one)."""
     made, slot.ahead = slot.ahead, None
-    if isinstance(made, _Made) and made.box == box and made.ready.proc.poll() is None:
-        return made.ready
+    if isinstance(made, _Made) and replace(made.box, key=box.key) == box and made.ready.proc.poll() is None:
+        try:
+            st = os.stat(slot.tree)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == made.tree:
+            return made
     if made is not None:
         made.discard()
     return None

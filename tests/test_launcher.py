@@ -629,3 +629,45 @@ def test_a_sandbox_made_ahead_that_died_before_its_order_is_not_used(home: Home)
     statuses = {a["name"]: (a["status"], a.get("message")) for s in result["stages"] for a in s["actions"]}
     assert statuses["b"] == ("succeeded", None), statuses
     assert "b-ran" in home.logs(run)
+
+
+def test_a_pushed_runs_first_action_starts_in_a_sandbox_made_while_its_worktree_was_reset(
+        home: Home, tmp_path: Path) -> None:
+    """The intake resets a pushed run's first worktree in the background; meanwhile the parked
+    launcher becomes that action's bwrap (in its own group: no cgroup move), whose launcher
+    inside waits for the order. Traced from the daemon's start (strace -f): the sandbox's process
+    runs setpriv, then the launcher inside (perl), then the script's bash; a sandbox started at
+    the attempt (the repo's first push, whose slot has no tree yet to bind) runs bash right after
+    setpriv. The script gets its own environment and the tree as pushed."""
+    _needs_root()
+    repo = home.add_repo("app")
+    trace = tmp_path / "trace.txt"
+    with open(tmp_path / "traced.log", "wb") as out:
+        traced = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=execve", "-e",
+                                   "status=successful", *home.argv("serve")], env=home.env(),
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: any(_is_perl(p) for p in _descendants(traced.pid)), timeout=60,
+                 what="a launcher parked by the traced daemon")
+        for n in (1, 2):  # the repo's first push makes the slot; the second finds its tree there
+            run = home.push_run(repo, {".pipeline.toml": pipeline("""
+                [[stage]]
+                name = "one"
+                  [[stage.action]]
+                  name = "first"
+                  run = 'test "$GITPIPE_ACTION" = first; test -f .pipeline.toml; cat n; echo first-ran'
+                """), "n": f"push {n}\n"})
+            result = home.wait_run(run, timeout=120)
+            assert result["status"] == "succeeded", result
+    finally:
+        for pid in _children(traced.pid):  # the daemon (strace holds off signals sent to itself)
+            os.kill(pid, signal.SIGTERM)
+        traced.wait(60)
+    assert "push 2\nfirst-ran" in home.logs(run)  # the tree as pushed, reset while the sandbox was made
+    programs: dict[str, list[str]] = {}
+    for line in trace.read_text().splitlines():
+        pid, _, rest = line.partition(" ")
+        if 'execve("' in rest:
+            programs.setdefault(pid, []).append(rest.split('execve("', 1)[1].split('"', 1)[0].rsplit("/", 1)[-1])
+    chains = [p[p.index("setpriv"):] for p in programs.values() if "setpriv" in p and p[-1] != "true"]  # not the probe
+    assert chains == [["setpriv", "bash"], ["setpriv", "perl", "bash"]], programs
