@@ -500,7 +500,7 @@ class WorktreePool:
             for entry in slot.root.iterdir():
                 if entry.name not in ("tree", "index"):
                     remove_tree(entry)
-        if during is not None and slot.tree.is_dir():
+        if during is not None and slot.tree.is_dir():  # its sandbox's setup (the longer) beside git's work
             slot.ahead = _made(during, slot)
         try:
             self._prepare_git_dir(slot, sha)

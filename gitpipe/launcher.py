@@ -179,14 +179,16 @@ class Launchers:
                 self.parker.start()
             self.changed.notify()
 
-    def take(self) -> Parked | None:
-        """The parked launcher, if one is ready (another is parked meanwhile); else None."""
+    def take(self, again: bool = True) -> Parked | None:
+        """The parked launcher, if one is ready; else None. `again`: another is parked meanwhile
+        (else the taker calls `park` once its own start no longer needs both cores)."""
         with self.lock:
             parked, self.ready = self.ready, None
         if parked is not None and parked.proc.poll() is not None:  # killed from outside
             parked.discard()
             parked = None
-        self.park()
+        if again:
+            self.park()
         return parked
 
     @property

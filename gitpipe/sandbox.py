@@ -277,6 +277,11 @@ class Sandbox:
                                        self.conf.pids if self.tree.limits else None)
         self.launchers.park()
 
+    def park_again(self) -> None:
+        """Park another launcher if this daemon keeps one and none is parked or being parked."""
+        if self.launchers is not None:
+            self.launchers.park()
+
     def warm(self, held: bool = False) -> None:
         """Begin the next cgroup move's wait now (cgroup.Tree.warm), unless a parked launcher
         makes that move unneeded; `held`: the next attempt starts held whatever is parked."""
@@ -340,7 +345,9 @@ class Sandbox:
         if self.bwrap is None or self.tree is None or not box.key or box.overlays or box.binds or perl is None:
             return None
         if parked:
-            taken = self.launchers.take() if self.launchers is not None else None
+            # the next one is parked once this attempt has started (RunWorker._execute), not
+            # meanwhile: a perl start and a cgroup move beside the push's own on 2 cores
+            taken = self.launchers.take(again=False) if self.launchers is not None else None
             if taken is None:
                 return None
             try:

@@ -547,6 +547,7 @@ class RunWorker:
                                  writer, token)
         # the next action's worktree, and its sandbox, while this one runs
         self.pool.prepare_next(self.run.sha, self._ahead(rec))
+        self.host.sandbox.park_again()  # the next run's, if this run's first sandbox took the parked one
         with self.lock:
             self.attempts[rec.id] = attempt
         if self.cancelled.is_set():
