@@ -642,7 +642,7 @@ def first_ahead(host: Host, pool: git.WorktreePool, repo: str, ref: str,
     spec = first[0]
 
     def make(slot: git.Slot) -> _Made | None:
-        box = confine(host, pipe, spec, repo, (pool.objects,), slot, "first")
+        box = confine(host, pipe, spec, repo, (pool.objects,), slot, FIRST)
         return _Made.of(box, host.sandbox.ready(box, parked=True), settled=False)
 
     return make
@@ -673,13 +673,18 @@ class _Made:
         self.ready.discard()
 
 
+FIRST = "first"  # the key of the box `first_ahead` makes: the first action's id is not known yet
+
+
 def _made_for(slot: git.Slot, box: Confine) -> _Made | None:
-    """The sandbox made ahead in `slot` for `box` (its cgroup's name aside: the first action's is
-    made before its id is known), taken; any other is discarded, and so is one that ended meanwhile
-    (killed from outside: its order would go into a dead pipe) or whose tree is not the slot's any
-    more (its bind would show the old one)."""
+    """The sandbox made ahead in `slot` for exactly `box` (the first action's: but its cgroup's
+    name, made before its id was known), taken; any other is discarded, and so is one that ended
+    meanwhile (killed from outside: its order would go into a dead pipe) or whose tree is not the
+    slot's any more (its bind would show the old one). Another attempt's never: a retry taking the
+    next action's would miss its own cache mounts, which are added to its box after this."""
     made, slot.ahead = slot.ahead, None
-    if isinstance(made, _Made) and replace(made.box, key=box.key) == box and made.ready.proc.poll() is None:
+    if (isinstance(made, _Made) and made.box == (box if made.box.key != FIRST else replace(box, key=FIRST))
+            and made.ready.proc.poll() is None):
         try:
             st = os.stat(slot.tree)
         except OSError:

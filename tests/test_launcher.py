@@ -671,3 +671,38 @@ def test_a_pushed_runs_first_action_starts_in_a_sandbox_made_while_its_worktree_
             programs.setdefault(pid, []).append(rest.split('execve("', 1)[1].split('"', 1)[0].rsplit("/", 1)[-1])
     chains = [p[p.index("setpriv"):] for p in programs.values() if "setpriv" in p and p[-1] != "true"]  # not the probe
     assert chains == [["setpriv", "bash"], ["setpriv", "perl", "bash"]], programs
+
+
+RETRIED_WITH_CACHE = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "a"
+  retries = 1
+  cache = [{ paths = ["deps"] }]
+  run = '''if [ "$(cat n)" = 1 ]; then mkdir -p deps && echo from-cache > deps/m; exit 0; fi
+           test "$GITPIPE_ATTEMPT" = 2 || exit 1; cat deps/m'''
+[[stage]]
+name = "two"
+  [[stage.action]]
+  name = "b"
+  run = "true"
+"""
+
+
+def test_a_retry_never_takes_the_sandbox_made_ahead_for_another_action(home: Home) -> None:
+    """While `a`'s first attempt runs, the sandbox of `b` (the next action) is made in the other
+    worktree; `a` fails and its retry checks that worktree out. That sandbox has none of `a`'s
+    cache mounts (made before they were known): the retry runs in a sandbox of its own, with its
+    cache restored."""
+    _needs_root()
+    repo = home.add_repo("app")
+    with home.daemon():
+        first = home.push_run(repo, {".pipeline.toml": RETRIED_WITH_CACHE, "n": "1\n"})
+        assert home.wait_run(first)["status"] == "succeeded"
+        run = home.push_run(repo, {".pipeline.toml": RETRIED_WITH_CACHE, "n": "2\n"})
+        result = home.wait_run(run)
+    logs = home.logs(run)
+    assert "as an overlay" in logs, logs
+    assert result["status"] == "succeeded", logs
+    assert logs.split("attempt 2")[1].count("from-cache") == 1, logs
