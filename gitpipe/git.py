@@ -514,7 +514,10 @@ class WorktreePool:
                 self._git(slot, "clean", "-qffdx")
                 empty_gitlinks(slot.tree)
         except (OSError, subprocess.CalledProcessError, RecursionError):
-            # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh.
+            # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh. What
+            # `during` made binds the tree, HOME and output file removed here: let go (the new
+            # tree may get the old one's inode, which is what the taker checks).
+            _discard(slot)
             remove_tree(slot.root)
             self._prepare_git_dir(slot, sha)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)

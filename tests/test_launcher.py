@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -706,3 +707,68 @@ def test_a_retry_never_takes_the_sandbox_made_ahead_for_another_action(home: Hom
     assert "as an overlay" in logs, logs
     assert result["status"] == "succeeded", logs
     assert logs.split("attempt 2")[1].count("from-cache") == 1, logs
+
+
+def test_a_first_sandbox_made_before_its_slot_was_started_afresh_is_not_used(tmp_path: Path) -> None:
+    """The first action's sandbox is made as soon as what was beside the slot's tree is removed,
+    before git works in the tree. When that reset gives up (the last action left the slot so that
+    it fails) and the whole slot is made again, that sandbox binds the deleted tree, HOME and
+    output file: it is let go then, whatever inode the new tree got (ext4 may hand the old one
+    out again, and the action would run in a deleted folder).
+    The action then runs in the new tree with a HOME and output file of its own."""
+    from helpers import git as run_git
+
+    from gitpipe import git as gitmod
+    from gitpipe.scheduler import _Made, _made_for
+
+    _needs_root()
+    sandbox, _ = _sandbox(tmp_path)
+    bare = tmp_path / "app.git"
+    gitmod.create_bare(bare)
+    work = tmp_path / "clone"
+    run_git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    (work / "src").mkdir()
+    (work / "src" / "a.txt").write_text("tracked\n")
+    run_git(work, "add", ".")
+    run_git(work, "commit", "--quiet", "-m", "one")
+    run_git(work, "push", "--quiet", "origin", "HEAD:refs/heads/main")
+    sha = run_git(work, "rev-parse", "HEAD").stdout.strip()
+    uid = sandbox.uid if sandbox.uid is not None else os.getuid()
+    try:
+        _parked(sandbox)
+        with gitmod.WorktreePool(tmp_path / "wt", "app", bare, settle=sandbox.settle).checkout(sha) as slot:
+            subprocess.run(["rm", "-rf", str(slot.tree / "src")], check=True)  # its next reset (same commit) fails
+        made: list[_Made] = []
+
+        def during(slot: gitmod.Slot) -> _Made | None:
+            box = Confine(key="first", home=slot.root / "home", tree=slot.tree, name="app", output=slot.root / "output")
+            ready = _Made.of(box, sandbox.ready(box, parked=True), settled=False)
+            assert ready is not None
+            made.append(ready)
+            wait_for(lambda: _waiting_inside(_descendants(ready.ready.proc.pid), uid), what="its mounts made")
+            return ready
+
+        pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare, settle=sandbox.settle, ahead=1)
+        pool.prepare_next(sha, during=during)
+        with pool.checkout(sha) as slot:
+            assert made, "no sandbox was made during the reset"
+            box = replace(made[0].box, key="a1.1")
+            # let go with the slot's old tree: never left to a check by inode, which ext4 reuses
+            assert slot.ahead is None and made[0].ready.proc.poll() is not None
+            taken = _made_for(slot, box)
+            if taken is None:
+                sandbox.prepare(box)
+            else:
+                sandbox.settle(slot.tree)
+            script = 'cat src/a.txt && touch "$HOME/h" && echo k=v > "$GITPIPE_OUTPUT"'
+            launch = sandbox.launch(["bash", "-c", script], {}, box, prepared=True,
+                                    ready=taken.ready if taken is not None else None)
+            proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+            out = proc.communicate()[0]
+            launch.group.remove()
+            assert (proc.returncode, out) == (0, b"tracked\n"), out
+            assert (slot.root / "output").read_text() == "k=v\n" and (slot.root / "home" / "h").exists()
+        pool.close()
+    finally:
+        sandbox.close()
