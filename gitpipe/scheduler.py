@@ -643,7 +643,10 @@ def first_ahead(host: Host, pool: git.WorktreePool, repo: str, ref: str,
 
     def make(slot: git.Slot) -> _Made | None:
         box = confine(host, pipe, spec, repo, (pool.objects,), slot, FIRST)
-        return _Made.of(box, host.sandbox.ready(box, parked=True), settled=False)
+        made = _Made.of(box, host.sandbox.ready(box, parked=True), settled=False)
+        if made is not None:  # it took the parked launcher and parked none (see Sandbox.ready)
+            made.let_go = host.sandbox.park_again
+        return made
 
     return make
 
@@ -657,6 +660,7 @@ class _Made:
     ready: Parked
     settled: bool
     tree: tuple[int, int]
+    let_go: Callable[[], None] | None = None  # after a discard: the first action's parks a launcher again
 
     @classmethod
     def of(cls, box: Confine, ready: Parked | None, settled: bool) -> _Made | None:
@@ -670,7 +674,11 @@ class _Made:
         return cls(box, ready, settled, (st.st_dev, st.st_ino))
 
     def discard(self) -> None:
-        self.ready.discard()
+        try:
+            self.ready.discard()
+        finally:
+            if self.let_go is not None:
+                self.let_go()
 
 
 FIRST = "first"  # the key of the box `first_ahead` makes: the first action's id is not known yet

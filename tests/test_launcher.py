@@ -772,3 +772,52 @@ def test_a_first_sandbox_made_before_its_slot_was_started_afresh_is_not_used(tmp
         pool.close()
     finally:
         sandbox.close()
+
+
+QUEUED = """
+[trigger]
+superseded = "queue"
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "a"
+  run = "sleep 60"
+"""
+TWO = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "a"
+  run = "true"
+[[stage]]
+name = "two"
+  [[stage.action]]
+  name = "b"
+  run = "true"
+"""
+
+
+def test_a_first_sandbox_let_go_unused_parks_its_launcher_again(home: Home) -> None:
+    """A push's first sandbox takes the parked launcher without parking another (that waits for
+    its attempt's start). When its run does not start (here it waits for the run before it of the
+    same branch), the sandbox is let go and a launcher parked again: the next push does not lose
+    it until some attempt starts."""
+    _needs_root()
+    repo = home.add_repo("app")
+    with home.daemon() as daemon:
+        assert home.wait_run(home.push_run(repo, {".pipeline.toml": TWO}))["status"] == "succeeded"  # two slots
+        home.push_run(repo, {".pipeline.toml": QUEUED})
+
+        def parked() -> list[int]:
+            return [p for p in _children(daemon.pid) if _is_perl(p)]
+
+        wait_for(lambda: [p for p in _descendants(daemon.pid) if Path(f"/proc/{p}/cmdline").read_bytes()
+                          == b"sleep\x0060\x00"], timeout=30, what="the first run's attempt")
+        before = wait_for(parked, timeout=30, what="a launcher parked once that attempt started")
+        second = home.push_run(repo, {".pipeline.toml": QUEUED, "n": "2\n"})
+        wait_for(lambda: f"run #{second}: waits for" in daemon.log, timeout=30, what="the second run to wait")
+        wait_for(lambda: not set(before) & set(parked()), timeout=30,
+                 what="the second push's sandbox to take the parked launcher")
+        again = wait_for(parked, timeout=30, what="a launcher parked again")
+        assert not set(again) & set(before)
+        home.gitpipe("cancel", str(second), check=True)
