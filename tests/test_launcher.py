@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 from helpers import Home, pipeline, wait_for
+from helpers import git as run_git
 
 from gitpipe import cgroup, executor, settings
+from gitpipe import git as gitmod
 from gitpipe.launcher import Parked
 from gitpipe.sandbox import Confine, Sandbox
+from gitpipe.scheduler import _Made, _made_for
 
 pytestmark = pytest.mark.timeout(120)
 IS_ROOT = os.geteuid() == 0
@@ -716,11 +719,6 @@ def test_a_first_sandbox_made_before_its_slot_was_started_afresh_is_not_used(tmp
     output file: it is let go then, whatever inode the new tree got (ext4 may hand the old one
     out again, and the action would run in a deleted folder).
     The action then runs in the new tree with a HOME and output file of its own."""
-    from helpers import git as run_git
-
-    from gitpipe import git as gitmod
-    from gitpipe.scheduler import _Made, _made_for
-
     _needs_root()
     sandbox, _ = _sandbox(tmp_path)
     bare = tmp_path / "app.git"
