@@ -798,14 +798,17 @@ def tree_stat(tree: Path, racy_ns: int | None = None,
     paths = index_paths(tree / ".git" / "index", limit)
     if paths is None:
         return None
-    for folder in {p[:i] for p in paths for i in range(len(p)) if p[i] == "/"}:
-        if not stat.S_ISDIR(os.lstat(tree / folder).st_mode):
-            return None
+    try:
+        for folder in {p[:i] for p in paths for i in range(len(p)) if p[i] == "/"}:
+            if not stat.S_ISDIR(os.lstat(tree / folder).st_mode):
+                return None
+    except (FileNotFoundError, NotADirectoryError):  # an action removed it: a change like any other
+        return None
     found: dict[str, tuple[int, ...]] = {}
     for path in paths:
         try:
             st = os.lstat(tree / path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         if racy_ns is not None and max(st.st_ctime_ns, st.st_mtime_ns) >= racy_ns:
             return None

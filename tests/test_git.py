@@ -165,6 +165,29 @@ def test_a_replaced_git_dir_is_rebuilt(bare: Path, tmp_path: Path) -> None:
     assert list(elsewhere.iterdir()) == []
 
 
+def test_a_removed_tracked_folder_is_a_change_not_a_tree_to_start_afresh(bare: Path, tmp_path: Path) -> None:
+    """A tracked folder an action removed is a change like any other: the slot's seal no longer
+    holds, and its next reset to the same commit runs git there. Before, looking at the seal
+    raised, and the reset fell back to removing the whole slot and making it again (what only a
+    tree git cannot clean needs), which any pushed script could make every such reset pay."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        clean = tree_state(slot.tree)
+        subprocess.run(["rm", "-rf", str(slot.tree / "src")], check=True)
+        assert gitmod.tree_stat(slot.tree) is None
+        (slot.tree / "src").write_text("a file where a folder was\n")
+        assert gitmod.tree_stat(slot.tree) is None
+        (slot.tree / "src").unlink()  # the slot is reset with the folder missing
+    held = os.open(slot.tree, os.O_RDONLY | os.O_DIRECTORY)  # its inode cannot go to a new tree
+    try:
+        with pool.checkout(main) as again:
+            assert again.root == slot.root and tree_state(again.tree) == clean
+            assert os.stat(again.tree).st_ino == os.fstat(held).st_ino, "the slot was started afresh"
+    finally:
+        os.close(held)
+
+
 def test_concurrent_checkouts_get_distinct_slots(bare: Path, tmp_path: Path) -> None:
     pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
     main = sha_of(bare, "main")
