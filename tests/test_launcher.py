@@ -735,7 +735,9 @@ def test_a_first_sandbox_made_before_its_slot_was_started_afresh_is_not_used(tmp
     try:
         _parked(sandbox)
         with gitmod.WorktreePool(tmp_path / "wt", "app", bare, settle=sandbox.settle).checkout(sha) as slot:
-            subprocess.run(["rm", "-rf", str(slot.tree / "src")], check=True)  # its next reset (same commit) fails
+            # its next reset (same commit) cannot drop the index: the slot is started afresh
+            (slot.tree / ".git" / "index").unlink()
+            (slot.tree / ".git" / "index").mkdir()
         made: list[_Made] = []
 
         def during(slot: gitmod.Slot) -> _Made | None:
