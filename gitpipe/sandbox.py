@@ -373,11 +373,7 @@ class Sandbox:
         `ready(box)` made ahead for this very `box` (it becomes argv)."""
         if ready is not None:
             self.groups[box.key] = ready.group
-            full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH, "HOME": INSIDE_HOME}
-            if box.output is not None:
-                full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
-            inside = INSIDE_BUILD / box.name if box.tree is not None else Path(INSIDE_HOME)
-            return Launch(argv, full, inside, ready.group, spare=True, parked=ready)
+            return Launch(argv, _inside_env(env, box), _inside_dir(box), ready.group, spare=True, parked=ready)
         if not prepared:
             self.prepare(box)
         taken = self.launchers.take() if parked and self.launchers is not None and box.key else None
@@ -387,15 +383,12 @@ class Sandbox:
             group = self.tree.group(box.key, self.conf.memory, self.conf.pids) if self.tree and box.key else None
         if group is not None:
             self.groups[box.key] = group
-        full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH}
         if self.bwrap is None:  # mode "none": the host's paths; a `sh` joins the group
-            full.update(HOME=str(box.home))
+            full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH, "HOME": str(box.home)}
             if box.output is not None:
                 full["GITPIPE_OUTPUT"] = str(box.output)
             return Launch(_join(group) + argv, full, box.tree or box.home, group)
-        full["HOME"] = INSIDE_HOME
-        if box.output is not None:
-            full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
+        full = _inside_env(env, box)
         late = {k: v for k, v in full.items() if unsecure(k)}  # set by `env` just before the script
         outer = {k: v for k, v in full.items() if not unsecure(k)}
         outer["PATH"] = SYSTEM_PATH  # what finds setpriv; bwrap sets the script's own (--setenv)
@@ -470,7 +463,7 @@ class Sandbox:
                 out += _dirs(path.parent, made) + ["--ro-bind", str(path), str(path)]
             for path in self.conf.read_write:
                 out += _dirs(path.parent, made) + ["--bind", str(path), str(path)]
-            out += ["--chdir", str(inside if box.tree is not None else INSIDE_HOME)]
+            out += ["--chdir", str(_inside_dir(box))]
         if script_path is not None:
             out += ["--setenv", "PATH", script_path]
         out.append("--")
@@ -480,6 +473,20 @@ class Sandbox:
         if env and not probing:
             out += [_system_tool("env"), *(f"{k}={v}" for k, v in env.items())]
         return out + argv
+
+
+def _inside_env(env: dict[str, str], box: Confine) -> dict[str, str]:
+    """`env` as the script gets it inside the sandbox: its PATH (the system's when unset), HOME,
+    and $GITPIPE_OUTPUT."""
+    full = {**env, "PATH": env.get("PATH") or SYSTEM_PATH, "HOME": INSIDE_HOME}
+    if box.output is not None:
+        full["GITPIPE_OUTPUT"] = INSIDE_OUTPUT
+    return full
+
+
+def _inside_dir(box: Confine) -> Path:
+    """Where the script starts inside the sandbox: its tree at /build/<name>, else its HOME."""
+    return INSIDE_BUILD / box.name if box.tree is not None else Path(INSIDE_HOME)
 
 
 @functools.cache
