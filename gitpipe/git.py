@@ -330,8 +330,8 @@ class Slot:
 
     root: Path
     lock_fd: int
-    # What `prepare_next`'s `then` made for this slot after its reset (a sandbox made ahead):
-    # the checkout's holder takes it (sets None), or it is discarded with the slot.
+    # What `prepare_next`'s `then` or `during` made for this slot (a sandbox made ahead): the
+    # checkout's holder takes it (sets None), or it is discarded with the slot.
     ahead: Discardable | None = None
 
     @property

@@ -32,6 +32,7 @@ daemon, and the daemon's death empties its order), and the order it reads is the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -159,7 +160,7 @@ class Launchers:
 
     def __init__(self, tree: cgroup.Tree, memory: int | None, pids: int | None) -> None:
         self.tree, self.memory, self.pids = tree, memory, pids
-        self.perl = shutil.which("perl", path=SYSTEM_PATH)
+        self.perl = find_perl()
         self.names = count(1)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
@@ -252,6 +253,12 @@ class Launchers:
             parked.discard()
             raise
         return parked
+
+
+@functools.cache
+def find_perl() -> str | None:
+    """The system's perl (never a pipeline's PATH), looked up once per daemon; None without one."""
+    return shutil.which("perl", path=SYSTEM_PATH)
 
 
 def command(perl: str, fd: int, bound: bool) -> list[str]:

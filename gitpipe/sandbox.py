@@ -341,7 +341,7 @@ class Sandbox:
         bwrap in its own group (no cgroup move: a run's first action, see launcher.py), the launcher
         inside reading its order on the stdin they share; made while the tree is being reset, so
         it is not handed over here (`settle` it before the order)."""
-        perl = _perl()
+        perl = launcher.find_perl()
         if self.bwrap is None or self.tree is None or not box.key or box.overlays or box.binds or perl is None:
             return None
         if parked:
@@ -500,11 +500,6 @@ def _system_links() -> tuple[str, ...]:
         elif os.path.isdir(link):
             out += ["--ro-bind", link, link]
     return tuple(out)
-
-
-@functools.cache
-def _perl() -> str | None:
-    return shutil.which("perl", path=SYSTEM_PATH)
 
 
 @functools.cache

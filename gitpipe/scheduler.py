@@ -643,10 +643,8 @@ def first_ahead(host: Host, pool: git.WorktreePool, repo: str, ref: str,
 
     def make(slot: git.Slot) -> _Made | None:
         box = confine(host, pipe, spec, repo, (pool.objects,), slot, FIRST)
-        made = _Made.of(box, host.sandbox.ready(box, parked=True), settled=False)
-        if made is not None:  # it took the parked launcher and parked none (see Sandbox.ready)
-            made.let_go = host.sandbox.park_again
-        return made
+        # it took the parked launcher and parked none (see Sandbox.ready): a discard parks one
+        return _Made.of(box, host.sandbox.ready(box, parked=True), settled=False, let_go=host.sandbox.park_again)
 
     return make
 
@@ -663,7 +661,8 @@ class _Made:
     let_go: Callable[[], None] | None = None  # after a discard: the first action's parks a launcher again
 
     @classmethod
-    def of(cls, box: Confine, ready: Parked | None, settled: bool) -> _Made | None:
+    def of(cls, box: Confine, ready: Parked | None, settled: bool,
+           let_go: Callable[[], None] | None = None) -> _Made | None:
         if ready is None:
             return None
         try:
@@ -671,7 +670,7 @@ class _Made:
         except BaseException:
             ready.discard()
             raise
-        return cls(box, ready, settled, (st.st_dev, st.st_ino))
+        return cls(box, ready, settled, (st.st_dev, st.st_ino), let_go)
 
     def discard(self) -> None:
         try:
