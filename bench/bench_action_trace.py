@@ -14,15 +14,14 @@ add about 1 ms here); this one says where it goes. Timings swing with the machin
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_start_trace import SPANS  # noqa: E402
-from common import BIN, env_with_home, median, workdir  # noqa: E402
+from bench_start_trace import SPANS, Traced  # noqa: E402
+from common import median  # noqa: E402
 
 ACTIONS = 20
 MORE = r"""
@@ -61,48 +60,24 @@ ROWS = {
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 6
-    root = workdir()
-    home, stamp = root / "home", root / "stamp"
-    stamp.mkdir(mode=0o1777)
-    stamp.chmod(0o1777)  # the build user writes it
-    env = {**env_with_home(home), "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@x"}
-    run = lambda *a, cwd=None: subprocess.run(list(a), cwd=cwd, env=env, check=True, capture_output=True)  # noqa: E731
-    run(str(BIN / "gitpipe"), "init")
-    with open(home / "gitpipe.toml", "a") as f:
-        f.write(f'\n[sandbox]\nread_write = ["{stamp}"]\n')
-    run(str(BIN / "gitpipe"), "repo", "add", str(root / "r.git"), "--create")
-    src = root / "src"
-    run("git", "init", "-q", "-b", "main", str(src))
-    (src / ".pipeline.toml").write_text("".join(
+    traced = Traced(lambda stamp: "".join(
         f'\n[[stage]]\nname = "s{k}"\n  [[stage.action]]\n  name = "a{k}"\n  run = "date +%s.%N > {stamp}/{k}"\n'
         for k in range(ACTIONS)))
-    run("git", "add", "-A", cwd=src)
-    run("git", "commit", "-qm", "0", cwd=src)
-    spans = root / "spans.txt"
-    code = SPANS.replace("def dump():", MORE + "\ndef dump():")
-    daemon = subprocess.Popen([sys.executable, "-c", code], env={**env, "SPANS_OUT": str(spans), "MALLOC_ARENA_MAX": "2"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     commands: list[list[float]] = []
+    traced.start(SPANS.replace("def dump():", MORE + "\ndef dump():"))
     try:
-        time.sleep(2)
         for i in range(rounds + 1):  # the first run warms the slots up
-            for p in stamp.iterdir():
+            for p in traced.stamp.iterdir():
                 p.unlink()
-            (src / "n").write_text(f"{i}\n")
-            run("git", "add", "n", cwd=src)
-            run("git", "commit", "-qm", str(i), cwd=src)
-            run("git", "push", "-q", str(root / "r.git"), "main", cwd=src)
-            last = stamp / str(ACTIONS - 1)
+            traced.push(i)
+            last = traced.stamp / str(ACTIONS - 1)
             while not last.exists() or not last.read_text().strip():
                 time.sleep(0.002)
             time.sleep(0.3)
             if i:
-                commands.append([float((stamp / str(k)).read_text()) for k in range(ACTIONS)])
+                commands.append([float((traced.stamp / str(k)).read_text()) for k in range(ACTIONS)])
     finally:
-        daemon.terminate()
-        daemon.wait(30)
-    found = [(float(a), float(b), label.strip()) for a, b, label in (line.split(" ", 2) for line in spans.read_text().splitlines())]
+        found = traced.stop()
     gaps: list[float] = []
     table: dict[tuple[str, int], list[float]] = {}
     for ts in commands:

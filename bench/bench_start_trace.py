@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,52 +82,78 @@ ROWS = [
 ]
 
 
+class Traced:
+    """One home with one repo, `r.git` (and `idle` more beside it), whose actions may write in
+    `stamp`; a work repo `src` whose commits hold `pipeline`; and the daemon, started by `start`
+    in a Python of its own running `code` (SPANS, with more wraps), its spans read by `stop`."""
+
+    def __init__(self, pipeline: Callable[[Path], str], idle: int = 0) -> None:
+        self.root = workdir()
+        home, self.stamp = self.root / "home", self.root / "stamp"
+        self.stamp.mkdir(mode=0o1777)
+        self.stamp.chmod(0o1777)  # the build user writes it
+        self.env = {**env_with_home(home), "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
+                    "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"}
+        self.run(str(BIN / "gitpipe"), "init")
+        with open(home / "gitpipe.toml", "a") as f:
+            f.write(f'\n[sandbox]\nread_write = ["{self.stamp}"]\n')
+        for name in ["r", *(f"idle{i}" for i in range(idle))]:
+            self.run(str(BIN / "gitpipe"), "repo", "add", str(self.root / f"{name}.git"), "--create")
+        self.src = self.root / "src"
+        self.run("git", "init", "-q", "-b", "main", str(self.src))
+        (self.src / ".pipeline.toml").write_text(pipeline(self.stamp))
+        self.run("git", "add", "-A", cwd=self.src)
+        self.run("git", "commit", "-qm", "0", cwd=self.src)
+        self.spans = self.root / "spans.txt"
+        self.daemon: subprocess.Popen[bytes] | None = None
+
+    def run(self, *args: str, cwd: Path | None = None) -> None:
+        subprocess.run(list(args), cwd=cwd, env=self.env, check=True, capture_output=True)
+
+    def push(self, i: int) -> tuple[float, float]:
+        """Commit a change to `src` and push it: when the push started and ended (epoch seconds)."""
+        (self.src / "n").write_text(f"{i}\n")
+        self.run("git", "add", "n", cwd=self.src)
+        self.run("git", "commit", "-qm", str(i), cwd=self.src)
+        t0 = time.time()
+        self.run("git", "push", "-q", str(self.root / "r.git"), "main", cwd=self.src)
+        return t0, time.time()
+
+    def start(self, code: str = SPANS) -> None:
+        self.daemon = subprocess.Popen([sys.executable, "-c", code],
+                                       env={**self.env, "SPANS_OUT": str(self.spans), "MALLOC_ARENA_MAX": "2"},
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(2)
+
+    def stop(self) -> list[tuple[float, float, str]]:
+        """Stop the daemon; its spans: (start, end, label)."""
+        assert self.daemon is not None
+        self.daemon.terminate()
+        self.daemon.wait(30)
+        return [(float(a), float(b), label.strip())
+                for a, b, label in (line.split(" ", 2) for line in self.spans.read_text().splitlines())]
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    root = workdir()
-    home, stamp = root / "home", root / "stamp"
-    stamp.mkdir(mode=0o1777)
-    stamp.chmod(0o1777)  # the build user writes it
-    env = {**env_with_home(home), "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@x"}
-    run = lambda *a, cwd=None: subprocess.run(list(a), cwd=cwd, env=env, check=True, capture_output=True)  # noqa: E731
-    run(str(BIN / "gitpipe"), "init")
-    with open(home / "gitpipe.toml", "a") as f:
-        f.write(f'\n[sandbox]\nread_write = ["{stamp}"]\n')
-    run(str(BIN / "gitpipe"), "repo", "add", str(root / "r.git"), "--create")
-    for i in range(int(os.environ.get("BENCH_IDLE_REPOS", "0"))):
-        run(str(BIN / "gitpipe"), "repo", "add", str(root / f"idle{i}.git"), "--create")
-    src = root / "src"
-    run("git", "init", "-q", "-b", "main", str(src))
-    (src / ".pipeline.toml").write_text('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n'
-                                        f'  run = "date +%s.%N > {stamp}/t"\n')
-    run("git", "add", "-A", cwd=src)
-    run("git", "commit", "-qm", "0", cwd=src)
-    spans = root / "spans.txt"
-    daemon = subprocess.Popen([sys.executable, "-c", SPANS], env={**env, "SPANS_OUT": str(spans), "MALLOC_ARENA_MAX": "2"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    traced = Traced(lambda stamp: '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n'
+                                  f'  run = "date +%s.%N > {stamp}/t"\n',
+                    idle=int(os.environ.get("BENCH_IDLE_REPOS", "0")))
+    stamp = traced.stamp / "t"
     pushes = []
+    traced.start()
     try:
-        time.sleep(2)
-        run("git", "push", "-q", str(root / "r.git"), "main", cwd=src)
+        traced.run("git", "push", "-q", str(traced.root / "r.git"), "main", cwd=traced.src)
         time.sleep(1)
         for i in range(n):
-            (src / "n").write_text(f"{i}\n")
-            run("git", "add", "n", cwd=src)
-            run("git", "commit", "-qm", str(i), cwd=src)
-            (stamp / "t").unlink(missing_ok=True)
-            t0 = time.time()
-            run("git", "push", "-q", str(root / "r.git"), "main", cwd=src)
-            t1 = time.time()
-            while not (stamp / "t").exists() or not (stamp / "t").read_text().strip():
+            stamp.unlink(missing_ok=True)
+            t0, t1 = traced.push(i)
+            while not stamp.exists() or not stamp.read_text().strip():
                 time.sleep(0.0005)
-            pushes.append((t0, t1, float((stamp / "t").read_text())))
+            pushes.append((t0, t1, float(stamp.read_text())))
             time.sleep(float(os.environ.get("BENCH_PAUSE", "0.5")))
     finally:
-        daemon.terminate()
-        daemon.wait(30)
-    found = [(float(a), float(b), label) for a, b, label in (line.split(" ", 2) for line in spans.read_text().splitlines())]
-    found = [(a, b, label.strip()) for a, b, label in found]
+        found = traced.stop()
     table: dict[str, list[float]] = {}
     for t0, t1, ts in pushes:
         for label, end, what in ROWS:
