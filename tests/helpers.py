@@ -111,6 +111,32 @@ def kill_marker_processes(marker: str) -> None:
             pass
 
 
+def children(pid: int) -> set[int]:
+    """The live children of `pid`, from its threads' /proc children lists (its own world: never
+    a scan of every process on the machine)."""
+    found: set[int] = set()
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # it is gone
+        return found
+    for task in tasks:
+        try:
+            found |= {int(p) for p in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (its own tree, walked from `children`)."""
+    found, todo = set(), [pid]
+    while todo:
+        kids = children(todo.pop()) - found
+        found |= kids
+        todo += kids
+    return found
+
+
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll `predicate` until it returns something truthy (bounded); that value."""
     end = time.monotonic() + timeout

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from helpers import descendants
 
 SSHD = Path("/usr/sbin/sshd")
 
@@ -53,31 +54,11 @@ class SshServer(NamedTuple):
         except (OSError, ValueError, IndexError):
             return
         # Connection processes call setsid(), so a process-group kill misses them: walk /proc.
-        for pid in [master, *_descendants(master)]:
+        for pid in [master, *descendants(master)]:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-
-
-def _descendants(root: int) -> list[int]:
-    """Every process below `root`, from /proc (Linux only, as is sshd here)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _free_port() -> int:
@@ -160,7 +141,7 @@ def start_sshd(directory: Path) -> tuple[SshServer, subprocess.Popen[bytes]]:
 
 def stop_sshd(proc: subprocess.Popen[bytes]) -> None:
     """Stop the listener and any connection process it left behind."""
-    for pid in _descendants(proc.pid):
+    for pid in descendants(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

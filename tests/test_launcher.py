@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import Home, pipeline, wait_for
+from helpers import Home, children, descendants, pipeline, wait_for
 from helpers import git as run_git
 
 from gitpipe import cgroup, executor, settings
@@ -47,17 +47,6 @@ def _parked(sandbox: Sandbox) -> None:
     sandbox.park()
     assert sandbox.launchers is not None
     wait_for(lambda: sandbox.launchers.waiting, what="a parked launcher")
-
-
-def _children(pid: int) -> set[int]:
-    """The live children of `pid` (its own world: never a scan of every process)."""
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found |= {int(p) for p in (task / "children").read_text().split()}
-        except OSError:
-            continue
-    return found
 
 
 def _is_perl(pid: int) -> bool:
@@ -146,7 +135,7 @@ def test_a_daemon_killed_with_a_launcher_parked_leaves_nothing_running(tmp_path:
         killed = subprocess.Popen(home.argv("serve"), env=home.env(), stdin=subprocess.DEVNULL, stdout=out,
                                   stderr=subprocess.STDOUT)
     try:
-        launcher = wait_for(lambda: next((p for p in _children(killed.pid) if _is_perl(p)), None),
+        launcher = wait_for(lambda: next((p for p in children(killed.pid) if _is_perl(p)), None),
                             what="a launcher parked by the daemon")
         wait_for(lambda: any(str(launcher) in (d / "cgroup.procs").read_text().split()
                              for base in bases for d in base.iterdir() if d.name.startswith("parked-")),
@@ -168,7 +157,7 @@ def test_a_daemon_killed_with_a_launcher_parked_leaves_nothing_running(tmp_path:
               run = "echo built"
             """)})
         assert home.wait_run(run)["status"] == "succeeded"
-        launcher = wait_for(lambda: next((p for p in _children(daemon.pid) if _is_perl(p)), None),
+        launcher = wait_for(lambda: next((p for p in children(daemon.pid) if _is_perl(p)), None),
                             what="the next launcher parked")
     assert not Path(f"/proc/{launcher}").exists() or _zombie(launcher), "a stopped daemon left its launcher"
 
@@ -312,16 +301,6 @@ def test_an_attempt_whose_log_cannot_be_opened_lets_its_launcher_go(tmp_path: Pa
 
 
 # ---------------------------------------------------------------- sandboxes made ahead (Sandbox.ready)
-def _descendants(pid: int) -> set[int]:
-    """`pid`'s live descendants (its own tree: never a scan of every process)."""
-    found, todo = set(), [pid]
-    while todo:
-        kids = _children(todo.pop()) - found
-        found |= kids
-        todo += kids
-    return found
-
-
 def _status(pid: int) -> dict[str, str]:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -428,9 +407,9 @@ def test_the_next_action_waits_in_a_sandbox_made_ahead_that_the_one_before_canno
     repo = home.add_repo("app")
     with home.daemon() as daemon:
         run = home.push_run(repo, {".pipeline.toml": AHEAD})
-        waiting = wait_for(lambda: _waiting_inside(_descendants(daemon.pid), uid), timeout=30,
+        waiting = wait_for(lambda: _waiting_inside(descendants(daemon.pid), uid), timeout=30,
                            what="the next action's sandbox, made while the first runs")
-        ahead = wait_for(lambda: [p for p in _waiting_inside(_descendants(daemon.pid), uid) if p not in waiting],
+        ahead = wait_for(lambda: [p for p in _waiting_inside(descendants(daemon.pid), uid) if p not in waiting],
                          timeout=30, what="the third action's sandbox, made while the second runs")
         # the second action's script is the launcher that waited for it (it became its bash)
         assert [Path(f"/proc/{p}/exe").resolve().name for p in waiting] == ["bash"]
@@ -438,7 +417,7 @@ def test_the_next_action_waits_in_a_sandbox_made_ahead_that_the_one_before_canno
         assert result["status"] == "failed"
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in ahead),
                  what="the unused sandbox to end")
-        assert not _waiting_inside(_descendants(daemon.pid), uid)
+        assert not _waiting_inside(descendants(daemon.pid), uid)
         groups = [d.name for base in sandbox.tree.bases if base.exists() for d in base.iterdir() if d.is_dir()]
         assert not [g for g in groups if g.startswith("a")], groups
     logs = home.logs(run)
@@ -474,9 +453,9 @@ def test_a_daemon_killed_while_a_sandbox_waits_ahead_takes_it_along(home: Home, 
               name = "b"
               run = "echo b-ran"
             """)})
-        waiting = wait_for(lambda: _waiting_inside(_descendants(killed.pid), uid), timeout=30,
+        waiting = wait_for(lambda: _waiting_inside(descendants(killed.pid), uid), timeout=30,
                            what="the second action's sandbox, made ahead")
-        inside = {p for p in _descendants(killed.pid)}
+        inside = {p for p in descendants(killed.pid)}
     finally:
         killed.kill()
         killed.wait()
@@ -625,7 +604,7 @@ def test_a_sandbox_made_ahead_that_died_before_its_order_is_not_used(home: Home)
               name = "b"
               run = "echo b-ran"
             """)})
-        waiting = wait_for(lambda: _waiting_inside(_descendants(daemon.pid), uid), timeout=30,
+        waiting = wait_for(lambda: _waiting_inside(descendants(daemon.pid), uid), timeout=30,
                            what="the second action's sandbox, made ahead")
         for pid in waiting:
             os.kill(pid, signal.SIGKILL)
@@ -651,7 +630,7 @@ def test_a_pushed_runs_first_action_starts_in_a_sandbox_made_while_its_worktree_
                                    "status=successful", *home.argv("serve")], env=home.env(),
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: any(_is_perl(p) for p in _descendants(traced.pid)), timeout=60,
+        wait_for(lambda: any(_is_perl(p) for p in descendants(traced.pid)), timeout=60,
                  what="a launcher parked by the traced daemon")
         for n in (1, 2):  # the repo's first push makes the slot; the second finds its tree there
             run = home.push_run(repo, {".pipeline.toml": pipeline("""
@@ -664,7 +643,7 @@ def test_a_pushed_runs_first_action_starts_in_a_sandbox_made_while_its_worktree_
             result = home.wait_run(run, timeout=120)
             assert result["status"] == "succeeded", result
     finally:
-        for pid in _children(traced.pid):  # the daemon (strace holds off signals sent to itself)
+        for pid in children(traced.pid):  # the daemon (strace holds off signals sent to itself)
             os.kill(pid, signal.SIGTERM)
         traced.wait(60)
     assert "push 2\nfirst-ran" in home.logs(run)  # the tree as pushed, reset while the sandbox was made
@@ -745,7 +724,7 @@ def test_a_first_sandbox_made_before_its_slot_was_started_afresh_is_not_used(tmp
             ready = _Made.of(box, sandbox.ready(box, parked=True), settled=False)
             assert ready is not None
             made.append(ready)
-            wait_for(lambda: _waiting_inside(_descendants(ready.ready.proc.pid), uid), what="its mounts made")
+            wait_for(lambda: _waiting_inside(descendants(ready.ready.proc.pid), uid), what="its mounts made")
             return ready
 
         pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare, settle=sandbox.settle, ahead=1)
@@ -809,9 +788,9 @@ def test_a_first_sandbox_let_go_unused_parks_its_launcher_again(home: Home) -> N
         home.push_run(repo, {".pipeline.toml": QUEUED})
 
         def parked() -> list[int]:
-            return [p for p in _children(daemon.pid) if _is_perl(p)]
+            return [p for p in children(daemon.pid) if _is_perl(p)]
 
-        wait_for(lambda: [p for p in _descendants(daemon.pid) if Path(f"/proc/{p}/cmdline").read_bytes()
+        wait_for(lambda: [p for p in descendants(daemon.pid) if Path(f"/proc/{p}/cmdline").read_bytes()
                           == b"sleep\x0060\x00"], timeout=30, what="the first run's attempt")
         before = wait_for(parked, timeout=30, what="a launcher parked once that attempt started")
         second = home.push_run(repo, {".pipeline.toml": QUEUED, "n": "2\n"})
