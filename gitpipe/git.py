@@ -9,9 +9,11 @@ takes ~25 ms and removes them. (The hooks also use `git`, for import-time reason
 Isolation: a worktree slot is its own small repository whose objects come from the
 bare repo through `objects/info/alternates` (read-only sharing). Nothing in it
 points back at the bare repo's refs, config or hooks, so an action cannot change
-the bare repository through its worktree. Before each use, everything under the
-slot's `.git` except the index is rewritten, the index is restored from a copy kept
-outside the tree, and the tree is reset to exactly the commit.
+the bare repository through its worktree. The daemon's own git works on the tree
+from a git directory beside it (`Slot.git_dir`, this user's alone, never mounted in a
+sandbox): the config, hooks and index that the daemon's git reads are never ones an
+action could have written, even one racing the reset from another sandbox. The
+tree's `.git` is the action's copy, written anew after each reset.
 An action never sees the bare repo itself: its sandbox shows it only the objects,
 read-only (see `sandbox`).
 """
@@ -50,7 +52,7 @@ log = logging.getLogger("gitpipe")
 # No reflog: a checkout would make logs/ each time, for the next reset to remove.
 SLOT_CONFIG = ("[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
                "\tlogAllRefUpdates = false\n")
-# A slot's .git as _prepare_git_dir leaves it (and a checkout keeps it): folder -> its entries.
+# A tree's .git as _action_git_dir leaves it: folder -> its entries.
 GIT_DIR_LAYOUT = {"": {"HEAD", "config", "index", "objects", "refs"}, "objects": {"info", "pack"},
                   "objects/info": {"alternates"}, "objects/pack": set(), "refs": {"heads", "tags"},
                   "refs/heads": set(), "refs/tags": set()}
@@ -338,6 +340,15 @@ class Slot:
     def tree(self) -> Path:
         return self.root / "tree"
 
+    @property
+    def git_dir(self) -> Path:
+        """The daemon's git directory for `tree` (its index: what the tree tracks), beside it."""
+        return self.root / "git"
+
+    @property
+    def index(self) -> Path:
+        return self.git_dir / "index"
+
 
 class WorktreePool:
     """Reusable worktrees of one repo under `work/<repo>/<n>/`, each held by one action at a time;
@@ -349,16 +360,15 @@ class WorktreePool:
     network namespace is the host's by default), which then writes them under that next run
     after its reset looked at them. Slots a feature branch never had cannot be reached so.
 
-    The index saved beside a tree is only a stat cache, but a tampered one (say, with a
-    skip-worktree entry) could hide a modified file from the reset; so its sha256 is
-    kept in this process's memory and a saved index that does not match it is not used
-    (after a daemon restart, the first use of each slot rebuilds its index once).
+    The daemon's git reads only `Slot.git_dir`: an index no action can reach (a tampered one,
+    say with a skip-worktree entry, could hide a modified file from the reset) and a config no
+    action can reach (one with `core.fsmonitor` or `core.worktree` would run a command, or
+    write files, as the daemon's user).
     """
 
-    _digests: dict[str, str] = {}  # slot root -> sha256 of the index we saved there
     # slot root -> (commit, stat data of its tracked files when the slot was handed out)
     _sealed: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {}
-    _digests_lock = threading.Lock()
+    _sealed_lock = threading.Lock()
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path,
                  settle: Callable[[Path], None] | None = None, protected: bool = False,
@@ -398,7 +408,7 @@ class WorktreePool:
         True when the seal gave way to that action (see `_seal`): the slot goes to it at once.
         `during`: see `prepare_next`."""
         self._reset(slot, sha, during)
-        if _tracked_count(slot.tree) <= CLEAN_IN_PROCESS:
+        if _tracked_count(slot.index) <= CLEAN_IN_PROCESS:
             # Settled here (the sandbox walks it again at launch, for the inputs restored
             # into it: twice only for a small tree) so that what is remembered is final.
             if self.settle is not None:
@@ -458,13 +468,13 @@ class WorktreePool:
     def _still(self, slot: Slot, sha: str) -> bool:
         """Whether a prepared slot holds exactly `sha` still (a large tree has no seal: trusted,
         as it is between any reset and its use); what is untracked is cleaned."""
-        with self._digests_lock:
+        with self._sealed_lock:
             sealed = self._sealed.get(str(slot.root))
         if sealed is None:
-            return _tracked_count(slot.tree) > CLEAN_IN_PROCESS
-        if sealed[0] != sha or tree_stat(slot.tree) != sealed[1]:
+            return _tracked_count(slot.index) > CLEAN_IN_PROCESS
+        if sealed[0] != sha or tree_stat(slot.tree, slot.index) != sealed[1]:
             return False
-        return clean_untracked(slot.tree)
+        return clean_untracked(slot.tree, slot.index)
 
     def close(self) -> None:
         """Let go of a slot prepared for a checkout that did not come."""
@@ -498,33 +508,31 @@ class WorktreePool:
         # What an action wrote beside its tree (`../file`) must not reach the next action either.
         if slot.root.is_dir():
             for entry in slot.root.iterdir():
-                if entry.name not in ("tree", "index"):
+                if entry.name not in ("tree", "git"):
                     remove_tree(entry)
         if during is not None and slot.tree.is_dir():  # its sandbox's setup (the longer) beside git's work
             slot.ahead = _made(during, slot)
         try:
-            self._prepare_git_dir(slot, sha)
+            self._prepare_git_dir(slot)
             if not self._unchanged(slot, sha):  # else the files are those of sha: no git process
-                if (slot.tree / ".git" / "index").is_file():
+                if slot.index.is_file():
                     # First what the last commit does not track: a tracked folder an action replaced
                     # by a link is removed with it, which `git checkout` alone leaves missing.
-                    clean_untracked(slot.tree)
+                    clean_untracked(slot.tree, slot.index)
                 self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
-            if not clean_untracked(slot.tree):  # a large tree: git walks it faster than Python
+            if not clean_untracked(slot.tree, slot.index):  # a large tree: git walks it faster than Python
                 self._git(slot, "clean", "-qffdx")
-                empty_gitlinks(slot.tree)
+                empty_gitlinks(slot.tree, slot.git_dir)
+            _action_git_dir(slot, self.objects, sha)
         except (OSError, subprocess.CalledProcessError, RecursionError):
             # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh. What
             # `during` made binds the tree, HOME and output file removed here: let go (the new
             # tree may get the old one's inode, which is what the taker checks).
             _discard(slot)
             remove_tree(slot.root)
-            self._prepare_git_dir(slot, sha)
+            self._prepare_git_dir(slot)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
-        saved = slot.root / "index"
-        shutil.copyfile(slot.tree / ".git" / "index", saved)
-        with self._digests_lock:
-            self._digests[str(slot.root)] = _sha256(saved)
+            _action_git_dir(slot, self.objects, sha)
 
     def _seal(self, slot: Slot, sha: str, wanted: threading.Event | None = None) -> bool:
         """Remember the stat data of the tracked files as the slot is handed out: exactly `sha`'s.
@@ -540,19 +548,19 @@ class WorktreePool:
         keep waiting the tick: each slot is then sealed once, and never runs git again for
         the same commit. The slot is handed over as it is,
         like one reset by the checkout itself: True."""
-        found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
+        found = tree_stat(slot.tree, slot.index, racy_ns=_kernel_now(slot.root))
         gave_way = False
-        if found is None and tree_stat(slot.tree) is not None:
+        if found is None and tree_stat(slot.tree, slot.index) is not None:
             # Only racy: the reset and settle wrote in this clock tick. One tick later every
             # file is older than "now", and the next action in the slot may skip the checkout.
             if wanted is None:
                 time.sleep(CLOCK_TICK)
-                found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
+                found = tree_stat(slot.tree, slot.index, racy_ns=_kernel_now(slot.root))
             elif not wanted.wait(CLOCK_TICK):  # no action asked for the slot within the tick
-                found = tree_stat(slot.tree, racy_ns=_kernel_now(slot.root))
+                found = tree_stat(slot.tree, slot.index, racy_ns=_kernel_now(slot.root))
             else:
                 gave_way = True
-        with self._digests_lock:
+        with self._sealed_lock:
             if found is None:
                 self._sealed.pop(str(slot.root), None)
             else:
@@ -562,47 +570,34 @@ class WorktreePool:
     def _unchanged(self, slot: Slot, sha: str) -> bool:
         """Whether the slot still holds the files of `sha` exactly, as handed out last time (no
         tracked file changed, by its stat data), with the index saved then (_prepare_git_dir
-        dropped it otherwise). Untracked files are cleaned after."""
-        with self._digests_lock:
+        never changed). Untracked files are cleaned after."""
+        with self._sealed_lock:
             sealed = self._sealed.pop(str(slot.root), None)
-        if sealed is None or sealed[0] != sha or not (slot.tree / ".git" / "index").is_file():
+        if sealed is None or sealed[0] != sha or not slot.index.is_file():
             return False
-        return tree_stat(slot.tree) == sealed[1]
+        return tree_stat(slot.tree, slot.index) == sealed[1]
 
-    def _prepare_git_dir(self, slot: Slot, sha: str) -> None:
-        """Rewrite the slot's .git: only our config, HEAD, alternates and the saved index survive."""
-        git_dir = slot.tree / ".git"
-        if git_dir.is_symlink() or (git_dir.exists() and not git_dir.is_dir()):
-            git_dir.unlink()
-        git_dir.mkdir(parents=True, exist_ok=True)
-        if _layout_kept(git_dir):  # the common case: only the three files are written again
-            for name in ("HEAD", "config", "objects/info/alternates"):
-                (git_dir / name).unlink()  # never written through: it may be a hard link now
-        else:
-            for entry in git_dir.iterdir():
-                if entry.name != "index":
-                    remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        saved = slot.root / "index"
-        with self._digests_lock:
-            trusted = self._digests.get(str(slot.root))
-        (git_dir / "index").unlink(missing_ok=True)
-        if saved.exists() and trusted == _sha256(saved):
-            shutil.copyfile(saved, git_dir / "index")
-        for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
-            (git_dir / sub).mkdir(parents=True, exist_ok=True)
+    def _prepare_git_dir(self, slot: Slot) -> None:
+        """The daemon's git directory for the slot: made once (this user's alone, outside every
+        sandbox: nothing but the daemon writes it), its config and alternates written each time
+        (the repo may have moved). A checkout writes its HEAD and index."""
+        git_dir = slot.git_dir
+        slot.tree.mkdir(parents=True, exist_ok=True)
+        if not (git_dir / "HEAD").is_file():
+            remove_tree(git_dir)
+            for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
+                (git_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            git_dir.chmod(0o700)
+            (git_dir / "HEAD").write_text("ref: refs/heads/main\n")  # unborn until the first checkout
         (git_dir / "objects" / "info" / "alternates").write_text(f"{self.objects}\n")
         (git_dir / "config").write_text(SLOT_CONFIG)
-        (git_dir / "HEAD").write_text(sha + "\n")
 
     def _git(self, slot: Slot, *args: str) -> None:
-        env = {k: os.environ[k] for k in GIT_ENV_KEEP if k in os.environ}
-        env["GIT_CONFIG_NOSYSTEM"] = "1"
-        env["GIT_CONFIG_GLOBAL"] = "/dev/null"  # a ~/.gitconfig an action wrote must not steer checkouts
         subprocess.run(
             # safe.directory: when the daemon is root, the tree belongs to the sandbox's build user
             ["git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false",
              "-c", "safe.directory=*", *args],
-            cwd=slot.tree, env=env, check=True, stdin=subprocess.DEVNULL,
+            cwd=slot.tree, env=_git_env(slot.git_dir, slot.tree), check=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 
@@ -673,6 +668,39 @@ def _let_go(slot: Slot) -> None:
         os.close(slot.lock_fd)
 
 
+def _git_env(git_dir: Path, tree: Path | None = None) -> dict[str, str]:
+    """The environment of the daemon's git on a slot: `git_dir` alone decides (never the tree's
+    .git, whatever `cwd` is), no system or global config (a ~/.gitconfig an action wrote must
+    not steer checkouts)."""
+    env = {k: os.environ[k] for k in GIT_ENV_KEEP if k in os.environ}
+    env.update(GIT_DIR=str(git_dir), GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL="/dev/null")
+    if tree is not None:
+        env["GIT_WORK_TREE"] = str(tree)
+    return env
+
+
+def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
+    """The tree's .git, for the action (`git log`, `git status` in a job): our config, HEAD at
+    `sha`, the objects by alternates, a copy of the daemon's index; nothing else an action left
+    there. Only the action reads it: the daemon's git never does."""
+    git_dir = slot.tree / ".git"
+    if git_dir.is_symlink() or (git_dir.exists() and not git_dir.is_dir()):
+        git_dir.unlink()
+    git_dir.mkdir(exist_ok=True)
+    if _layout_kept(git_dir):  # the common case: only the files are written again
+        for name in ("HEAD", "config", "objects/info/alternates", "index"):
+            (git_dir / name).unlink(missing_ok=True)  # never written through: it may be a hard link now
+    else:
+        for entry in git_dir.iterdir():
+            remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
+            (git_dir / sub).mkdir(parents=True, exist_ok=True)
+    (git_dir / "objects" / "info" / "alternates").write_text(f"{objects}\n")
+    (git_dir / "config").write_text(SLOT_CONFIG)
+    (git_dir / "HEAD").write_text(sha + "\n")
+    shutil.copyfile(slot.index, git_dir / "index")
+
+
 def _layout_kept(git_dir: Path) -> bool:
     """Whether a slot's .git holds exactly GIT_DIR_LAYOUT: real folders and regular files, nothing
     more (an action may have added hooks, config includes, refs, objects, or links anywhere)."""
@@ -692,15 +720,15 @@ def _layout_kept(git_dir: Path) -> bool:
     return True
 
 
-def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
+def clean_untracked(tree: Path, index: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
     """`git clean -ffdx` without a process, for a tree of at most `limit` tracked files: remove
-    everything under `tree` (but its .git) that its index does not track, nested repositories
+    everything under `tree` (but its .git) that `index` does not track, nested repositories
     and ignored files included, never following a link. False (nothing done) for a larger
     index or one this does not read (version 4): run `git clean` then. Run after the checkout."""
-    tracked = index_paths(tree / ".git" / "index", limit)
+    tracked = index_paths(index, limit)
     if tracked is None:
         return False
-    empty_gitlinks(tree, tracked)
+    empty_gitlinks(tree, index.parent, tracked)
     parents = {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}
     pending = [(tree, "")]
     while pending:
@@ -719,14 +747,14 @@ def clean_untracked(tree: Path, limit: int = CLEAN_IN_PROCESS) -> bool:
     return True
 
 
-def empty_gitlinks(tree: Path, tracked: dict[str, int] | None = None) -> None:
+def empty_gitlinks(tree: Path, git_dir: Path, tracked: dict[str, int] | None = None) -> None:
     """Make every submodule's folder (a gitlink, which the daemon never fills) an empty real folder:
     neither `git clean` nor `git checkout` looks inside one, so what an action left there would
-    reach the next one. `tracked`: the index's paths (read here when not given; a version-4 index
-    is read by `git ls-files`)."""
+    reach the next one. `tracked`: the paths of `git_dir`'s index (read here when not given; a
+    version-4 index is read by `git ls-files`)."""
     if tracked is None:
-        found = index_paths(tree / ".git" / "index", 1 << 31)
-        tracked = _ls_files_modes(tree) if found is None else found
+        found = index_paths(git_dir / "index", 1 << 31)
+        tracked = _ls_files_modes(tree, git_dir) if found is None else found
     for rel, mode in tracked.items():
         if mode & 0o170000 != GITLINK:
             continue
@@ -739,10 +767,9 @@ def empty_gitlinks(tree: Path, tracked: dict[str, int] | None = None) -> None:
             path.mkdir()
 
 
-def _ls_files_modes(tree: Path) -> dict[str, int]:
-    out = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=tree, capture_output=True, check=True,
-                         stdin=subprocess.DEVNULL, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                                       "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"})
+def _ls_files_modes(tree: Path, git_dir: Path) -> dict[str, int]:
+    out = subprocess.run(["git", "-c", "safe.directory=*", "ls-files", "-s", "-z"], cwd=tree, capture_output=True,
+                         check=True, stdin=subprocess.DEVNULL, env=_git_env(git_dir, tree))
     found = {}
     for record in out.stdout.split(b"\0"):
         if record:
@@ -751,9 +778,9 @@ def _ls_files_modes(tree: Path) -> dict[str, int]:
     return found
 
 
-def _tracked_count(tree: Path) -> int:
-    """How many entries the index of `tree` has (its header)."""
-    with open(tree / ".git" / "index", "rb") as f:
+def _tracked_count(index: Path) -> int:
+    """How many entries `index` has (its header)."""
+    with open(index, "rb") as f:
         return int.from_bytes(f.read(12)[8:12], "big")
 
 
@@ -789,13 +816,13 @@ def _kernel_now(root: Path) -> int:
     return now
 
 
-def tree_stat(tree: Path, racy_ns: int | None = None,
+def tree_stat(tree: Path, index: Path, racy_ns: int | None = None,
               limit: int = CLEAN_IN_PROCESS) -> dict[str, tuple[int, ...]] | None:
-    """The stat data of every file the index of `tree` tracks (inode, device, mode, owner, size,
+    """The stat data of every file of `tree` that `index` tracks (inode, device, mode, owner, size,
     modification and change times), or None: a larger index, a missing file, a folder on the
     way that is not a real folder, or (with `racy_ns`) a file changed at or after that kernel
     time, which a later change in the same clock tick could not be told apart from."""
-    paths = index_paths(tree / ".git" / "index", limit)
+    paths = index_paths(index, limit)
     if paths is None:
         return None
     try:
@@ -815,10 +842,6 @@ def tree_stat(tree: Path, racy_ns: int | None = None,
         found[path] = (st.st_ino, st.st_dev, st.st_mode, st.st_uid, st.st_gid, st.st_size,
                        st.st_mtime_ns, st.st_ctime_ns)
     return found
-
-
-def _sha256(path: Path) -> str:
-    return sha256(path.read_bytes()).hexdigest()
 
 
 def remove_tree(path: Path) -> None:

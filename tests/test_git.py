@@ -143,7 +143,7 @@ def test_a_reused_slot_is_reset_to_exactly_the_commit(bare: Path, tmp_path: Path
         assert git(slot.tree, "config", "--local", "--list").stdout.find("gitpipe.leftover") < 0
         assert not (slot.tree / ".git" / "hooks" / "post-checkout").exists()
         assert not (slot.root / "hook-ran").exists()
-        assert sorted(p.name for p in slot.root.iterdir()) == ["index", "tree"]
+        assert sorted(p.name for p in slot.root.iterdir()) == ["git", "tree"]
     with pool.checkout(v1) as slot:  # another commit in the same slot
         paths, status = tree_state(slot.tree)
         assert "only-in-first.txt" in paths and status == ""
@@ -175,9 +175,9 @@ def test_a_removed_tracked_folder_is_a_change_not_a_tree_to_start_afresh(bare: P
     with pool.checkout(main) as slot:
         clean = tree_state(slot.tree)
         subprocess.run(["rm", "-rf", str(slot.tree / "src")], check=True)
-        assert gitmod.tree_stat(slot.tree) is None
+        assert gitmod.tree_stat(slot.tree, slot.index) is None
         (slot.tree / "src").write_text("a file where a folder was\n")
-        assert gitmod.tree_stat(slot.tree) is None
+        assert gitmod.tree_stat(slot.tree, slot.index) is None
         (slot.tree / "src").unlink()  # the slot is reset with the folder missing
     held = os.open(slot.tree, os.O_RDONLY | os.O_DIRECTORY)  # its inode cannot go to a new tree
     try:
@@ -244,15 +244,49 @@ def test_remove_tree_removes_what_an_action_made_read_only(tmp_path: Path) -> No
     assert not root.exists()
 
 
-def test_a_tampered_saved_index_does_not_keep_a_modified_file(bare: Path, tmp_path: Path) -> None:
+def test_a_tampered_index_in_the_tree_does_not_keep_a_modified_file(bare: Path, tmp_path: Path) -> None:
     pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
     main = sha_of(bare, "main")
     with pool.checkout(main) as slot:
         git(slot.tree, "update-index", "--skip-worktree", "README.md")
         (slot.tree / "README.md").write_text("changed by an earlier action\n")
-        (slot.root / "index").write_bytes((slot.tree / ".git" / "index").read_bytes())
     with pool.checkout(main) as slot:
         assert (slot.tree / "README.md").read_text() == "original\n"
+        assert git(slot.tree, "status", "--porcelain").stdout == ""
+
+
+def test_the_daemons_git_never_reads_the_trees_git_dir(bare: Path, tmp_path: Path) -> None:
+    """What an action writes in its tree's .git, even after the reset rewrote it (a process of
+    another sandbox holding a folder of this tree open can), never steers the daemon's git: a
+    config with `core.fsmonitor` would run its command as the daemon's user, `core.worktree`
+    would check files out elsewhere, a `commondir` would bring another config."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main, first = sha_of(bare, "main"), sha_of(bare, "main~1")
+    ran, elsewhere = tmp_path / "fsmonitor-ran", tmp_path / "elsewhere"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    hook.chmod(0o755)
+    evil = tmp_path / "evil-common"
+    evil.mkdir()
+    (evil / "config").write_text(f"[core]\n\tfsmonitor = {hook}\n")
+    tampered = {
+        "fsmonitor": {"config": f"[core]\n\tfsmonitor = {hook}\n"},
+        "worktree": {"config": f"[core]\n\tworktree = {elsewhere}\n"},
+        "commondir": {"commondir": f"{evil}\n"},
+    }
+    for what, files in tampered.items():
+        with pool.checkout(first) as slot:
+            pass
+        for name, text in files.items():  # as between the daemon's rewrite and its git
+            (slot.tree / ".git" / name).unlink(missing_ok=True)
+            (slot.tree / ".git" / name).write_text(text)
+        pool._git(slot, "checkout", "--quiet", "--force", "--detach", main)
+        assert not ran.exists() and not elsewhere.exists(), what
+        with pool.checkout(main) as again:
+            assert tree_state(again.tree)[1] == ""
+            assert git(again.tree, "rev-parse", "HEAD").stdout.strip() == main
+            assert not (again.tree / ".git" / "commondir").exists()
+    assert os.stat(slot.git_dir).st_mode & 0o077 == 0, "the daemon's git dir is its user's alone"
 
 
 def _untracked_mess(t: Path) -> None:
@@ -279,7 +313,7 @@ def test_the_in_process_clean_leaves_what_git_clean_leaves(bare: Path, tmp_path:
         _untracked_mess(t)
         trees.append(t)
     git(trees[0], "clean", "-qffdx")
-    assert gitmod.clean_untracked(trees[1])
+    assert gitmod.clean_untracked(trees[1], trees[1] / ".git" / "index")
     assert (trees[1] / ".git" / "index").read_bytes()[4:8] == (3).to_bytes(4, "big")
     listing = [sorted(str(p.relative_to(t)) for p in t.rglob("*") if ".git" not in p.parts) for t in trees]
     assert listing[0] == listing[1] == [".gitignore", "README.md", "src", "src/app.py"]
@@ -290,7 +324,7 @@ def test_a_large_index_is_left_to_git_clean(bare: Path, tmp_path: Path) -> None:
     t = tmp_path / "w"
     git(tmp_path, "clone", "--quiet", str(bare), str(t))
     (t / "untracked.txt").write_text("x")
-    assert not gitmod.clean_untracked(t, limit=2)  # 3 tracked files: nothing done
+    assert not gitmod.clean_untracked(t, t / ".git" / "index", limit=2)  # 3 tracked files: nothing done
     assert (t / "untracked.txt").exists()
     assert gitmod.index_paths(t / ".git" / "index", 3) == {".gitignore": 0o100644, "README.md": 0o100644,
                                                            "src/app.py": 0o100644}
@@ -452,7 +486,7 @@ def test_a_large_trees_submodule_folder_is_emptied_too(tmp_path: Path) -> None:
     (work / "untracked.txt").write_text("x")
     git(work, "clean", "-qffdx")
     assert (work / "lib" / "left.txt").exists()  # what git itself leaves
-    gitmod.empty_gitlinks(work)
+    gitmod.empty_gitlinks(work, work / ".git")
     assert list((work / "lib").iterdir()) == [] and (work / "a.txt").exists()
 
 

@@ -693,8 +693,8 @@ def test_a_retry_never_takes_the_sandbox_made_ahead_for_another_action(home: Hom
 
 def test_a_first_sandbox_made_before_its_slot_was_started_afresh_is_not_used(tmp_path: Path) -> None:
     """The first action's sandbox is made as soon as what was beside the slot's tree is removed,
-    before git works in the tree. When that reset gives up (the last action left the slot so that
-    it fails) and the whole slot is made again, that sandbox binds the deleted tree, HOME and
+    before git works in the tree. When that reset gives up (here: its git finds the index lock a
+    daemon killed in the middle of a checkout leaves) and the whole slot is made again, that sandbox binds the deleted tree, HOME and
     output file: it is let go then, whatever inode the new tree got (ext4 may hand the old one
     out again, and the action would run in a deleted folder).
     The action then runs in the new tree with a HOME and output file of its own."""
@@ -714,9 +714,10 @@ def test_a_first_sandbox_made_before_its_slot_was_started_afresh_is_not_used(tmp
     try:
         _parked(sandbox)
         with gitmod.WorktreePool(tmp_path / "wt", "app", bare, settle=sandbox.settle).checkout(sha) as slot:
-            # its next reset (same commit) cannot drop the index: the slot is started afresh
-            (slot.tree / ".git" / "index").unlink()
-            (slot.tree / ".git" / "index").mkdir()
+            # its next reset runs git (a tracked file changed), which finds the lock a daemon killed
+            # in the middle of a checkout leaves: the slot is started afresh
+            (slot.tree / "src" / "a.txt").write_text("changed\n")
+            (slot.git_dir / "index.lock").write_text("")
         made: list[_Made] = []
 
         def during(slot: gitmod.Slot) -> _Made | None:
