@@ -335,6 +335,7 @@ class Slot:
     # What `prepare_next`'s `then` or `during` made for this slot (a sandbox made ahead): the
     # checkout's holder takes it (sets None), or it is discarded with the slot.
     ahead: Discardable | None = None
+    settled: bool = False  # handed over by the pool's `settle` after its last reset
 
     @property
     def tree(self) -> Path:
@@ -407,12 +408,14 @@ class WorktreePool:
         """Reset `slot` to `sha` and seal it; `wanted`: set once an action waits for this slot.
         True when the seal gave way to that action (see `_seal`): the slot goes to it at once.
         `during`: see `prepare_next`."""
+        slot.settled = False
         self._reset(slot, sha, during)
         if _tracked_count(slot.index) <= CLEAN_IN_PROCESS:
             # Settled here (the sandbox walks it again at launch, for the inputs restored
             # into it: twice only for a small tree) so that what is remembered is final.
             if self.settle is not None:
                 self.settle(slot.tree)
+                slot.settled = True
             return self._seal(slot, sha, wanted)
         return False
 

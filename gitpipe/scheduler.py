@@ -406,7 +406,7 @@ class RunWorker:
                         ready = made.ready if made is not None else None
                         if made is None:
                             self.host.sandbox.prepare(box)
-                        elif not made.settled:  # made while its tree was reset
+                        elif not (made.settled or slot.settled):  # made while its tree was reset
                             self.host.sandbox.settle(slot.tree)
                         uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
                         box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
