@@ -19,7 +19,7 @@ from typing import Any
 from gitpipe.errors import ConfigError
 from gitpipe.masking import MASK, Masker, MaskStream, masked_forms
 from gitpipe.refs import short_ref
-from gitpipe.tomllines import key_lines, line_of
+from gitpipe.tomllines import Problems
 
 __all__ = ["MASK", "Masker", "MaskStream", "load_secrets", "masked_forms", "ref_protected", "secrets_for"]
 MIN_LENGTH = 8
@@ -39,7 +39,10 @@ def load_secrets(path: Path) -> dict[str, dict[str, str]]:
         return {}
     _check_mode(path, mode)
     text = _read_text(path)
-    return {repo: _repo_secrets(path, text, repo, table) for repo, table in _parse(path, text).items()}
+    problems = Problems(str(path), text)  # every bad secret at once, each at its line
+    found = {repo: _repo_secrets(problems, repo, table) for repo, table in _parse(path, text).items()}
+    problems.check()
+    return found
 
 
 def _check_mode(path: Path, mode: int) -> None:
@@ -78,32 +81,22 @@ def _parse(path: Path, text: str) -> dict[str, Any]:
         raise ConfigError(f"invalid TOML: {message}", file=str(path), line=line) from None
 
 
-def _repo_secrets(path: Path, text: str, repo: str, table: object) -> dict[str, str]:
-    """Check one repo's table: valid names, string values, none too short."""
+def _repo_secrets(problems: Problems, repo: str, table: object) -> dict[str, str]:
+    """Check one repo's table: valid names, string values, none too short (each problem added)."""
     if not isinstance(table, dict):
-        raise _error(path, text, f'"{repo}" must be a table: [{repo}] followed by NAME = "value"', repo)
+        problems.add(f'"{repo}" must be a table: [{repo}] followed by NAME = "value"', repo)
+        return {}
     for name, value in table.items():
         where = f'repo "{repo}", secret "{name}"'
         if not _ENV_NAME.match(name):
-            hint = "letters, digits and _, not starting with a digit"
-            raise _error(path, text, f"{where}: not an environment variable name", repo, name, hint=hint)
-        if not isinstance(value, str):
-            raise _error(path, text, f"{where}: the value must be a string", repo, name)
-        if len(value) < MIN_LENGTH:
-            hint = "a short value cannot be told apart from ordinary log text to mask it"
-            message = f"{where}: shorter than {MIN_LENGTH} characters"
-            raise _error(path, text, message, repo, name, hint=hint)
+            problems.add(f"{where}: not an environment variable name", repo, name,
+                         hint="letters, digits and _, not starting with a digit")
+        elif not isinstance(value, str):
+            problems.add(f"{where}: the value must be a string", repo, name)
+        elif len(value) < MIN_LENGTH:
+            problems.add(f"{where}: shorter than {MIN_LENGTH} characters", repo, name,
+                         hint="a short value cannot be told apart from ordinary log text to mask it")
     return dict(table)
-
-
-def _error(path: Path, text: str, message: str, *keys: str, hint: str | None = None) -> ConfigError:
-    """A ConfigError at the line where `keys` is defined."""
-    return ConfigError(message, file=str(path), line=_line_of(text, *keys), hint=hint)
-
-
-def _line_of(text: str, *keys: str) -> int | None:
-    """Line of the first header or key at or below `keys`, else of their parent (inline tables)."""
-    return line_of(key_lines(text), keys) or None
 
 
 def secrets_for(

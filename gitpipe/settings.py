@@ -15,7 +15,7 @@ from typing import Any
 
 from gitpipe.durations import parse_duration
 from gitpipe.errors import ConfigError, UsageError
-from gitpipe.tomllines import key_lines, line_of
+from gitpipe.tomllines import Problems
 
 CONFIG_NAME = "gitpipe.toml"
 
@@ -191,28 +191,7 @@ def load(home: str | Path | None, *, must_exist: bool = True) -> Settings:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", file=str(path), line=_err_line(str(exc))) from None
-    return _build(root, data, _Problems(str(path), text))
-
-
-class _Problems:
-    """Every problem of gitpipe.toml, each at the line of its key (found by gitpipe.tomllines)."""
-
-    def __init__(self, file: str, text: str) -> None:
-        self.file = file
-        self.lines = key_lines(text) if text else {}
-        self.found: list[ConfigError] = []
-
-    def add(self, message: str, *path: str, hint: str | None = None) -> None:
-        """A problem at `path` (("sandbox", "pids") ...), or at its table's line if the key is not written."""
-        line = line_of(self.lines, path) or None
-        self.found.append(ConfigError(message, file=self.file, line=line, hint=hint))
-
-    def check(self) -> None:
-        """Raise the problem found, or every problem at once (one per line, in line order)."""
-        if len(self.found) == 1:
-            raise self.found[0]
-        if self.found:
-            raise ConfigError.every(self.found)
+    return _build(root, data, Problems(str(path), text))
 
 
 def _err_line(message: str) -> int | None:
@@ -220,7 +199,7 @@ def _err_line(message: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _unknown(p: _Problems, data: dict[str, Any], known: dict[str, Any], table: tuple[str, ...]) -> None:
+def _unknown(p: Problems, data: dict[str, Any], known: dict[str, Any], table: tuple[str, ...]) -> None:
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
@@ -229,7 +208,7 @@ def _unknown(p: _Problems, data: dict[str, Any], known: dict[str, Any], table: t
             p.add(f'{where}unknown key "{key}"', *table, key, hint=hint)
 
 
-def _typed(p: _Problems, data: dict[str, Any], key: str, kind: type | tuple[type, ...],
+def _typed(p: Problems, data: dict[str, Any], key: str, kind: type | tuple[type, ...],
            table: tuple[str, ...], default: Any = None) -> Any:
     """`data[key]` if it has the type `kind`; else the problem is reported and `default` returned."""
     value = data[key]
@@ -240,7 +219,7 @@ def _typed(p: _Problems, data: dict[str, Any], key: str, kind: type | tuple[type
     return value
 
 
-def _build(home: Path, data: dict[str, Any], p: _Problems) -> Settings:
+def _build(home: Path, data: dict[str, Any], p: Problems) -> Settings:
     """Settings from the parsed gitpipe.toml; every problem is reported at once (ConfigError)."""
     top = {**DEFAULTS, "ssh": {}, "notify": {}, "repos": {}, "sandbox": {}, "cache": {}, "cluster": {}}
     _unknown(p, data, top, ())
@@ -315,7 +294,7 @@ def _build(home: Path, data: dict[str, Any], p: _Problems) -> Settings:
     )
 
 
-def _size(p: _Problems, value: str, default: str, name: str, *path: str) -> int:
+def _size(p: Problems, value: str, default: str, name: str, *path: str) -> int:
     """Bytes of a size setting; a bad one is reported (as `name`: why) and `default` is used."""
     try:
         return parse_size(value)
@@ -340,7 +319,7 @@ def format_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _sandbox(p: _Problems, value: dict[str, Any], home: Path) -> SandboxSettings:
+def _sandbox(p: Problems, value: dict[str, Any], home: Path) -> SandboxSettings:
     merged = {**SANDBOX_DEFAULTS, **value}
     at = ("sandbox",)
     for key in ("mode", "user"):
@@ -371,7 +350,7 @@ def _sandbox(p: _Problems, value: dict[str, Any], home: Path) -> SandboxSettings
                            memory=memory, pids=pids, **binds)
 
 
-def _cluster(p: _Problems, value: dict[str, Any]) -> ClusterSettings | None:
+def _cluster(p: Problems, value: dict[str, Any]) -> ClusterSettings | None:
     merged = {**CLUSTER_DEFAULTS, **value}
     at = ("cluster",)
     for key in ("broker", "git_url"):
@@ -389,7 +368,7 @@ def _cluster(p: _Problems, value: dict[str, Any]) -> ClusterSettings | None:
                            workers=tuple(sorted(workers.items())))
 
 
-def _table(p: _Problems, data: dict[str, Any], name: str, known: dict[str, Any] | None) -> dict[str, Any]:
+def _table(p: Problems, data: dict[str, Any], name: str, known: dict[str, Any] | None) -> dict[str, Any]:
     """The table `name` of gitpipe.toml; only its known keys (the others are reported)."""
     value = data.get(name, {})
     if not isinstance(value, dict):
@@ -401,7 +380,7 @@ def _table(p: _Problems, data: dict[str, Any], name: str, known: dict[str, Any] 
     return {k: v for k, v in value.items() if k in known}
 
 
-def _repo(p: _Problems, name: str, value: Any) -> RepoSettings:
+def _repo(p: Problems, name: str, value: Any) -> RepoSettings:
     at = ("repos", name)
     if not isinstance(value, dict):
         p.add(f'"repos.{name}" must be a table', *at)

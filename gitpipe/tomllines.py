@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from gitpipe.errors import ConfigError
+
 KeyPath = tuple[str | int, ...]
 
 
@@ -168,3 +170,24 @@ class _Scanner:
                 self._advance(1)
             elif not self.s.startswith("}", self.i):
                 return
+
+
+class Problems:
+    """Every problem of one TOML file (gitpipe.toml, secrets.toml), each at the line of its key."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.lines = key_lines(text) if text else {}
+        self.found: list[ConfigError] = []
+
+    def add(self, message: str, *path: str, hint: str | None = None) -> None:
+        """A problem at `path` (("sandbox", "pids") ...), or at its table's line if the key is not written."""
+        line = line_of(self.lines, path) or None
+        self.found.append(ConfigError(message, file=self.file, line=line, hint=hint))
+
+    def check(self) -> None:
+        """Raise the problem found, or every problem at once (one per line, in line order)."""
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise ConfigError.every(self.found)

@@ -88,6 +88,21 @@ def test_short_secret_names_repo_name_and_line(tmp_path: Path) -> None:
     assert "1234567" not in str(error)
 
 
+def test_every_bad_secret_is_named_at_once_in_line_order(tmp_path: Path) -> None:
+    """A secrets.toml with three mistakes in two repos: one error naming all three, each at its
+    line with its own hint, so one edit fixes the file (it stopped at the first one before)."""
+    text = f'[web]\nPIN = "1234567"\nGOOD = "{SECRET}"\n\n[api]\nBAD-NAME = "{SECRET}"\nN = 12345678\n'
+    error = load_error(tmp_path, text)
+    lines = str(error).splitlines()
+    where = str(tmp_path / "secrets.toml")
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{where}:2", f"{where}:6", f"{where}:7"], lines
+    assert '"PIN"' in lines[0] and "8 characters" in lines[0] and "told apart" in lines[0]
+    assert "environment variable name" in lines[1] and "letters, digits and _" in lines[1]
+    assert "must be a string" in lines[2]
+    assert error.line == 2 and len(error.problems) == 3
+    assert "1234567" not in str(error) and SECRET not in str(error)
+
+
 @pytest.mark.parametrize("name", ["1ABC", "BAD-NAME", '"has space"', '"dot.ted"', '"é"'])
 def test_bad_names_are_refused_with_line(tmp_path: Path, name: str) -> None:
     error = load_error(tmp_path, f'# secrets\n[web]\nOK = "{TOKEN}"\n{name} = "{SECRET}"\n')
