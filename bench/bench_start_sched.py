@@ -86,11 +86,8 @@ def main() -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
         for i in range(n):
-            stamp.unlink(missing_ok=True)
-            t0, _ = traced.push(i)
-            while not stamp.exists() or not stamp.read_text().strip():
-                time.sleep(0.0005)
-            pushes.append(float(stamp.read_text()) - t0)
+            t0, _, ran = traced.push_to_command(i, stamp)
+            pushes.append(ran - t0)
             time.sleep(0.5)
         record.send_signal(2)
         record.wait(60)

@@ -119,6 +119,15 @@ class Traced:
         self.run("git", "push", "-q", str(self.root / "r.git"), "main", cwd=self.src)
         return t0, time.time()
 
+    def push_to_command(self, i: int, stamp: Path) -> tuple[float, float, float]:
+        """`push`, then wait for the run's command to write the time into `stamp`: when the push
+        started and ended, and that time (epoch seconds)."""
+        stamp.unlink(missing_ok=True)
+        t0, t1 = self.push(i)
+        while not stamp.exists() or not stamp.read_text().strip():
+            time.sleep(0.0005)
+        return t0, t1, float(stamp.read_text())
+
     def start(self, code: str = SPANS) -> None:
         self.daemon = subprocess.Popen([sys.executable, "-c", code],
                                        env={**self.env, "SPANS_OUT": str(self.spans), "MALLOC_ARENA_MAX": "2"},
@@ -146,11 +155,7 @@ def main() -> None:
         traced.run("git", "push", "-q", str(traced.root / "r.git"), "main", cwd=traced.src)
         time.sleep(1)
         for i in range(n):
-            stamp.unlink(missing_ok=True)
-            t0, t1 = traced.push(i)
-            while not stamp.exists() or not stamp.read_text().strip():
-                time.sleep(0.0005)
-            pushes.append((t0, t1, float(stamp.read_text())))
+            pushes.append(traced.push_to_command(i, stamp))
             time.sleep(float(os.environ.get("BENCH_PAUSE", "0.5")))
     finally:
         found = traced.stop()
