@@ -479,9 +479,9 @@ class Daemon:
         """End a run whose worker could not: cancelled if asked, else failed with why."""
         why = self.unfinished[run_id]
         cancel = self.store.cancel_requested(run_id)
-        for attempt in self.store.open_attempts():  # its processes, if any were left behind
-            if self.store.action(attempt.action_id).run_id == run_id:
-                executor.kill_token(attempt.token)
+        # its processes, if any were left behind
+        executor.kill_tokens([attempt.token for attempt in self.store.open_attempts()
+                              if self.store.action(attempt.action_id).run_id == run_id])
         try:
             self.store.finish_run(run_id, lifecycle.run_end((), cancelled=cancel, failed=True), None if cancel else
                                   f"{why}: the run's progress could not be recorded, so it was ended (not retried)")
@@ -549,10 +549,12 @@ class Daemon:
         self.host.sandbox.park()  # after the sweep, which removes every group of this home
         if self.host.caches is not None and self.host.caches.sweep():
             log.info("cache: removed what a save interrupted by a previous daemon left behind")
-        for attempt in self.store.open_attempts():
-            if self.host.cluster is not None and self.host.cluster.owns(attempt.token):
-                continue  # on a worker host: its run takes it up again (gitpipe.cluster.dispatch)
-            killed = executor.kill_token(attempt.token)
+        # on a worker host: its run takes it up again (gitpipe.cluster.dispatch)
+        left = [attempt for attempt in self.store.open_attempts()
+                if self.host.cluster is None or not self.host.cluster.owns(attempt.token)]
+        counts = executor.kill_tokens([attempt.token for attempt in left])  # one scan for them all
+        for attempt in left:
+            killed = counts[attempt.token]
             self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)
             act = self.store.action(attempt.action_id)
             # the $GITPIPE_OUTPUT file it may have left holds unmasked values

@@ -308,22 +308,31 @@ def exited_within(proc: subprocess.Popen[bytes], timeout: float | None) -> bool:
 
 def processes_of(pgid: int, token: str) -> set[int]:
     """Live processes in the group `pgid` or carrying the attempt token in their environment."""
-    found = set()
-    needle = f"{TOKEN_VAR}={token}".encode()
+    return set(_carriers(pgid, [token]))
+
+
+def _carriers(pgid: int, tokens: list[str]) -> dict[int, str | None]:
+    """Live processes in the group `pgid` (-> None) or carrying one of the attempt `tokens` in
+    their environment (-> that token): one look at each process, whatever the number of tokens."""
+    found: dict[int, str | None] = {}
+    needles = [(f"{TOKEN_VAR}={token}".encode(), token) for token in tokens]
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         pid = int(entry)
         try:
             if os.getpgid(pid) == pgid:
-                found.add(pid)
+                found[pid] = None
                 continue
             with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read():
-                    found.add(pid)
+                environ = f.read()
         except (OSError, ProcessLookupError):
             continue
-    return {p for p in found if not _zombie(p)}
+        for needle, token in needles:
+            if needle in environ:
+                found[pid] = token
+                break
+    return {p: t for p, t in found.items() if not _zombie(p)}
 
 
 def _zombie(pid: int) -> bool:
@@ -348,22 +357,28 @@ def terminate(cage: Cage, grace: float, spare: int | None) -> None:
 
 
 def kill_token(token: str) -> int:
-    """After a crash: kill every leftover process of an attempt; returns how many there were.
+    """After a crash: kill every leftover process of an attempt; returns how many there were."""
+    return kill_tokens([token])[token]
+
+
+def kill_tokens(tokens: list[str]) -> dict[str, int]:
+    """`kill_token` for several attempts at once (a restart after a crash with many running):
+    each scan of the processes looks for all of them. Token -> how many processes it had.
 
     A process in the middle of an execve shows an empty environment for a moment, so one scan
     can miss it: the scans go on, 10 ms apart, until two in a row find nothing new.
     """
-    killed: set[int] = set()
+    killed: dict[int, str] = {}
     quiet = 0
-    while quiet < 2:
-        pids = processes_of(-1, token) - killed
-        for pid in pids:
+    while quiet < 2 and tokens:
+        new = {pid: token for pid, token in _carriers(-1, tokens).items() if pid not in killed and token}
+        for pid in new:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        killed |= pids
-        quiet = 0 if pids else quiet + 1
+        killed |= new
+        quiet = 0 if new else quiet + 1
         if quiet < 2:
             time.sleep(0.01)
-    return len(killed)
+    return {token: sum(1 for t in killed.values() if t == token) for token in tokens}

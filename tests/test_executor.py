@@ -189,6 +189,28 @@ def test_kill_token_ends_the_orphans_of_a_crashed_daemon(tmp_path: Path, marker:
             orphan.wait()
 
 
+def test_kill_tokens_ends_the_orphans_of_several_attempts_in_one_pass(tmp_path: Path, marker: str) -> None:
+    """A restart after a crash with several attempts running: their leftovers are found by the
+    same scans (not two scans and 20 ms per attempt), each counted under its own attempt, and a
+    process of an attempt not asked for is left alone."""
+    first, second, other = (uuid.uuid4().hex for _ in range(3))
+    orphans = [subprocess.Popen(["bash", "-c", f"trap '' TERM; exec -a {marker} sleep 1000"],
+                                env={**ENV, executor.TOKEN_VAR: token}, start_new_session=True)
+               for token in (first, first, second, other)]
+    try:
+        wait_for(lambda: len(marker_processes(marker, argv0=True)) == 4, 10, what="the orphans")  # after their exec
+        assert executor.kill_tokens([first, second]) == {first: 2, second: 1}
+        assert [o.wait(timeout=10) for o in orphans[:3]] == [-signal.SIGKILL] * 3
+        assert orphans[3].poll() is None, "another attempt's process was killed"
+        assert executor.kill_tokens([first, second]) == {first: 0, second: 0}
+        assert executor.kill_tokens([]) == {}
+    finally:
+        for orphan in orphans:
+            if orphan.poll() is None:
+                orphan.kill()
+                orphan.wait()
+
+
 def test_processes_of_ignores_zombies(tmp_path: Path) -> None:
     token = uuid.uuid4().hex
     child = subprocess.Popen(["true"], env={**ENV, executor.TOKEN_VAR: token})
