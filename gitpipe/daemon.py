@@ -429,11 +429,15 @@ class Daemon:
         pool = host.pool(repo, ref)
         pool.prepare_next(sha, during=first_ahead(host, pool, repo, ref, text))
         with self.early_lock:
-            self.early[run_id] = pool
+            late = run_id in self.workers  # the loop started it meanwhile, with a pool of its own
+            if not late:
+                self.early[run_id] = pool
+        if late:  # never to be taken: its slot, and the first sandbox made in it, go now
+            pool.close()
 
     def _drop_early(self) -> None:
-        """Let go of the worktrees prepared for runs that did not start (they wait, or were taken
-        by a claim before their pool was made): their runs reset one when they start."""
+        """Let go of the worktrees prepared for runs that did not start (they wait): their runs
+        reset one when they start."""
         with self.early_lock:
             stale = [run_id for run_id in self.early if run_id not in self.workers]
             pools = [self.early.pop(run_id) for run_id in stale]
@@ -441,13 +445,12 @@ class Daemon:
             pool.close()
 
     def _start_worker(self, run) -> None:  # type: ignore[no-untyped-def]
-        with self.early_lock:
-            pool = self.early.pop(run.id, None)
-        worker = RunWorker(self.host, run, pool)
+        with self.early_lock:  # one step with the pop: an early pool stored after it goes (_prepare_early)
+            worker = RunWorker(self.host, run, self.early.pop(run.id, None))
+            self.workers[run.id] = worker
         worker.on_done = self._worker_done
         log.info("run #%s: %s %s @ %s (%s)", run.id, run.repo, run.ref, run.sha[:7],
                  "resumed" if run.status is not RunStatus.QUEUED else "started")
-        self.workers[run.id] = worker
         self._queue_noted.pop(run.id, None)
         worker.thread.start()
 
