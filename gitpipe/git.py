@@ -518,14 +518,12 @@ class WorktreePool:
         try:
             self._prepare_git_dir(slot)
             if not self._unchanged(slot, sha):  # else the files are those of sha: no git process
-                if slot.index.is_file():
-                    # First what the last commit does not track: a tracked folder an action replaced
-                    # by a link is removed with it, which `git checkout` alone leaves missing.
-                    clean_untracked(slot.tree, slot.index)
+                # First what the last commit does not track: a tracked folder an action replaced by
+                # a link is removed with it, which `git checkout` alone leaves missing; and the
+                # checkout reads a `.gitattributes` the commit lacks from the tree (eol, encoding).
+                self._clean(slot)
                 self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
-            if not clean_untracked(slot.tree, slot.index):  # a large tree: git walks it faster than Python
-                self._git(slot, "clean", "-qffdx")
-                empty_gitlinks(slot.tree, slot.git_dir)
+            self._clean(slot)
             _action_git_dir(slot, self.objects, sha)
         except (OSError, subprocess.CalledProcessError, RecursionError):
             # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh. What
@@ -536,6 +534,21 @@ class WorktreePool:
             self._prepare_git_dir(slot)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             _action_git_dir(slot, self.objects, sha)
+
+    def _clean(self, slot: Slot) -> None:
+        """Remove what the daemon's index does not track from the tree (but its .git); with no index
+        yet (a new slot, one of an earlier layout), everything."""
+        if not slot.index.is_file():
+            with os.scandir(slot.tree) as entries:
+                for entry in list(entries):
+                    if entry.name != ".git":
+                        remove_tree(Path(entry.path))
+        elif not clean_untracked(slot.tree, slot.index):  # a large tree: git walks it faster than Python
+            self._git(slot, "clean", "-qffdx")
+            found = index_paths(slot.index, 1 << 31)
+            tracked = _ls_files_modes(slot.tree, slot.git_dir) if found is None else found
+            empty_gitlinks(slot.tree, slot.git_dir, tracked)
+            remove_nested_git(slot.tree, tracked)
 
     def _seal(self, slot: Slot, sha: str, wanted: threading.Event | None = None) -> bool:
         """Remember the stat data of the tracked files as the slot is handed out: exactly `sha`'s.
@@ -768,6 +781,31 @@ def empty_gitlinks(tree: Path, git_dir: Path, tracked: dict[str, int] | None = N
         elif os.path.lexists(path) and all(not p.is_symlink() for p in path.parents if tree in p.parents):
             remove_tree(path)
             path.mkdir()
+
+
+def remove_nested_git(tree: Path, tracked: dict[str, int]) -> None:
+    """Remove a `.git` an action left in a tracked folder: `git clean` never removes an entry of that
+    name, so the next action's git in that folder would take it for its repository (its config, its
+    hooks: commands of the last action run by the next one). Never through a link: each folder is
+    used only when its real path is the one expected (a racing process may swap it for a link)."""
+    real = os.path.realpath(tree)  # the slot's own path: no action reaches it
+    for folder in {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}:
+        try:
+            fd = os.open(os.path.join(real, folder), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:  # gone, or not a folder (a link to a file): nothing of it is the tree's
+            continue
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != os.path.join(real, folder):  # reached through a link
+                continue
+            st = os.stat(".git", dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(".git", dir_fd=fd)
+            else:
+                os.unlink(".git", dir_fd=fd)
+        except FileNotFoundError:
+            continue
+        finally:
+            os.close(fd)
 
 
 def _ls_files_modes(tree: Path, git_dir: Path) -> dict[str, int]:

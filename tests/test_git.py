@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -535,3 +536,79 @@ def test_a_prepared_slot_changed_before_its_use_is_reset_again(bare: Path, tmp_p
     with pool.checkout(v1) as slot:  # prepared for another commit: reset to the one asked for
         assert (slot.tree / "src" / "app.py").read_text() == "print('v1')\n"
         assert tree_state(slot.tree)[1] == ""
+
+
+# ---------------------------------------------------------------------------- what a reset must not keep
+
+
+@pytest.fixture
+def big_bare(tmp_path: Path) -> tuple[Path, str]:
+    """A bare repo whose one commit tracks more files than the pool cleans itself (`git clean`
+    cleans its slots) and no .gitattributes; (path, sha)."""
+    path = tmp_path / "big.git"
+    gitmod.create_bare(path)
+    work = tmp_path / "big-clone"
+    git(tmp_path, "clone", "--quiet", str(path), str(work))
+    (work / "src").mkdir()
+    for i in range(gitmod.CLEAN_IN_PROCESS + 1):
+        (work / "src" / f"f{i}.txt").write_text("line\n")
+    (work / "app.py").write_text("print('v1')\n")
+    git(work, "add", ".")
+    git(work, "commit", "--quiet", "-m", "big")
+    git(work, "push", "--quiet", "origin", "HEAD:main")
+    return path, sha_of(work, "HEAD")
+
+
+def test_a_git_dir_left_in_a_large_trees_folder_does_not_reach_the_next_action(big_bare: tuple[Path, str],
+                                                                               tmp_path: Path) -> None:
+    """`git clean` never removes an entry named .git: one an action left in a tracked folder stayed
+    in the slot, and the next action's (another run's) `git` in that folder took it for its
+    repository, running the last action's `core.fsmonitor` command."""
+    bare, sha = big_bare
+    pool = gitmod.WorktreePool(tmp_path / "work", "big", bare)
+    ran = tmp_path / "fsmonitor-ran"
+    with pool.checkout(sha) as slot:
+        git(slot.tree / "src", "init", "--quiet", ".")
+        git(slot.tree / "src", "config", "core.fsmonitor", f"touch {ran}")
+        (slot.tree / "app.py").write_text("print('v1')\n")  # a change: the reset runs git
+    with pool.checkout(sha) as slot:
+        assert not (slot.tree / "src" / ".git").exists()
+        git(slot.tree / "src", "status", "--porcelain")  # what the next action may run there
+        assert not ran.exists()
+        assert git(slot.tree, "rev-parse", "--show-toplevel").stdout.strip() == str(slot.tree)
+
+
+def test_a_gitattributes_left_in_a_large_tree_does_not_steer_the_checkout(big_bare: tuple[Path, str],
+                                                                          tmp_path: Path) -> None:
+    """`git checkout` reads a .gitattributes the commit lacks from the tree: one an action left
+    (a large tree was cleaned only after the checkout) turned the next action's files into what
+    the commit does not hold (CRLF line ends here; an encoding, `ident`)."""
+    bare, sha = big_bare
+    pool = gitmod.WorktreePool(tmp_path / "work", "big", bare)
+    with pool.checkout(sha) as slot:
+        (slot.tree / ".gitattributes").write_text("* eol=crlf\n")
+        (slot.tree / "src" / ".gitattributes").write_text("* working-tree-encoding=UTF-16\n")
+        for name in ("app.py", "src/f0.txt"):
+            os.utime(slot.tree / name, (1, 1))  # a stat change: the checkout writes it again
+    with pool.checkout(sha) as slot:
+        assert (slot.tree / "app.py").read_bytes() == b"print('v1')\n"
+        assert (slot.tree / "src" / "f0.txt").read_bytes() == b"line\n"
+        assert git(slot.tree, "status", "--porcelain", "--ignored").stdout == ""
+
+
+def test_a_slot_of_the_earlier_layout_is_emptied_before_its_first_checkout(bare: Path, tmp_path: Path) -> None:
+    """A slot made before the daemon's git dir was beside its tree (its index in tree/.git and in
+    <slot>/index) has no index the daemon trusts: its tree is emptied before the checkout, so
+    nothing the last action left there (a .gitattributes the checkout would read) stays."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        pass
+    gitmod.remove_tree(slot.git_dir)  # the earlier layout: the index was the tree's
+    shutil.copyfile(slot.tree / ".git" / "index", slot.root / "index")
+    (slot.tree / ".gitattributes").write_text("* eol=crlf\n")
+    (slot.tree / "src" / "left.txt").write_text("x")
+    with pool.checkout(main) as slot:
+        assert (slot.tree / "src" / "app.py").read_bytes() == b"print('v2')\n"
+        assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
+        assert sorted(p.name for p in slot.root.iterdir()) == ["git", "tree"]
