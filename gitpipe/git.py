@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
@@ -698,39 +698,110 @@ def _git_env(git_dir: Path, tree: Path | None = None) -> dict[str, str]:
 def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
     """The tree's .git, for the action (`git log`, `git status` in a job): our config, HEAD at
     `sha`, the objects by alternates, a copy of the daemon's index; nothing else an action left
-    there. Only the action reads it: the daemon's git never does."""
-    git_dir = slot.tree / ".git"
-    if git_dir.is_symlink() or (git_dir.exists() and not git_dir.is_dir()):
-        git_dir.unlink()
-    git_dir.mkdir(exist_ok=True)
-    if _layout_kept(git_dir):  # the common case: only the files are written again
-        for name in ("HEAD", "config", "objects/info/alternates", "index"):
-            (git_dir / name).unlink(missing_ok=True)  # never written through: it may be a hard link now
+    there. Only the action reads it: the daemon's git never does.
+
+    Written through folders opened without following a link, each file made anew (O_EXCL), never
+    by path: a process of another sandbox holding a folder of this tree open may put a link where
+    a name was a moment ago, and a write through it would be the daemon's (root's) anywhere on the
+    host. It makes this fail instead (the reset then starts the slot afresh)."""
+    tree = os.open(slot.tree, _DIR_FLAGS)
+    try:
+        try:
+            if not stat.S_ISDIR(os.stat(".git", dir_fd=tree, follow_symlinks=False).st_mode):
+                os.unlink(".git", dir_fd=tree)
+        except FileNotFoundError:
+            pass
+        try:
+            os.mkdir(".git", 0o755, dir_fd=tree)
+        except FileExistsError:
+            pass
+        git_dir = os.open(".git", _DIR_FLAGS, dir_fd=tree)
+    finally:
+        os.close(tree)
+    try:
+        if not _layout_kept(git_dir):  # else (the common case) only the files are written again
+            for name in os.listdir(git_dir):
+                _remove_at(git_dir, name)
+            for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
+                os.close(_open_under(git_dir, sub, make=True))
+        info = _open_under(git_dir, "objects/info")
+        try:
+            _write_new(info, "alternates", f"{objects}\n".encode())
+        finally:
+            os.close(info)
+        _write_new(git_dir, "config", SLOT_CONFIG.encode())
+        _write_new(git_dir, "HEAD", f"{sha}\n".encode())
+        with open(slot.index, "rb") as index:
+            _write_new(git_dir, "index", index)
+    finally:
+        os.close(git_dir)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_under(dir_fd: int, rel: str, make: bool = False) -> int:
+    """A folder under the folder `dir_fd`, each step opened without following a link (`make`:
+    made when missing)."""
+    fd = os.dup(dir_fd)
+    try:
+        for part in rel.split("/") if rel else []:
+            if make:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_new(dir_fd: int, name: str, data: bytes | BinaryIO) -> None:
+    """`name` under the folder `dir_fd` made anew with `data`: what was there (a hard link now, a
+    link) is unlinked, never written through; one put back meanwhile makes it fail (EEXIST)."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    with os.fdopen(fd, "wb") as out:
+        if isinstance(data, bytes):
+            out.write(data)
+        else:
+            shutil.copyfileobj(data, out)
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove `name` under the folder `dir_fd`, whatever it is, never following a link."""
+    if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)  # by descriptors (shutil.rmtree.avoids_symlink_attacks)
     else:
-        for entry in git_dir.iterdir():
-            remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
-            (git_dir / sub).mkdir(parents=True, exist_ok=True)
-    (git_dir / "objects" / "info" / "alternates").write_text(f"{objects}\n")
-    (git_dir / "config").write_text(SLOT_CONFIG)
-    (git_dir / "HEAD").write_text(sha + "\n")
-    shutil.copyfile(slot.index, git_dir / "index")
+        os.unlink(name, dir_fd=dir_fd)
 
 
-def _layout_kept(git_dir: Path) -> bool:
-    """Whether a slot's .git holds exactly GIT_DIR_LAYOUT: real folders and regular files, nothing
-    more (an action may have added hooks, config includes, refs, objects, or links anywhere)."""
+def _layout_kept(git_dir: int) -> bool:
+    """Whether a slot's .git (the folder `git_dir`) holds exactly GIT_DIR_LAYOUT: real folders and
+    regular files, nothing more (an action may have added hooks, config includes, refs, objects,
+    or links anywhere)."""
     try:
         for folder, names in GIT_DIR_LAYOUT.items():
-            with os.scandir(git_dir / folder) as entries:
-                found = {e.name: e for e in entries}
-            if set(found) - {"index"} != names - {"index"}:
-                return False
-            for name, entry in found.items():
-                want_dir = f"{folder}/{name}".lstrip("/") in GIT_DIR_LAYOUT
-                if entry.is_symlink() or (entry.is_dir(follow_symlinks=False) != want_dir) or (
-                        not want_dir and not entry.is_file(follow_symlinks=False)):
+            fd = _open_under(git_dir, folder)
+            try:
+                with os.scandir(fd) as entries:
+                    found = {e.name: e for e in entries}
+                if set(found) - {"index"} != names - {"index"}:
                     return False
+                for name, entry in found.items():
+                    want_dir = f"{folder}/{name}".lstrip("/") in GIT_DIR_LAYOUT
+                    if entry.is_symlink() or (entry.is_dir(follow_symlinks=False) != want_dir) or (
+                            not want_dir and not entry.is_file(follow_symlinks=False)):
+                        return False
+            finally:
+                os.close(fd)
     except OSError:
         return False
     return True

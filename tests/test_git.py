@@ -612,3 +612,44 @@ def test_a_slot_of_the_earlier_layout_is_emptied_before_its_first_checkout(bare:
         assert (slot.tree / "src" / "app.py").read_bytes() == b"print('v2')\n"
         assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
         assert sorted(p.name for p in slot.root.iterdir()) == ["git", "tree"]
+
+
+RACER = """
+import os, sys
+tree, target = int(sys.argv[1]), sys.argv[2]
+while True:  # a link wherever the reset has just removed a name of the tree's .git
+    for name in (".git/index", ".git/config", ".git/HEAD", ".git/objects/info/alternates"):
+        try:
+            os.symlink(target, name, dir_fd=tree)
+        except OSError:
+            pass
+"""
+
+
+def test_the_trees_git_dir_is_never_written_through_a_link_a_racing_process_puts_there(bare: Path,
+                                                                                        tmp_path: Path) -> None:
+    """The reset rewrites the tree's .git (for the action) as the daemon's user. A process of another
+    sandbox holding the tree open can put a link where the reset has just removed a file: writing by
+    path followed it, and the daemon wrote the index (file names of the pusher's choosing) to any
+    file on the host. Here that process holds the tree's folder and races each reset; the file it
+    points at is never written (the reset that meets a link starts the slot afresh)."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    target = tmp_path / "outside"
+    with pool.checkout(main) as slot:
+        pass
+    held = os.open(slot.tree, os.O_RDONLY | os.O_DIRECTORY)
+    racer = subprocess.Popen([sys.executable, "-c", RACER, str(held), str(target)], pass_fds=(held,))
+    try:
+        for _ in range(300):
+            with pool.checkout(main):
+                pass
+            if target.exists():
+                break
+    finally:
+        racer.kill()
+        racer.wait()
+        os.close(held)
+    assert not target.exists(), "the reset wrote through a link to a file outside the slot"
+    with pool.checkout(main) as slot:
+        assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
