@@ -20,6 +20,7 @@ read-only (see `sandbox`).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -776,11 +777,16 @@ def _write_new(dir_fd: int, name: str, data: bytes | BinaryIO) -> None:
 
 
 def _remove_at(dir_fd: int, name: str) -> None:
-    """Remove `name` under the folder `dir_fd`, whatever it is, never following a link."""
-    if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)  # by descriptors (shutil.rmtree.avoids_symlink_attacks)
-    else:
-        os.unlink(name, dir_fd=dir_fd)
+    """Remove `name` under the folder `dir_fd`, whatever it is (nothing when it is gone), never
+    following a link. A folder that even so cannot be removed (an unprivileged daemon, an action's
+    `chmod 000`) raises: the reset then starts the slot afresh."""
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)  # by descriptors (shutil.rmtree.avoids_symlink_attacks)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def _layout_kept(git_dir: int) -> bool:
@@ -811,26 +817,40 @@ def clean_untracked(tree: Path, index: Path, limit: int = CLEAN_IN_PROCESS) -> b
     """`git clean -ffdx` without a process, for a tree of at most `limit` tracked files: remove
     everything under `tree` (but its .git) that `index` does not track, nested repositories
     and ignored files included, never following a link. False (nothing done) for a larger
-    index or one this does not read (version 4): run `git clean` then. Run after the checkout."""
+    index or one this does not read (version 4): run `git clean` then. Run after the checkout.
+
+    It walks folder descriptors and removes under them (never by path): a process of another
+    sandbox holding a folder of the tree open may swap a folder for a link to the host at any
+    moment, and a path would then be followed, as the daemon's user (root), to what it names."""
     tracked = index_paths(index, limit)
     if tracked is None:
         return False
     empty_gitlinks(tree, index.parent, tracked)
     parents = {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}
-    pending = [(tree, "")]
-    while pending:
-        folder, prefix = pending.pop()
-        with os.scandir(folder) as entries:
-            for entry in list(entries):
-                rel = prefix + entry.name
-                if rel == ".git" or rel in tracked:
-                    continue
-                if rel in parents and entry.is_dir(follow_symlinks=False):
-                    pending.append((Path(entry.path), rel + "/"))
-                elif entry.is_dir(follow_symlinks=False):
-                    remove_tree(Path(entry.path))
-                else:
-                    os.unlink(entry.path)
+    pending = [("", os.open(tree, _DIR_FLAGS))]
+    try:
+        while pending:
+            prefix, fd = pending.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+                for name, is_dir in listed:
+                    rel = prefix + name
+                    if rel == ".git" or rel in tracked:
+                        continue
+                    if rel in parents and is_dir:
+                        try:
+                            pending.append((rel + "/", os.open(name, _DIR_FLAGS, dir_fd=fd)))
+                            continue
+                        except OSError as exc:  # swapped for a link since it was listed: removed
+                            if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                                raise
+                    _remove_at(fd, name)
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in pending:
+            os.close(fd)
     return True
 
 
@@ -838,45 +858,59 @@ def empty_gitlinks(tree: Path, git_dir: Path, tracked: dict[str, int] | None = N
     """Make every submodule's folder (a gitlink, which the daemon never fills) an empty real folder:
     neither `git clean` nor `git checkout` looks inside one, so what an action left there would
     reach the next one. `tracked`: the paths of `git_dir`'s index (read here when not given; a
-    version-4 index is read by `git ls-files`)."""
+    version-4 index is read by `git ls-files`). Through folder descriptors, as `clean_untracked`:
+    a link on the way is never followed (one where the folder itself is, is replaced)."""
     if tracked is None:
         found = index_paths(git_dir / "index", 1 << 31)
         tracked = _ls_files_modes(tree, git_dir) if found is None else found
-    for rel, mode in tracked.items():
-        if mode & 0o170000 != GITLINK:
-            continue
-        path = tree / rel
-        if path.is_dir() and not path.is_symlink():
-            for entry in os.scandir(path):
-                remove_tree(Path(entry.path))
-        elif os.path.lexists(path) and all(not p.is_symlink() for p in path.parents if tree in p.parents):
-            remove_tree(path)
-            path.mkdir()
+    links = [rel for rel, mode in tracked.items() if mode & 0o170000 == GITLINK]
+    if not links:
+        return
+    top = os.open(tree, _DIR_FLAGS)
+    try:
+        for rel in links:
+            parent, _, name = rel.rpartition("/")
+            try:
+                fd = _open_under(top, parent)
+            except OSError:  # a folder on the way is not a real one: the clean removes it
+                continue
+            try:
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    inside = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    try:
+                        for entry in os.listdir(inside):
+                            _remove_at(inside, entry)
+                    finally:
+                        os.close(inside)
+                else:
+                    os.unlink(name, dir_fd=fd)
+                    os.mkdir(name, 0o755, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
 
 
 def remove_nested_git(tree: Path, tracked: dict[str, int]) -> None:
     """Remove a `.git` an action left in a tracked folder: `git clean` never removes an entry of that
     name, so the next action's git in that folder would take it for its repository (its config, its
-    hooks: commands of the last action run by the next one). Never through a link: each folder is
-    used only when its real path is the one expected (a racing process may swap it for a link)."""
-    real = os.path.realpath(tree)  # the slot's own path: no action reaches it
-    for folder in {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}:
-        try:
-            fd = os.open(os.path.join(real, folder), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:  # gone, or not a folder (a link to a file): nothing of it is the tree's
-            continue
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != os.path.join(real, folder):  # reached through a link
+    hooks: commands of the last action run by the next one). Through folder descriptors, as
+    `clean_untracked`."""
+    top = os.open(tree, _DIR_FLAGS)
+    try:
+        for folder in {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}:
+            try:
+                fd = _open_under(top, folder)
+            except OSError:  # gone, or a link on the way: nothing of it is the tree's
                 continue
-            st = os.stat(".git", dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(".git", dir_fd=fd)
-            else:
-                os.unlink(".git", dir_fd=fd)
-        except FileNotFoundError:
-            continue
-        finally:
-            os.close(fd)
+            try:
+                _remove_at(fd, ".git")
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
 
 
 def _ls_files_modes(tree: Path, git_dir: Path) -> dict[str, int]:

@@ -653,3 +653,66 @@ def test_the_trees_git_dir_is_never_written_through_a_link_a_racing_process_puts
     assert not target.exists(), "the reset wrote through a link to a file outside the slot"
     with pool.checkout(main) as slot:
         assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
+
+
+SWAPPER = """
+import ctypes, os, shutil, stat, sys
+tree, name, victim = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3]
+libc = ctypes.CDLL(None, use_errno=True)
+
+def kind(n):
+    try:
+        return stat.S_IFMT(os.lstat(n, dir_fd=tree).st_mode)
+    except OSError:
+        return None
+
+while True:  # the folder `name` and a link to the victim's folder trade places, again and again
+    if libc.renameat2(tree, name, tree, b"b.txt", 2) == 0:  # RENAME_EXCHANGE
+        continue
+    try:  # the clean removed one of them: put them back
+        if kind(name) is None and kind("b.txt") == stat.S_IFDIR:
+            os.rename("b.txt", name, src_dir_fd=tree, dst_dir_fd=tree)
+        elif kind(name) == stat.S_IFDIR and kind("b.txt") == stat.S_IFDIR:
+            shutil.rmtree("b.txt", dir_fd=tree)
+        if kind("b.txt") is None:
+            os.symlink(victim, "b.txt", dir_fd=tree)
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("folder", ["src", "lib"])
+def test_the_clean_never_follows_a_folder_swapped_for_a_link(tmp_path: Path, folder: str) -> None:
+    """The in-process clean (and the emptying of a submodule's folder) ran by path as the daemon's
+    user: a process of another sandbox holding the tree open swaps a tracked folder (`src`) or a
+    submodule's (`lib`) for a link to a host folder between the clean's looks, and the clean
+    removed that folder's files. Here it races the clean until it would have; the host folder
+    keeps its file (a clean that meets the swap may fail: the reset then starts the slot afresh)."""
+    tree = tmp_path / "tree"
+    git(tmp_path, "init", "--quiet", "tree")
+    (tree / "src").mkdir()
+    (tree / "src" / "a.txt").write_text("a\n")
+    (tree / "b.txt").write_text("b\n")
+    git(tree, "add", ".")
+    git(tree, "update-index", "--add", "--cacheinfo", f"160000,{'1' * 40},lib")
+    (tree / "lib").mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    (tree / "b.txt").unlink()
+    (tree / "b.txt").symlink_to(victim)
+    held = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(held), folder, str(victim)], pass_fds=(held,))
+    try:
+        for _ in range(10_000):
+            try:
+                gitmod.clean_untracked(tree, tree / ".git" / "index")
+            except OSError:
+                pass
+            if not (victim / "keep").exists():
+                break
+    finally:
+        swapper.kill()
+        swapper.wait()
+        os.close(held)
+    assert (victim / "keep").exists(), "the clean removed a file outside the tree"
