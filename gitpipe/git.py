@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -612,7 +614,7 @@ class WorktreePool:
     def _git(self, slot: Slot, *args: str) -> None:
         subprocess.run(
             # safe.directory: when the daemon is root, the tree belongs to the sandbox's build user
-            ["git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false",
+            [*_no_links_in(slot.tree), "git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false",
              "-c", "safe.directory=*", *args],
             cwd=slot.tree, env=_git_env(slot.git_dir, slot.tree), check=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -683,6 +685,42 @@ def _let_go(slot: Slot) -> None:
         _discard(slot)
     finally:
         os.close(slot.lock_fd)
+
+
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def _no_links_in(tree: Path) -> list[str]:
+    """What runs the daemon's git on `tree` in a mount namespace of its own where the tree is
+    mounted `nosymfollow` (Linux 5.10): no link in it is followed. git checks the folders on a
+    file's way with lstat and then opens it by path; a process of another sandbox holding a
+    folder of the tree open can swap that folder for a link in between, and the checkout
+    (as root) wrote the pushed file's content into the host folder the link names (a cron
+    job). Here the open fails instead (the reset starts the slot afresh). Empty (git runs as
+    it did) where no such namespace can be made: said once in the log."""
+    base = _no_links_base()
+    if not base:
+        return []
+    script = f'{shlex.quote(base[-1])} --bind -o nosymfollow "$0" "$0" && cd "$0" && exec "$@"'
+    return [*base[:-1], "/bin/sh", "-c", script, str(tree)]
+
+
+@functools.cache
+def _no_links_base() -> tuple[str, ...]:
+    unshare = shutil.which("unshare", path=SYSTEM_PATH)
+    if unshare is None:
+        log.warning("unshare (util-linux) not found: the daemon's git follows links a racing action puts in a tree")
+        return ()
+    mount = shutil.which("mount", path=SYSTEM_PATH) or "/usr/bin/mount"
+    base = (unshare, "--mount") if os.geteuid() == 0 else (unshare, "--user", "--map-root-user", "--mount")
+    probe = subprocess.run([*base, "/bin/sh", "-c", f'{shlex.quote(mount)} --bind -o nosymfollow "$0" "$0"', "/usr"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+                           env={"PATH": SYSTEM_PATH})
+    if probe.returncode != 0:
+        log.warning("cannot mount a tree nosymfollow for the daemon's git (%s): it follows links a racing "
+                    "action puts in a tree", probe.stderr.strip() or probe.returncode)
+        return ()
+    return (*base, mount)  # the last: what mounts the tree
 
 
 def _git_env(git_dir: Path, tree: Path | None = None) -> dict[str, str]:

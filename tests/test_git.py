@@ -716,3 +716,47 @@ def test_the_clean_never_follows_a_folder_swapped_for_a_link(tmp_path: Path, fol
         swapper.wait()
         os.close(held)
     assert (victim / "keep").exists(), "the clean removed a file outside the tree"
+
+
+def test_the_daemons_git_never_follows_a_folder_swapped_for_a_link(tmp_path: Path) -> None:
+    """git checks the folders on a file's way with lstat, then opens the file by path: a process of
+    another sandbox holding the tree open swaps a tracked folder for a link to a host folder in
+    between, and the checkout (the daemon's, as root) wrote the pushed file there (a cron job,
+    say). The daemon's git sees the tree mounted nosymfollow: the checkout fails instead."""
+    bare = tmp_path / "b.git"
+    gitmod.create_bare(bare)
+    work = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    (work / "src").mkdir()
+    (work / "src" / "a.txt").write_text("* * * * * root pushed-command\n")
+    (work / "b.txt").write_text("b\n")
+    git(work, "add", ".")
+    git(work, "commit", "--quiet", "-m", "a")
+    git(work, "push", "--quiet", "origin", "HEAD:main")
+    sha = sha_of(work, "HEAD")
+    pool = gitmod.WorktreePool(tmp_path / "work", "b", bare)
+    with pool.checkout(sha) as slot:
+        pass
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    held = os.open(slot.tree, os.O_RDONLY | os.O_DIRECTORY)
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(held), "src", str(victim)], pass_fds=(held,))
+    try:
+        for _ in range(300):
+            try:
+                os.utime(slot.tree / "src" / "a.txt", (1, 1))  # a stat change: the checkout writes it again
+            except OSError:
+                pass
+            try:
+                pool._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
+            except subprocess.CalledProcessError:
+                pass  # it met the swap
+            if list(victim.iterdir()):
+                break
+    finally:
+        swapper.kill()
+        swapper.wait()
+        os.close(held)
+    assert list(victim.iterdir()) == [], "the daemon's git wrote into a folder outside the tree"
+    with pool.checkout(sha) as slot:
+        assert (slot.tree / "src" / "a.txt").read_text() == "* * * * * root pushed-command\n"
