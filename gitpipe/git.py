@@ -524,7 +524,7 @@ class WorktreePool:
                 # First what the last commit does not track: a tracked folder an action replaced by
                 # a link is removed with it, which `git checkout` alone leaves missing; and the
                 # checkout reads a `.gitattributes` the commit lacks from the tree (eol, encoding).
-                self._clean(slot)
+                self._clean(slot, before_checkout=True)
                 self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             self._clean(slot)
             _action_git_dir(slot, self.objects, sha)
@@ -538,9 +538,10 @@ class WorktreePool:
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             _action_git_dir(slot, self.objects, sha)
 
-    def _clean(self, slot: Slot) -> None:
+    def _clean(self, slot: Slot, before_checkout: bool = False) -> None:
         """Remove what the daemon's index does not track from the tree (but its .git); with no index
-        yet (a new slot, one of an earlier layout), everything."""
+        yet (a new slot, one of an earlier layout), everything. `before_checkout`: what `git clean`
+        leaves (a .git in a tracked folder, a submodule's files) steers no checkout: removed after."""
         if not slot.index.is_file():
             with os.scandir(slot.tree) as entries:
                 for entry in list(entries):
@@ -548,6 +549,8 @@ class WorktreePool:
                         remove_tree(Path(entry.path))
         elif not clean_untracked(slot.tree, slot.index):  # a large tree: git walks it faster than Python
             self._git(slot, "clean", "-qffdx")
+            if before_checkout:
+                return
             found = index_paths(slot.index, 1 << 31)
             tracked = _ls_files_modes(slot.tree, slot.git_dir) if found is None else found
             empty_gitlinks(slot.tree, slot.git_dir, tracked)
@@ -938,7 +941,7 @@ def remove_nested_git(tree: Path, tracked: dict[str, int]) -> None:
     `clean_untracked`."""
     top = os.open(tree, _DIR_FLAGS)
     try:
-        for folder in {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}:
+        for folder in _folders(tracked):
             try:
                 fd = _open_under(top, folder)
             except OSError:  # gone, or a link on the way: nothing of it is the tree's
@@ -949,6 +952,17 @@ def remove_nested_git(tree: Path, tracked: dict[str, int]) -> None:
                 os.close(fd)
     finally:
         os.close(top)
+
+
+def _folders(paths: dict[str, int]) -> set[str]:
+    """Every folder on the way to `paths` (not the top)."""
+    found: set[str] = set()
+    for path in paths:
+        folder = path.rpartition("/")[0]
+        while folder and folder not in found:
+            found.add(folder)
+            folder = folder.rpartition("/")[0]
+    return found
 
 
 def _ls_files_modes(tree: Path, git_dir: Path) -> dict[str, int]:
