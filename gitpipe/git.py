@@ -20,9 +20,12 @@ read-only (see `sandbox`).
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
 import logging
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -34,7 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
@@ -518,14 +521,12 @@ class WorktreePool:
         try:
             self._prepare_git_dir(slot)
             if not self._unchanged(slot, sha):  # else the files are those of sha: no git process
-                if slot.index.is_file():
-                    # First what the last commit does not track: a tracked folder an action replaced
-                    # by a link is removed with it, which `git checkout` alone leaves missing.
-                    clean_untracked(slot.tree, slot.index)
+                # First what the last commit does not track: a tracked folder an action replaced by
+                # a link is removed with it, which `git checkout` alone leaves missing; and the
+                # checkout reads a `.gitattributes` the commit lacks from the tree (eol, encoding).
+                self._clean(slot, before_checkout=True)
                 self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
-            if not clean_untracked(slot.tree, slot.index):  # a large tree: git walks it faster than Python
-                self._git(slot, "clean", "-qffdx")
-                empty_gitlinks(slot.tree, slot.git_dir)
+            self._clean(slot)
             _action_git_dir(slot, self.objects, sha)
         except (OSError, subprocess.CalledProcessError, RecursionError):
             # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh. What
@@ -536,6 +537,24 @@ class WorktreePool:
             self._prepare_git_dir(slot)
             self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             _action_git_dir(slot, self.objects, sha)
+
+    def _clean(self, slot: Slot, before_checkout: bool = False) -> None:
+        """Remove what the daemon's index does not track from the tree (but its .git); with no index
+        yet (a new slot, one of an earlier layout), everything. `before_checkout`: what `git clean`
+        leaves (a .git in a tracked folder, a submodule's files) steers no checkout: removed after."""
+        if not slot.index.is_file():
+            with os.scandir(slot.tree) as entries:
+                for entry in list(entries):
+                    if entry.name != ".git":
+                        remove_tree(Path(entry.path))
+        elif not clean_untracked(slot.tree, slot.index):  # a large tree: git walks it faster than Python
+            self._git(slot, "clean", "-qffdx")
+            if before_checkout:
+                return
+            found = index_paths(slot.index, 1 << 31)
+            tracked = _ls_files_modes(slot.tree, slot.git_dir) if found is None else found
+            empty_gitlinks(slot.tree, slot.git_dir, tracked)
+            remove_nested_git(slot.tree, tracked)
 
     def _seal(self, slot: Slot, sha: str, wanted: threading.Event | None = None) -> bool:
         """Remember the stat data of the tracked files as the slot is handed out: exactly `sha`'s.
@@ -598,7 +617,7 @@ class WorktreePool:
     def _git(self, slot: Slot, *args: str) -> None:
         subprocess.run(
             # safe.directory: when the daemon is root, the tree belongs to the sandbox's build user
-            ["git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false",
+            [*_no_links_in(slot.tree), "git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false",
              "-c", "safe.directory=*", *args],
             cwd=slot.tree, env=_git_env(slot.git_dir, slot.tree), check=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -671,6 +690,42 @@ def _let_go(slot: Slot) -> None:
         os.close(slot.lock_fd)
 
 
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def _no_links_in(tree: Path) -> list[str]:
+    """What runs the daemon's git on `tree` in a mount namespace of its own where the tree is
+    mounted `nosymfollow` (Linux 5.10): no link in it is followed. git checks the folders on a
+    file's way with lstat and then opens it by path; a process of another sandbox holding a
+    folder of the tree open can swap that folder for a link in between, and the checkout
+    (as root) wrote the pushed file's content into the host folder the link names (a cron
+    job). Here the open fails instead (the reset starts the slot afresh). Empty (git runs as
+    it did) where no such namespace can be made: said once in the log."""
+    base = _no_links_base()
+    if not base:
+        return []
+    script = f'{shlex.quote(base[-1])} --bind -o nosymfollow "$0" "$0" && cd "$0" && exec "$@"'
+    return [*base[:-1], "/bin/sh", "-c", script, str(tree)]
+
+
+@functools.cache
+def _no_links_base() -> tuple[str, ...]:
+    unshare = shutil.which("unshare", path=SYSTEM_PATH)
+    if unshare is None:
+        log.warning("unshare (util-linux) not found: the daemon's git follows links a racing action puts in a tree")
+        return ()
+    mount = shutil.which("mount", path=SYSTEM_PATH) or "/usr/bin/mount"
+    base = (unshare, "--mount") if os.geteuid() == 0 else (unshare, "--user", "--map-root-user", "--mount")
+    probe = subprocess.run([*base, "/bin/sh", "-c", f'{shlex.quote(mount)} --bind -o nosymfollow "$0" "$0"', "/usr"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+                           env={"PATH": SYSTEM_PATH})
+    if probe.returncode != 0:
+        log.warning("cannot mount a tree nosymfollow for the daemon's git (%s): it follows links a racing "
+                    "action puts in a tree", probe.stderr.strip() or probe.returncode)
+        return ()
+    return (*base, mount)  # the last: what mounts the tree
+
+
 def _git_env(git_dir: Path, tree: Path | None = None) -> dict[str, str]:
     """The environment of the daemon's git on a slot: `git_dir` alone decides (never the tree's
     .git, whatever `cwd` is), no system or global config (a ~/.gitconfig an action wrote must
@@ -685,39 +740,115 @@ def _git_env(git_dir: Path, tree: Path | None = None) -> dict[str, str]:
 def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
     """The tree's .git, for the action (`git log`, `git status` in a job): our config, HEAD at
     `sha`, the objects by alternates, a copy of the daemon's index; nothing else an action left
-    there. Only the action reads it: the daemon's git never does."""
-    git_dir = slot.tree / ".git"
-    if git_dir.is_symlink() or (git_dir.exists() and not git_dir.is_dir()):
-        git_dir.unlink()
-    git_dir.mkdir(exist_ok=True)
-    if _layout_kept(git_dir):  # the common case: only the files are written again
-        for name in ("HEAD", "config", "objects/info/alternates", "index"):
-            (git_dir / name).unlink(missing_ok=True)  # never written through: it may be a hard link now
-    else:
-        for entry in git_dir.iterdir():
-            remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
-            (git_dir / sub).mkdir(parents=True, exist_ok=True)
-    (git_dir / "objects" / "info" / "alternates").write_text(f"{objects}\n")
-    (git_dir / "config").write_text(SLOT_CONFIG)
-    (git_dir / "HEAD").write_text(sha + "\n")
-    shutil.copyfile(slot.index, git_dir / "index")
+    there. Only the action reads it: the daemon's git never does.
+
+    Written through folders opened without following a link, each file made anew (O_EXCL), never
+    by path: a process of another sandbox holding a folder of this tree open may put a link where
+    a name was a moment ago, and a write through it would be the daemon's (root's) anywhere on the
+    host. It makes this fail instead (the reset then starts the slot afresh)."""
+    tree = os.open(slot.tree, _DIR_FLAGS)
+    try:
+        try:
+            if not stat.S_ISDIR(os.stat(".git", dir_fd=tree, follow_symlinks=False).st_mode):
+                os.unlink(".git", dir_fd=tree)
+        except FileNotFoundError:
+            pass
+        try:
+            os.mkdir(".git", 0o755, dir_fd=tree)
+        except FileExistsError:
+            pass
+        git_dir = os.open(".git", _DIR_FLAGS, dir_fd=tree)
+    finally:
+        os.close(tree)
+    try:
+        if not _layout_kept(git_dir):  # else (the common case) only the files are written again
+            for name in os.listdir(git_dir):
+                _remove_at(git_dir, name)
+            for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
+                os.close(_open_under(git_dir, sub, make=True))
+        info = _open_under(git_dir, "objects/info")
+        try:
+            _write_new(info, "alternates", f"{objects}\n".encode())
+        finally:
+            os.close(info)
+        _write_new(git_dir, "config", SLOT_CONFIG.encode())
+        _write_new(git_dir, "HEAD", f"{sha}\n".encode())
+        with open(slot.index, "rb") as index:
+            _write_new(git_dir, "index", index)
+    finally:
+        os.close(git_dir)
 
 
-def _layout_kept(git_dir: Path) -> bool:
-    """Whether a slot's .git holds exactly GIT_DIR_LAYOUT: real folders and regular files, nothing
-    more (an action may have added hooks, config includes, refs, objects, or links anywhere)."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_under(dir_fd: int, rel: str, make: bool = False) -> int:
+    """A folder under the folder `dir_fd`, each step opened without following a link (`make`:
+    made when missing)."""
+    fd = os.dup(dir_fd)
+    try:
+        for part in rel.split("/") if rel else []:
+            if make:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_new(dir_fd: int, name: str, data: bytes | BinaryIO) -> None:
+    """`name` under the folder `dir_fd` made anew with `data`: what was there (a hard link now, a
+    link) is unlinked, never written through; one put back meanwhile makes it fail (EEXIST)."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    with os.fdopen(fd, "wb") as out:
+        if isinstance(data, bytes):
+            out.write(data)
+        else:
+            shutil.copyfileobj(data, out)
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove `name` under the folder `dir_fd`, whatever it is (nothing when it is gone), never
+    following a link. A folder that even so cannot be removed (an unprivileged daemon, an action's
+    `chmod 000`) raises: the reset then starts the slot afresh."""
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)  # by descriptors (shutil.rmtree.avoids_symlink_attacks)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _layout_kept(git_dir: int) -> bool:
+    """Whether a slot's .git (the folder `git_dir`) holds exactly GIT_DIR_LAYOUT: real folders and
+    regular files, nothing more (an action may have added hooks, config includes, refs, objects,
+    or links anywhere)."""
     try:
         for folder, names in GIT_DIR_LAYOUT.items():
-            with os.scandir(git_dir / folder) as entries:
-                found = {e.name: e for e in entries}
-            if set(found) - {"index"} != names - {"index"}:
-                return False
-            for name, entry in found.items():
-                want_dir = f"{folder}/{name}".lstrip("/") in GIT_DIR_LAYOUT
-                if entry.is_symlink() or (entry.is_dir(follow_symlinks=False) != want_dir) or (
-                        not want_dir and not entry.is_file(follow_symlinks=False)):
+            fd = _open_under(git_dir, folder)
+            try:
+                with os.scandir(fd) as entries:
+                    found = {e.name: e for e in entries}
+                if set(found) - {"index"} != names - {"index"}:
                     return False
+                for name, entry in found.items():
+                    want_dir = f"{folder}/{name}".lstrip("/") in GIT_DIR_LAYOUT
+                    if entry.is_symlink() or (entry.is_dir(follow_symlinks=False) != want_dir) or (
+                            not want_dir and not entry.is_file(follow_symlinks=False)):
+                        return False
+            finally:
+                os.close(fd)
     except OSError:
         return False
     return True
@@ -727,26 +858,40 @@ def clean_untracked(tree: Path, index: Path, limit: int = CLEAN_IN_PROCESS) -> b
     """`git clean -ffdx` without a process, for a tree of at most `limit` tracked files: remove
     everything under `tree` (but its .git) that `index` does not track, nested repositories
     and ignored files included, never following a link. False (nothing done) for a larger
-    index or one this does not read (version 4): run `git clean` then. Run after the checkout."""
+    index or one this does not read (version 4): run `git clean` then. Run after the checkout.
+
+    It walks folder descriptors and removes under them (never by path): a process of another
+    sandbox holding a folder of the tree open may swap a folder for a link to the host at any
+    moment, and a path would then be followed, as the daemon's user (root), to what it names."""
     tracked = index_paths(index, limit)
     if tracked is None:
         return False
     empty_gitlinks(tree, index.parent, tracked)
     parents = {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}
-    pending = [(tree, "")]
-    while pending:
-        folder, prefix = pending.pop()
-        with os.scandir(folder) as entries:
-            for entry in list(entries):
-                rel = prefix + entry.name
-                if rel == ".git" or rel in tracked:
-                    continue
-                if rel in parents and entry.is_dir(follow_symlinks=False):
-                    pending.append((Path(entry.path), rel + "/"))
-                elif entry.is_dir(follow_symlinks=False):
-                    remove_tree(Path(entry.path))
-                else:
-                    os.unlink(entry.path)
+    pending = [("", os.open(tree, _DIR_FLAGS))]
+    try:
+        while pending:
+            prefix, fd = pending.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+                for name, is_dir in listed:
+                    rel = prefix + name
+                    if rel == ".git" or rel in tracked:
+                        continue
+                    if rel in parents and is_dir:
+                        try:
+                            pending.append((rel + "/", os.open(name, _DIR_FLAGS, dir_fd=fd)))
+                            continue
+                        except OSError as exc:  # swapped for a link since it was listed: removed
+                            if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                                raise
+                    _remove_at(fd, name)
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in pending:
+            os.close(fd)
     return True
 
 
@@ -754,20 +899,70 @@ def empty_gitlinks(tree: Path, git_dir: Path, tracked: dict[str, int] | None = N
     """Make every submodule's folder (a gitlink, which the daemon never fills) an empty real folder:
     neither `git clean` nor `git checkout` looks inside one, so what an action left there would
     reach the next one. `tracked`: the paths of `git_dir`'s index (read here when not given; a
-    version-4 index is read by `git ls-files`)."""
+    version-4 index is read by `git ls-files`). Through folder descriptors, as `clean_untracked`:
+    a link on the way is never followed (one where the folder itself is, is replaced)."""
     if tracked is None:
         found = index_paths(git_dir / "index", 1 << 31)
         tracked = _ls_files_modes(tree, git_dir) if found is None else found
-    for rel, mode in tracked.items():
-        if mode & 0o170000 != GITLINK:
-            continue
-        path = tree / rel
-        if path.is_dir() and not path.is_symlink():
-            for entry in os.scandir(path):
-                remove_tree(Path(entry.path))
-        elif os.path.lexists(path) and all(not p.is_symlink() for p in path.parents if tree in p.parents):
-            remove_tree(path)
-            path.mkdir()
+    links = [rel for rel, mode in tracked.items() if mode & 0o170000 == GITLINK]
+    if not links:
+        return
+    top = os.open(tree, _DIR_FLAGS)
+    try:
+        for rel in links:
+            parent, _, name = rel.rpartition("/")
+            try:
+                fd = _open_under(top, parent)
+            except OSError:  # a folder on the way is not a real one: the clean removes it
+                continue
+            try:
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    inside = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    try:
+                        for entry in os.listdir(inside):
+                            _remove_at(inside, entry)
+                    finally:
+                        os.close(inside)
+                else:
+                    os.unlink(name, dir_fd=fd)
+                    os.mkdir(name, 0o755, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
+
+
+def remove_nested_git(tree: Path, tracked: dict[str, int]) -> None:
+    """Remove a `.git` an action left in a tracked folder: `git clean` never removes an entry of that
+    name, so the next action's git in that folder would take it for its repository (its config, its
+    hooks: commands of the last action run by the next one). Through folder descriptors, as
+    `clean_untracked`."""
+    top = os.open(tree, _DIR_FLAGS)
+    try:
+        for folder in _folders(tracked):
+            try:
+                fd = _open_under(top, folder)
+            except OSError:  # gone, or a link on the way: nothing of it is the tree's
+                continue
+            try:
+                _remove_at(fd, ".git")
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
+
+
+def _folders(paths: dict[str, int]) -> set[str]:
+    """Every folder on the way to `paths` (not the top)."""
+    found: set[str] = set()
+    for path in paths:
+        folder = path.rpartition("/")[0]
+        while folder and folder not in found:
+            found.add(folder)
+            folder = folder.rpartition("/")[0]
+    return found
 
 
 def _ls_files_modes(tree: Path, git_dir: Path) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -535,3 +536,227 @@ def test_a_prepared_slot_changed_before_its_use_is_reset_again(bare: Path, tmp_p
     with pool.checkout(v1) as slot:  # prepared for another commit: reset to the one asked for
         assert (slot.tree / "src" / "app.py").read_text() == "print('v1')\n"
         assert tree_state(slot.tree)[1] == ""
+
+
+# ---------------------------------------------------------------------------- what a reset must not keep
+
+
+@pytest.fixture
+def big_bare(tmp_path: Path) -> tuple[Path, str]:
+    """A bare repo whose one commit tracks more files than the pool cleans itself (`git clean`
+    cleans its slots) and no .gitattributes; (path, sha)."""
+    path = tmp_path / "big.git"
+    gitmod.create_bare(path)
+    work = tmp_path / "big-clone"
+    git(tmp_path, "clone", "--quiet", str(path), str(work))
+    (work / "src").mkdir()
+    for i in range(gitmod.CLEAN_IN_PROCESS + 1):
+        (work / "src" / f"f{i}.txt").write_text("line\n")
+    (work / "app.py").write_text("print('v1')\n")
+    git(work, "add", ".")
+    git(work, "commit", "--quiet", "-m", "big")
+    git(work, "push", "--quiet", "origin", "HEAD:main")
+    return path, sha_of(work, "HEAD")
+
+
+def test_a_git_dir_left_in_a_large_trees_folder_does_not_reach_the_next_action(big_bare: tuple[Path, str],
+                                                                               tmp_path: Path) -> None:
+    """`git clean` never removes an entry named .git: one an action left in a tracked folder stayed
+    in the slot, and the next action's (another run's) `git` in that folder took it for its
+    repository, running the last action's `core.fsmonitor` command."""
+    bare, sha = big_bare
+    pool = gitmod.WorktreePool(tmp_path / "work", "big", bare)
+    ran = tmp_path / "fsmonitor-ran"
+    with pool.checkout(sha) as slot:
+        git(slot.tree / "src", "init", "--quiet", ".")
+        git(slot.tree / "src", "config", "core.fsmonitor", f"touch {ran}")
+        (slot.tree / "app.py").write_text("print('v1')\n")  # a change: the reset runs git
+    with pool.checkout(sha) as slot:
+        assert not (slot.tree / "src" / ".git").exists()
+        git(slot.tree / "src", "status", "--porcelain")  # what the next action may run there
+        assert not ran.exists()
+        assert git(slot.tree, "rev-parse", "--show-toplevel").stdout.strip() == str(slot.tree)
+
+
+def test_a_gitattributes_left_in_a_large_tree_does_not_steer_the_checkout(big_bare: tuple[Path, str],
+                                                                          tmp_path: Path) -> None:
+    """`git checkout` reads a .gitattributes the commit lacks from the tree: one an action left
+    (a large tree was cleaned only after the checkout) turned the next action's files into what
+    the commit does not hold (CRLF line ends here; an encoding, `ident`)."""
+    bare, sha = big_bare
+    pool = gitmod.WorktreePool(tmp_path / "work", "big", bare)
+    with pool.checkout(sha) as slot:
+        (slot.tree / ".gitattributes").write_text("* eol=crlf\n")
+        (slot.tree / "src" / ".gitattributes").write_text("* working-tree-encoding=UTF-16\n")
+        for name in ("app.py", "src/f0.txt"):
+            os.utime(slot.tree / name, (1, 1))  # a stat change: the checkout writes it again
+    with pool.checkout(sha) as slot:
+        assert (slot.tree / "app.py").read_bytes() == b"print('v1')\n"
+        assert (slot.tree / "src" / "f0.txt").read_bytes() == b"line\n"
+        assert git(slot.tree, "status", "--porcelain", "--ignored").stdout == ""
+
+
+def test_a_slot_of_the_earlier_layout_is_emptied_before_its_first_checkout(bare: Path, tmp_path: Path) -> None:
+    """A slot made before the daemon's git dir was beside its tree (its index in tree/.git and in
+    <slot>/index) has no index the daemon trusts: its tree is emptied before the checkout, so
+    nothing the last action left there (a .gitattributes the checkout would read) stays."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        pass
+    gitmod.remove_tree(slot.git_dir)  # the earlier layout: the index was the tree's
+    shutil.copyfile(slot.tree / ".git" / "index", slot.root / "index")
+    (slot.tree / ".gitattributes").write_text("* eol=crlf\n")
+    (slot.tree / "src" / "left.txt").write_text("x")
+    with pool.checkout(main) as slot:
+        assert (slot.tree / "src" / "app.py").read_bytes() == b"print('v2')\n"
+        assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
+        assert sorted(p.name for p in slot.root.iterdir()) == ["git", "tree"]
+
+
+RACER = """
+import os, sys
+tree, target = int(sys.argv[1]), sys.argv[2]
+while True:  # a link wherever the reset has just removed a name of the tree's .git
+    for name in (".git/index", ".git/config", ".git/HEAD", ".git/objects/info/alternates"):
+        try:
+            os.symlink(target, name, dir_fd=tree)
+        except OSError:
+            pass
+"""
+
+
+def test_the_trees_git_dir_is_never_written_through_a_link_a_racing_process_puts_there(bare: Path,
+                                                                                        tmp_path: Path) -> None:
+    """The reset rewrites the tree's .git (for the action) as the daemon's user. A process of another
+    sandbox holding the tree open can put a link where the reset has just removed a file: writing by
+    path followed it, and the daemon wrote the index (file names of the pusher's choosing) to any
+    file on the host. Here that process holds the tree's folder and races each reset; the file it
+    points at is never written (the reset that meets a link starts the slot afresh)."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    target = tmp_path / "outside"
+    with pool.checkout(main) as slot:
+        pass
+    held = os.open(slot.tree, os.O_RDONLY | os.O_DIRECTORY)
+    racer = subprocess.Popen([sys.executable, "-c", RACER, str(held), str(target)], pass_fds=(held,))
+    try:
+        for _ in range(300):
+            with pool.checkout(main):
+                pass
+            if target.exists():
+                break
+    finally:
+        racer.kill()
+        racer.wait()
+        os.close(held)
+    assert not target.exists(), "the reset wrote through a link to a file outside the slot"
+    with pool.checkout(main) as slot:
+        assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
+
+
+SWAPPER = """
+import ctypes, os, shutil, stat, sys
+tree, name, victim = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3]
+libc = ctypes.CDLL(None, use_errno=True)
+
+def kind(n):
+    try:
+        return stat.S_IFMT(os.lstat(n, dir_fd=tree).st_mode)
+    except OSError:
+        return None
+
+while True:  # the folder `name` and a link to the victim's folder trade places, again and again
+    if libc.renameat2(tree, name, tree, b"b.txt", 2) == 0:  # RENAME_EXCHANGE
+        continue
+    try:  # the clean removed one of them: put them back
+        if kind(name) is None and kind("b.txt") == stat.S_IFDIR:
+            os.rename("b.txt", name, src_dir_fd=tree, dst_dir_fd=tree)
+        elif kind(name) == stat.S_IFDIR and kind("b.txt") == stat.S_IFDIR:
+            shutil.rmtree("b.txt", dir_fd=tree)
+        if kind("b.txt") is None:
+            os.symlink(victim, "b.txt", dir_fd=tree)
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("folder", ["src", "lib"])
+def test_the_clean_never_follows_a_folder_swapped_for_a_link(tmp_path: Path, folder: str) -> None:
+    """The in-process clean (and the emptying of a submodule's folder) ran by path as the daemon's
+    user: a process of another sandbox holding the tree open swaps a tracked folder (`src`) or a
+    submodule's (`lib`) for a link to a host folder between the clean's looks, and the clean
+    removed that folder's files. Here it races the clean until it would have; the host folder
+    keeps its file (a clean that meets the swap may fail: the reset then starts the slot afresh)."""
+    tree = tmp_path / "tree"
+    git(tmp_path, "init", "--quiet", "tree")
+    (tree / "src").mkdir()
+    (tree / "src" / "a.txt").write_text("a\n")
+    (tree / "b.txt").write_text("b\n")
+    git(tree, "add", ".")
+    git(tree, "update-index", "--add", "--cacheinfo", f"160000,{'1' * 40},lib")
+    (tree / "lib").mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    (tree / "b.txt").unlink()
+    (tree / "b.txt").symlink_to(victim)
+    held = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(held), folder, str(victim)], pass_fds=(held,))
+    try:
+        for _ in range(10_000):
+            try:
+                gitmod.clean_untracked(tree, tree / ".git" / "index")
+            except OSError:
+                pass
+            if not (victim / "keep").exists():
+                break
+    finally:
+        swapper.kill()
+        swapper.wait()
+        os.close(held)
+    assert (victim / "keep").exists(), "the clean removed a file outside the tree"
+
+
+def test_the_daemons_git_never_follows_a_folder_swapped_for_a_link(tmp_path: Path) -> None:
+    """git checks the folders on a file's way with lstat, then opens the file by path: a process of
+    another sandbox holding the tree open swaps a tracked folder for a link to a host folder in
+    between, and the checkout (the daemon's, as root) wrote the pushed file there (a cron job,
+    say). The daemon's git sees the tree mounted nosymfollow: the checkout fails instead."""
+    bare = tmp_path / "b.git"
+    gitmod.create_bare(bare)
+    work = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    (work / "src").mkdir()
+    (work / "src" / "a.txt").write_text("* * * * * root pushed-command\n")
+    (work / "b.txt").write_text("b\n")
+    git(work, "add", ".")
+    git(work, "commit", "--quiet", "-m", "a")
+    git(work, "push", "--quiet", "origin", "HEAD:main")
+    sha = sha_of(work, "HEAD")
+    pool = gitmod.WorktreePool(tmp_path / "work", "b", bare)
+    with pool.checkout(sha) as slot:
+        pass
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    held = os.open(slot.tree, os.O_RDONLY | os.O_DIRECTORY)
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(held), "src", str(victim)], pass_fds=(held,))
+    try:
+        for _ in range(300):
+            try:
+                os.utime(slot.tree / "src" / "a.txt", (1, 1))  # a stat change: the checkout writes it again
+            except OSError:
+                pass
+            try:
+                pool._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
+            except subprocess.CalledProcessError:
+                pass  # it met the swap
+            if list(victim.iterdir()):
+                break
+    finally:
+        swapper.kill()
+        swapper.wait()
+        os.close(held)
+    assert list(victim.iterdir()) == [], "the daemon's git wrote into a folder outside the tree"
+    with pool.checkout(sha) as slot:
+        assert (slot.tree / "src" / "a.txt").read_text() == "* * * * * root pushed-command\n"
