@@ -174,14 +174,16 @@ def test_an_action_starts_the_sandbox_and_no_git_process_on_an_unchanged_tree(ho
 
     assert more_of("/bash") == 9 and more_of("/bwrap") == 9 and more_of("/setpriv") == 9
     assert more_of("/env") == 0  # only a pipeline that sets loader variables pays for `env` (UNSECURE_ENV)
-    assert more_of("/sh") == 0
     # One per slot at most: a reset whose files were written in the clock tick the slot was handed
     # out in cannot be sealed; the first action's slot, wanted at once, is not kept a tick for its seal.
     assert more_of("/git") <= 2
+    # Each git of the daemon's runs in a mount namespace where the tree follows no link (git._no_links_in):
+    # unshare, sh, mount, then git. No `sh` is a sandbox's: none joins an attempt's cgroup first.
+    assert more_of("/unshare") == more_of("/sh") == more_of("/mount") == more_of("/git")
     # One launcher parked per run, whatever its length (gitpipe/launcher.py); one inside each sandbox
     # made ahead (Sandbox.ready), which becomes that action's bash: none is made and left unused.
     assert more_of("/perl") == 9
-    assert len(more) - len(base) == 9 * 4 + more_of("/git"), (base, more)
+    assert len(more) - len(base) == 9 * 4 + 4 * more_of("/git"), (base, more)
 
 
 def test_a_push_to_a_running_daemon_starts_no_python(home: Home, tmp_path: Path) -> None:
