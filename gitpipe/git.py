@@ -1050,7 +1050,13 @@ def remove_tree(path: Path) -> None:
     stack. What even `rm -rf` cannot remove is renamed aside, so a slot is never lost.
     """
 
-    def onerror(func, p, _exc):  # type: ignore[no-untyped-def]
+    def onerror(func, p, exc):  # type: ignore[no-untyped-def]
+        # Only a mode an action set (chmod 000) is worth a retry, and only for a daemon a mode can
+        # stop: root's rmtree fails only when a process races it (ENOENT, ENOTDIR), and a retry by
+        # path would follow the link such a process may have put on the way. What is left is
+        # moved aside below.
+        if not isinstance(exc[1], PermissionError) or os.geteuid() == 0:
+            return
         try:
             os.chmod(os.path.dirname(p), stat.S_IRWXU)  # a real directory: rmtree entered it
             if not os.path.islink(p):
