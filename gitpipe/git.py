@@ -41,7 +41,9 @@ from typing import BinaryIO, Protocol
 
 from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
+from gitpipe.fdtree import DIR_FLAGS, open_under
 from gitpipe.refs import short_ref
+from gitpipe.switch import same_content, switch
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -371,7 +373,9 @@ class WorktreePool:
     """
 
     # slot root -> (commit, stat data of its tracked files when the slot was handed out)
-    _sealed: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {}
+    # (racy: the kernel time the slot was handed out at, when that was within the tick its files
+    # were written in: those files are checked by their content as well, see _intact)
+    _sealed: dict[str, tuple[str, dict[str, tuple[int, ...]], int | None]] = {}
     _sealed_lock = threading.Lock()
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path,
@@ -520,12 +524,18 @@ class WorktreePool:
             slot.ahead = _made(during, slot)
         try:
             self._prepare_git_dir(slot)
-            if not self._unchanged(slot, sha):  # else the files are those of sha: no git process
+            held = self._intact(slot)
+            if held != sha:  # else the files are those of sha: no git process
                 # First what the last commit does not track: a tracked folder an action replaced by
                 # a link is removed with it, which `git checkout` alone leaves missing; and the
                 # checkout reads a `.gitattributes` the commit lacks from the tree (eol, encoding).
                 self._clean(slot, before_checkout=True)
-                self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
+                # The files of the commit it held exactly: only what changed is written, in this
+                # process (a push's few files), else by git.
+                if held is not None and switch(slot.tree, slot.index, self.objects.parent, held, sha):
+                    (slot.git_dir / "HEAD").write_text(sha + "\n")
+                else:
+                    self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             self._clean(slot)
             _action_git_dir(slot, self.objects, sha)
         except (OSError, subprocess.CalledProcessError, RecursionError):
@@ -564,13 +574,15 @@ class WorktreePool:
         after the kernel's time now (read from a new file's ctime) are not remembered.
 
         `wanted`: set when a run's first action already waits for the slot (a push's first
-        action, its slot reset at intake time). The tick is then not waited for: the slot goes
-        unsealed, and its next reset runs `git checkout` instead of trusting the seal (a process
-        later, off the path from push to exec, rather than a tick now on it). Later actions
-        keep waiting the tick: each slot is then sealed once, and never runs git again for
-        the same commit. The slot is handed over as it is,
+        action, its slot reset at intake time). The tick is then not waited for: the slot is
+        sealed racy (its files written in this tick are checked by their content too when it
+        is next reset, as git checks a racily clean file), rather than a tick on the path from
+        push to exec. Later actions keep waiting the tick: each slot is then sealed once, and
+        never runs git again for the same commit. The slot is handed over as it is,
         like one reset by the checkout itself: True."""
-        found = tree_stat(slot.tree, slot.index, racy_ns=_kernel_now(slot.root))
+        now = _kernel_now(slot.root)
+        found = tree_stat(slot.tree, slot.index, racy_ns=now)
+        racy: int | None = None
         gave_way = False
         if found is None and tree_stat(slot.tree, slot.index) is not None:
             # Only racy: the reset and settle wrote in this clock tick. One tick later every
@@ -582,22 +594,29 @@ class WorktreePool:
                 found = tree_stat(slot.tree, slot.index, racy_ns=_kernel_now(slot.root))
             else:
                 gave_way = True
+                found, racy = tree_stat(slot.tree, slot.index), now
         with self._sealed_lock:
             if found is None:
                 self._sealed.pop(str(slot.root), None)
             else:
-                self._sealed[str(slot.root)] = (sha, found)
+                self._sealed[str(slot.root)] = (sha, found, racy)
         return gave_way
 
-    def _unchanged(self, slot: Slot, sha: str) -> bool:
-        """Whether the slot still holds the files of `sha` exactly, as handed out last time (no
-        tracked file changed, by its stat data), with the index saved then (_prepare_git_dir
-        never changed). Untracked files are cleaned after."""
+    def _intact(self, slot: Slot) -> str | None:
+        """The commit whose files the slot still holds exactly, as handed out last time (no
+        tracked file changed, by its stat data), its index as it was then; None when not known.
+        What is untracked is cleaned after."""
         with self._sealed_lock:
             sealed = self._sealed.pop(str(slot.root), None)
-        if sealed is None or sealed[0] != sha or not slot.index.is_file():
-            return False
-        return tree_stat(slot.tree, slot.index) == sealed[1]
+        if sealed is None or not slot.index.is_file():
+            return None
+        sha, found, racy = sealed
+        if tree_stat(slot.tree, slot.index) != found:
+            return None
+        # Files written in the tick the slot was handed out in: a change in that same tick keeps
+        # their stat data (but the inode, mode and owner), not their content.
+        written = [path for path, st in found.items() if racy is not None and max(st[6], st[7]) >= racy]
+        return sha if not written or same_content(slot.tree, slot.index, written) else None
 
     def _prepare_git_dir(self, slot: Slot) -> None:
         """The daemon's git directory for the slot: made once (this user's alone, outside every
@@ -746,7 +765,7 @@ def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
     by path: a process of another sandbox holding a folder of this tree open may put a link where
     a name was a moment ago, and a write through it would be the daemon's (root's) anywhere on the
     host. It makes this fail instead (the reset then starts the slot afresh)."""
-    tree = os.open(slot.tree, _DIR_FLAGS)
+    tree = os.open(slot.tree, DIR_FLAGS)
     try:
         try:
             if not stat.S_ISDIR(os.stat(".git", dir_fd=tree, follow_symlinks=False).st_mode):
@@ -757,7 +776,7 @@ def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
             os.mkdir(".git", 0o755, dir_fd=tree)
         except FileExistsError:
             pass
-        git_dir = os.open(".git", _DIR_FLAGS, dir_fd=tree)
+        git_dir = os.open(".git", DIR_FLAGS, dir_fd=tree)
     finally:
         os.close(tree)
     try:
@@ -765,8 +784,8 @@ def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
             for name in os.listdir(git_dir):
                 _remove_at(git_dir, name)
             for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
-                os.close(_open_under(git_dir, sub, make=True))
-        info = _open_under(git_dir, "objects/info")
+                os.close(open_under(git_dir, sub, make=True))
+        info = open_under(git_dir, "objects/info")
         try:
             _write_new(info, "alternates", f"{objects}\n".encode())
         finally:
@@ -777,29 +796,6 @@ def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
             _write_new(git_dir, "index", index)
     finally:
         os.close(git_dir)
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _open_under(dir_fd: int, rel: str, make: bool = False) -> int:
-    """A folder under the folder `dir_fd`, each step opened without following a link (`make`:
-    made when missing)."""
-    fd = os.dup(dir_fd)
-    try:
-        for part in rel.split("/") if rel else []:
-            if make:
-                try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    pass
-            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _write_new(dir_fd: int, name: str, data: bytes | BinaryIO) -> None:
@@ -836,7 +832,7 @@ def _layout_kept(git_dir: int) -> bool:
     or links anywhere)."""
     try:
         for folder, names in GIT_DIR_LAYOUT.items():
-            fd = _open_under(git_dir, folder)
+            fd = open_under(git_dir, folder)
             try:
                 with os.scandir(fd) as entries:
                     found = {e.name: e for e in entries}
@@ -868,7 +864,7 @@ def clean_untracked(tree: Path, index: Path, limit: int = CLEAN_IN_PROCESS) -> b
         return False
     empty_gitlinks(tree, index.parent, tracked)
     parents = {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}
-    pending = [("", os.open(tree, _DIR_FLAGS))]
+    pending = [("", os.open(tree, DIR_FLAGS))]
     try:
         while pending:
             prefix, fd = pending.pop()
@@ -881,7 +877,7 @@ def clean_untracked(tree: Path, index: Path, limit: int = CLEAN_IN_PROCESS) -> b
                         continue
                     if rel in parents and is_dir:
                         try:
-                            pending.append((rel + "/", os.open(name, _DIR_FLAGS, dir_fd=fd)))
+                            pending.append((rel + "/", os.open(name, DIR_FLAGS, dir_fd=fd)))
                             continue
                         except OSError as exc:  # swapped for a link since it was listed: removed
                             if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
@@ -907,17 +903,17 @@ def empty_gitlinks(tree: Path, git_dir: Path, tracked: dict[str, int] | None = N
     links = [rel for rel, mode in tracked.items() if mode & 0o170000 == GITLINK]
     if not links:
         return
-    top = os.open(tree, _DIR_FLAGS)
+    top = os.open(tree, DIR_FLAGS)
     try:
         for rel in links:
             parent, _, name = rel.rpartition("/")
             try:
-                fd = _open_under(top, parent)
+                fd = open_under(top, parent)
             except OSError:  # a folder on the way is not a real one: the clean removes it
                 continue
             try:
                 if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-                    inside = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    inside = os.open(name, DIR_FLAGS, dir_fd=fd)
                     try:
                         for entry in os.listdir(inside):
                             _remove_at(inside, entry)
@@ -939,11 +935,11 @@ def remove_nested_git(tree: Path, tracked: dict[str, int]) -> None:
     name, so the next action's git in that folder would take it for its repository (its config, its
     hooks: commands of the last action run by the next one). Through folder descriptors, as
     `clean_untracked`."""
-    top = os.open(tree, _DIR_FLAGS)
+    top = os.open(tree, DIR_FLAGS)
     try:
         for folder in _folders(tracked):
             try:
-                fd = _open_under(top, folder)
+                fd = open_under(top, folder)
             except OSError:  # gone, or a link on the way: nothing of it is the tree's
                 continue
             try:

@@ -371,10 +371,11 @@ def test_a_slot_reset_to_the_same_commit_starts_no_git_process(bare: Path, tmp_p
                     sys.executable, "-c", RESETS, str(tmp_path / "work"), str(bare), *[main] * 5, v1],
                    check=True, capture_output=True)
     gits = [line for line in out.read_text().splitlines() if "/git\"" in line]
-    # The first reset and v1's check out; of the four resets to main between, at most one does:
-    # files git wrote in the same clock tick as the slot was handed out are not trusted to
-    # their stat data ("racy"), so that reset checks them out once more.
-    assert 2 <= sum("checkout" in line for line in gits) <= 3, len(gits)
+    # The first reset checks out; of the four resets to main after it, at most one does: files
+    # git wrote in the same clock tick as the slot was handed out are not trusted to their stat
+    # data ("racy"), so that reset checks them out once more. v1's is moved in process from the
+    # sealed main (gitpipe.switch: its objects are loose).
+    assert 1 <= sum("checkout" in line for line in gits) <= 2, len(gits)
     assert not any('"clean"' in line for line in gits)
 
 

@@ -1,0 +1,202 @@
+"""gitpipe.switch: a slot moved from one commit to the next in the daemon's process leaves what
+`git checkout` leaves, leaves to git what it does not take on, and follows no link."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import git
+
+from gitpipe import git as gitmod
+from gitpipe.switch import same_content, switch
+
+
+def commit(work: Path, files: dict[str, str | None], modes: dict[str, int] | None = None,
+           links: dict[str, str] | None = None) -> str:
+    """Commit `files` (None removes one), executables and links in the clone `work`; its id."""
+    for rel, text in files.items():
+        path = work / rel
+        if text is None:
+            git(work, "rm", "-rq", rel)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            path.unlink()
+        path.write_text(text)
+    for rel, mode in (modes or {}).items():
+        (work / rel).chmod(mode)
+    for rel, target in (links or {}).items():
+        if os.path.lexists(work / rel):
+            (work / rel).unlink()
+        (work / rel).symlink_to(target)
+    git(work, "add", "-A")
+    git(work, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "c")
+    git(work, "push", "-q", "origin", "HEAD:refs/heads/main")
+    return git(work, "rev-parse", "HEAD").stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, Path]:
+    bare = tmp_path / "app.git"
+    gitmod.create_bare(bare)
+    work = tmp_path / "work"
+    git(tmp_path, "clone", "-q", str(bare), str(work))
+    return bare, work
+
+
+def state(tree: Path) -> dict[str, tuple[str, str]]:
+    """Every path under `tree` but .git: its kind and mode, and its content or link target."""
+    found = {}
+    for path in sorted(tree.rglob("*")):
+        rel = str(path.relative_to(tree))
+        if rel == ".git" or rel.startswith(".git/"):
+            continue
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            found[rel] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            found[rel] = ("dir", "")
+        else:
+            found[rel] = (f"file {'x' if st.st_mode & 0o100 else '-'}", path.read_text())
+    return found
+
+
+def daemon_git(slot: gitmod.Slot, *args: str) -> str:
+    env = gitmod._git_env(slot.git_dir, slot.tree)
+    return subprocess.run(["git", "-c", "safe.directory=*", *args], cwd=slot.tree, env=env, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_a_pushed_change_is_written_in_process_as_git_checkout_writes_it(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n", "dir/b.txt": "b\n", "dir/sub/c.txt": "c\n", "run.sh": "echo\n",
+                          "gone/x.txt": "x\n", "gone/deeper/y.txt": "y\n", "keep/z.txt": "z\n"},
+                   modes={"run.sh": 0o755}, links={"link": "a.txt"})
+    second = commit(work, {"a.txt": "a, changed\n", "dir/b.txt": None, "gone/x.txt": None, "gone/deeper/y.txt": None,
+                           "new/deep/n.txt": "n\n", "tool": "#!/bin/sh\n", "keep/z.txt": "z\n"},
+                    modes={"run.sh": 0o644, "tool": 0o755}, links={"link": "dir", "new/up": "../a.txt"})
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        pass
+    assert switch(slot.tree, slot.index, bare, first, second)
+    fresh = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", str(bare), str(fresh))
+    git(fresh, "checkout", "-q", second)
+    assert state(slot.tree) == state(fresh)
+    assert not (slot.tree / "gone").exists(), "a folder whose files all went goes too, as with git"
+    listed = daemon_git(slot, "ls-files", "-s")
+    assert listed == git(fresh, "ls-files", "-s").stdout  # modes, blobs and paths of the index
+    (slot.git_dir / "HEAD").write_text(second + "\n")
+    assert daemon_git(slot, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_the_pool_moves_a_sealed_slot_to_the_next_commit_in_process(repo: tuple[Path, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reset of a slot sealed at the commit before: its files moved in process (no git on the
+    daemon's PATH while it runs), and the next action gets exactly the pushed commit's files, its
+    git telling the same."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n", "src/app.py": "v1\n"})
+    second = commit(work, {"src/app.py": "v2\n", "src/new.py": "new\n"})
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        pass
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    with pool.checkout(second) as slot:
+        monkeypatch.undo()
+        assert (slot.tree / "src" / "app.py").read_text() == "v2\n"
+        assert (slot.tree / "src" / "new.py").read_text() == "new\n"
+        assert git(slot.tree, "rev-parse", "HEAD").stdout.strip() == second
+        assert git(slot.tree, "status", "--porcelain", "--untracked-files=all").stdout == ""
+        assert daemon_git(slot, "rev-parse", "HEAD").strip() == second
+
+
+@pytest.mark.parametrize("case", ["gitattributes", "submodule", "packed", "file-to-folder"])
+def test_what_it_does_not_take_on_is_left_to_git_untouched(repo: tuple[Path, Path], tmp_path: Path, case: str) -> None:
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n", "d": "a file\n"})
+    if case == "gitattributes":
+        second = commit(work, {".gitattributes": "*.txt eol=crlf\n", "a.txt": "b\n"})
+    elif case == "submodule":
+        git(work, "update-index", "--add", "--cacheinfo", f"160000,{first},lib")
+        git(work, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "sub")
+        git(work, "push", "-q", "origin", "HEAD:refs/heads/main")
+        second = git(work, "rev-parse", "HEAD").stdout.strip()
+    elif case == "packed":
+        second = commit(work, {"a.txt": "b\n"})
+        git(bare, "gc", "-q")
+    else:
+        second = commit(work, {"d": None, "d/inside.txt": "now a folder\n"})
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        before = state(slot.tree)
+        index = slot.index.read_bytes()
+    assert not switch(slot.tree, slot.index, bare, first, second)
+    assert state(slot.tree) == before and slot.index.read_bytes() == index
+    with pool.checkout(second) as slot:  # git does it
+        assert daemon_git(slot, "status", "--porcelain") == ""
+        assert daemon_git(slot, "rev-parse", "HEAD").strip() == second
+
+
+def test_a_folder_swapped_for_a_link_is_never_written_through(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """What a process of another sandbox holding a folder of the tree open can do at any moment:
+    the move writes nothing through the link, and fails (the reset then starts the slot afresh)."""
+    bare, work = repo
+    first = commit(work, {"dir/b.txt": "b\n", "top.txt": "t\n"})
+    second = commit(work, {"dir/b.txt": "root would write this\n", "dir/new.txt": "n\n"})
+    outside = tmp_path / "host"
+    outside.mkdir()
+    (outside / "b.txt").write_text("the host's\n")
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        pass
+    subprocess.run(["rm", "-rf", str(slot.tree / "dir")], check=True)
+    (slot.tree / "dir").symlink_to(outside)
+    with pytest.raises(OSError):
+        switch(slot.tree, slot.index, bare, first, second)
+    assert (outside / "b.txt").read_text() == "the host's\n" and sorted(p.name for p in outside.iterdir()) == ["b.txt"]
+
+
+def racy_seal(pool: gitmod.WorktreePool, slot: gitmod.Slot, sha: str) -> None:
+    """Seal `slot` as a push's first action takes it: its files written in this clock tick (one
+    touched now), the action already waiting (no tick waited for)."""
+    wanted = threading.Event()
+    wanted.set()
+    for _ in range(5):  # the touch and the seal's look fall in one tick but for a tick's edge
+        os.utime(slot.tree / "a.txt")
+        if pool._seal(slot, sha, wanted):
+            assert pool._sealed[str(slot.root)][2] is not None
+            return
+    raise AssertionError("the seal never gave way")
+
+
+def test_a_pushed_runs_first_slot_moves_in_process_at_the_next_push(repo: tuple[Path, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push's first action takes its slot at once, without the clock tick a seal waits for
+    (WorktreePool._seal): the slot is sealed racy, and its files written in that tick are checked
+    by their content at its next reset. Unchanged, the next push's commit is moved into it in
+    process; a file changed in that tick, keeping its size and times, is told by its content."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n", "src/app.py": "v1\n"})
+    second = commit(work, {"src/app.py": "v2\n"})
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        pass
+    racy_seal(pool, slot, first)
+    assert same_content(slot.tree, slot.index, ["a.txt", "src/app.py"])
+    st = (slot.tree / "a.txt").stat()
+    (slot.tree / "a.txt").write_text("b\n")  # as long as "a\n", its times set back
+    os.utime(slot.tree / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not same_content(slot.tree, slot.index, ["a.txt"])
+    (slot.tree / "a.txt").write_text("a\n")
+    racy_seal(pool, slot, first)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    with pool.checkout(second) as again:
+        monkeypatch.undo()
+        assert again.root == slot.root and (again.tree / "src" / "app.py").read_text() == "v2\n"
+        assert git(again.tree, "status", "--porcelain", "--untracked-files=all").stdout == ""
