@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from gitpipe.digest import sha1, sha256
 from gitpipe.errors import UsageError
 from gitpipe.fdtree import DIR_FLAGS, open_under
+from gitpipe.objects import loose
 from gitpipe.refs import short_ref
 from gitpipe.switch import same_content, switch
 
@@ -225,35 +225,10 @@ def _cat_file(git_dir: str | Path, kind: str, name: str) -> bytes | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-_LOOSE_MAX = 4 << 20  # a bigger object (a pushed bomb, or just big) is git's to read
-
-
-def _loose(git_dir: Path, sha: str) -> tuple[str, bytes] | None:
-    """(kind, body) of a loose object, checked against its name; None when it is not loose."""
-    if len(sha) not in (40, 64) or not all(c in "0123456789abcdef" for c in sha):
-        return None
-    try:
-        packed = (git_dir / "objects" / sha[:2] / sha[2:]).read_bytes()
-    except FileNotFoundError:
-        return None
-    inflate = zlib.decompressobj()
-    raw = inflate.decompress(packed, _LOOSE_MAX + 64)
-    if inflate.unconsumed_tail:
-        return None
-    digest = sha1(raw) if len(sha) == 40 else sha256(raw)
-    if digest.hexdigest() != sha:
-        raise ValueError(f"loose object {sha} does not match its name")
-    header, _, body = raw.partition(b"\0")
-    kind, _, size = header.decode("ascii").partition(" ")
-    if int(size) != len(body):
-        raise ValueError(f"loose object {sha} has the wrong size")
-    return kind, body
-
-
 def _loose_path(git_dir: Path, name: str) -> tuple[str, bytes] | None:
     """`sha` or `sha:path` through loose objects only (a commit, its trees, the blob)."""
     sha, colon, path = name.partition(":")
-    found = _loose(git_dir, sha)
+    found = loose(git_dir, sha)
     if found is None or not colon:
         return found
     kind, body = found
@@ -261,14 +236,14 @@ def _loose_path(git_dir: Path, name: str) -> tuple[str, bytes] | None:
         return None
     tree = body[5:body.index(b"\n")].decode("ascii")
     for part in path.split("/"):
-        node = _loose(git_dir, tree)
+        node = loose(git_dir, tree)
         if node is None or node[0] != "tree":
             return None
         entry = _tree_entry(node[1], part.encode(), len(tree) // 2)
         if entry is None:
             return ("missing", b"")  # not in the commit: what `git cat-file` answers with an error
         tree = entry
-    return _loose(git_dir, tree)
+    return loose(git_dir, tree)
 
 
 def _tree_entry(body: bytes, name: bytes, width: int) -> str | None:

@@ -28,13 +28,10 @@ from pathlib import Path
 
 from gitpipe.digest import sha1
 from gitpipe.fdtree import DIR_FLAGS, open_under, write_all
+from gitpipe.objects import loose
 
 MAX_CHANGES = 256  # more: git is as fast, and does it
 REGULAR, EXECUTABLE, LINK, TREE = 0o100644, 0o100755, 0o120000, 0o040000
-
-
-class _GitDoesIt(Exception):
-    """A change this module leaves to git."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +45,10 @@ def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
     """Make `tree`, which holds exactly the files of commit `old` (and nothing untracked), hold
     those of `new`, and `index` (the daemon's, of version 2) track them; `repo`: where the
     objects are. False, having changed nothing, when git must do it."""
-    from gitpipe.git import _loose  # noqa: PLC0415 (git imports this module)
-
     def read(sha: str, kind: str) -> bytes:
-        found = _loose(repo, sha)
+        found = loose(repo, sha)
         if found is None or found[0] != kind:
-            raise _GitDoesIt(f"{sha} is not a loose {kind}")
+            raise ValueError(f"{sha} is not a loose {kind}")
         return found[1]
 
     if len(old) != 40 or len(new) != 40:
@@ -62,7 +57,7 @@ def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
         entries = _index_entries(index.read_bytes())
         changes = _diff(read, _tree_of(read(old, "commit")), _tree_of(read(new, "commit")), "")
         blobs = {c.blob: read(c.blob, "blob") for c in changes if c.blob is not None}
-    except (_GitDoesIt, ValueError):
+    except ValueError:
         return False
     if not changes:
         return True
@@ -80,7 +75,7 @@ def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
 
 def _tree_of(commit: bytes) -> str:
     if not commit.startswith(b"tree "):
-        raise _GitDoesIt("not a commit")
+        raise ValueError("not a commit")
     return commit[5:commit.index(b"\n")].decode("ascii")
 
 
@@ -102,30 +97,30 @@ def _diff(read, old: str | None, new: str | None, prefix: str) -> list[Change]: 
     before = _tree(read(old, "tree")) if old else {}
     after = _tree(read(new, "tree")) if new else {}
     if b".gitattributes" in before or b".gitattributes" in after:
-        raise _GitDoesIt("a .gitattributes on the way")
+        raise ValueError("a .gitattributes on the way")
     changes: list[Change] = []
     for name in sorted(set(before) | set(after)):
         if b"/" in name or b"\0" in name or name in (b"", b".", b"..") or _dot_git(name):
-            raise _GitDoesIt("a name git refuses")
+            raise ValueError("a name git refuses")
         path = prefix + os.fsdecode(name)
         was, now = before.get(name), after.get(name)
         if was == now:
             continue
         kinds = {entry[0] for entry in (was, now) if entry is not None}
         if kinds & {0o160000}:
-            raise _GitDoesIt("a submodule")
+            raise ValueError("a submodule")
         if TREE in kinds:
             if kinds != {TREE}:
-                raise _GitDoesIt("a file becoming a folder, or the other way")
+                raise ValueError("a file becoming a folder, or the other way")
             changes += _diff(read, was[1] if was else None, now[1] if now else None, path + "/")
         elif now is None:
             changes.append(Change(path, None, None))
         elif now[0] in (REGULAR, EXECUTABLE, LINK):
             changes.append(Change(path, now[0], now[1]))
         else:
-            raise _GitDoesIt(f"mode {now[0]:o}")
+            raise ValueError(f"mode {now[0]:o}")
         if len(changes) > MAX_CHANGES:
-            raise _GitDoesIt("many changes")
+            raise ValueError("many changes")
     return changes
 
 

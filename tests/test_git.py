@@ -14,6 +14,7 @@ from helpers import git
 
 from gitpipe import git as gitmod
 from gitpipe.errors import UsageError
+from gitpipe.objects import loose
 
 
 @pytest.fixture
@@ -430,18 +431,18 @@ def test_objects_read_from_loose_files_match_git_cat_file(tmp_path: Path) -> Non
     author, message = gitmod.commit_of(bare, sha) or ("", "")
     assert message == "first\n\nbody\n" and author.endswith("@example.com>")
     # A loose file whose content does not match its name is never believed by the fast path.
-    loose = bare / "objects" / sha[:2] / sha[2:]
-    loose.chmod(0o644)
-    good = loose.read_bytes()
+    stored = bare / "objects" / sha[:2] / sha[2:]
+    stored.chmod(0o644)
+    good = stored.read_bytes()
     import zlib
 
-    loose.write_bytes(zlib.compress(b"commit 5\0evil!"))
+    stored.write_bytes(zlib.compress(b"commit 5\0evil!"))
     with pytest.raises(ValueError, match="does not match its name"):
-        gitmod._loose(bare, sha)
-    loose.write_bytes(good)
+        loose(bare, sha)
+    stored.write_bytes(good)
     # Packed objects: git reads them.
     git(bare, "gc", "-q")
-    assert not loose.exists()
+    assert not stored.exists()
     for kind, name in cases:
         assert gitmod._cat_file(bare, kind, name) == cat(kind, name), name
 
