@@ -66,6 +66,8 @@ def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
         return False
     if not changes:
         return True
+    if any(c.mode == LINK and (not blobs[c.blob or ""] or b"\0" in blobs[c.blob or ""]) for c in changes):
+        return False  # a link target git cuts at its NUL (or cannot make): git's, as it makes it
     if any(c.path not in entries for c in changes if c.mode is None):
         return False  # the index does not say what it should: git knows
     stats = _apply(tree, changes, blobs)

@@ -200,3 +200,26 @@ def test_a_pushed_runs_first_slot_moves_in_process_at_the_next_push(repo: tuple[
         monkeypatch.undo()
         assert again.root == slot.root and (again.tree / "src" / "app.py").read_text() == "v2\n"
         assert git(again.tree, "status", "--porcelain", "--untracked-files=all").stdout == ""
+
+
+def test_a_link_target_holding_a_nul_is_left_to_git(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """A pushed link whose blob holds a NUL (no fsck on receive lets it in): git makes the link
+    to the target cut there; the move in process must not raise from the reset (a ValueError
+    is no OSError: the run failed, its slot half moved), it leaves it to git."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n"})
+    blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=work, input=b"x\0y", capture_output=True,
+                          check=True).stdout.decode().strip()
+    git(work, "update-index", "--add", "--cacheinfo", f"120000,{blob},l")
+    git(work, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "nul")
+    git(work, "push", "-q", "origin", "HEAD:refs/heads/main")
+    second = git(work, "rev-parse", "HEAD").stdout.strip()
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        before = state(slot.tree)
+    assert not switch(slot.tree, slot.index, bare, first, second)
+    assert state(slot.tree) == before
+    with pool.checkout(second) as slot:
+        moved = state(slot.tree)
+    with gitmod.WorktreePool(tmp_path / "fresh", "app", bare).checkout(second) as fresh:
+        assert moved == state(fresh.tree) == {"a.txt": ("file -", "a\n"), "l": ("link", "x")}
