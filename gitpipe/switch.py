@@ -219,7 +219,7 @@ def same_content(tree: Path, index: Path, paths: list[str]) -> bool:
                 if fd is None:
                     return False
                 try:
-                    data = _content(fd, name, int.from_bytes(entry[24:28], "big"))
+                    data = _content(fd, name, int.from_bytes(entry[24:28], "big"), int.from_bytes(entry[36:40], "big"))
                 finally:
                     os.close(fd)
             except OSError:
@@ -231,16 +231,18 @@ def same_content(tree: Path, index: Path, paths: list[str]) -> bool:
     return True
 
 
-def _content(fd: int, name: str, mode: int) -> bytes | None:
+def _content(fd: int, name: str, mode: int, size: int) -> bytes | None:
     """What git hashes of `name` under the folder `fd`: a link's target, a file's bytes; None for
-    anything else there."""
+    anything else there, or a file not of the index's `size` (a process of another sandbox may
+    have put a huge one there since its stat was looked at: never read whole)."""
     if mode == LINK:
         return os.fsencode(os.readlink(name, dir_fd=fd))
     handle = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
     with os.fdopen(handle, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size & 0xFFFFFFFF != size:
             return None
-        return f.read()
+        return f.read(size + 1)  # grown since: more than the index's, which fails its hash
 
 
 # ------------------------------------------------------------------------------ the index

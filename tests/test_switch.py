@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -223,3 +224,24 @@ def test_a_link_target_holding_a_nul_is_left_to_git(repo: tuple[Path, Path], tmp
         moved = state(slot.tree)
     with gitmod.WorktreePool(tmp_path / "fresh", "app", bare).checkout(second) as fresh:
         assert moved == state(fresh.tree) == {"a.txt": ("file -", "a\n"), "l": ("link", "x")}
+
+
+def test_a_huge_file_put_where_a_racy_file_was_is_never_read_whole(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """A process of another sandbox may swap a file written in the seal's tick for a huge
+    (sparse) one after the reset looked at its stat: the content check (as root, in the
+    daemon) reads no more than the index's size of it. Run in a process whose memory is
+    bounded below the file's size: reading it whole fails there."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n"})
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        pass
+    (slot.tree / "a.txt").unlink()
+    with open(slot.tree / "a.txt", "wb") as f:
+        f.truncate(3 << 30)
+    code = ("import resource, sys; from pathlib import Path; from gitpipe.switch import same_content; "
+            "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+            "print(same_content(Path(sys.argv[1]), Path(sys.argv[2]), ['a.txt']))")
+    done = subprocess.run([sys.executable, "-c", code, str(slot.tree), str(slot.index)], capture_output=True,
+                          text=True)
+    assert (done.returncode, done.stdout) == (0, "False\n"), done.stderr
