@@ -30,6 +30,7 @@ from gitpipe.digest import sha1
 from gitpipe.fdtree import DIR_FLAGS, open_under, write_all
 
 MAX_CHANGES = 256  # more: git is as fast, and does it
+MAX_BYTES = 32 << 20  # the changed files' bytes held at once: more (a push of 4 MB bombs) is git's
 REGULAR, EXECUTABLE, LINK, TREE = 0o100644, 0o100755, 0o120000, 0o040000
 
 
@@ -61,7 +62,7 @@ def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
     try:
         entries = _index_entries(index.read_bytes())
         changes = _diff(read, _tree_of(read(old, "commit")), _tree_of(read(new, "commit")), "")
-        blobs = {c.blob: read(c.blob, "blob") for c in changes if c.blob is not None}
+        blobs = _blobs(read, changes)
     except (_GitDoesIt, ValueError):
         return False
     if not changes:
@@ -78,6 +79,20 @@ def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
             entries[change.path] = _entry(change, stats[change.path])
     _write_index(index, entries)
     return True
+
+
+def _blobs(read, changes: list[Change]) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    """The new files' contents by blob id; _GitDoesIt past MAX_BYTES in all (each loose object
+    is bounded, not their sum: 256 pushed bombs of zeros would be a GB in the daemon)."""
+    found: dict[str, bytes] = {}
+    total = 0
+    for change in changes:
+        if change.blob is not None and change.blob not in found:
+            found[change.blob] = read(change.blob, "blob")
+            total += len(found[change.blob])
+            if total > MAX_BYTES:
+                raise _GitDoesIt("many bytes")
+    return found
 
 
 def _tree_of(commit: bytes) -> str:

@@ -14,6 +14,7 @@ import pytest
 from helpers import git
 
 from gitpipe import git as gitmod
+from gitpipe import switch as switch_mod
 from gitpipe.switch import same_content, switch
 
 
@@ -245,3 +246,22 @@ def test_a_huge_file_put_where_a_racy_file_was_is_never_read_whole(repo: tuple[P
     done = subprocess.run([sys.executable, "-c", code, str(slot.tree), str(slot.index)], capture_output=True,
                           text=True)
     assert (done.returncode, done.stdout) == (0, "False\n"), done.stderr
+
+
+def test_a_push_of_many_big_files_is_left_to_git(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """Each loose object read in process is bounded (4 MB), their sum was not: a push of files of
+    zeros (a few KB each, compressed) had the daemon hold them all at once. Past MAX_BYTES,
+    git writes them."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n"})
+    big = (4 << 20) - 4096
+    count = 9  # past MAX_BYTES (32 MB)
+    second = commit(work, {f"zeros/{n}.bin": f"{n}".ljust(big, "0") for n in range(count)})
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        before = state(slot.tree)
+    assert not switch(slot.tree, slot.index, bare, first, second)
+    assert state(slot.tree) == before and count * big > switch_mod.MAX_BYTES
+    with pool.checkout(second) as slot:
+        assert len(list((slot.tree / "zeros").iterdir())) == count
+        assert daemon_git(slot, "status", "--porcelain") == ""
