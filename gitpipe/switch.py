@@ -122,10 +122,10 @@ def _diff(read, old: str | None, new: str | None, prefix: str) -> list[Change]: 
         raise _GitDoesIt("a .gitattributes on the way")
     changes: list[Change] = []
     for name in sorted(set(before) | set(after)):
-        if b"/" in name or b"\0" in name or name in (b"", b".", b"..") or _dot_git(name):
+        was, now = before.get(name), after.get(name)
+        if b"/" in name or b"\0" in name or name in (b"", b".", b"..") or _dot_git(name, now):
             raise _GitDoesIt("a name git refuses")
         path = prefix + os.fsdecode(name)
-        was, now = before.get(name), after.get(name)
         if was == now:
             continue
         kinds = {entry[0] for entry in (was, now) if entry is not None}
@@ -146,11 +146,16 @@ def _diff(read, old: str | None, new: str | None, prefix: str) -> list[Change]: 
     return changes
 
 
-def _dot_git(name: bytes) -> bool:
-    """A name git would take for its own folder on some file system (`.git`, `.GIT.`, `git~1`):
-    git's checkout refuses it (core.protectNTFS, protectHFS); it is left to git."""
+def _dot_git(name: bytes, now: tuple[int, str] | None) -> bool:
+    """A name git may take for its own on some file system, which its checkout refuses
+    (core.protectNTFS, on by default everywhere: `.git`, `.GIT.`, `git~1`, `.git::$INDEX_ALLOCATION`,
+    `.git\\x`), or a `.gitmodules` link (refused as one): left to git, which fails the
+    checkout as it would without the seal. Any name with `~`, `:` or a backslash is git's (its
+    NTFS rules on short names and streams are many)."""
     low = name.lower()
-    return low.rstrip(b". ") == b".git" or low == b"git~1"
+    if any(c in low for c in (b"~", b":", b"\\")) or low.rstrip(b". ") == b".git":
+        return True
+    return now is not None and now[0] == LINK and low.rstrip(b". ") == b".gitmodules"
 
 
 def _apply(tree: Path, changes: list[Change], blobs: dict[str, bytes]) -> dict[str, os.stat_result]:

@@ -265,3 +265,36 @@ def test_a_push_of_many_big_files_is_left_to_git(repo: tuple[Path, Path], tmp_pa
     with pool.checkout(second) as slot:
         assert len(list((slot.tree / "zeros").iterdir())) == count
         assert daemon_git(slot, "status", "--porcelain") == ""
+
+
+def raw_commit(work: Path, parent: str, entries: list[tuple[bytes, bytes, bytes]]) -> str:
+    """Push a commit of one tree written byte by byte (mode, name, content: what no `git add`
+    makes, and no fsck on receive refuses); its id."""
+    def write(kind: str, body: bytes) -> str:
+        return subprocess.run(["git", "hash-object", "-t", kind, "-w", "--literally", "--stdin"], cwd=work,
+                              input=body, capture_output=True, check=True).stdout.decode().strip()
+    tree = write("tree", b"".join(mode + b" " + name + b"\0" + bytes.fromhex(write("blob", data))
+                                  for mode, name, data in entries))
+    sha = git(work, "-c", "user.name=t", "-c", "user.email=t@x", "commit-tree", tree, "-p", parent,
+              "-m", "raw").stdout.strip()
+    git(work, "push", "-q", "origin", f"{sha}:refs/heads/main")
+    return sha
+
+
+@pytest.mark.parametrize("mode, name", [(b"100644", b".git::$INDEX_ALLOCATION"), (b"120000", b".gitmodules"),
+                                        (b"100644", b"GIT~1")])
+def test_a_name_git_refuses_to_check_out_is_left_to_git(repo: tuple[Path, Path], tmp_path: Path, mode: bytes,
+                                                        name: bytes) -> None:
+    """git's checkout refuses these (core.protectNTFS, a `.gitmodules` link): the move in process
+    must not write them either (the run would get files no fresh slot gets), it leaves them to git."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n"})
+    second = raw_commit(work, first, [(b"100644", b"a.txt", b"a\n"), (mode, name, b"/etc/passwd")])
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        before = state(slot.tree)
+    assert not switch(slot.tree, slot.index, bare, first, second)
+    assert state(slot.tree) == before
+    with pytest.raises(subprocess.CalledProcessError, match="git"):
+        with gitmod.WorktreePool(tmp_path / "fresh", "app", bare).checkout(second):
+            pass
