@@ -31,6 +31,7 @@ from gitpipe.fdtree import DIR_FLAGS, open_under, write_all
 from gitpipe.objects import loose
 
 MAX_CHANGES = 256  # more: git is as fast, and does it
+MAX_BYTES = 32 << 20  # the changed files' bytes held at once: more (a push of 4 MB bombs) is git's
 REGULAR, EXECUTABLE, LINK, TREE = 0o100644, 0o100755, 0o120000, 0o040000
 
 
@@ -56,11 +57,13 @@ def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
     try:
         entries = _index_entries(index.read_bytes())
         changes = _diff(read, _tree_of(read(old, "commit")), _tree_of(read(new, "commit")), "")
-        blobs = {c.blob: read(c.blob, "blob") for c in changes if c.blob is not None}
+        blobs = _blobs(read, changes)
     except ValueError:
         return False
     if not changes:
         return True
+    if any(c.mode == LINK and (not blobs[c.blob or ""] or b"\0" in blobs[c.blob or ""]) for c in changes):
+        return False  # a link target git cuts at its NUL (or cannot make): git's, as it makes it
     if any(c.path not in entries for c in changes if c.mode is None):
         return False  # the index does not say what it should: git knows
     stats = _apply(tree, changes, blobs)
@@ -71,6 +74,20 @@ def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
             entries[change.path] = _entry(change, stats[change.path])
     _write_index(index, entries)
     return True
+
+
+def _blobs(read, changes: list[Change]) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    """The new files' contents by blob id; ValueError past MAX_BYTES in all (each loose object
+    is bounded, not their sum: 256 pushed bombs of zeros would be a GB in the daemon)."""
+    found: dict[str, bytes] = {}
+    total = 0
+    for change in changes:
+        if change.blob is not None and change.blob not in found:
+            found[change.blob] = read(change.blob, "blob")
+            total += len(found[change.blob])
+            if total > MAX_BYTES:
+                raise ValueError("many bytes")
+    return found
 
 
 def _tree_of(commit: bytes) -> str:
@@ -100,10 +117,10 @@ def _diff(read, old: str | None, new: str | None, prefix: str) -> list[Change]: 
         raise ValueError("a .gitattributes on the way")
     changes: list[Change] = []
     for name in sorted(set(before) | set(after)):
-        if b"/" in name or b"\0" in name or name in (b"", b".", b"..") or _dot_git(name):
+        was, now = before.get(name), after.get(name)
+        if b"/" in name or b"\0" in name or name in (b"", b".", b"..") or _dot_git(name, now):
             raise ValueError("a name git refuses")
         path = prefix + os.fsdecode(name)
-        was, now = before.get(name), after.get(name)
         if was == now:
             continue
         kinds = {entry[0] for entry in (was, now) if entry is not None}
@@ -124,11 +141,16 @@ def _diff(read, old: str | None, new: str | None, prefix: str) -> list[Change]: 
     return changes
 
 
-def _dot_git(name: bytes) -> bool:
-    """A name git would take for its own folder on some file system (`.git`, `.GIT.`, `git~1`):
-    git's checkout refuses it (core.protectNTFS, protectHFS); it is left to git."""
+def _dot_git(name: bytes, now: tuple[int, str] | None) -> bool:
+    """A name git may take for its own on some file system, which its checkout refuses
+    (core.protectNTFS, on by default everywhere: `.git`, `.GIT.`, `git~1`, `.git::$INDEX_ALLOCATION`,
+    `.git\\x`), or a `.gitmodules` link (refused as one): left to git, which fails the
+    checkout as it would without the seal. Any name with `~`, `:` or a backslash is git's (its
+    NTFS rules on short names and streams are many)."""
     low = name.lower()
-    return low.rstrip(b". ") == b".git" or low == b"git~1"
+    if any(c in low for c in (b"~", b":", b"\\")) or low.rstrip(b". ") == b".git":
+        return True
+    return now is not None and now[0] == LINK and low.rstrip(b". ") == b".gitmodules"
 
 
 def _apply(tree: Path, changes: list[Change], blobs: dict[str, bytes]) -> dict[str, os.stat_result]:
@@ -212,7 +234,7 @@ def same_content(tree: Path, index: Path, paths: list[str]) -> bool:
                 if fd is None:
                     return False
                 try:
-                    data = _content(fd, name, int.from_bytes(entry[24:28], "big"))
+                    data = _content(fd, name, int.from_bytes(entry[24:28], "big"), int.from_bytes(entry[36:40], "big"))
                 finally:
                     os.close(fd)
             except OSError:
@@ -224,16 +246,18 @@ def same_content(tree: Path, index: Path, paths: list[str]) -> bool:
     return True
 
 
-def _content(fd: int, name: str, mode: int) -> bytes | None:
+def _content(fd: int, name: str, mode: int, size: int) -> bytes | None:
     """What git hashes of `name` under the folder `fd`: a link's target, a file's bytes; None for
-    anything else there."""
+    anything else there, or a file not of the index's `size` (a process of another sandbox may
+    have put a huge one there since its stat was looked at: never read whole)."""
     if mode == LINK:
         return os.fsencode(os.readlink(name, dir_fd=fd))
     handle = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
     with os.fdopen(handle, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size & 0xFFFFFFFF != size:
             return None
-        return f.read()
+        return f.read(size + 1)  # grown since: more than the index's, which fails its hash
 
 
 # ------------------------------------------------------------------------------ the index
@@ -260,7 +284,8 @@ def _entry(change: Change, st: os.stat_result) -> bytes:
     """An index entry of version 2 for a file just written."""
     path = os.fsencode(change.path)
     head = b"".join(n.to_bytes(4, "big") for n in (
-        int(st.st_ctime), st.st_ctime_ns % 1_000_000_000, int(st.st_mtime), st.st_mtime_ns % 1_000_000_000,
+        st.st_ctime_ns // 1_000_000_000, st.st_ctime_ns % 1_000_000_000, st.st_mtime_ns // 1_000_000_000,
+        st.st_mtime_ns % 1_000_000_000,
         st.st_dev & 0xFFFFFFFF, st.st_ino & 0xFFFFFFFF, change.mode or 0, st.st_uid, st.st_gid,
         st.st_size & 0xFFFFFFFF))
     body = head + bytes.fromhex(change.blob or "") + min(len(path), 0xFFF).to_bytes(2, "big") + path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from helpers import git
 
 from gitpipe import git as gitmod
+from gitpipe import switch as switch_mod
 from gitpipe.switch import same_content, switch
 
 
@@ -200,3 +202,99 @@ def test_a_pushed_runs_first_slot_moves_in_process_at_the_next_push(repo: tuple[
         monkeypatch.undo()
         assert again.root == slot.root and (again.tree / "src" / "app.py").read_text() == "v2\n"
         assert git(again.tree, "status", "--porcelain", "--untracked-files=all").stdout == ""
+
+
+def test_a_link_target_holding_a_nul_is_left_to_git(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """A pushed link whose blob holds a NUL (no fsck on receive lets it in): git makes the link
+    to the target cut there; the move in process must not raise from the reset (a ValueError
+    is no OSError: the run failed, its slot half moved), it leaves it to git."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n"})
+    blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=work, input=b"x\0y", capture_output=True,
+                          check=True).stdout.decode().strip()
+    git(work, "update-index", "--add", "--cacheinfo", f"120000,{blob},l")
+    git(work, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "nul")
+    git(work, "push", "-q", "origin", "HEAD:refs/heads/main")
+    second = git(work, "rev-parse", "HEAD").stdout.strip()
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        before = state(slot.tree)
+    assert not switch(slot.tree, slot.index, bare, first, second)
+    assert state(slot.tree) == before
+    with pool.checkout(second) as slot:
+        moved = state(slot.tree)
+    with gitmod.WorktreePool(tmp_path / "fresh", "app", bare).checkout(second) as fresh:
+        assert moved == state(fresh.tree) == {"a.txt": ("file -", "a\n"), "l": ("link", "x")}
+
+
+def test_a_huge_file_put_where_a_racy_file_was_is_never_read_whole(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """A process of another sandbox may swap a file written in the seal's tick for a huge
+    (sparse) one after the reset looked at its stat: the content check (as root, in the
+    daemon) reads no more than the index's size of it. Run in a process whose memory is
+    bounded below the file's size: reading it whole fails there."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n"})
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        pass
+    (slot.tree / "a.txt").unlink()
+    with open(slot.tree / "a.txt", "wb") as f:
+        f.truncate(3 << 30)
+    code = ("import resource, sys; from pathlib import Path; from gitpipe.switch import same_content; "
+            "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+            "print(same_content(Path(sys.argv[1]), Path(sys.argv[2]), ['a.txt']))")
+    done = subprocess.run([sys.executable, "-c", code, str(slot.tree), str(slot.index)], capture_output=True,
+                          text=True)
+    assert (done.returncode, done.stdout) == (0, "False\n"), done.stderr
+
+
+def test_a_push_of_many_big_files_is_left_to_git(repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """Each loose object read in process is bounded (4 MB), their sum was not: a push of files of
+    zeros (a few KB each, compressed) had the daemon hold them all at once. Past MAX_BYTES,
+    git writes them."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n"})
+    big = (4 << 20) - 4096
+    count = 9  # past MAX_BYTES (32 MB)
+    second = commit(work, {f"zeros/{n}.bin": f"{n}".ljust(big, "0") for n in range(count)})
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        before = state(slot.tree)
+    assert not switch(slot.tree, slot.index, bare, first, second)
+    assert state(slot.tree) == before and count * big > switch_mod.MAX_BYTES
+    with pool.checkout(second) as slot:
+        assert len(list((slot.tree / "zeros").iterdir())) == count
+        assert daemon_git(slot, "status", "--porcelain") == ""
+
+
+def raw_commit(work: Path, parent: str, entries: list[tuple[bytes, bytes, bytes]]) -> str:
+    """Push a commit of one tree written byte by byte (mode, name, content: what no `git add`
+    makes, and no fsck on receive refuses); its id."""
+    def write(kind: str, body: bytes) -> str:
+        return subprocess.run(["git", "hash-object", "-t", kind, "-w", "--literally", "--stdin"], cwd=work,
+                              input=body, capture_output=True, check=True).stdout.decode().strip()
+    tree = write("tree", b"".join(mode + b" " + name + b"\0" + bytes.fromhex(write("blob", data))
+                                  for mode, name, data in entries))
+    sha = git(work, "-c", "user.name=t", "-c", "user.email=t@x", "commit-tree", tree, "-p", parent,
+              "-m", "raw").stdout.strip()
+    git(work, "push", "-q", "origin", f"{sha}:refs/heads/main")
+    return sha
+
+
+@pytest.mark.parametrize("mode, name", [(b"100644", b".git::$INDEX_ALLOCATION"), (b"120000", b".gitmodules"),
+                                        (b"100644", b"GIT~1")])
+def test_a_name_git_refuses_to_check_out_is_left_to_git(repo: tuple[Path, Path], tmp_path: Path, mode: bytes,
+                                                        name: bytes) -> None:
+    """git's checkout refuses these (core.protectNTFS, a `.gitmodules` link): the move in process
+    must not write them either (the run would get files no fresh slot gets), it leaves them to git."""
+    bare, work = repo
+    first = commit(work, {"a.txt": "a\n"})
+    second = raw_commit(work, first, [(b"100644", b"a.txt", b"a\n"), (mode, name, b"/etc/passwd")])
+    pool = gitmod.WorktreePool(tmp_path / "wt", "app", bare)
+    with pool.checkout(first) as slot:
+        before = state(slot.tree)
+    assert not switch(slot.tree, slot.index, bare, first, second)
+    assert state(slot.tree) == before
+    with pytest.raises(subprocess.CalledProcessError, match="git"):
+        with gitmod.WorktreePool(tmp_path / "fresh", "app", bare).checkout(second):
+            pass
