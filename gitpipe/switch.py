@@ -175,7 +175,7 @@ def _apply(tree: Path, changes: list[Change], blobs: dict[str, bytes]) -> dict[s
                     os.symlink(os.fsdecode(data), name, dir_fd=fd)
                 else:
                     out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                  0o755 if change.mode == EXECUTABLE else 0o644, dir_fd=fd)
+                                  0o777 if change.mode == EXECUTABLE else 0o666, dir_fd=fd)  # less the umask, as git
                     try:
                         write_all(out, data)
                     finally:
