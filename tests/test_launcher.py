@@ -504,9 +504,7 @@ def test_a_daemon_killed_while_making_a_sandbox_ahead_leaves_nothing_behind(tmp_
     assert daemon.returncode == -signal.SIGKILL, daemon.stderr.decode()
     pids = [int(p) for p in json.loads((slot / "pids").read_text())]
     try:
-        # It ends by itself; under the full suite on 2 cores that took over 20 s twice (cause not
-        # found: see the note), where a quiet machine takes under 0.1 s.
-        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids), timeout=90,
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids), timeout=20,
                  what="the sandbox made ahead to end with its daemon")
         assert list((slot / "tree").iterdir()) == []
     finally:
