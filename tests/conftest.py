@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import Home
+
+# Tests stop what they start the way a user does, with Ctrl-C's SIGINT (`gitpipe edit`, a daemon
+# in the foreground). A shell without job control starts a background command (`cmd &`, as a CI
+# runner or nohup may) with SIGINT and SIGQUIT ignored, every process it starts inherits that,
+# and gitpipe, like any well-behaved program, keeps a signal ignored that it was started with:
+# the editor then never stopped, and its tests failed after 20 s. This world starts with both at
+# their defaults, in pytest and in every xdist worker (each imports this file).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 # Enough slots that parallel actions really run in parallel on a 2-core machine; a short
 # grace so a daemon stopped under a running action does not hold a test for 30 s.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -401,6 +402,34 @@ def test_the_browser_is_opened_without_the_token_on_its_command_line(tmp_path: P
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
     assert not Path(argv.strip()[len("file://"):]).exists()  # removed when the editor stopped
+
+
+def test_ctrl_c_while_the_browser_starts_stops_the_editor_cleanly(tmp_path: Path) -> None:
+    """The editor waits for the browser command (webbrowser does, for $BROWSER): a Ctrl-C then
+    stopped it with a traceback's exit status and left the token's page on disk."""
+    started = tmp_path / "started"
+    fake = tmp_path / "slow-browser"
+    fake.write_text(f'#!/bin/sh\necho $$ > {started}.pid\nprintf "%s" "$1" > {started}\n'
+                    'exec sleep 60 </dev/null >/dev/null 2>&1\n')
+    fake.chmod(0o755)
+    file = tmp_path / ".pipeline.toml"
+    file.write_text(ORIGINAL)
+    proc = subprocess.Popen([GITPIPE, "edit", str(file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=base_env(DISPLAY=":99", BROWSER=str(fake), HOME=str(tmp_path)))
+    try:
+        page = Path(wait_for(lambda: started.exists() and started.read_text(), what="the browser to start")[7:])
+        assert page.exists()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        output = proc.stdout.read() if proc.stdout else ""
+        assert "gitpipe edit: stopped" in output and "Traceback" not in output
+        assert not page.parent.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if Path(f"{started}.pid").exists():
+            os.kill(int(Path(f"{started}.pid").read_text()), signal.SIGKILL)
 
 
 def test_a_file_that_is_not_utf8_is_refused_before_serving(tmp_path: Path) -> None:

@@ -244,13 +244,13 @@ def _open(url: str) -> None:
     """Open the browser on a private file that redirects to `url`: the token never shows in
     the browser's command line, which any local user can read in `ps` (as Jupyter does)."""
     folder = Path(tempfile.mkdtemp(prefix="gitpipe-edit-"))  # mode 0700
+    # removed when the editor stops, however early (a Ctrl-C while the browser starts)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     page = folder / "open.html"
     page.write_text(f'<!doctype html><meta http-equiv="refresh" content="0;url={url}">'
                     f'<a href="{url}">open gitpipe edit</a>\n', encoding="utf-8")
     page.chmod(0o600)
-    webbrowser.open(page.as_uri())
-    # the browser reads it at once; removed when the editor stops
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    webbrowser.open(page.as_uri())  # the browser reads it at once
 
 
 def run(path: Path, template: str | None, open_browser: bool, say: Callable[[str], None]) -> None:
@@ -274,9 +274,9 @@ def run(path: Path, template: str | None, open_browser: bool, say: Callable[[str
     say("(the token in the URL is what lets you in; Ctrl-C stops the editor)")
     # While the browser starts: load what the first page needs (the plugin list, the validator).
     threading.Thread(target=app.page, name="warm-up", daemon=True).start()
-    if open_browser and _has_browser():
-        _open(url)
     try:
+        if open_browser and _has_browser():
+            _open(url)  # a Ctrl-C while it waits for the browser stops the editor as well
         server.serve_forever()  # werkzeug's returns on Ctrl-C
     except KeyboardInterrupt:
         pass
