@@ -32,6 +32,21 @@ def open_under(dir_fd: int, rel: str, make: bool = False) -> int:
     return fd
 
 
+def write_new(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """`name` under the folder `dir_fd` made anew with `data` (`mode` less the umask): what was
+    there (a hard link now, a link) is unlinked, never written through; one put back meanwhile
+    makes it fail (EEXIST)."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

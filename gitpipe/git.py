@@ -37,10 +37,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from gitpipe.errors import UsageError
-from gitpipe.fdtree import DIR_FLAGS, open_under
+from gitpipe.fdtree import DIR_FLAGS, open_under, write_new
 from gitpipe.objects import loose
 from gitpipe.refs import short_ref
 from gitpipe.switch import same_content, switch
@@ -762,30 +762,14 @@ def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
                 os.close(open_under(git_dir, sub, make=True))
         info = open_under(git_dir, "objects/info")
         try:
-            _write_new(info, "alternates", f"{objects}\n".encode())
+            write_new(info, "alternates", f"{objects}\n".encode())
         finally:
             os.close(info)
-        _write_new(git_dir, "config", SLOT_CONFIG.encode())
-        _write_new(git_dir, "HEAD", f"{sha}\n".encode())
-        with open(slot.index, "rb") as index:
-            _write_new(git_dir, "index", index)
+        write_new(git_dir, "config", SLOT_CONFIG.encode())
+        write_new(git_dir, "HEAD", f"{sha}\n".encode())
+        write_new(git_dir, "index", slot.index.read_bytes())
     finally:
         os.close(git_dir)
-
-
-def _write_new(dir_fd: int, name: str, data: bytes | BinaryIO) -> None:
-    """`name` under the folder `dir_fd` made anew with `data`: what was there (a hard link now, a
-    link) is unlinked, never written through; one put back meanwhile makes it fail (EEXIST)."""
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-    with os.fdopen(fd, "wb") as out:
-        if isinstance(data, bytes):
-            out.write(data)
-        else:
-            shutil.copyfileobj(data, out)
 
 
 def _remove_at(dir_fd: int, name: str) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gitpipe.digest import sha1
-from gitpipe.fdtree import DIR_FLAGS, open_under, write_all
+from gitpipe.fdtree import DIR_FLAGS, open_under, write_all, write_new
 from gitpipe.objects import loose
 
 MAX_CHANGES = 256  # more: git is as fast, and does it
@@ -164,22 +164,18 @@ def _apply(tree: Path, changes: list[Change], blobs: dict[str, bytes]) -> dict[s
             if fd is None:
                 continue  # its folder is gone, and it with it
             try:
-                try:
-                    os.unlink(name, dir_fd=fd)
-                except FileNotFoundError:
-                    pass
+                if change.mode in (None, LINK):  # write_new unlinks a file's old one itself
+                    try:
+                        os.unlink(name, dir_fd=fd)
+                    except FileNotFoundError:
+                        pass
                 if change.mode is None:
                     continue
                 data = blobs[change.blob or ""]
                 if change.mode == LINK:
                     os.symlink(os.fsdecode(data), name, dir_fd=fd)
-                else:
-                    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                  0o777 if change.mode == EXECUTABLE else 0o666, dir_fd=fd)  # less the umask, as git
-                    try:
-                        write_all(out, data)
-                    finally:
-                        os.close(out)
+                else:  # less the umask, as git makes them
+                    write_new(fd, name, data, 0o777 if change.mode == EXECUTABLE else 0o666)
                 stats[change.path] = os.stat(name, dir_fd=fd, follow_symlinks=False)
             finally:
                 os.close(fd)
