@@ -557,9 +557,10 @@ class WorktreePool:
         like one reset by the checkout itself: True."""
         now = _kernel_now(slot.root)
         found = tree_stat(slot.tree, slot.index, racy_ns=now)
+        whole = tree_stat(slot.tree, slot.index) if found is None else None  # racy files included
         racy: int | None = None
         gave_way = False
-        if found is None and tree_stat(slot.tree, slot.index) is not None:
+        if whole is not None:
             # Only racy: the reset and settle wrote in this clock tick. One tick later every
             # file is older than "now", and the next action in the slot may skip the checkout.
             if wanted is None:
@@ -569,7 +570,7 @@ class WorktreePool:
                 found = tree_stat(slot.tree, slot.index, racy_ns=_kernel_now(slot.root))
             else:
                 gave_way = True
-                found, racy = tree_stat(slot.tree, slot.index), now
+                found, racy = whole, now
         with self._sealed_lock:
             if found is None:
                 self._sealed.pop(str(slot.root), None)
@@ -822,7 +823,7 @@ def clean_untracked(tree: Path, index: Path, limit: int = CLEAN_IN_PROCESS) -> b
     if tracked is None:
         return False
     empty_gitlinks(tree, index.parent, tracked)
-    parents = {p[:i] for p in tracked for i in range(len(p)) if p[i] == "/"}
+    parents = _folders(tracked)
     pending = [("", os.open(tree, DIR_FLAGS))]
     try:
         while pending:
@@ -979,7 +980,7 @@ def tree_stat(tree: Path, index: Path, racy_ns: int | None = None,
     if paths is None:
         return None
     try:
-        for folder in {p[:i] for p in paths for i in range(len(p)) if p[i] == "/"}:
+        for folder in _folders(paths):
             if not stat.S_ISDIR(os.lstat(tree / folder).st_mode):
                 return None
     except (FileNotFoundError, NotADirectoryError):  # an action removed it: a change like any other
