@@ -29,6 +29,7 @@ from gitpipe.backoff import Backoff, RepeatFilter
 from gitpipe.cache import Caches
 from gitpipe.control import ControlServer
 from gitpipe.errors import GitpipeError, PipelineError, TransitionError, UsageError
+from gitpipe.headsup import HeadsUp
 from gitpipe.intakeserver import IntakeServer, older_hooks, record_once
 from gitpipe.models import ActionStatus, Event, RunStatus
 from gitpipe.notify import Notifier
@@ -89,6 +90,9 @@ class Daemon:
         self.workers: dict[int, RunWorker] = {}
         self.early: dict[int, git.WorktreePool] = {}  # run id -> its first worktree, reset since its push
         self.early_lock = threading.Lock()
+        # pushes on their way (hooks/pre-receive): their first sandbox made before they arrive
+        self.heads = HeadsUp(settings.home / "ahead", lambda: getattr(self, "host", None),
+                             lambda: len(self.workers) >= settings.max_parallel)
         self.listeners: list[Callable[[Event], None]] = []
         self.prune_due = True
         self.trust_factory: Callable[[Settings], Trust] = Trust
@@ -139,7 +143,8 @@ class Daemon:
         why_not = self.control.start()
         if why_not:
             log.info("%s", why_not)
-        self.intake = IntakeServer(self.settings, self.store, self.wake.set, self._prepare_early)  # the hooks hand it pushes
+        self.intake = IntakeServer(self.settings, self.store, self.wake.set, self._prepare_early,  # the hooks hand it pushes
+                                   self.heads.answered)
         why_not = self.intake.start()
         if why_not:
             log.warning("%s", why_not)
@@ -156,7 +161,9 @@ class Daemon:
             from gitpipe.cluster.dispatch import Cluster
 
             self.host.cluster = Cluster(self.settings, self.settings.cluster)
-        observer = inotify.observe([self.settings.wake_dir, self.settings.spool_dir], self._heard)
+        observer = inotify.observe([self.settings.wake_dir, self.settings.spool_dir], self._heard,
+                                   also={self.heads.folder: self.heads.heard})
+        self.heads.heard()  # what pushes wrote while no daemon ran (a killed one): removed
         old = self._install_signals()
         log.addFilter(self.repeats)
         hook, threading.excepthook = threading.excepthook, self._thread_died
@@ -175,6 +182,7 @@ class Daemon:
             self._shutdown()
             observer.stop()
             observer.join()
+            self.heads.close()
             self._save_events_seen()
             self.notifier.close()
             self.reporter.close()
@@ -255,7 +263,8 @@ class Daemon:
         ping = watchdog_interval()
         while True:
             due = self.next_due and max(0.0, self.next_due - time.time())
-            waits = [x for x in (ping, due, self.backoff.next_in(), self.repeats.next_flush()) if x is not None]
+            waits = [x for x in (ping, due, self.backoff.next_in(), self.repeats.next_flush(), self.heads.expire())
+                     if x is not None]
             if not self.wake.wait(min(waits) if waits else None):
                 self.foreign.set()  # a timer: look at everything, as a wake file would have it
             self.wake.clear()
@@ -422,11 +431,15 @@ class Daemon:
         the run's first action now, while the loop wakes, claims and plans it (see RunWorker.pool),
         and make that action's sandbox meanwhile from the parked launcher (scheduler.first_ahead;
         `text`: the run's pipeline)."""
+        self.heads.learned(repo, ref, text)
+        early = self.heads.take(repo, ref)  # the slot and sandbox its pre-receive's heads-up made
         host = getattr(self, "host", None)  # the intake listens a moment before the host is made
         if host is None or len(self.workers) >= self.settings.max_parallel:
+            if early is not None:
+                early.close()
             return  # it waits: its worktree would only hold a slot
         host.sandbox.warm()  # the first cgroup move's wait, from now on, unless a launcher is parked
-        pool = host.pool(repo, ref)
+        pool = early or host.pool(repo, ref)
         pool.prepare_next(sha, during=first_ahead(host, pool, repo, ref, text))
         with self.early_lock:
             late = run_id in self.workers  # the loop started it meanwhile, with a pool of its own

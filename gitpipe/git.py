@@ -316,6 +316,7 @@ class Slot:
     # checkout's holder takes it (sets None), or it is discarded with the slot.
     ahead: Discardable | None = None
     settled: bool = False  # handed over by the pool's `settle` after its last reset
+    cleared: bool = False  # what was beside its tree is gone since it was taken (see `heads_up`)
 
     @property
     def tree(self) -> Path:
@@ -366,6 +367,7 @@ class WorktreePool:
         self.ahead = ahead
         self._next: _Ahead | None = None
         self._next_lock = threading.Lock()
+        self._early: Slot | None = None  # taken at a push's heads-up, for `prepare_next` (see heads_up)
         self.first = True  # no checkout was handed out yet: the run's first action (see _seal)
 
     @contextmanager
@@ -421,6 +423,39 @@ class WorktreePool:
                 return
             self._next.start()
 
+    def heads_up(self, during: Callable[[Slot], Discardable | None]) -> bool:
+        """A push is on its way (see headsup.py): take the slot the first `prepare_next` will
+        reset, clear what is beside its tree now, and let `during` make its `ahead` (the first
+        action's sandbox) a few milliseconds before that reset begins. False when nothing was
+        made: the slot is let go again."""
+        with self._next_lock:
+            if self._early is not None or self._next is not None or self.ahead <= 0:
+                return False
+        slot = self._take()
+        try:
+            _clear_beside(slot)
+            slot.cleared = True
+            if slot.tree.is_dir():
+                slot.ahead = _made(during, slot)
+        except BaseException:
+            _let_go(slot)
+            raise
+        if slot.ahead is None:
+            _let_go(slot)
+            return False
+        with self._next_lock:
+            keep = self._early is None and self._next is None and self.ahead > 0
+            if keep:
+                self._early = slot
+        if not keep:
+            _let_go(slot)
+        return keep
+
+    def _taken_early(self) -> Slot:
+        """The slot `heads_up` took, else a free one."""
+        slot, self._early = self._early, None
+        return slot if slot is not None else self._take()
+
     def ahead_more(self, count: int) -> None:
         """`count` more checkouts may be prepared ahead (known once the run is planned)."""
         with self._next_lock:
@@ -465,7 +500,10 @@ class WorktreePool:
         """Let go of a slot prepared for a checkout that did not come."""
         with self._next_lock:
             ahead, self._next = self._next, None
+            early, self._early = self._early, None
             self.ahead = 0
+        if early is not None:
+            _let_go(early)
         if ahead is not None:
             ahead.wait()
             if ahead.slot is not None:
@@ -485,16 +523,11 @@ class WorktreePool:
             return Slot(self.dir / str(n), fd)
 
     def _reset(self, slot: Slot, sha: str, during: Callable[[Slot], Discardable | None] | None = None) -> None:
-        # An action may have replaced its slot or tree by a symlink (to another slot, or to
-        # files elsewhere that the reset would then clean): never follow one.
-        for path in (slot.root, slot.tree):
-            if path.is_symlink():
-                path.unlink()
-        # What an action wrote beside its tree (`../file`) must not reach the next action either.
-        if slot.root.is_dir():
-            for entry in slot.root.iterdir():
-                if entry.name not in ("tree", "git"):
-                    remove_tree(entry)
+        if not slot.cleared:
+            _clear_beside(slot)
+        elif during is None:  # what `heads_up` made is for a first action this reset is not for
+            _discard(slot)
+        slot.cleared = False  # else what `heads_up` made beside the tree (the sandbox's HOME) stays
         if during is not None and slot.tree.is_dir():  # its sandbox's setup (the longer) beside git's work
             slot.ahead = _made(during, slot)
         try:
@@ -629,7 +662,7 @@ class _Ahead:
     def __init__(self, pool: WorktreePool, sha: str, then: Callable[[Slot], Discardable | None] | None = None,
                  during: Callable[[Slot], Discardable | None] | None = None) -> None:
         self.pool, self.sha, self.then, self.during = pool, sha, then, during
-        self.taken = pool._take()  # here, while the caller holds its own: another slot
+        self.taken = pool._taken_early()  # here, while the caller holds its own: another slot
         self.slot: Slot | None = None
         self.wanted = threading.Event()  # an action waits for this slot (see WorktreePool._seal)
         self.handed = False  # reset while that action waited: no seal to check it against
@@ -655,6 +688,19 @@ class _Ahead:
         if self.then is not None and self.taken.ahead is None:
             self.taken.ahead = _made(self.then, self.taken)
         self.slot = self.taken
+
+
+def _clear_beside(slot: Slot) -> None:
+    """The first step of a reset. An action may have replaced its slot or tree by a symlink (to
+    another slot, or to files elsewhere that the reset would then clean): never follow one. What
+    an action wrote beside its tree (`../file`) must not reach the next action either."""
+    for path in (slot.root, slot.tree):
+        if path.is_symlink():
+            path.unlink()
+    if slot.root.is_dir():
+        for entry in slot.root.iterdir():
+            if entry.name not in ("tree", "git"):
+                remove_tree(entry)
 
 
 class Discardable(Protocol):

@@ -76,13 +76,16 @@ class IntakeServer:
     """Listens on <home>/intake.sock; each connection is one push (see the module's docstring)."""
 
     def __init__(self, settings: Settings, store: Store, on_recorded: Callable[[], None],
-                 on_first: Callable[[int, str, str, str, str], None] | None = None) -> None:
+                 on_first: Callable[[int, str, str, str, str], None] | None = None,
+                 on_answered: Callable[[int], None] | None = None) -> None:
         """`on_recorded`: wakes the daemon's loop; `on_first(run id, repo, ref, sha, pipeline text)`: called with
-        the push's first run once the pusher has its answer, before the wake (its worktree)."""
+        the push's first run once the pusher has its answer, before the wake (its worktree);
+        `on_answered(pid of git's receive-pack)`: then, for every push answered."""
         self.settings = settings
         self.store = store
         self.on_recorded = on_recorded
         self.on_first = on_first
+        self.on_answered = on_answered
         self.sock: socket.socket | None = None
         self.threads: list[threading.Thread] = []
         self.pipelines: dict[tuple[str, str], dict[str, Any]] = {}
@@ -161,6 +164,8 @@ class IntakeServer:
                 self.on_first(*answer.first)
             except Exception as exc:  # only a head start lost: the run resets its worktree itself
                 log.warning("intake: could not prepare run #%s's worktree ahead: %s", answer.first[0], exc)
+        if answer.receive_pack is not None and self.on_answered is not None:
+            self.on_answered(answer.receive_pack)  # what its heads-up made and no run took goes
         if answer.queued:  # the loop claims them now: no wake file, no inotify round trip
             self.on_recorded()
         if answer.git_dir is not None:

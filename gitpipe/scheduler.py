@@ -643,6 +643,11 @@ def first_ahead(host: Host, pool: git.WorktreePool, repo: str, ref: str,
 
     def make(slot: git.Slot) -> _Made | None:
         box = confine(host, pipe, spec, repo, (pool.objects,), slot, FIRST)
+        made, slot.ahead = slot.ahead, None
+        if isinstance(made, _Made) and made.box == box and made.ready.proc.poll() is None:
+            return made  # made at the push's heads-up (headsup.py) for this very box: kept
+        if made is not None:
+            made.discard()
         # it took the parked launcher and parked none (see Sandbox.ready): a discard parks one
         return _Made.of(box, host.sandbox.ready(box, parked=True), settled=False, let_go=host.sandbox.park_again)
 

@@ -1,0 +1,208 @@
+"""A push on its way: its first action's sandbox is made before git has finished the push.
+
+hooks/pre-receive writes `<home>/ahead/<pid of git's receive-pack>`: the repo's name, then git's
+ref lines, with the shell's own printf (no process). That is 4-6 ms before post-receive hands the
+push to the intake, while git checks and updates the refs and starts the next hook. The daemon
+reads it (its inotify thread: `heard`), takes the worktree slot the run's first checkout will get
+and makes that action's sandbox in it from the parked launcher (`WorktreePool.heads_up`). Made
+from the post-receive instead, bwrap's namespaces and mounts (4-6 ms on a 2-core build host, the
+cgroup move already done) were the longest branch of the way from push to exec.
+
+What it is made from is a guess: the pipeline of the last push of that ref the daemon recorded
+(else of that repo). The intake's early reset (Daemon._prepare_early) takes the slot, and its
+`first_ahead` keeps the sandbox only when it is exactly the box the pushed pipeline asks for;
+else it makes its own, as without a heads-up. A push that never comes (refused by a later hook,
+or by git) lets its slot go after KEPT seconds; the first push of a repo gets no heads-up.
+
+Trust: a heads-up is taken only from a file of the daemon's user (or root), the users whose
+hooks the intake takes pushes from; it names a registered repo and a ref, which picks the slots
+(protected refs have their own) as the push's own run does. It runs nothing: the sandbox waits
+for the order that only the run's start writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gitpipe import git
+
+if TYPE_CHECKING:
+    from gitpipe.scheduler import Host
+
+log = logging.getLogger("gitpipe")
+
+KEPT = 30.0  # seconds a heads-up's slot waits for its push
+AT_ONCE = 4  # heads-ups held at once: a burst of pushes holds no more slots than this
+TEXTS_KEPT = 256  # (repo, ref) pipelines remembered for the guess
+MAX_BYTES = 16384  # of a heads-up file read: a ref line is at most a few hundred bytes
+
+
+@dataclass
+class _Pending:
+    made: threading.Event = field(default_factory=threading.Event)
+    pool: git.WorktreePool | None = None
+    at: float = field(default_factory=time.monotonic)
+    given_up: bool = False  # the push came while it was being made and did not wait for it
+    push: int = 0  # the pid of git's receive-pack that wrote it (its name)
+
+
+class HeadsUp:
+    """The heads-ups of one daemon: `heard` reads them, `take` hands their pools to the pushes."""
+
+    def __init__(self, folder: Path, host: Callable[[], Host | None], busy: Callable[[], bool]) -> None:
+        self.folder = folder
+        self.host, self.busy = host, busy
+        self.lock = threading.Lock()
+        self.pending: dict[tuple[str, str], _Pending] = {}
+        self.texts: OrderedDict[tuple[str, str], str] = OrderedDict()  # (repo, ref or "") -> pipeline
+        self.closed = False
+
+    def learned(self, repo: str, ref: str, text: str) -> None:
+        """The pipeline a push of `ref` brought: the guess for the next push of it (and of the repo)."""
+        with self.lock:
+            for key in ((repo, ref), (repo, "")):
+                self.texts[key] = text
+                self.texts.move_to_end(key)
+            while len(self.texts) > TEXTS_KEPT:
+                self.texts.popitem(last=False)
+
+    def heard(self) -> None:
+        """Read and remove the heads-up files (the watch's thread); make what each announces."""
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return
+        for entry in entries:
+            named = _read(entry.path)
+            if named is not None:
+                try:
+                    self._make(*named, push=int(entry.name) if entry.name.isdigit() else 0)
+                except Exception as exc:  # a heads-up only ever saves time: never a reason to stop
+                    log.warning("heads-up of a push to %s: %s (its run starts as usual)", named[0], exc)
+
+    def take(self, repo: str, ref: str) -> git.WorktreePool | None:
+        """The pool whose slot a heads-up of this push took (its sandbox made in it), if any."""
+        with self.lock:
+            pending = self.pending.pop((repo, ref), None)
+        if pending is None:
+            return None
+        if not pending.made.wait(1.0):  # slow (a large HOME left to remove): not waited for longer
+            with self.lock:
+                pending.given_up = not pending.made.is_set()
+            if pending.given_up:
+                return None
+        return pending.pool
+
+    def answered(self, push: int) -> None:
+        """The intake answered the push of git's receive-pack `push`: a heads-up of it that its
+        run did not take (it recorded no run, or its first run is of another ref) goes now."""
+        with self.lock:
+            mine = [k for k, p in self.pending.items() if p.push == push and p.made.is_set()]
+            pools = [self.pending.pop(k).pool for k in mine]
+        for pool in pools:
+            if pool is not None:
+                pool.close()
+
+    def expire(self) -> float | None:
+        """Let the slots of heads-ups whose push did not come go; seconds until the next one is due."""
+        now = time.monotonic()
+        with self.lock:
+            stale = [k for k, p in self.pending.items() if p.made.is_set() and now - p.at >= KEPT]
+            pools = [self.pending.pop(k).pool for k in stale]
+            due = [p.at + KEPT - now for p in self.pending.values()]
+        for pool in pools:
+            if pool is not None:
+                pool.close()
+        return max(0.0, min(due)) if due else None
+
+    def close(self) -> None:
+        """The daemon stops: every slot taken goes, and pushes from now on write no heads-up."""
+        with self.lock:
+            self.closed = True
+            pending, self.pending = list(self.pending.values()), {}
+        for p in pending:
+            p.made.wait(5.0)
+            if p.pool is not None:
+                p.pool.close()
+        for name in _names(self.folder):
+            _unlink(self.folder / name)
+        try:
+            self.folder.rmdir()  # the hook writes only where it exists
+        except OSError:
+            pass
+
+    def _make(self, repo: str, ref: str, push: int) -> None:
+        host = self.host()
+        key = (repo, ref)
+        with self.lock:
+            text = self.texts.get(key) or self.texts.get((repo, ""))
+            if (host is None or text is None or self.closed or key in self.pending
+                    or len(self.pending) >= AT_ONCE or self.busy()):
+                return
+            pending = self.pending[key] = _Pending(push=push)
+        from gitpipe.scheduler import first_ahead
+
+        pool = None
+        try:
+            pool = host.pool(repo, ref)  # an unregistered repo: UsageError
+            make = first_ahead(host, pool, repo, ref, text)
+            if make is None or not pool.heads_up(make):
+                pool.close()
+                pool = None
+        finally:
+            with self.lock:
+                pending.pool = pool
+                pending.made.set()
+                drop = pool is not None and (pending.given_up or self.closed)
+                if pool is None and self.pending.get(key) is pending:
+                    del self.pending[key]
+            if drop and pool is not None:
+                pool.close()
+
+
+def _read(path: str) -> tuple[str, str] | None:
+    """(repo, the first ref the push writes) of the heads-up file at `path`, removed; None for a
+    file that is not one (not the daemon's user's or root's, not a regular file, no ref)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    _unlink(Path(path))  # whatever it is (a link: the link)
+    if fd < 0:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.geteuid(), 0) or time.time() - st.st_mtime > KEPT:
+            return None
+        data = os.read(fd, MAX_BYTES).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    repo, _, lines = data.partition("\n")
+    for line in lines.splitlines():
+        fields = line.split(" ")
+        if len(fields) == 3 and fields[1].strip("0") and repo:  # a deletion makes no run
+            return repo, fields[2]
+    return None
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,161 @@
+"""A push's heads-up (hooks/pre-receive, gitpipe/headsup.py): the first action's sandbox is made
+while git finishes the push, and used only when it is exactly what the pushed pipeline asks for."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Home, children, pipeline, wait_for
+
+from gitpipe import headsup
+
+pytestmark = pytest.mark.timeout(180)
+
+# What the first action says: whether its HOME holds the marker the chained pre-receive put there
+# once the heads-up's sandbox was made (its HOME is made fresh whenever a sandbox is made anew).
+FIRST = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "first"
+  {network}
+  run = 'if test -e "$HOME/marker"; then echo sandbox-of-the-heads-up; else echo sandbox-made-anew; fi; cat n'
+"""
+
+# Runs after gitpipe's pre-receive (which wrote the heads-up), before git updates the ref. When
+# the test asks it to ($root/wait), it waits for the daemon's child that became the sandbox's
+# bwrap (the parked launcher), then marks the HOME of every slot of the repo; `refuse` in
+# $root/answer makes it refuse the push.
+CHAINED = """#!/bin/sh
+cat >/dev/null
+root={root}
+if [ -e "$root/wait" ]; then
+  daemon=$(cat "$root/daemon")
+  i=0
+  while [ $i -lt 400 ]; do
+    for c in $(cat /proc/$daemon/task/*/children 2>/dev/null); do
+      if [ "$(cat /proc/$c/comm 2>/dev/null)" = bwrap ]; then
+        for h in {work}/*/home {work}/protected/*/home; do [ ! -d "$h" ] || : > "$h/marker"; done
+        echo made > "$root/seen"
+        i=400
+      fi
+    done
+    i=$((i + 1))
+    sleep 0.05
+  done
+fi
+[ "$(cat "$root/answer" 2>/dev/null)" != refuse ]
+"""
+
+
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox made ahead needs a cgroup per attempt: root's on this host")
+
+
+def _chained(home: Home, repo: Path, root: Path) -> None:
+    hook = repo / "hooks" / "pre-receive.chained"
+    hook.write_text(CHAINED.format(root=root, work=home.home / "work" / "app"))
+    hook.chmod(0o755)
+
+
+def _bwraps(pid: int) -> list[int]:
+    return [c for c in children(pid) if Path(f"/proc/{c}/comm").read_text().strip() == "bwrap"]
+
+
+def test_the_first_action_runs_in_the_sandbox_made_at_its_pushs_heads_up(home: Home, tmp_path: Path) -> None:
+    """The second push of a ref: its sandbox is made before git updated the ref (the chained
+    hook sees it), and the action runs in it. A third push whose first action asks for another
+    sandbox (no network) runs in one made anew: the guess (the last push's pipeline) is not used."""
+    _needs_root()
+    repo = home.add_repo("app")
+    root = tmp_path / "hook"
+    root.mkdir()
+    _chained(home, repo, root)
+    with home.daemon() as daemon:
+        (root / "daemon").write_text(str(daemon.pid))
+        first = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
+        assert home.wait_run(first, timeout=120)["status"] == "succeeded"
+        assert "sandbox-made-anew" in home.logs(first)  # no pipeline known yet for a heads-up
+        assert list((home.home / "ahead").iterdir()) == []
+
+        (root / "wait").touch()
+        second = home.push_run(repo, {"n": "push 2\n"})
+        assert (root / "seen").read_text() == "made\n", "no sandbox was made before git updated the ref"
+        assert home.wait_run(second, timeout=120)["status"] == "succeeded"
+        assert "sandbox-of-the-heads-up\npush 2" in home.logs(second)  # and the tree as pushed
+
+        (root / "seen").unlink()
+        third = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="network = false")),
+                                     "n": "push 3\n"})
+        assert (root / "seen").read_text() == "made\n"  # made from the guess...
+        assert home.wait_run(third, timeout=120)["status"] == "succeeded"
+        assert "sandbox-made-anew\npush 3" in home.logs(third)  # ...and not used: not this action's box
+        wait_for(lambda: not _bwraps(daemon.pid), what="no sandbox left waiting")
+        assert list((home.home / "ahead").iterdir()) == []
+
+
+def test_a_heads_up_of_a_push_git_refused_holds_nothing_past_the_daemon(home: Home, tmp_path: Path) -> None:
+    """A later hook refuses the push after its heads-up: its sandbox waits for a push that never
+    comes (taken by the ref's next push, or let go after headsup.KEPT); a daemon stopping ends
+    it and removes the folder, so that pushes meanwhile write no heads-up."""
+    _needs_root()
+    repo = home.add_repo("app")
+    root = tmp_path / "hook"
+    root.mkdir()
+    _chained(home, repo, root)
+    with home.daemon() as daemon:
+        (root / "daemon").write_text(str(daemon.pid))
+        run = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
+        assert home.wait_run(run, timeout=120)["status"] == "succeeded"
+        (root / "wait").touch()
+        (root / "answer").write_text("refuse")
+        refused = home.push(repo, {"n": "push 2\n"})
+        assert refused.returncode != 0 and not refused.run_ids, refused.stderr
+        assert (root / "seen").read_text() == "made\n"
+        assert _bwraps(daemon.pid), "the heads-up's sandbox waits for its push"
+        pid = daemon.pid
+    assert not Path(f"/proc/{pid}").exists() or not _bwraps(pid)
+    assert not (home.home / "ahead").exists()
+    (root / "wait").unlink()
+    (root / "answer").unlink()
+    late = home.push(repo, {"n": "push 3\n"})  # no daemon: the Python hook records it, no heads-up left
+    assert late.returncode == 0 and len(late.run_ids) == 1, late.stderr
+    assert not (home.home / "ahead").exists()
+
+
+def test_only_a_regular_recent_file_of_the_daemons_user_is_a_heads_up(tmp_path: Path) -> None:
+    """What headsup reads from its folder, which hooks of the daemon's user write: every file is
+    removed; a link, a FIFO, another user's file, a stale one or one naming no written ref is no
+    heads-up (it only ever names a repo and a ref, as the push's own record would)."""
+    folder = tmp_path / "ahead"
+    folder.mkdir()
+    zeros, sha = "0" * 40, "1" * 40
+
+    def make(name: str, text: str) -> str:
+        (folder / name).write_text(text)
+        return str(folder / name)
+
+    assert headsup._read(make("1", f"app\n{zeros} {sha} refs/heads/main\n")) == ("app", "refs/heads/main")
+    assert headsup._read(make("2", f"app\n{sha} {zeros} refs/heads/gone\n{zeros} {sha} refs/heads/b\n")) == (
+        "app", "refs/heads/b")  # a deletion makes no run: the next ref
+    assert headsup._read(make("3", f"app\n{sha} {zeros} refs/heads/gone\n")) is None
+    assert headsup._read(make("4", "app")) is None
+    target = make("target", f"app\n{zeros} {sha} refs/heads/main\n")
+    (folder / "5").symlink_to(target)
+    assert headsup._read(str(folder / "5")) is None
+    os.mkfifo(folder / "6")
+    assert headsup._read(str(folder / "6")) is None
+    old = make("7", f"app\n{zeros} {sha} refs/heads/main\n")
+    os.utime(old, (time.time() - headsup.KEPT - 5,) * 2)
+    assert headsup._read(old) is None
+    if os.geteuid() == 0:
+        other = make("8", f"app\n{zeros} {sha} refs/heads/main\n")
+        os.chown(other, 65534, 65534)
+        assert headsup._read(other) is None
+    assert sorted(p.name for p in folder.iterdir()) == ["target"]
+    assert stat.S_ISREG(os.lstat(target).st_mode)  # the link's target is untouched
