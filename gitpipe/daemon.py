@@ -568,7 +568,11 @@ class Daemon:
         # on a worker host: its run takes it up again (gitpipe.cluster.dispatch)
         left = [attempt for attempt in self.store.open_attempts()
                 if self.host.cluster is None or not self.host.cluster.owns(attempt.token)]
-        counts = executor.kill_tokens([attempt.token for attempt in left])  # one scan for them all
+        # one scan for them all; after a daemon that did not stop, the sandboxes it made ahead too
+        ahead = [self.host.sandbox.ahead_token] if self.heads.unclean and self.host.sandbox.bwrap else []
+        counts = executor.kill_tokens([attempt.token for attempt in left] + ahead)
+        if ahead and counts[ahead[0]]:
+            log.info("killed %d process(es) of sandboxes a killed daemon was making ahead", counts[ahead[0]])
         for attempt in left:
             killed = counts[attempt.token]
             self.store.finish_attempt(attempt.action_id, attempt.number, ActionStatus.INTERRUPTED, None)

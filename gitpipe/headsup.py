@@ -60,6 +60,8 @@ class HeadsUp:
 
     def __init__(self, folder: Path, host: Callable[[], Host | None], busy: Callable[[], bool]) -> None:
         self.folder = folder
+        # the folder is removed when a daemon stops: here, the last one was killed
+        self.unclean = folder.is_dir()
         self.host, self.busy = host, busy
         self.lock = threading.Lock()
         self.pending: dict[tuple[str, str], _Pending] = {}

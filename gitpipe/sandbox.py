@@ -52,6 +52,7 @@ from typing import Any
 from gitpipe import cgroup, launcher
 from gitpipe.digest import sha256
 from gitpipe.errors import ConfigError, UsageError
+from gitpipe.executor import TOKEN_VAR
 from gitpipe.launcher import Launchers, Parked
 from gitpipe.settings import SandboxSettings, Settings
 
@@ -108,7 +109,8 @@ class Launch:
     parked: Parked | None = None  # a launcher in `group` already: it becomes argv (see launcher.py)
     # A held bwrap holds its block's write end too: only the daemon's byte lets it go (see popen).
     # Not one that runs only a launcher (Sandbox.ready), which runs nothing without the daemon's
-    # order: after a crash its EOF lets it go, to end at once, as nothing else would end it.
+    # order: after a crash its EOF lets it go, to end at once (one stuck before that read, the
+    # next daemon ends by its token: Sandbox.ahead_token).
     hold: bool = True
 
     def popen(self, **kw: Any) -> subprocess.Popen[bytes]:
@@ -263,6 +265,15 @@ class Sandbox:
         or an action (`switches`, None where unset) turned it off; none may turn it on."""
         return self.conf.network and all(s is not False for s in switches)
 
+    @property
+    def ahead_token(self) -> str:
+        """What the processes of this home's sandboxes made ahead carry (as an attempt's token)
+        until their order: bwrap (0.8-0.11) lets its sandbox's first process go on only after its
+        own info is written, and one whose daemon was killed in between (SIGKILL, so its bwrap
+        with it) waits forever, outside every group: the next daemon kills it by this token
+        (Daemon.recover, after a stop that was not clean)."""
+        return f"ahead-{self.tag}"
+
     def sweep(self) -> int:
         """Kill what a previous daemon's attempts left behind (after a crash)."""
         return self.tree.sweep() if self.tree is not None else 0
@@ -344,6 +355,9 @@ class Sandbox:
         perl = launcher.find_perl()
         if self.bwrap is None or self.tree is None or not box.key or box.overlays or box.binds or perl is None:
             return None
+        # Its processes carry this home's token until the order replaces their environment:
+        # what a killed daemon left the next one ends (`ahead_token`).
+        env = {"PATH": SYSTEM_PATH, TOKEN_VAR: self.ahead_token}
         if parked:
             # the next one is parked once this attempt has started (RunWorker._execute), not
             # meanwhile: a perl start and a cgroup move beside the push's own on 2 cores
@@ -353,7 +367,7 @@ class Sandbox:
             try:
                 self._fresh(box)
                 return taken.hand_on(self._bwrap(launcher.command(perl, 0, bound=False), box, {},
-                                                 script_path=SYSTEM_PATH), {"PATH": SYSTEM_PATH}, Path("/"))
+                                                 script_path=SYSTEM_PATH), env, Path("/"))
             except BaseException:
                 taken.discard()
                 raise
@@ -361,7 +375,7 @@ class Sandbox:
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids)
         return launcher.started(group, lambda fd: Launch(
             self._bwrap(launcher.command(perl, fd, bound=False), box, {}, script_path=SYSTEM_PATH),
-            {"PATH": SYSTEM_PATH}, Path("/"), group, spare=True, held=0, hold=False,
+            env, Path("/"), group, spare=True, held=0, hold=False,
         ).popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, pass_fds=(fd,)))
 

@@ -482,6 +482,7 @@ def crash(group, pid):  # the daemon dies between bwrap's start and the cgroup m
 
 
 sandbox_module._admit = crash
+(home / "ahead").mkdir()  # as a serving daemon has it (headsup.py): removed only by a clean stop
 sandbox = sandbox_module.Sandbox.for_host(settings.load(home))
 box = sandbox_module.Confine(key="a7.1", home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
 sandbox.ready(box)
@@ -531,9 +532,11 @@ def _lingering(pids: list[int]) -> str:
 def test_a_daemon_killed_while_making_a_sandbox_ahead_leaves_nothing_behind(tmp_path: Path) -> None:
     """kill -9 of the daemon between the start of a sandbox made ahead and its cgroup move. A
     held start's bwrap then stays blocked until the next daemon kills it by its attempt's token;
-    one made ahead has no attempt yet, so no token: nothing would ever end it (a root process
-    with the slot's mounts, on every such crash). It runs nothing but its launcher, which runs
-    nothing without an order from the (dead) daemon: so it may go on, and ends by itself."""
+    one made ahead has no attempt yet. It runs nothing but its launcher, which runs nothing
+    without an order from the (dead) daemon: mostly its EOF ends it at once. But bwrap lets its
+    sandbox's first process go on only after writing its info, and a daemon killed in between
+    takes bwrap's monitor along before it does: that process then waits forever (3 full-suite
+    runs in 7 here, outside every group). The next daemon ends it by this home's token."""
     _needs_root()
     home = Home(tmp_path / "w")
     home.gitpipe("init", check=True)
@@ -543,22 +546,27 @@ def test_a_daemon_killed_while_making_a_sandbox_ahead_leaves_nothing_behind(tmp_
                             env=home.env(), capture_output=True, timeout=60, check=False)
     assert daemon.returncode == -signal.SIGKILL, daemon.stderr.decode()
     pids = [int(p) for p in json.loads((slot / "pids").read_text())]
+
+    def left() -> list[int]:
+        return [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+
+    token = f"{executor.TOKEN_VAR}=ahead-{Sandbox.for_host(settings.load(home.home)).tag}".encode()
     try:
-        try:
-            wait_for(lambda: not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids), timeout=20,
-                     what="the sandbox made ahead to end with its daemon")
-        except AssertionError as exc:  # it failed in CI 3 times, never here: say what was left
-            raise AssertionError(f"{exc}\n{_lingering(pids)}") from None
+        end = time.monotonic() + 3
+        while left() and time.monotonic() < end:
+            time.sleep(0.05)
+        for pid in left():  # one that waits: what the next daemon finds it by
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert token in environ, _lingering(pids)
+        with home.daemon():
+            try:
+                wait_for(lambda: not left(), timeout=20, what="the next daemon to end the sandbox made ahead")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{_lingering(pids)}") from None
         assert list((slot / "tree").iterdir()) == []
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        after = Sandbox.for_host(settings.load(home.home))
-        after.sweep()  # the next daemon's: its group
-        after.close()
+        for pid in left():
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_an_order_that_cannot_be_written_closes_the_order_pipe_once(tmp_path: Path) -> None:
