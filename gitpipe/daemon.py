@@ -46,6 +46,7 @@ log = logging.getLogger("gitpipe")
 STALE_RESERVATION = 3600.0  # seconds: a push's spool reservation its post-receive never took (git refused)
 EVENTS_SEEN = "events_seen"  # state key: the newest event id the daemon passed on (see Daemon._hear_others)
 SAVE_EVERY = 500  # events
+SCHEDULES_AFTER_PUSH = 1.0  # seconds after a push's run started that its repo's cron lines are read again
 SWITCH_INTERVAL = 0.001  # seconds a thread holds the GIL while others wait (see serve)
 
 
@@ -299,15 +300,22 @@ class Daemon:
         # when only the intake woke the loop: a push through it wrote with this daemon's own
         # store (its events reached the listeners as it did), and looking took the store from
         # the run that push just started; the next look of any other kind catches up.
-        if self.foreign.is_set():
+        foreign = self.foreign.is_set()
+        if foreign:
             self.foreign.clear()
             self._hear_others()
-        # After the claim: a push moved a head, and reading its pipeline for cron lines (a git
-        # process) must not delay the run that push queued.
-        if self.run_schedules:
+        if not self.run_schedules:
+            pass
+        elif foreign:
             fired, self.next_due = self.schedules.fire_due(time.time())
             if fired:
                 self._claim()
+        else:
+            # Only the intake (or a run's end) woke it: a push moved a head, whose cron lines are
+            # read a moment later, not while the run it queued starts (a blob read and a parse of
+            # every repo whose head moved, ~1 ms beside the worktree's reset): the timer's look.
+            soon = time.time() + SCHEDULES_AFTER_PUSH
+            self.next_due = soon if self.next_due is None else min(self.next_due, soon)
         if self.prune_due:
             self.prune_due = False
             retention.prune(self.settings, self.store)

@@ -353,6 +353,8 @@ class WorktreePool:
     # were written in: those files are checked by their content as well, see _intact)
     _sealed: dict[str, tuple[str, dict[str, tuple[int, ...]], int | None]] = {}
     _sealed_lock = threading.Lock()
+    # slot root -> the objects folder its alternates name, written by this process (see _prepare_git_dir)
+    _written: dict[str, Path] = {}
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path,
                  settle: Callable[[Path], None] | None = None, protected: bool = False,
@@ -639,8 +641,11 @@ class WorktreePool:
                 (git_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             git_dir.chmod(0o700)
             (git_dir / "HEAD").write_text("ref: refs/heads/main\n")  # unborn until the first checkout
+        elif WorktreePool._written.get(str(slot.root)) == self.objects:
+            return  # written by this process since it started: nothing else writes there
         (git_dir / "objects" / "info" / "alternates").write_text(f"{self.objects}\n")
         (git_dir / "config").write_text(SLOT_CONFIG)
+        WorktreePool._written[str(slot.root)] = self.objects
 
     def _git(self, slot: Slot, *args: str) -> None:
         subprocess.run(
