@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from gitpipe.intake import now_iso
+from gitpipe.launcher import TOKEN_VAR
 from gitpipe.models import ActionStatus
 from gitpipe.settings import format_size
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (SPEC section 6)
 LEFTOVER_GRACE = 2.0  # background children still alive when the script ended
 CHUNK = 65536
-TOKEN_VAR = "GITPIPE_ATTEMPT_TOKEN"
 
 
 class StreamFilter(Protocol):

@@ -76,6 +76,9 @@ print STDERR "gitpipe: could not start $argv[0]: $!\n";  # E2BIG: a value over 1
 exit 127;
 """
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+# What every process of an attempt carries in its environment: the attempt's token, by which a
+# daemon finds what a killed one left (executor.kill_tokens; a sandbox made ahead: its home's)
+TOKEN_VAR = "GITPIPE_ATTEMPT_TOKEN"
 PRCTL = {"x86_64": 157, "aarch64": 167}  # the prctl syscall's number (elsewhere: no death signal)
 
 

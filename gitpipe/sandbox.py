@@ -52,8 +52,7 @@ from typing import Any
 from gitpipe import cgroup, launcher
 from gitpipe.digest import sha256
 from gitpipe.errors import ConfigError, UsageError
-from gitpipe.executor import TOKEN_VAR
-from gitpipe.launcher import Launchers, Parked
+from gitpipe.launcher import TOKEN_VAR, Launchers, Parked
 from gitpipe.settings import SandboxSettings, Settings
 
 log = logging.getLogger("gitpipe")
