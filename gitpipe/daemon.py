@@ -287,22 +287,26 @@ class Daemon:
                 return
 
     def _step(self) -> None:
-        """One look at everything: wake files, the spool, schedules, cancels, the queue, retention."""
-        self._clear_wake_files()
-        self._ingest_spool()
+        """One look at everything: wake files, the spool, schedules, cancels, the queue, retention.
+        Woken only by the intake (a push it recorded, with this daemon's own store) or by a run's
+        end, nothing another process writes changed: the queue alone is looked at, while the run
+        that push queued starts (the rest is for the next look of any other kind)."""
+        foreign = self.foreign.is_set()
+        self.foreign.clear()  # set again meanwhile: the next look is a whole one
+        if foreign:
+            self._clear_wake_files()
+            self._ingest_spool()
         self._supersede()
-        self._cancel_requested()
-        for worker in list(self.workers.values()):
-            worker.changed.set()  # approvals decided, cancels requested: let workers look
+        if foreign:
+            self._cancel_requested()
+            for worker in list(self.workers.values()):
+                worker.changed.set()  # approvals decided, cancels requested: let workers look
         self._claim()
         # After the claim: what hooks and commands changed reaches the report, and how far that
         # got is saved (a synced commit), without delaying the start of a run just queued. Not
-        # when only the intake woke the loop: a push through it wrote with this daemon's own
-        # store (its events reached the listeners as it did), and looking took the store from
-        # the run that push just started; the next look of any other kind catches up.
-        foreign = self.foreign.is_set()
+        # when only the intake woke the loop: its push's events reached the listeners as it
+        # wrote them, and looking took the store from the run that push just started.
         if foreign:
-            self.foreign.clear()
             self._hear_others()
         if not self.run_schedules:
             pass
