@@ -7,7 +7,7 @@
 The daemon runs in a Python of its own with perf_counter spans wrapped around the functions on
 the way (nothing else changes in it); each push writes a commit whose one action runs
 `date +%s.%N`, and the spans of that push are lined up against the push's start. The first
-rows are the push's own work and the intake; the two columns after it run side by side (the
+rows are the push's own work (with pre-receive's heads-up, see gitpipe/headsup.py) and the intake; the two columns after it run side by side (the
 worktree reset, in the background since the intake, and the run's bookkeeping); the last rows
 are the sandbox's start. Read it with bench_peers.py, which measures the same path without
 the spans: they add about 1 ms. Timings swing with the machine's load (printed at the end).
@@ -41,7 +41,8 @@ def wrap(owner, name, label):
         finally:
             OUT.append((t + OFF, time.perf_counter() + OFF, label))
     setattr(owner, name, timed)
-from gitpipe import daemon, executor, git, intakeserver, sandbox, scheduler, store
+from gitpipe import daemon, executor, git, headsup, intakeserver, sandbox, scheduler, store
+wrap(headsup.HeadsUp, "heard", "heads-up")
 wrap(intakeserver.IntakeServer, "_answer", "intake")
 wrap(intakeserver, "record_once", "record")
 wrap(daemon.Daemon, "_prepare_early", "prepare_early")
@@ -65,6 +66,8 @@ sys.exit(main(["serve"]))
 
 # (label, which end, what the row says), in the order of the path
 ROWS = [
+    ("heads-up", 0, "[heads-up] the daemon reads pre-receive's heads-up"),
+    ("heads-up", 1, "[heads-up] the first action's sandbox is on its way (bwrap started)"),
     ("intake", 0, "the daemon hears of the push (hook's client connected)"),
     ("record", 1, "its run recorded (synced commit)"),
     ("intake", 1, "answered"),
