@@ -380,17 +380,22 @@ def test_save_refuses_a_stale_base_and_reports_bad_requests(editor: Editor) -> N
     assert status == 409 and "fix the TOML first" in json.loads(text)["error"]
 
 
+def _with_browser(tmp_path: Path, script: str) -> subprocess.Popen[str]:
+    """`gitpipe edit` of a new copy of ORIGINAL with a display, its $BROWSER the sh `script`."""
+    fake = tmp_path / "fake-browser"
+    fake.write_text(f"#!/bin/sh\n{script}")
+    fake.chmod(0o755)
+    file = tmp_path / ".pipeline.toml"
+    file.write_text(ORIGINAL)
+    return subprocess.Popen([GITPIPE, "edit", str(file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=base_env(DISPLAY=":99", BROWSER=str(fake), HOME=str(tmp_path)))
+
+
 def test_the_browser_is_opened_without_the_token_on_its_command_line(tmp_path: Path) -> None:
     """With a display, the browser gets a private file that redirects to the URL: `ps` shows
     the browser's arguments to every local user, the token must not be among them."""
     seen = tmp_path / "argv.txt"
-    fake = tmp_path / "fake-browser"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {seen}\ncat "${{1#file://}}" >> {seen}\n')
-    fake.chmod(0o755)
-    file = tmp_path / ".pipeline.toml"
-    file.write_text(ORIGINAL)
-    proc = subprocess.Popen([GITPIPE, "edit", str(file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=base_env(DISPLAY=":99", BROWSER=str(fake), HOME=str(tmp_path)))
+    proc = _with_browser(tmp_path, f'printf "%s\\n" "$@" > {seen}\ncat "${{1#file://}}" >> {seen}\n')
     try:
         url = re.search(r"http://\S+", proc.stdout.readline() if proc.stdout else "")[0]  # type: ignore[index]
         token = url.split("token=")[1]
@@ -408,14 +413,8 @@ def test_ctrl_c_while_the_browser_starts_stops_the_editor_cleanly(tmp_path: Path
     """The editor waits for the browser command (webbrowser does, for $BROWSER): a Ctrl-C then
     stopped it with a traceback's exit status and left the token's page on disk."""
     started = tmp_path / "started"
-    fake = tmp_path / "slow-browser"
-    fake.write_text(f'#!/bin/sh\necho $$ > {started}.pid\nprintf "%s" "$1" > {started}\n'
-                    'exec sleep 60 </dev/null >/dev/null 2>&1\n')
-    fake.chmod(0o755)
-    file = tmp_path / ".pipeline.toml"
-    file.write_text(ORIGINAL)
-    proc = subprocess.Popen([GITPIPE, "edit", str(file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=base_env(DISPLAY=":99", BROWSER=str(fake), HOME=str(tmp_path)))
+    proc = _with_browser(tmp_path, f'echo $$ > {started}.pid\nprintf "%s" "$1" > {started}\n'
+                                   'exec sleep 60 </dev/null >/dev/null 2>&1\n')
     try:
         page = Path(wait_for(lambda: started.exists() and started.read_text(), what="the browser to start")[7:])
         assert page.exists()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import Home, children, pipeline, wait_for
+from helpers import Daemon, Home, children, pipeline, wait_for
 
 from gitpipe import headsup
 
@@ -57,10 +59,25 @@ def _needs_root() -> None:
         pytest.skip("the sandbox made ahead needs a cgroup per attempt: root's on this host")
 
 
-def _chained(home: Home, repo: Path, root: Path) -> None:
+@contextmanager
+def _served(home: Home, tmp_path: Path) -> Iterator[tuple[Path, Path, Daemon]]:
+    """The repo `app` with the CHAINED hook (its folder: the second item) and a daemon, which
+    ran the repo's first push: the pipeline a heads-up of the next one guesses from."""
+    _needs_root()
+    repo = home.add_repo("app")
+    root = tmp_path / "hook"
+    root.mkdir()
     hook = repo / "hooks" / "pre-receive.chained"
     hook.write_text(CHAINED.format(root=root, work=home.home / "work" / "app"))
     hook.chmod(0o755)
+    with home.daemon() as daemon:
+        (root / "daemon").write_text(str(daemon.pid))
+        first = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
+        assert home.wait_run(first, timeout=120)["status"] == "succeeded"
+        assert "sandbox-made-anew" in home.logs(first)  # no pipeline known yet for a heads-up
+        assert list((home.home / "ahead").iterdir()) == []
+        (root / "wait").touch()
+        yield repo, root, daemon
 
 
 def _bwraps(pid: int) -> list[int]:
@@ -71,19 +88,7 @@ def test_the_first_action_runs_in_the_sandbox_made_at_its_pushs_heads_up(home: H
     """The second push of a ref: its sandbox is made before git updated the ref (the chained
     hook sees it), and the action runs in it. A third push whose first action asks for another
     sandbox (no network) runs in one made anew: the guess (the last push's pipeline) is not used."""
-    _needs_root()
-    repo = home.add_repo("app")
-    root = tmp_path / "hook"
-    root.mkdir()
-    _chained(home, repo, root)
-    with home.daemon() as daemon:
-        (root / "daemon").write_text(str(daemon.pid))
-        first = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
-        assert home.wait_run(first, timeout=120)["status"] == "succeeded"
-        assert "sandbox-made-anew" in home.logs(first)  # no pipeline known yet for a heads-up
-        assert list((home.home / "ahead").iterdir()) == []
-
-        (root / "wait").touch()
+    with _served(home, tmp_path) as (repo, root, daemon):
         second = home.push_run(repo, {"n": "push 2\n"})
         assert (root / "seen").read_text() == "made\n", "no sandbox was made before git updated the ref"
         assert home.wait_run(second, timeout=120)["status"] == "succeeded"
@@ -103,16 +108,7 @@ def test_a_heads_up_of_a_push_git_refused_holds_nothing_past_the_daemon(home: Ho
     """A later hook refuses the push after its heads-up: its sandbox waits for a push that never
     comes (taken by the ref's next push, or let go after headsup.KEPT); a daemon stopping ends
     it and removes the folder, so that pushes meanwhile write no heads-up."""
-    _needs_root()
-    repo = home.add_repo("app")
-    root = tmp_path / "hook"
-    root.mkdir()
-    _chained(home, repo, root)
-    with home.daemon() as daemon:
-        (root / "daemon").write_text(str(daemon.pid))
-        run = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
-        assert home.wait_run(run, timeout=120)["status"] == "succeeded"
-        (root / "wait").touch()
+    with _served(home, tmp_path) as (repo, root, daemon):
         (root / "answer").write_text("refuse")
         refused = home.push(repo, {"n": "push 2\n"})
         assert refused.returncode != 0 and not refused.run_ids, refused.stderr
