@@ -4,7 +4,7 @@ deadline, output streamed (with a timestamp, secrets masked) to a log file.
 An attempt's processes are found through its *cage*: its cgroup (`cgroup.Group`), from
 which nothing escapes however it detaches, or, where no cgroup can be made, a
 `TokenCage`: the process group and every process whose environment holds the attempt's
-GITPIPE_ATTEMPT_TOKEN (also used by a new daemon after a crash, see `kill_token`). Weak
+GITPIPE_ATTEMPT_TOKEN (also used by a new daemon after a crash, see `kill_tokens`). Weak
 spot of the token cage alone: a process that scrubs its environment and leaves the group
 escapes it; under bwrap the PID namespace still ends it with the attempt.
 """
@@ -356,14 +356,9 @@ def terminate(cage: Cage, grace: float, spare: int | None) -> None:
     cage.kill()
 
 
-def kill_token(token: str) -> int:
-    """After a crash: kill every leftover process of an attempt; returns how many there were."""
-    return kill_tokens([token])[token]
-
-
 def kill_tokens(tokens: list[str]) -> dict[str, int]:
-    """`kill_token` for several attempts at once (a restart after a crash with many running):
-    each scan of the processes looks for all of them. Token -> how many processes it had.
+    """After a crash: kill every leftover process of these attempts (their tokens), with one scan
+    of the processes for them all (a restart with many running). Token -> how many it had.
 
     A process in the middle of an execve shows an empty environment for a moment, so one scan
     can miss it: the scans go on, 10 ms apart, until two in a row find nothing new.

@@ -23,7 +23,7 @@ from the sandbox made for it while the action before ran (`Sandbox.ready`). With
 prefix writes 0 into `cgroup.procs`, then execs the rest. A daemon killed between bwrap's
 start and its admission leaves that bwrap blocked (it holds its block-fd's write end too: the
 EOF does not let it go, and it does not die with its parent), having run nothing; the next
-daemon ends it by its attempt token (`executor.kill_token`), which nothing of the user's
+daemon ends it by its attempt token (`executor.kill_tokens`), which nothing of the user's
 could have taken out of its environment.
 Known weak spots, also in the README: the kernel is shared (a kernel bug is a way
 out), the network is open unless a pipeline closes it, and in the root setup the

@@ -180,9 +180,9 @@ def test_kill_token_ends_the_orphans_of_a_crashed_daemon(tmp_path: Path, marker:
     try:
         wait_for(lambda: marker_processes(marker, argv0=True), 10, what="the orphan")  # after its exec
         assert executor.processes_of(-1, token) == {orphan.pid}
-        assert executor.kill_token(token) == 1
+        assert executor.kill_tokens([token]) == {token: 1}
         assert orphan.wait(timeout=10) == -signal.SIGKILL
-        assert executor.kill_token(token) == 0
+        assert executor.kill_tokens([token]) == {token: 0}
     finally:
         if orphan.poll() is None:
             orphan.kill()
@@ -250,14 +250,14 @@ def test_a_log_cut_at_a_chunk_boundary_still_says_so(tmp_path: Path) -> None:
 def test_kill_token_ends_an_orphan_caught_in_the_middle_of_its_exec(tmp_path: Path, marker: str) -> None:
     """A process mid-execve shows an empty environment for a moment; one scan of /proc could
     miss it (seen on a quiet machine, every time: the shell that mentions the marker is found,
-    then it execs). kill_token scans again until two scans in a row find nothing new."""
+    then it execs). kill_tokens scans again until two scans in a row find nothing new."""
     for _ in range(5):
         token = uuid.uuid4().hex
         orphan = subprocess.Popen(["bash", "-c", f"trap '' TERM; exec -a {marker} sleep 1000"],
                                   env={**ENV, executor.TOKEN_VAR: token}, start_new_session=True)
         try:
             wait_for(lambda: marker_processes(marker), 10, what="the shell")  # maybe still exec'ing sleep
-            assert executor.kill_token(token) == 1
+            assert executor.kill_tokens([token]) == {token: 1}
             assert orphan.wait(timeout=10) == -signal.SIGKILL
         finally:
             if orphan.poll() is None:

@@ -1155,7 +1155,7 @@ def test_a_daemon_killed_before_the_cgroup_move_leaves_no_sandbox_running(tmp_pa
         time.sleep(3)  # what the script (and its setsid'd grandchild) would have written by now
         assert sorted(p.name for p in (slot / "tree").iterdir()) == []  # it never ran
     finally:
-        for pid in pids:  # what the next daemon kills by the attempt's token (executor.kill_token)
+        for pid in pids:  # what the next daemon kills by the attempt's token (executor.kill_tokens)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
