@@ -120,7 +120,8 @@ class HeadsUp:
         with self.lock:
             stale = [k for k, p in self.pending.items() if p.made.is_set() and now - p.at >= KEPT]
             pools = [self.pending.pop(k).pool for k in stale]
-            due = [p.at + KEPT - now for p in self.pending.values()]
+            # one still being made is not due (0 s would have the loop look without pause)
+            due = [p.at + KEPT - now for p in self.pending.values() if p.made.is_set()]
         for pool in pools:
             if pool is not None:
                 pool.close()

@@ -159,3 +159,16 @@ def test_only_a_regular_recent_file_of_the_daemons_user_is_a_heads_up(tmp_path: 
         assert headsup._read(other) is None
     assert sorted(p.name for p in folder.iterdir()) == ["target"]
     assert stat.S_ISREG(os.lstat(target).st_mode)  # the link's target is untouched
+
+
+def test_a_heads_up_still_being_made_past_kept_sets_no_timer_already_due(tmp_path: Path) -> None:
+    """One made slowly (a large HOME to remove beside its slot's tree) is not yet the loop's to
+    let go: expire() must not say 0 s for it, or the loop looks at everything without pause
+    (each time: wake files, spool, store, schedules) until it is made."""
+    heads = headsup.HeadsUp(tmp_path / "ahead", lambda: None, lambda: False)
+    pending = headsup._Pending(push=1)
+    pending.at -= headsup.KEPT + 1
+    heads.pending[("app", "refs/heads/main")] = pending
+    due = heads.expire()
+    assert due is None or due > 0, due
+    assert ("app", "refs/heads/main") in heads.pending  # being made: not let go under its maker
