@@ -115,12 +115,14 @@ class HeadsUp:
                 pool.close()
 
     def expire(self) -> float | None:
-        """Let the slots of heads-ups whose push did not come go; seconds until the next one is due."""
+        """Let the slots of heads-ups whose push did not come go; seconds until the next one is due
+        (the loop's timer; each made also sets one of its own, see `_make`)."""
         now = time.monotonic()
         with self.lock:
             stale = [k for k, p in self.pending.items() if p.made.is_set() and now - p.at >= KEPT]
             pools = [self.pending.pop(k).pool for k in stale]
-            # one still being made is not due (0 s would have the loop look without pause)
+            # one still being made is not due (0 s would have the loop look without pause): its
+            # maker sets the timer once it is made (`_make`)
             due = [p.at + KEPT - now for p in self.pending.values() if p.made.is_set()]
         for pool in pools:
             if pool is not None:
@@ -170,6 +172,11 @@ class HeadsUp:
                     del self.pending[key]
             if drop and pool is not None:
                 pool.close()
+            elif pool is not None:
+                # nothing else may wake the loop (a push git refused, an idle daemon): its own timer
+                timer = threading.Timer(max(0.0, pending.at + KEPT - time.monotonic()), self.expire)
+                timer.name, timer.daemon = "heads-up-expiry", True
+                timer.start()
 
 
 def _read(path: str) -> tuple[str, str] | None:

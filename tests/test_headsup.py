@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import Home, children, pipeline, wait_for
 
+from gitpipe import daemon as daemon_mod
 from gitpipe import headsup
 
 pytestmark = pytest.mark.timeout(180)
@@ -159,6 +160,32 @@ def test_only_a_regular_recent_file_of_the_daemons_user_is_a_heads_up(tmp_path: 
         assert headsup._read(other) is None
     assert sorted(p.name for p in folder.iterdir()) == ["target"]
     assert stat.S_ISREG(os.lstat(target).st_mode)  # the link's target is untouched
+
+
+def test_a_refused_pushs_heads_up_is_let_go_after_kept_while_the_daemon_is_idle(home: Home, tmp_path: Path) -> None:
+    """Nothing else happens after a push git refused: its heads-up's slot, sandbox (and the parked
+    launcher it took) still go after headsup.KEPT, not at the next push or wake-up."""
+    _needs_root()
+    repo = home.add_repo("app")
+    root = tmp_path / "hook"
+    root.mkdir()
+    _chained(home, repo, root)
+    with home.daemon() as daemon:
+        (root / "daemon").write_text(str(daemon.pid))
+        run = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
+        assert home.wait_run(run, timeout=120)["status"] == "succeeded"
+        # past the loop's last timer (the cron lines read SCHEDULES_AFTER_PUSH after a run's end):
+        # from now on nothing wakes it
+        time.sleep(daemon_mod.SCHEDULES_AFTER_PUSH + 2)
+        (root / "wait").touch()
+        (root / "answer").write_text("refuse")
+        refused = home.push(repo, {"n": "push 2\n"})
+        assert refused.returncode != 0 and not refused.run_ids, refused.stderr
+        assert (root / "seen").read_text() == "made\n"
+        made = set(_bwraps(daemon.pid))
+        assert made, "the heads-up's sandbox waits for its push"
+        wait_for(lambda: not made & set(_bwraps(daemon.pid)), timeout=headsup.KEPT + 20,
+                 what="the sandbox of a heads-up whose push never came let go")
 
 
 def test_a_heads_up_still_being_made_past_kept_sets_no_timer_already_due(tmp_path: Path) -> None:
