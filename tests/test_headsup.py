@@ -199,3 +199,48 @@ def test_a_heads_up_still_being_made_past_kept_sets_no_timer_already_due(tmp_pat
     due = heads.expire()
     assert due is None or due > 0, due
     assert ("app", "refs/heads/main") in heads.pending  # being made: not let go under its maker
+
+
+FILL = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "fill"
+  run = 'if test -e fill; then mkdir "$HOME/many" && (cd "$HOME/many" && seq 300000 | xargs touch); fi; cat n'
+"""
+
+SLOW = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "slow"
+  run = 'sleep 300'
+"""
+
+
+def test_a_heads_up_slow_to_make_keeps_no_wake_file_waiting(home: Home, tmp_path: Path) -> None:
+    """Making a heads-up first removes what the slot's last run left beside its tree (a HOME of
+    many files here, as a package cache leaves it): a cancel (a wake file) meanwhile is heard at
+    once, not once that removal is done (the watch's thread that hears wake files is not the
+    one that makes heads-ups). The push is refused after its heads-up: nothing else wakes the loop."""
+    _needs_root()
+    repo = home.add_repo("app")
+    other = home.add_repo("other")
+    root = tmp_path / "hook"
+    root.mkdir()
+    _chained(home, repo, root)
+    with home.daemon():
+        first = home.push_run(repo, {".pipeline.toml": pipeline(FILL), "fill": "", "n": "push 1\n"})
+        assert home.wait_run(first, timeout=150)["status"] == "succeeded", home.logs(first)
+        many = [h / "many" for h in (home.home / "work" / "app").glob("**/home") if (h / "many").is_dir()]
+        assert len(many) == 1, many
+        slow = home.push_run(other, {".pipeline.toml": pipeline(SLOW)})
+        home.wait_status(slow, "running")
+        time.sleep(daemon_mod.SCHEDULES_AFTER_PUSH + 2)  # past the loop's last timer: nothing wakes it
+        (root / "answer").write_text("refuse")
+        refused = home.push(repo, {"fill": None, "n": "push 2\n"})  # its heads-up removes `many`
+        assert refused.returncode != 0 and not refused.run_ids, refused.stderr
+        assert home.gitpipe("cancel", str(slow)).returncode == 0
+        home.wait_status(slow, "cancelled")
+        assert many[0].is_dir(), "the cancel waited for the heads-up's removal of the last run's HOME"
+        wait_for(lambda: not many[0].exists(), timeout=150, what="the heads-up's slot cleared")
