@@ -292,8 +292,8 @@ class Daemon:
         end, nothing another process writes changed: the queue alone is looked at, while the run
         that push queued starts (the rest is for the next look of any other kind)."""
         foreign = self.foreign.is_set()
-        self.foreign.clear()  # set again meanwhile: the next look is a whole one
-        if foreign:
+        if foreign:  # cleared only when read set: a wake file heard between the two stays heard
+            self.foreign.clear()  # set again meanwhile: the next look is a whole one
             self._clear_wake_files()
             self._ingest_spool()
         self._supersede()

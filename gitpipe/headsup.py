@@ -3,7 +3,7 @@
 hooks/pre-receive writes `<home>/ahead/<pid of git's receive-pack>`: the repo's name, then git's
 ref lines, with the shell's own printf (no process). That is 4-6 ms before post-receive hands the
 push to the intake, while git checks and updates the refs and starts the next hook. The daemon
-reads it (its inotify thread: `heard`), takes the worktree slot the run's first checkout will get
+reads it (a thread of its own, which the inotify thread wakes: `heard`), takes the worktree slot the run's first checkout will get
 and makes that action's sandbox in it from the parked launcher (`WorktreePool.heads_up`). Made
 from the post-receive instead, bwrap's namespaces and mounts (4-6 ms on a 2-core build host, the
 cgroup move already done) were the longest branch of the way from push to exec.
@@ -67,6 +67,8 @@ class HeadsUp:
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.texts: OrderedDict[tuple[str, str], str] = OrderedDict()  # (repo, ref or "") -> pipeline
         self.closed = False
+        self.due = threading.Event()  # heads-up files to read (see `heard`)
+        self.thread: threading.Thread | None = None
 
     def learned(self, repo: str, ref: str, text: str) -> None:
         """The pipeline a push of `ref` brought: the guess for the next push of it (and of the repo)."""
@@ -78,7 +80,27 @@ class HeadsUp:
                 self.texts.popitem(last=False)
 
     def heard(self) -> None:
-        """Read and remove the heads-up files (the watch's thread); make what each announces."""
+        """A heads-up file was written (the watch's thread): the heads-up thread reads it. Making
+        one can take long (a large HOME its slot's last run left, removed first), and the watch's
+        thread is the one that hears wake files (cancels, approvals, retries): they must not wait."""
+        with self.lock:
+            if self.closed:
+                return
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._serve, name="heads-up", daemon=True)
+                self.thread.start()
+        self.due.set()
+
+    def _serve(self) -> None:
+        while True:
+            self.due.wait()
+            self.due.clear()
+            if self.closed:
+                return
+            self._read_all()
+
+    def _read_all(self) -> None:
+        """Read and remove the heads-up files; make what each announces."""
         try:
             entries = list(os.scandir(self.folder))
         except OSError:
@@ -115,12 +137,15 @@ class HeadsUp:
                 pool.close()
 
     def expire(self) -> float | None:
-        """Let the slots of heads-ups whose push did not come go; seconds until the next one is due."""
+        """Let the slots of heads-ups whose push did not come go; seconds until the next one is due
+        (the loop's timer; each made also sets one of its own, see `_make`)."""
         now = time.monotonic()
         with self.lock:
             stale = [k for k, p in self.pending.items() if p.made.is_set() and now - p.at >= KEPT]
             pools = [self.pending.pop(k).pool for k in stale]
-            due = [p.at + KEPT - now for p in self.pending.values()]
+            # one still being made is not due (0 s would have the loop look without pause): its
+            # maker sets the timer once it is made (`_make`)
+            due = [p.at + KEPT - now for p in self.pending.values() if p.made.is_set()]
         for pool in pools:
             if pool is not None:
                 pool.close()
@@ -131,6 +156,7 @@ class HeadsUp:
         with self.lock:
             self.closed = True
             pending, self.pending = list(self.pending.values()), {}
+        self.due.set()  # the heads-up thread ends
         for p in pending:
             p.made.wait(5.0)
             if p.pool is not None:
@@ -169,6 +195,11 @@ class HeadsUp:
                     del self.pending[key]
             if drop and pool is not None:
                 pool.close()
+            elif pool is not None:
+                # nothing else may wake the loop (a push git refused, an idle daemon): its own timer
+                timer = threading.Timer(max(0.0, pending.at + KEPT - time.monotonic()), self.expire)
+                timer.name, timer.daemon = "heads-up-expiry", True
+                timer.start()
 
 
 def _read(path: str) -> tuple[str, str] | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import Daemon, Home, children, pipeline, wait_for
 
+from gitpipe import daemon as daemon_mod
 from gitpipe import headsup
 
 pytestmark = pytest.mark.timeout(180)
@@ -155,3 +156,87 @@ def test_only_a_regular_recent_file_of_the_daemons_user_is_a_heads_up(tmp_path: 
         assert headsup._read(other) is None
     assert sorted(p.name for p in folder.iterdir()) == ["target"]
     assert stat.S_ISREG(os.lstat(target).st_mode)  # the link's target is untouched
+
+
+def test_a_refused_pushs_heads_up_is_let_go_after_kept_while_the_daemon_is_idle(home: Home, tmp_path: Path) -> None:
+    """Nothing else happens after a push git refused: its heads-up's slot, sandbox (and the parked
+    launcher it took) still go after headsup.KEPT, not at the next push or wake-up."""
+    _needs_root()
+    repo = home.add_repo("app")
+    root = tmp_path / "hook"
+    root.mkdir()
+    _chained(home, repo, root)
+    with home.daemon() as daemon:
+        (root / "daemon").write_text(str(daemon.pid))
+        run = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
+        assert home.wait_run(run, timeout=120)["status"] == "succeeded"
+        # past the loop's last timer (the cron lines read SCHEDULES_AFTER_PUSH after a run's end):
+        # from now on nothing wakes it
+        time.sleep(daemon_mod.SCHEDULES_AFTER_PUSH + 2)
+        (root / "wait").touch()
+        (root / "answer").write_text("refuse")
+        refused = home.push(repo, {"n": "push 2\n"})
+        assert refused.returncode != 0 and not refused.run_ids, refused.stderr
+        assert (root / "seen").read_text() == "made\n"
+        made = set(_bwraps(daemon.pid))
+        assert made, "the heads-up's sandbox waits for its push"
+        wait_for(lambda: not made & set(_bwraps(daemon.pid)), timeout=headsup.KEPT + 20,
+                 what="the sandbox of a heads-up whose push never came let go")
+
+
+def test_a_heads_up_still_being_made_past_kept_sets_no_timer_already_due(tmp_path: Path) -> None:
+    """One made slowly (a large HOME to remove beside its slot's tree) is not yet the loop's to
+    let go: expire() must not say 0 s for it, or the loop looks at everything without pause
+    (each time: wake files, spool, store, schedules) until it is made."""
+    heads = headsup.HeadsUp(tmp_path / "ahead", lambda: None, lambda: False)
+    pending = headsup._Pending(push=1)
+    pending.at -= headsup.KEPT + 1
+    heads.pending[("app", "refs/heads/main")] = pending
+    due = heads.expire()
+    assert due is None or due > 0, due
+    assert ("app", "refs/heads/main") in heads.pending  # being made: not let go under its maker
+
+
+FILL = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "fill"
+  run = 'if test -e fill; then mkdir "$HOME/many" && (cd "$HOME/many" && seq 300000 | xargs touch); fi; cat n'
+"""
+
+SLOW = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "slow"
+  run = 'sleep 300'
+"""
+
+
+def test_a_heads_up_slow_to_make_keeps_no_wake_file_waiting(home: Home, tmp_path: Path) -> None:
+    """Making a heads-up first removes what the slot's last run left beside its tree (a HOME of
+    many files here, as a package cache leaves it): a cancel (a wake file) meanwhile is heard at
+    once, not once that removal is done (the watch's thread that hears wake files is not the
+    one that makes heads-ups). The push is refused after its heads-up: nothing else wakes the loop."""
+    _needs_root()
+    repo = home.add_repo("app")
+    other = home.add_repo("other")
+    root = tmp_path / "hook"
+    root.mkdir()
+    _chained(home, repo, root)
+    with home.daemon():
+        first = home.push_run(repo, {".pipeline.toml": pipeline(FILL), "fill": "", "n": "push 1\n"})
+        assert home.wait_run(first, timeout=150)["status"] == "succeeded", home.logs(first)
+        many = [h / "many" for h in (home.home / "work" / "app").glob("**/home") if (h / "many").is_dir()]
+        assert len(many) == 1, many
+        slow = home.push_run(other, {".pipeline.toml": pipeline(SLOW)})
+        home.wait_status(slow, "running")
+        time.sleep(daemon_mod.SCHEDULES_AFTER_PUSH + 2)  # past the loop's last timer: nothing wakes it
+        (root / "answer").write_text("refuse")
+        refused = home.push(repo, {"fill": None, "n": "push 2\n"})  # its heads-up removes `many`
+        assert refused.returncode != 0 and not refused.run_ids, refused.stderr
+        assert home.gitpipe("cancel", str(slow)).returncode == 0
+        home.wait_status(slow, "cancelled")
+        assert many[0].is_dir(), "the cancel waited for the heads-up's removal of the last run's HOME"
+        wait_for(lambda: not many[0].exists(), timeout=150, what="the heads-up's slot cleared")
