@@ -92,12 +92,17 @@ class HeadsUp:
         self.due.set()
 
     def _serve(self) -> None:
+        """The heads-up thread: reads the files it is woken for, and lets go of the heads-ups
+        whose push did not come within KEPT (nothing else may wake the loop meanwhile: a push
+        git refused, on an idle daemon)."""
+        timeout = None
         while True:
-            self.due.wait()
+            self.due.wait(timeout)
             self.due.clear()
             if self.closed:
                 return
             self._read_all()
+            timeout = self.expire()
 
     def _read_all(self) -> None:
         """Read and remove the heads-up files; make what each announces."""
@@ -138,13 +143,13 @@ class HeadsUp:
 
     def expire(self) -> float | None:
         """Let the slots of heads-ups whose push did not come go; seconds until the next one is due
-        (the loop's timer; each made also sets one of its own, see `_make`)."""
+        (the loop's timer, and the heads-up thread's: see `_serve`)."""
         now = time.monotonic()
         with self.lock:
             stale = [k for k, p in self.pending.items() if p.made.is_set() and now - p.at >= KEPT]
             pools = [self.pending.pop(k).pool for k in stale]
-            # one still being made is not due (0 s would have the loop look without pause): its
-            # maker sets the timer once it is made (`_make`)
+            # one still being made is not due (0 s would have the loop look without pause): the
+            # heads-up thread, its maker, looks again once it is made (`_serve`)
             due = [p.at + KEPT - now for p in self.pending.values() if p.made.is_set()]
         for pool in pools:
             if pool is not None:
@@ -195,11 +200,6 @@ class HeadsUp:
                     del self.pending[key]
             if drop and pool is not None:
                 pool.close()
-            elif pool is not None:
-                # nothing else may wake the loop (a push git refused, an idle daemon): its own timer
-                timer = threading.Timer(max(0.0, pending.at + KEPT - time.monotonic()), self.expire)
-                timer.name, timer.daemon = "heads-up-expiry", True
-                timer.start()
 
 
 def _read(path: str) -> tuple[str, str] | None:

@@ -60,6 +60,13 @@ def _needs_root() -> None:
         pytest.skip("the sandbox made ahead needs a cgroup per attempt: root's on this host")
 
 
+def _chained(home: Home, repo: Path, root: Path) -> None:
+    """CHAINED as the repo's pre-receive.chained, its folder `root`."""
+    hook = repo / "hooks" / "pre-receive.chained"
+    hook.write_text(CHAINED.format(root=root, work=home.home / "work" / "app"))
+    hook.chmod(0o755)
+
+
 @contextmanager
 def _served(home: Home, tmp_path: Path) -> Iterator[tuple[Path, Path, Daemon]]:
     """The repo `app` with the CHAINED hook (its folder: the second item) and a daemon, which
@@ -68,9 +75,7 @@ def _served(home: Home, tmp_path: Path) -> Iterator[tuple[Path, Path, Daemon]]:
     repo = home.add_repo("app")
     root = tmp_path / "hook"
     root.mkdir()
-    hook = repo / "hooks" / "pre-receive.chained"
-    hook.write_text(CHAINED.format(root=root, work=home.home / "work" / "app"))
-    hook.chmod(0o755)
+    _chained(home, repo, root)
     with home.daemon() as daemon:
         (root / "daemon").write_text(str(daemon.pid))
         first = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
