@@ -264,8 +264,7 @@ class Daemon:
         ping = watchdog_interval()
         while True:
             due = self.next_due and max(0.0, self.next_due - time.time())
-            waits = [x for x in (ping, due, self.backoff.next_in(), self.repeats.next_flush(), self.heads.expire())
-                     if x is not None]
+            waits = [x for x in (ping, due, self.backoff.next_in(), self.repeats.next_flush()) if x is not None]
             if not self.wake.wait(min(waits) if waits else None):
                 self.foreign.set()  # a timer: look at everything, as a wake file would have it
             self.wake.clear()

@@ -143,12 +143,12 @@ class HeadsUp:
 
     def expire(self) -> float | None:
         """Let the slots of heads-ups whose push did not come go; seconds until the next one is due
-        (the loop's timer, and the heads-up thread's: see `_serve`)."""
+        (the heads-up thread's timer: see `_serve`)."""
         now = time.monotonic()
         with self.lock:
             stale = [k for k, p in self.pending.items() if p.made.is_set() and now - p.at >= KEPT]
             pools = [self.pending.pop(k).pool for k in stale]
-            # one still being made is not due (0 s would have the loop look without pause): the
+            # one still being made is not due (0 s would have its thread look without pause): the
             # heads-up thread, its maker, looks again once it is made (`_serve`)
             due = [p.at + KEPT - now for p in self.pending.values() if p.made.is_set()]
         for pool in pools:

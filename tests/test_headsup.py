@@ -190,9 +190,9 @@ def test_a_refused_pushs_heads_up_is_let_go_after_kept_while_the_daemon_is_idle(
 
 
 def test_a_heads_up_still_being_made_past_kept_sets_no_timer_already_due(tmp_path: Path) -> None:
-    """One made slowly (a large HOME to remove beside its slot's tree) is not yet the loop's to
-    let go: expire() must not say 0 s for it, or the loop looks at everything without pause
-    (each time: wake files, spool, store, schedules) until it is made."""
+    """One made slowly (a large HOME to remove beside its slot's tree) is not yet to be let go:
+    expire() must not say 0 s for it, or the heads-up thread looks again without pause until
+    it is made."""
     heads = headsup.HeadsUp(tmp_path / "ahead", lambda: None, lambda: False)
     pending = headsup._Pending(push=1)
     pending.at -= headsup.KEPT + 1
