@@ -431,7 +431,7 @@ class WorktreePool:
         action's sandbox) a few milliseconds before that reset begins. False when nothing was
         made: the slot is let go again."""
         with self._next_lock:
-            if self._early is not None or self._next is not None or self.ahead <= 0:
+            if not self._room_early():
                 return False
         slot = self._take()
         try:
@@ -446,12 +446,17 @@ class WorktreePool:
             _let_go(slot)
             return False
         with self._next_lock:
-            keep = self._early is None and self._next is None and self.ahead > 0
+            keep = self._room_early()  # looked at again: prepare_next may have come meanwhile
             if keep:
                 self._early = slot
         if not keep:
             _let_go(slot)
         return keep
+
+    def _room_early(self) -> bool:
+        """Whether the first `prepare_next` is still to come and no heads-up took its slot
+        (the caller holds `_next_lock`)."""
+        return self._early is None and self._next is None and self.ahead > 0
 
     def _taken_early(self) -> Slot:
         """The slot `heads_up` took, else a free one."""
