@@ -166,19 +166,10 @@ def test_only_a_regular_recent_file_of_the_daemons_user_is_a_heads_up(tmp_path: 
 def test_a_refused_pushs_heads_up_is_let_go_after_kept_while_the_daemon_is_idle(home: Home, tmp_path: Path) -> None:
     """Nothing else happens after a push git refused: its heads-up's slot, sandbox (and the parked
     launcher it took) still go after headsup.KEPT, not at the next push or wake-up."""
-    _needs_root()
-    repo = home.add_repo("app")
-    root = tmp_path / "hook"
-    root.mkdir()
-    _chained(home, repo, root)
-    with home.daemon() as daemon:
-        (root / "daemon").write_text(str(daemon.pid))
-        run = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="")), "n": "push 1\n"})
-        assert home.wait_run(run, timeout=120)["status"] == "succeeded"
+    with _served(home, tmp_path) as (repo, root, daemon):
         # past the loop's last timer (the cron lines read SCHEDULES_AFTER_PUSH after a run's end):
         # from now on nothing wakes it
         time.sleep(daemon_mod.SCHEDULES_AFTER_PUSH + 2)
-        (root / "wait").touch()
         (root / "answer").write_text("refuse")
         refused = home.push(repo, {"n": "push 2\n"})
         assert refused.returncode != 0 and not refused.run_ids, refused.stderr
