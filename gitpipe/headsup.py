@@ -1,23 +1,33 @@
 """A push on its way: its first action's sandbox is made before git has finished the push.
 
-hooks/pre-receive writes `<home>/ahead/<pid of git's receive-pack>`: the repo's name, then git's
-ref lines, with the shell's own printf (no process). That is 4-6 ms before post-receive hands the
-push to the intake, while git checks and updates the refs and starts the next hook. The daemon
-reads it (a thread of its own, which the inotify thread wakes: `heard`), takes the worktree slot the run's first checkout will get
-and makes that action's sandbox in it from the parked launcher (`WorktreePool.heads_up`). Made
-from the post-receive instead, bwrap's namespaces and mounts (4-6 ms on a 2-core build host, the
-cgroup move already done) were the longest branch of the way from push to exec.
+hooks/pre-receive writes `<home>/ahead/<pid of git's receive-pack>`: the repo's name, the push's
+quarantine (`$GIT_QUARANTINE_PATH`: its objects, until git keeps them), then git's ref lines,
+with the shell's own printf (no process). That is 5-7 ms before post-receive hands the push to
+the intake, while git moves the objects in, updates the refs and starts the next hook. The
+daemon reads it (a thread of its own, which the inotify thread wakes: `heard`) and does the
+two longest branches of the way from push to exec now, beside git's work, not after it:
+- it resets the worktree slot the run's first checkout will take to the pushed commit, its
+  objects read from the quarantine (`WorktreePool.prepare_next(incoming=...)`);
+- meanwhile it makes that action's sandbox in the slot from the parked launcher (bwrap's
+  namespaces and mounts: 4-6 ms on a 2-core build host, the cgroup move already done).
 
-What it is made from is a guess: the pipeline of the last push of that ref the daemon recorded
-(else of that repo). The intake's early reset (Daemon._prepare_early) takes the slot, and its
-`first_ahead` keeps the sandbox only when it is exactly the box the pushed pipeline asks for;
-else it makes its own, as without a heads-up. A push that never comes (refused by a later hook,
-or by git) lets its slot go after KEPT seconds; the first push of a repo gets no heads-up.
+The sandbox is made from the pushed commit's pipeline, read from the quarantine; where it is
+not there (packed: a large push; an older hook, which names no quarantine) from a guess, the
+pipeline of the last push of that ref the daemon recorded (else of that repo), and with no
+reset ahead (only the sandbox: `WorktreePool.heads_up`). The run keeps what was made only when
+it is what the recorded run asks for: its checkout checks the slot's commit and seal (else
+resets it), its first action the sandbox's box (scheduler._made_for; else it makes its own). A
+push that never comes (refused by a later hook, or by git) lets its slot go when its push is
+answered, or after KEPT seconds.
 
 Trust: a heads-up is taken only from a file of the daemon's user (or root), the users whose
 hooks the intake takes pushes from; it names a registered repo and a ref, which picks the slots
 (protected refs have their own) as the push's own run does. It runs nothing: the sandbox waits
-for the order that only the run's start writes.
+for the order that only the run's start writes. The quarantine it names is used only when it is
+a folder git makes for a push (`tmp_objdir-incoming-*`) right in that repo's objects/, and every
+object read there is checked against its name: what lands in the slot is the pushed commit's
+files, which a push refused after its heads-up leaves in a slot its next run resets (the commit's
+objects gone, that reset is git's).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gitpipe import git
+from gitpipe.hookmain import PIPELINE_FILE
 
 if TYPE_CHECKING:
     from gitpipe.scheduler import Host
@@ -44,6 +55,8 @@ KEPT = 30.0  # seconds a heads-up's slot waits for its push
 AT_ONCE = 4  # heads-ups held at once: a burst of pushes holds no more slots than this
 TEXTS_KEPT = 256  # (repo, ref) pipelines remembered for the guess
 MAX_BYTES = 16384  # of a heads-up file read: a ref line is at most a few hundred bytes
+# the quarantine folders git makes in objects/ for a push (tmp-objdir.c; "incoming-" before git 2.19)
+QUARANTINE_PREFIXES = ("tmp_objdir-incoming-", "incoming-")
 
 
 @dataclass
@@ -111,12 +124,12 @@ class HeadsUp:
         except OSError:
             return
         for entry in entries:
-            named = _read(entry.path)
-            if named is not None:
+            announced = _read(entry.path)
+            if announced is not None:
                 try:
-                    self._make(*named, push=int(entry.name) if entry.name.isdigit() else 0)
+                    self._make(announced, push=int(entry.name) if entry.name.isdigit() else 0)
                 except Exception as exc:  # a heads-up only ever saves time: never a reason to stop
-                    log.warning("heads-up of a push to %s: %s (its run starts as usual)", named[0], exc)
+                    log.warning("heads-up of a push to %s: %s (its run starts as usual)", announced.repo, exc)
 
     def take(self, repo: str, ref: str) -> git.WorktreePool | None:
         """The pool whose slot a heads-up of this push took (its sandbox made in it), if any."""
@@ -173,13 +186,14 @@ class HeadsUp:
         except OSError:
             pass
 
-    def _make(self, repo: str, ref: str, push: int) -> None:
+    def _make(self, announced: _Announced, push: int) -> None:
+        repo, ref = announced.repo, announced.ref
         host = self.host()
         key = (repo, ref)
         with self.lock:
-            text = self.texts.get(key) or self.texts.get((repo, ""))
-            if (host is None or text is None or self.closed or key in self.pending
-                    or len(self.pending) >= AT_ONCE or self.busy()):
+            guess = self.texts.get(key) or self.texts.get((repo, ""))
+            if (host is None or (guess is None and announced.incoming is None) or self.closed
+                    or key in self.pending or len(self.pending) >= AT_ONCE or self.busy()):
                 return
             pending = self.pending[key] = _Pending(push=push)
         from gitpipe.scheduler import first_ahead
@@ -187,8 +201,16 @@ class HeadsUp:
         pool = None
         try:
             pool = host.pool(repo, ref)  # an unregistered repo: UsageError
-            make = first_ahead(host, pool, repo, ref, text)
-            if make is None or not pool.heads_up(make):
+            incoming = _quarantine(pool.objects, announced.incoming)
+            text = guess
+            if incoming is not None:
+                text = git.show_in_push(pool.objects.parent, incoming, announced.sha, PIPELINE_FILE) or guess
+            make = None if text is None else first_ahead(host, pool, repo, ref, text)
+            if incoming is not None:  # the reset too: the objects are there
+                made = pool.prepare_next(announced.sha, during=make, incoming=incoming)
+            else:
+                made = make is not None and pool.heads_up(make)
+            if not made:
                 pool.close()
                 pool = None
         finally:
@@ -202,9 +224,38 @@ class HeadsUp:
                 pool.close()
 
 
-def _read(path: str) -> tuple[str, str] | None:
-    """(repo, the first ref the push writes) of the heads-up file at `path`, removed; None for a
-    file that is not one (not the daemon's user's or root's, not a regular file, no ref)."""
+@dataclass(frozen=True)
+class _Announced:
+    """What a heads-up file says: the repo, the first ref the push writes and its new commit, and
+    the push's quarantine as the hook saw it ("" from a hook of before it was written)."""
+
+    repo: str
+    ref: str
+    sha: str
+    incoming: str
+
+
+def _quarantine(objects: Path, named: str) -> Path | None:
+    """The quarantine a heads-up names, when it is one git made for a push to this repo: a folder
+    (not a link) named as git names them, right in the repo's `objects` folder."""
+    if not named.startswith("/"):
+        return None
+    path = Path(named)
+    if not path.name.startswith(QUARANTINE_PREFIXES):
+        return None
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return None
+        if os.path.realpath(path.parent) != os.path.realpath(objects):
+            return None
+    except OSError:
+        return None
+    return path
+
+
+def _read(path: str) -> _Announced | None:
+    """What the heads-up file at `path` announces, the file removed; None for a file that is not
+    one (not the daemon's user's or root's, not a regular file, no ref)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -219,11 +270,13 @@ def _read(path: str) -> tuple[str, str] | None:
         data = os.read(fd, MAX_BYTES).decode("utf-8", "replace")
     finally:
         os.close(fd)
-    repo, _, lines = data.partition("\n")
-    for line in lines.splitlines():
+    repo, _, rest = data.partition("\n")
+    lines = rest.split("\n")
+    incoming = lines.pop(0) if lines and lines[0].startswith("/") else ""  # a ref line starts with its sha
+    for line in lines:
         fields = line.split(" ")
         if len(fields) == 3 and fields[1].strip("0") and repo:  # a deletion makes no run
-            return repo, fields[2]
+            return _Announced(repo, fields[2], fields[1], incoming)
     return None
 
 

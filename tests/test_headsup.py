@@ -1,10 +1,12 @@
-"""A push's heads-up (hooks/pre-receive, gitpipe/headsup.py): the first action's sandbox is made
-while git finishes the push, and used only when it is exactly what the pushed pipeline asks for."""
+"""A push's heads-up (hooks/pre-receive, gitpipe/headsup.py): the first action's worktree is reset
+to the pushed commit (its objects read in git's quarantine) and its sandbox made while git
+finishes the push; each used only when it is exactly what the recorded run asks for."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,11 +33,25 @@ name = "one"
 
 # Runs after gitpipe's pre-receive (which wrote the heads-up), before git updates the ref. When
 # the test asks it to ($root/wait), it waits for the daemon's child that became the sandbox's
-# bwrap (the parked launcher), then marks the HOME of every slot of the repo; `refuse` in
-# $root/answer makes it refuse the push.
+# bwrap (the parked launcher), then marks the HOME of every slot of the repo; with $root/expect,
+# it then waits for a slot's tree whose file `n` holds that line, and says so in $root/reset;
+# `refuse` in $root/answer makes it refuse the push.
 CHAINED = """#!/bin/sh
 cat >/dev/null
 root={root}
+if [ -e "$root/wait" ] && [ -e "$root/expect" ]; then
+  i=0
+  while [ $i -lt 400 ]; do
+    for n in {work}/*/tree/n {work}/protected/*/tree/n; do
+      if [ "$(cat "$n" 2>/dev/null)" = "$(cat "$root/expect")" ]; then
+        echo reset > "$root/reset"
+        i=400
+      fi
+    done
+    i=$((i + 1))
+    sleep 0.05
+  done
+fi
 if [ -e "$root/wait" ]; then
   daemon=$(cat "$root/daemon")
   i=0
@@ -90,24 +106,48 @@ def _bwraps(pid: int) -> list[int]:
     return [c for c in children(pid) if Path(f"/proc/{c}/comm").read_text().strip() == "bwrap"]
 
 
-def test_the_first_action_runs_in_the_sandbox_made_at_its_pushs_heads_up(home: Home, tmp_path: Path) -> None:
-    """The second push of a ref: its sandbox is made before git updated the ref (the chained
-    hook sees it), and the action runs in it. A third push whose first action asks for another
-    sandbox (no network) runs in one made anew: the guess (the last push's pipeline) is not used."""
+def test_the_first_action_runs_in_the_worktree_and_sandbox_made_at_its_pushs_heads_up(
+        home: Home, tmp_path: Path) -> None:
+    """The second push of a ref: before git updated the ref (the chained hook sees it), a slot's
+    tree holds the pushed files, read from git's quarantine, and the first action's sandbox is
+    made; the action runs in both. A third push whose first action asks for another sandbox (no
+    network) has it made at its heads-up too: from the pipeline it pushed, not from a guess."""
     with _served(home, tmp_path) as (repo, root, daemon):
+        (root / "expect").write_text("push 2\n")
         second = home.push_run(repo, {"n": "push 2\n"})
         assert (root / "seen").read_text() == "made\n", "no sandbox was made before git updated the ref"
+        assert (root / "reset").read_text() == "reset\n", "no tree was reset before git updated the ref"
         assert home.wait_run(second, timeout=120)["status"] == "succeeded"
         assert "sandbox-of-the-heads-up\npush 2" in home.logs(second)  # and the tree as pushed
 
-        (root / "seen").unlink()
+        for name in ("seen", "reset"):
+            (root / name).unlink()
+        (root / "expect").write_text("push 3\n")
         third = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="network = false")),
                                      "n": "push 3\n"})
-        assert (root / "seen").read_text() == "made\n"  # made from the guess...
+        assert (root / "seen").read_text() == "made\n"
+        assert (root / "reset").read_text() == "reset\n"
         assert home.wait_run(third, timeout=120)["status"] == "succeeded"
-        assert "sandbox-made-anew\npush 3" in home.logs(third)  # ...and not used: not this action's box
+        assert "sandbox-of-the-heads-up\npush 3" in home.logs(third)
         wait_for(lambda: not _bwraps(daemon.pid), what="no sandbox left waiting")
         assert list((home.home / "ahead").iterdir()) == []
+
+
+def test_a_push_whose_objects_git_packs_is_reset_ahead_by_git_and_guessed(home: Home, tmp_path: Path) -> None:
+    """A push large enough for git to keep its objects packed (here: receive.unpackLimit = 1):
+    the heads-up cannot read its pipeline, so the sandbox is made from the last one recorded,
+    and the tree is reset by git, which reads the quarantine too. Its first action asks for
+    another sandbox than the guess: it runs in one made anew, in the tree as pushed."""
+    with _served(home, tmp_path) as (repo, root, daemon):
+        subprocess.run(["git", "--git-dir", str(repo), "config", "receive.unpackLimit", "1"], check=True)
+        (root / "expect").write_text("push 2\n")
+        second = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="network = false")),
+                                      "n": "push 2\n"})
+        assert (root / "seen").read_text() == "made\n"  # from the guess...
+        assert (root / "reset").read_text() == "reset\n", "git did not reset the tree from the quarantine"
+        assert home.wait_run(second, timeout=120)["status"] == "succeeded"
+        assert "sandbox-made-anew\npush 2" in home.logs(second)  # ...not used: not this action's box
+        wait_for(lambda: not _bwraps(daemon.pid), what="no sandbox left waiting")
 
 
 def test_a_heads_up_of_a_push_git_refused_holds_nothing_past_the_daemon(home: Home, tmp_path: Path) -> None:
@@ -142,9 +182,13 @@ def test_only_a_regular_recent_file_of_the_daemons_user_is_a_heads_up(tmp_path: 
         (folder / name).write_text(text)
         return str(folder / name)
 
-    assert headsup._read(make("1", f"app\n{zeros} {sha} refs/heads/main\n")) == ("app", "refs/heads/main")
-    assert headsup._read(make("2", f"app\n{sha} {zeros} refs/heads/gone\n{zeros} {sha} refs/heads/b\n")) == (
-        "app", "refs/heads/b")  # a deletion makes no run: the next ref
+    quarantine = "/srv/app.git/objects/tmp_objdir-incoming-x1"
+    assert headsup._read(make("1", f"app\n{quarantine}\n{zeros} {sha} refs/heads/main\n")) == headsup._Announced(
+        "app", "refs/heads/main", sha, quarantine)
+    assert headsup._read(make("2", f"app\n\n{sha} {zeros} refs/heads/gone\n{zeros} {sha} refs/heads/b\n")) == (
+        headsup._Announced("app", "refs/heads/b", sha, ""))  # a deletion makes no run: the next ref
+    assert headsup._read(make("2b", f"app\n{zeros} {sha} refs/heads/main\n")) == headsup._Announced(
+        "app", "refs/heads/main", sha, "")  # a hook from before the quarantine was written
     assert headsup._read(make("3", f"app\n{sha} {zeros} refs/heads/gone\n")) is None
     assert headsup._read(make("4", "app")) is None
     target = make("target", f"app\n{zeros} {sha} refs/heads/main\n")
@@ -161,6 +205,26 @@ def test_only_a_regular_recent_file_of_the_daemons_user_is_a_heads_up(tmp_path: 
         assert headsup._read(other) is None
     assert sorted(p.name for p in folder.iterdir()) == ["target"]
     assert stat.S_ISREG(os.lstat(target).st_mode)  # the link's target is untouched
+
+
+def test_only_a_quarantine_git_makes_in_the_repos_objects_is_read(tmp_path: Path) -> None:
+    """The quarantine a heads-up names is read only when it is a folder, not a link, named as git
+    names them, right in the repo's objects/: a hook can name no other folder to read from."""
+    objects = tmp_path / "app.git" / "objects"
+    good = objects / "tmp_objdir-incoming-a1b2"
+    good.mkdir(parents=True)
+    (objects / "incoming-c3d4").mkdir()  # git before 2.19
+    elsewhere = tmp_path / "other.git" / "objects" / "tmp_objdir-incoming-a1b2"
+    elsewhere.mkdir(parents=True)
+    (objects / "tmp_objdir-incoming-link").symlink_to(elsewhere)
+    (objects / "pack").mkdir()
+    (good / "tmp_objdir-incoming-deeper").mkdir()
+    assert headsup._quarantine(objects, str(good)) == good
+    assert headsup._quarantine(objects, str(objects / "incoming-c3d4")) == objects / "incoming-c3d4"
+    for named in ("", "tmp_objdir-incoming-a1b2", str(elsewhere), str(objects / "tmp_objdir-incoming-link"),
+                  str(objects / "pack"), str(good / "tmp_objdir-incoming-deeper"),
+                  str(objects / "tmp_objdir-incoming-gone"), str(objects / ".." / "objects" / "pack")):
+        assert headsup._quarantine(objects, named) is None, named
 
 
 def test_a_refused_pushs_heads_up_is_let_go_after_kept_while_the_daemon_is_idle(home: Home, tmp_path: Path) -> None:
