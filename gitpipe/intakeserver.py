@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gitpipe import git, hookmain, intake, queue
+from gitpipe import git, hookmain, intake, queue, rejectmark
 from gitpipe.control import peer_uid
 from gitpipe.errors import IntakeRefused, UsageError
 from gitpipe.settings import Settings
@@ -105,6 +105,7 @@ class IntakeServer:
         except OSError as exc:
             return f"no intake socket at {self.path} ({exc}): each push starts Python to record its runs"
         self._prune()
+        rejectmark.refresh(self.settings.home)  # from now on pre-receive reads it rather than grep
         # Threads started now, each taking the next connection itself: a push waits for no
         # thread to start nor for a hand-over between two of them (~0.1-0.2 ms on a busy host).
         self.threads = [threading.Thread(target=self._accept, name=f"intake-{i}", daemon=True)
@@ -115,6 +116,7 @@ class IntakeServer:
 
     def close(self) -> None:
         """Stop listening: from now on pushes are recorded by the Python hook (it says the daemon is down)."""
+        rejectmark.remove(self.settings.home)  # no daemon to keep it: pre-receive greps again
         if self.sock is not None:
             try:
                 os.unlink(self.path)  # first: a push connecting now is refused at once, not left waiting
@@ -170,6 +172,7 @@ class IntakeServer:
             self.on_recorded()
         if answer.git_dir is not None:
             self._gc_later(answer.git_dir)
+        rejectmark.refresh(self.settings.home)  # gitpipe.toml edited: the next push reads it anew
 
     def _gc_later(self, git_dir: str) -> None:
         """`git gc --auto` in the repo GC_DELAY from now, or GC_EVERY after its last one: what

@@ -374,21 +374,21 @@ class Home:
             git(clone, "commit", "--quiet", "--allow-empty", "-m", message or f"change {uuid.uuid4().hex[:8]}")
             return git(clone, "rev-parse", "HEAD").stdout.strip()
 
-    def git_push(self, repo: Path, *refspecs: str) -> Push:
-        """A real `git push` of refspecs from the work clone to the bare repo."""
+    def git_push(self, repo: Path, *refspecs: str, env: dict[str, str] | None = None) -> Push:
+        """A real `git push` of refspecs from the work clone to the bare repo (`env`: its environment)."""
         clone = self.clone_of(repo)
         proc = subprocess.run(["git", "push", "--no-verify", str(repo), *refspecs], cwd=clone,
-                              env=base_env(), capture_output=True, text=True, timeout=120, check=False)
+                              env=env or base_env(), capture_output=True, text=True, timeout=120, check=False)
         sha = ""
         if refspecs and ":" in refspecs[0] and not refspecs[0].startswith(":"):
             sha = refspecs[0].split(":", 1)[0]
         return Push(proc.returncode, proc.stdout, proc.stderr, sha)
 
     def push(self, repo: Path, files: dict[str, str | None], branch: str = "main",
-             message: str | None = None) -> Push:
+             message: str | None = None, env: dict[str, str] | None = None) -> Push:
         """Commit `files` on `branch` and `git push` that commit to the bare repo's `branch`."""
         sha = self.commit(repo, files, branch, message)
-        return self.git_push(repo, f"{sha}:refs/heads/{branch}")
+        return self.git_push(repo, f"{sha}:refs/heads/{branch}", env=env)
 
     def push_tag(self, repo: Path, tag: str, branch: str = "main", annotated: bool = False) -> Push:
         """Tag the head of `branch` in the work clone and push the tag."""

@@ -759,6 +759,55 @@ def test_reject_invalid_makes_the_pre_receive_hook_refuse_the_push(home: Home) -
     assert fixed.returncode == 0 and len(fixed.run_ids) == 1, fixed.stderr
 
 
+def test_with_the_daemon_up_pre_receive_knows_reject_invalid_without_grep_and_sees_each_edit(
+        home: Home, tmp_path: Path) -> None:
+    """The running daemon keeps pre-receive's answer from gitpipe.toml (gitpipe/rejectmark.py): a
+    push starts no grep. An edit makes the next push grep again, and a gitpipe.toml put back with
+    an older mtime (rsync -a) is seen after the next push; a stopped daemon leaves no answer."""
+    spy = tmp_path / "bin"
+    spy.mkdir()
+    calls = tmp_path / "grep.calls"
+    (spy / "grep").write_text(f'#!/bin/sh\necho "$*" >>{calls}\nexec {shutil.which("grep")} "$@"\n')
+    (spy / "grep").chmod(0o755)
+    env = {**base_env(), "PATH": f"{spy}:{base_env()['PATH']}"}
+    mark = home.home / "reject-invalid"
+    config = home.home / "gitpipe.toml"
+    lenient = config.read_text()
+    strict = home.add_repo("strict")
+
+    def grepped(push: Push) -> int:
+        count = len(calls.read_text().splitlines()) if calls.exists() else 0
+        calls.unlink(missing_ok=True)
+        return count
+
+    with home.daemon():
+        assert mark.read_text().split()[0] == "false"
+        accepted = home.push(strict, {".pipeline.toml": INVALID}, env=env)
+        assert accepted.returncode == 0 and grepped(accepted) == 0, accepted.stderr
+
+        home.configure("[repos.strict]\nreject_invalid = true\n")  # newer than the answer
+        refused = home.push(strict, {".pipeline.toml": INVALID}, env=env)
+        assert refused.returncode != 0 and grepped(refused) == 1, refused.stderr
+        assert "rejecting main: .pipeline.toml is invalid" in refused.stderr
+        valid = home.push(strict, {".pipeline.toml": pipeline(SIMPLE)}, env=env)  # grep again: answered...
+        assert valid.returncode == 0 and grepped(valid) == 1, valid.stderr
+        wait_for(lambda: mark.read_text().split()[0] == "true", what="the daemon keeps the new answer")  # after it
+        refused = home.push(strict, {".pipeline.toml": INVALID}, env=env)
+        assert refused.returncode != 0 and grepped(refused) == 0, refused.stderr
+
+        before = config.stat().st_mtime_ns - 10**10
+        config.write_text(lenient)  # put back as it was, with an mtime older than the answer
+        os.utime(config, ns=(before, before))
+        valid = home.push(strict, {".pipeline.toml": pipeline(SIMPLE)}, env=env)
+        assert valid.returncode == 0 and grepped(valid) == 0, valid.stderr  # (validated: as slow as before)
+        wait_for(lambda: mark.read_text().split()[0] == "false", what="the answer of the file put back")  # its ctime
+        accepted = home.push(strict, {".pipeline.toml": INVALID}, env=env)
+        assert accepted.returncode == 0 and grepped(accepted) == 0, accepted.stderr
+    assert not mark.exists()
+    accepted = home.push(strict, {".pipeline.toml": INVALID}, env=env)
+    assert accepted.returncode == 0 and grepped(accepted) == 1, accepted.stderr
+
+
 # ---------------------------------------------------------------------------- retry, logs, env, outputs
 
 
