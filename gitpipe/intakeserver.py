@@ -93,6 +93,7 @@ class IntakeServer:
         self.gc_last: dict[str, float] = {}  # repo -> when its last `git gc --auto` started (monotonic)
         self.lock = threading.Lock()  # of the four above, shared by the connections' threads
         self.recorded = 0
+        self.closing = False
 
     @property
     def path(self) -> Path:
@@ -116,7 +117,7 @@ class IntakeServer:
 
     def close(self) -> None:
         """Stop listening: from now on pushes are recorded by the Python hook (it says the daemon is down)."""
-        rejectmark.remove(self.settings.home)  # no daemon to keep it: pre-receive greps again
+        self.closing = True  # the connections being served write no answer for the hooks any more
         if self.sock is not None:
             try:
                 os.unlink(self.path)  # first: a push connecting now is refused at once, not left waiting
@@ -132,6 +133,7 @@ class IntakeServer:
                 thread.join(max(0.0, deadline - time.monotonic()))
             self.threads = []
             self.sock = None
+        rejectmark.remove(self.settings.home)  # no daemon to keep it: pre-receive greps again
 
     def _accept(self) -> None:
         sock = self.sock
@@ -172,7 +174,8 @@ class IntakeServer:
             self.on_recorded()
         if answer.git_dir is not None:
             self._gc_later(answer.git_dir)
-        rejectmark.refresh(self.settings.home)  # gitpipe.toml edited: the next push reads it anew
+        if not self.closing:
+            rejectmark.refresh(self.settings.home)  # gitpipe.toml edited: the next push reads it anew
 
     def _gc_later(self, git_dir: str) -> None:
         """`git gc --auto` in the repo GC_DELAY from now, or GC_EVERY after its last one: what
