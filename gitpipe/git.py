@@ -468,6 +468,11 @@ class WorktreePool:
             _let_go(slot)
         return keep
 
+    def preparing(self, sha: str) -> bool:
+        """Whether the next checkout's slot is being reset to `sha` already (at a push's heads-up)."""
+        with self._next_lock:
+            return self._next is not None and self._next.sha == sha
+
     def _room_early(self) -> bool:
         """Whether the first `prepare_next` is still to come and no heads-up took its slot
         (the caller holds `_next_lock`)."""
