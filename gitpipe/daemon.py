@@ -48,6 +48,7 @@ EVENTS_SEEN = "events_seen"  # state key: the newest event id the daemon passed 
 SAVE_EVERY = 500  # events
 SCHEDULES_AFTER_PUSH = 1.0  # seconds after a push's run started that its repo's cron lines are read again
 SWITCH_INTERVAL = 0.001  # seconds a thread holds the GIL while others wait (see serve)
+BEGUN_WAIT = 0.2  # seconds the intake's chores after a push wait at most for its run's first command
 
 
 def _heard_elsewhere(signum: int, frame: FrameType | None) -> None:
@@ -349,16 +350,23 @@ class Daemon:
         While the loop looks itself (or before it runs: recovery), or should this fail (a full
         disk), the loop looks again instead. Either way it wakes, for its cron lines' timer."""
         claimed = False
+        started: list[RunWorker] = []
         if self.looping.is_set() and not self.stopping.is_set() and self.claiming.acquire(blocking=False):
             try:
                 if not self.backoff.waiting("loop"):
+                    before = set(self.workers)
                     self._supersede()
                     self._claim()
                     claimed = True
+                    started = [w for run_id, w in list(self.workers.items()) if run_id not in before]
             except (GitpipeError, sqlite3.Error, OSError) as exc:
                 log.debug("intake: left its push's claim to the loop: %s", exc)
             finally:
                 self.claiming.release()
+        # What is left of this push's work (the loop's timer, the intake's chores) waits until its
+        # run's first command is on its way: else it takes the GIL from that run's start.
+        for worker in started:
+            worker.begun.wait(BEGUN_WAIT)
         (self.pushed if claimed else self.claim_due).set()  # before the wake, as _worker_done's
         self.wake.set()
 
@@ -516,7 +524,7 @@ class Daemon:
         log.info("run #%s: %s %s @ %s (%s)", run.id, run.repo, run.ref, run.sha[:7],
                  "resumed" if run.status is not RunStatus.QUEUED else "started")
         self._queue_noted.pop(run.id, None)
-        worker.thread.start()
+        worker.start()
 
     def _worker_done(self, worker: RunWorker) -> None:
         run_id = worker.run.id
@@ -648,8 +656,8 @@ class Daemon:
             worker.interrupted.set()  # no new actions start
             worker.changed.set()  # approvals stop waiting at once
         for worker in list(self.workers.values()):
-            while worker.thread.is_alive() and not deadline_event.is_set():
-                worker.thread.join(0.2)
+            while not worker.join(0.2) and not deadline_event.is_set():
+                pass
         timer.cancel()
         self._interrupt_all(0.0)
 
@@ -657,7 +665,7 @@ class Daemon:
         for worker in list(self.workers.values()):
             worker.interrupt(grace)
         for worker in list(self.workers.values()):
-            worker.thread.join(executor.KILL_GRACE + 5)
+            worker.join(executor.KILL_GRACE + 5)
 
 
 def close_home(home: Path) -> None:

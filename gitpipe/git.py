@@ -468,6 +468,12 @@ class WorktreePool:
             _let_go(slot)
         return keep
 
+    def made_ahead(self) -> bool:
+        """Whether the next checkout's slot has a sandbox made for it ahead (see `prepare_next`):
+        a hint (the action checks that it is its own)."""
+        with self._next_lock:
+            return self._next is not None and self._next.taken.ahead is not None
+
     def preparing(self, sha: str) -> bool:
         """Whether the next checkout's slot is being reset to `sha` already (at a push's heads-up)."""
         with self._next_lock:

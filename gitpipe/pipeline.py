@@ -14,6 +14,7 @@ pipeline has a schedule, a custom action type or a mistake.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from dataclasses import replace
 from typing import Any
@@ -28,6 +29,7 @@ from gitpipe.tomllines import KeyPath, key_lines
 EVENTS = keys.find("notify", "on").choices  # type: ignore[union-attr]
 # The key lists come from gitpipe/keys.py, which also feeds `gitpipe schema` and the editor.
 _TOP_KEYS = keys.names("top")
+PARSED_KEPT = 32  # pipelines `parsed` keeps
 _PIPELINE_KEYS = keys.names("pipeline")
 _INPUT_KEYS = keys.names("input")
 _STAGE_KEYS = keys.names("stage")
@@ -46,6 +48,14 @@ def parse(text: str, *, file: str = ".pipeline.toml", default_name: str = "pipel
     if report.problems:
         raise PipelineError(report.problems)
     return pipeline
+
+
+@functools.lru_cache(maxsize=PARSED_KEPT)
+def parsed(text: str, default_name: str = "pipeline") -> Pipeline:
+    """`parse`, shared for a text parsed before (a Pipeline is frozen): the daemon parses a push's
+    pipeline at its heads-up and again as its run starts, on the way from push to exec (0.2-0.5
+    ms each). An invalid text is parsed anew each time: errors are raised, not kept."""
+    return parse(text, default_name=default_name)
 
 
 def _pipeline(report: PipelineReport, data: dict[str, Any], default_name: str) -> Pipeline:
