@@ -496,10 +496,10 @@ class Daemon:
             if early is not None:
                 early.close()
             return  # it waits: its worktree would only hold a slot
-        pool = early or host.pool(repo, ref)
-        if not pool.preparing(sha):  # else the heads-up began it all, from the pushed pipeline
+        if early is None:  # else the first sandbox is made (the heads-up's): no cgroup move to wait for
             host.sandbox.warm()  # the first cgroup move's wait, from now on, unless a launcher is parked
-            pool.prepare_next(sha, during=first_ahead(host, pool, repo, ref, text))
+        pool = early or host.pool(repo, ref)
+        pool.prepare_next(sha, during=first_ahead(host, pool, repo, ref, text))
         with self.early_lock:
             late = run_id in self.workers  # the loop started it meanwhile, with a pool of its own
             if not late:

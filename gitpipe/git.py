@@ -402,12 +402,12 @@ class WorktreePool:
             _let_go(slot)
 
     def _ready(self, slot: Slot, sha: str, wanted: threading.Event | None = None,
-               during: Callable[[Slot], Discardable | None] | None = None, incoming: Path | None = None) -> bool:
+               during: Callable[[Slot], Discardable | None] | None = None) -> bool:
         """Reset `slot` to `sha` and seal it; `wanted`: set once an action waits for this slot.
         True when the seal gave way to that action (see `_seal`): the slot goes to it at once.
-        `during`, `incoming`: see `prepare_next`."""
+        `during`: see `prepare_next`."""
         slot.settled = False
-        self._reset(slot, sha, during, incoming)
+        self._reset(slot, sha, during)
         if _tracked_count(slot.index) <= CLEAN_IN_PROCESS:
             # Settled here (the sandbox walks it again at launch, for the inputs restored
             # into it: twice only for a small tree) so that what is remembered is final.
@@ -418,27 +418,24 @@ class WorktreePool:
         return False
 
     def prepare_next(self, sha: str, then: Callable[[Slot], Discardable | None] | None = None,
-                     during: Callable[[Slot], Discardable | None] | None = None,
-                     incoming: Path | None = None) -> bool:
+                     during: Callable[[Slot], Discardable | None] | None = None) -> None:
         """While an action runs, reset another slot to `sha` in the background for the next
         checkout (the next action of the run), so that its reset is off the critical path: the
         run's actions alternate between two slots. `then`: run on the slot once it is reset, in
         the same background job; `during`: the same, but as soon as what was beside its tree is
         removed, while git resets the tree (a slot with a tree already). What either returns is
-        the slot's `ahead`. `incoming`: the quarantine of the push of `sha` (see headsup.py), its
-        objects read there too. Does nothing once `ahead` is spent, or while a reset is on its way
-        (False); never raises (the next checkout then takes a slot itself)."""
+        the slot's `ahead`. Does nothing once `ahead` is spent; never raises (the next checkout
+        then takes a slot itself)."""
         with self._next_lock:
             if self.ahead <= 0 or self._next is not None:
-                return False
+                return
             self.ahead -= 1
             try:
-                self._next = _Ahead(self, sha, then, during, incoming)
+                self._next = _Ahead(self, sha, then, during)
             except OSError as exc:
                 log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
-                return False
+                return
             self._next.start()
-            return True
 
     def heads_up(self, during: Callable[[Slot], Discardable | None]) -> bool:
         """A push is on its way (see headsup.py): take the slot the first `prepare_next` will
@@ -473,11 +470,6 @@ class WorktreePool:
         a hint (the action checks that it is its own)."""
         with self._next_lock:
             return self._next is not None and self._next.taken.ahead is not None
-
-    def preparing(self, sha: str) -> bool:
-        """Whether the next checkout's slot is being reset to `sha` already (at a push's heads-up)."""
-        with self._next_lock:
-            return self._next is not None and self._next.sha == sha
 
     def _room_early(self) -> bool:
         """Whether the first `prepare_next` is still to come and no heads-up took its slot
@@ -555,8 +547,7 @@ class WorktreePool:
                 continue
             return Slot(self.dir / str(n), fd)
 
-    def _reset(self, slot: Slot, sha: str, during: Callable[[Slot], Discardable | None] | None = None,
-               incoming: Path | None = None) -> None:
+    def _reset(self, slot: Slot, sha: str, during: Callable[[Slot], Discardable | None] | None = None) -> None:
         if not slot.cleared:
             _clear_beside(slot)
         elif during is None:  # what `heads_up` made is for a first action this reset is not for
@@ -574,10 +565,10 @@ class WorktreePool:
                 self._clean(slot, before_checkout=True)
                 # The files of the commit it held exactly: only what changed is written, in this
                 # process (a push's few files), else by git.
-                if held is not None and switch(slot.tree, slot.index, self.objects.parent, held, sha, incoming):
+                if held is not None and switch(slot.tree, slot.index, self.objects.parent, held, sha):
                     (slot.git_dir / "HEAD").write_text(sha + "\n")
                 else:
-                    self._git(slot, "checkout", "--quiet", "--force", "--detach", sha, incoming=incoming)
+                    self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             self._clean(slot)
             _action_git_dir(slot, self.objects, sha)
         except (OSError, subprocess.CalledProcessError, RecursionError):
@@ -587,7 +578,7 @@ class WorktreePool:
             _discard(slot)
             remove_tree(slot.root)
             self._prepare_git_dir(slot)
-            self._git(slot, "checkout", "--quiet", "--force", "--detach", sha, incoming=incoming)
+            self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             _action_git_dir(slot, self.objects, sha)
 
     def _clean(self, slot: Slot, before_checkout: bool = False) -> None:
@@ -679,16 +670,12 @@ class WorktreePool:
         (git_dir / "config").write_text(SLOT_CONFIG)
         WorktreePool._written[str(slot.root)] = self.objects
 
-    def _git(self, slot: Slot, *args: str, incoming: Path | None = None) -> None:
-        """`incoming`: a push's quarantine, whose objects git reads too (objects.in_push)."""
-        env = _git_env(slot.git_dir, slot.tree)
-        if incoming is not None:  # as receive-pack gives it to the hooks: an alternate, looked at after objects/
-            env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(incoming)
+    def _git(self, slot: Slot, *args: str) -> None:
         subprocess.run(
             # safe.directory: when the daemon is root, the tree belongs to the sandbox's build user
             [*_no_links_in(slot.tree), "git", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false",
              "-c", "safe.directory=*", *args],
-            cwd=slot.tree, env=env, check=True, stdin=subprocess.DEVNULL,
+            cwd=slot.tree, env=_git_env(slot.git_dir, slot.tree), check=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 
@@ -701,8 +688,8 @@ class _Ahead:
     """A slot being reset in the background for the next checkout (see `WorktreePool.prepare_next`)."""
 
     def __init__(self, pool: WorktreePool, sha: str, then: Callable[[Slot], Discardable | None] | None = None,
-                 during: Callable[[Slot], Discardable | None] | None = None, incoming: Path | None = None) -> None:
-        self.pool, self.sha, self.then, self.during, self.incoming = pool, sha, then, during, incoming
+                 during: Callable[[Slot], Discardable | None] | None = None) -> None:
+        self.pool, self.sha, self.then, self.during = pool, sha, then, during
         self.taken = pool._taken_early()  # here, while the caller holds its own: another slot
         self.slot: Slot | None = None
         self.wanted = threading.Event()  # an action waits for this slot (see WorktreePool._seal)
@@ -721,7 +708,7 @@ class _Ahead:
 
     def _run(self) -> None:
         try:
-            self.handed = self.pool._ready(self.taken, self.sha, self.wanted, self.during, self.incoming)
+            self.handed = self.pool._ready(self.taken, self.sha, self.wanted, self.during)
         except Exception as exc:  # the checkout that wanted it takes and resets a slot itself
             log.warning("could not prepare the next worktree ahead (%s): the next action resets one itself", exc)
             _let_go(self.taken)

@@ -4,30 +4,30 @@ hooks/pre-receive writes `<home>/ahead/<pid of git's receive-pack>`: the repo's 
 quarantine (`$GIT_QUARANTINE_PATH`: its objects, until git keeps them), then git's ref lines,
 with the shell's own printf (no process). That is 5-7 ms before post-receive hands the push to
 the intake, while git moves the objects in, updates the refs and starts the next hook. The
-daemon reads it (a thread of its own, which the inotify thread wakes: `heard`) and does the
-two longest branches of the way from push to exec now, beside git's work, not after it:
-- it resets the worktree slot the run's first checkout will take to the pushed commit, its
-  objects read from the quarantine (`WorktreePool.prepare_next(incoming=...)`);
-- meanwhile it makes that action's sandbox in the slot from the parked launcher (bwrap's
-  namespaces and mounts: 4-6 ms on a 2-core build host, the cgroup move already done).
+daemon reads it (a thread of its own, which the inotify thread wakes: `heard`), takes the
+worktree slot the run's first checkout will get and makes that action's sandbox in it from the
+parked launcher (`WorktreePool.heads_up`). Made from the post-receive instead, bwrap's
+namespaces and mounts (4-6 ms on a 2-core build host, the cgroup move already done) were the
+longest branch of the way from push to exec.
 
-The sandbox is made from the pushed commit's pipeline, read from the quarantine; where it is
-not there (packed: a large push; an older hook, which names no quarantine) from a guess, the
-pipeline of the last push of that ref the daemon recorded (else of that repo), and with no
-reset ahead (only the sandbox: `WorktreePool.heads_up`). The run keeps what was made only when
-it is what the recorded run asks for: its checkout checks the slot's commit and seal (else
-resets it), its first action the sandbox's box (scheduler._made_for; else it makes its own). A
-push that never comes (refused by a later hook, or by git) lets its slot go when its push is
-answered, or after KEPT seconds.
+It is made from the pushed commit's pipeline, read in the quarantine; where it is not there
+(packed: a large push; an older hook, which names no quarantine) from a guess, the pipeline of
+the last push of that ref the daemon recorded (else of that repo). The intake's early reset
+(Daemon._prepare_early) takes the slot, and the run's first action keeps the sandbox only when
+it is exactly the box the recorded pipeline asks for (scheduler._made_for); else it makes its
+own, as without a heads-up. A push that never comes (refused by a later hook, or by git) lets
+its slot go when it is answered, or after KEPT seconds.
+
+Measured and left out: resetting the slot's tree at the heads-up too, from the quarantine's
+objects. On a 2-core host the push's own git is busy then: the reset's ~1.6 ms of CPU added
+~1.5 ms to the push (the hook's row of bench_peers.py) and took nothing off push to exec.
 
 Trust: a heads-up is taken only from a file of the daemon's user (or root), the users whose
 hooks the intake takes pushes from; it names a registered repo and a ref, which picks the slots
 (protected refs have their own) as the push's own run does. It runs nothing: the sandbox waits
-for the order that only the run's start writes. The quarantine it names is used only when it is
-a folder git makes for a push (`tmp_objdir-incoming-*`) right in that repo's objects/, and every
-object read there is checked against its name: what lands in the slot is the pushed commit's
-files, which a push refused after its heads-up leaves in a slot its next run resets (the commit's
-objects gone, that reset is git's).
+for the order that only the run's start writes. The quarantine it names is read only when it
+is a folder git makes for a push (`tmp_objdir-incoming-*`) right in that repo's objects/, and
+every object read there is checked against its name.
 """
 
 from __future__ import annotations
@@ -206,11 +206,7 @@ class HeadsUp:
             if incoming is not None:
                 text = git.show_in_push(pool.objects.parent, incoming, announced.sha, PIPELINE_FILE) or guess
             make = None if text is None else first_ahead(host, pool, repo, ref, text)
-            if incoming is not None:  # the reset too: the objects are there
-                made = pool.prepare_next(announced.sha, during=make, incoming=incoming)
-            else:
-                made = make is not None and pool.heads_up(make)
-            if not made:
+            if make is None or not pool.heads_up(make):
                 pool.close()
                 pool = None
         finally:

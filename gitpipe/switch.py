@@ -28,7 +28,7 @@ from pathlib import Path
 
 from gitpipe.digest import sha1
 from gitpipe.fdtree import DIR_FLAGS, open_under, write_all, write_new
-from gitpipe.objects import in_push
+from gitpipe.objects import loose
 
 MAX_CHANGES = 256  # more: git is as fast, and does it
 MAX_BYTES = 32 << 20  # the changed files' bytes held at once: more (a push of 4 MB bombs) is git's
@@ -42,13 +42,12 @@ class Change:
     blob: str | None  # the new blob's id
 
 
-def switch(tree: Path, index: Path, repo: Path, old: str, new: str, incoming: Path | None = None) -> bool:
+def switch(tree: Path, index: Path, repo: Path, old: str, new: str) -> bool:
     """Make `tree`, which holds exactly the files of commit `old` (and nothing untracked), hold
     those of `new`, and `index` (the daemon's, of version 2) track them; `repo`: where the
-    objects are (`incoming`: and a push's quarantine, see objects.in_push). False, having
-    changed nothing, when git must do it."""
+    objects are. False, having changed nothing, when git must do it."""
     def read(sha: str, kind: str) -> bytes:
-        found = in_push(repo, incoming, sha)
+        found = loose(repo, sha)
         if found is None or found[0] != kind:
             raise ValueError(f"{sha} is not a loose {kind}")
         return found[1]

@@ -1,6 +1,6 @@
-"""A push's heads-up (hooks/pre-receive, gitpipe/headsup.py): the first action's worktree is reset
-to the pushed commit (its objects read in git's quarantine) and its sandbox made while git
-finishes the push; each used only when it is exactly what the recorded run asks for."""
+"""A push's heads-up (hooks/pre-receive, gitpipe/headsup.py): the first action's sandbox is made
+while git finishes the push, from the pipeline read in git's quarantine, and used only when it is
+exactly what the recorded run asks for."""
 
 from __future__ import annotations
 
@@ -33,25 +33,11 @@ name = "one"
 
 # Runs after gitpipe's pre-receive (which wrote the heads-up), before git updates the ref. When
 # the test asks it to ($root/wait), it waits for the daemon's child that became the sandbox's
-# bwrap (the parked launcher), then marks the HOME of every slot of the repo; with $root/expect,
-# it then waits for a slot's tree whose file `n` holds that line, and says so in $root/reset;
-# `refuse` in $root/answer makes it refuse the push.
+# bwrap (the parked launcher), then marks the HOME of every slot of the repo; `refuse` in
+# $root/answer makes it refuse the push.
 CHAINED = """#!/bin/sh
 cat >/dev/null
 root={root}
-if [ -e "$root/wait" ] && [ -e "$root/expect" ]; then
-  i=0
-  while [ $i -lt 400 ]; do
-    for n in {work}/*/tree/n {work}/protected/*/tree/n; do
-      if [ "$(cat "$n" 2>/dev/null)" = "$(cat "$root/expect")" ]; then
-        echo reset > "$root/reset"
-        i=400
-      fi
-    done
-    i=$((i + 1))
-    sleep 0.05
-  done
-fi
 if [ -e "$root/wait" ]; then
   daemon=$(cat "$root/daemon")
   i=0
@@ -106,45 +92,36 @@ def _bwraps(pid: int) -> list[int]:
     return [c for c in children(pid) if Path(f"/proc/{c}/comm").read_text().strip() == "bwrap"]
 
 
-def test_the_first_action_runs_in_the_worktree_and_sandbox_made_at_its_pushs_heads_up(
-        home: Home, tmp_path: Path) -> None:
-    """The second push of a ref: before git updated the ref (the chained hook sees it), a slot's
-    tree holds the pushed files, read from git's quarantine, and the first action's sandbox is
-    made; the action runs in both. A third push whose first action asks for another sandbox (no
-    network) has it made at its heads-up too: from the pipeline it pushed, not from a guess."""
+def test_the_first_action_runs_in_the_sandbox_made_at_its_pushs_heads_up(home: Home, tmp_path: Path) -> None:
+    """The second push of a ref: its sandbox is made before git updated the ref (the chained
+    hook sees it), and the action runs in it. A third push whose first action asks for another
+    sandbox (no network) has it made at its heads-up too: from the pipeline it pushed, read in
+    git's quarantine, not from a guess (the last push's pipeline)."""
     with _served(home, tmp_path) as (repo, root, daemon):
-        (root / "expect").write_text("push 2\n")
         second = home.push_run(repo, {"n": "push 2\n"})
         assert (root / "seen").read_text() == "made\n", "no sandbox was made before git updated the ref"
-        assert (root / "reset").read_text() == "reset\n", "no tree was reset before git updated the ref"
         assert home.wait_run(second, timeout=120)["status"] == "succeeded"
         assert "sandbox-of-the-heads-up\npush 2" in home.logs(second)  # and the tree as pushed
 
-        for name in ("seen", "reset"):
-            (root / name).unlink()
-        (root / "expect").write_text("push 3\n")
+        (root / "seen").unlink()
         third = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="network = false")),
                                      "n": "push 3\n"})
         assert (root / "seen").read_text() == "made\n"
-        assert (root / "reset").read_text() == "reset\n"
         assert home.wait_run(third, timeout=120)["status"] == "succeeded"
         assert "sandbox-of-the-heads-up\npush 3" in home.logs(third)
         wait_for(lambda: not _bwraps(daemon.pid), what="no sandbox left waiting")
         assert list((home.home / "ahead").iterdir()) == []
 
 
-def test_a_push_whose_objects_git_packs_is_reset_ahead_by_git_and_guessed(home: Home, tmp_path: Path) -> None:
+def test_a_push_whose_objects_git_packs_gets_a_sandbox_from_the_guess(home: Home, tmp_path: Path) -> None:
     """A push large enough for git to keep its objects packed (here: receive.unpackLimit = 1):
-    the heads-up cannot read its pipeline, so the sandbox is made from the last one recorded,
-    and the tree is reset by git, which reads the quarantine too. Its first action asks for
-    another sandbox than the guess: it runs in one made anew, in the tree as pushed."""
+    the heads-up cannot read its pipeline, so the sandbox is made from the last one recorded.
+    Its first action asks for another sandbox than the guess: it runs in one made anew."""
     with _served(home, tmp_path) as (repo, root, daemon):
         subprocess.run(["git", "--git-dir", str(repo), "config", "receive.unpackLimit", "1"], check=True)
-        (root / "expect").write_text("push 2\n")
         second = home.push_run(repo, {".pipeline.toml": pipeline(FIRST.format(network="network = false")),
                                       "n": "push 2\n"})
         assert (root / "seen").read_text() == "made\n"  # from the guess...
-        assert (root / "reset").read_text() == "reset\n", "git did not reset the tree from the quarantine"
         assert home.wait_run(second, timeout=120)["status"] == "succeeded"
         assert "sandbox-made-anew\npush 2" in home.logs(second)  # ...not used: not this action's box
         wait_for(lambda: not _bwraps(daemon.pid), what="no sandbox left waiting")
