@@ -427,18 +427,24 @@ class Daemon:
             self._drop_early()
 
     def _claim_queued(self) -> None:
-        for run in self.store.runs_with_status(RunStatus.RUNNING, RunStatus.WAITING):
-            if run.id in self.workers or self.backoff.waiting(run.id):
+        # one read of the active runs serves the whole claim (each read is ~0.05-0.1 ms on the way
+        # from push to exec); read again only when ending an unfinished run changed them
+        active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+        ended = False
+        for run in active:
+            if run.status is RunStatus.QUEUED or run.id in self.workers or self.backoff.waiting(run.id):
                 continue
             if run.id in self.unfinished:
                 self._end_unfinished(run.id)
+                ended = True
             else:
                 self._start_worker(run)
         if self.store.get_state("paused") is not None:
             return
-        waiting = {r.id for r in self.store.runs_with_status(RunStatus.WAITING)}
-        active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
-        for run in self.store.runs_with_status(RunStatus.QUEUED):
+        if ended:
+            active = self.store.runs_with_status(RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+        waiting = {r.id for r in active if r.status is RunStatus.WAITING}
+        for run in [r for r in active if r.status is RunStatus.QUEUED]:
             busy = sum(1 for run_id in list(self.workers) if run_id not in waiting)
             if busy >= self.settings.max_parallel:
                 return

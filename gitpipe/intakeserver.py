@@ -157,12 +157,8 @@ class IntakeServer:
                 conn.sendall(answer.text())
         except OSError:
             pass  # the hook went away (its own timeout): it records the push itself, under the same key
-        # After the answer, whatever can wait: the push waits for nothing that is not its record.
-        if answer.receive_pack is not None:  # the room hooks/pre-receive reserved (hookmain._reservation)
-            try:
-                os.unlink(self.settings.spool_dir / "pending" / str(answer.receive_pack))
-            except OSError:
-                pass
+        # After the answer, whatever can wait: the push waits for nothing that is not its record,
+        # and its run's start for nothing that is not its own (the chores come after on_recorded).
         if answer.first is not None and self.on_first is not None:
             try:
                 self.on_first(*answer.first)
@@ -170,8 +166,13 @@ class IntakeServer:
                 log.warning("intake: could not prepare run #%s's worktree ahead: %s", answer.first[0], exc)
         if answer.receive_pack is not None and self.on_answered is not None:
             self.on_answered(answer.receive_pack)  # what its heads-up made and no run took goes
-        if answer.queued:  # the loop claims them now: no wake file, no inotify round trip
+        if answer.queued:  # claimed now: no wake file, no inotify round trip
             self.on_recorded()
+        if answer.receive_pack is not None:  # the room hooks/pre-receive reserved (hookmain._reservation)
+            try:
+                os.unlink(self.settings.spool_dir / "pending" / str(answer.receive_pack))
+            except OSError:
+                pass
         if answer.git_dir is not None:
             self._gc_later(answer.git_dir)
         if not self.closing:

@@ -198,7 +198,8 @@ class RunWorker:
             except ValueError as exc:
                 self.store.fail_queued_run(run.id, f"inputs: {exc}")
                 return
-            self.store.start_run(run.id, pipe, deadline, author, message, inputs)
+            self.store.start_run(run.id, pipe, deadline, author, message, inputs, first_stage=True)
+            self.begun_stages.add(0)
             run = self.store.run(run.id)
         self.run = run
         self.pipe = pipe

@@ -428,9 +428,10 @@ class Store(Queries):
 
     def start_run(self, run_id: int, pipe: Pipeline, deadline: float | None,
                   commit_author: str | None, commit_message: str | None,
-                  inputs: tuple[tuple[str, str], ...] = ()) -> None:
+                  inputs: tuple[tuple[str, str], ...] = (), first_stage: bool = False) -> None:
         """queued -> running: record the run's inputs (defaults filled in), create the stage and
-        action rows of the pipeline.
+        action rows of the pipeline; `first_stage`: its first stage starts too (one transaction
+        fewer on the way from push to exec).
 
         Not synced: the first action's start (or the run's end) follows, synced; a crash before
         that leaves the run queued, and the next daemon starts it again, as nothing ran."""
@@ -448,6 +449,8 @@ class Store(Queries):
                         "status": ActionStatus.PENDING.value, "attempts": 0,
                         "allow_failure": int(action.allow_failure), "matrix_group": action.group,
                         "matrix_values": json.dumps(action.matrix) if action.group else None})
+            if first_stage and pipe.stages:
+                self._set_stage(run_id, 0, ActionStatus.RUNNING)
 
     def fail_queued_run(self, run_id: int, error: str) -> None:
         """queued -> failed before any action ran (invalid pipeline, missing commit)."""
