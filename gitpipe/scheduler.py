@@ -413,9 +413,11 @@ class RunWorker:
                  failures: int) -> executor.Outcome | None:
         """One local attempt; what the action ends with (recorded with the attempt's end), or None
         when it is tried again (see `_verdict`)."""
-        # its wait (an RCU grace period) behind the checkout's, unless a launcher starts it (see _execute)
-        # or its sandbox is being made ahead (a push's heads-up, the action before): no move then
-        if not self.pool.made_ahead():
+        # its wait (an RCU grace period) behind the checkout's, unless a launcher starts it (see
+        # _execute). A push's first action whose sandbox its heads-up made moves nothing into a
+        # cgroup: begun once its command is on its way, for the next action's sandbox (_execute).
+        warm_later = not self.launched and self.pool.made_ahead()
+        if not warm_later:
             self.host.sandbox.warm(held=self.launched)
         deadline = self._deadline(spec, previous)
         number = len(previous) + 1
@@ -446,7 +448,7 @@ class RunWorker:
                             self.host.sandbox.settle(slot.tree)
                         uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
                         box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
-                        outcome = self._execute(rec, spec, box, env, writer, token, deadline, ready)
+                        outcome = self._execute(rec, spec, box, env, writer, token, deadline, ready, warm_later)
                     if outcome.status is ActionStatus.SUCCEEDED:
                         outcome = self._collect(rec, spec, slot.tree, out_file, masker, writer)
                     if outcome.status is ActionStatus.SUCCEEDED:
@@ -569,8 +571,9 @@ class RunWorker:
 
     def _execute(self, rec: ActionRecord, spec: ActionSpec, box: Confine, env: dict[str, str],
                  writer: executor.LogWriter, token: str, deadline: float | None,
-                 ready: Parked | None = None) -> executor.Outcome:
-        """`ready`: the sandbox made ahead for `box` (see `_ahead`), which becomes the script."""
+                 ready: Parked | None = None, warm: bool = False) -> executor.Outcome:
+        """`ready`: the sandbox made ahead for `box` (see `_ahead`), which becomes the script;
+        `warm`: begin the next cgroup move's wait once it runs (see `_attempt`)."""
         if spec.type == "run":
             argv = executor.bash(spec.run or "")
         else:  # a plugin type: run in a process of its own, so timeouts and cancels work the same
@@ -584,6 +587,8 @@ class RunWorker:
                                                               ready=ready), writer, token)
         finally:
             self.begun.set()
+        if warm:
+            self.host.sandbox.warm(held=True)
         # the next action's worktree, and its sandbox, while this one runs
         self.pool.prepare_next(self.run.sha, self._ahead(rec))
         self.host.sandbox.park_again()  # the next run's, if this run's first sandbox took the parked one
