@@ -29,7 +29,6 @@ from gitpipe.tomllines import KeyPath, key_lines
 EVENTS = keys.find("notify", "on").choices  # type: ignore[union-attr]
 # The key lists come from gitpipe/keys.py, which also feeds `gitpipe schema` and the editor.
 _TOP_KEYS = keys.names("top")
-PARSED_KEPT = 32  # pipelines `parsed` keeps
 _PIPELINE_KEYS = keys.names("pipeline")
 _INPUT_KEYS = keys.names("input")
 _STAGE_KEYS = keys.names("stage")
@@ -48,6 +47,9 @@ def parse(text: str, *, file: str = ".pipeline.toml", default_name: str = "pipel
     if report.problems:
         raise PipelineError(report.problems)
     return pipeline
+
+
+PARSED_KEPT = 32  # pipelines `parsed` keeps
 
 
 @functools.lru_cache(maxsize=PARSED_KEPT)
