@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -831,6 +832,27 @@ def test_with_the_daemon_up_a_stricter_gitpipe_toml_moved_in_with_an_older_mtime
         assert refused.returncode != 0, refused.stderr
         assert "rejecting main: .pipeline.toml is invalid" in refused.stderr
     assert not mark.exists()
+
+
+def test_a_pipeline_nested_too_deeply_for_the_toml_parser_is_an_invalid_pipeline(home: Home) -> None:
+    """tomllib recurses once per nested array or inline table: a pushed .pipeline.toml nested
+    thousands deep raised RecursionError, not PipelineError. The intake failed to record the
+    push ("runs not queued"), and the loop's read of the pushed head's cron lines a second
+    later let it out of the loop: the daemon stopped, and again after each restart. It is an
+    invalid pipeline: its run is recorded, failed, saying why, and the daemon goes on."""
+    repo = home.add_repo("deep")
+    deep = "a = " + "[" * 5000 + "]" * 5000 + "\n"
+    with home.daemon() as daemon:
+        pushed = home.push(repo, {".pipeline.toml": deep})
+        assert pushed.returncode == 0, pushed.stderr
+        assert "not queued" not in pushed.stderr and len(pushed.run_ids) == 1, pushed.stderr
+        run = home.wait_run(pushed.run_ids[0])
+        assert run["status"] == "failed" and "nested too deeply" in run["error"], run
+        assert "RecursionError" not in daemon.log
+        time.sleep(1.5)  # the loop reads the pushed head's cron lines 1 s after it (SCHEDULES_AFTER_PUSH)
+        assert daemon.proc.poll() is None, daemon.log[-3000:]
+        later = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+        assert home.wait_run(later.run_ids[0])["status"] == "succeeded"
 
 
 # ---------------------------------------------------------------------------- retry, logs, env, outputs
