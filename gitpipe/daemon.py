@@ -168,8 +168,12 @@ class Daemon:
             from gitpipe.cluster.dispatch import Cluster
 
             self.host.cluster = Cluster(self.settings, self.settings.cluster)
+        # gitpipe.toml changed (edited, or moved in with an older mtime): pre-receive's answer anew
+        home_changes = inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_ATTRIB
         observer = inotify.observe([self.settings.wake_dir, self.settings.spool_dir], self._heard,
-                                   also={self.heads.folder: self.heads.heard})
+                                   also={self.heads.folder: self.heads.heard, self.settings.home: self.intake.keep_answer},
+                                   masks={self.settings.home: home_changes})
+        self.intake.keep_answer()  # what changed since the intake wrote it, before the watch
         self.heads.heard()  # what pushes wrote while no daemon ran (a killed one): removed
         old = self._install_signals()
         log.addFilter(self.repeats)

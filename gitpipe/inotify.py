@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
@@ -32,10 +33,12 @@ EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; th
 
 class Watch:
     """A started watch that calls `on_change` whenever a file in one of `dirs` changes (see WAKES),
-    and `also[d]` instead whenever one in the folder `d` is closed after writing."""
+    and `also[d]` instead whenever one in the folder `d` is closed after writing (or has one of
+    the events `masks[d]` names)."""
 
     def __init__(self, dirs: list[Path], on_change: Callable[[], object],
-                 also: dict[Path, Callable[[], object]] | None = None) -> None:
+                 also: dict[Path, Callable[[], object]] | None = None,
+                 masks: dict[Path, int] | None = None) -> None:
         libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter has loaded
         self.fd = libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK)
         if self.fd < 0:
@@ -44,7 +47,8 @@ class Watch:
                           + (" (raise fs.inotify.max_user_instances)" if code == errno.EMFILE else ""))
         self.calls: dict[int, Callable[[], object]] = {}  # watch descriptor -> its `also` call
         try:
-            for d, mask in [*((d, WAKES) for d in dirs), *((d, IN_CLOSE_WRITE) for d in also or {})]:
+            for d, mask in [*((d, WAKES) for d in dirs),
+                            *((d, (masks or {}).get(d, IN_CLOSE_WRITE)) for d in also or {})]:
                 d.mkdir(parents=True, exist_ok=True)
                 wd = libc.inotify_add_watch(self.fd, os.fsencode(d), mask | IN_ONLYDIR)
                 if wd < 0:
@@ -95,7 +99,9 @@ class Watch:
 
 
 def observe(dirs: list[Path], on_change: Callable[[], object],
-            also: dict[Path, Callable[[], object]] | None = None) -> Watch:
+            also: dict[Path, Callable[[], object]] | None = None,
+            masks: dict[Path, int] | None = None) -> Watch:
     """Call `on_change` (from the watch's thread) on every change of a file directly in `dirs`,
-    and `also[d]` when a file directly in `d` was written and closed (all made when missing)."""
-    return Watch(dirs, on_change, also)
+    and `also[d]` when a file directly in `d` was written and closed, or had an event of
+    `masks[d]` (all made when missing)."""
+    return Watch(dirs, on_change, also, masks)

@@ -94,6 +94,9 @@ class IntakeServer:
         self.lock = threading.Lock()  # of the four above, shared by the connections' threads
         self.recorded = 0
         self.closing = False
+        # pre-receive's answer (rejectmark) is written by one thread at a time, and by none once
+        # `closing` is set under it: close() then removes it for good
+        self.mark_lock = threading.Lock()
 
     @property
     def path(self) -> Path:
@@ -106,7 +109,7 @@ class IntakeServer:
         except OSError as exc:
             return f"no intake socket at {self.path} ({exc}): each push starts Python to record its runs"
         self._prune()
-        rejectmark.refresh(self.settings.home)  # from now on pre-receive reads it rather than grep
+        self.keep_answer()  # from now on pre-receive reads it rather than grep
         # Threads started now, each taking the next connection itself: a push waits for no
         # thread to start nor for a hand-over between two of them (~0.1-0.2 ms on a busy host).
         self.threads = [threading.Thread(target=self._accept, name=f"intake-{i}", daemon=True)
@@ -117,7 +120,8 @@ class IntakeServer:
 
     def close(self) -> None:
         """Stop listening: from now on pushes are recorded by the Python hook (it says the daemon is down)."""
-        self.closing = True  # the connections being served write no answer for the hooks any more
+        with self.mark_lock:
+            self.closing = True  # the connections being served write no answer for the hooks any more
         if self.sock is not None:
             try:
                 os.unlink(self.path)  # first: a push connecting now is refused at once, not left waiting
@@ -175,8 +179,15 @@ class IntakeServer:
                 pass
         if answer.git_dir is not None:
             self._gc_later(answer.git_dir)
-        if not self.closing:
-            rejectmark.refresh(self.settings.home)  # gitpipe.toml edited: the next push reads it anew
+        self.keep_answer()  # gitpipe.toml edited: the next push reads it anew
+
+    def keep_answer(self) -> None:
+        """Write pre-receive's answer anew if gitpipe.toml changed (see rejectmark): after each
+        push, and as soon as the daemon hears gitpipe.toml change (a file moved in with an older
+        mtime looks older than the answer to the hook: it must not wait for the next push)."""
+        with self.mark_lock:
+            if not self.closing and self.sock is not None:
+                rejectmark.refresh(self.settings.home)
 
     def _gc_later(self, git_dir: str) -> None:
         """`git gc --auto` in the repo GC_DELAY from now, or GC_EVERY after its last one: what

@@ -21,7 +21,7 @@ from typing import Any
 
 from gitpipe import keys, triggers
 from gitpipe.actionspec import PipelineReport, action_specs, check_placeholders, env_pairs, labels
-from gitpipe.errors import PipelineError
+from gitpipe.errors import PipelineError, Problem
 from gitpipe.models import ActionSpec, InputSpec, NotifySpec, Pipeline, StageSpec
 from gitpipe.tomlcheck import ENV_NAME, Table, describe, suggest, syntax_problem
 from gitpipe.tomllines import KeyPath, key_lines
@@ -42,6 +42,8 @@ def parse(text: str, *, file: str = ".pipeline.toml", default_name: str = "pipel
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError([syntax_problem(file, text, exc)]) from None
+    except RecursionError:  # tomllib recurses per nested array or inline table: a pushed file can nest thousands
+        raise PipelineError([Problem(file, 0, "invalid TOML: nested too deeply")]) from None
     report = PipelineReport(file, key_lines(text))
     pipeline = _pipeline(report, data, default_name)
     if report.problems:

@@ -8,11 +8,13 @@ the hook reads with the shell's own `read`.
 
 The hook trusts the answer only while it is newer than gitpipe.toml (`test -nt`): the daemon
 dates it from just before it read the file, so an edit since then, even one racing that read,
-makes the hook grep again. The daemon looks again when it starts and after each push it
-answers, and writes the answer anew when gitpipe.toml is not the file it read (another inode,
-size, mtime or ctime: a copy that kept an older mtime, `rsync -a`, is seen by its ctime). A clean
-stop removes it, so a push while no daemon runs greps; after a daemon killed with -9, only a
-gitpipe.toml put back with an older mtime while none runs could be read wrong, until one starts.
+makes the hook grep again. The daemon looks again when it starts, after each push it answers
+and whenever its watch of the home hears gitpipe.toml change, and writes the answer anew when
+gitpipe.toml is not the file it read (another inode, size, mtime or ctime: a copy that kept an
+older mtime, `mv`, `rsync -a`, `cp -p`, is seen by its ctime, which the hook cannot read: heard
+at once, not at the next push, which would take the old answer). A clean stop removes it, so a
+push while no daemon runs greps; after a daemon killed with -9, only a gitpipe.toml put back
+with an older mtime while none runs could be read wrong, until one starts.
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def refresh(home: Path) -> None:
             return
     except (OSError, IndexError, ValueError):
         pass
+    # Edited less than MARGIN_NS ago (the daemon's watch hears it at once): an answer dated now
+    # would look older than the edit, and the hook would grep until the next push; so it waits
+    # that long. One dated in the future (a clock set back) no answer now is newer than: the hook
+    # greps meanwhile (each write, heard by the watch, would only ask for another).
+    wait = int(seen[2]) - (time.time_ns() - MARGIN_NS)
+    if wait > MARGIN_NS:
+        return
+    if wait >= 0:
+        time.sleep((wait + 1_000_000) / 1e9)
     read_at = time.time_ns() - MARGIN_NS
     temp = home / f".{NAME}.{os.getpid()}"
     try:

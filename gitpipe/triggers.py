@@ -95,7 +95,7 @@ def read_trigger(text: str) -> TriggerSpec | None:
 
     try:
         data = tomllib.loads(text.removeprefix("\ufeff"))
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # nested too deeply: see pipeline.parse
         return None
     report = Report("", {})
     trigger = trigger_spec(Table(report, data, (), "").table("trigger", "[trigger]"))

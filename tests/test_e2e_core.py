@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -762,8 +763,9 @@ def test_reject_invalid_makes_the_pre_receive_hook_refuse_the_push(home: Home) -
 def test_with_the_daemon_up_pre_receive_knows_reject_invalid_without_grep_and_sees_each_edit(
         home: Home, tmp_path: Path) -> None:
     """The running daemon keeps pre-receive's answer from gitpipe.toml (gitpipe/rejectmark.py): a
-    push starts no grep. An edit makes the next push grep again, and a gitpipe.toml put back with
-    an older mtime (rsync -a) is seen after the next push; a stopped daemon leaves no answer."""
+    push starts no grep. An edit makes pushes grep until the daemon heard it and answered anew,
+    and a gitpipe.toml put back with an older mtime (rsync -a) is heard too; a stopped daemon
+    leaves no answer."""
     spy = tmp_path / "bin"
     spy.mkdir()
     calls = tmp_path / "grep.calls"
@@ -785,27 +787,72 @@ def test_with_the_daemon_up_pre_receive_knows_reject_invalid_without_grep_and_se
         accepted = home.push(strict, {".pipeline.toml": INVALID}, env=env)
         assert accepted.returncode == 0 and grepped(accepted) == 0, accepted.stderr
 
-        home.configure("[repos.strict]\nreject_invalid = true\n")  # newer than the answer
+        home.configure("[repos.strict]\nreject_invalid = true\n")  # newer than the answer: grep...
         refused = home.push(strict, {".pipeline.toml": INVALID}, env=env)
-        assert refused.returncode != 0 and grepped(refused) == 1, refused.stderr
+        assert refused.returncode != 0 and grepped(refused) <= 1, refused.stderr  # ...until the daemon heard it
         assert "rejecting main: .pipeline.toml is invalid" in refused.stderr
-        valid = home.push(strict, {".pipeline.toml": pipeline(SIMPLE)}, env=env)  # grep again: answered...
-        assert valid.returncode == 0 and grepped(valid) == 1, valid.stderr
-        wait_for(lambda: mark.read_text().split()[0] == "true", what="the daemon keeps the new answer")  # after it
+        wait_for(lambda: mark.read_text().split()[0] == "true", what="the daemon keeps the new answer")
+        valid = home.push(strict, {".pipeline.toml": pipeline(SIMPLE)}, env=env)
+        assert valid.returncode == 0 and grepped(valid) == 0, valid.stderr
         refused = home.push(strict, {".pipeline.toml": INVALID}, env=env)
         assert refused.returncode != 0 and grepped(refused) == 0, refused.stderr
 
         before = config.stat().st_mtime_ns - 10**10
         config.write_text(lenient)  # put back as it was, with an mtime older than the answer
         os.utime(config, ns=(before, before))
-        valid = home.push(strict, {".pipeline.toml": pipeline(SIMPLE)}, env=env)
-        assert valid.returncode == 0 and grepped(valid) == 0, valid.stderr  # (validated: as slow as before)
         wait_for(lambda: mark.read_text().split()[0] == "false", what="the answer of the file put back")  # its ctime
+        valid = home.push(strict, {".pipeline.toml": pipeline(SIMPLE)}, env=env)
+        assert valid.returncode == 0 and grepped(valid) == 0, valid.stderr
         accepted = home.push(strict, {".pipeline.toml": INVALID}, env=env)
         assert accepted.returncode == 0 and grepped(accepted) == 0, accepted.stderr
     assert not mark.exists()
     accepted = home.push(strict, {".pipeline.toml": INVALID}, env=env)
     assert accepted.returncode == 0 and grepped(accepted) == 1, accepted.stderr
+
+
+def test_with_the_daemon_up_a_stricter_gitpipe_toml_moved_in_with_an_older_mtime_refuses_the_next_push(
+        home: Home) -> None:
+    """A gitpipe.toml that sets reject_invalid = true, put in place with an mtime older than the
+    daemon's answer (written beside it earlier, then `mv`, `rsync -a`, `cp -p`): the next push is
+    refused as grep would have refused it, not let through on the answer of the file it replaced."""
+    mark = home.home / "reject-invalid"
+    config = home.home / "gitpipe.toml"
+    strict = home.add_repo("strict")
+    prepared = home.home / "gitpipe.toml.new"  # written now, moved in later: it keeps its mtime
+    prepared.write_text(config.read_text() + "\n[repos.strict]\nreject_invalid = true\n")
+    earlier = prepared.stat().st_mtime_ns - 10**10
+    os.utime(prepared, ns=(earlier, earlier))
+    with home.daemon():
+        assert mark.read_text().split()[0] == "false"  # written at its start
+        assert mark.stat().st_mtime_ns > earlier
+        os.replace(prepared, config)
+        wait_for(lambda: mark.exists() and mark.read_text().split()[0] == "true", timeout=5,
+                 what="the answer of the file moved in")
+        refused = home.push(strict, {".pipeline.toml": INVALID})
+        assert refused.returncode != 0, refused.stderr
+        assert "rejecting main: .pipeline.toml is invalid" in refused.stderr
+    assert not mark.exists()
+
+
+def test_a_pipeline_nested_too_deeply_for_the_toml_parser_is_an_invalid_pipeline(home: Home) -> None:
+    """tomllib recurses once per nested array or inline table: a pushed .pipeline.toml nested
+    thousands deep raised RecursionError, not PipelineError. The intake failed to record the
+    push ("runs not queued"), and the loop's read of the pushed head's cron lines a second
+    later let it out of the loop: the daemon stopped, and again after each restart. It is an
+    invalid pipeline: its run is recorded, failed, saying why, and the daemon goes on."""
+    repo = home.add_repo("deep")
+    deep = "a = " + "[" * 5000 + "]" * 5000 + "\n"
+    with home.daemon() as daemon:
+        pushed = home.push(repo, {".pipeline.toml": deep})
+        assert pushed.returncode == 0, pushed.stderr
+        assert "not queued" not in pushed.stderr and len(pushed.run_ids) == 1, pushed.stderr
+        run = home.wait_run(pushed.run_ids[0])
+        assert run["status"] == "failed" and "nested too deeply" in run["error"], run
+        assert "RecursionError" not in daemon.log
+        time.sleep(1.5)  # the loop reads the pushed head's cron lines 1 s after it (SCHEDULES_AFTER_PUSH)
+        assert daemon.proc.poll() is None, daemon.log[-3000:]
+        later = home.push(repo, {".pipeline.toml": pipeline(SIMPLE)})
+        assert home.wait_run(later.run_ids[0])["status"] == "succeeded"
 
 
 # ---------------------------------------------------------------------------- retry, logs, env, outputs
