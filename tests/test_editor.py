@@ -623,3 +623,13 @@ def test_null_origins_and_rebinding_names_are_refused_even_with_the_token(editor
     assert request(editor, f"/?token={editor.token}", host=f"127.0.0.1.nip.io:{editor.port}")[0] == 403
     status, text = request(editor, "/api/save", token=editor.token, origin="null", body={"text": "x", "force": True})
     assert status == 403 and editor.file.read_text() == ORIGINAL
+
+
+def test_the_editors_check_of_a_text_nested_too_deeply_says_so_and_keeps_the_last_graph() -> None:
+    """tomllib recurses per nested array: a text nested thousands deep is a problem of the text
+    (as pipeline.parse says), not a RecursionError out of the editor's check."""
+    from gitpipe.editor.check import check
+
+    found = check("a = " + "[" * 5000 + "]" * 5000 + "\n", ".pipeline.toml")
+    assert found["model"] is None
+    assert [p["message"] for p in found["problems"]] == ["invalid TOML: nested too deeply"]

@@ -25,7 +25,7 @@ def check(text: str, file: str) -> dict[str, Any]:
         problems = exc.problems
     try:
         data = tomllib.loads(text.removeprefix("\ufeff"))
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # nested too deeply: see pipeline.parse
         return {"problems": [_problem(p, None) for p in problems], "model": None}
     lines = tomllines.key_lines(text)
     stages = _stages(data, lines)
