@@ -355,24 +355,26 @@ class Daemon:
         disk), the loop looks again instead. Either way it wakes, for its cron lines' timer."""
         claimed = False
         started: list[RunWorker] = []
-        if self.looping.is_set() and not self.stopping.is_set() and self.claiming.acquire(blocking=False):
-            try:
-                if not self.backoff.waiting("loop"):
-                    before = set(self.workers)
-                    self._supersede()
-                    self._claim()
-                    claimed = True
-                    started = [w for run_id, w in list(self.workers.items()) if run_id not in before]
-            except (GitpipeError, sqlite3.Error, OSError) as exc:
-                log.debug("intake: left its push's claim to the loop: %s", exc)
-            finally:
-                self.claiming.release()
-        # What is left of this push's work (the loop's timer, the intake's chores) waits until its
-        # run's first command is on its way: else it takes the GIL from that run's start.
-        for worker in started:
-            worker.begun.wait(BEGUN_WAIT)
-        (self.pushed if claimed else self.claim_due).set()  # before the wake, as _worker_done's
-        self.wake.set()
+        try:
+            if self.looping.is_set() and not self.stopping.is_set() and self.claiming.acquire(blocking=False):
+                try:
+                    if not self.backoff.waiting("loop"):
+                        before = set(self.workers)
+                        self._supersede()
+                        self._claim()
+                        claimed = True
+                        started = [w for run_id, w in list(self.workers.items()) if run_id not in before]
+                except (GitpipeError, sqlite3.Error, OSError) as exc:
+                    log.debug("intake: left its push's claim to the loop: %s", exc)
+                finally:
+                    self.claiming.release()
+            # What is left of this push's work (the loop's timer, the intake's chores) waits until
+            # its run's first command is on its way: else it takes the GIL from that run's start.
+            for worker in started:
+                worker.begun.wait(BEGUN_WAIT)
+        finally:  # whatever went wrong (a bug is logged by the intake), the loop claims what is left
+            (self.pushed if claimed else self.claim_due).set()  # before the wake, as _worker_done's
+            self.wake.set()
 
     def _hear_others(self) -> None:
         """Pass on to the listeners (the report, the notifier) what hooks and commands changed: a
