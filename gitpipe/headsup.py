@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from gitpipe import git
 from gitpipe.hookmain import PIPELINE_FILE
+from gitpipe.pipeline import KEPT_MAX_BYTES
 
 if TYPE_CHECKING:
     from gitpipe.scheduler import Host
@@ -84,7 +85,10 @@ class HeadsUp:
         self.thread: threading.Thread | None = None
 
     def learned(self, repo: str, ref: str, text: str) -> None:
-        """The pipeline a push of `ref` brought: the guess for the next push of it (and of the repo)."""
+        """The pipeline a push of `ref` brought: the guess for the next push of it (and of the repo).
+        One longer than pipeline.KEPT_MAX_BYTES is no guess: it is not kept."""
+        if len(text) > KEPT_MAX_BYTES:
+            return
         with self.lock:
             for key in ((repo, ref), (repo, "")):
                 self.texts[key] = text

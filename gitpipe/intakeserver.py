@@ -40,6 +40,7 @@ from typing import Any
 from gitpipe import git, hookmain, intake, queue, rejectmark
 from gitpipe.control import peer_uid
 from gitpipe.errors import IntakeRefused, UsageError
+from gitpipe.pipeline import KEPT_MAX_BYTES
 from gitpipe.settings import Settings
 from gitpipe.store import Store
 
@@ -269,12 +270,13 @@ class IntakeServer:
             log.warning("intake: could not forget old push keys: %s", exc)
 
     def validated(self, repo: str, text: str) -> dict[str, Any]:
-        """hookmain.validate, kept in memory for a text that validated (an error may go away: a plugin)."""
+        """hookmain.validate, kept in memory for a text that validated (an error may go away: a
+        plugin) and is no longer than pipeline.KEPT_MAX_BYTES."""
         with self.lock:
             info = self.pipelines.get((repo, text))
         if info is None:
             info = hookmain.validate(text, repo)
-            if info["error"] is None:
+            if info["error"] is None and len(text) <= KEPT_MAX_BYTES:
                 with self.lock:
                     if len(self.pipelines) >= PIPELINES_KEPT:
                         self.pipelines.pop(next(iter(self.pipelines)))

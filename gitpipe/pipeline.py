@@ -52,13 +52,24 @@ def parse(text: str, *, file: str = ".pipeline.toml", default_name: str = "pipel
 
 
 PARSED_KEPT = 32  # pipelines `parsed` keeps
+# Pipeline texts longer than this are never kept in memory from one push to the next (`parsed`,
+# the heads-up's guesses, the intake's validated texts): a pusher's 4 MB files in every place of
+# those caches would hold gigabytes in the daemon. A real .pipeline.toml is a few KiB.
+KEPT_MAX_BYTES = 64 << 10
 
 
-@functools.lru_cache(maxsize=PARSED_KEPT)
 def parsed(text: str, default_name: str = "pipeline") -> Pipeline:
     """`parse`, shared for a text parsed before (a Pipeline is frozen): the daemon parses a push's
     pipeline at its heads-up and again as its run starts, on the way from push to exec (0.2-0.5
-    ms each). An invalid text is parsed anew each time: errors are raised, not kept."""
+    ms each). An invalid text is parsed anew each time: errors are raised, not kept; so is one
+    longer than KEPT_MAX_BYTES."""
+    if len(text) > KEPT_MAX_BYTES:
+        return parse(text, default_name=default_name)
+    return _parsed(text, default_name)
+
+
+@functools.lru_cache(maxsize=PARSED_KEPT)
+def _parsed(text: str, default_name: str) -> Pipeline:
     return parse(text, default_name=default_name)
 
 

@@ -204,6 +204,17 @@ def test_only_a_quarantine_git_makes_in_the_repos_objects_is_read(tmp_path: Path
         assert headsup._quarantine(objects, named) is None, named
 
 
+def test_a_pipeline_too_long_to_keep_is_no_guess(tmp_path: Path) -> None:
+    """What a push brought is kept as the next push's guess, but not a text longer than
+    pipeline.KEPT_MAX_BYTES: 256 guesses of a pusher's 4 MB files would hold a gigabyte."""
+    from gitpipe.pipeline import KEPT_MAX_BYTES
+
+    heads = headsup.HeadsUp(tmp_path / "ahead", lambda: None, lambda: False)
+    heads.learned("app", "refs/heads/main", "small")
+    heads.learned("app", "refs/heads/big", "x" * (KEPT_MAX_BYTES + 1))
+    assert heads.texts == {("app", "refs/heads/main"): "small", ("app", ""): "small"}
+
+
 def test_a_refused_pushs_heads_up_is_let_go_after_kept_while_the_daemon_is_idle(home: Home, tmp_path: Path) -> None:
     """Nothing else happens after a push git refused: its heads-up's slot, sandbox (and the parked
     launcher it took) still go after headsup.KEPT, not at the next push or wake-up."""

@@ -1215,3 +1215,17 @@ def test_format_duration_is_the_inverse_of_parse_duration() -> None:
     for text in ("24h", "1m30s", "2s", "1h30m", "48h1m", "0s"):
         assert format_duration(parse_duration(text)) == text
     assert format_duration(parse_duration("1d")) == "24h"
+
+
+def test_parsed_shares_a_small_pipeline_and_keeps_no_large_one() -> None:
+    """The daemon keeps the pipelines it parsed (a push's, at its heads-up and its run's start),
+    but never one longer than KEPT_MAX_BYTES: a pusher's megabyte files would fill its memory."""
+    from gitpipe import pipeline as pipeline_mod
+
+    small = '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n'
+    assert pipeline_mod.parsed(small, "r") is pipeline_mod.parsed(small, "r")
+    large = small.replace('run = "true"', 'run = "' + "x" * pipeline_mod.KEPT_MAX_BYTES + '"')
+    first, again = pipeline_mod.parsed(large, "r"), pipeline_mod.parsed(large, "r")
+    assert first == again and first is not again
+    with pytest.raises(PipelineError):
+        pipeline_mod.parsed("[[stage]]\n", "r")

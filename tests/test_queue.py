@@ -448,3 +448,21 @@ def test_a_value_is_written_into_the_perl_hook_as_it_is() -> None:
         code = f"print {repos._perl_quote(value)}"
         out = subprocess.run(["perl", "-e", code], capture_output=True, check=True).stdout
         assert out.decode() == value, (value, code)
+
+
+def test_the_intake_keeps_no_validated_pipeline_too_long_to_keep(home: Home) -> None:
+    """The intake keeps the texts that validated, but none longer than pipeline.KEPT_MAX_BYTES:
+    64 of a pusher's 4 MB files would hold 256 MB in the daemon."""
+    from gitpipe.pipeline import KEPT_MAX_BYTES
+
+    conf = settings.load(home.home)
+    store = Store(conf)
+    try:
+        server = intakeserver.IntakeServer(conf, store, lambda: None)
+        small = pipeline('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "true"\n')
+        large = small.replace('run = "true"', 'run = "' + "x" * KEPT_MAX_BYTES + '"')
+        for text in (small, large):
+            assert server.validated("shop", text)["error"] is None
+        assert list(server.pipelines) == [("shop", small)]
+    finally:
+        store.close()
