@@ -388,8 +388,7 @@ class Home:
              message: str | None = None, env: dict[str, str] | None = None) -> Push:
         """Commit `files` on `branch` and `git push` that commit to the bare repo's `branch`."""
         sha = self.commit(repo, files, branch, message)
-        refspec = f"{sha}:refs/heads/{branch}"
-        return self.git_push(repo, refspec) if env is None else self.git_push(repo, refspec, env=env)
+        return self.git_push(repo, f"{sha}:refs/heads/{branch}", env=env)
 
     def push_tag(self, repo: Path, tag: str, branch: str = "main", annotated: bool = False) -> Push:
         """Tag the head of `branch` in the work clone and push the tag."""

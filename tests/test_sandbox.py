@@ -185,11 +185,11 @@ class UserHome(Home):
                            env=base_env(GIT_CONFIG_GLOBAL=str(self.gitconfig)), capture_output=True, check=True)
         return clone
 
-    def git_push(self, repo: Path, *refspecs: str) -> Push:
+    def git_push(self, repo: Path, *refspecs: str, env: dict[str, str] | None = None) -> Push:
         """`git push` as the daemon user, so the hooks that queue runs run as that user."""
         clone = self.clone_of(repo)
         proc = subprocess.run([*self.prefix, "git", "-c", "safe.directory=*", "push", "--no-verify", str(repo),
-                               *refspecs], cwd=clone, env=self.env(), capture_output=True, text=True,
+                               *refspecs], cwd=clone, env=env or self.env(), capture_output=True, text=True,
                               timeout=120, check=False)
         sha = refspecs[0].split(":", 1)[0] if refspecs and ":" in refspecs[0] else ""
         return Push(proc.returncode, proc.stdout, proc.stderr, sha)
