@@ -469,6 +469,25 @@ def test_the_daemon_renders_in_a_child_that_ends_when_quiet(history: History,
     assert sender._child is None and all(p.poll() is not None for p in [proc])
 
 
+def test_the_rendering_child_yields_to_the_actions_too_not_only_to_the_daemon(history: History) -> None:
+    # An action runs in a session of its own (bwrap --new-session); with the kernel's autogroup
+    # scheduling each session is weighed as one, so a nice value set inside the daemon's session
+    # ranked the child below the daemon's threads only, never below the push's first command.
+    sender = child.ChildReporter(history.settings, history.store)
+    history.store.listeners.append(sender.on_event)
+    run_id = history.run("shop", [("build", [Act("wheel")])])
+    page = history.settings.site_dir / "shop" / "runs" / f"{run_id}.html"
+    wait_for(page.exists, 60, what="the run page, rendered by the child")
+    proc = sender._child
+    assert proc is not None and proc.poll() is None  # QUIET is 10 s: still there
+    assert os.getsid(proc.pid) == proc.pid != os.getsid(0)
+    group = Path(f"/proc/{proc.pid}/autogroup")
+    if Path("/proc/sys/kernel/sched_autogroup_enabled").is_file() and group.is_file():
+        assert group.read_text().split()[-2:] == ["nice", str(child.NICENESS)]
+        assert group.read_text().split()[0] != Path("/proc/self/autogroup").read_text().split()[0]
+    sender.close()
+
+
 def test_a_killed_rendering_child_is_started_again(history: History) -> None:
     sender = child.ChildReporter(history.settings, history.store)
     history.store.listeners.append(sender.on_event)
