@@ -43,7 +43,8 @@ from gitpipe.errors import UsageError
 from gitpipe.fdtree import DIR_FLAGS, open_under, write_new
 from gitpipe.objects import in_push
 from gitpipe.refs import short_ref
-from gitpipe.switch import same_content, switch
+from gitpipe.switch import index_walk, same_content, switch
+from gitpipe.system import SYSTEM_PATH, find, tool
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -759,9 +760,6 @@ def _let_go(slot: Slot) -> None:
         os.close(slot.lock_fd)
 
 
-SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
 def _no_links_in(tree: Path) -> list[str]:
     """What runs the daemon's git on `tree` in a mount namespace of its own where the tree is
     mounted `nosymfollow` (Linux 5.10): no link in it is followed. git checks the folders on a
@@ -779,11 +777,11 @@ def _no_links_in(tree: Path) -> list[str]:
 
 @functools.cache
 def _no_links_base() -> tuple[str, ...]:
-    unshare = shutil.which("unshare", path=SYSTEM_PATH)
+    unshare = find("unshare")
     if unshare is None:
         log.warning("unshare (util-linux) not found: the daemon's git follows links a racing action puts in a tree")
         return ()
-    mount = shutil.which("mount", path=SYSTEM_PATH) or "/usr/bin/mount"
+    mount = tool("mount")
     base = (unshare, "--mount") if os.geteuid() == 0 else (unshare, "--user", "--map-root-user", "--mount")
     probe = subprocess.run([*base, "/bin/sh", "-c", f'{shlex.quote(mount)} --bind -o nosymfollow "$0" "$0"', "/usr"],
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
@@ -1021,14 +1019,7 @@ def index_paths(index: Path, limit: int) -> dict[str, int] | None:
     version, count = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
     if version not in (2, 3) or count > limit:
         return None
-    paths, pos = {}, 12
-    for _ in range(count):
-        flags = int.from_bytes(data[pos + 60:pos + 62], "big")
-        start = pos + 62 + (2 if flags & 0x4000 else 0)  # version 3: extended flags
-        end = data.index(b"\0", start)
-        paths[os.fsdecode(data[start:end])] = int.from_bytes(data[pos + 24:pos + 28], "big")
-        pos += (end - pos + 8) // 8 * 8  # entries are NUL-padded to a multiple of 8 bytes
-    return paths
+    return {path: int.from_bytes(data[at + 24:at + 28], "big") for path, at, _, _ in index_walk(data)}
 
 
 CLOCK_TICK = 0.005  # the kernel's file timestamps are coarse: one jiffy, 4 ms at HZ=250

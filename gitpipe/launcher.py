@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from itertools import count
 from pathlib import Path
 
 from gitpipe import cgroup
+from gitpipe.system import SYSTEM_PATH, find
 
 log = logging.getLogger("gitpipe")
 
@@ -75,7 +75,6 @@ exec { $argv[0] } @argv;
 print STDERR "gitpipe: could not start $argv[0]: $!\n";  # E2BIG: a value over 128 KiB
 exit 127;
 """
-SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 # What every process of an attempt carries in its environment: the attempt's token, by which a
 # daemon finds what a killed one left (executor.kill_tokens; a sandbox made ahead: its home's)
 TOKEN_VAR = "GITPIPE_ATTEMPT_TOKEN"
@@ -261,7 +260,7 @@ class Launchers:
 @functools.cache
 def find_perl() -> str | None:
     """The system's perl (never a pipeline's PATH), looked up once per daemon; None without one."""
-    return shutil.which("perl", path=SYSTEM_PATH)
+    return find("perl")
 
 
 def command(perl: str, fd: int, bound: bool) -> list[str]:

@@ -54,10 +54,10 @@ from gitpipe.digest import sha256
 from gitpipe.errors import ConfigError, UsageError
 from gitpipe.launcher import TOKEN_VAR, Launchers, Parked
 from gitpipe.settings import SandboxSettings, Settings
+from gitpipe.system import SYSTEM_PATH, tool
 
 log = logging.getLogger("gitpipe")
 PACKAGE = "bubblewrap"
-SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 INSIDE_BUILD = Path("/build")
 INSIDE_HOME = "/home/build"
 INSIDE_OUTPUT = "/run/gitpipe/output"
@@ -481,10 +481,10 @@ class Sandbox:
             out += ["--setenv", "PATH", script_path]
         out.append("--")
         if root:
-            out += [_system_tool("setpriv"), f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+            out += [tool("setpriv"), f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                     "--inh-caps=-all", "--no-new-privs"]
         if env and not probing:
-            out += [_system_tool("env"), *(f"{k}={v}" for k, v in env.items())]
+            out += [tool("env"), *(f"{k}={v}" for k, v in env.items())]
         return out + argv
 
 
@@ -515,12 +515,6 @@ def _system_links() -> tuple[str, ...]:
     return tuple(out)
 
 
-@functools.cache
-def _system_tool(name: str) -> str:
-    """A system program's path (never the pipeline's PATH); looked up once per daemon."""
-    return shutil.which(name, path=SYSTEM_PATH) or f"/usr/bin/{name}"
-
-
 def _dirs(path: Path, made: set[str]) -> list[str]:
     """`--dir` for `path` and its missing parents, each mode 0755 (bwrap's default is 0700 as root)."""
     out: list[str] = []
@@ -537,8 +531,7 @@ def _with_overlays(argv: list[str], overlays: tuple[tuple[Path, Path, Path, Path
     options. The namespace maps only this user (as its root); it ends with the attempt."""
     from gitpipe.cachefs import mount_option
 
-    mount = shutil.which("mount", path=SYSTEM_PATH) or "/usr/bin/mount"  # never the pipeline's PATH
-    unshare = shutil.which("unshare", path=SYSTEM_PATH) or "/usr/bin/unshare"
+    mount, unshare = tool("mount"), tool("unshare")  # never the pipeline's PATH
     mounts = " && ".join(
         f"{mount} -t overlay overlay -o " + shlex.quote(
             f"lowerdir={mount_option(lo)},upperdir={mount_option(up)},workdir={mount_option(wk)}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,6 +258,20 @@ def _content(fd: int, name: str, mode: int, size: int) -> bytes | None:
 
 
 # ------------------------------------------------------------------------------ the index
+def index_walk(data: bytes) -> Iterator[tuple[str, int, int, int]]:
+    """The entries of a git index of version 2 or 3 (SHA-1; the header checked by the caller),
+    in order: each one's path, where its bytes start, their length (NUL padding included) and
+    its flags. ValueError for an entry cut short."""
+    at = 12
+    for _ in range(int.from_bytes(data[8:12], "big")):
+        flags = int.from_bytes(data[at + 60:at + 62], "big")
+        start = at + 62 + (2 if flags & 0x4000 else 0)  # version 3: extended flags
+        end = data.index(b"\0", start)
+        size = (end - at + 8) // 8 * 8  # entries are NUL-padded to a multiple of 8 bytes
+        yield os.fsdecode(data[start:end]), at, size, flags
+        at += size
+
+
 def _index_entries(data: bytes) -> dict[str, bytes]:
     """The entries of an index of version 2 (path -> its bytes, padding included); ValueError for
     another version, a conflict, or flags this does not keep."""
@@ -264,15 +279,11 @@ def _index_entries(data: bytes) -> dict[str, bytes]:
         raise ValueError("not an index of version 2")
     if sha1(data[:-20]).digest() != data[-20:]:
         raise ValueError("the index does not match its checksum")
-    count, at, found = int.from_bytes(data[8:12], "big"), 12, {}
-    for _ in range(count):
-        flags = int.from_bytes(data[at + 60:at + 62], "big")
+    found = {}
+    for path, at, size, flags in index_walk(data):
         if flags & 0x3000 or flags & 0x4000:  # a stage (a conflict), or extended flags
             raise ValueError("an index entry this does not keep")
-        end = data.index(b"\0", at + 62)
-        size = (end - at + 8) // 8 * 8
-        found[os.fsdecode(data[at + 62:end])] = data[at:at + size]
-        at += size
+        found[path] = data[at:at + size]
     return found
 
 
