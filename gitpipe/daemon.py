@@ -358,7 +358,10 @@ class Daemon:
         try:
             if self.looping.is_set() and not self.stopping.is_set() and self.claiming.acquire(blocking=False):
                 try:
-                    if not self.backoff.waiting("loop"):
+                    # Looked at again under the lock: _shutdown takes it before it lists the runs
+                    # it waits for, so a run this claim starts is either listed there or never
+                    # started (the daemon stops: it stays queued for the next one).
+                    if not self.stopping.is_set() and not self.backoff.waiting("loop"):
                         before = set(self.workers)
                         self._supersede()
                         self._claim()
@@ -658,6 +661,10 @@ class Daemon:
             log.info("run #%s: attempt %s of %s interrupted", act.run_id, attempt.number, act.name)
 
     def _shutdown(self) -> None:
+        with self.claiming:  # an intake's claim under way (the intake's close waits 5 s at most) ends first
+            self._stop_workers()
+
+    def _stop_workers(self) -> None:
         if not self.workers:
             return
         log.info("stopping: %d run(s) active; grace period %ss", len(self.workers), self.settings.stop_grace)
