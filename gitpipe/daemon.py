@@ -169,7 +169,8 @@ class Daemon:
 
             self.host.cluster = Cluster(self.settings, self.settings.cluster)
         # gitpipe.toml changed (edited, or moved in with an older mtime): pre-receive's answer anew
-        home_changes = inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_ATTRIB
+        # (IN_CREATE: a link made in its place, which the answer must not outlive: see rejectmark)
+        home_changes = inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_ATTRIB | inotify.IN_CREATE
         observer = inotify.observe([self.settings.wake_dir, self.settings.spool_dir], self._heard,
                                    also={self.heads.folder: self.heads.heard, self.settings.home: self.intake.keep_answer},
                                    masks={self.settings.home: home_changes})

@@ -15,6 +15,10 @@ older mtime, `mv`, `rsync -a`, `cp -p`, is seen by its ctime, which the hook can
 at once, not at the next push, which would take the old answer). A clean stop removes it, so a
 push while no daemon runs greps; after a daemon killed with -9, only a gitpipe.toml put back
 with an older mtime while none runs could be read wrong, until one starts.
+
+A gitpipe.toml that is a symbolic link (to a file a configuration tool keeps elsewhere) gets no
+answer: the watch of the home cannot hear the file it names change, so the hook greps it on
+every push, as without a daemon.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ def refresh(home: Path) -> None:
         seen = _identity(os.stat(config))
     except OSError:
         remove(home)  # no gitpipe.toml (all defaults): the hook's test fails and it greps
+        return
+    if config.is_symlink():  # what it names changes unheard (see above): the hook greps it
+        remove(home)
         return
     try:
         held = mark.read_text().split()
