@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO
 
 from gitpipe import records
@@ -41,6 +42,8 @@ log = logging.getLogger("gitpipe")
 QUIET = 10.0
 STOP_WAIT = 30  # seconds the daemon waits, when it stops, for the child's last pages
 NICENESS = 10  # the child's CPU priority below the daemon's (nice(2)): see main
+AUTOGROUP = Path("/proc/self/autogroup")  # see _below_the_runs
+AUTOGROUP_TRIES, AUTOGROUP_PAUSE = 50, 0.2  # the kernel's limit is one write per 0.1 s, host-wide
 COMPILED = "report-templates"  # in the home: the compiled templates, kept for the next child
 
 
@@ -143,15 +146,44 @@ def _below_the_runs(niceness: int) -> None:
     action runs in a session of its own (bwrap --new-session), so the child, in the daemon's
     session, took half a core from a push's first command while it rendered (5 ms of CPU in
     the 34 ms from push to command, measured with perf sched). In a session of its own, whose
-    group gets the same niceness, it yields to the actions too. Best effort: without autogroup
-    (or with the file not writable) the nice value is what is left, as before."""
+    group gets the same niceness, it yields to the actions too.
+
+    The kernel takes one such write per 0.1 s from the whole host (EAGAIN) from a process
+    without CAP_SYS_ADMIN, and an action can write its own group's: the write is tried again
+    in the background until it passes, the child alone in its group meanwhile (one session's
+    share), and said in the log if it never does. Without autogroup, nice is all there is."""
     os.nice(niceness)
+    if not AUTOGROUP.is_file():
+        return
     try:
         os.setsid()
-        with open("/proc/self/autogroup", "w") as f:
-            f.write(str(niceness))
     except OSError:
-        pass
+        return
+    if not _group_niceness(niceness):
+        threading.Thread(target=_keep_trying, args=(niceness,), name="autogroup", daemon=True).start()
+
+
+def _group_niceness(niceness: int) -> bool:
+    """Write this session's group niceness: False while the kernel says to try later."""
+    try:
+        with open(AUTOGROUP, "w") as f:
+            f.write(str(niceness))
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        log.warning("report: could not lower the rendering process's CPU share below the actions' (%s: %s)",
+                    AUTOGROUP, exc.strerror)
+    return True
+
+
+def _keep_trying(niceness: int) -> None:
+    for _ in range(AUTOGROUP_TRIES):
+        time.sleep(AUTOGROUP_PAUSE)
+        if _group_niceness(niceness):
+            return
+    log.warning("report: could not lower the rendering process's CPU share below the actions' (%s kept "
+                "answering EAGAIN for %.0f s): it renders at one session's share", AUTOGROUP,
+                AUTOGROUP_TRIES * AUTOGROUP_PAUSE)
 
 
 def main(argv: list[str]) -> int:
@@ -165,8 +197,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Pages are background work: a run started meanwhile (a push's, on a 2-core build host) goes
     # first. Rendering is coalesced to once a second while a run is live, and met the next push.
-    _below_the_runs(NICENESS)
     logging.basicConfig(level=logging.INFO, format="gitpipe: %(message)s", stream=sys.stderr)
+    _below_the_runs(NICENESS)
     conf = settings.load(argv[0])
     store = Store(conf)
     reporter = Reporter(conf, store, background=True, compiled=conf.home / COMPILED)
