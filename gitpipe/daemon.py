@@ -49,6 +49,7 @@ SAVE_EVERY = 500  # events
 SCHEDULES_AFTER_PUSH = 1.0  # seconds after a push's run started that its repo's cron lines are read again
 SWITCH_INTERVAL = 0.001  # seconds a thread holds the GIL while others wait (see serve)
 BEGUN_WAIT = 0.2  # seconds the intake's chores after a push wait at most for its run's first command
+CLAIM_WAIT_AT_STOP = 10  # seconds a stop waits at most for an intake's claim under way (see _shutdown)
 
 
 def _heard_elsewhere(signum: int, frame: FrameType | None) -> None:
@@ -662,8 +663,18 @@ class Daemon:
             log.info("run #%s: attempt %s of %s interrupted", act.run_id, attempt.number, act.name)
 
     def _shutdown(self) -> None:
-        with self.claiming:  # an intake's claim under way (the intake's close waits 5 s at most) ends first
+        # An intake's claim under way (the intake's close waited 5 s at most) ends first, so that a
+        # run it starts is among those listed below; one stuck longer (a store that hangs) does
+        # not hold the stop for good: the runs known now are stopped, said in the log.
+        claimed = self.claiming.acquire(timeout=CLAIM_WAIT_AT_STOP)
+        if not claimed:
+            log.warning("stopping: a push's claim of its runs has not ended in %ds; stopping the runs started so far",
+                        CLAIM_WAIT_AT_STOP)
+        try:
             self._stop_workers()
+        finally:
+            if claimed:
+                self.claiming.release()
 
     def _stop_workers(self) -> None:
         if not self.workers:
