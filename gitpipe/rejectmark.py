@@ -16,9 +16,11 @@ at once, not at the next push, which would take the old answer). A clean stop re
 push while no daemon runs greps; after a daemon killed with -9, only a gitpipe.toml put back
 with an older mtime while none runs could be read wrong, until one starts.
 
-A gitpipe.toml that is a symbolic link (to a file a configuration tool keeps elsewhere) gets no
-answer: the watch of the home cannot hear the file it names change, so the hook greps it on
-every push, as without a daemon.
+A gitpipe.toml that is a symbolic link or has other hard links (to a file a configuration tool
+keeps elsewhere) gets no answer: the watch of the home cannot hear that file written through its
+other name, so the hook greps it on every push, as without a daemon. (A file bind-mounted over
+gitpipe.toml is not told apart: it is written through the other path unheard too, until the next
+push's look.)
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ def refresh(home: Path) -> None:
     hook greps, as it always did)."""
     config, mark = home / CONFIG_NAME, home / NAME
     try:
-        seen = _identity(os.stat(config))
+        st = os.stat(config)
     except OSError:
         remove(home)  # no gitpipe.toml (all defaults): the hook's test fails and it greps
         return
-    if config.is_symlink():  # what it names changes unheard (see above): the hook greps it
+    if config.is_symlink() or st.st_nlink > 1:  # its content changes unheard (see above): the hook greps it
         remove(home)
         return
+    seen = _identity(st)
     try:
         held = mark.read_text().split()
         if held[1:] == seen and os.stat(mark).st_mtime_ns > int(seen[2]):

@@ -834,11 +834,12 @@ def test_with_the_daemon_up_a_stricter_gitpipe_toml_moved_in_with_an_older_mtime
     assert not mark.exists()
 
 
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
 def test_a_gitpipe_toml_that_is_a_link_gets_no_kept_answer_and_each_push_reads_the_file_it_names(
-        home: Home, tmp_path: Path) -> None:
-    """The daemon's watch of the home cannot hear a file elsewhere change. Made a link while the
-    daemon runs, gitpipe.toml loses its kept answer (pre-receive greps through the link), so a
-    stricter file put in place there with an older mtime refuses the very next push."""
+        home: Home, tmp_path: Path, link: str) -> None:
+    """The daemon's watch of the home cannot hear a file written through another name. Made a
+    link while the daemon runs, gitpipe.toml loses its kept answer (pre-receive greps it), so a
+    stricter file written there with an older mtime refuses the very next push."""
     mark = home.home / "reject-invalid"
     config = home.home / "gitpipe.toml"
     strict = home.add_repo("strict")
@@ -846,17 +847,25 @@ def test_a_gitpipe_toml_that_is_a_link_gets_no_kept_answer_and_each_push_reads_t
     elsewhere.write_text(config.read_text())
     with home.daemon():
         assert mark.read_text().split()[0] == "false"
-        config.unlink()  # `rm`, then `ln -s`: the watch hears the link made (`ln -sf` renames one in)
-        config.symlink_to(elsewhere)
+        config.unlink()  # `rm`, then `ln`: the watch hears the link made (`ln -sf` renames one in)
+        if link == "symbolic":
+            config.symlink_to(elsewhere)
+        else:
+            os.link(elsewhere, config)
         wait_for(lambda: not mark.exists(), timeout=5, what="the answer gone once gitpipe.toml is a link")
         accepted = home.push(strict, {".pipeline.toml": INVALID})
         assert accepted.returncode == 0, accepted.stderr
         assert not mark.exists()  # the push's own look keeps none either
-        prepared = tmp_path / "etc-gitpipe.toml.new"
-        prepared.write_text(elsewhere.read_text() + "\n[repos.strict]\nreject_invalid = true\n")
-        earlier = prepared.stat().st_mtime_ns - 10**10
-        os.utime(prepared, ns=(earlier, earlier))
-        os.replace(prepared, elsewhere)  # unheard by the watch: only the hook's grep sees it
+        text = elsewhere.read_text() + "\n[repos.strict]\nreject_invalid = true\n"
+        earlier = elsewhere.stat().st_mtime_ns - 10**10
+        if link == "symbolic":  # put in place there, as `mv` or `rsync -a` does
+            prepared = tmp_path / "etc-gitpipe.toml.new"
+            prepared.write_text(text)
+            os.utime(prepared, ns=(earlier, earlier))
+            os.replace(prepared, elsewhere)
+        else:  # written through the other name, its mtime set back (`cp -p` onto it)
+            elsewhere.write_text(text)
+            os.utime(elsewhere, ns=(earlier, earlier))
         refused = home.push(strict, {".pipeline.toml": INVALID})
         assert refused.returncode != 0, refused.stderr
         assert "rejecting main: .pipeline.toml is invalid" in refused.stderr
