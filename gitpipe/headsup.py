@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gitpipe import git
-from gitpipe.hookmain import PIPELINE_FILE
+from gitpipe.intake import PIPELINE_FILE
 from gitpipe.pipeline import KEPT_MAX_BYTES
 
 if TYPE_CHECKING:

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 from gitpipe import intake, triggers  # noqa: E402 - after the cheap TYPE_CHECKING guard
+from gitpipe.intake import PIPELINE_FILE  # noqa: E402
 from gitpipe.refs import short_ref  # noqa: E402 - imports nothing: cheap for every push
 
-PIPELINE_FILE = ".pipeline.toml"
 CACHE_VERSION = 1
 MAX_NOTES = 5  # lines about refs that start no run
 

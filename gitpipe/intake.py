@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 BUSY_TIMEOUT_MS = 30_000
+PIPELINE_FILE = ".pipeline.toml"  # what a pushed commit's pipeline is read from (here: every hook imports this module)
 KEY_PREFIX = "recorded:"  # state rows naming a push (or spool entry) already recorded: see record_on
 RUN_FIELDS = ("repo", "pipeline", "ref", "sha", "before_sha", "trigger", "pusher", "error",
               "pipeline_text", "retry_of", "commit_author", "commit_message")

@@ -17,7 +17,7 @@ from gitpipe import intake
 from gitpipe import pipeline as pipeline_mod
 from gitpipe.ansi import visible
 from gitpipe.errors import PipelineError
-from gitpipe.hookmain import PIPELINE_FILE
+from gitpipe.intake import PIPELINE_FILE
 from gitpipe.models import RefUpdate
 from gitpipe.refs import short_ref
 from gitpipe.settings import Settings
