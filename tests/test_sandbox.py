@@ -842,6 +842,42 @@ def test_what_a_branch_does_to_its_slot_never_reaches_the_next_run(world: World,
     assert (world.out / "main-home").read_text() == "" and (world.out / "main-status").read_text() == ""
 
 
+LARGE_TREE_STEPS = """
+[[stage]]
+name = "break"
+  [[stage.action]]
+  name = "break"
+  run = 'chmod 000 lib && chmod 555 .'
+[[stage]]
+name = "between"
+  [[stage.action]]
+  name = "between"
+  run = 'true'
+[[stage]]
+name = "after"
+  [[stage.action]]
+  name = "after"
+  run = 'cat lib/a.txt > "$OUT/large-lib" && echo changed > lib/a.txt && touch made-here'
+"""
+
+
+@pytest.mark.parametrize("world", DAEMON_USERS, indirect=True)
+def test_a_large_trees_next_sandbox_made_ahead_finds_it_handed_over(world: World) -> None:
+    """Above git.CLEAN_IN_PROCESS files the reset cleans with `git clean`, which leaves a folder
+    an action made unreadable (chmod 000) in place, and does not hand the tree over itself. The
+    third action (in the first one's slot, its sandbox made ahead while the second one ran)
+    failed with the daemon not root: the hand-over's walk could not open that folder (Permission
+    denied). It finds what the first one did to the tree's modes undone, for either daemon."""
+    from gitpipe.git import CLEAN_IN_PROCESS
+
+    files: dict[str, str | None] = {"lib/a.txt": "library\n"}
+    files.update({f"many/f{i}": "" for i in range(CLEAN_IN_PROCESS + 1)})
+    with world.home.daemon():
+        run = world.home.wait_run(world.push(LARGE_TREE_STEPS, "feature", files=files), timeout=120)
+    world.home.expect(run, "succeeded")
+    assert (world.out / "large-lib").read_text() == "library\n"
+
+
 SETUID_ARTIFACT = """
 [[stage]]
 name = "s"
