@@ -716,6 +716,14 @@ class _Ahead:
             return
         if self.then is not None and self.taken.ahead is None:
             self.taken.ahead = _made(self.then, self.taken)
+        if self.taken.ahead is not None and not self.taken.settled and self.pool.settle is not None:
+            # A large tree (see _ready), its sandbox made ahead: handed over here, off the path
+            # of the launch, which settles only what no reset did (a plain action restores nothing)
+            try:
+                self.pool.settle(self.taken.tree)
+                self.taken.settled = True
+            except OSError as exc:
+                log.warning("could not hand the next worktree over ahead (%s): its action does it", exc)
         self.slot = self.taken
 
 

@@ -310,12 +310,13 @@ class Sandbox:
         hand_over(tree, self.uid, self.gid)
 
     # ------------------------------------------------------------------ one process
-    def prepare(self, box: Confine) -> None:
-        """Make the HOME and output file fresh and hand the worktree over (before a cache restore)."""
+    def prepare(self, box: Confine, settle: bool = True) -> None:
+        """Make the HOME and output file fresh and (`settle`) hand the worktree over (before a
+        cache restore)."""
         if box.key:
             self.warm()  # the cgroup move at launch then waits less (see cgroup.Tree.warm)
         self._fresh(box)
-        if box.tree is not None:
+        if box.tree is not None and settle:
             hand_over(box.tree, self.uid, self.gid)
 
     def _fresh(self, box: Confine) -> None:
@@ -336,7 +337,7 @@ class Sandbox:
         if group is not None:
             group.kill()
 
-    def ready(self, box: Confine, parked: bool = False) -> Parked | None:
+    def ready(self, box: Confine, parked: bool = False, settle: bool = True) -> Parked | None:
         """The sandbox of `box` made before its attempt is known to run (the next action's, while
         the one before runs): bwrap started held, moved into the attempt's group, let go, its
         mounts made and its user dropped, then waiting in a launcher (launcher.PERL, run as the
@@ -350,7 +351,8 @@ class Sandbox:
         `parked`: made from the parked launcher, if one waits (None if not), which becomes this
         bwrap in its own group (no cgroup move: a run's first action, see launcher.py), the launcher
         inside reading its order on the stdin they share; made while the tree is being reset, so
-        it is not handed over here (`settle` it before the order)."""
+        it is not handed over here (`settle` it before the order). `settle=False`: the same for
+        one made otherwise, the caller hands the tree over (the reset that follows does)."""
         perl = launcher.find_perl()
         if self.bwrap is None or self.tree is None or not box.key or box.overlays or box.binds or perl is None:
             return None
@@ -370,7 +372,7 @@ class Sandbox:
             except BaseException:
                 taken.discard()
                 raise
-        self.prepare(box)
+        self.prepare(box, settle)
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids)
         return launcher.started(group, lambda fd: Launch(
             self._bwrap(launcher.command(perl, fd, bound=False), box, {}, script_path=SYSTEM_PATH),

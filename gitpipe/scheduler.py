@@ -444,7 +444,7 @@ class RunWorker:
                         ready = made.ready if made is not None else None
                         if made is None:
                             self.host.sandbox.prepare(box)
-                        elif not (made.settled or slot.settled):  # made while its tree was reset
+                        elif not slot.settled:  # a large tree: its reset did not hand it over
                             self.host.sandbox.settle(slot.tree)
                         uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
                         box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
@@ -545,7 +545,7 @@ class RunWorker:
             if self.halted:
                 return None
             box = self._box(nxt.id, 1, spec, slot)
-            return _Made.of(box, self.host.sandbox.ready(box), settled=True)
+            return _Made.of(box, self.host.sandbox.ready(box, settle=False))
 
         return make
 
@@ -589,8 +589,10 @@ class RunWorker:
             self.begun.set()
         if warm:
             self.host.sandbox.warm(held=True)
-        # the next action's worktree, and its sandbox, while this one runs
-        self.pool.prepare_next(self.run.sha, self._ahead(rec))
+        # the next action's worktree, and its sandbox, while this one runs: bwrap makes its mounts
+        # while the reset works on the tree (`during`), or once it is reset when it had none yet
+        ahead = self._ahead(rec)
+        self.pool.prepare_next(self.run.sha, ahead, during=ahead)
         self.host.sandbox.park_again()  # the next run's, if this run's first sandbox took the parked one
         with self.lock:
             self.attempts[rec.id] = attempt
@@ -693,25 +695,24 @@ def first_ahead(host: Host, pool: git.WorktreePool, repo: str, ref: str,
         if made is not None:
             made.discard()
         # it took the parked launcher and parked none (see Sandbox.ready): a discard parks one
-        return _Made.of(box, host.sandbox.ready(box, parked=True), settled=False, let_go=host.sandbox.park_again)
+        return _Made.of(box, host.sandbox.ready(box, parked=True), let_go=host.sandbox.park_again)
 
     return make
 
 
 @dataclass
 class _Made:
-    """A sandbox made ahead for `box` (see RunWorker._ahead, `first_ahead`): a slot's `ahead`.
-    `settled`: its tree was handed over after its reset; `tree`: the tree's (device, inode)."""
+    """A sandbox made ahead for `box` (see RunWorker._ahead, `first_ahead`): a slot's `ahead`,
+    made while (or just after) the slot's tree was reset, never handed over by itself (the reset
+    does, else the launch); `tree`: the tree's (device, inode)."""
 
     box: Confine
     ready: Parked
-    settled: bool
     tree: tuple[int, int]
     let_go: Callable[[], None] | None = None  # after a discard: the first action's parks a launcher again
 
     @classmethod
-    def of(cls, box: Confine, ready: Parked | None, settled: bool,
-           let_go: Callable[[], None] | None = None) -> _Made | None:
+    def of(cls, box: Confine, ready: Parked | None, let_go: Callable[[], None] | None = None) -> _Made | None:
         if ready is None:
             return None
         try:
@@ -719,7 +720,7 @@ class _Made:
         except BaseException:
             ready.discard()
             raise
-        return cls(box, ready, settled, (st.st_dev, st.st_ino), let_go)
+        return cls(box, ready, (st.st_dev, st.st_ino), let_go)
 
     def discard(self) -> None:
         try:

@@ -773,7 +773,7 @@ def test_a_first_sandbox_made_before_its_slot_was_started_afresh_is_not_used(tmp
 
         def during(slot: gitmod.Slot) -> _Made | None:
             box = Confine(key="first", home=slot.root / "home", tree=slot.tree, name="app", output=slot.root / "output")
-            ready = _Made.of(box, sandbox.ready(box, parked=True), settled=False)
+            ready = _Made.of(box, sandbox.ready(box, parked=True))
             assert ready is not None
             made.append(ready)
             wait_for(lambda: _waiting_inside(descendants(ready.ready.proc.pid), uid), what="its mounts made")
