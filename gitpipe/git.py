@@ -949,6 +949,8 @@ def empty_gitlinks(tree: Path, git_dir: Path, tracked: dict[str, int] | None = N
             parent, _, name = rel.rpartition("/")
             try:
                 fd = open_under(top, parent)
+            except PermissionError:  # made unreadable by an action (a daemon not root): never skipped
+                raise
             except OSError:  # a folder on the way is not a real one: the clean removes it
                 continue
             try:
@@ -980,6 +982,8 @@ def remove_nested_git(tree: Path, tracked: dict[str, int]) -> None:
         for folder in _folders(tracked):
             try:
                 fd = open_under(top, folder)
+            except PermissionError:  # made unreadable by an action (a daemon not root): what it
+                raise  # hides is not skipped: the reset starts the slot afresh
             except OSError:  # gone, or a link on the way: nothing of it is the tree's
                 continue
             try:

@@ -587,25 +587,10 @@ def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:
     at any moment, and a path-based chmod as root would follow it (/etc/shadow 0755).
     """
     root = uid is not None and gid is not None
-    _settle_tree(_open_dir(str(tree), None), uid, gid, root)
+    _settle_tree(os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW), uid, gid, root)
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _open_dir(name: str, dir_fd: int | None) -> int:
-    """A directory of the tree opened for the walk, never through a link. One its owner made
-    unreadable (`chmod 000 lib`: a daemon that is not root is that owner, and cannot read it) is
-    made 0755 first, through an O_PATH descriptor of that very directory."""
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except PermissionError:
-        held = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            os.chmod(f"/proc/self/fd/{held}", 0o755)  # the inode held, whatever is at its name now
-        finally:
-            os.close(held)
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
 
 def _settle_tree(fd: int, uid: int | None, gid: int | None, root: bool) -> None:
@@ -622,7 +607,7 @@ def _settle_tree(fd: int, uid: int | None, gid: int | None, root: bool) -> None:
         for name, is_dir, is_file, is_link in names:
             if is_dir:
                 try:
-                    child = _open_dir(name, fd)
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
                         continue  # swapped or gone since it was listed: not the tree's any more

@@ -878,6 +878,40 @@ def test_a_large_trees_next_sandbox_made_ahead_finds_it_handed_over(world: World
     assert (world.out / "large-lib").read_text() == "library\n"
 
 
+NESTED_GIT_PLANT = """
+[[stage]]
+name = "plant"
+  [[stage.action]]
+  name = "plant"
+  run = 'git init -q lib && git config -f lib/.git/config core.fsmonitor "echo ran > $OUT/planted; false" && chmod 000 lib'
+"""
+NESTED_GIT_VICTIM = """
+[[stage]]
+name = "victim"
+  [[stage.action]]
+  name = "victim"
+  run = 'ls -A lib > "$OUT/victim-lib"; cd lib && git status --short >/dev/null 2>&1; true'
+"""
+
+
+@pytest.mark.parametrize("world", DAEMON_USERS, indirect=True)
+def test_a_nested_git_hidden_in_an_unreadable_folder_of_a_large_tree_never_reaches_the_next_run(
+        world: World) -> None:
+    """`git clean` leaves a `.git` in a tracked folder, and the daemon removes it itself; a daemon
+    not root could not open a folder the action made unreadable and skipped it. Had the hand-over
+    then opened that folder up, the next run's `git status` there ran the planted core.fsmonitor
+    (found by an outside review). A folder the reset cannot read starts the slot afresh."""
+    from gitpipe.git import CLEAN_IN_PROCESS
+
+    files: dict[str, str | None] = {"lib/a.txt": "library\n"}
+    files.update({f"many/f{i}": "" for i in range(CLEAN_IN_PROCESS + 1)})
+    with world.home.daemon():
+        world.home.expect(world.home.wait_run(world.push(NESTED_GIT_PLANT, "evil", files=files), timeout=120))
+        world.home.expect(world.home.wait_run(world.push(NESTED_GIT_VICTIM, "victim", files=files), timeout=120))
+    assert (world.out / "victim-lib").read_text().split() == ["a.txt"]
+    assert not (world.out / "planted").exists()
+
+
 SETUID_ARTIFACT = """
 [[stage]]
 name = "s"
