@@ -722,8 +722,8 @@ class _Ahead:
             try:
                 self.pool.settle(self.taken.tree)
                 self.taken.settled = True
-            except OSError as exc:
-                log.warning("could not hand the next worktree over ahead (%s): its action does it", exc)
+            except Exception as exc:  # (a tree deeper than the stack: RecursionError) its launch tries
+                log.warning("could not hand the next worktree over ahead (%r): its action does it", exc)
         self.slot = self.taken
 
 

@@ -445,7 +445,11 @@ class RunWorker:
                         if made is None:
                             self.host.sandbox.prepare(box)
                         elif not slot.settled:  # a large tree: its reset did not hand it over
-                            self.host.sandbox.settle(slot.tree)
+                            try:
+                                self.host.sandbox.settle(slot.tree)
+                            except BaseException:
+                                made.discard()  # taken from the slot: nothing else would end it
+                                raise
                         uses = self._restore_caches(spec, slot.tree, box.home, held, writer)
                         box = replace(box, overlays=tuple(held.overlays), binds=tuple(held.mounts))
                         outcome = self._execute(rec, spec, box, env, writer, token, deadline, ready, warm_later)

@@ -762,3 +762,61 @@ def test_the_daemons_git_never_follows_a_folder_swapped_for_a_link(tmp_path: Pat
     assert list(victim.iterdir()) == [], "the daemon's git wrote into a folder outside the tree"
     with pool.checkout(sha) as slot:
         assert (slot.tree / "src" / "a.txt").read_text() == "* * * * * root pushed-command\n"
+
+
+class _Made:
+    """What `prepare_next` makes for a slot (a sandbox, in the daemon): records its discard."""
+
+    def __init__(self) -> None:
+        self.discarded = False
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+def test_a_next_slot_whose_hand_over_fails_in_the_background_is_still_let_go(tmp_path: Path) -> None:
+    """A large tree (no hand-over in the reset) with a tracked path deeper than Python's stack: the
+    background job's hand-over raised RecursionError out of the job, and the slot's lock and the
+    sandbox made for it were never let go (one of each per such push, for the daemon's life). The
+    job keeps the slot (its action hands the tree over at launch) and the pool lets both go."""
+    from gitpipe.sandbox import hand_over
+
+    path = tmp_path / "big.git"
+    gitmod.create_bare(path)
+    work = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", str(path), str(work))
+    (work / "src").mkdir()
+    for i in range(gitmod.CLEAN_IN_PROCESS + 1):
+        (work / "src" / f"f{i}").write_text("")
+    deep = "/".join(["d"] * 1200)  # relative: the whole path is longer than one call takes
+    subprocess.run(["sh", "-c", f"mkdir -p {deep} && echo x > {deep}/f"], cwd=work, check=True)
+    git(work, "add", ".")
+    git(work, "commit", "--quiet", "-m", "big and deep")
+    git(work, "push", "--quiet", "origin", "HEAD:main")
+    sha = git(work, "rev-parse", "HEAD").stdout.strip()
+    made: list[_Made] = []
+
+    def make(slot: gitmod.Slot) -> _Made:
+        made.append(_Made())
+        return made[-1]
+
+    pool = gitmod.WorktreePool(tmp_path / "w", "big", path, settle=lambda t: hand_over(t, None, None), ahead=1)
+    try:
+        with pool.checkout(sha):
+            pool.prepare_next(sha, make, during=make)
+            ahead = pool._next
+            assert ahead is not None and ahead.job is not None
+            ahead.wait()
+            assert ahead.job.exception() is None and ahead.slot is not None and not ahead.slot.settled
+        pool.close()
+        assert made and all(m.discarded for m in made)
+        for lock in (tmp_path / "w" / "big").glob("*.lock"):
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a slot's lock is still held
+            finally:
+                os.close(fd)
+    finally:  # pytest's own removal of old temporary folders recurses: it must never meet this depth
+        subprocess.run(["rm", "-rf", "--", str(work), str(tmp_path / "w")], check=False)
