@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -543,10 +544,10 @@ def test_a_prepared_slot_changed_before_its_use_is_reset_again(bare: Path, tmp_p
 # ---------------------------------------------------------------------------- what a reset must not keep
 
 
-@pytest.fixture
-def big_bare(tmp_path: Path) -> tuple[Path, str]:
+def make_big_bare(tmp_path: Path, more: Callable[[Path], object]) -> tuple[Path, str]:
     """A bare repo whose one commit tracks more files than the pool cleans itself (`git clean`
-    cleans its slots) and no .gitattributes; (path, sha)."""
+    cleans its slots), what `more` adds to the work tree, and no .gitattributes; (path, sha).
+    Its clone is tmp_path / "big-clone"."""
     path = tmp_path / "big.git"
     gitmod.create_bare(path)
     work = tmp_path / "big-clone"
@@ -554,11 +555,17 @@ def big_bare(tmp_path: Path) -> tuple[Path, str]:
     (work / "src").mkdir()
     for i in range(gitmod.CLEAN_IN_PROCESS + 1):
         (work / "src" / f"f{i}.txt").write_text("line\n")
-    (work / "app.py").write_text("print('v1')\n")
+    more(work)
     git(work, "add", ".")
     git(work, "commit", "--quiet", "-m", "big")
     git(work, "push", "--quiet", "origin", "HEAD:main")
     return path, sha_of(work, "HEAD")
+
+
+@pytest.fixture
+def big_bare(tmp_path: Path) -> tuple[Path, str]:
+    """make_big_bare with an app.py beside."""
+    return make_big_bare(tmp_path, lambda work: (work / "app.py").write_text("print('v1')\n"))
 
 
 def test_a_git_dir_left_in_a_large_trees_folder_does_not_reach_the_next_action(big_bare: tuple[Path, str],
@@ -781,19 +788,10 @@ def test_a_next_slot_whose_hand_over_fails_in_the_background_is_still_let_go(tmp
     job keeps the slot (its action hands the tree over at launch) and the pool lets both go."""
     from gitpipe.sandbox import hand_over
 
-    path = tmp_path / "big.git"
-    gitmod.create_bare(path)
-    work = tmp_path / "clone"
-    git(tmp_path, "clone", "--quiet", str(path), str(work))
-    (work / "src").mkdir()
-    for i in range(gitmod.CLEAN_IN_PROCESS + 1):
-        (work / "src" / f"f{i}").write_text("")
     deep = "/".join(["d"] * 1200)  # relative: the whole path is longer than one call takes
-    subprocess.run(["sh", "-c", f"mkdir -p {deep} && echo x > {deep}/f"], cwd=work, check=True)
-    git(work, "add", ".")
-    git(work, "commit", "--quiet", "-m", "big and deep")
-    git(work, "push", "--quiet", "origin", "HEAD:main")
-    sha = git(work, "rev-parse", "HEAD").stdout.strip()
+    work = tmp_path / "big-clone"
+    path, sha = make_big_bare(tmp_path, lambda work: subprocess.run(
+        ["sh", "-c", f"mkdir -p {deep} && echo x > {deep}/f"], cwd=work, check=True))
     made: list[_Made] = []
 
     def make(slot: gitmod.Slot) -> _Made:

@@ -842,6 +842,15 @@ def test_what_a_branch_does_to_its_slot_never_reaches_the_next_run(world: World,
     assert (world.out / "main-home").read_text() == "" and (world.out / "main-status").read_text() == ""
 
 
+def large_tree_files() -> dict[str, str | None]:
+    """A tree with lib/a.txt and more files than the reset cleans itself (git.CLEAN_IN_PROCESS)."""
+    from gitpipe.git import CLEAN_IN_PROCESS
+
+    files: dict[str, str | None] = {"lib/a.txt": "library\n"}
+    files.update({f"many/f{i}": "" for i in range(CLEAN_IN_PROCESS + 1)})
+    return files
+
+
 LARGE_TREE_STEPS = """
 [[stage]]
 name = "break"
@@ -868,12 +877,8 @@ def test_a_large_trees_next_sandbox_made_ahead_finds_it_handed_over(world: World
     third action (in the first one's slot, its sandbox made ahead while the second one ran)
     failed with the daemon not root: the hand-over's walk could not open that folder (Permission
     denied). It finds what the first one did to the tree's modes undone, for either daemon."""
-    from gitpipe.git import CLEAN_IN_PROCESS
-
-    files: dict[str, str | None] = {"lib/a.txt": "library\n"}
-    files.update({f"many/f{i}": "" for i in range(CLEAN_IN_PROCESS + 1)})
     with world.home.daemon():
-        run = world.home.wait_run(world.push(LARGE_TREE_STEPS, "feature", files=files), timeout=120)
+        run = world.home.wait_run(world.push(LARGE_TREE_STEPS, "feature", files=large_tree_files()), timeout=120)
     world.home.expect(run, "succeeded")
     assert (world.out / "large-lib").read_text() == "library\n"
 
@@ -901,10 +906,7 @@ def test_a_nested_git_hidden_in_an_unreadable_folder_of_a_large_tree_never_reach
     not root could not open a folder the action made unreadable and skipped it. Had the hand-over
     then opened that folder up, the next run's `git status` there ran the planted core.fsmonitor
     (found by an outside review). A folder the reset cannot read starts the slot afresh."""
-    from gitpipe.git import CLEAN_IN_PROCESS
-
-    files: dict[str, str | None] = {"lib/a.txt": "library\n"}
-    files.update({f"many/f{i}": "" for i in range(CLEAN_IN_PROCESS + 1)})
+    files = large_tree_files()
     with world.home.daemon():
         world.home.expect(world.home.wait_run(world.push(NESTED_GIT_PLANT, "evil", files=files), timeout=120))
         world.home.expect(world.home.wait_run(world.push(NESTED_GIT_VICTIM, "victim", files=files), timeout=120))
