@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -47,11 +48,11 @@ def refresh(home: Path) -> None:
     hook greps, as it always did)."""
     config, mark = home / CONFIG_NAME, home / NAME
     try:
-        st = os.stat(config)
+        st = os.lstat(config)  # a link's own: one look tells a link, and is the file's otherwise
     except OSError:
         remove(home)  # no gitpipe.toml (all defaults): the hook's test fails and it greps
         return
-    if config.is_symlink() or st.st_nlink > 1:  # its content changes unheard (see above): the hook greps it
+    if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1:  # its content changes unheard (see above): the hook greps it
         remove(home)
         return
     seen = _identity(st)
