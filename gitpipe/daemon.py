@@ -509,10 +509,12 @@ class Daemon:
         self.heads.learned(repo, ref, text)
         early = self.heads.take(repo, ref)  # the slot and sandbox its pre-receive's heads-up made
         host = getattr(self, "host", None)  # the intake listens a moment before the host is made
-        if host is None or len(self.workers) >= self.settings.max_parallel:
+        # It waits (its worktree would only hold a slot), or the loop, looking meanwhile, started
+        # it already with a pool of its own: a slot reset here would hold the one it takes next.
+        if host is None or len(self.workers) >= self.settings.max_parallel or run_id in self.workers:
             if early is not None:
                 early.close()
-            return  # it waits: its worktree would only hold a slot
+            return
         if early is None:  # else the first sandbox is made (the heads-up's): no cgroup move to wait for
             host.sandbox.warm()  # the first cgroup move's wait, from now on, unless a launcher is parked
         pool = early or host.pool(repo, ref)

@@ -572,10 +572,14 @@ class WorktreePool:
                     self._git(slot, "checkout", "--quiet", "--force", "--detach", sha)
             self._clean(slot)
             _action_git_dir(slot, self.objects, sha)
-        except (OSError, subprocess.CalledProcessError, RecursionError):
+        except (OSError, subprocess.CalledProcessError, RecursionError) as exc:
             # A tree the action made unremovable (chmod 000 dirs, ...): start the slot afresh. What
             # `during` made binds the tree, HOME and output file removed here: let go (the new
             # tree may get the old one's inode, which is what the taker checks).
+            why: object = exc
+            if isinstance(exc, subprocess.CalledProcessError) and exc.stderr:
+                why = exc.stderr.decode(errors="replace").strip()
+            log.info("worktree %s: could not reset it in place (%s): checked out afresh", slot.root, why)
             _discard(slot)
             remove_tree(slot.root)
             self._prepare_git_dir(slot)

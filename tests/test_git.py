@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -189,6 +190,21 @@ def test_a_removed_tracked_folder_is_a_change_not_a_tree_to_start_afresh(bare: P
             assert os.stat(again.tree).st_ino == os.fstat(held).st_ino, "the slot was started afresh"
     finally:
         os.close(held)
+
+
+def test_a_slot_started_afresh_says_why_in_the_log(bare: Path, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A reset that gives up and checks the slot out afresh costs the tree's reuse: the log says
+    which slot and what stood in the way (here the index lock a killed checkout leaves)."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        (slot.tree / "README.md").write_text("changed\n")  # its next reset runs git
+        (slot.git_dir / "index.lock").write_text("")
+    with caplog.at_level(logging.INFO, logger="gitpipe"), pool.checkout(main) as again:
+        assert (again.tree / "README.md").read_text() != "changed\n"
+    said = [r.getMessage() for r in caplog.records if "afresh" in r.getMessage()]
+    assert len(said) == 1 and str(slot.root) in said[0] and "index.lock" in said[0], said
 
 
 def test_concurrent_checkouts_get_distinct_slots(bare: Path, tmp_path: Path) -> None:
