@@ -367,18 +367,25 @@ class Sandbox:
                 return None
             try:
                 self._fresh(box)
-                return taken.hand_on(self._bwrap(launcher.command(perl, 0, bound=False), box, {},
-                                                 script_path=SYSTEM_PATH), env, Path("/"))
+                return taken.hand_on(self._launcher_inside(perl, 0, box), env, Path("/"))
             except BaseException:
                 taken.discard()
                 raise
         self.prepare(box, settle)
         group = self.tree.group(box.key, self.conf.memory, self.conf.pids)
         return launcher.started(group, lambda fd: Launch(
-            self._bwrap(launcher.command(perl, fd, bound=False), box, {}, script_path=SYSTEM_PATH),
+            self._launcher_inside(perl, fd, box),
             env, Path("/"), group, spare=True, held=0, hold=False,
         ).popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, pass_fds=(fd,)))
+
+    def _launcher_inside(self, perl: str, fd: int, box: Confine) -> list[str]:
+        """bwrap running the launcher that waits inside for its order (see `ready`). In a root
+        daemon's sandbox that launcher becomes the build user itself where it can (see
+        launcher.become), else setpriv does before it starts."""
+        user = (self.uid, self.gid) if self.uid is not None and self.gid is not None and launcher.become() else None
+        return self._bwrap(launcher.command(perl, fd, bound=False, user=user), box, {},
+                           script_path=SYSTEM_PATH, becomes=user is not None)
 
     def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False,
                parked: bool = False, ready: Parked | None = None) -> Launch:
@@ -438,9 +445,10 @@ class Sandbox:
         return subprocess.CompletedProcess(launch.argv, proc.returncode, out, err)
 
     def _bwrap(self, argv: list[str], box: Confine, env: dict[str, str], probing: bool = False,
-               script_path: str | None = None) -> list[str]:
+               script_path: str | None = None, becomes: bool = False) -> list[str]:
         """bwrap's argument list; `env`: variables set (by `env`) only for `argv` itself, last;
-        `script_path`: the PATH bwrap gives what it starts (setpriv is named by its full path)."""
+        `script_path`: the PATH bwrap gives what it starts (setpriv is named by its full path);
+        `becomes`: `argv` drops to the build user itself (a launcher, see launcher.become), not setpriv."""
         assert self.bwrap is not None
         root = self.uid is not None  # the daemon is root: for_host found the build user
         out = [self.bwrap, "--die-with-parent", "--new-session"]
@@ -482,7 +490,7 @@ class Sandbox:
         if script_path is not None:
             out += ["--setenv", "PATH", script_path]
         out.append("--")
-        if root:
+        if root and not becomes:
             out += [tool("setpriv"), f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                     "--inh-caps=-all", "--no-new-privs"]
         if env and not probing:

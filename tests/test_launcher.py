@@ -18,7 +18,7 @@ import pytest
 from helpers import Home, children, descendants, pipeline, wait_for
 from helpers import git as run_git
 
-from gitpipe import cgroup, executor, settings
+from gitpipe import cgroup, executor, launcher, settings
 from gitpipe import git as gitmod
 from gitpipe.launcher import Parked
 from gitpipe.sandbox import Confine, Sandbox
@@ -355,6 +355,64 @@ def test_a_sandbox_made_ahead_runs_its_script_as_the_build_user_with_exactly_its
         sandbox.close()
 
 
+CREDENTIALS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+
+
+def test_a_sandbox_made_ahead_gives_its_script_exactly_the_credentials_setpriv_gives(tmp_path: Path) -> None:
+    """In a root daemon's sandbox made ahead, the launcher inside drops to the build user itself
+    (launcher.become) rather than after setpriv: the script must find exactly what a sandbox
+    started at once (setpriv) gives, line by line of /proc/self/status: the build user's uid and
+    gid (real, effective, saved, fs), no supplementary group, no capability left (inheritable and
+    ambient too), no_new_privs."""
+    _needs_root()
+    sandbox, slot = _sandbox(tmp_path)
+    seen = []
+    try:
+        for key, ahead in (("a5.1", True), ("a6.1", False)):
+            box = Confine(key=key, home=slot / "home", tree=slot / "tree", name="r", output=slot / "output")
+            ready = sandbox.ready(box) if ahead else None
+            assert ready is not None or not ahead
+            launch = sandbox.launch(["bash", "-c", "cat /proc/self/status"], {}, box, prepared=ahead, ready=ready)
+            proc = launch.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+            out = proc.communicate()[0].decode()
+            assert proc.returncode == 0, out
+            assert launch.group is not None
+            launch.group.remove()
+            fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+            seen.append({name: fields[name].split() for name in CREDENTIALS})
+    finally:
+        sandbox.close()
+    assert seen[0] == seen[1]
+    assert seen[0]["Uid"] == [str(sandbox.uid)] * 4 and seen[0]["Gid"] == [str(sandbox.gid)] * 4
+    assert seen[0]["Groups"] == [] and seen[0]["NoNewPrivs"] == ["1"]
+    assert {seen[0][c][0] for c in ("CapInh", "CapPrm", "CapEff", "CapAmb")} == {"0000000000000000"}
+
+
+def test_a_launcher_that_cannot_become_the_build_user_runs_nothing_of_its_order() -> None:
+    """Without the capabilities to change its user (bwrap gave none), the launcher inside says so
+    and ends (126) before it reads its order: nothing of the script ever runs as root."""
+    _needs_root()
+    if not launcher.become():
+        pytest.fail(f"no syscall numbers for {os.uname().machine}: setpriv drops there")
+    perl = launcher.find_perl()
+    assert perl is not None
+    bwrap = ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+             "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--unshare-pid",
+             "--cap-drop", "CAP_SETUID", "--"]
+    body = b"0\0/\0" + b"3\0/usr/bin/touch\0touch\0/dev/shm/ran"
+    read, write = os.pipe()
+    os.write(write, b"%d\0" % len(body) + body)
+    os.close(write)
+    try:
+        done = subprocess.run([*bwrap, *launcher.command(perl, read, bound=False, user=(65534, 65534))],
+                              pass_fds=(read,), capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(read)
+    assert (done.returncode, done.stdout) == (126, "")
+    assert "gitpipe: could not become the build user: Operation not permitted" in done.stderr
+
+
 def test_a_sandbox_made_ahead_and_not_taken_runs_nothing_and_leaves_nothing(tmp_path: Path) -> None:
     """Discarded (the action before failed, the run was cancelled, its slot was reset again): its
     launcher reads an empty order and ends, bwrap with it, and its group goes."""
@@ -670,9 +728,10 @@ def test_a_pushed_runs_first_action_starts_in_a_sandbox_made_while_its_worktree_
     """The intake resets a pushed run's first worktree in the background; meanwhile the parked
     launcher becomes that action's bwrap (in its own group: no cgroup move), whose launcher
     inside waits for the order. Traced from the daemon's start (strace -f): the sandbox's process
-    runs setpriv, then the launcher inside (perl), then the script's bash; a sandbox started at
-    the attempt (the repo's first push, whose slot has no tree yet to bind) runs bash right after
-    setpriv. The script gets its own environment and the tree as pushed."""
+    runs the launcher inside (perl), which becomes the build user itself (setpriv first where
+    launcher.become cannot), then the script's bash; a sandbox started at the attempt (the repo's
+    first push, whose slot has no tree yet to bind) runs bash right after setpriv. The script gets
+    its own environment and the tree as pushed."""
     _needs_root()
     repo = home.add_repo("app")
     trace = tmp_path / "trace.txt"
@@ -703,8 +762,9 @@ def test_a_pushed_runs_first_action_starts_in_a_sandbox_made_while_its_worktree_
         pid, _, rest = line.partition(" ")
         if 'execve("' in rest:
             programs.setdefault(pid, []).append(rest.split('execve("', 1)[1].split('"', 1)[0].rsplit("/", 1)[-1])
-    chains = [p[p.index("setpriv"):] for p in programs.values() if "setpriv" in p and p[-1] != "true"]  # not the probe
-    assert chains == [["setpriv", "bash"], ["setpriv", "perl", "bash"]], programs
+    chains = sorted(p for p in programs.values() if p[-1] == "bash")  # the sandboxes' processes
+    inside = ["perl", "bash"] if launcher.become() else ["setpriv", "perl", "bash"]
+    assert chains == sorted([["setpriv", "bash"], inside]), programs
 
 
 RETRIED_WITH_CACHE = """
