@@ -83,6 +83,16 @@ unless ($keep) { open(STDIN, "<", "/dev/null") or exit 126; }
 %ENV = ();
 while (@f >= 2) { my $k = shift @f; $ENV{$k} = shift @f; }
 chdir $dir or do { print STDERR "gitpipe: could not enter $dir: $!\n"; exit 126 };
+my @kept;  # bwrap's seccomp program (see seccomp.py): in a pipe left open across the exec
+for my $i (1 .. $#argv) {
+  next unless $argv[$i - 1] eq "--seccomp" && $argv[$i] =~ /\Agitpipe-seccomp:([0-9a-f]+)\z/;
+  my $prog = pack("H*", $1);
+  local $^F = 1 << 20;
+  my ($r, $w);
+  pipe($r, $w) and syswrite($w, $prog) == length($prog) and close($w) or exit 126;
+  push @kept, $r;
+  $argv[$i] = fileno($r);
+}
 exec { $argv[0] } @argv;
 print STDERR "gitpipe: could not start $argv[0]: $!\n";  # E2BIG: a value over 128 KiB
 exit 127;

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gitpipe import cgroup, launcher
+from gitpipe import cgroup, launcher, seccomp
 from gitpipe.digest import sha256
 from gitpipe.errors import ConfigError, UsageError
 from gitpipe.launcher import TOKEN_VAR, Launchers, Parked
@@ -126,7 +126,7 @@ class Launch:
             assert kw.get("stdout") == subprocess.PIPE and kw.get("stderr") == subprocess.STDOUT, kw
             return self.parked.exec(self.argv, self.env, self.cwd)
         if self.held is None or self.group is None:
-            return subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, **kw)
+            return _popen(self.argv, self.cwd, self.env, **kw)
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
         at = self.held + 1
@@ -138,8 +138,7 @@ class Launch:
                 # well: only the daemon's byte releases it; after a crash it stays blocked until
                 # the next daemon kills it by its token, having run nothing.
                 held = (info_w, block_r, block_w) if self.hold else (info_w, block_r)
-                proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, pass_fds=(*held, *kw.pop("pass_fds", ())),
-                                        **kw)
+                proc = _popen(argv, self.cwd, self.env, pass_fds=(*held, *kw.pop("pass_fds", ())), **kw)
             finally:
                 os.close(info_w)
                 os.close(block_r)
@@ -172,6 +171,12 @@ class Launch:
 
 
 HELD_START = 30.0  # seconds bwrap may take to make its sandbox's process before it is given up
+
+
+def _popen(argv: list[str], cwd: Path, env: dict[str, str], **kw: Any) -> subprocess.Popen[bytes]:
+    """Popen of a bwrap command line, its seccomp program given on the fd it names (see seccomp)."""
+    with seccomp.opened(argv) as (argv, fds):
+        return subprocess.Popen(argv, cwd=cwd, env=env, pass_fds=(*kw.pop("pass_fds", ()), *fds), **kw)
 
 
 def _child_pid(fd: int) -> int | None:
@@ -251,8 +256,8 @@ class Sandbox:
     def _probe(self, where: str) -> None:
         """Start one empty sandbox: a host that forbids namespaces says so here, once."""
         probe = Confine(key="", home=Path("/"), network=self.conf.network)
-        argv = self._bwrap(["true"], probe, {}, probing=True)
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        with seccomp.opened(self._bwrap(["true"], probe, {}, probing=True)) as (argv, fds):
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, pass_fds=fds)
         if proc.returncode != 0:
             raise ConfigError(
                 f"bwrap cannot create a sandbox on this host: {proc.stderr.strip() or proc.returncode}",
@@ -451,7 +456,7 @@ class Sandbox:
         `becomes`: `argv` drops to the build user itself (a launcher, see launcher.become), not setpriv."""
         assert self.bwrap is not None
         root = self.uid is not None  # the daemon is root: for_host found the build user
-        out = [self.bwrap, "--die-with-parent", "--new-session"]
+        out = [self.bwrap, "--die-with-parent", "--new-session", *seccomp.options()]  # no kernel keyrings
         if root:  # no user namespace: setpriv below drops to the build user
             out += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                     "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import base64
 import ctypes
+import errno
 import functools
 import hashlib
 import http.server
@@ -37,6 +38,7 @@ import site
 import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -64,6 +66,7 @@ from helpers import (
 )
 
 import gitpipe
+from gitpipe import seccomp
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -881,6 +884,81 @@ def test_a_large_trees_next_sandbox_made_ahead_finds_it_handed_over(world: World
         run = world.home.wait_run(world.push(LARGE_TREE_STEPS, "feature", files=large_tree_files()), timeout=120)
     world.home.expect(run, "succeeded")
     assert (world.out / "large-lib").read_text() == "library\n"
+
+
+# Tries the kernel's keyrings, which no namespace of bwrap's separates (see gitpipe/seccomp.py):
+# a key added to the session or user keyring, then looked for (by a later action, a later run).
+KEYRING_PROBE = r"""
+my %nr = (x86_64 => [248, 249, 250], aarch64 => [217, 218, 219]);  # add_key, request_key, keyctl
+my $m = `uname -m`; chomp $m;
+my ($add, $req, $ctl) = @{$nr{$m} or die "no syscall numbers for $m\n"};
+my ($type, $desc, $data) = ("user", "gitpipe-left-by-a-run", "a secret");
+for my $ring (-3, -4) {  # KEY_SPEC_SESSION_KEYRING, KEY_SPEC_USER_KEYRING
+  my $r = syscall($add, $type, $desc, $data, length($data), $ring);
+  print "add_key $ring: ", ($r == -1 ? "$!" : "added"), "\n";
+}
+my $r = syscall($req, $type, $desc, 0, 0);
+print "request_key: ", ($r == -1 ? "$!" : "found"), "\n";
+$r = syscall($ctl, 0, -3, 0, 0, 0);  # KEYCTL_GET_KEYRING_ID of the session keyring
+print "keyctl: ", ($r == -1 ? "$!" : "got"), "\n";
+"""
+KEYRING_STEPS = """
+[[stage]]
+name = "one"
+  [[stage.action]]
+  name = "first"
+  run = 'perl keys.pl > "$OUT/keys-$GITPIPE_RUN-first"'
+[[stage]]
+name = "two"
+  [[stage.action]]
+  name = "second"
+  run = 'perl keys.pl > "$OUT/keys-$GITPIPE_RUN-second"'
+"""
+
+
+@pytest.mark.parametrize("world", DAEMON_USERS, indirect=True)
+def test_no_run_reaches_the_kernels_keyrings_to_leave_or_find_anything(world: World) -> None:
+    """Found by an outside review: every sandbox had the daemon's one session keyring, and all of
+    them run as the one build user, whose user keyring they share, so a key (or only its
+    description) one run left was there for the next run of any branch. add_key, request_key and
+    keyctl now fail (seccomp, as Docker's default profile has it) in each way a sandbox starts: at
+    the attempt (the repo's first push), from the parked launcher (a push's first action) and made
+    ahead (a later action)."""
+    files = {"keys.pl": KEYRING_PROBE}
+    with world.home.daemon():
+        runs = [world.home.wait_run(world.push(KEYRING_STEPS, branch, files=files), timeout=120)
+                for branch in ("evil", "victim")]
+    denied = ["add_key -3: Operation not permitted", "add_key -4: Operation not permitted",
+              "request_key: Operation not permitted", "keyctl: Operation not permitted"]
+    for run in runs:
+        world.home.expect(run)
+        for action in ("first", "second"):
+            assert (world.out / f"keys-{run['id']}-{action}").read_text().splitlines() == denied, (run["id"], action)
+
+
+def test_the_seccomp_program_denies_exactly_the_keyring_calls_of_each_architecture() -> None:
+    """The filter's branches a test cannot run here (i386 and 32-bit arm processes, x32 numbers):
+    the program run by a classic BPF interpreter of its three instructions, for every number."""
+    prog = seccomp.program()
+    insns = [struct.unpack("=HBBI", prog[at:at + 8]) for at in range(0, len(prog), 8)]
+    assert {code for code, *_ in insns} == {0x20, 0x15, 0x06}  # ld [k], jeq #k, ret #k
+
+    def verdict(nr: int, arch: int) -> int:
+        pc, acc = 0, 0
+        while True:
+            code, jt, jf, k = insns[pc]
+            if code == 0x06:
+                return k
+            if code == 0x20:
+                acc, pc = (nr if k == 0 else arch), pc + 1
+            else:
+                pc += 1 + (jt if acc == k else jf)
+
+    denied = 0x00050000 | errno.EPERM
+    for arch, calls in seccomp.KEYRING_CALLS.items():
+        for nr in [*range(512), *(n | 0x40000000 for n in range(512))]:
+            assert (verdict(nr, arch) == denied) == (nr in calls), (hex(arch), nr)
+    assert verdict(250, 0xDEAD) == 0x7FFF0000  # an architecture it cannot name: let through
 
 
 NESTED_GIT_PLANT = """
