@@ -66,8 +66,14 @@ if ($ARGV[3]) {  # what setpriv --reuid --regid --clear-groups --inh-caps=-all -
     and syscall($nr[2], $uid, $uid, $uid) == 0  # setresuid: no uid 0 left, so no capability left
     and syscall($nr[3], $head, $caps) == 0  # capset: none inheritable
     and syscall($nr[4], 38, 1, 0, 0, 0) == 0  # prctl(PR_SET_NO_NEW_PRIVS)
-    and $< == $uid and $> == $uid and !grep({ $_ != $gid } split(/ /, "$( $)"))
     or do { print STDERR "gitpipe: could not become the build user: $!\n"; exit 126 };
+  open(my $st, "<", "/proc/self/status") or exit 126;  # what the kernel says, whatever a call returned
+  my %is = map { /^(\w+):\s*(.*)$/ ? ($1, join(" ", split(" ", $2))) : () } <$st>;
+  close $st;
+  $is{Uid} eq "$uid $uid $uid $uid" and $is{Gid} eq "$gid $gid $gid $gid" and $is{Groups} eq ""
+    and !grep({ ($is{$_} // "x") !~ /\A0+\z/ } qw(CapInh CapPrm CapEff CapAmb)) and $is{NoNewPrivs} eq "1"
+    or do { print STDERR "gitpipe: not the build user after the drop: ", join(", ", map { "$_ $is{$_}" }
+            qw(Uid Gid Groups CapInh CapPrm CapEff CapAmb NoNewPrivs)), "\n"; exit 126 };
 }
 if ($ARGV[1]) { syscall($ARGV[1] + 0, 1, 9) == 0 or exit 126; }  # prctl(PR_SET_PDEATHSIG, SIGKILL)
 exit 0 if $ARGV[2] && getppid() != $ARGV[2];  # the daemon died before that (0: in a sandbox)
@@ -297,14 +303,25 @@ def command(perl: str, fd: int, bound: bool, user: tuple[int, int] | None = None
     return [perl, "-e", PERL, str(fd), "0", "0", drop]
 
 
+@functools.cache
 def become() -> bool:
     """Whether a launcher inside a root daemon's sandbox can drop to the build user itself, as
     setpriv would (this machine's syscall numbers are known): one program less to start per
     sandbox made ahead (~1 ms of CPU, measured with perf stat), before anything of the user's runs.
     The script then finds exactly what setpriv leaves: uid and gid the build user's (real,
     effective, saved), no supplementary group, no capability (inheritable and ambient too), and
-    no_new_privs; anything short of that and the launcher ends (126) without reading its order."""
-    return os.uname().machine in BECOME
+    no_new_privs, as /proc/self/status says after the calls; anything short of that and the
+    launcher ends (126) without reading its order. The numbers are those of perl's own
+    architecture (its ELF header): a 64-bit kernel may run a 32-bit perl, whose table differs."""
+    perl = find_perl()
+    try:
+        with open(perl or "", "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    machine = {0x3E: "x86_64", 0xB7: "aarch64"}.get(int.from_bytes(head[18:20], "little"))
+    # an ELF file, 64-bit, little-endian, of an architecture whose numbers are known (and this one)
+    return head[:6] == b"\x7fELF\x02\x01" and machine == os.uname().machine and machine in BECOME
 
 
 def started(group: cgroup.Group, start: Callable[[int], subprocess.Popen[bytes]]) -> Parked:

@@ -390,7 +390,7 @@ class Sandbox:
         launcher.become), else setpriv does before it starts."""
         user = (self.uid, self.gid) if self.uid is not None and self.gid is not None and launcher.become() else None
         return self._bwrap(launcher.command(perl, fd, bound=False, user=user), box, {},
-                           script_path=SYSTEM_PATH, becomes=user is not None)
+                           script_path=SYSTEM_PATH, becomes=user is not None, launcher_inside=True)
 
     def launch(self, argv: list[str], env: dict[str, str], box: Confine, prepared: bool = False,
                parked: bool = False, ready: Parked | None = None) -> Launch:
@@ -450,16 +450,18 @@ class Sandbox:
         return subprocess.CompletedProcess(launch.argv, proc.returncode, out, err)
 
     def _bwrap(self, argv: list[str], box: Confine, env: dict[str, str], probing: bool = False,
-               script_path: str | None = None, becomes: bool = False) -> list[str]:
+               script_path: str | None = None, becomes: bool = False, launcher_inside: bool = False) -> list[str]:
         """bwrap's argument list; `env`: variables set (by `env`) only for `argv` itself, last;
         `script_path`: the PATH bwrap gives what it starts (setpriv is named by its full path);
-        `becomes`: `argv` drops to the build user itself (a launcher, see launcher.become), not setpriv."""
+        `becomes`: `argv` drops to the build user itself (a launcher, see launcher.become), not setpriv;
+        `launcher_inside`: `argv` is a launcher waiting for its order (which says the folder): at /."""
         assert self.bwrap is not None
         root = self.uid is not None  # the daemon is root: for_host found the build user
         out = [self.bwrap, "--die-with-parent", "--new-session", *seccomp.options()]  # no kernel keyrings
         if root:  # no user namespace: setpriv below drops to the build user
+            # as root, bwrap gives its child every capability: only the two the drop needs
             out += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                    "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+                    "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             out += ["--unshare-all", "--unshare-user", "--disable-userns"]
             if box.overlays:  # started as root of the overlays' namespace: the action stays this user
@@ -491,7 +493,7 @@ class Sandbox:
                 out += _dirs(path.parent, made) + ["--ro-bind", str(path), str(path)]
             for path in self.conf.read_write:
                 out += _dirs(path.parent, made) + ["--bind", str(path), str(path)]
-            out += ["--chdir", str(_inside_dir(box))]
+            out += ["--chdir", "/" if launcher_inside else str(_inside_dir(box))]
         if script_path is not None:
             out += ["--setenv", "PATH", script_path]
         out.append("--")
@@ -565,14 +567,17 @@ def _join(group: cgroup.Group | None) -> list[str]:
 
 
 def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
-    """An empty directory (mode 0700) owned by the build user when there is one."""
+    """An empty directory (mode 0711) owned by the build user when there is one. Others may only
+    pass through it: bwrap's child enters it (a command without a tree starts there) as root
+    with no capability but the two setpriv needs, before it drops. Its parents are the daemon's
+    alone on the host, and only its own sandbox has it."""
     try:
         os.rmdir(path)  # what most attempts leave: an empty one (never follows a link)
     except FileNotFoundError:
         pass
     except OSError:  # not empty, or not a directory
         _remove_any(path)
-    path.mkdir(mode=0o700, parents=True)
+    path.mkdir(mode=0o711, parents=True)
     _chown(path, uid, gid)
 
 

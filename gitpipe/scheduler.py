@@ -744,8 +744,9 @@ def _made_for(slot: git.Slot, box: Confine) -> _Made | None:
     slot's any more (its bind would show the old one). Another attempt's never: a retry taking the
     next action's would miss its own cache mounts, which are added to its box after this."""
     made, slot.ahead = slot.ahead, None
-    if (isinstance(made, _Made) and made.box == (box if made.box.key != FIRST else replace(box, key=FIRST))
-            and made.ready.proc.poll() is None):
+    if isinstance(made, _Made) and made.ready.proc.poll() is not None:
+        _said_why_it_ended(made)
+    elif isinstance(made, _Made) and made.box == (box if made.box.key != FIRST else replace(box, key=FIRST)):
         try:
             st = os.stat(slot.tree)
         except OSError:
@@ -755,6 +756,23 @@ def _made_for(slot: git.Slot, box: Confine) -> _Made | None:
     if made is not None:
         made.discard()
     return None
+
+
+def _said_why_it_ended(made: _Made) -> None:
+    """A sandbox made ahead that ended before its order (bwrap could not make it, its launcher
+    could not become the build user, it was killed): its output into the daemon's log. The
+    action starts a sandbox itself, as it would without one made ahead."""
+    out = made.ready.proc.stdout
+    said = b""
+    if out is not None:
+        try:
+            os.set_blocking(out.fileno(), False)
+            said = os.read(out.fileno(), 4096)
+        except (BlockingIOError, OSError, ValueError):
+            pass
+    log.warning("a sandbox made ahead for %s ended before its order (exit %s%s): its action starts one itself",
+                made.box.key, made.ready.proc.returncode,
+                f": {said.decode(errors='replace').strip()}" if said.strip() else "")
 
 
 def _not_retried(outcome: executor.Outcome, why: str, run_id: int) -> executor.Outcome:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -721,6 +722,8 @@ def test_a_sandbox_made_ahead_that_died_before_its_order_is_not_used(home: Home)
     statuses = {a["name"]: (a["status"], a.get("message")) for s in result["stages"] for a in s["actions"]}
     assert statuses["b"] == ("succeeded", None), statuses
     assert "b-ran" in home.logs(run)
+    # said in the daemon's log, with how it ended (a launcher that could not drop says why there)
+    assert re.search(r"a sandbox made ahead for \S+ ended before its order \(exit -?\d+", daemon.log), daemon.log
 
 
 def test_a_pushed_runs_first_action_starts_in_a_sandbox_made_while_its_worktree_was_reset(
