@@ -68,12 +68,11 @@ if ($ARGV[3]) {  # what setpriv --reuid --regid --clear-groups --inh-caps=-all -
     and syscall($nr[4], 38, 1, 0, 0, 0) == 0  # prctl(PR_SET_NO_NEW_PRIVS)
     or do { print STDERR "gitpipe: could not become the build user: $!\n"; exit 126 };
   open(my $st, "<", "/proc/self/status") or exit 126;  # what the kernel says, whatever a call returned
-  my %is = map { /^(\w+):\s*(.*)$/ ? ($1, join(" ", split(" ", $2))) : () } <$st>;
+  my $is = do { local $/; <$st> };
   close $st;
-  $is{Uid} eq "$uid $uid $uid $uid" and $is{Gid} eq "$gid $gid $gid $gid" and $is{Groups} eq ""
-    and !grep({ ($is{$_} // "x") !~ /\A0+\z/ } qw(CapInh CapPrm CapEff CapAmb)) and $is{NoNewPrivs} eq "1"
-    or do { print STDERR "gitpipe: not the build user after the drop: ", join(", ", map { "$_ $is{$_}" }
-            qw(Uid Gid Groups CapInh CapPrm CapEff CapAmb NoNewPrivs)), "\n"; exit 126 };
+  my @lacks = grep { index($is, $_) < 0 } ("\nUid:\t$uid\t$uid\t$uid\t$uid\n", "\nGid:\t$gid\t$gid\t$gid\t$gid\n",
+    "\nGroups:\t \n", (map { "\n$_:\t" . "0" x 16 . "\n" } qw(CapInh CapPrm CapEff CapAmb)), "\nNoNewPrivs:\t1\n");
+  @lacks and do { print STDERR "gitpipe: not the build user after the drop: no", map({ s/\s+/ /gr } @lacks), "\n"; exit 126 };
 }
 if ($ARGV[1]) { syscall($ARGV[1] + 0, 1, 9) == 0 or exit 126; }  # prctl(PR_SET_PDEATHSIG, SIGKILL)
 exit 0 if $ARGV[2] && getppid() != $ARGV[2];  # the daemon died before that (0: in a sandbox)
