@@ -89,8 +89,9 @@ unless ($keep) { open(STDIN, "<", "/dev/null") or exit 126; }
 while (@f >= 2) { my $k = shift @f; $ENV{$k} = shift @f; }
 chdir $dir or do { print STDERR "gitpipe: could not enter $dir: $!\n"; exit 126 };
 my @kept;  # bwrap's seccomp program (see seccomp.py): in a pipe left open across the exec
-for my $i (1 .. $#argv) {
-  next unless $argv[$i - 1] eq "--seccomp" && $argv[$i] =~ /\Agitpipe-seccomp:([0-9a-f]+)\z/;
+for my $i (1 .. $#argv) {  # by the launcher that becomes bwrap (bound), never inside a sandbox; once
+  last if !$ARGV[2] || @kept;
+  next unless $argv[$i - 1] eq "--seccomp" && $argv[$i] =~ /\Agitpipe-seccomp:([0-9a-f]{2,8192})\z/;
   my $prog = pack("H*", $1);
   local $^F = 1 << 20;
   my ($r, $w);

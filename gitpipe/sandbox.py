@@ -244,6 +244,9 @@ class Sandbox:
             if root:
                 box.uid, box.gid = build_user(conf.user, str(settings.config_path))
             box._probe(str(settings.config_path))
+            if not seccomp.covers(os.uname().machine):
+                box.notes.append(f"sandbox: the seccomp filter does not know {os.uname().machine}'s system calls: "
+                                 "actions there can use the kernel's keyrings, shared by every run")
         join_new_session_keyring()
         box.tree, why = cgroup.Tree.find(box.tag)
         if box.tree is None:

@@ -77,6 +77,11 @@ def _to_deny(arches: list[tuple[int, tuple[int, ...]]], arch: int, i: int) -> in
     return rest + 1  # the allow for an architecture not named
 
 
+def covers(machine: str) -> bool:
+    """Whether the filter names this machine's own system call table (else it lets all through)."""
+    return machine in ("x86_64", "aarch64", "i686", "i386") or machine.startswith("armv")
+
+
 def options() -> list[str]:
     """bwrap's options for the filter (the placeholder: see `opened`)."""
     return ["--seccomp", PREFIX + program().hex()]
@@ -87,7 +92,7 @@ def opened(argv: list[str]) -> Iterator[tuple[list[str], tuple[int, ...]]]:
     """`argv` with its placeholder (after `--seccomp`) replaced by a pipe's read end holding the
     program, and the fds to pass on (that one); closed when the block ends (once the process is
     started). `argv` as it is and no fd when it has no placeholder."""
-    for i, arg in enumerate(argv):
+    for i, arg in enumerate(argv):  # the first one only: bwrap's (what it runs comes after)
         if i and arg.startswith(PREFIX) and argv[i - 1] == "--seccomp":
             data = bytes.fromhex(arg[len(PREFIX):])
             read, write = os.pipe()

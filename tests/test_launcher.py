@@ -19,7 +19,7 @@ import pytest
 from helpers import Home, children, descendants, pipeline, wait_for
 from helpers import git as run_git
 
-from gitpipe import cgroup, executor, launcher, settings
+from gitpipe import cgroup, executor, launcher, seccomp, settings
 from gitpipe import git as gitmod
 from gitpipe.launcher import Parked
 from gitpipe.sandbox import Confine, Sandbox
@@ -388,6 +388,32 @@ def test_a_sandbox_made_ahead_gives_its_script_exactly_the_credentials_setpriv_g
     assert seen[0]["Uid"] == [str(sandbox.uid)] * 4 and seen[0]["Gid"] == [str(sandbox.gid)] * 4
     assert seen[0]["Groups"] == [] and seen[0]["NoNewPrivs"] == ["1"]
     assert {seen[0][c][0] for c in ("CapInh", "CapPrm", "CapEff", "CapAmb")} == {"0000000000000000"}
+
+
+def test_only_the_launcher_that_becomes_bwrap_gives_it_the_seccomp_program() -> None:
+    """The parked launcher (bound to the daemon) puts bwrap's seccomp program in a pipe and names
+    it after `--seccomp`, once; a launcher inside a sandbox runs the user's command line as it is,
+    whatever it holds (found by an outside review: every such pair was rewritten)."""
+    perl = launcher.find_perl()
+    assert perl is not None
+    placeholder = seccomp.options()[1]
+    argv = ["/usr/bin/echo", "--seccomp", placeholder, "--", "--seccomp", placeholder]
+    said = []
+    for bound in (True, False):
+        fields = ["0", "/", str(len(argv)), *argv]
+        body = b"\0".join(f.encode() for f in fields)
+        read, write = os.pipe()
+        os.write(write, b"%d\0" % len(body) + body)
+        os.close(write)
+        try:
+            done = subprocess.run(launcher.command(perl, read, bound=bound), pass_fds=(read,), capture_output=True,
+                                  text=True, timeout=60)
+        finally:
+            os.close(read)
+        assert done.returncode == 0, done.stderr
+        said.append(done.stdout.split())
+    assert said[0][0] == "--seccomp" and said[0][1].isdigit() and said[0][2:] == ["--", "--seccomp", placeholder]
+    assert said[1] == argv[1:]
 
 
 def test_a_launcher_that_cannot_become_the_build_user_runs_nothing_of_its_order() -> None:
