@@ -52,6 +52,7 @@ PING_EVERY = 15.0  # seconds of silence in a wait before checking that the serve
 WINDOW = 32 << 20  # our receive window per channel (large: script output never stalls)
 PACKET = 1 << 15
 _SEPARATOR = b"--gitpipe-manifest--"
+LOCK_CREATE_TRIES = 5  # a lock released between the failed create and the look: created again
 
 q = shlex.quote
 
@@ -367,22 +368,26 @@ class SshTarget(Target):
         path = self.path(name)
         with self._io("creating the deploy lock"):
             sftp = self._sftp_client()
-            try:
-                with sftp.open(path, "wx") as f:  # SFTP's CREATE|EXCL: O_EXCL on the server
-                    f.write(text.encode())
-                return True
-            except FileNotFoundError as e:
-                raise DeployError(f"{self.url}: cannot create the lock {path}: {self.root} does not exist") from e
-            except PermissionError as e:
-                raise DeployError(f"{self.url}: cannot create the lock {path}: permission denied",
-                                  hint=f"let {self.user} write to {self.root}") from e
-            except OSError:
-                # OpenSSH reports EEXIST as a generic failure: look whether the lock is there.
+            for _ in range(LOCK_CREATE_TRIES):
                 try:
-                    sftp.lstat(path)
-                    return False
-                except FileNotFoundError:
-                    raise DeployError(f"{self.url}: cannot create the lock {path}") from None
+                    with sftp.open(path, "wx") as f:  # SFTP's CREATE|EXCL: O_EXCL on the server
+                        f.write(text.encode())
+                    return True
+                except FileNotFoundError as e:
+                    raise DeployError(f"{self.url}: cannot create the lock {path}: {self.root} does not exist") from e
+                except PermissionError as e:
+                    raise DeployError(f"{self.url}: cannot create the lock {path}: permission denied",
+                                      hint=f"let {self.user} write to {self.root}") from e
+                except OSError:
+                    # OpenSSH reports EEXIST as a generic failure: look whether the lock is there.
+                    # Gone by then: its holder released it between the two calls, try again.
+                    try:
+                        sftp.lstat(path)
+                        return False
+                    except FileNotFoundError:
+                        continue
+            raise DeployError(f"{self.url}: cannot create the lock {path} (the server refuses, and no lock is there)",
+                              hint=f"look at {self.root} on {self.host}: free space, and whether {self.user} may write there")
 
     def lock_read(self, name: str) -> str | None:
         with self._io("reading the deploy lock"):
