@@ -143,14 +143,11 @@ class Parked:
         return Parked(self.proc, feed, self.group)
 
     def _order(self, argv: list[str], env: dict[str, str], cwd: Path, keep: bool) -> None:
-        fields = ["1" if keep else "0", str(cwd), str(len(argv)), *argv]
-        for key, value in env.items():
-            fields += [key, value]
-        if any("\0" in f for f in fields) or any(not key or "=" in key for key in env):
-            self._close()  # what subprocess refuses too; the launcher ends on its empty order
-            raise ValueError("an argument or environment variable that execve cannot take")
-        body = b"\0".join(os.fsencode(f) for f in fields)
-        data = b"%d\0" % len(body) + body  # the launcher runs it only whole (see PERL)
+        try:
+            data = order(argv, env, cwd, keep)
+        except ValueError:
+            self._close()  # the launcher ends on its empty order
+            raise
         try:
             view = memoryview(data)
             while view:
@@ -285,6 +282,19 @@ class Launchers:
             parked.discard()
             raise
         return parked
+
+
+def order(argv: list[str], env: dict[str, str], cwd: Path, keep: bool) -> bytes:
+    """What a launcher reads on its order pipe to become `argv` in `cwd` with exactly `env` (see
+    PERL; `keep`: its stdin as it is, else /dev/null). ValueError for what execve cannot take (as
+    subprocess refuses it too)."""
+    fields = ["1" if keep else "0", str(cwd), str(len(argv)), *argv]
+    for key, value in env.items():
+        fields += [key, value]
+    if any("\0" in f for f in fields) or any(not key or "=" in key for key in env):
+        raise ValueError("an argument or environment variable that execve cannot take")
+    body = b"\0".join(os.fsencode(f) for f in fields)
+    return b"%d\0" % len(body) + body  # the launcher runs it only whole (see PERL)
 
 
 @functools.cache

@@ -390,6 +390,19 @@ def test_a_sandbox_made_ahead_gives_its_script_exactly_the_credentials_setpriv_g
     assert {seen[0][c][0] for c in ("CapInh", "CapPrm", "CapEff", "CapAmb")} == {"0000000000000000"}
 
 
+def _launched(prefix: list[str], perl: str, argv: list[str], bound: bool,
+              user: tuple[int, int] | None = None) -> subprocess.CompletedProcess[str]:
+    """A launcher (after `prefix`, say a bwrap) given the order to become `argv` in /, run to its end."""
+    read, write = os.pipe()
+    os.write(write, launcher.order(argv, {}, Path("/"), keep=False))
+    os.close(write)
+    try:
+        return subprocess.run([*prefix, *launcher.command(perl, read, bound=bound, user=user)], pass_fds=(read,),
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(read)
+
+
 def test_only_the_launcher_that_becomes_bwrap_gives_it_the_seccomp_program() -> None:
     """The parked launcher (bound to the daemon) puts bwrap's seccomp program in a pipe and names
     it after `--seccomp`, once; a launcher inside a sandbox runs the user's command line as it is,
@@ -400,16 +413,7 @@ def test_only_the_launcher_that_becomes_bwrap_gives_it_the_seccomp_program() -> 
     argv = ["/usr/bin/echo", "--seccomp", placeholder, "--", "--seccomp", placeholder]
     said = []
     for bound in (True, False):
-        fields = ["0", "/", str(len(argv)), *argv]
-        body = b"\0".join(f.encode() for f in fields)
-        read, write = os.pipe()
-        os.write(write, b"%d\0" % len(body) + body)
-        os.close(write)
-        try:
-            done = subprocess.run(launcher.command(perl, read, bound=bound), pass_fds=(read,), capture_output=True,
-                                  text=True, timeout=60)
-        finally:
-            os.close(read)
+        done = _launched([], perl, argv, bound=bound)
         assert done.returncode == 0, done.stderr
         said.append(done.stdout.split())
     assert said[0][0] == "--seccomp" and said[0][1].isdigit() and said[0][2:] == ["--", "--seccomp", placeholder]
@@ -427,15 +431,7 @@ def test_a_launcher_that_cannot_become_the_build_user_runs_nothing_of_its_order(
     bwrap = ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
              "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--unshare-pid",
              "--cap-drop", "CAP_SETUID", "--"]
-    body = b"0\0/\0" + b"3\0/usr/bin/touch\0touch\0/dev/shm/ran"
-    read, write = os.pipe()
-    os.write(write, b"%d\0" % len(body) + body)
-    os.close(write)
-    try:
-        done = subprocess.run([*bwrap, *launcher.command(perl, read, bound=False, user=(65534, 65534))],
-                              pass_fds=(read,), capture_output=True, text=True, timeout=60)
-    finally:
-        os.close(read)
+    done = _launched(bwrap, perl, ["/usr/bin/touch", "/dev/shm/ran"], bound=False, user=(65534, 65534))
     assert (done.returncode, done.stdout) == (126, "")
     assert "gitpipe: could not become the build user: Operation not permitted" in done.stderr
 
