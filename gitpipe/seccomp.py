@@ -50,31 +50,21 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
 @functools.cache
 def program() -> bytes:
     """The filter: for each known architecture, its keyring calls get EPERM; all else passes."""
+    # load arch; per architecture: compare, load nr, one compare per call, allow; allow; deny
+    deny = 1 + sum(2 + len(calls) + 1 for calls in KEYRING_CALLS.values()) + 1
     out = [_insn(_LD_W_ABS, 0, 0, _ARCH)]
-    arches = list(KEYRING_CALLS.items())
-    for arch, calls in arches:
-        # equal: go on to this architecture's checks; else skip them (its load, its jumps and
+    for arch, calls in KEYRING_CALLS.items():
+        # equal: on to this architecture's checks; else past them (its load, its compares and
         # its allow) to the next architecture's compare
         out.append(_insn(_JEQ_K, 0, 1 + len(calls) + 1, arch))
         out.append(_insn(_LD_W_ABS, 0, 0, _NR))
-        for i, nr in enumerate(calls):
-            # to the deny at the very end: past the remaining compares of this block, its allow,
-            # and every later block
-            out.append(_insn(_JEQ_K, _to_deny(arches, arch, i), 0, nr))
+        for nr in calls:  # a jump counts from the instruction after it
+            out.append(_insn(_JEQ_K, deny - (len(out) + 1), 0, nr))
         out.append(_insn(_RET_K, 0, 0, _ALLOW))
     out.append(_insn(_RET_K, 0, 0, _ALLOW))  # an architecture not named: nothing to match
+    assert len(out) == deny and deny < 256  # where the compares jump to; a jump is 8 bits
     out.append(_insn(_RET_K, 0, 0, _DENY))
     return b"".join(out)
-
-
-def _to_deny(arches: list[tuple[int, tuple[int, ...]]], arch: int, i: int) -> int:
-    """How many instructions a keyring call's compare jumps over to reach the final deny."""
-    at = [a for a, _ in arches].index(arch)
-    calls = arches[at][1]
-    rest = len(calls) - i - 1 + 1  # this block's compares after this one, and its allow
-    for _, later in arches[at + 1:]:
-        rest += 2 + len(later) + 1  # compare, load, its compares, its allow
-    return rest + 1  # the allow for an architecture not named
 
 
 def covers(machine: str) -> bool:
