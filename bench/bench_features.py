@@ -17,14 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import BIN, median, ms, table, timed  # noqa: E402
+from common import BIN, median, ms, table, timed, workdir  # noqa: E402
 
 from gitpipe import api, artifacts  # noqa: E402
 from gitpipe import settings as settings_mod  # noqa: E402
@@ -89,7 +88,7 @@ def bench_runs(root: Path) -> list[tuple[str, str, str, str]]:
 
 def main() -> None:
     parts = sys.argv[1:] or ["artifacts", "runs"]
-    root = Path(tempfile.mkdtemp(prefix="gitpipe-bench-"))
+    root = workdir()
     try:
         if "artifacts" in parts:
             table("gitpipe artifacts RUN NAME --out DIR vs cp -r + sha256sum -c (median of 3)",
