@@ -8,8 +8,10 @@ goes through these, so that a swap fails (ELOOP, ENOTDIR) instead of reaching th
 from __future__ import annotations
 
 import os
+import stat
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+COMPARED = 4096  # bytes up to which `rewrite` reads what a file holds before it writes (a larger one is written)
 
 
 def open_under(dir_fd: int, rel: str, make: bool = False) -> int:
@@ -51,3 +53,38 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def rewrite(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """`name` under the folder `dir_fd` holds `data`, as `write_new` leaves it, but a regular file
+    with no other link is kept: written again in place, not at all when it holds `data` already
+    (a small one).
+    A new file is the costly part of a slot's reset (on ext4 without a journal, each new inode is
+    found by a scan past every inode freed in the last seconds), and a slot's .git is the same
+    four files every time. Anything else (a link, a folder, a FIFO, a device: none is opened; a
+    file with another name, which the write would reach too) is replaced by `write_new`."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    fd = -1
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:  # swapped since (ELOOP...), or no access (a daemon not root, a chmod 0)
+            fd = -1
+    if fd < 0 or st is None:
+        write_new(dir_fd, name, data, mode)
+        return
+    try:
+        now = os.fstat(fd)  # still the file looked at: else replaced below
+        kept = (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev) and stat.S_ISREG(now.st_mode) and now.st_nlink == 1
+        if kept and (now.st_size != len(data) or len(data) > COMPARED or os.pread(fd, len(data), 0) != data):
+            os.ftruncate(fd, 0)
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(fd, view, len(data) - len(view)):]
+    finally:
+        os.close(fd)
+    if not kept:
+        write_new(dir_fd, name, data, mode)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gitpipe.errors import UsageError
-from gitpipe.fdtree import DIR_FLAGS, open_under, write_new
+from gitpipe.fdtree import DIR_FLAGS, open_under, rewrite
 from gitpipe.objects import in_push
 from gitpipe.refs import short_ref
 from gitpipe.switch import index_walk, same_content, switch
@@ -344,6 +344,16 @@ class Slot:
     def index(self) -> Path:
         return self.git_dir / "index"
 
+    @property
+    def home(self) -> Path:
+        """The attempt's HOME, beside the tree: made empty before each attempt (sandbox.fresh_dir)."""
+        return self.root / "home"
+
+    @property
+    def output(self) -> Path:
+        """The attempt's $GITPIPE_OUTPUT file: made empty before each attempt, emptied after it."""
+        return self.root / "output"
+
 
 class WorktreePool:
     """Reusable worktrees of one repo under `work/<repo>/<n>/`, each held by one action at a time;
@@ -609,7 +619,10 @@ class WorktreePool:
 
         A change by the action changes a file's ctime, which no unprivileged process can set
         back; one made in the same clock tick as this look could keep it, so files changed at or
-        after the kernel's time now (read from a new file's ctime) are not remembered.
+        after the kernel's time now (read from a file's ctime, `_kernel_now`) are not remembered.
+        Where the kernel gives fine times to a file whose times were looked at (multigrain
+        timestamps, Linux 6.13), the stamp's is finer than the tick, and any change after it
+        gets a later time: only what changes during this look is racy then.
 
         `wanted`: set when a run's first action already waits for the slot (a push's first
         action, its slot reset at intake time). The tick is then not waited for: the slot is
@@ -734,13 +747,15 @@ class _Ahead:
 def _clear_beside(slot: Slot) -> None:
     """The first step of a reset. An action may have replaced its slot or tree by a symlink (to
     another slot, or to files elsewhere that the reset would then clean): never follow one. What
-    an action wrote beside its tree (`../file`) must not reach the next action either."""
+    an action wrote beside its tree (`../file`) must not reach the next action either. Its HOME
+    and output file stay, to be made empty in place before the next attempt (Sandbox.prepare:
+    no new inode, see fdtree.rewrite)."""
     for path in (slot.root, slot.tree):
         if path.is_symlink():
             path.unlink()
     if slot.root.is_dir():
         for entry in slot.root.iterdir():
-            if entry.name not in ("tree", "git"):
+            if entry.name not in BESIDE_KEPT:
                 remove_tree(entry)
 
 
@@ -821,10 +836,11 @@ def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
     `sha`, the objects by alternates, a copy of the daemon's index; nothing else an action left
     there. Only the action reads it: the daemon's git never does.
 
-    Written through folders opened without following a link, each file made anew (O_EXCL), never
-    by path: a process of another sandbox holding a folder of this tree open may put a link where
-    a name was a moment ago, and a write through it would be the daemon's (root's) anywhere on the
-    host. It makes this fail instead (the reset then starts the slot afresh)."""
+    Written through folders opened without following a link, never by path, each file kept only
+    when it is a regular file with no other name, else made anew (O_EXCL; see fdtree.rewrite): a
+    process of another sandbox holding a folder of this tree open may put a link where a name was
+    a moment ago, and a write through it would be the daemon's (root's) anywhere on the host. It
+    makes this fail instead (the reset then starts the slot afresh)."""
     tree = os.open(slot.tree, DIR_FLAGS)
     try:
         try:
@@ -847,12 +863,12 @@ def _action_git_dir(slot: Slot, objects: Path, sha: str) -> None:
                 os.close(open_under(git_dir, sub, make=True))
         info = open_under(git_dir, "objects/info")
         try:
-            write_new(info, "alternates", f"{objects}\n".encode())
+            rewrite(info, "alternates", f"{objects}\n".encode())
         finally:
             os.close(info)
-        write_new(git_dir, "config", SLOT_CONFIG.encode())
-        write_new(git_dir, "HEAD", f"{sha}\n".encode())
-        write_new(git_dir, "index", slot.index.read_bytes())
+        rewrite(git_dir, "config", SLOT_CONFIG.encode())
+        rewrite(git_dir, "HEAD", f"{sha}\n".encode())
+        rewrite(git_dir, "index", slot.index.read_bytes())
     finally:
         os.close(git_dir)
 
@@ -1038,17 +1054,21 @@ def index_paths(index: Path, limit: int) -> dict[str, int] | None:
     return {path: int.from_bytes(data[at + 24:at + 28], "big") for path, at, _, _ in index_walk(data)}
 
 
+STAMP = ".stamp"  # beside a slot's tree: its clock (see _kernel_now)
+BESIDE_KEPT = ("tree", "git", STAMP, "home", "output")  # what a reset leaves in a slot (see _clear_beside)
 CLOCK_TICK = 0.005  # the kernel's file timestamps are coarse: one jiffy, 4 ms at HZ=250
 
 
 def _kernel_now(root: Path) -> int:
-    """The kernel's time for file timestamps now: a new file's ctime (time.time() is finer)."""
-    probe = root / ".stamp"
-    probe.unlink(missing_ok=True)
-    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-    now = probe.lstat().st_ctime_ns
-    probe.unlink()
-    return now
+    """The kernel's time for file timestamps now, as this filesystem keeps them (its clock tick,
+    its granularity; time.time() is finer): the ctime of `root`'s stamp, touched. One file kept
+    in the slot's folder, the daemon's alone, rather than a new one each time: see fdtree.rewrite."""
+    probe = root / STAMP
+    try:
+        os.utime(probe, follow_symlinks=False)
+    except FileNotFoundError:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    return probe.lstat().st_ctime_ns
 
 
 def tree_stat(tree: Path, index: Path, racy_ns: int | None = None,

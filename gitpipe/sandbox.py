@@ -331,10 +331,7 @@ class Sandbox:
         """An empty HOME and output file for `box`."""
         fresh_dir(box.home, self.uid, self.gid)
         if box.output is not None:
-            box.output.unlink(missing_ok=True)
-            fd = os.open(box.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            os.close(fd)
-            _chown(box.output, self.uid, self.gid)
+            fresh_file(box.output, self.uid, self.gid)
 
     def ended(self, box: Confine) -> None:
         """Kill what is left of the attempt `box` and wait until none of its processes is (before a
@@ -573,15 +570,70 @@ def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
     """An empty directory (mode 0711) owned by the build user when there is one. Others may only
     pass through it: bwrap's child enters it (a command without a tree starts there) as root
     with no capability but the two setpriv needs, before it drops. Its parents are the daemon's
-    alone on the host, and only its own sandbox has it."""
+    alone on the host, and only its own sandbox has it. What most attempts leave, an empty one
+    exactly as made here, is kept: a new inode is the costly part (see fdtree.rewrite)."""
+    if _as_made(path, stat.S_IFDIR | 0o711, uid, gid):
+        return
     try:
-        os.rmdir(path)  # what most attempts leave: an empty one (never follows a link)
+        os.rmdir(path)  # never follows a link
     except FileNotFoundError:
         pass
     except OSError:  # not empty, or not a directory
         _remove_any(path)
     path.mkdir(mode=0o711, parents=True)
     _chown(path, uid, gid)
+
+
+def fresh_file(path: Path, uid: int | None, gid: int | None) -> None:
+    """An empty file (mode 0600) owned by the build user when there is one, as `fresh_dir`: the
+    output file the daemon reads after the attempt. Its folder is the daemon's alone."""
+    if _as_made(path, stat.S_IFREG | 0o600, uid, gid):
+        return
+    _remove_any(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    _chown(path, uid, gid)
+
+
+def empty(path: Path) -> None:
+    """Empty an attempt's output file once it was read (it may hold secrets): kept for the next
+    attempt (see `fresh_file`), unless it is not a plain file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:
+        _remove_any(path)
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)
+            return
+    finally:
+        os.close(fd)
+    _remove_any(path)
+
+
+def _as_made(path: Path, mode: int, uid: int | None, gid: int | None) -> bool:
+    """Whether `path` is, with nothing in it, what fresh_dir or fresh_file makes: its type and
+    `mode`, its owner, one link, no extended attribute (nor ACL) an attempt could leave to the
+    next one. Its folder is the daemon's alone: nothing swaps it meanwhile."""
+    try:
+        st = os.lstat(path)
+        if st.st_mode != mode or (not stat.S_ISDIR(mode) and st.st_nlink != 1):
+            return False
+        if uid is not None and gid is not None and (st.st_uid, st.st_gid) != (uid, gid):
+            return False
+        if uid is None and st.st_uid != os.geteuid():
+            return False
+        if stat.S_ISDIR(mode):
+            with os.scandir(path) as entries:
+                if next(entries, None) is not None:
+                    return False
+        elif st.st_size:
+            return False
+        return not os.listxattr(path, follow_symlinks=False)
+    except OSError:  # gone, or its attributes cannot be read: made anew
+        return False
 
 
 def _remove_any(path: Path) -> None:

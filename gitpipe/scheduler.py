@@ -48,7 +48,7 @@ from gitpipe.models import (
     RunStatus,
 )
 from gitpipe.refs import branch_of, tag_of
-from gitpipe.sandbox import Confine, Sandbox
+from gitpipe.sandbox import Confine, Sandbox, empty
 from gitpipe.secrets import Masker
 from gitpipe.settings import Settings
 from gitpipe.store import Store
@@ -433,7 +433,7 @@ class RunWorker:
             with self.pool.checkout(self.run.sha) as slot:
                 if spec.inputs:
                     artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
-                out_file = slot.root / "output"  # read, then removed: it may hold secrets
+                out_file = slot.output  # read, then emptied: it may hold secrets
                 box = self._box(rec.id, number, spec, slot)
                 held = cache_mod.Held(slot.root / "overlay")
                 try:
@@ -468,7 +468,7 @@ class RunWorker:
             final = self._verdict(spec, outcome, failures)
         finally:
             if out_file is not None:
-                out_file.unlink(missing_ok=True)
+                empty(out_file)
             # Anything else raised (a bug): the attempt's end alone; _guarded fails the action, saying why.
             ends, begins = self._stage_change(rec, final)
             attempts.end(self.store, rec.id, number, writer, outcome, final, stage_ends=ends, next_stage=begins)
@@ -671,7 +671,7 @@ def plain(host: Host, spec: ActionSpec, ref: str) -> bool:
 def confine(host: Host, pipe: Pipeline, spec: ActionSpec, repo: str, readonly: tuple[Path, ...], slot: git.Slot,
             key: str) -> Confine:
     """What an attempt of `spec` sees in `slot` (`key`: names its cgroup)."""
-    return Confine(key=key, home=slot.root / "home", tree=slot.tree, name=repo, output=slot.root / "output",
+    return Confine(key=key, home=slot.home, tree=slot.tree, name=repo, output=slot.output,
                    readonly=readonly, network=host.sandbox.network(pipe.network, spec.network))
 
 

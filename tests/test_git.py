@@ -147,7 +147,7 @@ def test_a_reused_slot_is_reset_to_exactly_the_commit(bare: Path, tmp_path: Path
         assert git(slot.tree, "config", "--local", "--list").stdout.find("gitpipe.leftover") < 0
         assert not (slot.tree / ".git" / "hooks" / "post-checkout").exists()
         assert not (slot.root / "hook-ran").exists()
-        assert sorted(p.name for p in slot.root.iterdir()) == ["git", "tree"]
+        assert sorted(p.name for p in slot.root.iterdir()) == [gitmod.STAMP, "git", "tree"]  # the daemon's alone
     with pool.checkout(v1) as slot:  # another commit in the same slot
         paths, status = tree_state(slot.tree)
         assert "only-in-first.txt" in paths and status == ""
@@ -636,7 +636,7 @@ def test_a_slot_of_the_earlier_layout_is_emptied_before_its_first_checkout(bare:
     with pool.checkout(main) as slot:
         assert (slot.tree / "src" / "app.py").read_bytes() == b"print('v2')\n"
         assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
-        assert sorted(p.name for p in slot.root.iterdir()) == ["git", "tree"]
+        assert sorted(p.name for p in slot.root.iterdir()) == [gitmod.STAMP, "git", "tree"]  # the daemon's alone
 
 
 RACER = """
@@ -834,3 +834,51 @@ def test_a_next_slot_whose_hand_over_fails_in_the_background_is_still_let_go(tmp
                 os.close(fd)
     finally:  # pytest's own removal of old temporary folders recurses: it must never meet this depth
         subprocess.run(["rm", "-rf", "--", str(work), str(tmp_path / "w")], check=False)
+
+
+def test_rewrite_keeps_a_plain_file_and_replaces_anything_a_write_could_go_through(tmp_path: Path) -> None:
+    """fdtree.rewrite (a slot's .git files): a regular file with one name keeps its inode (no new
+    one per reset); a hard link, a symlink, a FIFO are replaced, their targets untouched, and
+    nothing hangs on the FIFO."""
+    from gitpipe.fdtree import DIR_FLAGS, rewrite
+
+    d = tmp_path / "git"
+    d.mkdir()
+    fd = os.open(d, DIR_FLAGS)
+    try:
+        (d / "HEAD").write_text("old-and-longer\n")
+        before = (d / "HEAD").stat()
+        rewrite(fd, "HEAD", b"new\n")
+        assert (d / "HEAD").read_text() == "new\n" and (d / "HEAD").stat().st_ino == before.st_ino
+        os.utime(d / "HEAD", ns=(1, 1))
+        rewrite(fd, "HEAD", b"new\n")  # the same bytes: not written at all
+        assert (d / "HEAD").stat().st_mtime_ns == 1
+
+        host = tmp_path / "host-file"
+        host.write_text("host\n")
+        os.link(host, d / "config")
+        os.symlink(host, d / "index")
+        os.mkfifo(d / "alternates")
+        for name in ("config", "index", "alternates"):
+            rewrite(fd, name, b"ours\n")
+            assert not (d / name).is_symlink() and (d / name).read_text() == "ours\n"
+            assert (d / name).stat().st_nlink == 1
+        assert host.read_text() == "host\n" and host.stat().st_nlink == 1
+    finally:
+        os.close(fd)
+
+
+def test_a_slots_git_files_and_clock_stamp_are_kept_across_resets(bare: Path, tmp_path: Path) -> None:
+    """A reset writes no new inode for what it writes every time (each one costs a scan on ext4
+    without a journal): the tree's .git files and the stamp it reads the kernel's time from."""
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    main = sha_of(bare, "main")
+    with pool.checkout(main) as slot:
+        inodes = {p: (slot.tree / ".git" / p).stat().st_ino for p in ("HEAD", "config", "index", "objects/info/alternates")}
+        (slot.tree / "build.o").write_text("untracked")  # the next reset has work to do
+    stamp = (slot.root / gitmod.STAMP).stat().st_ino
+    with pool.checkout(main) as slot:
+        assert {p: (slot.tree / ".git" / p).stat().st_ino for p in inodes} == inodes
+        assert (slot.root / gitmod.STAMP).stat().st_ino == stamp
+        assert not (slot.tree / "build.o").exists()
+        assert (slot.tree / ".git" / "HEAD").read_text() == main + "\n"

@@ -1722,3 +1722,42 @@ def test_hand_over_settles_the_tree_and_never_reaches_through_a_link(tmp_path: P
         assert stat.S_IMODE((tree / "src" / "deep" / "run.sh").stat().st_mode) == 0o755
         assert (tree / "src" / "deep" / "run.sh").stat().st_uid == uid
         assert (tree / "shadow").lstat().st_uid == uid  # the link itself, never its target
+
+
+def test_an_attempts_home_and_output_are_emptied_in_place_unless_an_attempt_changed_what_they_are(
+        tmp_path: Path) -> None:
+    """fresh_dir and fresh_file keep an empty HOME and output file exactly as they made them (no new
+    inode per attempt), and make them anew when an attempt left anything in them or on them: a
+    file, content, an extended attribute, another mode, another name for the file."""
+    from gitpipe.sandbox import empty, fresh_dir, fresh_file
+
+    home, out = tmp_path / "home", tmp_path / "output"
+    fresh_dir(home, None, None)
+    fresh_file(out, None, None)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o711 and stat.S_IMODE(out.stat().st_mode) == 0o600
+    kept = home.stat().st_ino, out.stat().st_ino
+    fresh_dir(home, None, None)
+    fresh_file(out, None, None)
+    assert (home.stat().st_ino, out.stat().st_ino) == kept
+
+    (home / ".bashrc").write_text("planted")
+    out.write_text("TOKEN=secret\n")
+    empty(out)  # after the attempt read it
+    assert out.read_bytes() == b"" and out.stat().st_ino == kept[1]
+    fresh_dir(home, None, None)
+    assert list(home.iterdir()) == []
+
+    os.setxattr(home, "user.left", b"for the next run")
+    os.setxattr(out, "user.left", b"for the next run")
+    fresh_dir(home, None, None)
+    fresh_file(out, None, None)
+    assert os.listxattr(home) == [] and os.listxattr(out) == []
+
+    home.chmod(0o777)
+    fresh_dir(home, None, None)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o711
+
+    other = tmp_path / "other-name"
+    os.link(out, other)
+    fresh_file(out, None, None)
+    assert out.stat().st_nlink == 1 and other.stat().st_nlink == 1

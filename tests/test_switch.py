@@ -166,15 +166,21 @@ def test_a_folder_swapped_for_a_link_is_never_written_through(repo: tuple[Path, 
 
 def racy_seal(pool: gitmod.WorktreePool, slot: gitmod.Slot, sha: str) -> None:
     """Seal `slot` as a push's first action takes it: its files written in this clock tick (one
-    touched now), the action already waiting (no tick waited for)."""
+    touched now), the action already waiting (no tick waited for). The kernel's time is read as
+    one with coarse file times gives it (no multigrain timestamps: before Linux 6.13, or another
+    filesystem): the touched file's own ctime. A finer one (the stamp's on 6.13) tells the touch
+    apart from a later change, and the seal is not racy then."""
     wanted = threading.Event()
     wanted.set()
-    for _ in range(5):  # the touch and the seal's look fall in one tick but for a tick's edge
-        os.utime(slot.tree / "a.txt")
-        if pool._seal(slot, sha, wanted):
-            assert pool._sealed[str(slot.root)][2] is not None
-            return
-    raise AssertionError("the seal never gave way")
+    os.utime(slot.tree / "a.txt")
+    touched = (slot.tree / "a.txt").stat().st_ctime_ns
+    real = gitmod._kernel_now
+    gitmod._kernel_now = lambda root: touched
+    try:
+        assert pool._seal(slot, sha, wanted), "the seal did not give way"
+    finally:
+        gitmod._kernel_now = real
+    assert pool._sealed[str(slot.root)][2] is not None
 
 
 def test_a_pushed_runs_first_slot_moves_in_process_at_the_next_push(repo: tuple[Path, Path], tmp_path: Path,
