@@ -512,7 +512,8 @@ class WorktreePool:
         if slot is None:  # it failed (a full disk...): the checkout takes a slot as before
             return None
         try:
-            # A slot whose seal gave way was reset for this very wait: handed over as it is.
+            # A slot sealed while this checkout waited for it was reset for this very wait: handed
+            # over as it is (see _seal).
             if ahead.sha != sha or not (ahead.handed or self._still(slot, sha)):
                 _discard(slot)  # made for what the reset below removes (what is beside the tree)
                 self._ready(slot, sha)
@@ -630,7 +631,8 @@ class WorktreePool:
         is next reset, as git checks a racily clean file), rather than a tick on the path from
         push to exec. Later actions keep waiting the tick: each slot is then sealed once, and
         never runs git again for the same commit. The slot is handed over as it is,
-        like one reset by the checkout itself: True."""
+        like one reset by the checkout itself: True; so is one sealed whole while that action
+        waited (nothing ran in it since its reset: the sandbox made in it waits for its order)."""
         now = _kernel_now(slot.root)
         found = tree_stat(slot.tree, slot.index, racy_ns=now)
         whole = tree_stat(slot.tree, slot.index) if found is None else None  # racy files included
@@ -652,7 +654,7 @@ class WorktreePool:
                 self._sealed.pop(str(slot.root), None)
             else:
                 self._sealed[str(slot.root)] = (sha, found, racy)
-        return gave_way
+        return gave_way or (found is not None and wanted is not None and wanted.is_set())
 
     def _intact(self, slot: Slot) -> str | None:
         """The commit whose files the slot still holds exactly, as handed out last time (no

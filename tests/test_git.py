@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -882,3 +883,34 @@ def test_a_slots_git_files_and_clock_stamp_are_kept_across_resets(bare: Path, tm
         assert (slot.root / gitmod.STAMP).stat().st_ino == stamp
         assert not (slot.tree / "build.o").exists()
         assert (slot.tree / ".git" / "HEAD").read_text() == main + "\n"
+
+
+def test_a_runs_first_checkout_takes_the_slot_sealed_while_it_waited_without_a_second_look(
+        bare: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pushed run's first action waits for the slot its push's reset prepares. Sealed while it
+    waited, racy or not, nothing ran in the slot since the reset: it is handed over as it is,
+    with no second walk of its files on the way from push to exec (WorktreePool._seal). Here
+    not racy: the kernel's time read after every file's (as a fine-grained one is)."""
+    monkeypatch.setattr(gitmod, "_kernel_now", lambda root: time.time_ns() + 10**9)
+    main = sha_of(bare, "main")
+    with gitmod.WorktreePool(tmp_path / "work", "shop", bare).checkout(main) as slot:
+        (slot.tree / "build.o").write_text("left by the last run")
+    pool = gitmod.WorktreePool(tmp_path / "work", "shop", bare, ahead=2)  # the next run's: two actions
+    looked: list[str] = []
+    still = pool._still
+    pool._still = lambda slot, sha: looked.append(sha) or still(slot, sha)  # type: ignore[method-assign]
+
+    def during(slot: gitmod.Slot) -> None:  # the reset goes on once the run's first action waits
+        assert pool._next is not None and pool._next.wanted.wait(10)
+
+    pool.prepare_next(main, during=during)
+    assert pool._next is not None
+    with pool.checkout(main) as slot:
+        assert tree_state(slot.tree) == ([".gitignore", "README.md", "src", "src/app.py"], "")
+    assert looked == [] and pool._sealed[str(slot.root)][2] is None  # not racy
+    pool.prepare_next(main)  # a later action's: sealed before anyone waits, looked at again when taken
+    assert pool._next is not None
+    pool._next.wait()
+    with pool.checkout(main):
+        pass
+    assert looked == [main]
