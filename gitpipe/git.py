@@ -393,6 +393,9 @@ class WorktreePool:
         self._next: _Ahead | None = None
         self._next_lock = threading.Lock()
         self._early: Slot | None = None  # taken at a push's heads-up, for `prepare_next` (see heads_up)
+        # The slots this pool (one run's) reset: their HOME and output file are this run's own,
+        # kept from one of its attempts to the next (see _clear_beside)
+        self._own: set[str] = set()
         self.first = True  # no checkout was handed out yet: the run's first action (see _seal)
 
     @contextmanager
@@ -458,7 +461,7 @@ class WorktreePool:
                 return False
         slot = self._take()
         try:
-            _clear_beside(slot)
+            _clear_beside(slot, own=False)  # a new run's
             slot.cleared = True
             if slot.tree.is_dir():
                 slot.ahead = _made(during, slot)
@@ -561,10 +564,11 @@ class WorktreePool:
 
     def _reset(self, slot: Slot, sha: str, during: Callable[[Slot], Discardable | None] | None = None) -> None:
         if not slot.cleared:
-            _clear_beside(slot)
+            _clear_beside(slot, own=str(slot.root) in self._own)
         elif during is None:  # what `heads_up` made is for a first action this reset is not for
             _discard(slot)
         slot.cleared = False  # else what `heads_up` made beside the tree (the sandbox's HOME) stays
+        self._own.add(str(slot.root))  # from now on, what is beside its tree is this run's
         if during is not None and slot.tree.is_dir():  # its sandbox's setup (the longer) beside git's work
             slot.ahead = _made(during, slot)
         try:
@@ -746,18 +750,22 @@ class _Ahead:
         self.slot = self.taken
 
 
-def _clear_beside(slot: Slot) -> None:
+def _clear_beside(slot: Slot, own: bool) -> None:
     """The first step of a reset. An action may have replaced its slot or tree by a symlink (to
     another slot, or to files elsewhere that the reset would then clean): never follow one. What
-    an action wrote beside its tree (`../file`) must not reach the next action either. Its HOME
-    and output file stay, to be made empty in place before the next attempt (Sandbox.prepare:
-    no new inode, see fdtree.rewrite)."""
+    an action wrote beside its tree (`../file`) must not reach the next action either.
+
+    `own`: the slot was reset for this run before. Its HOME and output file then stay, to be
+    made empty in place before the run's next attempt (Sandbox.prepare: no new inode, see
+    fdtree.rewrite). A new run gets new ones: a process of an earlier run may hold them open
+    (a descriptor passed to a sandbox still running), and must not reach this run's."""
     for path in (slot.root, slot.tree):
         if path.is_symlink():
             path.unlink()
+    kept = BESIDE_KEPT + (ATTEMPT_KEPT if own else ())
     if slot.root.is_dir():
         for entry in slot.root.iterdir():
-            if entry.name not in BESIDE_KEPT:
+            if entry.name not in kept:
                 remove_tree(entry)
 
 
@@ -1057,7 +1065,8 @@ def index_paths(index: Path, limit: int) -> dict[str, int] | None:
 
 
 STAMP = ".stamp"  # beside a slot's tree: its clock (see _kernel_now)
-BESIDE_KEPT = ("tree", "git", STAMP, "home", "output")  # what a reset leaves in a slot (see _clear_beside)
+BESIDE_KEPT = ("tree", "git", STAMP)  # what a reset leaves in a slot (see _clear_beside)
+ATTEMPT_KEPT = ("home", "output")  # and, for the run that used it last, these (Slot.home, Slot.output)
 CLOCK_TICK = 0.005  # the kernel's file timestamps are coarse: one jiffy, 4 ms at HZ=250
 
 

@@ -566,6 +566,9 @@ def _join(group: cgroup.Group | None) -> list[str]:
     return ["/bin/sh", "-c", f'{writes} && exec "$@"', "gitpipe-join"]
 
 
+EMPTY_DIR_SIZE = 4096  # bytes: an empty folder's size (one block on ext4; less elsewhere)
+
+
 def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
     """An empty directory (mode 0711) owned by the build user when there is one. Others may only
     pass through it: bwrap's child enters it (a command without a tree starts there) as root
@@ -616,7 +619,9 @@ def empty(path: Path) -> None:
 def _as_made(path: Path, mode: int, uid: int | None, gid: int | None) -> bool:
     """Whether `path` is, with nothing in it, what fresh_dir or fresh_file makes: its type and
     `mode`, its owner, one link, no extended attribute (nor ACL) an attempt could leave to the
-    next one. Its folder is the daemon's alone: nothing swaps it meanwhile."""
+    next one. Its folder is the daemon's alone: nothing swaps it meanwhile. Only a run's own are
+    kept so (a new run's were removed by its first reset, git._clear_beside): what an attempt
+    set that this does not look at (inode flags, times) reaches only the same run's next one."""
     try:
         st = os.lstat(path)
         if st.st_mode != mode or (not stat.S_ISDIR(mode) and st.st_nlink != 1):
@@ -626,10 +631,12 @@ def _as_made(path: Path, mode: int, uid: int | None, gid: int | None) -> bool:
         if uid is None and st.st_uid != os.geteuid():
             return False
         if stat.S_ISDIR(mode):
+            if st.st_size > EMPTY_DIR_SIZE:  # grown by many names once: each look would read them all
+                return False
             with os.scandir(path) as entries:
                 if next(entries, None) is not None:
                     return False
-        elif st.st_size:
+        elif st.st_size or st.st_blocks:  # blocks: kept allocated past its end (fallocate -n)
             return False
         return not os.listxattr(path, follow_symlinks=False)
     except OSError:  # gone, or its attributes cannot be read: made anew

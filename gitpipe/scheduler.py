@@ -427,13 +427,12 @@ class RunWorker:
                                 deadline=deadline, token=token)
         outcome = executor.Outcome(ActionStatus.FAILED, None)
         final: executor.Outcome | None = None
-        out_file: Path | None = None
         uses: list[tuple[cache_mod.Plan, CacheUse]] = []
         try:
             with self.pool.checkout(self.run.sha) as slot:
                 if spec.inputs:
                     artifacts.restore_inputs(self.store.artifacts(self.run.id), spec.inputs, slot.tree)
-                out_file = slot.output  # read, then emptied: it may hold secrets
+                out_file = slot.output  # read, then emptied (below): it may hold secrets
                 box = self._box(rec.id, number, spec, slot)
                 held = cache_mod.Held(slot.root / "overlay")
                 try:
@@ -459,16 +458,17 @@ class RunWorker:
                         uses = self._save_caches(spec, uses, held, writer, box)
                     self._record_caches(rec.id, number, uses)
                 finally:
-                    if self.host.caches is not None:
-                        self.host.caches.release(held)  # before the slot is free: its overlays go
+                    try:  # emptied while the slot is this attempt's: the next one's may be made at once
+                        empty(out_file)
+                    finally:
+                        if self.host.caches is not None:
+                            self.host.caches.release(held)  # before the slot is free: its overlays go
             final = self._verdict(spec, outcome, failures)
         except (GitpipeError, OSError) as exc:  # an output glob, a full disk while storing artifacts
             writer.line(f"gitpipe: {exc}")
             outcome = executor.Outcome(ActionStatus.FAILED, outcome.exit_code, str(exc))
             final = self._verdict(spec, outcome, failures)
         finally:
-            if out_file is not None:
-                empty(out_file)
             # Anything else raised (a bug): the attempt's end alone; _guarded fails the action, saying why.
             ends, begins = self._stage_change(rec, final)
             attempts.end(self.store, rec.id, number, writer, outcome, final, stage_ends=ends, next_stage=begins)

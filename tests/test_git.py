@@ -914,3 +914,38 @@ def test_a_runs_first_checkout_takes_the_slot_sealed_while_it_waited_without_a_s
     with pool.checkout(main):
         pass
     assert looked == [main]
+
+
+def test_a_new_run_gets_a_new_home_and_output_file_a_process_of_an_earlier_one_cannot_reach(
+        bare: Path, tmp_path: Path) -> None:
+    """HOME and the output file are emptied in place between the attempts of one run (no new
+    inode each time), but a run's first reset of a slot removes them: a process of an earlier
+    run may hold them open (a descriptor passed to a sandbox still running) and must reach
+    neither what the new run writes there nor what it reads from there."""
+    from gitpipe.sandbox import fresh_dir, fresh_file
+
+    main = sha_of(bare, "main")
+    run = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
+    with run.checkout(main) as slot:
+        fresh_dir(slot.home, None, None)
+        fresh_file(slot.output, None, None)
+        held_home = os.open(slot.home, os.O_RDONLY | os.O_DIRECTORY)
+        held_output = os.open(slot.output, os.O_RDWR)
+        inodes = slot.home.stat().st_ino, slot.output.stat().st_ino
+    try:
+        with run.checkout(main) as slot:  # the same run's next attempt: the same ones, emptied
+            fresh_dir(slot.home, None, None)
+            fresh_file(slot.output, None, None)
+            assert (slot.home.stat().st_ino, slot.output.stat().st_ino) == inodes
+        with gitmod.WorktreePool(tmp_path / "work", "shop", bare).checkout(main) as slot:  # the next run's
+            assert slot.root == tmp_path / "work" / "shop" / "0"
+            fresh_dir(slot.home, None, None)
+            fresh_file(slot.output, None, None)
+            assert slot.home.stat().st_ino != inodes[0] and slot.output.stat().st_ino != inodes[1]
+            os.write(held_output, b"DEPLOY_URL=https://evil.example\n")
+            with pytest.raises(FileNotFoundError):
+                os.open(".bashrc", os.O_WRONLY | os.O_CREAT, dir_fd=held_home)
+            assert slot.output.read_bytes() == b"" and list(slot.home.iterdir()) == []
+    finally:
+        os.close(held_home)
+        os.close(held_output)

@@ -1761,3 +1761,15 @@ def test_an_attempts_home_and_output_are_emptied_in_place_unless_an_attempt_chan
     os.link(out, other)
     fresh_file(out, None, None)
     assert out.stat().st_nlink == 1 and other.stat().st_nlink == 1
+
+    subprocess.run(["fallocate", "--keep-size", "--length", "1M", str(out)], check=True)  # empty, yet 1 MiB
+    fresh_file(out, None, None)
+    assert out.stat().st_size == 0 and out.stat().st_blocks == 0
+
+    for i in range(400):  # a folder grown by many names: each look would read them all again
+        (home / f"f{i:0100}").touch()
+    for f in home.iterdir():
+        f.unlink()
+    assert home.stat().st_size > 4096
+    fresh_dir(home, None, None)
+    assert home.stat().st_size <= 4096
