@@ -378,6 +378,10 @@ class WorktreePool:
     _sealed_lock = threading.Lock()
     # slot root -> the objects folder its alternates name, written by this process (see _prepare_git_dir)
     _written: dict[str, Path] = {}
+    # slot root -> the mark of the pool (run) that reset it last: its HOME and output file are
+    # that run's, kept from one of its attempts to the next (see _clear_beside); a slot taken by
+    # another run meanwhile is that one's
+    _reset_by: dict[str, object] = {}
 
     def __init__(self, work_dir: Path, repo_name: str, repo_path: str | Path,
                  settle: Callable[[Path], None] | None = None, protected: bool = False,
@@ -393,9 +397,7 @@ class WorktreePool:
         self._next: _Ahead | None = None
         self._next_lock = threading.Lock()
         self._early: Slot | None = None  # taken at a push's heads-up, for `prepare_next` (see heads_up)
-        # The slots this pool (one run's) reset: their HOME and output file are this run's own,
-        # kept from one of its attempts to the next (see _clear_beside)
-        self._own: set[str] = set()
+        self._run = object()  # this pool's (one run's) mark in _reset_by
         self.first = True  # no checkout was handed out yet: the run's first action (see _seal)
 
     @contextmanager
@@ -564,11 +566,11 @@ class WorktreePool:
 
     def _reset(self, slot: Slot, sha: str, during: Callable[[Slot], Discardable | None] | None = None) -> None:
         if not slot.cleared:
-            _clear_beside(slot, own=str(slot.root) in self._own)
+            _clear_beside(slot, own=WorktreePool._reset_by.get(str(slot.root)) is self._run)
         elif during is None:  # what `heads_up` made is for a first action this reset is not for
             _discard(slot)
         slot.cleared = False  # else what `heads_up` made beside the tree (the sandbox's HOME) stays
-        self._own.add(str(slot.root))  # from now on, what is beside its tree is this run's
+        WorktreePool._reset_by[str(slot.root)] = self._run  # from now on, what is beside its tree is this run's
         if during is not None and slot.tree.is_dir():  # its sandbox's setup (the longer) beside git's work
             slot.ahead = _made(during, slot)
         try:

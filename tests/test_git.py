@@ -941,7 +941,18 @@ def test_a_new_run_gets_a_new_home_and_output_file_a_process_of_an_earlier_one_c
             assert slot.root == tmp_path / "work" / "shop" / "0"
             fresh_dir(slot.home, None, None)
             fresh_file(slot.output, None, None)
-            assert slot.home.stat().st_ino != inodes[0] and slot.output.stat().st_ino != inodes[1]
+            os.write(held_output, b"DEPLOY_URL=https://evil.example\n")
+            with pytest.raises(FileNotFoundError):
+                os.open(".bashrc", os.O_WRONLY | os.O_CREAT, dir_fd=held_home)
+            assert slot.output.read_bytes() == b"" and list(slot.home.iterdir()) == []
+            os.close(held_home)
+            os.close(held_output)  # now the other run's, held by a process of it:
+            held_home = os.open(slot.home, os.O_RDONLY | os.O_DIRECTORY)
+            held_output = os.open(slot.output, os.O_RDWR)
+        with run.checkout(main) as slot:  # the first run again, after the other took the slot meanwhile
+            assert slot.root == tmp_path / "work" / "shop" / "0"
+            fresh_dir(slot.home, None, None)
+            fresh_file(slot.output, None, None)
             os.write(held_output, b"DEPLOY_URL=https://evil.example\n")
             with pytest.raises(FileNotFoundError):
                 os.open(".bashrc", os.O_WRONLY | os.O_CREAT, dir_fd=held_home)
