@@ -518,7 +518,7 @@ class WorktreePool:
             return None
         try:
             # A slot sealed while this checkout waited for it was reset for this very wait: handed
-            # over as it is (see _seal).
+            # over as it is, trusted as a large tree is from its reset on (see _seal).
             if ahead.sha != sha or not (ahead.handed or self._still(slot, sha)):
                 _discard(slot)  # made for what the reset below removes (what is beside the tree)
                 self._ready(slot, sha)
@@ -638,7 +638,8 @@ class WorktreePool:
         push to exec. Later actions keep waiting the tick: each slot is then sealed once, and
         never runs git again for the same commit. The slot is handed over as it is,
         like one reset by the checkout itself: True; so is one sealed whole while that action
-        waited (nothing ran in it since its reset: the sandbox made in it waits for its order)."""
+        waited: trusted from its reset to its hand-over, as a large tree is (the daemon runs
+        nothing in it meanwhile; the sandbox made in it waits for its order)."""
         now = _kernel_now(slot.root)
         found = tree_stat(slot.tree, slot.index, racy_ns=now)
         whole = tree_stat(slot.tree, slot.index) if found is None else None  # racy files included
@@ -1138,10 +1139,11 @@ def remove_tree(path: Path) -> None:
         except OSError:
             pass
 
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-        return
-    if not path.exists():
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):  # a file, a link, a FIFO (rmtree opened it: no writer, no end)
+            path.unlink(missing_ok=True)
+            return
+    except FileNotFoundError:
         return
     try:
         shutil.rmtree(path, onerror=onerror)

@@ -93,6 +93,10 @@ class Confine:
     # (host folder, path on the host under `tree` or `home`): bound there in the sandbox (overlays
     # a root daemon mounted out of every attempt's reach).
     binds: tuple[tuple[Path, Path], ...] = ()
+    # HOME and the output file made anew (new inodes), never an earlier attempt's emptied in place
+    # (see fresh_dir): an attempt given secrets, which a process of an attempt without them that
+    # holds the kept ones open must not reach
+    fresh: bool = False
 
 
 @dataclass
@@ -329,9 +333,9 @@ class Sandbox:
 
     def _fresh(self, box: Confine) -> None:
         """An empty HOME and output file for `box`."""
-        fresh_dir(box.home, self.uid, self.gid)
+        fresh_dir(box.home, self.uid, self.gid, keep=not box.fresh)
         if box.output is not None:
-            fresh_file(box.output, self.uid, self.gid)
+            fresh_file(box.output, self.uid, self.gid, keep=not box.fresh)
 
     def ended(self, box: Confine) -> None:
         """Kill what is left of the attempt `box` and wait until none of its processes is (before a
@@ -569,13 +573,14 @@ def _join(group: cgroup.Group | None) -> list[str]:
 EMPTY_DIR_SIZE = 4096  # bytes: an empty folder's size (one block on ext4; less elsewhere)
 
 
-def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
+def fresh_dir(path: Path, uid: int | None, gid: int | None, keep: bool = True) -> None:
     """An empty directory (mode 0711) owned by the build user when there is one. Others may only
     pass through it: bwrap's child enters it (a command without a tree starts there) as root
     with no capability but the two setpriv needs, before it drops. Its parents are the daemon's
     alone on the host, and only its own sandbox has it. What most attempts leave, an empty one
-    exactly as made here, is kept: a new inode is the costly part (see fdtree.rewrite)."""
-    if _as_made(path, stat.S_IFDIR | 0o711, uid, gid):
+    exactly as made here, is kept (unless not `keep`): a new inode is the costly part (see
+    fdtree.rewrite)."""
+    if keep and _as_made(path, stat.S_IFDIR | 0o711, uid, gid):
         return
     try:
         os.rmdir(path)  # never follows a link
@@ -587,10 +592,10 @@ def fresh_dir(path: Path, uid: int | None, gid: int | None) -> None:
     _chown(path, uid, gid)
 
 
-def fresh_file(path: Path, uid: int | None, gid: int | None) -> None:
+def fresh_file(path: Path, uid: int | None, gid: int | None, keep: bool = True) -> None:
     """An empty file (mode 0600) owned by the build user when there is one, as `fresh_dir`: the
     output file the daemon reads after the attempt. Its folder is the daemon's alone."""
-    if _as_made(path, stat.S_IFREG | 0o600, uid, gid):
+    if keep and _as_made(path, stat.S_IFREG | 0o600, uid, gid):
         return
     _remove_any(path)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
@@ -644,12 +649,9 @@ def _as_made(path: Path, mode: int, uid: int | None, gid: int | None) -> bool:
 
 
 def _remove_any(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        from gitpipe.git import remove_tree
+    from gitpipe.git import remove_tree
 
-        remove_tree(path)
+    remove_tree(path)  # whatever it is: a file, a link, a FIFO, a folder
 
 
 def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:

@@ -672,7 +672,8 @@ def confine(host: Host, pipe: Pipeline, spec: ActionSpec, repo: str, readonly: t
             key: str) -> Confine:
     """What an attempt of `spec` sees in `slot` (`key`: names its cgroup)."""
     return Confine(key=key, home=slot.home, tree=slot.tree, name=repo, output=slot.output,
-                   readonly=readonly, network=host.sandbox.network(pipe.network, spec.network))
+                   readonly=readonly, network=host.sandbox.network(pipe.network, spec.network),
+                   fresh=bool(spec.secrets))
 
 
 def first_ahead(host: Host, pool: git.WorktreePool, repo: str, ref: str,

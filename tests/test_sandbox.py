@@ -1773,3 +1773,54 @@ def test_an_attempts_home_and_output_are_emptied_in_place_unless_an_attempt_chan
     assert home.stat().st_size > 4096
     fresh_dir(home, None, None)
     assert home.stat().st_size <= 4096
+
+
+def test_an_attempt_given_secrets_gets_a_home_and_output_no_earlier_attempts_holder_reaches(
+        tmp_path: Path) -> None:
+    """Within a run, HOME and the output file are emptied in place from one attempt to the next
+    (fresh_dir, fresh_file), but an action that asks for secrets gets new ones: a process of an
+    earlier action of the run, without secrets, that holds the kept ones open (passed to a
+    sandbox of the run still running) must not reach what it writes there (a token a login
+    leaves in HOME) nor its outputs."""
+    from types import SimpleNamespace
+
+    from gitpipe import git as gitmod
+    from gitpipe import pipeline as pipeline_mod
+    from gitpipe.sandbox import fresh_dir, fresh_file
+    from gitpipe.scheduler import confine
+
+    pipe = pipeline_mod.parse('[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "deps"\n  run = "true"\n'
+                              '  [[stage.action]]\n  name = "push"\n  run = "true"\n  secrets = ["TOKEN"]\n')
+    deps, push = pipe.stages[0].actions
+    slot = gitmod.Slot(tmp_path / "0", -1)
+    host = SimpleNamespace(sandbox=SimpleNamespace(network=lambda pipeline, action: False))
+    boxes = [confine(host, pipe, spec, "app", (), slot, "k") for spec in (deps, push)]  # type: ignore[arg-type]
+    assert [box.fresh for box in boxes] == [False, True]
+
+    slot.tree.mkdir(parents=True)
+    fresh_dir(slot.home, None, None, keep=not boxes[0].fresh)
+    fresh_file(slot.output, None, None, keep=not boxes[0].fresh)
+    held_home = os.open(slot.home, os.O_RDONLY | os.O_DIRECTORY)
+    held_output = os.open(slot.output, os.O_RDWR)
+    try:
+        fresh_dir(slot.home, None, None, keep=not boxes[1].fresh)
+        fresh_file(slot.output, None, None, keep=not boxes[1].fresh)
+        (slot.home / ".netrc").write_text("machine registry password s3cr3t\n")
+        assert os.listdir(held_home) == []
+        os.write(held_output, b"DEPLOY_URL=https://evil.example\n")
+        assert slot.output.read_bytes() == b""
+    finally:
+        os.close(held_home)
+        os.close(held_output)
+
+
+def test_removing_a_fifo_where_a_folder_or_file_was_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    """remove_tree (and what calls it: a HOME or output file that is not as made) unlinks
+    whatever is not a real folder; shutil.rmtree opened a FIFO and waited for a writer forever."""
+    for name in ("home", "output"):
+        os.mkfifo(tmp_path / name)
+    code = ("import sys; from pathlib import Path; from gitpipe.git import remove_tree; "
+            "from gitpipe.sandbox import fresh_file; d = Path(sys.argv[1]); "
+            "remove_tree(d / 'home'); fresh_file(d / 'output', None, None)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=30)
+    assert not (tmp_path / "home").exists() and stat.S_ISREG((tmp_path / "output").lstat().st_mode)
