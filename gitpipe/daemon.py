@@ -225,14 +225,17 @@ class Daemon:
         handler writes every signal to the wakeup fd whichever thread it runs in."""
         if threading.current_thread() is not threading.main_thread():
             return {}
-        old: dict[signal.Signals, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, _heard_elsewhere)
+        # The wakeup fd first, then the handlers: a signal caught between the two, the other way
+        # round, ran only the Python-level handler (which does nothing) and the daemon went on (a
+        # SIGTERM right at a start, under load). Before the handlers, SIGTERM ends the process.
         read, write = os.pipe()
         os.set_blocking(write, False)
         self._wakeup = (read, write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
         self._signal_thread = threading.Thread(target=self._signals, args=(read,), name="signals", daemon=True)
         self._signal_thread.start()
+        old: dict[signal.Signals, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, _heard_elsewhere)
         return old
 
     def _uninstall_signals(self, old: dict[signal.Signals, Any]) -> None:

@@ -283,6 +283,36 @@ def test_a_sigterm_the_kernel_gives_to_another_thread_stops_the_daemon(home: Hom
     assert daemon.log.rstrip().splitlines()[-1].startswith("gitpipe: stopped"), daemon.log
 
 
+
+def test_a_sigterm_caught_as_the_daemon_installs_its_handler_stops_it(home: Home,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon hears SIGTERM through the signal wakeup fd (a thread reads it). A SIGTERM that
+    arrived after its Python-level handler was set but before the wakeup fd was (a push test's
+    SIGTERM right at a start, on the CI host) ran only that handler, which does nothing: the
+    daemon went on serving until a second one. Here the signal comes the moment the handler is
+    in place."""
+    from gitpipe import daemon as daemon_mod
+    from gitpipe import settings as settings_mod
+
+    d = daemon_mod.Daemon(settings_mod.load(home.home))
+    real = signal.signal
+
+    def then_sigterm(sig, handler):  # type: ignore[no-untyped-def]
+        before = real(sig, handler)
+        if sig == signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return before
+
+    monkeypatch.setattr(signal, "signal", then_sigterm)
+    try:
+        old = d._install_signals()
+    finally:
+        monkeypatch.undo()
+    try:
+        assert d.stopping.wait(10), "the SIGTERM was lost"
+    finally:
+        d._uninstall_signals(old)
+
 # ---------------------------------------------------------------------------- 8. odd inputs
 
 
