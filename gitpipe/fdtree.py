@@ -67,13 +67,12 @@ def rewrite(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
-    fd = -1
-    if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError:  # swapped since (ELOOP...), or no access (a daemon not root, a chmod 0)
-            fd = -1
-    if fd < 0 or st is None:
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        write_new(dir_fd, name, data, mode)
+        return
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:  # swapped since (ELOOP...), or no access (a daemon not root, a chmod 0)
         write_new(dir_fd, name, data, mode)
         return
     try:
@@ -81,9 +80,7 @@ def rewrite(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
         kept = (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev) and stat.S_ISREG(now.st_mode) and now.st_nlink == 1
         if kept and (now.st_size != len(data) or len(data) > COMPARED or os.pread(fd, len(data), 0) != data):
             os.ftruncate(fd, 0)
-            view = memoryview(data)
-            while view:
-                view = view[os.pwrite(fd, view, len(data) - len(view)):]
+            write_all(fd, data)  # from offset 0: pread moved nothing
     finally:
         os.close(fd)
     if not kept:

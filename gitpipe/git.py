@@ -347,12 +347,12 @@ class Slot:
     @property
     def home(self) -> Path:
         """The attempt's HOME, beside the tree: made empty before each attempt (sandbox.fresh_dir)."""
-        return self.root / "home"
+        return self.root / ATTEMPT_HOME
 
     @property
     def output(self) -> Path:
         """The attempt's $GITPIPE_OUTPUT file: made empty before each attempt, emptied after it."""
-        return self.root / "output"
+        return self.root / ATTEMPT_OUTPUT
 
 
 class WorktreePool:
@@ -1069,7 +1069,8 @@ def index_paths(index: Path, limit: int) -> dict[str, int] | None:
 
 STAMP = ".stamp"  # beside a slot's tree: its clock (see _kernel_now)
 BESIDE_KEPT = ("tree", "git", STAMP)  # what a reset leaves in a slot (see _clear_beside)
-ATTEMPT_KEPT = ("home", "output")  # and, for the run that used it last, these (Slot.home, Slot.output)
+ATTEMPT_HOME, ATTEMPT_OUTPUT = "home", "output"  # beside a slot's tree: an attempt's (Slot.home, Slot.output)
+ATTEMPT_KEPT = (ATTEMPT_HOME, ATTEMPT_OUTPUT)  # and what a reset leaves for the run that used the slot last
 CLOCK_TICK = 0.005  # the kernel's file timestamps are coarse: one jiffy, 4 ms at HZ=250
 
 
