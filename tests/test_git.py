@@ -924,39 +924,38 @@ def test_a_new_run_gets_a_new_home_and_output_file_a_process_of_an_earlier_one_c
     neither what the new run writes there nor what it reads from there."""
     from gitpipe.sandbox import fresh_dir, fresh_file
 
+    def made(slot: gitmod.Slot) -> None:  # as the attempt's sandbox makes them
+        fresh_dir(slot.home, None, None)
+        fresh_file(slot.output, None, None)
+
+    def held(slot: gitmod.Slot) -> tuple[int, int]:  # what a process of that run keeps open
+        return os.open(slot.home, os.O_RDONLY | os.O_DIRECTORY), os.open(slot.output, os.O_RDWR)
+
+    def unreached(slot: gitmod.Slot, home: int, output: int) -> None:
+        assert slot.root == tmp_path / "work" / "shop" / "0"
+        made(slot)
+        os.write(output, b"DEPLOY_URL=https://evil.example\n")
+        with pytest.raises(FileNotFoundError):
+            os.open(".bashrc", os.O_WRONLY | os.O_CREAT, dir_fd=home)
+        assert slot.output.read_bytes() == b"" and list(slot.home.iterdir()) == []
+
     main = sha_of(bare, "main")
     run = gitmod.WorktreePool(tmp_path / "work", "shop", bare)
     with run.checkout(main) as slot:
-        fresh_dir(slot.home, None, None)
-        fresh_file(slot.output, None, None)
-        held_home = os.open(slot.home, os.O_RDONLY | os.O_DIRECTORY)
-        held_output = os.open(slot.output, os.O_RDWR)
+        made(slot)
+        held_home, held_output = held(slot)
         inodes = slot.home.stat().st_ino, slot.output.stat().st_ino
     try:
         with run.checkout(main) as slot:  # the same run's next attempt: the same ones, emptied
-            fresh_dir(slot.home, None, None)
-            fresh_file(slot.output, None, None)
+            made(slot)
             assert (slot.home.stat().st_ino, slot.output.stat().st_ino) == inodes
         with gitmod.WorktreePool(tmp_path / "work", "shop", bare).checkout(main) as slot:  # the next run's
-            assert slot.root == tmp_path / "work" / "shop" / "0"
-            fresh_dir(slot.home, None, None)
-            fresh_file(slot.output, None, None)
-            os.write(held_output, b"DEPLOY_URL=https://evil.example\n")
-            with pytest.raises(FileNotFoundError):
-                os.open(".bashrc", os.O_WRONLY | os.O_CREAT, dir_fd=held_home)
-            assert slot.output.read_bytes() == b"" and list(slot.home.iterdir()) == []
+            unreached(slot, held_home, held_output)
             os.close(held_home)
-            os.close(held_output)  # now the other run's, held by a process of it:
-            held_home = os.open(slot.home, os.O_RDONLY | os.O_DIRECTORY)
-            held_output = os.open(slot.output, os.O_RDWR)
+            os.close(held_output)
+            held_home, held_output = held(slot)  # now the other run's, held by a process of it
         with run.checkout(main) as slot:  # the first run again, after the other took the slot meanwhile
-            assert slot.root == tmp_path / "work" / "shop" / "0"
-            fresh_dir(slot.home, None, None)
-            fresh_file(slot.output, None, None)
-            os.write(held_output, b"DEPLOY_URL=https://evil.example\n")
-            with pytest.raises(FileNotFoundError):
-                os.open(".bashrc", os.O_WRONLY | os.O_CREAT, dir_fd=held_home)
-            assert slot.output.read_bytes() == b"" and list(slot.home.iterdir()) == []
+            unreached(slot, held_home, held_output)
     finally:
         os.close(held_home)
         os.close(held_output)
