@@ -22,6 +22,12 @@ Rows (adapted from ../shared/peers/peer_bench.py, which produced issue 11's tabl
   action    per action: 20 sequential actions in one gitpipe run; 20 laminar jobs, 1 executor
   idle      daemon RSS with 20 repos (laminar: 20 jobs), after 5 s idle (after the rows above;
             with only `idle`, a daemon that has run nothing)
+
+What stands between gitpipe and the goals, measured in the same rounds:
+  floor     a repo whose post-receive runs the action's command itself (bash, unsandboxed,
+            nothing recorded): the earliest any CI can start a pushed command (push, start)
+  hooks     a repo with an empty sh pre-receive and post-receive: what git's running of
+            gitpipe's two hooks costs before they do anything (push)
 """
 
 from __future__ import annotations
@@ -78,7 +84,8 @@ class Peers:
         self.home = root / "gp"  # this checkout's home; "gp0" (GITPIPE_BEFORE) has root / "gp0"
         self.genv = {**GENV, **env_with_home(self.home)}
         self.laminar = (LAM / "laminard").exists()
-        self.systems = ["plain", "gp", "gpdown"] + (["gp0"] if BEFORE else []) + (["lam"] if self.laminar else [])
+        self.systems = (["plain", "hooks", "floor", "gp", "gpdown"] + (["gp0"] if BEFORE else [])
+                        + (["lam"] if self.laminar else []))
         self.down = root / "gp-down"  # a home whose daemon is not running
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.bins = {"gp": BIN, **({"gp0": BEFORE} if BEFORE else {})}  # gp0: the "before" install
@@ -104,6 +111,14 @@ class Peers:
         sh(str(BIN / "gitpipe"), "init", env=denv)
         sh(str(BIN / "gitpipe"), "repo", "add", str(self.root / "gpdown.git"), "--create", env=denv)
         sh("git", "init", "-q", "--bare", "-b", "main", str(self.root / "plain.git"))
+        hooks = {"hooks": {"pre-receive": ":", "post-receive": ":"},
+                 "floor": {"post-receive": f"exec bash -eo pipefail -c 'date +%s.%N > {self.stamp}'"}}
+        for s, scripts in hooks.items():
+            sh("git", "init", "-q", "--bare", "-b", "main", str(self.root / f"{s}.git"))
+            for name, body in scripts.items():
+                hook = self.root / f"{s}.git" / "hooks" / name
+                hook.write_text(f"#!/bin/sh\n{body}\n")
+                hook.chmod(0o755)
         if self.laminar:
             self._setup_laminar()
 
@@ -153,7 +168,7 @@ class Peers:
     # ------------------------------------------------------------------ measures
     def push_and_start(self, src: Path, n: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
         push: dict[str, list[float]] = {s: [] for s in self.systems}
-        start: dict[str, list[float]] = {s: [] for s in self.systems if s not in ("plain", "gpdown")}
+        start: dict[str, list[float]] = {s: [] for s in self.systems if s not in ("plain", "hooks", "gpdown")}
         for i in range(n):
             for s in self.systems:  # interleaved: each round measures every system once
                 (src / "n").write_text(f"{s}{i}\n")
@@ -398,14 +413,19 @@ class Results:
 
         if self.push:
             plain = median(self.push["plain"])
-            row(f"what the hook adds to `git push` (plain push {plain:.1f} ms)",
-                {s: median(v) - plain for s, v in self.push.items() if s not in ("plain", "gpdown")}, "+{:.1f} ms", "<= +8 ms")
-            if self.push.get("gpdown"):
+            added = {s: median(v) - plain for s, v in self.push.items() if s != "plain"}
+            row(f"what the hook adds to `git push` (plain push {plain:.1f} ms)", added, "+{:.1f} ms", "<= +8 ms")
+            if "gpdown" in added:
                 row("the same, gitpipe's daemon down (the Python hook records the push)",
-                    {"gp": median(self.push["gpdown"]) - plain}, "+{:.1f} ms", "-")
+                    {"gp": added["gpdown"]}, "+{:.1f} ms", "-")
+            row("floor: an empty sh pre-receive and post-receive", {"gp": added["hooks"]}, "+{:.1f} ms", "-")
         if self.start:
-            row("push start -> the first command runs", {s: median(v) for s, v in self.start.items()},
-                "{:.1f} ms", "<= 30 ms")
+            started = {s: median(v) for s, v in self.start.items()}
+            row("push start -> the first command runs", started, "{:.1f} ms", "<= 30 ms")
+            row("floor: post-receive runs the command itself (unsandboxed, nothing recorded)",
+                {"gp": started["floor"]}, "{:.1f} ms", "-")
+            row("push start -> first command, less that floor", {s: v - started["floor"] for s, v in started.items()},
+                "+{:.1f} ms", "-")
         if self.actions:
             a = {s: median(v) for s, v in self.actions.items() if v}
             row(f"per action, {ACTIONS} sequential `true` (`bash -c true` alone: {a['bash']:.1f} ms)",
@@ -413,6 +433,9 @@ class Results:
             empty = " |" * (3 if before else 2)
             print(f"| the sandbox alone, same rounds: bwrap + setpriv + bash (bwrap + bash: {a['bwrap']:.1f} ms; "
                   f"no cgroup: {a['nocg']:.1f} ms) | {a['box']:.1f} ms |" + empty + " floor |")
+            row("per action less its command's own start (gitpipe: the sandbox alone; laminar: `bash -c true`)",
+                {s: a[s] - (a["bash"] if s == "lam" else a["box"]) for s in ("gp", "gp0", "lam") if s in a},
+                "+{:.1f} ms", "-")
             print(f"| per action / the sandbox alone | {a['gp'] / a['box']:.2f}x |"
                   + (f" {a['gp0'] / a['box']:.2f}x |" if "gp0" in a else "") + " | | |")
         if self.fresh:
