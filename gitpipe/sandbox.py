@@ -667,44 +667,103 @@ def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:
     changed through a descriptor of its own: a process that still holds a folder of the
     tree open (another attempt of the same run) may swap a folder for a link to the host
     at any moment, and a path-based chmod as root would follow it (/etc/shadow 0755).
+
+    Any depth, with at most HELD_DIRS descriptors open: a pushed tree may be ~2,000 folders
+    deep (git's paths stop at PATH_MAX), past Python's recursion limit and a service's 1,024
+    descriptors. Deeper than HELD_DIRS, a folder's descriptor is let go on the way down and
+    opened again through `..` of its child on the way up, kept only when it is the very folder
+    (device and inode) that was left: a folder moved meanwhile ends the walk with an error.
     """
     root = uid is not None and gid is not None
-    _settle_tree(os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW), uid, gid, root)
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _settle_tree(fd: int, uid: int | None, gid: int | None, root: bool) -> None:
-    """Settle the directory `fd` and everything below it; closes `fd`."""
+    walk: list[_Level] = []
     try:
-        st = os.fstat(fd)
-        if uid is not None and gid is not None and (st.st_uid, st.st_gid) != (uid, gid):
-            os.fchown(fd, uid, gid)
-        if stat.S_IMODE(st.st_mode) != 0o755:
-            os.fchmod(fd, 0o755)
-        with os.scandir(fd) as entries:
-            names = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
-                      e.is_symlink()) for e in entries]
-        for name, is_dir, is_file, is_link in names:
-            if is_dir:
+        walk.append(_Level.of(os.open(tree, _DIR_FLAGS), uid, gid, root))
+        while walk:
+            level = walk[-1]
+            if level.below:
+                name = level.below.pop()
                 try:
-                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    child = os.open(name, _DIR_FLAGS, dir_fd=level.fd)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
                         continue  # swapped or gone since it was listed: not the tree's any more
                     raise
-                _settle_tree(child, uid, gid, root)
-            elif root and is_file:
-                _settle_file(fd, name, uid, gid)
-            elif root and is_link:
-                try:  # fchownat(AT_SYMLINK_NOFOLLOW) under a held folder: the link itself
-                    if os.stat(name, dir_fd=fd, follow_symlinks=False).st_uid != uid:
-                        os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)  # type: ignore[arg-type]
-                except FileNotFoundError:
-                    continue
+                walk.append(_Level.of(child, uid, gid, root))
+                if len(walk) > HELD_DIRS:
+                    walk[-1 - HELD_DIRS].let_go()
+                continue
+            walk.pop()
+            try:
+                if walk and walk[-1].fd < 0:
+                    walk[-1].back_from(level.fd)
+            finally:
+                os.close(level.fd)
     finally:
-        os.close(fd)
+        for level in walk:
+            if level.fd >= 0:
+                os.close(level.fd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+HELD_DIRS = 64  # folder descriptors `hand_over` holds at most (one per level; select() needs fds < 1024)
+
+
+@dataclass
+class _Level:
+    """A folder on `hand_over`'s way down: its descriptor (-1 while let go), its identity, and
+    the names of the folders below it still to walk."""
+
+    fd: int
+    ident: tuple[int, int]
+    below: list[str]
+
+    @classmethod
+    def of(cls, fd: int, uid: int | None, gid: int | None, root: bool) -> _Level:
+        """Settle the folder `fd` and its files (not its folders); closes `fd` if that fails."""
+        try:
+            st = os.fstat(fd)
+            return cls(fd, (st.st_dev, st.st_ino), _settle_dir(fd, st, uid, gid, root))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def let_go(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+
+    def back_from(self, child: int) -> None:
+        """Open this folder again as `..` of `child`, if it is still the folder that was left."""
+        fd = os.open("..", _DIR_FLAGS, dir_fd=child)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self.ident:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "a folder of the worktree was moved while it was handed over")
+        self.fd = fd
+
+
+def _settle_dir(fd: int, st: os.stat_result, uid: int | None, gid: int | None, root: bool) -> list[str]:
+    """Settle the folder `fd` (stat `st`) and the files and links in it; the names of the folders in it."""
+    if uid is not None and gid is not None and (st.st_uid, st.st_gid) != (uid, gid):
+        os.fchown(fd, uid, gid)
+    if stat.S_IMODE(st.st_mode) != 0o755:
+        os.fchmod(fd, 0o755)
+    with os.scandir(fd) as entries:
+        names = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
+                  e.is_symlink()) for e in entries]
+    below = []
+    for name, is_dir, is_file, is_link in names:
+        if is_dir:
+            below.append(name)
+        elif root and is_file:
+            _settle_file(fd, name, uid, gid)
+        elif root and is_link:
+            try:  # fchownat(AT_SYMLINK_NOFOLLOW) under a held folder: the link itself
+                if os.stat(name, dir_fd=fd, follow_symlinks=False).st_uid != uid:
+                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)  # type: ignore[arg-type]
+            except FileNotFoundError:
+                continue
+    below.reverse()  # popped from the end: walked in the order listed
+    return below
 
 
 def _settle_file(dir_fd: int, name: str, uid: int | None, gid: int | None) -> None:

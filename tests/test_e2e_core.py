@@ -895,6 +895,27 @@ def test_a_pipeline_nested_too_deeply_for_the_toml_parser_is_an_invalid_pipeline
         assert home.wait_run(later.run_ids[0])["status"] == "succeeded"
 
 
+def test_a_pushed_tree_deeper_than_pythons_stack_builds(home: Home) -> None:
+    """A tracked file 1,500 folders down (git takes it; Python recurses 1,000 deep at most): the
+    reset's hand-over of the worktree recursed once per folder, and the run failed with "internal
+    error: RecursionError". Its action runs now, sees the file, and the next push builds too."""
+    repo = home.add_repo("deep")
+    deep = "/".join(["d"] * 1500)
+    clone = home.clone_of(repo)
+    try:
+        subprocess.run(["mkdir", "-p", deep], cwd=clone, check=True)  # pathlib's mkdir recurses per folder
+        spec = '[[stage]]\nname = "s"\n  [[stage.action]]\n  name = "a"\n  run = "echo found $(find . -name f | wc -l)"\n'
+        with home.daemon() as daemon:
+            run = home.wait_run(home.push_run(repo, {".pipeline.toml": spec, f"{deep}/f": "x\n"}))
+            assert run["status"] == "succeeded", (run, daemon.log[-3000:])
+            assert "found 1" in home.logs(run["id"]), home.logs(run["id"])
+            later = home.wait_run(home.push_run(repo, {"n": "2\n"}))
+            assert later["status"] == "succeeded", (later, daemon.log[-3000:])
+            assert "RecursionError" not in daemon.log
+    finally:  # pytest's own removal of old temporary folders recurses: it must never meet this depth
+        subprocess.run(["rm", "-rf", "--", str(clone), str(home.home / "work")], check=False)
+
+
 # ---------------------------------------------------------------------------- retry, logs, env, outputs
 
 

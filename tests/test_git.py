@@ -799,40 +799,70 @@ class _Made:
 
 
 def test_a_next_slot_whose_hand_over_fails_in_the_background_is_still_let_go(tmp_path: Path) -> None:
-    """A large tree (no hand-over in the reset) with a tracked path deeper than Python's stack: the
-    background job's hand-over raised RecursionError out of the job, and the slot's lock and the
-    sandbox made for it were never let go (one of each per such push, for the daemon's life). The
-    job keeps the slot (its action hands the tree over at launch) and the pool lets both go."""
+    """A large tree (no hand-over in the reset) whose hand-over in the background fails: a tree
+    deeper than Python's stack raised RecursionError there once (it is walked at any depth now),
+    and a folder moved while the walk had let it go still ends it with an error (sandbox.hand_over;
+    the settle below raises that error in the background job). The slot's lock and the sandbox
+    made for it were never let go (one of each per such push, for the daemon's life): the job
+    keeps the slot (its action hands the tree over at launch) and the pool lets both go."""
+    import errno
+    import threading
+
     from gitpipe.sandbox import hand_over
 
-    deep = "/".join(["d"] * 1200)  # relative: the whole path is longer than one call takes
-    work = tmp_path / "big-clone"
-    path, sha = make_big_bare(tmp_path, lambda work: subprocess.run(
-        ["sh", "-c", f"mkdir -p {deep} && echo x > {deep}/f"], cwd=work, check=True))
+    path, sha = make_big_bare(tmp_path, lambda work: (work / "app.py").write_text("print('v1')\n"))
     made: list[_Made] = []
 
     def make(slot: gitmod.Slot) -> _Made:
         made.append(_Made())
         return made[-1]
 
+    def settle(tree: Path) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(errno.ESTALE, "a folder of the worktree was moved while it was handed over")
+        hand_over(tree, None, None)
+
+    pool = gitmod.WorktreePool(tmp_path / "w", "big", path, settle=settle, ahead=1)
+    with pool.checkout(sha):
+        pool.prepare_next(sha, make, during=make)
+        ahead = pool._next
+        assert ahead is not None and ahead.job is not None
+        ahead.wait()
+        assert ahead.job.exception() is None and ahead.slot is not None and not ahead.slot.settled
+    pool.close()
+    assert made and all(m.discarded for m in made)
+    for lock in (tmp_path / "w" / "big").glob("*.lock"):
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a slot's lock is still held
+        finally:
+            os.close(fd)
+
+
+def test_a_next_slot_of_a_tree_deeper_than_pythons_stack_is_handed_over_in_the_background(
+        tmp_path: Path) -> None:
+    """A large tree with a tracked path 1,200 folders deep: its hand-over in the background
+    raised RecursionError (the walk recursed per folder); it is handed over there now, and the
+    folder at the bottom has its plain mode."""
+    from gitpipe.sandbox import hand_over
+
+    deep = "/".join(["d"] * 1200)  # relative: the whole path is longer than one call takes
+    work = tmp_path / "big-clone"
+    path, sha = make_big_bare(tmp_path, lambda work: subprocess.run(
+        ["sh", "-c", f"mkdir -p {deep} && echo x > {deep}/f"], cwd=work, check=True))
     pool = gitmod.WorktreePool(tmp_path / "w", "big", path, settle=lambda t: hand_over(t, None, None), ahead=1)
     try:
         with pool.checkout(sha):
-            pool.prepare_next(sha, make, during=make)
+            pool.prepare_next(sha, lambda slot: _Made(), during=lambda slot: _Made())
             ahead = pool._next
             assert ahead is not None and ahead.job is not None
             ahead.wait()
-            assert ahead.job.exception() is None and ahead.slot is not None and not ahead.slot.settled
+            assert ahead.job.exception() is None and ahead.slot is not None and ahead.slot.settled
+            bottom = subprocess.run(["stat", "-c", "%a", deep], cwd=ahead.slot.tree, capture_output=True, text=True)
+            assert bottom.stdout.strip() == "755", bottom.stderr
         pool.close()
-        assert made and all(m.discarded for m in made)
-        for lock in (tmp_path / "w" / "big").glob("*.lock"):
-            fd = os.open(lock, os.O_RDWR)
-            try:
-                import fcntl
-
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a slot's lock is still held
-            finally:
-                os.close(fd)
     finally:  # pytest's own removal of old temporary folders recurses: it must never meet this depth
         subprocess.run(["rm", "-rf", "--", str(work), str(tmp_path / "w")], check=False)
 

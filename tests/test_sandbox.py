@@ -1724,6 +1724,94 @@ def test_hand_over_settles_the_tree_and_never_reaches_through_a_link(tmp_path: P
         assert (tree / "shadow").lstat().st_uid == uid  # the link itself, never its target
 
 
+def _deep_tree(top: Path, depth: int, mode: int = 0o700) -> None:
+    """`top` holding one folder `d` in another, `depth` deep, each of `mode`, and a file `f` at
+    the bottom, made through descriptors (pathlib and shutil recurse per folder)."""
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", mode, dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def _modes_down(top: Path) -> list[int]:
+    """The mode of each folder `d` below `top`, top first (read through descriptors)."""
+    modes, fd = [], os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            try:
+                child = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                return modes
+            os.close(fd)
+            fd = child
+            modes.append(stat.S_IMODE(os.fstat(fd).st_mode))
+    finally:
+        os.close(fd)
+
+
+def test_hand_over_walks_a_tree_deeper_than_pythons_stack_with_few_descriptors(tmp_path: Path) -> None:
+    """A pushed tree may be ~2,000 folders deep (git's paths stop at PATH_MAX): the walk recursed
+    once per folder, and the run of such a push failed with an internal RecursionError. It walks
+    any depth now, holding at most HELD_DIRS folders open: here in a process allowed 200
+    descriptors (a service's limit is 1,024, and select() takes none above it)."""
+    from gitpipe.sandbox import HELD_DIRS
+
+    tree = tmp_path / "tree"
+    _deep_tree(tree, 1500)
+    assert HELD_DIRS < 150
+    code = ("import resource, sys; from pathlib import Path; from gitpipe.sandbox import hand_over\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+            "hand_over(Path(sys.argv[1]), None, None)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(tree)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        modes = _modes_down(tree)
+        assert len(modes) == 1500 and set(modes) == {0o755}, sorted(set(modes))
+    finally:  # pytest's own removal of old temporary folders recurses: it must never meet this depth
+        subprocess.run(["rm", "-rf", "--", str(tree)], check=False)
+
+
+def test_hand_over_stops_where_a_folder_it_let_go_was_moved(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deeper than HELD_DIRS the walk lets a folder's descriptor go and opens it again as `..` of
+    its child on the way up. A process holding the tree open may move the folder meanwhile; then
+    `..` is another folder, which the walk must not settle as if it were the one it left: it
+    stops with an error (the slot is then made afresh), and keeps no descriptor open. The move is
+    made here at a set point of the walk, as a racing process would."""
+    import errno
+
+    from gitpipe import sandbox
+
+    tree = tmp_path / "tree"
+    depth = sandbox.HELD_DIRS + 20
+    _deep_tree(tree, depth)
+    settle, seen = sandbox._settle_dir, [0]
+
+    def racing(fd: int, st: os.stat_result, *rest: Any) -> list[str]:
+        seen[0] += 1
+        if seen[0] == depth:  # near the bottom, folders 1-19 let go: move the 6th into a new one
+            (tree / "x").mkdir()
+            os.rename(tree / "d" / "d" / "d" / "d" / "d" / "d", tree / "x" / "d")
+        return settle(fd, st, *rest)
+
+    monkeypatch.setattr(sandbox, "_settle_dir", racing)
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(OSError) as raised:
+            sandbox.hand_over(tree, None, None)
+        assert raised.value.errno == errno.ESTALE, raised.value
+        assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(tree)], check=False)
+
+
 def test_an_attempts_home_and_output_are_emptied_in_place_unless_an_attempt_changed_what_they_are(
         tmp_path: Path) -> None:
     """fresh_dir and fresh_file keep an empty HOME and output file exactly as they made them (no new
