@@ -32,6 +32,9 @@ def _inside(root: Path, path: Path) -> bool:
 
 
 WALK_LIMIT = 200_000  # entries one glob may look at: a tree is job data, never trusted to be small
+# Folders deep one glob may walk (as cachefs.MAX_DEPTH for a cache): os.walk recurses once per folder
+# in Python 3.11, and a tree 1,000 deep raised RecursionError, an "internal error" for its action.
+WALK_DEPTH = 256
 
 
 def match(tree: Path, name: str, patterns: tuple[str, ...]) -> list[str]:
@@ -76,6 +79,9 @@ def _walk(root: Path, pattern: str, name: str) -> set[str]:
     matched_dirs: set[str] = set()
     for top, dirs, names in os.walk(start):  # followlinks=False: a symlinked dir is not entered
         rel_top = os.path.relpath(top, root)
+        if dirs and rel_top.count(os.sep) + 1 >= WALK_DEPTH:
+            raise ActionError(f'artifact "{name}": glob "{pattern}" reached folders more than {WALK_DEPTH} deep '
+                              f'(below {rel_top[:80]}...)', hint="narrow the glob, or pack that tree (tar) into one file")
         inside_match = rel_top in matched_dirs or (rel_top != "." and regex.fullmatch(rel_top) is not None)
         if inside_match:
             matched_dirs.update(os.path.join(rel_top, d) if rel_top != "." else d for d in dirs)

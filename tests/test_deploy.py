@@ -173,6 +173,23 @@ def test_bad_input_fails_clearly_and_misuse_raises(tmp_path: Path) -> None:
         deploy(spec(url(tmp_path / "t"), strategy="canary"), src, make_ctx(1, log))
 
 
+def test_a_release_source_deeper_than_the_walk_takes_fails_saying_so(tmp_path: Path) -> None:
+    """A source with folders 1,400 deep (a tracked path can be): the manifest's os.walk recursed
+    once per folder and the deploy failed with an internal RecursionError. It fails naming the
+    source and how deep, and deploys nothing."""
+    src = tmp_path / "src"
+    try:
+        src.mkdir()
+        subprocess.run(["mkdir", "-p", "/".join(["d"] * 1400)], cwd=src, check=True)
+        (src / "index.html").write_text("one")
+        result = deploy(spec(url(tmp_path / "site")), src, make_ctx(1, Log()))
+        assert result.status == FAILED, result.message
+        assert f"the release source {src} holds folders more than 256 deep" in result.message, result.message
+        assert not (tmp_path / "site" / "current").exists()
+    finally:  # pytest's own removal of old temporary folders recurses: it must never meet this depth
+        subprocess.run(["rm", "-rf", "--", str(src)], check=False)
+
+
 # ---------------------------------------------------------------------- atomic switch
 
 

@@ -916,6 +916,27 @@ def test_a_pushed_tree_deeper_than_pythons_stack_builds(home: Home) -> None:
         subprocess.run(["rm", "-rf", "--", str(clone), str(home.home / "work")], check=False)
 
 
+def test_an_artifact_tree_deeper_than_the_walk_takes_fails_its_action_saying_so(home: Home) -> None:
+    """An action whose outputs glob walks a tree 1,400 folders deep: os.walk recursed once per
+    folder and the action failed with "internal error: RecursionError". It fails saying which
+    glob went how deep and what to do, and the next run of the repo builds."""
+    repo = home.add_repo("deeper")
+    make = "mkdir -p out/$(printf 'd/%.0s' $(seq 1 1400)) && echo x > out/$(printf 'd/%.0s' $(seq 1 1400))f"
+    spec = ('[[stage]]\nname = "b"\n  [[stage.action]]\n  name = "job"\n'
+            f'  run = "{make}"\n  outputs = {{ tree = "out/**" }}\n')
+    try:
+        with home.daemon() as daemon:
+            run = home.wait_run(home.push_run(repo, {".pipeline.toml": spec}))
+            job = home.action(run, "job")
+            assert job["status"] == "failed", job
+            assert 'artifact "tree": glob "out/**" reached folders more than 256 deep' in job["message"], job
+            assert "RecursionError" not in daemon.log and "internal error" not in job["message"]
+            later = home.wait_run(home.push_run(repo, {".pipeline.toml": pipeline(SIMPLE)}))
+            assert later["status"] == "succeeded", (later, daemon.log[-3000:])
+    finally:  # pytest's own removal of old temporary folders recurses: it must never meet this depth
+        subprocess.run(["rm", "-rf", "--", str(home.home / "work")], check=False)
+
+
 # ---------------------------------------------------------------------------- retry, logs, env, outputs
 
 
