@@ -77,15 +77,21 @@ def _walk(root: Path, pattern: str, name: str) -> set[str]:
     if real != start:  # a symlinked directory on the way: never walked through
         return found
     matched_dirs: set[str] = set()
+    # the deepest a match can be (a glob with ** or ending in / reaches any depth)
+    reach = None if "**" in pattern or pattern.endswith("/") else len(Path(pattern).parts)
     for top, dirs, names in os.walk(start):  # followlinks=False: a symlinked dir is not entered
         rel_top = os.path.relpath(top, root)
-        if dirs and rel_top.count(os.sep) + 1 >= WALK_DEPTH:
-            raise ActionError(f'artifact "{name}": glob "{pattern}" reached folders more than {WALK_DEPTH} deep '
-                              f'(below {rel_top[:80]}...)', hint="narrow the glob, or pack that tree (tar) into one file")
+        level = 0 if rel_top == "." else rel_top.count(os.sep) + 1
+        links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
         inside_match = rel_top in matched_dirs or (rel_top != "." and regex.fullmatch(rel_top) is not None)
         if inside_match:
             matched_dirs.update(os.path.join(rel_top, d) if rel_top != "." else d for d in dirs)
-        for entry in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+        elif reach is not None and level >= reach:
+            dirs[:] = []  # nothing below can match: a deep tree beside `*.txt` is never walked
+        if dirs and level + 1 > WALK_DEPTH:
+            raise ActionError(f'artifact "{name}": glob "{pattern}" reached folders more than {WALK_DEPTH} deep '
+                              f'(below {rel_top[:80]}...)', hint="narrow the glob, or pack that tree (tar) into one file")
+        for entry in names + links:
             seen += 1
             if seen > WALK_LIMIT:
                 raise ActionError(f'artifact "{name}": glob "{pattern}" looked at more than {WALK_LIMIT:,} '

@@ -672,7 +672,11 @@ def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:
     deep (git's paths stop at PATH_MAX), past Python's recursion limit and a service's 1,024
     descriptors. Deeper than HELD_DIRS, a folder's descriptor is let go on the way down and
     opened again through `..` of its child on the way up, kept only when it is the very folder
-    (device and inode) that was left: a folder moved meanwhile ends the walk with an error.
+    (device and inode) that was left: a folder moved meanwhile ends the walk with an error (the
+    action that waited for the tree fails; a racing process can fail only its own run so).
+    What keeps that `..` inside the tree is the mount: the tree is exactly the folder bound into
+    the sandbox, and nothing can be renamed across its edge (EXDEV). The identity check is a
+    second line behind it, not a replacement (a folder removed and made anew may reuse its inode).
     """
     root = uid is not None and gid is not None
     walk: list[_Level] = []
@@ -689,7 +693,7 @@ def hand_over(tree: Path, uid: int | None, gid: int | None) -> None:
                         continue  # swapped or gone since it was listed: not the tree's any more
                     raise
                 walk.append(_Level.of(child, uid, gid, root))
-                if len(walk) > HELD_DIRS:
+                if len(walk) > HELD_DIRS:  # the held ones are the last levels: let the one above them go
                     walk[-1 - HELD_DIRS].let_go()
                 continue
             walk.pop()
@@ -728,16 +732,21 @@ class _Level:
             raise
 
     def let_go(self) -> None:
-        os.close(self.fd)
-        self.fd = -1
+        """Close its descriptor, unless let go already (a second way down past this level)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def back_from(self, child: int) -> None:
         """Open this folder again as `..` of `child`, if it is still the folder that was left."""
         fd = os.open("..", _DIR_FLAGS, dir_fd=child)
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != self.ident:
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self.ident:
+                raise OSError(errno.ESTALE, "a folder of the worktree was moved while it was handed over")
+        except BaseException:
             os.close(fd)
-            raise OSError(errno.ESTALE, "a folder of the worktree was moved while it was handed over")
+            raise
         self.fd = fd
 
 

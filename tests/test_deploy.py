@@ -176,16 +176,18 @@ def test_bad_input_fails_clearly_and_misuse_raises(tmp_path: Path) -> None:
 def test_a_release_source_deeper_than_the_walk_takes_fails_saying_so(tmp_path: Path) -> None:
     """A source with folders 1,400 deep (a tracked path can be): the manifest's os.walk recursed
     once per folder and the deploy failed with an internal RecursionError. It fails naming the
-    source and how deep, and deploys nothing."""
+    source and how deep, and switches nothing; one 256 deep deploys."""
     src = tmp_path / "src"
     try:
         src.mkdir()
-        subprocess.run(["mkdir", "-p", "/".join(["d"] * 1400)], cwd=src, check=True)
+        subprocess.run(["mkdir", "-p", "/".join(["d"] * 256)], cwd=src, check=True)
         (src / "index.html").write_text("one")
-        result = deploy(spec(url(tmp_path / "site")), src, make_ctx(1, Log()))
+        ok(deploy(spec(url(tmp_path / "site")), src, make_ctx(1, Log())))  # 256 deep: taken whole
+        subprocess.run(["mkdir", "-p", "/".join(["d"] * 1400)], cwd=src, check=True)
+        result = deploy(spec(url(tmp_path / "site")), src, make_ctx(2, Log()))
         assert result.status == FAILED, result.message
         assert f"the release source {src} holds folders more than 256 deep" in result.message, result.message
-        assert not (tmp_path / "site" / "current").exists()
+        assert current(tmp_path / "site") == f"releases/{release(1)}"
     finally:  # pytest's own removal of old temporary folders recurses: it must never meet this depth
         subprocess.run(["rm", "-rf", "--", str(src)], check=False)
 

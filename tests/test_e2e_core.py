@@ -937,6 +937,27 @@ def test_an_artifact_tree_deeper_than_the_walk_takes_fails_its_action_saying_so(
         subprocess.run(["rm", "-rf", "--", str(home.home / "work")], check=False)
 
 
+def test_an_output_glob_walks_256_folders_deep_and_only_where_it_can_match(tmp_path: Path) -> None:
+    """artifacts.match: a tree whose deepest folder is 256 down is taken whole by `out/**`, one
+    folder deeper fails saying so; and a glob without `**` never walks below its own depth, so a
+    tracked tree 300 deep beside `top.txt` does not fail `*.txt` (an outside review's find)."""
+    from gitpipe.artifacts import WALK_DEPTH, match
+    from gitpipe.errors import ActionError
+
+    assert WALK_DEPTH == 256
+    (tmp_path / "top.txt").write_text("x\n")
+    deepest = "out/" + "/".join(["d"] * (WALK_DEPTH - 1))
+    subprocess.run(["mkdir", "-p", deepest, "/".join(["t"] * 300)], cwd=tmp_path, check=True)
+    (tmp_path / deepest / "f").write_text("y\n")
+    (tmp_path / "out" / "g.txt").write_text("z\n")
+    assert match(tmp_path, "top", ("*.txt",)) == ["top.txt"]
+    assert match(tmp_path, "out", ("out/g.txt", "*/*.txt")) == ["out/g.txt"]
+    assert match(tmp_path, "tree", ("out/**",)) == sorted(["out/g.txt", f"{deepest}/f"])
+    (tmp_path / deepest / "e").mkdir()
+    with pytest.raises(ActionError, match=r'glob "out/" reached folders more than 256 deep'):
+        match(tmp_path, "tree", ("out/",))
+
+
 # ---------------------------------------------------------------------------- retry, logs, env, outputs
 
 

@@ -1778,6 +1778,33 @@ def test_hand_over_walks_a_tree_deeper_than_pythons_stack_with_few_descriptors(t
         subprocess.run(["rm", "-rf", "--", str(tree)], check=False)
 
 
+def test_hand_over_walks_a_branching_tree_past_the_held_folders(tmp_path: Path) -> None:
+    """Deeper than HELD_DIRS the walk lets the folders above it go; going down a second branch
+    there let go one let go already and failed with EBADF (an outside review's find: two sibling
+    folders at depth 64 were enough). Every folder of a branching tree 200 deep is settled,
+    and no descriptor is left open."""
+    import random
+
+    from gitpipe.sandbox import HELD_DIRS, hand_over
+
+    tree = tmp_path / "tree"
+    below = tree / "/".join(["d"] * (HELD_DIRS - 1))
+    (below / "a").mkdir(parents=True)
+    (below / "b").mkdir()
+    rng = random.Random(11)
+    for _ in range(40):  # chains of random depth branching off at random points of the first
+        at = tree / "/".join(["d"] * rng.randrange(HELD_DIRS - 10, HELD_DIRS + 60))
+        (at / "/".join(rng.choice("xyz") for _ in range(rng.randrange(1, 80)))).mkdir(parents=True, exist_ok=True)
+    folders = [Path(top) for top, _, _ in os.walk(tree)]
+    for folder in folders:
+        folder.chmod(0o700)
+    fds = len(os.listdir("/proc/self/fd"))
+    hand_over(tree, None, None)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    wrong = [str(f.relative_to(tree)) for f in folders if stat.S_IMODE(f.stat().st_mode) != 0o755]
+    assert len(folders) > 500 and not wrong, wrong[:3]
+
+
 def test_hand_over_stops_where_a_folder_it_let_go_was_moved(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Deeper than HELD_DIRS the walk lets a folder's descriptor go and opens it again as `..` of
