@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gitpipe.cachefs import MAX_DEPTH
 from gitpipe.digest import hashlib  # OpenSSL's, loaded on first use (see digest)
 from gitpipe.errors import ActionError, ArtifactError, UsageError
 from gitpipe.matching import path_regex
@@ -32,9 +33,6 @@ def _inside(root: Path, path: Path) -> bool:
 
 
 WALK_LIMIT = 200_000  # entries one glob may look at: a tree is job data, never trusted to be small
-# Folders deep one glob may walk (as cachefs.MAX_DEPTH for a cache): os.walk recurses once per folder
-# in Python 3.11, and a tree 1,000 deep raised RecursionError, an "internal error" for its action.
-WALK_DEPTH = 256
 
 
 def match(tree: Path, name: str, patterns: tuple[str, ...]) -> list[str]:
@@ -88,8 +86,8 @@ def _walk(root: Path, pattern: str, name: str) -> set[str]:
             matched_dirs.update(os.path.join(rel_top, d) if rel_top != "." else d for d in dirs)
         elif reach is not None and level >= reach:
             dirs[:] = []  # nothing below can match: a deep tree beside `*.txt` is never walked
-        if dirs and level + 1 > WALK_DEPTH:
-            raise ActionError(f'artifact "{name}": glob "{pattern}" reached folders more than {WALK_DEPTH} deep '
+        if dirs and level + 1 > MAX_DEPTH:
+            raise ActionError(f'artifact "{name}": glob "{pattern}" reached folders more than {MAX_DEPTH} deep '
                               f'(below {rel_top[:80]}...)', hint="narrow the glob, or pack that tree (tar) into one file")
         for entry in names + links:
             seen += 1

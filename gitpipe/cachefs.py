@@ -57,7 +57,10 @@ def unsafe_source(base: Path, target: Path) -> str | None:
 # descriptor of the step before. A swap then fails the copy (ELOOP, ENOTDIR) or moves a folder
 # the walk still holds, which is the attempt's own data wherever it now is.
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-MAX_DEPTH = 256  # folders deep a cached tree may be (a descriptor per level is held)
+# Folders deep a tree of job data may be where gitpipe walks it: a cache (a descriptor per level is
+# held), an output glob's walk (artifacts) and a release source (deploy.manifest), whose os.walk
+# recurses once per folder in Python 3.11 (a tree 1,000 deep raised RecursionError there).
+MAX_DEPTH = 256
 
 
 def open_under(base: Path, parts: tuple[str, ...], make: bool = False, uid: int | None = None,

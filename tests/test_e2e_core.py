@@ -941,12 +941,13 @@ def test_an_output_glob_walks_256_folders_deep_and_only_where_it_can_match(tmp_p
     """artifacts.match: a tree whose deepest folder is 256 down is taken whole by `out/**`, one
     folder deeper fails saying so; and a glob without `**` never walks below its own depth, so a
     tracked tree 300 deep beside `top.txt` does not fail `*.txt` (an outside review's find)."""
-    from gitpipe.artifacts import WALK_DEPTH, match
+    from gitpipe.artifacts import match
+    from gitpipe.cachefs import MAX_DEPTH
     from gitpipe.errors import ActionError
 
-    assert WALK_DEPTH == 256
+    assert MAX_DEPTH == 256
     (tmp_path / "top.txt").write_text("x\n")
-    deepest = "out/" + "/".join(["d"] * (WALK_DEPTH - 1))
+    deepest = "out/" + "/".join(["d"] * (MAX_DEPTH - 1))
     subprocess.run(["mkdir", "-p", deepest, "/".join(["t"] * 300)], cwd=tmp_path, check=True)
     (tmp_path / deepest / "f").write_text("y\n")
     (tmp_path / "out" / "g.txt").write_text("z\n")

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gitpipe.artifacts import WALK_DEPTH
+from gitpipe.cachefs import MAX_DEPTH
 from gitpipe.errors import DeployError
 
 MANIFEST = ".gitpipe-manifest"
@@ -75,8 +75,8 @@ def scan(source: Path, skip: tuple[str, ...], log: Callable[[str], None]) -> lis
     try:
         for dirpath, dirnames, filenames in os.walk(source, onerror=_raise):
             base = Path(dirpath)
-            if dirnames and len(base.relative_to(source).parts) + 1 > WALK_DEPTH:  # os.walk recurses per folder
-                raise DeployError(f"the release source {source} holds folders more than {WALK_DEPTH} deep "
+            if dirnames and len(base.relative_to(source).parts) + 1 > MAX_DEPTH:  # os.walk recurses per folder
+                raise DeployError(f"the release source {source} holds folders more than {MAX_DEPTH} deep "
                                   f"(below {base.relative_to(source).as_posix()[:80]}...)",
                                   hint="a release is a tree to serve: make it shallower, or pack that folder")
             for name in dirnames + filenames:
